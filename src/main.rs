@@ -1,0 +1,85 @@
+//! The `cage` command line.
+
+use cage::error::{CageError, Result};
+use cage::game_json;
+use cage::solver::{Method, SolveOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Read;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cage", version, about = "Multi-objective test-time alignment as a common-agency game equilibrium")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
+    Solve {
+        /// Game file, or `-` for standard input.
+        #[arg(long, short)]
+        input: String,
+        /// exact | jacobi | paper | base | linear
+        #[arg(long, short, default_value = "exact")]
+        method: String,
+        /// Working precision.
+        #[arg(long, value_enum, default_value_t = Precision::F64)]
+        precision: Precision,
+        /// Convergence tolerance relative to the value scale (default: 1e-11 in f64, 1e-5 in f32).
+        #[arg(long)]
+        tol: Option<f64>,
+        /// Iteration limit.
+        #[arg(long)]
+        max_iter: Option<u32>,
+        /// Pretty-print the JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    F32,
+    F64,
+}
+
+fn read_input(path: &str) -> Result<String> {
+    let mut text = String::new();
+    if path == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| CageError::Io { context: "reading standard input".into(), source })?;
+    } else {
+        text = std::fs::read_to_string(path).map_err(|source| CageError::Io { context: format!("reading {path}"), source })?;
+    }
+    Ok(text)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Solve { input, method, precision, tol, max_iter, pretty } => {
+            let method: Method = method.parse()?;
+            let games = game_json::parse(&read_input(&input)?)?;
+            let opts = SolveOptions { method, tol, max_iter };
+            let out = match precision {
+                Precision::F32 => game_json::solve_all::<f32>(&games, &opts)?,
+                Precision::F64 => game_json::solve_all::<f64>(&games, &opts)?,
+            };
+            let text = if pretty { serde_json::to_string_pretty(&out)? } else { serde_json::to_string(&out)? };
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cage: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

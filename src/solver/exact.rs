@@ -1,0 +1,291 @@
+//! The fast exact equilibrium on the CPU: semismooth Newton on the J payoffs u, safeguarded by a line search and
+//! falling back to the reference's damped Picard iteration, so it reaches the same fixed point.
+//!
+//! One evaluation of F(u) = T(u) - u is one pass over the row: the shifted logits, one softmax, then for each
+//! principal the sums E[min(v_j, c_j)], E[1{v_j > c_j}] and the cross terms E[1{v_k > c_k} min(v_j, c_j)]
+//! that give the exact Jacobian
+//!   dT_j/du_k = -Cov_pi(1{v_k > c_k}, min(v_j, c_j)) / tau + [j = k] P(v_j > c_j).
+//! Newton typically converges in 3-8 passes where damped Picard needs 30-200.
+//! The hot loop allocates nothing: a [`Workspace`] holds every buffer.
+
+use crate::problem::{Batch, Row};
+use crate::real::Real;
+use crate::softmax::{exp_shifted, max, sum_lanes};
+use crate::solution::Solution;
+use rayon::prelude::*;
+
+/// Damping of the Picard fallback (the specification's value).
+const ETA: f64 = 0.3;
+/// Line-search halvings tried before a Picard step is taken instead.
+const BACKTRACKS: usize = 4;
+/// Newton failures after which the row continues with Picard only.
+const MAX_NEWTON_FAILURES: u32 = 3;
+
+/// Buffers for one row of size N with J principals; reuse it across rows and calls.
+#[derive(Clone, Debug, Default)]
+pub struct Workspace<T> {
+    z: Vec<T>,
+    u: Vec<f64>,
+    f: Vec<f64>,
+    jac: Vec<f64>,
+    ut: Vec<f64>,
+    ft: Vec<f64>,
+    jt: Vec<f64>,
+    d: Vec<f64>,
+    lu: Vec<f64>,
+    hi: Vec<f64>,
+}
+
+impl<T: Real> Workspace<T> {
+    /// Buffers for rows of `n` candidates and `j` principals.
+    pub fn new(n: usize, j: usize) -> Self {
+        let mut w = Self::default();
+        w.reserve(n, j);
+        w
+    }
+
+    fn reserve(&mut self, n: usize, j: usize) {
+        self.z.resize(n, T::zero());
+        for v in [&mut self.u, &mut self.f, &mut self.ut, &mut self.ft, &mut self.d, &mut self.hi] {
+            v.resize(j, 0.0);
+        }
+        for v in [&mut self.jac, &mut self.jt, &mut self.lu] {
+            v.resize(j * j, 0.0);
+        }
+    }
+}
+
+/// Per-row statistics of a solve.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowStats {
+    /// Passes over the row.
+    pub iterations: u32,
+    /// max_j |T(u)_j - u_j| / max(max v, tau).
+    pub residual: f64,
+    /// Whether the residual reached the tolerance.
+    pub converged: bool,
+}
+
+/// Evaluates F(u) = T(u) - u (into `f`) and its Jacobian (into `jac`, row-major J x J) in one pass.
+/// Leaves the unnormalised softmax weights in `z`.
+fn eval<T: Real>(row: &Row<'_, T>, u: &[f64], z: &mut [T], f: &mut [f64], jac: &mut [f64]) {
+    let n = row.len();
+    let j = row.principals;
+    let tau = row.tau.f64();
+    let inv_tau = T::of(1.0 / tau);
+    let z = &mut z[..n];
+    z.copy_from_slice(row.base);
+    for p in 0..j {
+        let c = T::of(u[p] + tau);
+        for (zi, &v) in z.iter_mut().zip(row.value(p)) {
+            *zi = *zi + (v - c).max(T::zero()) * inv_tau;
+        }
+    }
+    let inv_s = 1.0 / exp_shifted(z);
+    let z: &[T] = z;
+    for p in 0..j {
+        let vp = &row.value(p)[..n];
+        let cp = T::of(u[p] + tau);
+        let tp = sum_lanes(n, |i| (z[i] * vp[i].min(cp)).f64()) * inv_s;
+        let pp = sum_lanes(n, |i| if vp[i] > cp { z[i].f64() } else { 0.0 }) * inv_s;
+        f[p] = tp - u[p];
+        for k in 0..j {
+            // Cov(1{v_k > c_k}, min(v_p, c_p)); for k = p the indicator picks min = c_p.
+            let cov = if k == p {
+                pp * (cp.f64() - tp)
+            } else {
+                let vk = &row.value(k)[..n];
+                let ck = T::of(u[k] + tau);
+                let pk = sum_lanes(n, |i| if vk[i] > ck { z[i].f64() } else { 0.0 }) * inv_s;
+                let ckp = sum_lanes(n, |i| if vk[i] > ck { (z[i] * vp[i].min(cp)).f64() } else { 0.0 }) * inv_s;
+                ckp - pk * tp
+            };
+            jac[p * j + k] = -cov / tau + if k == p { pp - 1.0 } else { 0.0 };
+        }
+    }
+}
+
+/// Solves `a x = b` (J x J, row-major) by Gaussian elimination with partial pivoting into `x`.
+/// Returns false when the matrix is numerically singular.
+fn solve_linear(a: &[f64], b: &[f64], lu: &mut [f64], x: &mut [f64]) -> bool {
+    let j = b.len();
+    lu.copy_from_slice(a);
+    x.copy_from_slice(b);
+    let norm = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for col in 0..j {
+        let piv = (col..j).max_by(|&r1, &r2| lu[r1 * j + col].abs().total_cmp(&lu[r2 * j + col].abs())).unwrap_or(col);
+        if !(lu[piv * j + col].abs() > 1e-13 * norm) {
+            return false;
+        }
+        if piv != col {
+            for c in 0..j {
+                lu.swap(piv * j + c, col * j + c);
+            }
+            x.swap(piv, col);
+        }
+        for r in col + 1..j {
+            let m = lu[r * j + col] / lu[col * j + col];
+            for c in col..j {
+                lu[r * j + c] -= m * lu[col * j + c];
+            }
+            x[r] -= m * x[col];
+        }
+    }
+    for col in (0..j).rev() {
+        let s: f64 = (col + 1..j).map(|c| lu[col * j + c] * x[c]).sum();
+        x[col] = (x[col] - s) / lu[col * j + col];
+    }
+    x.iter().all(|v| v.is_finite())
+}
+
+fn norm2(f: &[f64]) -> f64 {
+    f.iter().map(|x| x * x).sum()
+}
+
+fn norm_inf(f: &[f64]) -> f64 {
+    f.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// Finds the payoffs u of one row (left in `ws.u`). `tol` is relative to max(max v, tau).
+pub fn solve_payoffs<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64, max_iter: u32) -> RowStats {
+    let j = row.principals;
+    ws.reserve(row.len(), j);
+    let mut scale = row.tau.f64();
+    for p in 0..j {
+        ws.hi[p] = max(row.value(p)).f64().max(0.0);
+        scale = scale.max(ws.hi[p]);
+    }
+    let Workspace { z, u, f, jac, ut, ft, jt, d, lu, hi } = ws;
+    u.copy_from_slice(hi);
+    eval(row, u, z, f, jac);
+    let mut iterations = 1u32;
+    let mut failures = 0u32;
+    let mut phi = norm2(f);
+    while norm_inf(f) > tol * scale && iterations < max_iter {
+        let mut accepted = false;
+        if failures < MAX_NEWTON_FAILURES {
+            for (di, fi) in d.iter_mut().zip(f.iter()) {
+                *di = -fi;
+            }
+            if solve_linear(jac, d, lu, ut) {
+                d.copy_from_slice(ut);
+                let mut alpha = 1.0;
+                for _ in 0..BACKTRACKS {
+                    // The fixed point lies in [0, max v_j]: project onto that box.
+                    for p in 0..j {
+                        ut[p] = (u[p] + alpha * d[p]).clamp(0.0, hi[p]);
+                    }
+                    eval(row, ut, z, ft, jt);
+                    iterations += 1;
+                    let phit = norm2(ft);
+                    if phit <= (1.0 - 1e-4 * alpha) * phi {
+                        std::mem::swap(u, ut);
+                        std::mem::swap(f, ft);
+                        std::mem::swap(jac, jt);
+                        phi = phit;
+                        accepted = true;
+                        break;
+                    }
+                    if iterations >= max_iter {
+                        break;
+                    }
+                    alpha *= 0.5;
+                }
+            }
+            failures = if accepted { 0 } else { failures + 1 };
+        }
+        if !accepted && iterations < max_iter {
+            for p in 0..j {
+                u[p] += ETA * f[p];
+            }
+            eval(row, u, z, f, jac);
+            iterations += 1;
+            phi = norm2(f);
+        }
+    }
+    let residual = norm_inf(f) / scale;
+    RowStats { iterations, residual, converged: residual <= tol }
+}
+
+/// Writes pi, y_j, Y and the payoffs of one row at payoffs `u`.
+fn emit<T: Real>(row: &Row<'_, T>, u: &[f64], policy: &mut [T], incentives: &mut [T], aggregate: &mut [T], payoffs: &mut [T]) {
+    let n = row.len();
+    let tau = row.tau.f64();
+    aggregate.fill(T::zero());
+    for p in 0..row.principals {
+        let c = T::of(u[p] + tau);
+        let y = &mut incentives[p * n..(p + 1) * n];
+        for ((yi, &v), ag) in y.iter_mut().zip(row.value(p)).zip(aggregate.iter_mut()) {
+            *yi = (v - c).max(T::zero());
+            *ag = *ag + *yi;
+        }
+    }
+    let inv_tau = T::of(1.0 / tau);
+    for ((z, &b), &ag) in policy.iter_mut().zip(row.base).zip(aggregate.iter()) {
+        *z = b + ag * inv_tau;
+    }
+    let inv_s = T::of(1.0 / exp_shifted(policy));
+    for x in policy.iter_mut() {
+        *x = *x * inv_s;
+    }
+    let pi: &[T] = policy;
+    for p in 0..row.principals {
+        let (v, y) = (row.value(p), &incentives[p * n..(p + 1) * n]);
+        payoffs[p] = T::of(sum_lanes(n, |i| (pi[i] * (v[i] - y[i])).f64()));
+    }
+}
+
+/// Solves one row completely into the given output slices (N, J x N, N, J).
+pub fn solve_row_into<T: Real>(
+    row: &Row<'_, T>,
+    ws: &mut Workspace<T>,
+    tol: f64,
+    max_iter: u32,
+    policy: &mut [T],
+    incentives: &mut [T],
+    aggregate: &mut [T],
+    payoffs: &mut [T],
+) -> RowStats {
+    let stats = if row.principals == 0 {
+        RowStats { iterations: 0, residual: 0.0, converged: true }
+    } else {
+        solve_payoffs(row, ws, tol, max_iter)
+    };
+    emit(row, &ws.u[..row.principals], policy, incentives, aggregate, payoffs);
+    stats
+}
+
+/// Solves every row of `batch`; rows run in parallel (rayon) when there are several.
+pub fn solve<T: Real>(batch: &Batch<T>, tol: f64, max_iter: u32) -> Solution<T> {
+    let (b, n, j) = (batch.rows(), batch.candidates(), batch.principals());
+    let mut sol = Solution::zeros(b, n, j);
+    let mut stats = vec![RowStats::default(); b];
+    // Chunk sizes must be > 0 even when J = 0.
+    let (jn, jc) = ((j * n).max(1), j.max(1));
+    let mut inc_pad = if j == 0 { vec![T::zero(); b] } else { Vec::new() };
+    let mut pay_pad = if j == 0 { vec![T::zero(); b] } else { Vec::new() };
+    let inc: &mut [T] = if j == 0 { &mut inc_pad } else { &mut sol.incentives };
+    let pay: &mut [T] = if j == 0 { &mut pay_pad } else { &mut sol.payoffs };
+    let job = |ws: &mut Workspace<T>, (r, ((((pol, inc), agg), pay), st)): (usize, ((((&mut [T], &mut [T]), &mut [T]), &mut [T]), &mut RowStats))| {
+        let (inc, pay) = if j == 0 { (&mut inc[..0], &mut pay[..0]) } else { (inc, pay) };
+        *st = solve_row_into(&batch.row(r), ws, tol, max_iter, pol, inc, agg, pay);
+    };
+    let parts = sol
+        .policy
+        .chunks_mut(n)
+        .zip(inc.chunks_mut(jn))
+        .zip(sol.aggregate.chunks_mut(n))
+        .zip(pay.chunks_mut(jc))
+        .zip(stats.iter_mut())
+        .enumerate();
+    if b == 1 || rayon::current_num_threads() == 1 {
+        let mut ws = Workspace::new(n, j);
+        parts.for_each(|x| job(&mut ws, x));
+    } else {
+        parts.collect::<Vec<_>>().into_par_iter().for_each_init(|| Workspace::new(n, j), |ws, x| job(ws, x));
+    }
+    for (r, s) in stats.iter().enumerate() {
+        (sol.iterations[r], sol.residual[r], sol.converged[r]) = (s.iterations, s.residual, s.converged);
+    }
+    sol
+}

@@ -1,0 +1,118 @@
+//! Solvers of the batched game. All take a validated [`Batch`] and return a [`Solution`].
+//!
+//! | method   | what it computes                                                                |
+//! |----------|---------------------------------------------------------------------------------|
+//! | `exact`  | the equilibrium via the reduced fixed point on the payoffs u (Newton + Picard)   |
+//! | `jacobi` | the paper's Algorithm 1 run to convergence (independent check of `exact`)       |
+//! | `paper`  | Algorithm 1 truncated as in the authors' code: an approximate equilibrium        |
+//! | `base`   | pi0                                                                              |
+//! | `linear` | softmax(log pi0 + sum_j v_j / tau)                                               |
+
+pub mod exact;
+pub mod jacobi;
+pub mod reference;
+
+use crate::error::{CageError, Result};
+use crate::problem::Batch;
+use crate::real::Real;
+use crate::solution::Solution;
+
+/// Which policy to compute for a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// The exact equilibrium (fast CPU solver).
+    #[default]
+    Exact,
+    /// Algorithm 1 (nonlinear Jacobi) to convergence.
+    Jacobi,
+    /// Algorithm 1 truncated like the authors' code (approximate).
+    Paper,
+    /// The base policy.
+    Base,
+    /// The linear tilt.
+    Linear,
+}
+
+impl Method {
+    /// Every method, in documentation order.
+    pub const ALL: [Method; 5] = [Method::Exact, Method::Jacobi, Method::Paper, Method::Base, Method::Linear];
+
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Exact => "exact",
+            Method::Jacobi => "jacobi",
+            Method::Paper => "paper",
+            Method::Base => "base",
+            Method::Linear => "linear",
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = CageError;
+    fn from_str(s: &str) -> Result<Self> {
+        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            CageError::InvalidArgument(format!("unknown method {s:?} (expected one of {})", names.join(", ")))
+        })
+    }
+}
+
+/// Options shared by the solvers.
+#[derive(Clone, Copy, Debug)]
+pub struct SolveOptions {
+    /// What to compute.
+    pub method: Method,
+    /// Convergence tolerance relative to each row's value scale; `None` = the precision's default
+    /// (1e-11 in f64, 1e-5 in f32; `paper` always uses the authors' 1e-3).
+    pub tol: Option<f64>,
+    /// Iteration limit (passes for `exact`, rounds for `jacobi`); `None` = the method's default.
+    pub max_iter: Option<u32>,
+}
+
+impl Default for SolveOptions {
+    fn default() -> Self {
+        Self { method: Method::Exact, tol: None, max_iter: None }
+    }
+}
+
+impl SolveOptions {
+    /// Default options for `method`.
+    pub fn new(method: Method) -> Self {
+        Self { method, ..Self::default() }
+    }
+}
+
+/// Default pass limit of the exact solver (Newton needs < 20; the Picard fallback may need thousands).
+pub const EXACT_MAX_ITER: u32 = 20_000;
+
+/// Solves `batch` with `opts`.
+pub fn solve<T: Real>(batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
+    let tol = opts.tol.unwrap_or(T::DEFAULT_TOL);
+    if !(tol.is_finite() && tol > 0.0) {
+        return Err(CageError::InvalidArgument(format!("tolerance must be a finite number > 0, got {tol}")));
+    }
+    if opts.max_iter == Some(0) {
+        return Err(CageError::InvalidArgument("max_iter must be >= 1".into()));
+    }
+    Ok(match opts.method {
+        Method::Exact => exact::solve(batch, tol, opts.max_iter.unwrap_or(EXACT_MAX_ITER)),
+        Method::Jacobi => {
+            let mut o = jacobi::JacobiOptions::converged(tol.max(1e-12));
+            if let Some(m) = opts.max_iter {
+                o.max_rounds = m;
+            }
+            jacobi::solve(batch, &o)
+        }
+        Method::Paper => {
+            let mut o = jacobi::JacobiOptions::paper();
+            if let Some(m) = opts.max_iter {
+                o.max_rounds = m;
+            }
+            jacobi::solve(batch, &o)
+        }
+        Method::Base => crate::baselines::base(batch),
+        Method::Linear => crate::baselines::linear(batch),
+    })
+}
