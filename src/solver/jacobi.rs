@@ -47,7 +47,9 @@ pub struct JacobiOptions {
 }
 
 impl JacobiOptions {
-    /// Algorithm 1 run to convergence: the independent check of the exact solver.
+    /// Algorithm 1 run to convergence: the independent check of the exact solver. Simultaneous best responses
+    /// can cycle (two principals alternately over- and under-paying), so the update is damped by 1/2; any
+    /// fixed point of the damped iteration is a fixed point of the undamped one, i.e. an equilibrium.
     pub fn converged(tol: f64) -> Self {
         Self {
             max_rounds: 2000,
@@ -55,7 +57,7 @@ impl JacobiOptions {
             tol,
             inner_tol: tol * 0.1,
             inner_ftol: 0.0,
-            damping: 1.0,
+            damping: 0.5,
             inner: Inner::ScaledProjectedGradient,
         }
     }

@@ -36,14 +36,31 @@ pub fn value_scale(row: &Row<'_, f64>) -> f64 {
     row.values.iter().cloned().fold(row.tau, f64::max)
 }
 
-/// Payoffs u at the equilibrium of one row, with iterations, relative residual and convergence flag.
+/// The specification's starting point: u_j = max_a v_j[a] (nobody pays).
+pub fn start(row: &Row<'_, f64>) -> Vec<f64> {
+    (0..row.principals).map(|j| row.value(j).iter().cloned().fold(0.0, f64::max)).collect()
+}
+
+/// Payoffs u at the equilibrium of one row from the specification's start, with iterations, relative
+/// residual and convergence flag.
 pub fn solve_row(row: &Row<'_, f64>, tol: f64, max_iter: u32) -> (Vec<f64>, u32, f64, bool) {
-    let mut u: Vec<f64> = (0..row.principals).map(|j| row.value(j).iter().cloned().fold(0.0, f64::max)).collect();
+    solve_row_from(row, start(row), tol, max_iter, |_| ())
+}
+
+/// The iteration from any start `u`; `observe` sees the relative residual of every iteration.
+pub fn solve_row_from(
+    row: &Row<'_, f64>,
+    mut u: Vec<f64>,
+    tol: f64,
+    max_iter: u32,
+    mut observe: impl FnMut(f64),
+) -> (Vec<f64>, u32, f64, bool) {
     let scale = value_scale(row);
     let mut residual = f64::INFINITY;
     for it in 0..max_iter {
         let t = t_map(row, &u, &policy_at(row, &u));
         residual = u.iter().zip(&t).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale;
+        observe(residual);
         if residual <= tol {
             return (u, it, residual, true);
         }
@@ -52,6 +69,11 @@ pub fn solve_row(row: &Row<'_, f64>, tol: f64, max_iter: u32) -> (Vec<f64>, u32,
         }
     }
     (u, max_iter, residual, false)
+}
+
+/// The policy the agent plays when the principals' payoffs are `u` (their threshold contracts).
+pub fn policy(row: &Row<'_, f64>, u: &[f64]) -> Vec<f64> {
+    policy_at(row, u)
 }
 
 /// Solves every row of `batch` with the reference iteration.
