@@ -69,7 +69,11 @@ pub fn genarm<T: Real>(base_logprobs: &[T], arm_logprobs: &[&[T]], alphas: &[T])
     if arm_logprobs.len() != alphas.len() {
         return Err(CageError::Shape { what: "genarm alphas".into(), expected: arm_logprobs.len(), got: alphas.len() });
     }
-    let mut z: Vec<T> = base_logprobs.iter().map(|&b| b - T::of(logsumexp(base_logprobs))).collect();
+    let base_lse = logsumexp(base_logprobs);
+    if base_lse == f64::NEG_INFINITY {
+        return Err(CageError::EmptyCandidates { row: 0 });
+    }
+    let mut z: Vec<T> = base_logprobs.iter().map(|&b| b - T::of(base_lse)).collect();
     for (j, (arm, &alpha)) in arm_logprobs.iter().zip(alphas).enumerate() {
         check_row(&format!("genarm ARM {j} log-probs"), arm, n)?;
         if !(alpha.is_finite() && alpha >= T::zero()) {
