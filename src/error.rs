@@ -74,6 +74,26 @@ pub enum CageError {
         /// What was wrong with it.
         source: Box<CageError>,
     },
+    /// A model, adapter, tokenizer or GGUF file whose bytes are malformed (corrupt header, truncated data).
+    #[error("malformed {what}: {msg}")]
+    Format {
+        /// The file or part of it.
+        what: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A model that is well-formed but cannot be used as asked: unknown architecture, a tensor missing or of
+    /// the wrong shape for its config, an adapter made for another base model.
+    #[error("model {model}: {msg}")]
+    Model {
+        /// The model or adapter folder.
+        model: String,
+        /// What is wrong and, where possible, what to do.
+        msg: String,
+    },
+    /// Tokenizer or chat-template failure.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// A file could not be read or written.
     #[error("{context}: {source}")]
     Io {

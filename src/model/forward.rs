@@ -1,0 +1,411 @@
+//! CPU forward pass in f32: a batch of sequences of different lengths, each in its own KV-cache slot, prefill
+//! (many tokens of a sequence) and decode (one token) in the same call, every buffer allocated once.
+//!
+//! The [`Decoder`] trait is the seam for other backends: generation code only sees `Decoder`, so a CUDA
+//! implementation can replace [`CpuDecoder`] without changes above it.
+
+use super::linalg::{matmul_t, rms_norm, silu_mul};
+use super::llama::{Linear, Model};
+use crate::error::{CageError, Result};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Part of one sequence fed in one forward call: its tokens are appended after what its slot already holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Seq<'a> {
+    /// KV-cache slot of the sequence.
+    pub slot: usize,
+    /// New tokens (at least one).
+    pub tokens: &'a [u32],
+    /// Unmerged adapter for this row (`None`: the backbone alone).
+    pub adapter: Option<usize>,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// The last new token of each sequence: `[seqs, vocab]`.
+    Last,
+    /// Every new token, sequences one after another: `[tokens, vocab]`.
+    All,
+}
+
+/// A model runtime that keeps per-slot KV caches and returns logits; implemented by [`CpuDecoder`], and the
+/// interface a GPU backend implements.
+pub trait Decoder {
+    /// Vocabulary size (logit row width).
+    fn vocab_size(&self) -> usize;
+    /// Number of KV-cache slots (concurrent sequences).
+    fn slots(&self) -> usize;
+    /// Tokens a slot holds so far.
+    fn slot_len(&self, slot: usize) -> usize;
+    /// Forgets a slot's sequence.
+    fn reset(&mut self, slot: usize);
+    /// Runs the batch and returns its logits (see [`LogitsAt`]), row-major f32.
+    fn forward(&mut self, seqs: &[Seq], at: LogitsAt) -> Result<&[f32]>;
+}
+
+/// Flat KV cache: `[layer][slot][position][kv_heads * head_dim]` for keys and for values.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    lens: Vec<usize>,
+    max_seq: usize,
+    kv_dim: usize,
+}
+
+impl KvCache {
+    /// Allocates room for `slots` sequences of up to `max_seq` tokens.
+    pub fn new(model: &Model, slots: usize, max_seq: usize) -> Self {
+        let c = &model.config;
+        let kv_dim = c.num_kv_heads * c.head_dim;
+        let n = c.num_layers * slots * max_seq * kv_dim;
+        KvCache { k: vec![0.0; n], v: vec![0.0; n], lens: vec![0; slots], max_seq, kv_dim }
+    }
+    fn base(&self, layer: usize, slot: usize) -> usize {
+        (layer * self.lens.len() + slot) * self.max_seq * self.kv_dim
+    }
+}
+
+/// Scratch buffers of the forward pass, sized once for `max_tokens` tokens per call.
+#[derive(Debug, Clone)]
+pub struct ForwardState {
+    max_tokens: usize,
+    max_logit_rows: usize,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    lora_tmp: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    logits: Vec<f32>,
+    pos: Vec<usize>,
+    slot: Vec<usize>,
+    inv_freq: Vec<f32>,
+}
+
+impl ForwardState {
+    /// Buffers for up to `max_tokens` tokens per call and `max_logit_rows` logit rows (`LogitsAt::All` needs
+    /// one row per token).
+    pub fn new(model: &Model, max_tokens: usize, max_logit_rows: usize) -> Self {
+        let c = &model.config;
+        let t = max_tokens;
+        let qd = c.num_heads * c.head_dim;
+        let kvd = c.num_kv_heads * c.head_dim;
+        let max_r = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .flat_map(|m| m.lora.iter().flatten())
+            .map(|p| p.r)
+            .max()
+            .unwrap_or(0);
+        ForwardState {
+            max_tokens,
+            max_logit_rows,
+            x: vec![0.0; t * c.hidden_size],
+            xn: vec![0.0; t * c.hidden_size],
+            q: vec![0.0; t * qd],
+            k: vec![0.0; t * kvd],
+            v: vec![0.0; t * kvd],
+            att: vec![0.0; t * qd],
+            tmp: vec![0.0; t * c.hidden_size],
+            gate: vec![0.0; t * c.intermediate_size],
+            up: vec![0.0; t * c.intermediate_size],
+            lora_tmp: vec![0.0; t * max_r],
+            cos: vec![0.0; t * c.head_dim / 2],
+            sin: vec![0.0; t * c.head_dim / 2],
+            logits: vec![0.0; max_logit_rows * c.vocab_size],
+            pos: vec![0; t],
+            slot: vec![0; t],
+            inv_freq: c.inv_freq(),
+        }
+    }
+}
+
+/// Contiguous tokens of one sequence.
+#[derive(Clone, Copy)]
+struct Run {
+    start: usize,
+    len: usize,
+    adapter: Option<usize>,
+}
+
+fn apply(lin: &Linear, x: &[f32], t: usize, out: &mut [f32], runs: &[Run], lora_tmp: &mut [f32]) {
+    let (inp, o) = (lin.inp, lin.out);
+    matmul_t(x, t, inp, &lin.w, o, out, false, 1.0);
+    if let Some(b) = &lin.bias {
+        for row in out[..t * o].chunks_exact_mut(o) {
+            for (y, bb) in row.iter_mut().zip(b) {
+                *y += bb;
+            }
+        }
+    }
+    for run in runs {
+        let Some(Some(p)) = run.adapter.and_then(|a| lin.lora.get(a)) else { continue };
+        let xs = &x[run.start * inp..(run.start + run.len) * inp];
+        let tmp = &mut lora_tmp[..run.len * p.r];
+        matmul_t(xs, run.len, inp, &p.a, p.r, tmp, false, 1.0);
+        matmul_t(tmp, run.len, p.r, &p.b, o, &mut out[run.start * o..(run.start + run.len) * o], true, p.scale);
+    }
+}
+
+fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (row, (c, s)) in x.chunks_exact_mut(heads * hd).zip(cos.chunks_exact(half).zip(sin.chunks_exact(half))) {
+        for h in row.chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = (h[i], h[i + half]);
+                h[i] = a * c[i] - b * s[i];
+                h[i + half] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/// Checks a batch against the cache, the state and the model, and lays out its tokens; returns the runs.
+fn prepare(model: &Model, cache: &KvCache, st: &mut ForwardState, seqs: &[Seq], at: LogitsAt) -> Result<Vec<Run>> {
+    let c = &model.config;
+    let (h, vocab) = (c.hidden_size, c.vocab_size);
+    let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    if seqs.is_empty() || t == 0 {
+        return Err(CageError::InvalidArgument("forward needs at least one token".into()));
+    }
+    if t > st.max_tokens {
+        return Err(CageError::InvalidArgument(format!("{t} tokens in one forward call, the state was sized for {}", st.max_tokens)));
+    }
+    let rows = if at == LogitsAt::All { t } else { seqs.len() };
+    if rows > st.max_logit_rows {
+        return Err(CageError::InvalidArgument(format!("{rows} logit rows requested, the state was sized for {}", st.max_logit_rows)));
+    }
+    if cache.kv_dim != c.num_kv_heads * c.head_dim || cache.k.len() != c.num_layers * cache.lens.len() * cache.max_seq * cache.kv_dim {
+        return Err(CageError::InvalidArgument("the KV cache was made for another model".into()));
+    }
+    let mut runs = Vec::with_capacity(seqs.len());
+    let mut seen = vec![false; cache.lens.len()];
+    let mut start = 0;
+    for s in seqs {
+        let slot = s.slot;
+        if slot >= cache.lens.len() {
+            return Err(CageError::InvalidArgument(format!("slot {slot} does not exist (the cache has {})", cache.lens.len())));
+        }
+        if std::mem::replace(&mut seen[slot], true) {
+            return Err(CageError::InvalidArgument(format!("slot {slot} appears twice in one batch")));
+        }
+        if s.tokens.is_empty() {
+            return Err(CageError::InvalidArgument(format!("sequence in slot {slot} has no new tokens")));
+        }
+        let end = cache.lens[slot] + s.tokens.len();
+        if end > cache.max_seq {
+            return Err(CageError::InvalidArgument(format!("slot {slot} would hold {end} tokens, the cache was sized for {}", cache.max_seq)));
+        }
+        if let Some(a) = s.adapter
+            && a >= model.adapters.len()
+        {
+            return Err(CageError::InvalidArgument(format!("adapter id {a} is not attached (the model has {})", model.adapters.len())));
+        }
+        for (i, &tok) in s.tokens.iter().enumerate() {
+            if tok as usize >= vocab {
+                return Err(CageError::InvalidArgument(format!("token id {tok} is outside the vocabulary ({vocab})")));
+            }
+            let j = start + i;
+            st.pos[j] = cache.lens[slot] + i;
+            st.slot[j] = slot;
+            st.x[j * h..(j + 1) * h].copy_from_slice(&model.embed[tok as usize * h..(tok as usize + 1) * h]);
+        }
+        runs.push(Run { start, len: s.tokens.len(), adapter: s.adapter });
+        start += s.tokens.len();
+    }
+    Ok(runs)
+}
+
+/// Runs `seqs` through `model`, appending to `cache`; returns the logits held in `state`.
+pub fn forward<'s>(model: &Model, cache: &mut KvCache, state: &'s mut ForwardState, seqs: &[Seq], at: LogitsAt) -> Result<&'s [f32]> {
+    let runs = prepare(model, cache, state, seqs, at)?;
+    let c = &model.config;
+    let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+    let (qd, kvd, ffn, vocab) = (nh * hd, nkv * hd, c.intermediate_size, c.vocab_size);
+    let t: usize = runs.iter().map(|r| r.len).sum();
+    let half = hd / 2;
+    let st = state;
+    for j in 0..t {
+        // Angle in f32 (position times f32 frequency), as transformers computes it.
+        let p = st.pos[j] as f32;
+        for i in 0..half {
+            let a = p * st.inv_freq[i];
+            st.cos[j * half + i] = a.cos();
+            st.sin[j * half + i] = a.sin();
+        }
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    let group = nh / nkv;
+    let max_seq = cache.max_seq;
+    for (li, layer) in model.layers.iter().enumerate() {
+        rms_norm(&st.x[..t * h], &layer.ln1, c.rms_norm_eps, &mut st.xn[..t * h]);
+        apply(&layer.q, &st.xn, t, &mut st.q, &runs, &mut st.lora_tmp);
+        apply(&layer.k, &st.xn, t, &mut st.k, &runs, &mut st.lora_tmp);
+        apply(&layer.v, &st.xn, t, &mut st.v, &runs, &mut st.lora_tmp);
+        rope(&mut st.q[..t * qd], nh, hd, &st.cos, &st.sin);
+        rope(&mut st.k[..t * kvd], nkv, hd, &st.cos, &st.sin);
+        for j in 0..t {
+            let off = cache.base(li, st.slot[j]) + st.pos[j] * kvd;
+            cache.k[off..off + kvd].copy_from_slice(&st.k[j * kvd..(j + 1) * kvd]);
+            cache.v[off..off + kvd].copy_from_slice(&st.v[j * kvd..(j + 1) * kvd]);
+        }
+        let cache_ref = &*cache;
+        let (q, pos, slot) = (&st.q, &st.pos, &st.slot);
+        // One task per (token, head): decode at batch 1 still spreads over the cores.
+        st.att[..t * qd].par_chunks_mut(hd).enumerate().for_each_init(
+            || vec![0f32; max_seq],
+            |scores, (idx, out)| {
+                let (j, head) = (idx / nh, idx % nh);
+                let kvh = head / group;
+                let base = cache_ref.base(li, slot[j]) + kvh * hd;
+                let qv = &q[j * qd + head * hd..j * qd + (head + 1) * hd];
+                let n = pos[j] + 1;
+                let mut mx = f32::NEG_INFINITY;
+                for (p, sc) in scores[..n].iter_mut().enumerate() {
+                    let kr = &cache_ref.k[base + p * kvd..base + p * kvd + hd];
+                    let s = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *sc = s;
+                    mx = mx.max(s);
+                }
+                let mut sum = 0f32;
+                for sc in &mut scores[..n] {
+                    *sc = (*sc - mx).exp();
+                    sum += *sc;
+                }
+                let inv = 1.0 / sum;
+                out.fill(0.0);
+                for (p, &w) in scores[..n].iter().enumerate() {
+                    let vr = &cache_ref.v[base + p * kvd..base + p * kvd + hd];
+                    let w = w * inv;
+                    for (o, v) in out.iter_mut().zip(vr) {
+                        *o += w * v;
+                    }
+                }
+            },
+        );
+        apply(&layer.o, &st.att, t, &mut st.tmp, &runs, &mut st.lora_tmp);
+        for (x, d) in st.x[..t * h].iter_mut().zip(&st.tmp[..t * h]) {
+            *x += d;
+        }
+        rms_norm(&st.x[..t * h], &layer.ln2, c.rms_norm_eps, &mut st.xn[..t * h]);
+        apply(&layer.gate, &st.xn, t, &mut st.gate, &runs, &mut st.lora_tmp);
+        apply(&layer.up, &st.xn, t, &mut st.up, &runs, &mut st.lora_tmp);
+        silu_mul(&mut st.gate[..t * ffn], &st.up[..t * ffn]);
+        apply(&layer.down, &st.gate, t, &mut st.tmp, &runs, &mut st.lora_tmp);
+        for (x, d) in st.x[..t * h].iter_mut().zip(&st.tmp[..t * h]) {
+            *x += d;
+        }
+    }
+    for r in &runs {
+        cache.lens[st.slot[r.start]] += r.len;
+    }
+    // Final norm only on the rows that get logits.
+    let rows = match at {
+        LogitsAt::All => {
+            rms_norm(&st.x[..t * h], &model.norm, c.rms_norm_eps, &mut st.xn[..t * h]);
+            t
+        }
+        LogitsAt::Last => {
+            for (i, r) in runs.iter().enumerate() {
+                let j = r.start + r.len - 1;
+                rms_norm(&st.x[j * h..(j + 1) * h], &model.norm, c.rms_norm_eps, &mut st.xn[i * h..(i + 1) * h]);
+            }
+            runs.len()
+        }
+    };
+    let logits = &mut st.logits[..rows * vocab];
+    let w = model.lm_head.as_ref().map(|l| l.w.as_slice()).unwrap_or(&model.embed);
+    matmul_t(&st.xn, rows, h, w, vocab, logits, false, 1.0);
+    Ok(&st.logits[..rows * vocab])
+}
+
+/// The CPU [`Decoder`]: a shared model, its KV cache and its scratch state.
+pub struct CpuDecoder {
+    /// The model (shared between decoders).
+    pub model: Arc<Model>,
+    cache: KvCache,
+    state: ForwardState,
+}
+
+impl CpuDecoder {
+    /// A decoder with `slots` sequences of up to `max_seq` tokens, at most `max_tokens` tokens per call.
+    pub fn new(model: Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Self {
+        let cache = KvCache::new(&model, slots, max_seq);
+        let state = ForwardState::new(&model, max_tokens, max_tokens.max(slots));
+        CpuDecoder { model, cache, state }
+    }
+}
+
+impl Decoder for CpuDecoder {
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+    fn slots(&self) -> usize {
+        self.cache.lens.len()
+    }
+    fn slot_len(&self, slot: usize) -> usize {
+        self.cache.lens.get(slot).copied().unwrap_or(0)
+    }
+    fn reset(&mut self, slot: usize) {
+        if let Some(l) = self.cache.lens.get_mut(slot) {
+            *l = 0;
+        }
+    }
+    fn forward(&mut self, seqs: &[Seq], at: LogitsAt) -> Result<&[f32]> {
+        forward(&self.model, &mut self.cache, &mut self.state, seqs, at)
+    }
+}
+
+/// Greedy decoding of several prompts at once (prompt i in slot i, slots reset first): returns the new tokens
+/// of each row, stopping a row after any of `stop` or after `max_new` tokens.
+pub fn greedy(dec: &mut dyn Decoder, prompts: &[&[u32]], adapters: &[Option<usize>], max_new: usize, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
+    if prompts.len() > dec.slots() {
+        return Err(CageError::InvalidArgument(format!("{} prompts but only {} slots", prompts.len(), dec.slots())));
+    }
+    let mut out: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
+    if max_new == 0 || prompts.is_empty() {
+        return Ok(out);
+    }
+    let ad = |i: usize| adapters.get(i).copied().flatten();
+    let v = dec.vocab_size();
+    for i in 0..prompts.len() {
+        dec.reset(i);
+    }
+    let seqs: Vec<Seq> = prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: ad(i) }).collect();
+    let mut next: Vec<u32> = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
+    let mut live: Vec<usize> = (0..prompts.len()).collect();
+    for step in 0..max_new {
+        for (k, &i) in live.iter().enumerate() {
+            out[i].push(next[k]);
+        }
+        live.retain(|&i| out[i].last().is_some_and(|t| !stop.contains(t)));
+        if live.is_empty() || step + 1 == max_new {
+            break;
+        }
+        let toks: Vec<[u32; 1]> = live.iter().map(|&i| [out[i][out[i].len() - 1]]).collect();
+        let seqs: Vec<Seq> = live.iter().zip(&toks).map(|(&i, t)| Seq { slot: i, tokens: t, adapter: ad(i) }).collect();
+        next = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
+    }
+    Ok(out)
+}
+
+/// Index of the largest value (the first one on ties, like `torch.argmax`).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,327 @@
+//! `cage import-gguf`: turns a llama.cpp GGUF file into a Hugging Face style folder (`config.json`,
+//! `model.safetensors` in f32, `tokenizer.json`, `tokenizer_config.json`) that the rest of cage, and
+//! transformers, load like any other model. Quantized tensors are dequantized once here, so the runtime only
+//! ever sees plain float weights.
+
+use super::gguf::{GgufFile, TensorInfo, Value, unpermute_rows};
+use crate::error::{CageError, Result};
+use serde_json::{Map, Value as Json, json};
+use std::io::Write;
+use std::path::Path;
+
+/// What an import wrote, for the CLI to report.
+#[derive(Debug, Clone)]
+pub struct ImportSummary {
+    /// Number of tensors written.
+    pub tensors: usize,
+    /// Parameters in total.
+    pub parameters: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Whether the chat template came from the file.
+    pub chat_template: bool,
+}
+
+fn hf_name(gg: &str) -> Option<String> {
+    let fixed = match gg {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gg.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+struct Meta<'a> {
+    f: &'a GgufFile,
+    arch: String,
+    what: String,
+}
+
+impl Meta<'_> {
+    fn bad(&self, msg: String) -> CageError {
+        CageError::Model { model: self.what.clone(), msg }
+    }
+    fn u(&self, key: &str) -> Result<usize> {
+        let k = format!("{}.{key}", self.arch);
+        self.f.get(&k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| self.bad(format!("metadata key {k} is missing")))
+    }
+    fn u_opt(&self, key: &str) -> Option<usize> {
+        self.f.get(&format!("{}.{key}", self.arch)).and_then(Value::as_u64).map(|v| v as usize)
+    }
+    fn f_opt(&self, key: &str) -> Option<f64> {
+        self.f.get(&format!("{}.{key}", self.arch)).and_then(Value::as_f64)
+    }
+}
+
+/// Imports `gguf` into the folder `out` (created if needed). Existing files there are overwritten.
+pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
+    let f = GgufFile::open(gguf)?;
+    let what = gguf.display().to_string();
+    let arch = f.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
+    let (model_type, class) = match arch.as_str() {
+        "llama" => ("llama", "LlamaForCausalLM"),
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+        other => {
+            return Err(CageError::Model { model: what, msg: format!("architecture \"{other}\" is not supported (supported: llama, qwen2)") });
+        }
+    };
+    let m = Meta { f: &f, arch: arch.clone(), what: what.clone() };
+    let hidden = m.u("embedding_length")?;
+    let layers = m.u("block_count")?;
+    let heads = m.u("attention.head_count")?;
+    let kv_heads = m.u_opt("attention.head_count_kv").unwrap_or(heads);
+    let ffn = m.u("feed_forward_length")?;
+    let ctx = m.u_opt("context_length").unwrap_or(2048);
+    let theta = m.f_opt("rope.freq_base").unwrap_or(10000.0);
+    let eps = m.f_opt("attention.layer_norm_rms_epsilon").unwrap_or(1e-5);
+    if heads == 0 || kv_heads == 0 || hidden % heads != 0 {
+        return Err(m.bad(format!("head counts {heads}/{kv_heads} do not divide the hidden size {hidden}")));
+    }
+    let head_dim = m.u_opt("attention.key_length").unwrap_or(hidden / heads);
+
+    let tokens = f
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .ok_or_else(|| m.bad("metadata has no tokenizer.ggml.tokens; cannot build tokenizer.json".into()))?;
+    let vocab = m.u_opt("vocab_size").unwrap_or(tokens.len());
+    let tied = !f.tensors.iter().any(|t| t.name == "output.weight");
+
+    // Map names and check types of every tensor before writing anything.
+    let mut plan: Vec<(&TensorInfo, String)> = Vec::new();
+    for t in &f.tensors {
+        let name = hf_name(&t.name).ok_or_else(|| m.bad(format!("tensor {} has no Hugging Face Llama equivalent", t.name)))?;
+        f.tensor_type(t)?;
+        plan.push((t, name));
+    }
+    plan.sort_by(|a, b| a.1.cmp(&b.1));
+    std::fs::create_dir_all(out).map_err(|source| CageError::Io { context: format!("creating {}", out.display()), source })?;
+
+    let mut header = Map::new();
+    let mut offset = 0usize;
+    let mut parameters = 0usize;
+    for (t, name) in &plan {
+        let n = t.numel();
+        parameters += n;
+        header.insert(name.clone(), json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, offset + 4 * n]}));
+        offset += 4 * n;
+    }
+    header.insert("__metadata__".into(), json!({"format": "pt", "source": "cage import-gguf"}));
+    let mut hbytes = serde_json::to_vec(&Json::Object(header))?;
+    while hbytes.len() % 8 != 0 {
+        hbytes.push(b' ');
+    }
+    let st_path = out.join("model.safetensors");
+    let tmp = out.join("model.safetensors.partial");
+    let io = |source, what: &str| CageError::Io { context: format!("writing {what}"), source };
+    {
+        let file = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp.display().to_string()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(|e| io(e, "safetensors header"))?;
+        w.write_all(&hbytes).map_err(|e| io(e, "safetensors header"))?;
+        for (t, name) in &plan {
+            let mut data = f.dequantize(t)?;
+            let shape = t.shape();
+            let nh = if name.contains("q_proj") { heads } else { kv_heads };
+            if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
+                let cols = shape.get(1).copied().unwrap_or(1);
+                data = unpermute_rows(&data, nh, cols)?;
+            } else if name.ends_with("q_proj.bias") || name.ends_with("k_proj.bias") {
+                data = unpermute_rows(&data, nh, 1)?;
+            }
+            w.write_all(bytemuck::cast_slice(&data)).map_err(|e| io(e, &st_path.display().to_string()))?;
+        }
+        w.flush().map_err(|e| io(e, &st_path.display().to_string()))?;
+    }
+    std::fs::rename(&tmp, &st_path).map_err(|e| io(e, &st_path.display().to_string()))?;
+
+    let tok = tokenizer::build(&f, tokens)?;
+    let bos = f.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
+    let eos = f.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64);
+    let mut config = json!({
+        "architectures": [class],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": ctx,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "rope_scaling": null,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    });
+    if let Some(b) = bos {
+        config["bos_token_id"] = json!(b);
+    }
+    if let Some(e) = eos {
+        config["eos_token_id"] = json!(e);
+    }
+    let write_json = |name: &str, v: &Json| -> Result<()> {
+        let p = out.join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v)?).map_err(|e| io(e, &p.display().to_string()))
+    };
+    write_json("config.json", &config)?;
+    write_json("tokenizer.json", &tok.tokenizer_json)?;
+    write_json("tokenizer_config.json", &tok.tokenizer_config)?;
+    Ok(ImportSummary { tensors: plan.len(), parameters, vocab, chat_template: tok.has_template })
+}
+
+mod tokenizer {
+    //! tokenizer.json / tokenizer_config.json from `tokenizer.ggml.*` metadata (byte-level BPE: llama.cpp's
+    //! `gpt2` tokenizer model, which SmolLM2, Llama 3 and Qwen2 GGUFs use).
+    use super::*;
+
+    pub struct Built {
+        pub tokenizer_json: Json,
+        pub tokenizer_config: Json,
+        pub has_template: bool,
+    }
+
+    fn strs<'a>(v: &'a [Value], what: &str) -> Result<Vec<&'a str>> {
+        v.iter().map(|x| x.as_str().ok_or_else(|| CageError::Tokenizer(format!("GGUF {what} holds a non-string entry")))).collect()
+    }
+
+    /// Pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` names (the split regex each model family was trained with).
+    fn pre_tokenizer(pre: &str) -> Result<Json> {
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let no_regex = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+        Ok(match pre {
+            "default" | "gpt2" | "gpt-2" => byte_level,
+            "smollm" | "starcoder" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level]}),
+            "llama3" | "llama-bpe" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
+                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                no_regex]}),
+            "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                no_regex]}),
+            other => {
+                return Err(CageError::Tokenizer(format!(
+                    "GGUF pre-tokenizer \"{other}\" is not supported (supported: gpt2, smollm, llama3, qwen2)"
+                )));
+            }
+        })
+    }
+
+    pub fn build(f: &GgufFile, tokens: &[Value]) -> Result<Built> {
+        let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+        if model != "gpt2" {
+            return Err(CageError::Tokenizer(format!("GGUF tokenizer model \"{model}\" is not supported (only \"gpt2\", byte-level BPE)")));
+        }
+        let tokens = strs(tokens, "tokenizer.ggml.tokens")?;
+        let merges = match f.get("tokenizer.ggml.merges").and_then(Value::as_array) {
+            Some(m) => strs(m, "tokenizer.ggml.merges")?,
+            None => return Err(CageError::Tokenizer("GGUF has no tokenizer.ggml.merges".into())),
+        };
+        let types: Vec<u64> = f
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+
+        let mut vocab = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert((*t).to_string(), json!(i));
+        }
+        let merges: Vec<Json> = merges
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').ok_or_else(|| CageError::Tokenizer(format!("GGUF merge \"{m}\" has no space")))?;
+                Ok(json!([a, b]))
+            })
+            .collect::<Result<_>>()?;
+        // token_type 3 = control (special), 4 = user-defined (added, not special).
+        let mut added = Vec::new();
+        let mut decoder = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            let ty = types.get(i).copied().unwrap_or(1);
+            if ty == 3 || ty == 4 {
+                let special = ty == 3;
+                added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": !special, "special": special}));
+                decoder.insert(i.to_string(), json!({"content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": !special, "special": special}));
+            }
+        }
+        let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
+        let name = |id: Option<usize>| id.map(|i| json!(tokens[i])).unwrap_or(Json::Null);
+        let bos = tok_id("tokenizer.ggml.bos_token_id");
+        let eos = tok_id("tokenizer.ggml.eos_token_id");
+        let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false) && bos.is_some();
+        let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+        let post = match bos.filter(|_| add_bos) {
+            Some(bid) => {
+                let b = tokens[bid];
+                let specials = Json::Object(Map::from_iter([(b.to_string(), json!({"id": b, "ids": [bid], "tokens": [b]}))]));
+                json!({"type": "Sequence", "processors": [byte_level_post, {
+                    "type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": specials}]})
+            }
+            None => byte_level_post,
+        };
+        let tokenizer_json = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer(pre)?,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges},
+        });
+        let template = f.get("tokenizer.chat_template").and_then(Value::as_str);
+        let specials: Vec<&str> = tokens.iter().zip(types.iter()).filter(|(_, t)| **t == 3).map(|(s, _)| *s).collect();
+        let mut cfg = json!({
+            "add_bos_token": add_bos,
+            "add_eos_token": false,
+            "added_tokens_decoder": decoder,
+            "additional_special_tokens": specials,
+            "bos_token": name(bos),
+            "eos_token": name(eos),
+            "unk_token": name(tok_id("tokenizer.ggml.unknown_token_id")),
+            "pad_token": name(tok_id("tokenizer.ggml.padding_token_id")),
+            "clean_up_tokenization_spaces": false,
+            "model_max_length": 1_000_000_000_000_000_000u64,
+            "tokenizer_class": "GPT2Tokenizer",
+        });
+        if let Some(t) = template {
+            cfg["chat_template"] = json!(t);
+        }
+        Ok(Built { tokenizer_json, tokenizer_config: cfg, has_template: template.is_some() })
+    }
+}

@@ -1,0 +1,146 @@
+//! Llama-family weights in memory (f32) and their loading from a model folder.
+
+use super::config::ModelConfig;
+use super::weights::TensorStore;
+use crate::error::Result;
+use std::path::Path;
+
+/// One LoRA pair attached to a linear layer, unmerged.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `[r, in]`.
+    pub a: Vec<f32>,
+    /// `[out, r]`.
+    pub b: Vec<f32>,
+    /// Rank.
+    pub r: usize,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
+    pub scale: f32,
+}
+
+/// A linear layer `y = x W^T + b` with optional unmerged adapters (index = adapter id).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]` row-major.
+    pub w: Vec<f32>,
+    /// Optional bias `[out]`.
+    pub bias: Option<Vec<f32>>,
+    /// Input width.
+    pub inp: usize,
+    /// Output width.
+    pub out: usize,
+    /// Unmerged adapters by adapter id; `None` where an adapter does not target this layer.
+    pub lora: Vec<Option<LoraPair>>,
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// RMSNorm before attention.
+    pub ln1: Vec<f32>,
+    /// Query projection.
+    pub q: Linear,
+    /// Key projection.
+    pub k: Linear,
+    /// Value projection.
+    pub v: Linear,
+    /// Output projection.
+    pub o: Linear,
+    /// RMSNorm before the MLP.
+    pub ln2: Vec<f32>,
+    /// MLP gate.
+    pub gate: Linear,
+    /// MLP up.
+    pub up: Linear,
+    /// MLP down.
+    pub down: Linear,
+}
+
+impl Layer {
+    /// The layer's linear module by its PEFT / transformers name.
+    pub fn module(&self, name: &str) -> Option<&Linear> {
+        Some(match name {
+            "q_proj" => &self.q,
+            "k_proj" => &self.k,
+            "v_proj" => &self.v,
+            "o_proj" => &self.o,
+            "gate_proj" => &self.gate,
+            "up_proj" => &self.up,
+            "down_proj" => &self.down,
+            _ => return None,
+        })
+    }
+
+    /// The layer's linear module by its PEFT / transformers name, mutably.
+    pub fn module_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        Some(match name {
+            "q_proj" => &mut self.q,
+            "k_proj" => &mut self.k,
+            "v_proj" => &mut self.v,
+            "o_proj" => &mut self.o,
+            "gate_proj" => &mut self.gate,
+            "up_proj" => &mut self.up,
+            "down_proj" => &mut self.down,
+            _ => return None,
+        })
+    }
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Its configuration.
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`; also the output projection when embeddings are tied.
+    pub embed: Vec<f32>,
+    /// Decoder layers.
+    pub layers: Vec<Layer>,
+    /// Final RMSNorm.
+    pub norm: Vec<f32>,
+    /// Output projection; `None` when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// Names of the unmerged adapters, by adapter id.
+    pub adapters: Vec<String>,
+    /// Where it was loaded from (for error messages).
+    pub source: String,
+}
+
+impl Model {
+    /// Loads `dir/config.json` and its safetensors weights.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let store = TensorStore::open(dir)?;
+        Self::from_store(config, &store, &dir.display().to_string())
+    }
+
+    /// Builds the model from a config and an opened tensor store, checking every shape against the config.
+    pub fn from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = st.get(&format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias { Some(st.get(&format!("{name}.bias"), &[out])?) } else { None };
+            Ok(Linear { w, bias, inp, out, lora: vec![] })
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                ln1: st.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: lin(&format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+                k: lin(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                v: lin(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                o: lin(&format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, c.o_bias)?,
+                ln2: st.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: lin(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                up: lin(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                down: lin(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+            });
+        }
+        let embed = st.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        // Some checkpoints with tied embeddings still store lm_head; the config decides, as in transformers.
+        let lm_head = if c.tie_word_embeddings { None } else { Some(lin("lm_head", c.vocab_size, h, false)?) };
+        let norm = st.get("model.norm.weight", &[h])?;
+        Ok(Model { config, embed, layers, norm, lm_head, adapters: vec![], source: source.to_string() })
+    }
+}
