@@ -95,3 +95,28 @@ fn top_k_of_a_random_vocabulary_matches_a_full_sort() {
     order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
     assert_eq!(c.ids, order[..50].to_vec());
 }
+
+#[test]
+fn the_vectorisable_exp_is_accurate() {
+    use cage::Real;
+    let mut worst32: f64 = 0.0;
+    let mut worst64: f64 = 0.0;
+    let mut x = -700.0f64;
+    while x <= 0.0 {
+        let want = x.exp();
+        worst64 = worst64.max(((x.exp_nonpos() - want) / want).abs());
+        if x > -87.0 {
+            let w32 = (x as f32 as f64).exp();
+            worst32 = worst32.max((((x as f32).exp_nonpos() as f64 - w32) / w32).abs());
+        }
+        x += 0.0137;
+    }
+    assert!(worst64 < 1e-15, "f64 relative error {worst64}");
+    assert!(worst32 < 3e-7, "f32 relative error {worst32}");
+    assert_eq!(f64::NEG_INFINITY.exp_nonpos(), 0.0);
+    assert_eq!(f32::NEG_INFINITY.exp_nonpos(), 0.0);
+    assert_eq!((-800.0f64).exp_nonpos(), 0.0);
+    assert_eq!((-100.0f32).exp_nonpos(), 0.0);
+    assert_eq!(0.0f64.exp_nonpos(), 1.0);
+    assert_eq!(0.0f32.exp_nonpos(), 1.0);
+}

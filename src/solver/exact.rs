@@ -14,7 +14,7 @@
 
 use crate::problem::{Batch, Row};
 use crate::real::Real;
-use crate::softmax::{exp_shifted, max, sum_lanes};
+use crate::softmax::{BLOCK, exp_shifted, max, reduce2, reduce3, sum};
 use crate::solution::Solution;
 use rayon::prelude::*;
 
@@ -72,46 +72,74 @@ pub struct RowStats {
     pub converged: bool,
 }
 
-/// Evaluates, in one pass, F(u) = T(u) - u = tau - g (into `f`), g (into `g`) and the Jacobian dg/du
-/// (into `jac`, row-major J x J). Leaves the unnormalised softmax weights in `z`.
+/// Evaluates F(u) = T(u) - u = tau - g (into `f`), g (into `g`) and the Jacobian dg/du (into `jac`,
+/// row-major J x J), leaving the unnormalised softmax weights in `z`. Two sweeps over the row (logits and
+/// their max; then exp and every sum), each block by block so that the J value rows are read from memory
+/// once per sweep and the 1 + 2J + J(J - 1) reductions of a block run out of L1.
+#[inline(always)]
 fn eval<T: Real>(row: &Row<'_, T>, u: &[f64], z: &mut [T], f: &mut [f64], g: &mut [f64], jac: &mut [f64]) {
     let n = row.len();
     let j = row.principals;
     let tau = row.tau.f64();
     let inv_tau = T::of(1.0 / tau);
+    let zero = T::zero();
+    let c = |p: usize| T::of(u[p] + tau);
     let z = &mut z[..n];
-    z.copy_from_slice(row.base);
-    for p in 0..j {
-        let c = T::of(u[p] + tau);
-        for (zi, &v) in z.iter_mut().zip(row.value(p)) {
-            *zi = *zi + (v - c).max(T::zero()) * inv_tau;
+    let mut m = T::neg_infinity();
+    for (bi, zb) in z.chunks_mut(BLOCK).enumerate() {
+        let (o, len) = (bi * BLOCK, zb.len());
+        zb.copy_from_slice(&row.base[o..o + len]);
+        for p in 0..j {
+            let cp = c(p);
+            for (zi, &v) in zb.iter_mut().zip(&row.value(p)[o..o + len]) {
+                *zi = *zi + if v > cp { (v - cp) * inv_tau } else { zero };
+            }
+        }
+        let mb = max(zb);
+        m = if mb > m { mb } else { m };
+    }
+    // f accumulates P_p = E[1{v_p > c_p}] and jac the cross sums E[1{v_k > c_k} (c_p - v_p)^+] until the end.
+    g.fill(0.0);
+    f.fill(0.0);
+    jac.fill(0.0);
+    let mut s = 0.0;
+    for (bi, zb) in z.chunks_mut(BLOCK).enumerate() {
+        let (o, len) = (bi * BLOCK, zb.len());
+        for x in zb.iter_mut() {
+            *x = (*x - m).exp_nonpos();
+        }
+        let zb: &[T] = zb;
+        s += sum(zb);
+        for p in 0..j {
+            let vp = &row.value(p)[o..o + len];
+            let cp = c(p);
+            // (c - v)^+ directly, not c - E[min(v, c)]: g can be far smaller than c and must keep its digits.
+            g[p] += reduce2(zb, vp, |e, v| if cp > v { e * (cp - v) } else { zero });
+            f[p] += reduce2(zb, vp, |e, v| if v > cp { e } else { zero });
+            for k in (0..j).filter(|&k| k != p) {
+                let (vk, ck) = (&row.value(k)[o..o + len], c(k));
+                jac[p * j + k] += reduce3(zb, vk, vp, |e, a, b| if a > ck && cp > b { e * (cp - b) } else { zero });
+            }
         }
     }
-    let inv_s = 1.0 / exp_shifted(z);
-    let z: &[T] = z;
-    let zero = T::zero();
+    let inv_s = 1.0 / s;
     for p in 0..j {
-        let vp = &row.value(p)[..n];
-        let cp = T::of(u[p] + tau);
-        // (c - v)^+ directly, not c - E[min(v, c)]: g can be far smaller than c and must keep its digits.
-        let gp = sum_lanes(n, |i| (z[i] * (cp - vp[i]).max(zero)).f64()) * inv_s;
-        let pp = sum_lanes(n, |i| if vp[i] > cp { z[i].f64() } else { 0.0 }) * inv_s;
-        g[p] = gp;
-        f[p] = tau - gp;
+        g[p] *= inv_s;
+        f[p] *= inv_s;
+    }
+    for p in 0..j {
         for k in 0..j {
-            // Cov(1{v_k > c_k}, (c_p - v_p)^+); for k = p the product vanishes and Cov = -P_p g_p.
-            let cov = if k == p {
-                -pp * gp
+            // dg_p/du_k = [p = k] (1 - P_p) - Cov(1{v_k > c_k}, (c_p - v_p)^+) / tau, and for k = p the
+            // product in the covariance vanishes: Cov = -P_p g_p.
+            jac[p * j + k] = if k == p {
+                1.0 - f[p] + f[p] * g[p] / tau
             } else {
-                let vk = &row.value(k)[..n];
-                let ck = T::of(u[k] + tau);
-                let pk = sum_lanes(n, |i| if vk[i] > ck { z[i].f64() } else { 0.0 }) * inv_s;
-                let ekp =
-                    sum_lanes(n, |i| if vk[i] > ck { (z[i] * (cp - vp[i]).max(zero)).f64() } else { 0.0 }) * inv_s;
-                ekp - pk * gp
+                -(jac[p * j + k] * inv_s - f[k] * g[p]) / tau
             };
-            jac[p * j + k] = -cov / tau + if k == p { 1.0 - pp } else { 0.0 };
         }
+    }
+    for p in 0..j {
+        f[p] = tau - g[p];
     }
 }
 
@@ -169,8 +197,8 @@ fn log_residual(g: &[f64], tau: f64, out: &mut [f64]) -> f64 {
     out.iter().map(|x| x * x).sum()
 }
 
-/// Finds the payoffs u of one row (left in `ws.u`). `tol` is relative to max(max v, tau).
-pub fn solve_payoffs<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64, max_iter: u32) -> RowStats {
+#[inline(always)]
+fn payoffs_impl<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64, max_iter: u32) -> RowStats {
     let j = row.principals;
     let tau = row.tau.f64();
     ws.reserve(row.len(), j);
@@ -243,6 +271,7 @@ pub fn solve_payoffs<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64,
 }
 
 /// Writes pi, y_j, Y and the payoffs of one row at payoffs `u`.
+#[inline(always)]
 fn emit<T: Real>(row: &Row<'_, T>, u: &[f64], policy: &mut [T], incentives: &mut [T], aggregate: &mut [T], payoffs: &mut [T]) {
     let n = row.len();
     let tau = row.tau.f64();
@@ -266,12 +295,17 @@ fn emit<T: Real>(row: &Row<'_, T>, u: &[f64], policy: &mut [T], incentives: &mut
     let pi: &[T] = policy;
     for p in 0..row.principals {
         let (v, y) = (row.value(p), &incentives[p * n..(p + 1) * n]);
-        payoffs[p] = T::of(sum_lanes(n, |i| (pi[i] * (v[i] - y[i])).f64()));
+        payoffs[p] = T::of(reduce3(pi, v, y, |a, b, c| a * (b - c)));
     }
 }
 
-/// Solves one row completely into the given output slices (N, J x N, N, J).
-pub fn solve_row_into<T: Real>(
+/// Finds the payoffs u of one row (left in the workspace). `tol` is relative to max(max v, tau).
+pub fn solve_payoffs<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64, max_iter: u32) -> RowStats {
+    payoffs_impl(row, ws, tol, max_iter)
+}
+
+#[inline(always)]
+fn row_impl<T: Real>(
     row: &Row<'_, T>,
     ws: &mut Workspace<T>,
     tol: f64,
@@ -284,10 +318,46 @@ pub fn solve_row_into<T: Real>(
     let stats = if row.principals == 0 {
         RowStats { iterations: 0, residual: 0.0, converged: true }
     } else {
-        solve_payoffs(row, ws, tol, max_iter)
+        payoffs_impl(row, ws, tol, max_iter)
     };
     emit(row, &ws.u[..row.principals], policy, incentives, aggregate, payoffs);
     stats
+}
+
+// The same row solve compiled for AVX2 (8 f32 / 4 f64 lanes instead of SSE2's 4 / 2): everything it calls is
+// `#[inline(always)]`, so the whole pass is generated for the wider vectors. Chosen at run time, so the
+// binary still runs on any x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn row_avx2<T: Real>(
+    row: &Row<'_, T>,
+    ws: &mut Workspace<T>,
+    tol: f64,
+    max_iter: u32,
+    out: (&mut [T], &mut [T], &mut [T], &mut [T]),
+) -> RowStats {
+    row_impl(row, ws, tol, max_iter, out.0, out.1, out.2, out.3)
+}
+
+/// Solves one row completely into the given output slices (N, J x N, N, J).
+#[allow(clippy::too_many_arguments)]
+pub fn solve_row_into<T: Real>(
+    row: &Row<'_, T>,
+    ws: &mut Workspace<T>,
+    tol: f64,
+    max_iter: u32,
+    policy: &mut [T],
+    incentives: &mut [T],
+    aggregate: &mut [T],
+    payoffs: &mut [T],
+) -> RowStats {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features `row_avx2` is compiled for (checked just above).
+        return unsafe { row_avx2(row, ws, tol, max_iter, (policy, incentives, aggregate, payoffs)) };
+    }
+    row_impl(row, ws, tol, max_iter, policy, incentives, aggregate, payoffs)
 }
 
 /// Solves every row of `batch`; rows run in parallel (rayon) when there are several.
