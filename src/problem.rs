@@ -29,9 +29,9 @@ impl std::str::FromStr for Normalize {
         match s {
             "shift_min" => Ok(Self::ShiftMin),
             "none" => Ok(Self::None),
-            _ => Err(CageError::InvalidArgument(format!(
-                "unknown normalize {s:?} (expected \"shift_min\" or \"none\")"
-            ))),
+            _ => {
+                Err(CageError::InvalidArgument(format!("unknown normalize {s:?} (expected \"shift_min\" or \"none\")")))
+            }
         }
     }
 }
@@ -170,7 +170,12 @@ impl<T: Real> Batch<T> {
                         if let Some((i, &x)) =
                             q.iter().enumerate().find(|&(i, &x)| x < T::zero() && base[i] != T::neg_infinity())
                         {
-                            return Err(CageError::NegativeValue { row: r, principal: name(p), index: i, value: x.f64() });
+                            return Err(CageError::NegativeValue {
+                                row: r,
+                                principal: name(p),
+                                index: i,
+                                value: x.f64(),
+                            });
                         }
                         T::zero()
                     }

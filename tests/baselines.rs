@@ -17,9 +17,7 @@ fn linear_tilt_is_the_formula() {
     let g = RandomGame::new(&mut r, 30, 3);
     let b = g.batch::<f64>();
     let s = solve(&b, &SolveOptions::new(Method::Linear)).unwrap();
-    let z: Vec<f64> = (0..30)
-        .map(|a| g.base[a] + (0..3).map(|j| b.row(0).value(j)[a]).sum::<f64>() / g.tau)
-        .collect();
+    let z: Vec<f64> = (0..30).map(|a| g.base[a] + (0..3).map(|j| b.row(0).value(j)[a]).sum::<f64>() / g.tau).collect();
     assert!(max_diff(&s.policy, &softmax(&z)) < 1e-12);
     assert!(s.payoffs.iter().all(|&p| p.abs() < 1e-15));
     let base = solve(&b, &SolveOptions::new(Method::Base)).unwrap();
@@ -33,9 +31,8 @@ fn genarm_is_the_formula() {
     let arm2 = [1.0, 2.0, 0.0, 3.0];
     let pi = genarm(&base, &[&arm1, &arm2], &[0.3, 0.7]).unwrap();
     let lse = |x: &[f64]| x.iter().map(|v| v.exp()).sum::<f64>().ln();
-    let z: Vec<f64> = (0..4)
-        .map(|a| base[a] - lse(&base) + 0.3 * (arm1[a] - lse(&arm1)) + 0.7 * (arm2[a] - lse(&arm2)))
-        .collect();
+    let z: Vec<f64> =
+        (0..4).map(|a| base[a] - lse(&base) + 0.3 * (arm1[a] - lse(&arm1)) + 0.7 * (arm2[a] - lse(&arm2))).collect();
     assert!(max_diff(&pi, &softmax(&z)) < 1e-12);
     assert_eq!(pi[3], 0.0);
     // alpha = 0 for every ARM gives the base policy.

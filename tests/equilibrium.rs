@@ -132,15 +132,19 @@ fn residual_decreases_geometrically() {
         let (n, j) = (r.random_range(5..50), r.random_range(1..5));
         let b = RandomGame::new(&mut r, n, j).batch::<f64>();
         let mut trace = Vec::new();
-        let (_, _, _, ok) = reference::solve_row_from(&b.row(0), reference::start(&b.row(0)), 1e-13, 100_000, |x| {
-            trace.push(x)
-        });
+        let (_, _, _, ok) =
+            reference::solve_row_from(&b.row(0), reference::start(&b.row(0)), 1e-13, 100_000, |x| trace.push(x));
         assert!(ok, "case {case}");
         // Every window of 50 iterations (once past the first 10) at least halves the residual, unless it is
         // already at rounding level: linear convergence at a rate of 0.986 or better.
         for k in 10..trace.len().saturating_sub(50) {
             if trace[k] > 1e-11 {
-                assert!(trace[k + 50] < 0.5 * trace[k], "case {case}: residual {} -> {} at {k}", trace[k], trace[k + 50]);
+                assert!(
+                    trace[k + 50] < 0.5 * trace[k],
+                    "case {case}: residual {} -> {} at {k}",
+                    trace[k],
+                    trace[k + 50]
+                );
             }
         }
         // Newton needs far fewer passes than Picard.
@@ -190,7 +194,8 @@ fn game(base: Vec<f64>, values: Vec<Vec<f64>>, weights: Vec<f64>, tau: f64, norm
 fn a_principal_in_the_dead_zone_pays_nothing() {
     // Flat values: nothing to gain, so no incentive, and the policy is the other principal's alone.
     let base = vec![-0.5, -1.0, -2.0, -3.0];
-    let flat = game(base.clone(), vec![vec![0.7; 4], vec![1.0, 0.0, 2.0, 0.5]], vec![1.0, 1.0], 0.1, Normalize::ShiftMin);
+    let flat =
+        game(base.clone(), vec![vec![0.7; 4], vec![1.0, 0.0, 2.0, 0.5]], vec![1.0, 1.0], 0.1, Normalize::ShiftMin);
     let alone = game(base.clone(), vec![vec![1.0, 0.0, 2.0, 0.5]], vec![1.0], 0.1, Normalize::ShiftMin);
     let (s, a) = (exact64(&flat), exact64(&alone));
     assert!(s.incentive_row(0, 0).iter().all(|&y| y == 0.0));
@@ -199,7 +204,10 @@ fn a_principal_in_the_dead_zone_pays_nothing() {
     let small = game(base, vec![vec![0.0, 0.05, 0.02, 0.01]], vec![1.0], 0.1, Normalize::None);
     let s = exact64(&small);
     assert!(s.incentives.iter().all(|&y| y == 0.0));
-    assert!(max_diff(&s.policy, &exact64(&game(vec![-0.5, -1.0, -2.0, -3.0], vec![], vec![], 0.1, Normalize::None)).policy) < 1e-12);
+    assert!(
+        max_diff(&s.policy, &exact64(&game(vec![-0.5, -1.0, -2.0, -3.0], vec![], vec![], 0.1, Normalize::None)).policy)
+            < 1e-12
+    );
 }
 
 #[test]
@@ -397,7 +405,11 @@ fn analytic_jacobian_matches_finite_differences() {
                     continue;
                 }
                 let fd = (fp[p] - fm[p]) / (2.0 * h);
-                assert!((fd - jac[p * j + k]).abs() < 1e-5 * (1.0 + fd.abs()), "dF_{p}/du_{k}: {fd} vs {}", jac[p * j + k]);
+                assert!(
+                    (fd - jac[p * j + k]).abs() < 1e-5 * (1.0 + fd.abs()),
+                    "dF_{p}/du_{k}: {fd} vs {}",
+                    jac[p * j + k]
+                );
                 checked += 1;
             }
         }

@@ -52,7 +52,18 @@ impl<T: Real> Workspace<T> {
 
     fn reserve(&mut self, n: usize, j: usize) {
         self.z.resize(n, T::zero());
-        for v in [&mut self.u, &mut self.f, &mut self.g, &mut self.lg, &mut self.ut, &mut self.ft, &mut self.gt, &mut self.lgt, &mut self.d, &mut self.hi] {
+        for v in [
+            &mut self.u,
+            &mut self.f,
+            &mut self.g,
+            &mut self.lg,
+            &mut self.ut,
+            &mut self.ft,
+            &mut self.gt,
+            &mut self.lgt,
+            &mut self.d,
+            &mut self.hi,
+        ] {
             v.resize(j, 0.0);
         }
         for v in [&mut self.jac, &mut self.jt, &mut self.lu] {
@@ -131,11 +142,8 @@ fn eval<T: Real>(row: &Row<'_, T>, u: &[f64], z: &mut [T], f: &mut [f64], g: &mu
         for k in 0..j {
             // dg_p/du_k = [p = k] (1 - P_p) - Cov(1{v_k > c_k}, (c_p - v_p)^+) / tau, and for k = p the
             // product in the covariance vanishes: Cov = -P_p g_p.
-            jac[p * j + k] = if k == p {
-                1.0 - f[p] + f[p] * g[p] / tau
-            } else {
-                -(jac[p * j + k] * inv_s - f[k] * g[p]) / tau
-            };
+            jac[p * j + k] =
+                if k == p { 1.0 - f[p] + f[p] * g[p] / tau } else { -(jac[p * j + k] * inv_s - f[k] * g[p]) / tau };
         }
     }
     for p in 0..j {
@@ -272,7 +280,14 @@ fn payoffs_impl<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64, max_
 
 /// Writes pi, y_j, Y and the payoffs of one row at payoffs `u`.
 #[inline(always)]
-fn emit<T: Real>(row: &Row<'_, T>, u: &[f64], policy: &mut [T], incentives: &mut [T], aggregate: &mut [T], payoffs: &mut [T]) {
+fn emit<T: Real>(
+    row: &Row<'_, T>,
+    u: &[f64],
+    policy: &mut [T],
+    incentives: &mut [T],
+    aggregate: &mut [T],
+    payoffs: &mut [T],
+) {
     let n = row.len();
     let tau = row.tau.f64();
     aggregate.fill(T::zero());
@@ -371,7 +386,11 @@ pub fn solve<T: Real>(batch: &Batch<T>, tol: f64, max_iter: u32) -> Solution<T> 
     let mut pay_pad = if j == 0 { vec![T::zero(); b] } else { Vec::new() };
     let inc: &mut [T] = if j == 0 { &mut inc_pad } else { &mut sol.incentives };
     let pay: &mut [T] = if j == 0 { &mut pay_pad } else { &mut sol.payoffs };
-    let job = |ws: &mut Workspace<T>, (r, ((((pol, inc), agg), pay), st)): (usize, ((((&mut [T], &mut [T]), &mut [T]), &mut [T]), &mut RowStats))| {
+    let job = |ws: &mut Workspace<T>,
+               (r, ((((pol, inc), agg), pay), st)): (
+        usize,
+        ((((&mut [T], &mut [T]), &mut [T]), &mut [T]), &mut RowStats),
+    )| {
         let (inc, pay) = if j == 0 { (&mut inc[..0], &mut pay[..0]) } else { (inc, pay) };
         *st = solve_row_into(&batch.row(r), ws, tol, max_iter, pol, inc, agg, pay);
     };

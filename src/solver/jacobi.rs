@@ -139,7 +139,8 @@ impl Game {
                 .collect();
             let step0 = if o.inner == Inner::ScaledProjectedGradient { 1.0 } else { lambda };
             let stationarity = (0..n).map(|a| (project(a, y[a] + dir[a]) - y[a]).abs()).fold(0.0, f64::max);
-            let measure = if o.inner == Inner::ScaledProjectedGradient { stationarity } else { stationarity * self.tau };
+            let measure =
+                if o.inner == Inner::ScaledProjectedGradient { stationarity } else { stationarity * self.tau };
             if measure <= o.inner_tol * self.scale {
                 return;
             }

@@ -26,9 +26,7 @@ fn policy_at(row: &Row<'_, f64>, u: &[f64]) -> Vec<f64> {
 }
 
 fn t_map(row: &Row<'_, f64>, u: &[f64], pi: &[f64]) -> Vec<f64> {
-    (0..row.principals)
-        .map(|j| row.value(j).iter().zip(pi).map(|(v, p)| p * v.min(u[j] + row.tau)).sum())
-        .collect()
+    (0..row.principals).map(|j| row.value(j).iter().zip(pi).map(|(v, p)| p * v.min(u[j] + row.tau)).sum()).collect()
 }
 
 /// The row's value scale max(max v, tau): tolerances and residuals are relative to it.
