@@ -1,1 +1,869 @@
-//! CUDA backend: kernels from `kernels/`, loaded lazily, driven through cudarc (see the kernels issue).
+//! CUDA backend: the kernels of `kernels/` (compiled and embedded by build.rs), driven through a thin host
+//! layer that is the same for a real GPU ([`cuda::Cuda`]) and for the host emulation ([`emu::Emulator`]) that
+//! runs the unchanged kernel sources on the CPU in tests.
+//!
+//! - [`Gpu`]: one device, its kernels loaded on first use, and device buffers allocated once per shape and
+//!   reused (a decoding loop calls the same shapes every step, so steady state allocates nothing).
+//! - [`Backend`] and [`solve_with`]: the solver API with a choice of `cpu`, `cuda` or `auto` (the GPU when one
+//!   is usable, else the CPU). No GPU, no driver or a failed context is an ordinary [`CageError`], never a panic.
+//!
+//! Kernels: [`Gpu::equilibrium`] (the batched exact equilibrium), [`Gpu::candidates`] (fused log-softmax and
+//! top-k), [`Gpu::principal_values`] (ARM values at the candidates with the preprocessing) and [`Gpu::choose`]
+//! (greedy or sampled token choice with a counter-based RNG). See docs/architecture.md.
+
+pub mod cuda;
+pub mod device;
+pub mod emu;
+pub mod rng;
+
+use crate::error::{CageError, Result};
+use crate::problem::{Batch, Normalize};
+use crate::real::Real;
+use crate::solution::Solution;
+use crate::solver::{Method, SolveOptions};
+use device::{DevPtr, Device};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+/// One compiled kernel source file (`kernels/NAME.cu`) as embedded by build.rs.
+#[derive(Debug)]
+pub struct KernelModule {
+    /// File stem of the source.
+    pub name: &'static str,
+    /// Its `extern "C"` entry points.
+    pub kernels: &'static [&'static str],
+    /// compute_80 PTX from nvcc (None when the build had no nvcc).
+    pub ptx: Option<&'static str>,
+    /// sm_90a cubin from nvcc, used on Hopper GPUs.
+    pub cubin_sm90a: Option<&'static [u8]>,
+    /// The source with the project's headers inlined, for NVRTC.
+    pub source: &'static str,
+}
+
+mod images {
+    use super::KernelModule;
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+pub use images::{MODULES, NVCC};
+
+/// Where a solve runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU solvers of [`crate::solver`].
+    Cpu,
+    /// The CUDA kernels on GPU 0 (an error when there is none).
+    Cuda,
+    /// The GPU when one is usable and the method runs there, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = CageError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "auto" => Ok(Self::Auto),
+            _ => Err(CageError::InvalidArgument(format!(
+                "unknown backend {s:?} (expected cpu, cuda or auto)"
+            ))),
+        }
+    }
+}
+
+/// Storage type of the principals' values on the device (the kernels always compute in f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValueType {
+    /// 4 bytes per value.
+    #[default]
+    F32,
+    /// 2 bytes per value: halves the traffic of full-vocabulary rows; values are rounded to 8 bits of mantissa.
+    Bf16,
+}
+
+impl ValueType {
+    fn tag(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+    fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
+}
+
+/// Options of [`Gpu::equilibrium`].
+#[derive(Clone, Copy, Debug)]
+pub struct EqOptions {
+    /// Tolerance on max_j |T(u)_j - u_j| relative to the row's value scale max(max v, tau).
+    pub tol: f64,
+    /// Limit on passes over a row.
+    pub max_iter: u32,
+    /// Storage type of the values on the device.
+    pub values: ValueType,
+    /// Whether to write the per-principal incentives y_j (B x J x N; costs one more write of that size).
+    pub incentives: bool,
+    /// Stage rows in shared memory: `None` when they fit, `Some(false)` never (every pass reads global memory),
+    /// `Some(true)` always (an error when a row does not fit).
+    pub stage: Option<bool>,
+}
+
+impl Default for EqOptions {
+    fn default() -> Self {
+        Self {
+            tol: 1e-5,
+            max_iter: crate::solver::EXACT_MAX_ITER,
+            values: ValueType::F32,
+            incentives: true,
+            stage: None,
+        }
+    }
+}
+
+/// Full-vocabulary logits of B rows in one of the types language models emit.
+#[derive(Clone, Copy, Debug)]
+pub enum Logits<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// bf16.
+    Bf16(&'a [half::bf16]),
+    /// f16.
+    F16(&'a [half::f16]),
+}
+
+impl Logits<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Logits::F32(x) => x.len(),
+            Logits::Bf16(x) => x.len(),
+            Logits::F16(x) => x.len(),
+        }
+    }
+    fn tag(&self) -> &'static str {
+        match self {
+            Logits::F32(_) => "f32",
+            Logits::Bf16(_) => "bf16",
+            Logits::F16(_) => "f16",
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Logits::F32(x) => bytemuck::cast_slice(x),
+            Logits::Bf16(x) => bytemuck::cast_slice(x),
+            Logits::F16(x) => bytemuck::cast_slice(x),
+        }
+    }
+    /// Entry `i` as f32.
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Logits::F32(x) => x[i],
+            Logits::Bf16(x) => x[i].to_f32(),
+            Logits::F16(x) => x[i].to_f32(),
+        }
+    }
+}
+
+/// The candidates of every row: ids and log pi0 (normalised over the full row), B x k, plus each row's
+/// log-sum-exp.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidates {
+    /// Candidates per row.
+    pub k: usize,
+    /// B x k token ids (top-k: most likely first, ties by lower id; all tokens: in id order).
+    pub ids: Vec<u32>,
+    /// B x k log pi0.
+    pub logp: Vec<f32>,
+    /// B log-sum-exp of the logits.
+    pub lse: Vec<f32>,
+}
+
+/// How [`Gpu::choose`] picks the token from the final policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// argmax pi (ties: lowest candidate index).
+    Greedy,
+    /// Sample by Gumbel-max with Philox draws keyed by (seed, row, step).
+    Gumbel,
+    /// Sample by exponential race with the same draws (the same token as Gumbel up to rounding).
+    Race,
+}
+
+impl Choice {
+    fn code(self) -> i32 {
+        match self {
+            Choice::Greedy => 0,
+            Choice::Gumbel => 1,
+            Choice::Race => 2,
+        }
+    }
+}
+
+/// Largest J the equilibrium kernels are instantiated for.
+pub const MAX_PRINCIPALS: usize = 8;
+/// Largest k of the top-k kernel (larger candidate sets use the whole vocabulary).
+pub const MAX_TOP_K: usize = 1024;
+
+/// An equilibrium prepared on the device: inputs uploaded, outputs allocated. [`Gpu::run_equilibrium`]
+/// launches it (benchmarks time that), [`Gpu::fetch_equilibrium`] copies the solution back.
+#[derive(Clone, Copy, Debug)]
+pub struct EqJob {
+    rows: usize,
+    n: usize,
+    j: usize,
+    j_eff: usize,
+    opts: EqOptions,
+    stage: bool,
+    threads: u32,
+    smem: u32,
+    base: DevPtr,
+    values: DevPtr,
+    tau: DevPtr,
+    pi: DevPtr,
+    agg: DevPtr,
+    y: DevPtr,
+    payoff: DevPtr,
+    stats: DevPtr,
+}
+
+impl EqJob {
+    /// Bytes one pass must read and the outputs write (the roofline's numerator).
+    pub fn bytes_moved(&self) -> usize {
+        let (b, n, j) = (self.rows, self.n, self.j_eff);
+        let out = b * n * 8
+            + if self.opts.incentives {
+                b * j * n * 4
+            } else {
+                0
+            };
+        b * n * 4 + b * j * n * self.opts.values.size() + out
+    }
+}
+
+/// A device with its loaded kernels and reusable buffers.
+pub struct Gpu {
+    dev: Box<dyn Device>,
+    bufs: HashMap<&'static str, (DevPtr, usize)>,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        for (_, (p, _)) in self.bufs.drain() {
+            self.dev.free(p);
+        }
+    }
+}
+
+fn bad(msg: String) -> CageError {
+    CageError::InvalidArgument(msg)
+}
+
+fn check_i32(what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| bad(format!("{what} = {x} is too large for the CUDA kernels")))
+}
+
+fn as_param<T>(x: &mut T) -> *mut c_void {
+    x as *mut T as *mut c_void
+}
+
+impl Gpu {
+    /// The host emulation (always available; slow).
+    pub fn emulated() -> Self {
+        Self {
+            dev: Box::new(emu::Emulator::new()),
+            bufs: HashMap::new(),
+        }
+    }
+
+    /// CUDA GPU `ordinal`; an error when there is no usable GPU.
+    pub fn cuda(ordinal: usize) -> Result<Self> {
+        Ok(Self {
+            dev: Box::new(cuda::Cuda::open(ordinal)?),
+            bufs: HashMap::new(),
+        })
+    }
+
+    /// The underlying device.
+    pub fn device(&mut self) -> &mut dyn Device {
+        self.dev.as_mut()
+    }
+
+    /// A description of the device.
+    pub fn describe(&self) -> String {
+        self.dev.describe()
+    }
+
+    /// Whether this runs on the host emulation.
+    pub fn is_emulated(&self) -> bool {
+        self.dev.is_emulated()
+    }
+
+    /// Device buffer `name` of at least `bytes`, reallocated only when it must grow.
+    pub fn buffer(&mut self, name: &'static str, bytes: usize) -> Result<DevPtr> {
+        if let Some(&(p, cap)) = self.bufs.get(name) {
+            if cap >= bytes {
+                return Ok(p);
+            }
+            self.dev.free(p);
+            self.bufs.remove(name);
+        }
+        let p = self.dev.alloc(bytes.max(16))?;
+        self.bufs.insert(name, (p, bytes.max(16)));
+        Ok(p)
+    }
+
+    fn put<T: bytemuck::Pod>(&mut self, name: &'static str, data: &[T]) -> Result<DevPtr> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let p = self.buffer(name, bytes.len())?;
+        self.dev.upload(p, bytes)?;
+        Ok(p)
+    }
+
+    fn get<T: bytemuck::Pod + Default>(&mut self, p: DevPtr, n: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        self.dev.download(p, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// Uploads `batch` and allocates the outputs of its equilibrium.
+    pub fn prepare_equilibrium(&mut self, batch: &Batch<f32>, opts: &EqOptions) -> Result<EqJob> {
+        let (rows, n, j) = (batch.rows(), batch.candidates(), batch.principals());
+        if j > MAX_PRINCIPALS {
+            return Err(bad(format!(
+                "the CUDA equilibrium supports up to {MAX_PRINCIPALS} principals, got {j}"
+            )));
+        }
+        if !(opts.tol.is_finite() && opts.tol > 0.0) {
+            return Err(bad(format!(
+                "tolerance must be a finite number > 0, got {}",
+                opts.tol
+            )));
+        }
+        if opts.max_iter == 0 {
+            return Err(bad("max_iter must be >= 1".into()));
+        }
+        check_i32("candidates", n)?;
+        check_i32("rows", rows)?;
+        // With no principal the equilibrium is pi0: play it with one principal of value 0 (who never pays).
+        let j_eff = j.max(1);
+        let base = self.put("eq.base", batch.base())?;
+        let values = match (opts.values, j) {
+            (ValueType::F32, 0) => self.put("eq.values", &vec![0f32; rows * n])?,
+            (ValueType::F32, _) => self.put("eq.values", batch.values())?,
+            (ValueType::Bf16, _) => {
+                let v: Vec<half::bf16> = if j == 0 {
+                    vec![half::bf16::ZERO; rows * n]
+                } else {
+                    batch
+                        .values()
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x))
+                        .collect()
+                };
+                self.put("eq.values", &v)?
+            }
+        };
+        let tau = self.put("eq.tau", batch.tau())?;
+        let pi = self.buffer("eq.pi", rows * n * 4)?;
+        let agg = self.buffer("eq.agg", rows * n * 4)?;
+        let y = if opts.incentives {
+            self.buffer("eq.y", rows * j_eff * n * 4)?
+        } else {
+            0
+        };
+        let payoff = self.buffer("eq.payoff", rows * j_eff * 4)?;
+        let stats = self.buffer("eq.stats", rows * 3 * 4)?;
+        let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * opts.values.size();
+        let fits = stage_bytes <= self.dev.max_dynamic_smem();
+        let stage = match opts.stage {
+            None => fits,
+            Some(false) => false,
+            Some(true) if fits => true,
+            Some(true) => {
+                return Err(bad(format!(
+                    "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; the \
+                     device offers {}",
+                    self.dev.max_dynamic_smem()
+                )));
+            }
+        };
+        let threads = n.div_ceil(2).next_multiple_of(32).clamp(32, 256) as u32;
+        let smem = if stage { stage_bytes as u32 } else { 0 };
+        Ok(EqJob {
+            rows,
+            n,
+            j,
+            j_eff,
+            opts: *opts,
+            stage,
+            threads,
+            smem,
+            base,
+            values,
+            tau,
+            pi,
+            agg,
+            y,
+            payoff,
+            stats,
+        })
+    }
+
+    /// Launches a prepared equilibrium (asynchronously on a GPU).
+    pub fn run_equilibrium(&mut self, job: &EqJob) -> Result<()> {
+        let name = format!("cage_eq_{}_j{}", job.opts.values.tag(), job.j_eff);
+        let (mut base, mut values, mut tau) = (job.base, job.values, job.tau);
+        let mut n = job.n as i32;
+        let mut tol = job.opts.tol as f32;
+        let mut max_iter = job.opts.max_iter.min(i32::MAX as u32) as i32;
+        let mut cache = job.stage as i32;
+        let (mut pi, mut agg, mut y, mut payoff, mut stats) =
+            (job.pi, job.agg, job.y, job.payoff, job.stats);
+        let mut params = [
+            as_param(&mut base),
+            as_param(&mut values),
+            as_param(&mut tau),
+            as_param(&mut n),
+            as_param(&mut tol),
+            as_param(&mut max_iter),
+            as_param(&mut cache),
+            as_param(&mut pi),
+            as_param(&mut agg),
+            as_param(&mut y),
+            as_param(&mut payoff),
+            as_param(&mut stats),
+        ];
+        // SAFETY: the parameter list matches EQ_PARAMS in kernels/equilibrium.cu and every buffer was sized by
+        // prepare_equilibrium for this shape; the locals outlive the launch call, which copies them.
+        unsafe {
+            self.dev.launch(
+                &name,
+                [job.rows as u32, 1, 1],
+                [job.threads, 1, 1],
+                job.smem,
+                &mut params,
+            )
+        }
+    }
+
+    /// Copies the solution of a finished equilibrium back.
+    pub fn fetch_equilibrium(&mut self, job: &EqJob) -> Result<Solution<f32>> {
+        let (b, n, j) = (job.rows, job.n, job.j);
+        let mut sol = Solution::zeros(b, n, j);
+        sol.policy = self.get(job.pi, b * n)?;
+        sol.aggregate = self.get(job.agg, b * n)?;
+        if j > 0 {
+            if job.opts.incentives {
+                sol.incentives = self.get(job.y, b * j * n)?;
+            }
+            sol.payoffs = self.get(job.payoff, b * j)?;
+        }
+        let stats: Vec<f32> = self.get(job.stats, b * 3)?;
+        for r in 0..b {
+            sol.iterations[r] = stats[r * 3] as u32;
+            sol.residual[r] = stats[r * 3 + 1] as f64;
+            sol.converged[r] = stats[r * 3 + 2] != 0.0;
+        }
+        Ok(sol)
+    }
+
+    /// The exact equilibrium of every row of `batch` (f32 on the device; values stored as `opts.values`).
+    pub fn equilibrium(&mut self, batch: &Batch<f32>, opts: &EqOptions) -> Result<Solution<f32>> {
+        let job = self.prepare_equilibrium(batch, opts)?;
+        self.run_equilibrium(&job)?;
+        self.fetch_equilibrium(&job)
+    }
+
+    fn check_logits(logits: &Logits<'_>, rows: usize, vocab: usize) -> Result<()> {
+        if rows == 0 || vocab == 0 {
+            return Err(bad(format!(
+                "logits of {rows} rows x {vocab} tokens: both must be >= 1"
+            )));
+        }
+        if logits.len() != rows * vocab {
+            return Err(CageError::Shape {
+                what: "logits".into(),
+                expected: rows * vocab,
+                got: logits.len(),
+            });
+        }
+        check_i32("vocabulary size", vocab)?;
+        for i in 0..logits.len() {
+            let x = logits.get(i);
+            if x.is_nan() || x == f32::INFINITY {
+                return Err(CageError::NonFinite {
+                    what: "logits".into(),
+                    index: i,
+                    value: format!("{x}"),
+                });
+            }
+        }
+        for r in 0..rows {
+            if (0..vocab).all(|i| logits.get(r * vocab + i) == f32::NEG_INFINITY) {
+                return Err(CageError::EmptyCandidates { row: r });
+            }
+        }
+        Ok(())
+    }
+
+    /// Candidates of every row from full-vocabulary logits: the top `k` (`Some(k)`, 1 <= k <= 1024) or every
+    /// token (`None`), with log pi0 normalised over the whole row.
+    pub fn candidates(
+        &mut self,
+        logits: Logits<'_>,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+    ) -> Result<Candidates> {
+        Self::check_logits(&logits, rows, vocab)?;
+        let kk = k.unwrap_or(vocab);
+        if k.is_some() && !(1..=MAX_TOP_K.min(vocab)).contains(&kk) {
+            return Err(bad(format!(
+                "top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {vocab}), got {kk}"
+            )));
+        }
+        let mut x = self.buffer("cand.logits", logits.len() * 4)?;
+        self.dev.upload(x, logits.bytes())?;
+        let mut logp = self.buffer("cand.logp", rows * kk * 4)?;
+        let mut lse = self.buffer("cand.lse", rows * 4)?;
+        let mut ids = self.buffer("cand.ids", rows * kk * 4)?;
+        let mut v = vocab as i32;
+        let mut k32 = kk as i32;
+        let threads = vocab.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
+        let tag = logits.tag();
+        // SAFETY: parameter lists match kernels/softmax_topk.cu; buffers sized above for this shape.
+        unsafe {
+            if k.is_some() {
+                let mut p = [
+                    as_param(&mut x),
+                    as_param(&mut v),
+                    as_param(&mut k32),
+                    as_param(&mut ids),
+                    as_param(&mut logp),
+                    as_param(&mut lse),
+                ];
+                self.dev.launch(
+                    &format!("cage_topk_{tag}"),
+                    [rows as u32, 1, 1],
+                    [threads, 1, 1],
+                    0,
+                    &mut p,
+                )?;
+            } else {
+                let mut p = [
+                    as_param(&mut x),
+                    as_param(&mut v),
+                    as_param(&mut logp),
+                    as_param(&mut lse),
+                ];
+                self.dev.launch(
+                    &format!("cage_logsoftmax_{tag}"),
+                    [rows as u32, 1, 1],
+                    [threads, 1, 1],
+                    0,
+                    &mut p,
+                )?;
+            }
+        }
+        let ids = if k.is_some() {
+            self.get(ids, rows * kk)?
+        } else {
+            (0..rows).flat_map(|_| 0..vocab as u32).collect()
+        };
+        Ok(Candidates {
+            k: kk,
+            ids,
+            logp: self.get(logp, rows * kk)?,
+            lse: self.get(lse, rows)?,
+        })
+    }
+
+    /// Picks one token per row from the policy `pi` (B x n). `ids` (B x n) maps candidates to token ids; without
+    /// it the token is the candidate index. Sampling draws depend only on (seed, row, step, candidate).
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose(
+        &mut self,
+        pi: &[f32],
+        rows: usize,
+        n: usize,
+        ids: Option<&[u32]>,
+        mode: Choice,
+        seed: u64,
+        step: u32,
+    ) -> Result<Vec<u32>> {
+        if rows == 0 || n == 0 || pi.len() != rows * n {
+            return Err(CageError::Shape {
+                what: "policy".into(),
+                expected: rows * n,
+                got: pi.len(),
+            });
+        }
+        check_i32("candidates", n)?;
+        if let Some((i, x)) = pi
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x >= 0.0))
+        {
+            return Err(CageError::NonFinite {
+                what: "policy (must be finite and >= 0)".into(),
+                index: i,
+                value: format!("{x}"),
+            });
+        }
+        for r in 0..rows {
+            if pi[r * n..(r + 1) * n].iter().all(|&x| x == 0.0) {
+                return Err(CageError::EmptyCandidates { row: r });
+            }
+        }
+        let mut p = self.put("choose.pi", pi)?;
+        let mut idp: DevPtr = match ids {
+            Some(ids) if ids.len() != rows * n => {
+                return Err(CageError::Shape {
+                    what: "candidate ids".into(),
+                    expected: rows * n,
+                    got: ids.len(),
+                });
+            }
+            Some(ids) => self.put("choose.ids", ids)?,
+            None => 0,
+        };
+        let mut tok = self.buffer("choose.tokens", rows * 4)?;
+        let (mut n32, mut code, mut seed, mut step) = (n as i32, mode.code(), seed, step);
+        let mut params = [
+            as_param(&mut p),
+            as_param(&mut n32),
+            as_param(&mut idp),
+            as_param(&mut code),
+            as_param(&mut seed),
+            as_param(&mut step),
+            as_param(&mut tok),
+        ];
+        let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+        // SAFETY: matches cage_choose in kernels/choose.cu; buffers sized above.
+        unsafe {
+            self.dev.launch(
+                "cage_choose",
+                [rows as u32, 1, 1],
+                [threads, 1, 1],
+                0,
+                &mut params,
+            )?
+        };
+        self.get(tok, rows)
+    }
+
+    /// Principal values at the candidates, preprocessed as the batch expects: for each row r and principal j,
+    /// q = (arm_j - lse(arm_j)) - (ref_j - lse(ref_j)) gathered at `ids`, then `shift_min` over the candidates
+    /// whose `base` log-probability is finite, then the weight; 0 at excluded candidates.
+    /// `arm` and `reference` are B x J x V logits (`reference` may be B x V, shared by every principal).
+    #[allow(clippy::too_many_arguments)]
+    pub fn principal_values(
+        &mut self,
+        arm: Logits<'_>,
+        reference: Logits<'_>,
+        rows: usize,
+        principals: usize,
+        vocab: usize,
+        cands: &Candidates,
+        base: &[f32],
+        weights: &[f32],
+        normalize: Normalize,
+    ) -> Result<Vec<f32>> {
+        let (b, j, v, k) = (rows, principals, vocab, cands.k);
+        if j == 0 {
+            return Ok(Vec::new());
+        }
+        if arm.tag() != reference.tag() {
+            return Err(bad(format!(
+                "ARM logits are {} but reference logits are {}",
+                arm.tag(),
+                reference.tag()
+            )));
+        }
+        Self::check_logits(&arm, b * j, v)?;
+        let shared_ref = reference.len() == b * v;
+        if !shared_ref {
+            Self::check_logits(&reference, b * j, v)?;
+        } else {
+            Self::check_logits(&reference, b, v)?;
+        }
+        if cands.ids.len() != b * k || base.len() != b * k {
+            return Err(CageError::Shape {
+                what: "candidate ids / base".into(),
+                expected: b * k,
+                got: cands.ids.len().min(base.len()),
+            });
+        }
+        if weights.len() != b * j {
+            return Err(CageError::Shape {
+                what: "weights".into(),
+                expected: b * j,
+                got: weights.len(),
+            });
+        }
+        if let Some((i, w)) = weights
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+        {
+            return Err(CageError::BadWeight {
+                principal: format!("{}", i % j),
+                value: *w as f64,
+            });
+        }
+        if let Some(&id) = cands.ids.iter().find(|&&id| id as usize >= v) {
+            return Err(bad(format!("token id {id} is outside a vocabulary of {v}")));
+        }
+        let mut a = self.buffer("val.arm", arm.len() * 4)?;
+        self.dev.upload(a, arm.bytes())?;
+        let mut rf = self.buffer("val.ref", reference.len() * 4)?;
+        self.dev.upload(rf, reference.bytes())?;
+        let mut idp = self.put("val.ids", &cands.ids)?;
+        let mut bp = self.put("val.base", base)?;
+        let mut wp = self.put("val.weights", weights)?;
+        let mut out = self.buffer("val.out", b * j * k * 4)?;
+        let (mut j32, mut v32, mut k32) = (j as i32, v as i32, k as i32);
+        let mut rs = i32::from(!shared_ref);
+        let mut shift = i32::from(normalize == Normalize::ShiftMin);
+        let mut params = [
+            as_param(&mut a),
+            as_param(&mut rf),
+            as_param(&mut rs),
+            as_param(&mut j32),
+            as_param(&mut v32),
+            as_param(&mut idp),
+            as_param(&mut k32),
+            as_param(&mut bp),
+            as_param(&mut wp),
+            as_param(&mut shift),
+            as_param(&mut out),
+        ];
+        let threads = v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
+        let name = format!("cage_values_{}", arm.tag());
+        // SAFETY: matches kernels/values.cu; buffers sized above.
+        unsafe {
+            self.dev.launch(
+                &name,
+                [(b * j) as u32, 1, 1],
+                [threads, 1, 1],
+                0,
+                &mut params,
+            )?
+        };
+        let vals: Vec<f32> = self.get(out, b * j * k)?;
+        // -inf ARM logits at a candidate make q infinite: the game needs finite values.
+        if let Some((i, x)) = vals.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(CageError::NonFinite {
+                what: "principal values (ARM or reference log-probabilities)".into(),
+                index: i,
+                value: format!("{x}"),
+            });
+        }
+        if normalize == Normalize::None {
+            for r in 0..b {
+                for p in 0..j {
+                    for c in 0..k {
+                        let x = vals[(r * j + p) * k + c];
+                        if x < 0.0 && base[r * k + c] != f32::NEG_INFINITY {
+                            return Err(CageError::NegativeValue {
+                                row: r,
+                                principal: format!("{p}"),
+                                index: c,
+                                value: x as f64,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(vals)
+    }
+}
+
+/// Whether a CUDA GPU is usable from this process (driver present, at least one device); never panics.
+pub fn cuda_usable() -> Result<usize> {
+    cuda::probe()
+}
+
+fn shared_gpu() -> &'static Mutex<Option<std::result::Result<Gpu, String>>> {
+    static GPU: OnceLock<Mutex<Option<std::result::Result<Gpu, String>>>> = OnceLock::new();
+    GPU.get_or_init(|| Mutex::new(None))
+}
+
+// SAFETY: a Gpu is only used behind the mutex of `shared_gpu` or by its single owner; the CUDA context it holds
+// is thread-safe (cudarc binds it to the calling thread before every call).
+unsafe impl Send for Gpu {}
+
+/// Runs `f` on the process-wide GPU 0, opened on first use (the failure to open it is remembered).
+pub fn with_shared_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R>) -> Result<R> {
+    let mut guard = shared_gpu().lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        *guard = Some(Gpu::cuda(0).map_err(|e| e.to_string()));
+    }
+    match guard.as_mut() {
+        Some(Ok(gpu)) => f(gpu),
+        Some(Err(e)) => Err(bad(e.clone())),
+        None => unreachable!("initialised above"),
+    }
+}
+
+fn convert_solution<T: Real>(s: Solution<f32>) -> Solution<T> {
+    let cv = |xs: Vec<f32>| xs.into_iter().map(|x| T::of(x as f64)).collect::<Vec<T>>();
+    Solution {
+        rows: s.rows,
+        candidates: s.candidates,
+        principals: s.principals,
+        policy: cv(s.policy),
+        incentives: cv(s.incentives),
+        payoffs: cv(s.payoffs),
+        aggregate: cv(s.aggregate),
+        iterations: s.iterations,
+        residual: s.residual,
+        converged: s.converged,
+    }
+}
+
+/// Solves `batch` on `backend`. The CUDA backend computes in f32 (values in f32 storage) and runs the `exact`
+/// method; `auto` uses it when a GPU is usable and the method is `exact` with at most [`MAX_PRINCIPALS`]
+/// principals, and the CPU otherwise.
+pub fn solve_with<T: Real>(
+    backend: Backend,
+    batch: &Batch<T>,
+    opts: &SolveOptions,
+) -> Result<Solution<T>> {
+    let on_gpu = |batch: &Batch<T>| -> Result<Solution<T>> {
+        if opts.method != Method::Exact {
+            return Err(bad(format!(
+                "method {} does not run on the CUDA backend yet (use exact, or backend cpu)",
+                opts.method.name()
+            )));
+        }
+        let b32 = batch.convert::<f32>()?;
+        let mut eo = EqOptions::default();
+        if let Some(t) = opts.tol {
+            eo.tol = t;
+        }
+        if let Some(m) = opts.max_iter {
+            eo.max_iter = m;
+        }
+        let sol = with_shared_gpu(|g| g.equilibrium(&b32, &eo))?;
+        Ok(convert_solution(sol))
+    };
+    match backend {
+        Backend::Cpu => crate::solver::solve(batch, opts),
+        Backend::Cuda => on_gpu(batch),
+        Backend::Auto => {
+            let fits = opts.method == Method::Exact && batch.principals() <= MAX_PRINCIPALS;
+            if fits && cuda_usable().is_ok() && with_shared_gpu(|_| Ok(())).is_ok() {
+                on_gpu(batch)
+            } else {
+                crate::solver::solve(batch, opts)
+            }
+        }
+    }
+}

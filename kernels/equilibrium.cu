@@ -1,0 +1,322 @@
+// The batched exact equilibrium: one block per row, the J-dimensional fixed point on the payoffs u solved by
+// safeguarded Newton in log space with a damped-Picard watchdog: the scheme and constants of
+// src/solver/exact.rs, so both reach the reference's fixed point the same way.
+//
+// With c_j = u_j + tau and g_j(u) = E_pi(u)[(c_j - v_j)^+], the fixed point T(u) = u is g_j(u) = tau, where
+//   z_a = log pi0_a + sum_j max(0, v_j[a] - c_j) / tau,   pi = softmax(z),   F(u) = T(u) - u = tau - g(u).
+// Newton runs on G_j = ln(g_j / tau) (nearly linear where F is flat) with the exact Jacobian
+//   dg_j/du_k = [j = k] (1 - P_j) - Cov_pi(1{v_k > c_k}, (c_j - v_j)^+) / tau,   P_j = P(v_j > c_j).
+// One evaluation is one pass over the row with an online softmax: every thread keeps a running max and
+// J(J + 2) + 1 rescaled sums, merged across the block at the end of the pass. Thread 0 runs the J-dimensional
+// control (f64) between passes; the whole block evaluates the point it picks.
+//
+// The row (log pi0 as f32, values as f32 or bf16) is staged in dynamic shared memory when the host finds it
+// fits (`cache` = 1), so the Newton passes after the first cost no DRAM traffic; otherwise every pass re-reads
+// it from global memory (L2 for moderate batches). Full-vocabulary rows larger than one SM's shared memory would
+// need the row split across a thread-block cluster: not done yet (see docs/architecture.md).
+#include "common.cuh"
+
+#define EQ_ETA 0.3
+#define EQ_BACKTRACKS 4
+
+// Control states of the Newton iteration (thread 0 decides, the whole block evaluates).
+#define EQ_FIRST 0
+#define EQ_LINESEARCH 1
+#define EQ_PICARD 2
+
+template <int J>
+struct EqControl {
+  double u[J], x[J], f[J], g[J], jac[J * J], ft[J], gt[J], jt[J * J], d[J], hi[J], lu[J * J], rhs[J];
+  double phi, alpha, scale, m_u, s_u;
+  int mode, iterations, backtracks, picard_run, picard_left, done;
+};
+
+// Solves a x = b (J x J, row-major) by Gaussian elimination with partial pivoting; false when singular.
+template <int J>
+__device__ bool eq_solve_linear(const double* a, const double* b, double* lu, double* x) {
+  double norm = 0.0;
+  for (int i = 0; i < J * J; i++) {
+    lu[i] = a[i];
+    norm = fmax(norm, fabs(a[i]));
+  }
+  for (int i = 0; i < J; i++) x[i] = b[i];
+  for (int col = 0; col < J; col++) {
+    int piv = col;
+    for (int r = col + 1; r < J; r++)
+      if (fabs(lu[r * J + col]) > fabs(lu[piv * J + col])) piv = r;
+    if (!(fabs(lu[piv * J + col]) > 1e-13 * norm)) return false;
+    if (piv != col) {
+      for (int c = 0; c < J; c++) {
+        const double t = lu[piv * J + c];
+        lu[piv * J + c] = lu[col * J + c];
+        lu[col * J + c] = t;
+      }
+      const double t = x[piv];
+      x[piv] = x[col];
+      x[col] = t;
+    }
+    for (int r = col + 1; r < J; r++) {
+      const double m = lu[r * J + col] / lu[col * J + col];
+      for (int c = col; c < J; c++) lu[r * J + c] -= m * lu[col * J + c];
+      x[r] -= m * x[col];
+    }
+  }
+  for (int col = J - 1; col >= 0; col--) {
+    double s = 0.0;
+    for (int c = col + 1; c < J; c++) s += lu[col * J + c] * x[c];
+    x[col] = (x[col] - s) / lu[col * J + col];
+    if (!isfinite(x[col])) return false;
+  }
+  return true;
+}
+
+template <int J>
+__device__ double eq_norm_inf(const double* f) {
+  double m = 0.0;
+  for (int p = 0; p < J; p++) m = fmax(m, fabs(f[p]));
+  return m;
+}
+
+// sum_j ln(g_j / tau)^2, the merit of the Newton iteration; +inf where some g_j underflowed to 0.
+template <int J>
+__device__ double eq_merit(const double* g, double tau) {
+  double s = 0.0;
+  for (int p = 0; p < J; p++) {
+    const double l = log(g[p] / tau);
+    s += l * l;
+  }
+  return s;
+}
+
+// Thread 0: a run of the reference's damped Picard steps, twice as long after every Newton failure (Picard can
+// raise the merit and Newton lower it back: doubling the runs breaks such cycles).
+template <int J>
+__device__ void eq_start_picard(EqControl<J>& ctl, int max_iter) {
+  ctl.picard_left = ctl.picard_run;
+  if (ctl.iterations >= max_iter) {
+    ctl.done = 1;
+    return;
+  }
+  for (int p = 0; p < J; p++) ctl.x[p] = ctl.u[p] + EQ_ETA * ctl.f[p];
+  ctl.mode = EQ_PICARD;
+}
+
+// Thread 0, at the top of the outer loop: done, or the Newton step from u, or a Picard run.
+template <int J>
+__device__ void eq_plan(EqControl<J>& ctl, double tau, double tol, int max_iter) {
+  if (eq_norm_inf<J>(ctl.f) <= tol * ctl.scale || ctl.iterations >= max_iter) {
+    ctl.done = 1;
+    return;
+  }
+  if (isfinite(ctl.phi)) {
+    // dG/du = diag(1/g) dg/du, so the step solves (dg/du) d = -g ln(g / tau).
+    for (int p = 0; p < J; p++) ctl.rhs[p] = -ctl.g[p] * log(ctl.g[p] / tau);
+    if (eq_solve_linear<J>(ctl.jac, ctl.rhs, ctl.lu, ctl.d)) {
+      ctl.alpha = 1.0;
+      ctl.backtracks = 0;
+      // The fixed point lies in [0, max v_j]: project onto that box.
+      for (int p = 0; p < J; p++) ctl.x[p] = fmin(fmax(ctl.u[p] + ctl.d[p], 0.0), ctl.hi[p]);
+      ctl.mode = EQ_LINESEARCH;
+      return;
+    }
+  }
+  eq_start_picard<J>(ctl, max_iter);
+}
+
+template <int J, typename V>
+__device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* __restrict__ values,
+                                       const float* __restrict__ tau_in, int n, float tol, int max_iter, int cache,
+                                       float* __restrict__ pi_out, float* __restrict__ agg_out,
+                                       float* __restrict__ y_out, float* __restrict__ payoff_out,
+                                       float* __restrict__ stats_out) {
+  constexpr int NACC = 1 + J * (J + 2);  // S, g_j, P_j, cross E_kj = sum e 1{v_k > c_k} (c_j - v_j)^+
+  __shared__ EqControl<J> ctl;
+  __shared__ float red[32 * NACC];
+  const int row = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+  const float* b_row = base + (size_t)row * n;
+  const V* v_row = values + (size_t)row * J * n;
+  const float tau = tau_in[row];
+  const float inv_tau = 1.0f / tau;
+
+  // Stage the row on chip: base as f32 then J value rows in their storage type.
+  CAGE_DYN_SMEM(smem);
+  const float* bs = b_row;
+  const V* vs = v_row;
+  if (cache) {
+    float* sb = reinterpret_cast<float*>(smem);
+    V* sv = reinterpret_cast<V*>(smem + (((size_t)n * 4 + 15) & ~(size_t)15));
+    for (int i = tid; i < n; i += nt) sb[i] = b_row[i];
+    for (int i = tid; i < J * n; i += nt) sv[i] = v_row[i];
+    bs = sb;
+    vs = sv;
+    __syncthreads();
+  }
+
+  // Upper bounds u_j <= max_a v_j[a] (values are >= 0 and 0 at excluded candidates).
+  for (int p = 0; p < J; p++) {
+    float m = 0.0f;
+    for (int i = tid; i < n; i += nt) m = fmaxf(m, to_f32(vs[(size_t)p * n + i]));
+    m = block_max(m, red);
+    if (tid == 0) ctl.hi[p] = m;
+  }
+  if (tid == 0) {
+    double scale = tau;
+    for (int p = 0; p < J; p++) {
+      ctl.u[p] = ctl.x[p] = ctl.hi[p];
+      scale = fmax(scale, ctl.hi[p]);
+    }
+    ctl.scale = scale;
+    ctl.mode = EQ_FIRST;
+    ctl.iterations = 0;
+    ctl.picard_run = 1;
+    ctl.done = 0;
+  }
+  __syncthreads();
+
+  while (true) {
+    float c[J];
+#pragma unroll
+    for (int p = 0; p < J; p++) c[p] = (float)(ctl.x[p] + (double)tau);
+    float m = cage_neg_inf();
+    float acc[NACC];
+#pragma unroll
+    for (int k = 0; k < NACC; k++) acc[k] = 0.0f;
+    for (int i = tid; i < n; i += nt) {
+      const float b = bs[i];
+      if (b == cage_neg_inf()) continue;  // excluded candidate: probability 0
+      float v[J];
+      float z = b;
+#pragma unroll
+      for (int p = 0; p < J; p++) {
+        v[p] = to_f32(vs[(size_t)p * n + i]);
+        z += fmaxf(v[p] - c[p], 0.0f) * inv_tau;
+      }
+      if (z > m) {
+        const float s = __expf(m - z);
+#pragma unroll
+        for (int k = 0; k < NACC; k++) acc[k] *= s;
+        m = z;
+      }
+      const float e = __expf(z - m);
+      acc[0] += e;
+#pragma unroll
+      for (int p = 0; p < J; p++) {
+        // (c - v)^+ directly, not c - E[min(v, c)]: g can be far smaller than c and must keep its digits.
+        const float gap = fmaxf(c[p] - v[p], 0.0f);
+        acc[1 + p] += e * gap;
+        if (v[p] > c[p]) acc[1 + J + p] += e;
+#pragma unroll
+        for (int k = 0; k < J; k++)
+          if (k != p && v[k] > c[k]) acc[1 + 2 * J + k * J + p] += e * gap;
+      }
+    }
+    const float mb = block_max(m, red);
+    const float s = m == cage_neg_inf() ? 0.0f : __expf(m - mb);
+#pragma unroll
+    for (int k = 0; k < NACC; k++) acc[k] *= s;
+    block_sum<NACC>(acc, red);
+
+    if (tid == 0) {
+      // The trial point's F, g and Jacobian live in shared memory: J x J doubles would spill from registers.
+      double *f = ctl.ft, *g = ctl.gt, *jac = ctl.jt;
+      const double inv_s = 1.0 / (double)acc[0], dtau = tau;
+      for (int p = 0; p < J; p++) {
+        g[p] = acc[1 + p] * inv_s;
+        f[p] = dtau - g[p];
+      }
+      for (int p = 0; p < J; p++) {
+        const double pp = acc[1 + J + p] * inv_s;
+        for (int k = 0; k < J; k++) {
+          const double cov = k == p ? -pp * g[p] : acc[1 + 2 * J + k * J + p] * inv_s - acc[1 + J + k] * inv_s * g[p];
+          jac[p * J + k] = -cov / dtau + (k == p ? 1.0 - pp : 0.0);
+        }
+      }
+      ctl.iterations++;
+      const double phit = eq_merit<J>(g, dtau);
+      const bool accept = ctl.mode != EQ_LINESEARCH || phit <= (1.0 - 1e-4 * ctl.alpha) * ctl.phi;
+      if (accept) {
+        for (int p = 0; p < J; p++) {
+          ctl.u[p] = ctl.x[p];
+          ctl.f[p] = f[p];
+          ctl.g[p] = g[p];
+        }
+        for (int q = 0; q < J * J; q++) ctl.jac[q] = jac[q];
+        ctl.m_u = mb;
+        ctl.s_u = acc[0];
+      }
+      if (ctl.mode == EQ_FIRST || (ctl.mode == EQ_LINESEARCH && accept)) {
+        ctl.phi = phit;
+        eq_plan<J>(ctl, dtau, tol, max_iter);
+      } else if (ctl.mode == EQ_LINESEARCH) {
+        ctl.alpha *= 0.5;
+        if (++ctl.backtracks <= EQ_BACKTRACKS && ctl.iterations < max_iter) {
+          for (int p = 0; p < J; p++) ctl.x[p] = fmin(fmax(ctl.u[p] + ctl.alpha * ctl.d[p], 0.0), ctl.hi[p]);
+        } else {
+          eq_start_picard<J>(ctl, max_iter);
+        }
+      } else {  // EQ_PICARD: every step is taken
+        if (--ctl.picard_left > 0 && ctl.iterations < max_iter && eq_norm_inf<J>(ctl.f) > tol * ctl.scale) {
+          for (int p = 0; p < J; p++) ctl.x[p] = ctl.u[p] + EQ_ETA * ctl.f[p];
+        } else {
+          ctl.phi = eq_merit<J>(ctl.g, dtau);
+          ctl.picard_run *= 2;
+          eq_plan<J>(ctl, dtau, tol, max_iter);
+        }
+      }
+    }
+    __syncthreads();
+    if (ctl.done) break;
+  }
+
+  // Emit pi, Y, y_j at the accepted u, with the softmax normaliser of the pass that evaluated it.
+  float c[J];
+#pragma unroll
+  for (int p = 0; p < J; p++) c[p] = (float)(ctl.u[p] + (double)tau);
+  const float m_u = (float)ctl.m_u, inv_s = (float)(1.0 / ctl.s_u);
+  for (int i = tid; i < n; i += nt) {
+    const float b = bs[i];
+    float agg = 0.0f, z = b;
+#pragma unroll
+    for (int p = 0; p < J; p++) {
+      const float y = b == cage_neg_inf() ? 0.0f : fmaxf(to_f32(vs[(size_t)p * n + i]) - c[p], 0.0f);
+      agg += y;
+      z += y * inv_tau;  // the same rounding as in the passes, so pi matches the normaliser s_u exactly
+      if (y_out) y_out[((size_t)row * J + p) * n + i] = y;
+    }
+    agg_out[(size_t)row * n + i] = agg;
+    pi_out[(size_t)row * n + i] = b == cage_neg_inf() ? 0.0f : __expf(z - m_u) * inv_s;
+  }
+  if (tid == 0) {
+    // At the fixed point the payoff pi . (v_j - y_j) = pi . min(v_j, c_j) = T(u)_j = u_j + F(u)_j.
+    for (int p = 0; p < J; p++) payoff_out[row * J + p] = (float)(ctl.u[p] + ctl.f[p]);
+    stats_out[row * 3 + 0] = (float)ctl.iterations;
+    stats_out[row * 3 + 1] = (float)(eq_norm_inf<J>(ctl.f) / ctl.scale);
+    stats_out[row * 3 + 2] = eq_norm_inf<J>(ctl.f) <= tol * ctl.scale ? 1.0f : 0.0f;
+  }
+}
+
+#define EQ_PARAMS                                                                                          \
+  const float *__restrict__ base, const void *__restrict__ values, const float *__restrict__ tau, int n, \
+      float tol, int max_iter, int cache, float *__restrict__ pi, float *__restrict__ agg,                 \
+      float *__restrict__ y, float *__restrict__ payoff, float *__restrict__ stats
+#define EQ_ARGS(V) base, (const V*)values, tau, n, tol, max_iter, cache, pi, agg, y, payoff, stats
+
+// Blocks of at most EQ_THREADS threads: enough for one row, and leaves J(J + 2) + 1 accumulators in registers.
+#define EQ_THREADS 256
+// One kernel per (J, value type): J sizes the per-thread accumulators, which must live in registers.
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j1(EQ_PARAMS) { eq_row<1, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j2(EQ_PARAMS) { eq_row<2, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j3(EQ_PARAMS) { eq_row<3, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j4(EQ_PARAMS) { eq_row<4, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j5(EQ_PARAMS) { eq_row<5, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j6(EQ_PARAMS) { eq_row<6, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j7(EQ_PARAMS) { eq_row<7, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j8(EQ_PARAMS) { eq_row<8, float>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j1(EQ_PARAMS) { eq_row<1, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j2(EQ_PARAMS) { eq_row<2, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j3(EQ_PARAMS) { eq_row<3, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j4(EQ_PARAMS) { eq_row<4, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j5(EQ_PARAMS) { eq_row<5, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j6(EQ_PARAMS) { eq_row<6, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j7(EQ_PARAMS) { eq_row<7, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j8(EQ_PARAMS) { eq_row<8, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }

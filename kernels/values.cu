@@ -1,0 +1,48 @@
+// Principal values at the candidates, one block per (row, principal): the implicit reward of an autoregressive
+// reward model q = log pi_ARM - log pi_ref (both log-softmaxed over the full vocabulary in this kernel, so the
+// inputs are raw logits), gathered at the candidate ids, then the batch preprocessing fused in:
+// `shift_min` subtracts the minimum over the candidates whose base log-probability is finite, then the weight
+// multiplies; excluded candidates (base = -inf) get 0, as src/problem.rs stores them.
+#include "common.cuh"
+
+template <typename T>
+__device__ __forceinline__ void values_block(const T* __restrict__ arm, const T* __restrict__ ref,
+                                             int ref_per_principal, int J, int V, const unsigned* __restrict__ ids,
+                                             int k, const float* __restrict__ base, const float* __restrict__ weights,
+                                             int shift_min, float* __restrict__ out) {
+  __shared__ float red[32];
+  const int r = blockIdx.x / J, p = blockIdx.x % J;
+  const T* a = arm + ((size_t)r * J + p) * V;
+  const T* q_ref = ref + (ref_per_principal ? ((size_t)r * J + p) : (size_t)r) * V;
+  const float lse_a = row_lse(a, V, red);
+  const float lse_r = row_lse(q_ref, V, red);
+  float* o = out + ((size_t)r * J + p) * k;
+  // Each thread keeps its own candidates' q in registers between the min and the write: no second gather.
+  float local_min = __int_as_float(0x7f800000);
+  for (int c = threadIdx.x; c < k; c += blockDim.x) {
+    if (base[(size_t)r * k + c] == cage_neg_inf()) continue;
+    const unsigned id = ids[(size_t)r * k + c];
+    const float q = (to_f32(a[id]) - lse_a) - (to_f32(q_ref[id]) - lse_r);
+    local_min = fminf(local_min, q);
+  }
+  const float shift = shift_min ? -block_max(-local_min, red) : 0.0f;
+  const float w = weights[(size_t)r * J + p];
+  for (int c = threadIdx.x; c < k; c += blockDim.x) {
+    float x = 0.0f;
+    if (base[(size_t)r * k + c] != cage_neg_inf()) {
+      const unsigned id = ids[(size_t)r * k + c];
+      x = ((to_f32(a[id]) - lse_a) - (to_f32(q_ref[id]) - lse_r) - shift) * w;
+    }
+    o[c] = x;
+  }
+}
+
+#define VALUES_PARAMS(T)                                                                                     \
+  const T *__restrict__ arm, const T *__restrict__ ref, int ref_per_principal, int J, int V,               \
+      const unsigned *__restrict__ ids, int k, const float *__restrict__ base, const float *__restrict__ weights, \
+      int shift_min, float *__restrict__ out
+#define VALUES_ARGS arm, ref, ref_per_principal, J, V, ids, k, base, weights, shift_min, out
+
+extern "C" __global__ void __launch_bounds__(1024) cage_values_f32(VALUES_PARAMS(float)) { values_block(VALUES_ARGS); }
+extern "C" __global__ void __launch_bounds__(1024) cage_values_bf16(VALUES_PARAMS(__nv_bfloat16)) { values_block(VALUES_ARGS); }
+extern "C" __global__ void __launch_bounds__(1024) cage_values_f16(VALUES_PARAMS(__half)) { values_block(VALUES_ARGS); }

@@ -1,0 +1,263 @@
+//! The CUDA device through cudarc's driver API. Modules are loaded lazily, the first time one of their kernels
+//! is launched: the sm_90a cubin on a Hopper GPU, else the compute_80 PTX (JIT-compiled by the driver), else
+//! the embedded source compiled by NVRTC (builds made without nvcc). One stream for everything.
+//!
+//! cudarc panics when libcuda is missing, so [`Cuda::open`] checks for the library and a device first: a
+//! machine without a GPU gets an ordinary error.
+
+use super::device::{DevPtr, Device};
+use super::{KernelModule, MODULES};
+use crate::error::{CageError, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+fn gpu_err(what: &str, e: impl std::fmt::Display) -> CageError {
+    CageError::InvalidArgument(format!("CUDA: {what}: {e}"))
+}
+
+/// Whether a CUDA driver library is present and reports at least one device, without ever panicking.
+pub fn probe() -> Result<usize> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CageError::InvalidArgument(
+            "no usable CUDA GPU: the CUDA driver library (libcuda) is not installed".into(),
+        ));
+    }
+    let n = std::panic::catch_unwind(CudaContext::device_count)
+        .map_err(|_| {
+            CageError::InvalidArgument("no usable CUDA GPU: the CUDA driver failed to load".into())
+        })?
+        .map_err(|e| gpu_err("no usable CUDA GPU (cuInit / cuDeviceGetCount failed)", e))?;
+    if n <= 0 {
+        return Err(CageError::InvalidArgument(
+            "no usable CUDA GPU: the driver reports no device".into(),
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// A CUDA GPU with its context, one stream and the modules loaded so far.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: HashMap<String, (CudaFunction, u32)>,
+    cc: (i32, i32),
+    max_smem: usize,
+    name: String,
+}
+
+impl Cuda {
+    /// Opens GPU `ordinal`; every failure (no driver, no device, context creation) is an error.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let n = probe()?;
+        if ordinal >= n {
+            return Err(CageError::InvalidArgument(format!(
+                "CUDA device {ordinal} requested, {n} present"
+            )));
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| CageError::InvalidArgument("CUDA: context creation panicked".into()))?
+            .map_err(|e| gpu_err("creating a context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| gpu_err("creating a stream", e))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| gpu_err("compute capability", e))?;
+        let max_smem = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| gpu_err("shared memory size", e))? as usize;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(Self {
+            ctx,
+            stream,
+            modules: HashMap::new(),
+            functions: HashMap::new(),
+            cc,
+            max_smem,
+            name,
+        })
+    }
+
+    fn load_module(&mut self, m: &'static KernelModule) -> Result<Arc<CudaModule>> {
+        if let Some(x) = self.modules.get(m.name) {
+            return Ok(x.clone());
+        }
+        let image = if let (Some(cubin), (9, 0)) = (m.cubin_sm90a, self.cc) {
+            cudarc::nvrtc::Ptx::from_binary(cubin.to_vec())
+        } else if let Some(ptx) = m.ptx {
+            cudarc::nvrtc::Ptx::from_src(ptx)
+        } else {
+            compile_nvrtc(m)?
+        };
+        let module = self
+            .ctx
+            .load_module(image)
+            .map_err(|e| gpu_err(&format!("loading module {}", m.name), e))?;
+        self.modules.insert(m.name, module.clone());
+        Ok(module)
+    }
+
+    fn function(&mut self, name: &str) -> Result<(CudaFunction, u32)> {
+        if let Some(f) = self.functions.get(name) {
+            return Ok(f.clone());
+        }
+        let m = MODULES
+            .iter()
+            .find(|m| m.kernels.contains(&name))
+            .ok_or_else(|| CageError::InvalidArgument(format!("no kernel named {name}")))?;
+        let module = self.load_module(m)?;
+        let f = module
+            .load_function(name)
+            .map_err(|e| gpu_err(&format!("function {name}"), e))?;
+        self.functions
+            .insert(name.to_string(), (f.clone(), 48 * 1024));
+        Ok((f, 48 * 1024))
+    }
+}
+
+/// Compiles a module's embedded source with NVRTC for this machine's GPU.
+fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CageError::InvalidArgument(format!(
+            "CUDA: module {} was built without nvcc and NVRTC (libnvrtc) is not installed",
+            m.name
+        )));
+    }
+    // cuda_fp16.h / cuda_bf16.h come from the toolkit: CUDA_HOME, or the PyPI wheel of scripts/install-cuda.sh.
+    let mut include_paths = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(h) = std::env::var_os(var) {
+            include_paths.push(format!("{}/include", h.to_string_lossy()));
+        }
+    }
+    include_paths
+        .push(concat!(env!("CARGO_MANIFEST_DIR"), "/.cuda/nvidia/cu13/include").to_string());
+    let opts = cudarc::nvrtc::CompileOptions {
+        include_paths,
+        options: vec!["-std=c++17".into()],
+        ..Default::default()
+    };
+    std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(m.source, opts))
+        .map_err(|_| CageError::InvalidArgument("CUDA: NVRTC panicked".into()))?
+        .map_err(|e| gpu_err(&format!("NVRTC compiling {}", m.name), e))
+}
+
+impl Device for Cuda {
+    fn describe(&self) -> String {
+        format!(
+            "{} (compute capability {}.{})",
+            self.name, self.cc.0, self.cc.1
+        )
+    }
+    fn is_emulated(&self) -> bool {
+        false
+    }
+    fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("binding the context", e))?;
+        // SAFETY: plain allocation; freed in `free`.
+        unsafe { result::malloc_sync(bytes.max(1)) }
+            .map_err(|e| gpu_err(&format!("allocating {bytes} bytes"), e))
+    }
+    fn free(&mut self, ptr: DevPtr) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from `alloc`; the stream is synchronised first so no kernel still uses it.
+        let _ = self.stream.synchronize();
+        let _ = unsafe { result::free_sync(ptr) };
+    }
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("binding the context", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu_err("synchronising", e))?;
+        // SAFETY: the caller passes a live allocation of at least src.len() bytes.
+        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| gpu_err("copy to device", e))
+    }
+    fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("binding the context", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu_err("kernel execution", e))?;
+        // SAFETY: as in upload.
+        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| gpu_err("copy to host", e))
+    }
+    fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("binding the context", e))?;
+        // SAFETY: both are live allocations of at least `bytes`.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(|e| gpu_err("device copy", e))
+    }
+    unsafe fn launch(
+        &mut self,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let (f, smem_limit) = self.function(name)?;
+        if smem > smem_limit {
+            // Above 48 KiB a kernel must opt in to the larger dynamic shared memory.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of shared memory"), e))?;
+            self.functions.insert(name.to_string(), (f.clone(), smem));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| gpu_err("binding the context", e))?;
+        // SAFETY: the caller guarantees that params match the kernel and outlive the launch.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                (grid[0], grid[1], grid[2]),
+                (block[0], block[1], block[2]),
+                smem,
+                self.stream.cu_stream(),
+                params,
+            )
+        }
+        .map_err(|e| gpu_err(&format!("launching {name}"), e))
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| gpu_err("kernel execution", e))
+    }
+    fn max_dynamic_smem(&self) -> usize {
+        self.max_smem
+    }
+    fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64> {
+        // Timing needs events created with the default flags (cudarc's default disables timing).
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .stream
+            .record_event(flags)
+            .map_err(|e| gpu_err("event", e))?;
+        f(self)?;
+        let end = self
+            .stream
+            .record_event(flags)
+            .map_err(|e| gpu_err("event", e))?;
+        end.synchronize()
+            .map_err(|e| gpu_err("kernel execution", e))?;
+        Ok(start
+            .elapsed_ms(&end)
+            .map_err(|e| gpu_err("event timing", e))? as f64)
+    }
+}

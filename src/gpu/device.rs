@@ -1,0 +1,47 @@
+//! The few raw operations every kernel launch needs, implemented by the CUDA driver ([`super::cuda`]) and by
+//! the host emulation ([`super::emu`]). Everything above this layer ([`super::Gpu`]) is shared, so the same
+//! code path and the same test bodies run on a GPU and, in CI, on the CPU.
+
+use crate::error::Result;
+use std::ffi::c_void;
+
+/// A device address (a `CUdeviceptr` on a GPU, a host address under emulation).
+pub type DevPtr = u64;
+
+/// Raw device operations. Kernel parameters are passed as `cuLaunchKernel` takes them: one pointer per
+/// parameter, pointing at the parameter's value.
+pub trait Device: Send {
+    /// Human-readable description of the device (name, compute capability).
+    fn describe(&self) -> String;
+    /// Whether this is the host emulation (slow: benchmarks report it as such).
+    fn is_emulated(&self) -> bool;
+    /// Allocates `bytes` (uninitialised, 256-byte aligned at least).
+    fn alloc(&mut self, bytes: usize) -> Result<DevPtr>;
+    /// Frees an allocation of [`Device::alloc`].
+    fn free(&mut self, ptr: DevPtr);
+    /// Copies host bytes to the device.
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Copies device bytes to the host (waits for the stream).
+    fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
+    /// Device-to-device copy (the bandwidth yardstick of the benchmarks).
+    fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
+    /// Launches kernel `name` on the device's one stream.
+    ///
+    /// # Safety
+    /// `params` must match the kernel's parameter list and every pointer must stay valid until the launch is
+    /// over (until [`Device::synchronize`] or a download).
+    unsafe fn launch(
+        &mut self,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()>;
+    /// Waits until all launched work is done.
+    fn synchronize(&mut self) -> Result<()>;
+    /// The largest dynamic shared memory a block may use.
+    fn max_dynamic_smem(&self) -> usize;
+    /// Times `f` on the device's stream in milliseconds (device events on a GPU, wall clock under emulation).
+    fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64>;
+}

@@ -1,0 +1,130 @@
+//! The host emulation device: the kernels of `kernels/` compiled by the host C++ compiler (see build.rs and
+//! kernels/emu/cuda_emu.h), "device" memory in host buffers. Slow (every CUDA thread is a fiber) but it runs the
+//! unchanged kernel sources, which is how CI tests them without a GPU.
+
+use super::device::{DevPtr, Device};
+use crate::error::{CageError, Result};
+use std::collections::HashMap;
+use std::ffi::{CString, c_char, c_void};
+
+unsafe extern "C" {
+    fn cage_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        smem: usize,
+        args: *mut *mut c_void,
+    ) -> i32;
+}
+
+/// Shared memory per block the emulation offers: an H100's, so that the host picks the same code paths.
+pub const EMU_MAX_DYNAMIC_SMEM: usize = 227 * 1024;
+
+/// The emulated device.
+#[derive(Default)]
+pub struct Emulator {
+    // u128 elements give 16-byte alignment, as the kernels' vector accesses need.
+    buffers: HashMap<DevPtr, Vec<u128>>,
+}
+
+impl Emulator {
+    /// A fresh emulated device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn check(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
+        let ok = self
+            .buffers
+            .iter()
+            .any(|(&p, b)| ptr >= p && ptr + bytes as u64 <= p + (b.len() * 16) as u64);
+        if ok || bytes == 0 {
+            Ok(())
+        } else {
+            Err(CageError::InvalidArgument(format!(
+                "emulated device: {bytes} bytes at {ptr:#x} are not allocated"
+            )))
+        }
+    }
+}
+
+impl Device for Emulator {
+    fn describe(&self) -> String {
+        "host emulation of CUDA (kernels compiled by the host C++ compiler)".into()
+    }
+    fn is_emulated(&self) -> bool {
+        true
+    }
+    fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+        let buf = vec![0u128; bytes.div_ceil(16).max(1)];
+        let ptr = buf.as_ptr() as DevPtr;
+        self.buffers.insert(ptr, buf);
+        Ok(ptr)
+    }
+    fn free(&mut self, ptr: DevPtr) {
+        self.buffers.remove(&ptr);
+    }
+    fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.check(dst, src.len())?;
+        // SAFETY: the range was checked to lie inside a live allocation of ours.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
+        self.check(src, dst.len())?;
+        // SAFETY: as in upload.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        self.check(dst, bytes)?;
+        self.check(src, bytes)?;
+        // SAFETY: both ranges checked; `copy` tolerates overlap.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+    unsafe fn launch(
+        &mut self,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let threads = block.iter().product::<u32>();
+        if threads == 0 || threads > 1024 || grid.contains(&0) {
+            return Err(CageError::InvalidArgument(format!(
+                "launch of {name}: invalid grid {grid:?} / block {block:?}"
+            )));
+        }
+        let cname = CString::new(name)
+            .map_err(|_| CageError::InvalidArgument(format!("kernel name {name:?}")))?;
+        // SAFETY: the caller guarantees params match the kernel; the launcher only reads them.
+        let rc = unsafe {
+            cage_emu_launch(
+                cname.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                smem as usize,
+                params.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(CageError::InvalidArgument(format!(
+                "emulated device: no kernel named {name}"
+            )));
+        }
+        Ok(())
+    }
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn max_dynamic_smem(&self) -> usize {
+        EMU_MAX_DYNAMIC_SMEM
+    }
+    fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64> {
+        let t = std::time::Instant::now();
+        f(self)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+}

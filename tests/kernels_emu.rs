@@ -1,0 +1,49 @@
+//! The CUDA kernels run by the host emulation (kernels/emu) and checked against the CPU solvers: this is how
+//! every CI run, on machines without a GPU, tests the unchanged kernel sources.
+
+#[path = "kernels_bodies.rs"]
+mod bodies;
+
+use cage::gpu::Gpu;
+
+#[test]
+fn emulated_equilibrium_matches_reference() {
+    // 211 candidates: a full row that is no multiple of the warp, the block or a vector width.
+    bodies::equilibrium_matches_reference(&mut Gpu::emulated(), 211);
+}
+
+#[test]
+fn emulated_equilibrium_edge_cases() {
+    bodies::equilibrium_edge_cases(&mut Gpu::emulated());
+}
+
+#[test]
+fn emulated_equilibrium_bf16_values() {
+    bodies::equilibrium_bf16_values(&mut Gpu::emulated());
+}
+
+#[test]
+fn emulated_equilibrium_rejects_bad_requests() {
+    bodies::equilibrium_rejects_bad_requests(&mut Gpu::emulated());
+}
+
+#[test]
+fn emulated_candidates_match_cpu() {
+    // 3001 tokens: more than the top-k limit, so `k = min(V, 1024)` and the full row take different paths.
+    bodies::candidates_match_cpu(&mut Gpu::emulated(), 3001);
+}
+
+#[test]
+fn emulated_candidates_reject_bad_requests() {
+    bodies::candidates_reject_bad_requests(&mut Gpu::emulated());
+}
+
+#[test]
+fn emulated_choose_is_reproducible_and_follows_pi() {
+    bodies::choose_is_reproducible_and_follows_pi(&mut Gpu::emulated());
+}
+
+#[test]
+fn emulated_principal_values_match_cpu() {
+    bodies::principal_values_match_cpu(&mut Gpu::emulated());
+}
