@@ -1,0 +1,155 @@
+//! Bad model input gives a clear `CageError`, never a panic: a missing tensor, a shape that disagrees with
+//! the config, an unknown architecture, a corrupt safetensors header, a corrupt GGUF, an adapter for another
+//! base. Also: tensors at odd byte offsets load correctly.
+
+use cage::CageError;
+use cage::model::gguf::GgufFile;
+use cage::model::import::import_gguf;
+use cage::model::weights::TensorStore;
+use cage::model::{Adapter, Model};
+use safetensors::tensor::TensorView;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A private copy of a fixture folder.
+fn copy_fixture(name: &str, tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("cage-model-errors-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+fn msg(e: CageError) -> String {
+    e.to_string()
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = copy_fixture("tiny-llama", "missing");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let keep: Vec<(String, TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
+    let out = safetensors::tensor::serialize(keep, None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+    let e = msg(Model::load(&dir).unwrap_err());
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn shape_disagreeing_with_config_is_named() {
+    let dir = copy_fixture("tiny-llama", "shape");
+    edit_config(&dir, |v| v["intermediate_size"] = 100.into());
+    let e = msg(Model::load(&dir).unwrap_err());
+    assert!(e.contains("gate_proj.weight") && e.contains("[96, 64]") && e.contains("[100, 64]"), "{e}");
+}
+
+#[test]
+fn unknown_architecture_is_refused() {
+    let dir = copy_fixture("tiny-llama", "arch");
+    edit_config(&dir, |v| {
+        v["model_type"] = "gpt2".into();
+        v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    });
+    let e = msg(Model::load(&dir).unwrap_err());
+    assert!(e.contains("unknown architecture") && e.contains("gpt2"), "{e}");
+}
+
+#[test]
+fn corrupt_safetensors_header_is_a_format_error() {
+    let dir = copy_fixture("tiny-llama", "corrupt");
+    let p = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    // Header length far beyond the file.
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    assert!(matches!(Model::load(&dir).unwrap_err(), CageError::Format { .. }));
+    // Valid length, garbage JSON.
+    let mut bytes = std::fs::read(fixture("tiny-llama").join("model.safetensors")).unwrap();
+    bytes[8..16].copy_from_slice(b"{{{{{{{{");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = Model::load(&dir).unwrap_err();
+    assert!(matches!(e, CageError::Format { .. }), "{e}");
+    // Truncated data.
+    let bytes = std::fs::read(fixture("tiny-llama").join("model.safetensors")).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = Model::load(&dir).unwrap_err();
+    assert!(matches!(e, CageError::Format { .. }), "{e}");
+}
+
+#[test]
+fn corrupt_gguf_is_a_format_error() {
+    let dir = std::env::temp_dir().join(format!("cage-model-errors-{}-gguf", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("bad.gguf");
+    std::fs::write(&p, b"NOTGGUF at all").unwrap();
+    let e = GgufFile::open(&p).err().expect("bad magic must fail");
+    assert!(e.to_string().contains("not a GGUF file"), "{e}");
+    // Valid header claiming 2^40 metadata entries.
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    assert!(matches!(GgufFile::open(&p).err().unwrap(), CageError::Format { .. }));
+    // A string whose length runs past the end.
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&1000u64.to_le_bytes());
+    b.extend_from_slice(b"abc");
+    std::fs::write(&p, &b).unwrap();
+    assert!(matches!(GgufFile::open(&p).err().unwrap(), CageError::Format { .. }));
+    let e = import_gguf(&p, &dir.join("out")).unwrap_err();
+    assert!(matches!(e, CageError::Format { .. }));
+    // Missing file.
+    assert!(matches!(GgufFile::open(&dir.join("none.gguf")).err().unwrap(), CageError::Io { .. }));
+}
+
+#[test]
+fn adapter_for_another_base_is_refused() {
+    let qwen = Model::load(&fixture("tiny-qwen2")).unwrap();
+    let e = msg(Adapter::load(&fixture("tiny-lora-a"), &qwen).unwrap_err());
+    assert!(e.contains("another base") && e.contains("tests/fixtures/tiny-llama"), "{e}");
+}
+
+#[test]
+fn tensors_at_odd_offsets_load() {
+    // safetensors does not align data: a 3-element f16 tensor puts the next f32 tensor at an odd offset.
+    let dir = std::env::temp_dir().join(format!("cage-model-errors-{}-odd", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a: Vec<u8> = [1.5f32, -2.0, 0.25].iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
+    let b: Vec<u8> = [3.25f32, 7.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let c: Vec<u8> = [0.5f32, -1.0, 9.0].iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+    let mut header = serde_json::json!({
+        "a": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]},
+        "c": {"dtype": "BF16", "shape": [3], "data_offsets": [14, 20]},
+    })
+    .to_string();
+    header.push(' '); // header length 1 mod 8 or so: no alignment anywhere.
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    file.extend(a.iter().chain(&b).chain(&c));
+    let p = dir.join("odd.safetensors");
+    std::fs::write(&p, &file).unwrap();
+    let st = TensorStore::open(&p).unwrap();
+    assert_eq!(st.get("a", &[3]).unwrap(), vec![1.5, -2.0, 0.25]);
+    assert_eq!(st.get("b", &[2]).unwrap(), vec![3.25, 7.0]);
+    assert_eq!(st.get("c", &[3]).unwrap(), vec![0.5, -1.0, 9.0]);
+}
