@@ -51,16 +51,9 @@ fn bench_exact(c: &mut Criterion) {
             let (mut pi, mut y, mut ag, mut pay) = (vec![0f32; n], vec![0f32; j * n], vec![0f32; n], vec![0f32; j]);
             g.bench_function(BenchmarkId::new("f32_row_into", &id), |bch| {
                 bch.iter(|| {
-                    exact::solve_row_into(
-                        &b32.row(0),
-                        &mut ws,
-                        f32::DEFAULT_TOL,
-                        20_000,
-                        &mut pi,
-                        &mut y,
-                        &mut ag,
-                        &mut pay,
-                    )
+                    let out =
+                        exact::RowOutput { policy: &mut pi, incentives: &mut y, aggregate: &mut ag, payoffs: &mut pay };
+                    exact::solve_row_into(&b32.row(0), &mut ws, f32::DEFAULT_TOL, 20_000, out).unwrap()
                 })
             });
         }

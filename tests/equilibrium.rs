@@ -345,11 +345,17 @@ fn workspace_reuse_gives_identical_results() {
     let n = 33;
     for row in 0..4 {
         let (mut pi, mut y, mut ag, mut pay) = (vec![0.0; n], vec![0.0; 2 * n], vec![0.0; n], vec![0.0; 2]);
-        exact::solve_row_into(&b.row(row), &mut ws, 1e-11, 1000, &mut pi, &mut y, &mut ag, &mut pay);
+        let out = exact::RowOutput { policy: &mut pi, incentives: &mut y, aggregate: &mut ag, payoffs: &mut pay };
+        exact::solve_row_into(&b.row(row), &mut ws, 1e-11, 1000, out).unwrap();
         let all = exact64(&b);
         assert_eq!(pi, all.policy_row(row));
         assert_eq!(pay, all.payoff_row(row));
+        assert_eq!(y, all.incentives[row * 2 * n..(row + 1) * 2 * n]);
     }
+    let (mut pi, mut y, mut ag, mut pay) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; 2]);
+    let out = exact::RowOutput { policy: &mut pi, incentives: &mut y, aggregate: &mut ag, payoffs: &mut pay };
+    let e = exact::solve_row_into(&b.row(0), &mut ws, 1e-11, 1000, out).unwrap_err().to_string();
+    assert!(e.contains("incentives output") && e.contains("expected 66"), "{e}");
 }
 
 #[test]

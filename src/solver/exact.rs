@@ -12,6 +12,7 @@
 //! Newton typically converges in 4-10 passes where damped Picard needs 30-3000.
 //! The hot loop allocates nothing: a [`Workspace`] holds every buffer.
 
+use crate::error::{CageError, Result};
 use crate::problem::{Batch, Row};
 use crate::real::Real;
 use crate::softmax::{BLOCK, exp_shifted, max, reduce2, reduce3, sum};
@@ -169,7 +170,8 @@ fn solve_linear(a: &[f64], b: &[f64], lu: &mut [f64], x: &mut [f64]) -> bool {
     let norm = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     for col in 0..j {
         let piv = (col..j).max_by(|&r1, &r2| lu[r1 * j + col].abs().total_cmp(&lu[r2 * j + col].abs())).unwrap_or(col);
-        if !(lu[piv * j + col].abs() > 1e-13 * norm) {
+        let pivot = lu[piv * j + col].abs();
+        if pivot.is_nan() || pivot <= 1e-13 * norm {
             return false;
         }
         if piv != col {
@@ -319,23 +321,33 @@ pub fn solve_payoffs<T: Real>(row: &Row<'_, T>, ws: &mut Workspace<T>, tol: f64,
     payoffs_impl(row, ws, tol, max_iter)
 }
 
+/// Caller-owned outputs of one row: policy (N), incentives (J x N), aggregate incentive (N), payoffs (J).
+#[derive(Debug)]
+pub struct RowOutput<'a, T> {
+    /// N.
+    pub policy: &'a mut [T],
+    /// J x N.
+    pub incentives: &'a mut [T],
+    /// N.
+    pub aggregate: &'a mut [T],
+    /// J.
+    pub payoffs: &'a mut [T],
+}
+
 #[inline(always)]
 fn row_impl<T: Real>(
     row: &Row<'_, T>,
     ws: &mut Workspace<T>,
     tol: f64,
     max_iter: u32,
-    policy: &mut [T],
-    incentives: &mut [T],
-    aggregate: &mut [T],
-    payoffs: &mut [T],
+    out: RowOutput<'_, T>,
 ) -> RowStats {
     let stats = if row.principals == 0 {
         RowStats { iterations: 0, residual: 0.0, converged: true }
     } else {
         payoffs_impl(row, ws, tol, max_iter)
     };
-    emit(row, &ws.u[..row.principals], policy, incentives, aggregate, payoffs);
+    emit(row, &ws.u[..row.principals], out.policy, out.incentives, out.aggregate, out.payoffs);
     stats
 }
 
@@ -344,35 +356,52 @@ fn row_impl<T: Real>(
 // binary still runs on any x86-64.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 fn row_avx2<T: Real>(
     row: &Row<'_, T>,
     ws: &mut Workspace<T>,
     tol: f64,
     max_iter: u32,
-    out: (&mut [T], &mut [T], &mut [T], &mut [T]),
+    out: RowOutput<'_, T>,
 ) -> RowStats {
-    row_impl(row, ws, tol, max_iter, out.0, out.1, out.2, out.3)
+    row_impl(row, ws, tol, max_iter, out)
 }
 
-/// Solves one row completely into the given output slices (N, J x N, N, J).
-#[allow(clippy::too_many_arguments)]
+fn row_dispatch<T: Real>(
+    row: &Row<'_, T>,
+    ws: &mut Workspace<T>,
+    tol: f64,
+    max_iter: u32,
+    out: RowOutput<'_, T>,
+) -> RowStats {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features `row_avx2` is compiled for (checked just above).
+        return unsafe { row_avx2(row, ws, tol, max_iter, out) };
+    }
+    row_impl(row, ws, tol, max_iter, out)
+}
+
+/// Solves one row into caller-owned outputs, allocating nothing once `ws` has grown to the row's size:
+/// the low-latency path. `tol` is relative to max(max v, tau). Output lengths are checked.
 pub fn solve_row_into<T: Real>(
     row: &Row<'_, T>,
     ws: &mut Workspace<T>,
     tol: f64,
     max_iter: u32,
-    policy: &mut [T],
-    incentives: &mut [T],
-    aggregate: &mut [T],
-    payoffs: &mut [T],
-) -> RowStats {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features `row_avx2` is compiled for (checked just above).
-        return unsafe { row_avx2(row, ws, tol, max_iter, (policy, incentives, aggregate, payoffs)) };
+    out: RowOutput<'_, T>,
+) -> Result<RowStats> {
+    let (n, j) = (row.len(), row.principals);
+    for (what, expected, got) in [
+        ("policy output", n, out.policy.len()),
+        ("incentives output", j * n, out.incentives.len()),
+        ("aggregate output", n, out.aggregate.len()),
+        ("payoffs output", j, out.payoffs.len()),
+    ] {
+        if expected != got {
+            return Err(CageError::Shape { what: what.into(), expected, got });
+        }
     }
-    row_impl(row, ws, tol, max_iter, policy, incentives, aggregate, payoffs)
+    Ok(row_dispatch(row, ws, tol, max_iter, out))
 }
 
 /// Solves every row of `batch`; rows run in parallel (rayon) when there are several.
@@ -380,33 +409,36 @@ pub fn solve<T: Real>(batch: &Batch<T>, tol: f64, max_iter: u32) -> Solution<T> 
     let (b, n, j) = (batch.rows(), batch.candidates(), batch.principals());
     let mut sol = Solution::zeros(b, n, j);
     let mut stats = vec![RowStats::default(); b];
-    // Chunk sizes must be > 0 even when J = 0.
-    let (jn, jc) = ((j * n).max(1), j.max(1));
-    let mut inc_pad = if j == 0 { vec![T::zero(); b] } else { Vec::new() };
-    let mut pay_pad = if j == 0 { vec![T::zero(); b] } else { Vec::new() };
-    let inc: &mut [T] = if j == 0 { &mut inc_pad } else { &mut sol.incentives };
-    let pay: &mut [T] = if j == 0 { &mut pay_pad } else { &mut sol.payoffs };
-    let job = |ws: &mut Workspace<T>,
-               (r, ((((pol, inc), agg), pay), st)): (
-        usize,
-        ((((&mut [T], &mut [T]), &mut [T]), &mut [T]), &mut RowStats),
-    )| {
-        let (inc, pay) = if j == 0 { (&mut inc[..0], &mut pay[..0]) } else { (inc, pay) };
-        *st = solve_row_into(&batch.row(r), ws, tol, max_iter, pol, inc, agg, pay);
-    };
-    let parts = sol
-        .policy
-        .chunks_mut(n)
-        .zip(inc.chunks_mut(jn))
-        .zip(sol.aggregate.chunks_mut(n))
-        .zip(pay.chunks_mut(jc))
-        .zip(stats.iter_mut())
-        .enumerate();
-    if b == 1 || rayon::current_num_threads() == 1 {
-        let mut ws = Workspace::new(n, j);
-        parts.for_each(|x| job(&mut ws, x));
-    } else {
-        parts.collect::<Vec<_>>().into_par_iter().for_each_init(|| Workspace::new(n, j), |ws, x| job(ws, x));
+    {
+        // chunks_mut needs a non-zero size: with J = 0 every row gets an empty incentive and payoff slice.
+        let mut inc = sol.incentives.chunks_mut((j * n).max(1));
+        let mut pay = sol.payoffs.chunks_mut(j.max(1));
+        let mut empty_inc = (0..b).map(|_| &mut [][..]);
+        let mut empty_pay = (0..b).map(|_| &mut [][..]);
+        let rows: Vec<(usize, RowOutput<'_, T>, &mut RowStats)> = sol
+            .policy
+            .chunks_mut(n)
+            .zip(sol.aggregate.chunks_mut(n))
+            .zip(stats.iter_mut())
+            .enumerate()
+            .map(|(r, ((policy, aggregate), st))| {
+                let (incentives, payoffs) = if j == 0 {
+                    (empty_inc.next().unwrap_or_default(), empty_pay.next().unwrap_or_default())
+                } else {
+                    (inc.next().unwrap_or_default(), pay.next().unwrap_or_default())
+                };
+                (r, RowOutput { policy, incentives, aggregate, payoffs }, st)
+            })
+            .collect();
+        let job = |ws: &mut Workspace<T>, (r, out, st): (usize, RowOutput<'_, T>, &mut RowStats)| {
+            *st = row_dispatch(&batch.row(r), ws, tol, max_iter, out);
+        };
+        if b == 1 || rayon::current_num_threads() == 1 {
+            let mut ws = Workspace::new(n, j);
+            rows.into_iter().for_each(|x| job(&mut ws, x));
+        } else {
+            rows.into_par_iter().for_each_init(|| Workspace::new(n, j), job);
+        }
     }
     for (r, s) in stats.iter().enumerate() {
         (sol.iterations[r], sol.residual[r], sol.converged[r]) = (s.iterations, s.residual, s.converged);

@@ -221,6 +221,7 @@ fn solve_row(game: &Game, o: &JacobiOptions) -> (Vec<Vec<f64>>, Vec<f64>, u32, f
 }
 
 /// Solves every row of `batch` with Algorithm 1 under options `o`.
+#[allow(clippy::needless_range_loop)] // index loops mirror the formulas
 pub fn solve<T: Real>(batch: &Batch<T>, o: &JacobiOptions) -> Solution<T> {
     let (n, jn) = (batch.candidates(), batch.principals());
     let mut sol = Solution::zeros(batch.rows(), n, jn);

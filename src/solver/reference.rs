@@ -75,6 +75,7 @@ pub fn policy(row: &Row<'_, f64>, u: &[f64]) -> Vec<f64> {
 }
 
 /// Solves every row of `batch` with the reference iteration.
+#[allow(clippy::needless_range_loop)] // index loops mirror the formulas
 pub fn solve(batch: &Batch<f64>, tol: f64, max_iter: u32) -> Solution<f64> {
     let (n, jn) = (batch.candidates(), batch.principals());
     let mut sol = Solution::zeros(batch.rows(), n, jn);
