@@ -37,10 +37,7 @@ fn kernel_names(src: &str) -> Vec<String> {
             let Some(close) = lb.find(')') else { continue };
             s = lb[close + 1..].trim_start();
         }
-        let name: String = s
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
+        let name: String = s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         if !name.is_empty() && s[name.len()..].trim_start().starts_with('(') {
             names.push(name);
         }
@@ -51,15 +48,11 @@ fn kernel_names(src: &str) -> Vec<String> {
 /// The source with the project's own `#include "x.cuh"` inlined (once each), for NVRTC, which is given one
 /// string and no file system.
 fn inline_includes(path: &Path, dir: &Path, seen: &mut Vec<PathBuf>) -> String {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let mut out = String::new();
     for line in text.lines() {
         let t = line.trim();
-        if let Some(inc) = t
-            .strip_prefix("#include \"")
-            .and_then(|r| r.strip_suffix('"'))
-        {
+        if let Some(inc) = t.strip_prefix("#include \"").and_then(|r| r.strip_suffix('"')) {
             let p = dir.join(inc);
             if !seen.contains(&p) {
                 seen.push(p.clone());
@@ -81,10 +74,7 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
         if works(&p) {
             return Some(p);
         }
-        println!(
-            "cargo:warning=NVCC={} is not a file; looking elsewhere",
-            p.display()
-        );
+        println!("cargo:warning=NVCC={} is not a file; looking elsewhere", p.display());
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(home) = std::env::var_os(var) {
@@ -108,30 +98,18 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     }
     // A `pip install nvidia-cuda-nvcc` into the running Python.
     let purelib = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-        ])
+        .args(["-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    purelib
-        .map(|d| d.join("nvidia/cu13/bin/nvcc"))
-        .filter(|p| works(p))
+    purelib.map(|d| d.join("nvidia/cu13/bin/nvcc")).filter(|p| works(p))
 }
 
 /// Runs nvcc; on failure the build fails with nvcc's message (a kernel that does not compile is a bug).
 fn nvcc(nvcc: &Path, args: &[&str], what: &str) -> String {
-    let out = Command::new(nvcc)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(nvcc).args(args).output().unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         panic!("nvcc failed on {what}:\n{log}");
     }
@@ -158,21 +136,13 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .map(|path| {
             let src = std::fs::read_to_string(&path).unwrap();
-            Module {
-                name: path.file_stem().unwrap().to_string_lossy().into_owned(),
-                kernels: kernel_names(&src),
-                path,
-            }
+            Module { name: path.file_stem().unwrap().to_string_lossy().into_owned(), kernels: kernel_names(&src), path }
         })
         .collect();
     modules.sort_by(|a, b| a.name.cmp(&b.name));
 
     // GPU images. CAGE_NO_NVCC=1 forces the NVRTC path (to test it on a machine that has nvcc).
-    let nvcc_path = if std::env::var_os("CAGE_NO_NVCC").is_some() {
-        None
-    } else {
-        find_nvcc(&root)
-    };
+    let nvcc_path = if std::env::var_os("CAGE_NO_NVCC").is_some() { None } else { find_nvcc(&root) };
     let inc = format!("-I{}", kdir.display());
     let mut ptxas_log = String::new();
     let mut have_cubin = vec![false; modules.len()];
@@ -217,27 +187,18 @@ fn main() {
                         // The PTX is what every build needs; a cubin is a bonus, so its failure is not fatal.
                         let out = Command::new(nv).args(args).output().ok();
                         let log = out.filter(|o| o.status.success()).map(|o| {
-                            format!(
-                                "{}{}",
-                                String::from_utf8_lossy(&o.stdout),
-                                String::from_utf8_lossy(&o.stderr)
-                            )
+                            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
                         });
                         (m.name.clone(), log)
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("nvcc thread"))
-                .collect()
+            handles.into_iter().map(|h| h.join().expect("nvcc thread")).collect()
         });
         let mut spills = Vec::new();
         for (i, (name, log)) in results.into_iter().enumerate() {
             let Some(log) = log else {
-                println!(
-                    "cargo:warning=cage: no sm_90a cubin for {name} (ptxas failed); the PTX is used"
-                );
+                println!("cargo:warning=cage: no sm_90a cubin for {name} (ptxas failed); the PTX is used");
                 continue;
             };
             have_cubin[i] = true;
@@ -248,9 +209,7 @@ fn main() {
                 if let Some(p) = line.find("entry function '") {
                     current = line[p + 16..].split('\'').next().unwrap_or("").to_string();
                 }
-                if line.contains("spill stores")
-                    && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
-                {
+                if line.contains("spill stores") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
                     spills.push(format!("{current}: {}", line.trim()));
                 }
             }
@@ -274,40 +233,23 @@ fn main() {
 
     // $OUT_DIR/kernels.rs
     let mut table = String::from("// Generated by build.rs.\n");
-    let _ = writeln!(
-        table,
-        "/// Path of the nvcc that compiled the kernels, if any."
-    );
-    let _ = writeln!(
-        table,
-        "pub const NVCC: Option<&str> = {:?};",
-        nvcc_path.as_ref().map(|p| p.display().to_string())
-    );
-    let _ = writeln!(
-        table,
-        "/// Every kernel module with its entry points and images."
-    );
+    let _ = writeln!(table, "/// Path of the nvcc that compiled the kernels, if any.");
+    let _ =
+        writeln!(table, "pub const NVCC: Option<&str> = {:?};", nvcc_path.as_ref().map(|p| p.display().to_string()));
+    let _ = writeln!(table, "/// Every kernel module with its entry points and images.");
     let _ = writeln!(table, "pub const MODULES: &[KernelModule] = &[");
     for (i, m) in modules.iter().enumerate() {
         let nvrtc_src = out.join(format!("{}.nvrtc.cu", m.name));
         std::fs::write(&nvrtc_src, inline_includes(&m.path, &kdir, &mut Vec::new())).unwrap();
-        let ptx = nvcc_path
-            .as_ref()
-            .map(|_| out.join(format!("{}.ptx", m.name)));
+        let ptx = nvcc_path.as_ref().map(|_| out.join(format!("{}.ptx", m.name)));
         let cubin = have_cubin[i].then(|| out.join(format!("{}.sm_90a.cubin", m.name)));
         let _ = writeln!(
             table,
             "    KernelModule {{ name: {:?}, kernels: &{:?}, ptx: {}, cubin_sm90a: {}, source: include_str!({:?}) }},",
             m.name,
             m.kernels,
-            ptx.map_or("None".into(), |p| format!(
-                "Some(include_str!({:?}))",
-                p.display().to_string()
-            )),
-            cubin.map_or("None".into(), |p| format!(
-                "Some(include_bytes!({:?}))",
-                p.display().to_string()
-            )),
+            ptx.map_or("None".into(), |p| format!("Some(include_str!({:?}))", p.display().to_string())),
+            cubin.map_or("None".into(), |p| format!("Some(include_bytes!({:?}))", p.display().to_string())),
             nvrtc_src.display().to_string()
         );
     }
@@ -320,7 +262,9 @@ fn main() {
         let _ = writeln!(emu, "#include \"{}\"", m.path.display());
     }
     emu.push_str("namespace {\ntemplate <auto K> void launcher(dim3 g, dim3 b, size_t s, void** a) { cage_emu::launch(K, g, b, s, a); }\n");
-    emu.push_str("struct Entry { const char* name; void (*run)(dim3, dim3, size_t, void**); };\nconst Entry kTable[] = {\n");
+    emu.push_str(
+        "struct Entry { const char* name; void (*run)(dim3, dim3, size_t, void**); };\nconst Entry kTable[] = {\n",
+    );
     for m in &modules {
         for k in &m.kernels {
             let _ = writeln!(emu, "  {{\"{k}\", &launcher<&{k}>}},");

@@ -48,55 +48,29 @@ pub struct Shape {
 
 impl Shape {
     pub fn new(rows: usize, n: usize, j: usize) -> Self {
-        Self {
-            rows,
-            n,
-            j,
-            excluded: 0.0,
-            ties: false,
-            value_scale: 2.0,
-            tau: (0.05, 0.5),
-        }
+        Self { rows, n, j, excluded: 0.0, ties: false, value_scale: 2.0, tau: (0.05, 0.5) }
     }
 }
 
 /// A random batch, already rounded to f32 (the GPU's precision) and returned in both precisions.
 pub fn batch(shape: Shape, seed: u64) -> (Batch<f64>, Batch<f32>) {
     let mut rng = Rng::new(seed);
-    let Shape {
-        rows,
-        n,
-        j,
-        excluded,
-        ties,
-        value_scale,
-        tau,
-    } = shape;
+    let Shape { rows, n, j, excluded, ties, value_scale, tau } = shape;
     let level = |rng: &mut Rng, k: f64| {
-        if ties {
-            (rng.f() * k).floor() / k
-        } else {
-            rng.f()
-        }
+        if ties { (rng.f() * k).floor() / k } else { rng.f() }
     };
     let mut base = Vec::with_capacity(rows * n);
     for _ in 0..rows {
         let start = base.len();
         for _ in 0..n {
-            base.push(if rng.f() < excluded {
-                f64::NEG_INFINITY
-            } else {
-                -6.0 * level(&mut rng, 4.0)
-            });
+            base.push(if rng.f() < excluded { f64::NEG_INFINITY } else { -6.0 * level(&mut rng, 4.0) });
         }
         // Every row keeps at least one candidate.
         if base[start..].iter().all(|b| *b == f64::NEG_INFINITY) {
             base[start] = -1.0;
         }
     }
-    let values: Vec<f64> = (0..rows * j * n)
-        .map(|_| value_scale * level(&mut rng, 3.0))
-        .collect();
+    let values: Vec<f64> = (0..rows * j * n).map(|_| value_scale * level(&mut rng, 3.0)).collect();
     let weights: Vec<f64> = (0..rows * j).map(|_| rng.range(0.2, 1.5)).collect();
     let tau: Vec<f64> = (0..rows).map(|_| rng.range(tau.0, tau.1)).collect();
     let b32 = Batch::new(BatchInput {
@@ -117,10 +91,7 @@ pub fn batch(shape: Shape, seed: u64) -> (Batch<f64>, Batch<f32>) {
 /// Largest absolute difference of two equally long slices.
 pub fn max_diff(a: &[f64], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - *y as f64).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - *y as f64).abs()).fold(0.0, f64::max)
 }
 
 /// Checks a GPU equilibrium against the f64 reference: the policy, aggregate incentive, each principal's
@@ -131,71 +102,35 @@ pub fn check_against_reference(b64: &Batch<f64>, sol: &Solution<f32>, what: &str
     let reference = reference::solve(b64, 1e-12, 1_000_000);
     let (n, j) = (b64.candidates(), b64.principals());
     for r in 0..b64.rows() {
-        assert!(
-            reference.converged[r],
-            "{what}: reference did not converge in row {r}"
-        );
-        assert!(
-            sol.converged[r],
-            "{what}: GPU row {r} did not converge (residual {})",
-            sol.residual[r]
-        );
+        assert!(reference.converged[r], "{what}: reference did not converge in row {r}");
+        assert!(sol.converged[r], "{what}: GPU row {r} did not converge (residual {})", sol.residual[r]);
         let row = b64.row(r);
         let scale = reference::value_scale(&row);
-        let zmax = row
-            .base
-            .iter()
-            .filter(|b| b.is_finite())
-            .fold(0.0f64, |m, b| m.max(b.abs()))
-            + (0..j)
-                .map(|p| row.value(p).iter().cloned().fold(0.0, f64::max))
-                .sum::<f64>()
-                / row.tau;
+        let zmax = row.base.iter().filter(|b| b.is_finite()).fold(0.0f64, |m, b| m.max(b.abs()))
+            + (0..j).map(|p| row.value(p).iter().cloned().fold(0.0, f64::max)).sum::<f64>() / row.tau;
         let pi_tol = 2e-5 + 4.0 * zmax * f32::EPSILON as f64;
         let dpi = max_diff(reference.policy_row(r), sol.policy_row(r));
-        assert!(
-            dpi <= pi_tol,
-            "{what}: row {r}: policy differs by {dpi:e} (tolerance {pi_tol:e})"
-        );
+        assert!(dpi <= pi_tol, "{what}: row {r}: policy differs by {dpi:e} (tolerance {pi_tol:e})");
         let s: f64 = sol.policy_row(r).iter().map(|&x| x as f64).sum();
-        assert!(
-            (s - 1.0).abs() < 1e-5,
-            "{what}: row {r}: policy sums to {s}"
-        );
+        assert!((s - 1.0).abs() < 1e-5, "{what}: row {r}: policy sums to {s}");
         for a in 0..n {
             if row.base[a] == f64::NEG_INFINITY {
-                assert_eq!(
-                    sol.policy_row(r)[a],
-                    0.0,
-                    "{what}: excluded candidate {a} of row {r} has probability"
-                );
+                assert_eq!(sol.policy_row(r)[a], 0.0, "{what}: excluded candidate {a} of row {r} has probability");
             }
         }
         let dy = max_diff(reference.aggregate_row(r), sol.aggregate_row(r));
-        assert!(
-            dy <= 2e-4 * scale,
-            "{what}: row {r}: aggregate incentive differs by {dy:e} (scale {scale})"
-        );
+        assert!(dy <= 2e-4 * scale, "{what}: row {r}: aggregate incentive differs by {dy:e} (scale {scale})");
         let dpay = max_diff(reference.payoff_row(r), sol.payoff_row(r));
-        assert!(
-            dpay <= 2e-4 * scale,
-            "{what}: row {r}: payoffs differ by {dpay:e}"
-        );
+        assert!(dpay <= 2e-4 * scale, "{what}: row {r}: payoffs differ by {dpay:e}");
         for p in 0..j {
             let d = max_diff(reference.incentive_row(r, p), sol.incentive_row(r, p));
-            assert!(
-                d <= 2e-4 * scale,
-                "{what}: row {r}: incentives of principal {p} differ by {d:e}"
-            );
+            assert!(d <= 2e-4 * scale, "{what}: row {r}: incentives of principal {p} differ by {d:e}");
         }
     }
 }
 
 pub fn eq_opts() -> EqOptions {
-    EqOptions {
-        tol: 1e-6,
-        ..EqOptions::default()
-    }
+    EqOptions { tol: 1e-6, ..EqOptions::default() }
 }
 
 /// The batched equilibrium over B = 1..8, J = 1..4, k = 50 and a longer "full" row whose length is no multiple
@@ -207,27 +142,14 @@ pub fn equilibrium_matches_reference(gpu: &mut Gpu, full_n: usize) {
             for stage in [Some(true), Some(false)] {
                 seed += 1;
                 let (b64, b32) = batch(Shape::new(rows, n, j), seed);
-                let sol = gpu
-                    .equilibrium(&b32, &EqOptions { stage, ..eq_opts() })
-                    .expect("equilibrium");
-                check_against_reference(
-                    &b64,
-                    &sol,
-                    &format!("B={rows} N={n} J={j} stage={stage:?}"),
-                );
+                let sol = gpu.equilibrium(&b32, &EqOptions { stage, ..eq_opts() }).expect("equilibrium");
+                check_against_reference(&b64, &sol, &format!("B={rows} N={n} J={j} stage={stage:?}"));
                 // The fast CPU solver in the same precision agrees as well (an independent implementation).
                 let cpu = exact::solve(&b32, 1e-6, 20_000);
                 for r in 0..rows {
-                    let d = cpu
-                        .policy_row(r)
-                        .iter()
-                        .zip(sol.policy_row(r))
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0, f32::max);
-                    assert!(
-                        d <= 2e-5,
-                        "B={rows} N={n} J={j}: CPU f32 and GPU policies differ by {d:e} in row {r}"
-                    );
+                    let d =
+                        cpu.policy_row(r).iter().zip(sol.policy_row(r)).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                    assert!(d <= 2e-5, "B={rows} N={n} J={j}: CPU f32 and GPU policies differ by {d:e} in row {r}");
                 }
             }
         }
@@ -237,63 +159,24 @@ pub fn equilibrium_matches_reference(gpu: &mut Gpu, full_n: usize) {
 /// -inf candidates, exact ties, extreme values / small tau, and J = 5..8.
 pub fn equilibrium_edge_cases(gpu: &mut Gpu) {
     let cases = [
-        (
-            "excluded",
-            Shape {
-                excluded: 0.3,
-                ..Shape::new(4, 61, 3)
-            },
-        ),
-        (
-            "ties",
-            Shape {
-                ties: true,
-                ..Shape::new(3, 50, 2)
-            },
-        ),
-        (
-            "ties+excluded",
-            Shape {
-                ties: true,
-                excluded: 0.5,
-                ..Shape::new(2, 97, 4)
-            },
-        ),
-        (
-            "extreme",
-            Shape {
-                value_scale: 40.0,
-                tau: (0.01, 0.05),
-                ..Shape::new(3, 50, 3)
-            },
-        ),
+        ("excluded", Shape { excluded: 0.3, ..Shape::new(4, 61, 3) }),
+        ("ties", Shape { ties: true, ..Shape::new(3, 50, 2) }),
+        ("ties+excluded", Shape { ties: true, excluded: 0.5, ..Shape::new(2, 97, 4) }),
+        ("extreme", Shape { value_scale: 40.0, tau: (0.01, 0.05), ..Shape::new(3, 50, 3) }),
         ("one candidate", Shape::new(2, 1, 2)),
         ("J=5", Shape::new(2, 50, 5)),
         ("J=8", Shape::new(1, 45, 8)),
     ];
     for (i, (what, shape)) in cases.into_iter().enumerate() {
         let (b64, b32) = batch(shape, 100 + i as u64);
-        let sol = gpu
-            .equilibrium(&b32, &eq_opts())
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let sol = gpu.equilibrium(&b32, &eq_opts()).unwrap_or_else(|e| panic!("{what}: {e}"));
         check_against_reference(&b64, &sol, what);
     }
     // No principal: the policy is pi0.
-    let (_, b32) = batch(
-        Shape {
-            excluded: 0.2,
-            ..Shape::new(2, 33, 0)
-        },
-        7,
-    );
+    let (_, b32) = batch(Shape { excluded: 0.2, ..Shape::new(2, 33, 0) }, 7);
     let sol = gpu.equilibrium(&b32, &eq_opts()).expect("J = 0");
     let base = cage::baselines::base(&b32);
-    let d = base
-        .policy
-        .iter()
-        .zip(&sol.policy)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let d = base.policy.iter().zip(&sol.policy).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     assert!(d <= 1e-6, "J = 0: policy differs from pi0 by {d:e}");
     assert!(sol.payoffs.is_empty() && sol.incentives.is_empty());
 }
@@ -301,11 +184,7 @@ pub fn equilibrium_edge_cases(gpu: &mut Gpu) {
 /// bf16 storage of the values: the equilibrium of the bf16-rounded game.
 pub fn equilibrium_bf16_values(gpu: &mut Gpu) {
     let (_, b32) = batch(Shape::new(3, 50, 4), 42);
-    let rounded: Vec<f32> = b32
-        .values()
-        .iter()
-        .map(|&x| half::bf16::from_f32(x).to_f32())
-        .collect();
+    let rounded: Vec<f32> = b32.values().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
     let b32r = Batch::new(BatchInput {
         rows: 3,
         candidates: 50,
@@ -318,15 +197,7 @@ pub fn equilibrium_bf16_values(gpu: &mut Gpu) {
         names: vec![],
     })
     .unwrap();
-    let sol = gpu
-        .equilibrium(
-            &b32r,
-            &EqOptions {
-                values: ValueType::Bf16,
-                ..eq_opts()
-            },
-        )
-        .expect("bf16");
+    let sol = gpu.equilibrium(&b32r, &EqOptions { values: ValueType::Bf16, ..eq_opts() }).expect("bf16");
     check_against_reference(&b32r.convert::<f64>().unwrap(), &sol, "bf16 values");
 }
 
@@ -336,48 +207,12 @@ pub fn equilibrium_rejects_bad_requests(gpu: &mut Gpu) {
     let e = gpu.equilibrium(&b9, &eq_opts()).unwrap_err().to_string();
     assert!(e.contains("up to 8 principals"), "{e}");
     let (_, big) = batch(Shape::new(1, 200_000, 1), 3);
-    let e = gpu
-        .equilibrium(
-            &big,
-            &EqOptions {
-                stage: Some(true),
-                ..eq_opts()
-            },
-        )
-        .unwrap_err()
-        .to_string();
+    let e = gpu.equilibrium(&big, &EqOptions { stage: Some(true), ..eq_opts() }).unwrap_err().to_string();
     assert!(e.contains("shared memory"), "{e}");
     let (_, b) = batch(Shape::new(1, 10, 1), 3);
-    assert!(
-        gpu.equilibrium(
-            &b,
-            &EqOptions {
-                tol: 0.0,
-                ..eq_opts()
-            }
-        )
-        .is_err()
-    );
-    assert!(
-        gpu.equilibrium(
-            &b,
-            &EqOptions {
-                tol: f64::NAN,
-                ..eq_opts()
-            }
-        )
-        .is_err()
-    );
-    assert!(
-        gpu.equilibrium(
-            &b,
-            &EqOptions {
-                max_iter: 0,
-                ..eq_opts()
-            }
-        )
-        .is_err()
-    );
+    assert!(gpu.equilibrium(&b, &EqOptions { tol: 0.0, ..eq_opts() }).is_err());
+    assert!(gpu.equilibrium(&b, &EqOptions { tol: f64::NAN, ..eq_opts() }).is_err());
+    assert!(gpu.equilibrium(&b, &EqOptions { max_iter: 0, ..eq_opts() }).is_err());
 }
 
 /// Logits with ties and -inf entries, in the three input types, rounded so that every type holds them exactly.
@@ -417,16 +252,8 @@ pub fn candidates_match_cpu(gpu: &mut Gpu, vocab: usize) {
                 let want = select(row, sel).expect("cpu selection");
                 let kk = want.ids.len();
                 assert_eq!(got.k, kk);
-                assert_eq!(
-                    &got.ids[r * kk..(r + 1) * kk],
-                    &want.ids[..],
-                    "{input:?} k={k:?} row {r}: ids"
-                );
-                for (c, (&g, &w)) in got.logp[r * kk..(r + 1) * kk]
-                    .iter()
-                    .zip(&want.base_logprobs)
-                    .enumerate()
-                {
+                assert_eq!(&got.ids[r * kk..(r + 1) * kk], &want.ids[..], "{input:?} k={k:?} row {r}: ids");
+                for (c, (&g, &w)) in got.logp[r * kk..(r + 1) * kk].iter().zip(&want.base_logprobs).enumerate() {
                     let ok = (g == w) || (g - w).abs() <= 2e-5 * (1.0 + w.abs());
                     assert!(ok, "k={k:?} row {r} candidate {c}: log pi0 {g} vs {w}");
                 }
@@ -463,9 +290,7 @@ fn score(mode: Choice, p: f32, seed: u64, row: u32, step: u32, a: u32) -> f32 {
 pub fn choose_is_reproducible_and_follows_pi(gpu: &mut Gpu) {
     let (rows, n) = (4, 37);
     let mut rng = Rng::new(9);
-    let mut pi: Vec<f32> = (0..rows * n)
-        .map(|i| if i % 7 == 3 { 0.0 } else { rng.f() as f32 })
-        .collect();
+    let mut pi: Vec<f32> = (0..rows * n).map(|i| if i % 7 == 3 { 0.0 } else { rng.f() as f32 }).collect();
     pi[5] = pi[6]; // a tie for greedy
     for r in 0..rows {
         let s: f32 = pi[r * n..(r + 1) * n].iter().sum();
@@ -474,12 +299,8 @@ pub fn choose_is_reproducible_and_follows_pi(gpu: &mut Gpu) {
     let ids: Vec<u32> = (0..rows * n).map(|i| 1000 + i as u32).collect();
     for mode in [Choice::Greedy, Choice::Gumbel, Choice::Race] {
         for step in 0..5u32 {
-            let got = gpu
-                .choose(&pi, rows, n, Some(&ids), mode, 1234, step)
-                .expect("choose");
-            let again = gpu
-                .choose(&pi, rows, n, Some(&ids), mode, 1234, step)
-                .expect("choose");
+            let got = gpu.choose(&pi, rows, n, Some(&ids), mode, 1234, step).expect("choose");
+            let again = gpu.choose(&pi, rows, n, Some(&ids), mode, 1234, step).expect("choose");
             assert_eq!(got, again, "{mode:?}: not reproducible");
             for r in 0..rows {
                 let a = (got[r] - ids[r * n]) as usize;
@@ -491,10 +312,7 @@ pub fn choose_is_reproducible_and_follows_pi(gpu: &mut Gpu) {
                     .fold(f32::NEG_INFINITY, f32::max);
                 let mine = score(mode, p[a], 1234, r as u32, step, a as u32);
                 // Equal in emulation; within rounding of the device's logf on a GPU.
-                assert!(
-                    mine >= best - 1e-5 * best.abs().max(1.0),
-                    "{mode:?} row {r}: score {mine} < best {best}"
-                );
+                assert!(mine >= best - 1e-5 * best.abs().max(1.0), "{mode:?} row {r}: score {mine} < best {best}");
             }
         }
     }
@@ -504,40 +322,23 @@ pub fn choose_is_reproducible_and_follows_pi(gpu: &mut Gpu) {
     let mut counts = [0u32; 5];
     let (mut agree, mut total) = (0, 0);
     for step in 0..steps {
-        let g = gpu
-            .choose(&p, 1, 5, None, Choice::Gumbel, 77, step)
-            .unwrap()[0];
+        let g = gpu.choose(&p, 1, 5, None, Choice::Gumbel, 77, step).unwrap()[0];
         let e = gpu.choose(&p, 1, 5, None, Choice::Race, 77, step).unwrap()[0];
         counts[g as usize] += 1;
         agree += u32::from(g == e);
         total += 1;
     }
-    assert_eq!(
-        agree, total,
-        "Gumbel-max and exponential race chose differently from the same draws"
-    );
+    assert_eq!(agree, total, "Gumbel-max and exponential race chose differently from the same draws");
     assert_eq!(counts[4], 0);
     for (i, &pi) in p.iter().enumerate().take(4) {
         let f = counts[i] as f64 / steps as f64;
         let sd = (pi as f64 * (1.0 - pi as f64) / steps as f64).sqrt();
-        assert!(
-            (f - pi as f64).abs() <= 4.0 * sd + 1e-9,
-            "token {i}: frequency {f} vs probability {pi}"
-        );
+        assert!((f - pi as f64).abs() <= 4.0 * sd + 1e-9, "token {i}: frequency {f} vs probability {pi}");
     }
     // Bad input.
-    assert!(
-        gpu.choose(&[0.0, 0.0], 1, 2, None, Choice::Greedy, 0, 0)
-            .is_err()
-    );
-    assert!(
-        gpu.choose(&[f32::NAN, 1.0], 1, 2, None, Choice::Greedy, 0, 0)
-            .is_err()
-    );
-    assert!(
-        gpu.choose(&[0.5, 0.5], 1, 3, None, Choice::Greedy, 0, 0)
-            .is_err()
-    );
+    assert!(gpu.choose(&[0.0, 0.0], 1, 2, None, Choice::Greedy, 0, 0).is_err());
+    assert!(gpu.choose(&[f32::NAN, 1.0], 1, 2, None, Choice::Greedy, 0, 0).is_err());
+    assert!(gpu.choose(&[0.5, 0.5], 1, 3, None, Choice::Greedy, 0, 0).is_err());
 }
 
 /// ARM values at the candidates with `shift_min` / `none` and the weights, against a CPU computation.
@@ -547,14 +348,10 @@ pub fn principal_values_match_cpu(gpu: &mut Gpu) {
         .into_iter()
         .map(|x| if x == f32::NEG_INFINITY { -30.0 } else { x })
         .collect::<Vec<_>>();
-    let reference = logits(rows, vocab, 12)
-        .into_iter()
-        .map(|x| if x == f32::NEG_INFINITY { -30.0 } else { x })
-        .collect::<Vec<_>>();
+    let reference =
+        logits(rows, vocab, 12).into_iter().map(|x| if x == f32::NEG_INFINITY { -30.0 } else { x }).collect::<Vec<_>>();
     let base_logits = logits(rows, vocab, 13);
-    let cands = gpu
-        .candidates(Logits::F32(&base_logits), rows, vocab, Some(50))
-        .unwrap();
+    let cands = gpu.candidates(Logits::F32(&base_logits), rows, vocab, Some(50)).unwrap();
     let mut base = cands.logp.clone();
     base[7] = f32::NEG_INFINITY; // an excluded candidate gets value 0
     let weights = [0.5f32, 1.0, 2.0, 0.0, 1.5, 0.25];
@@ -575,13 +372,7 @@ pub fn principal_values_match_cpu(gpu: &mut Gpu) {
                 &weights,
                 normalize,
             )
-            .or_else(|e| {
-                if normalize == Normalize::None {
-                    Ok(Vec::new())
-                } else {
-                    Err(e)
-                }
-            })
+            .or_else(|e| if normalize == Normalize::None { Ok(Vec::new()) } else { Err(e) })
             .expect("values");
         if got.is_empty() {
             continue; // `none` rejected negative q, as the CPU batch does
@@ -599,19 +390,12 @@ pub fn principal_values_match_cpu(gpu: &mut Gpu) {
                     .collect();
                 let active = |c: usize| base[r * 50 + c] != f32::NEG_INFINITY;
                 let shift = if normalize == Normalize::ShiftMin {
-                    (0..50)
-                        .filter(|&c| active(c))
-                        .map(|c| q[c])
-                        .fold(f64::INFINITY, f64::min)
+                    (0..50).filter(|&c| active(c)).map(|c| q[c]).fold(f64::INFINITY, f64::min)
                 } else {
                     0.0
                 };
                 for c in 0..50 {
-                    let want = if active(c) {
-                        (q[c] - shift) * weights[r * j + p] as f64
-                    } else {
-                        0.0
-                    };
+                    let want = if active(c) { (q[c] - shift) * weights[r * j + p] as f64 } else { 0.0 };
                     let g = got[(r * j + p) * 50 + c] as f64;
                     assert!(
                         (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -622,10 +406,8 @@ pub fn principal_values_match_cpu(gpu: &mut Gpu) {
         }
     }
     // A reference shared by all principals (B x V) and one per principal (B x J x V) give the same values.
-    let per: Vec<f32> = (0..rows)
-        .flat_map(|r| (0..j).flat_map(move |_| r * vocab..(r + 1) * vocab))
-        .map(|i| reference[i])
-        .collect();
+    let per: Vec<f32> =
+        (0..rows).flat_map(|r| (0..j).flat_map(move |_| r * vocab..(r + 1) * vocab)).map(|i| reference[i]).collect();
     let a = gpu
         .principal_values(
             Logits::F32(&arm),

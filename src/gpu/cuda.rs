@@ -27,14 +27,10 @@ pub fn probe() -> Result<usize> {
         ));
     }
     let n = std::panic::catch_unwind(CudaContext::device_count)
-        .map_err(|_| {
-            CageError::InvalidArgument("no usable CUDA GPU: the CUDA driver failed to load".into())
-        })?
+        .map_err(|_| CageError::InvalidArgument("no usable CUDA GPU: the CUDA driver failed to load".into()))?
         .map_err(|e| gpu_err("no usable CUDA GPU (cuInit / cuDeviceGetCount failed)", e))?;
     if n <= 0 {
-        return Err(CageError::InvalidArgument(
-            "no usable CUDA GPU: the driver reports no device".into(),
-        ));
+        return Err(CageError::InvalidArgument("no usable CUDA GPU: the driver reports no device".into()));
     }
     Ok(n as usize)
 }
@@ -55,32 +51,18 @@ impl Cuda {
     pub fn open(ordinal: usize) -> Result<Self> {
         let n = probe()?;
         if ordinal >= n {
-            return Err(CageError::InvalidArgument(format!(
-                "CUDA device {ordinal} requested, {n} present"
-            )));
+            return Err(CageError::InvalidArgument(format!("CUDA device {ordinal} requested, {n} present")));
         }
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| CageError::InvalidArgument("CUDA: context creation panicked".into()))?
             .map_err(|e| gpu_err("creating a context", e))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| gpu_err("creating a stream", e))?;
-        let cc = ctx
-            .compute_capability()
-            .map_err(|e| gpu_err("compute capability", e))?;
+        let stream = ctx.new_stream().map_err(|e| gpu_err("creating a stream", e))?;
+        let cc = ctx.compute_capability().map_err(|e| gpu_err("compute capability", e))?;
         let max_smem = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| gpu_err("shared memory size", e))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Self {
-            ctx,
-            stream,
-            modules: HashMap::new(),
-            functions: HashMap::new(),
-            cc,
-            max_smem,
-            name,
-        })
+        Ok(Self { ctx, stream, modules: HashMap::new(), functions: HashMap::new(), cc, max_smem, name })
     }
 
     fn load_module(&mut self, m: &'static KernelModule) -> Result<Arc<CudaModule>> {
@@ -94,10 +76,7 @@ impl Cuda {
         } else {
             compile_nvrtc(m)?
         };
-        let module = self
-            .ctx
-            .load_module(image)
-            .map_err(|e| gpu_err(&format!("loading module {}", m.name), e))?;
+        let module = self.ctx.load_module(image).map_err(|e| gpu_err(&format!("loading module {}", m.name), e))?;
         self.modules.insert(m.name, module.clone());
         Ok(module)
     }
@@ -111,17 +90,14 @@ impl Cuda {
             .find(|m| m.kernels.contains(&name))
             .ok_or_else(|| CageError::InvalidArgument(format!("no kernel named {name}")))?;
         let module = self.load_module(m)?;
-        let f = module
-            .load_function(name)
-            .map_err(|e| gpu_err(&format!("function {name}"), e))?;
-        self.functions
-            .insert(name.to_string(), (f.clone(), 48 * 1024));
+        let f = module.load_function(name).map_err(|e| gpu_err(&format!("function {name}"), e))?;
+        self.functions.insert(name.to_string(), (f.clone(), 48 * 1024));
         Ok((f, 48 * 1024))
     }
 }
 
 /// Compiles a module's embedded source with NVRTC for this machine's GPU.
-fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
+pub fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
     // SAFETY: only tries to dlopen libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(CageError::InvalidArgument(format!(
@@ -136,13 +112,9 @@ fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
             include_paths.push(format!("{}/include", h.to_string_lossy()));
         }
     }
-    include_paths
-        .push(concat!(env!("CARGO_MANIFEST_DIR"), "/.cuda/nvidia/cu13/include").to_string());
-    let opts = cudarc::nvrtc::CompileOptions {
-        include_paths,
-        options: vec!["-std=c++17".into()],
-        ..Default::default()
-    };
+    include_paths.push(concat!(env!("CARGO_MANIFEST_DIR"), "/.cuda/nvidia/cu13/include").to_string());
+    let opts =
+        cudarc::nvrtc::CompileOptions { include_paths, options: vec!["-std=c++17".into()], ..Default::default() };
     std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(m.source, opts))
         .map_err(|_| CageError::InvalidArgument("CUDA: NVRTC panicked".into()))?
         .map_err(|e| gpu_err(&format!("NVRTC compiling {}", m.name), e))
@@ -150,21 +122,15 @@ fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
 
 impl Device for Cuda {
     fn describe(&self) -> String {
-        format!(
-            "{} (compute capability {}.{})",
-            self.name, self.cc.0, self.cc.1
-        )
+        format!("{} (compute capability {}.{})", self.name, self.cc.0, self.cc.1)
     }
     fn is_emulated(&self) -> bool {
         false
     }
     fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| gpu_err("binding the context", e))?;
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
         // SAFETY: plain allocation; freed in `free`.
-        unsafe { result::malloc_sync(bytes.max(1)) }
-            .map_err(|e| gpu_err(&format!("allocating {bytes} bytes"), e))
+        unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| gpu_err(&format!("allocating {bytes} bytes"), e))
     }
     fn free(&mut self, ptr: DevPtr) {
         let _ = self.ctx.bind_to_thread();
@@ -173,29 +139,19 @@ impl Device for Cuda {
         let _ = unsafe { result::free_sync(ptr) };
     }
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| gpu_err("binding the context", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| gpu_err("synchronising", e))?;
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        self.stream.synchronize().map_err(|e| gpu_err("synchronising", e))?;
         // SAFETY: the caller passes a live allocation of at least src.len() bytes.
         unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| gpu_err("copy to device", e))
     }
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| gpu_err("binding the context", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| gpu_err("kernel execution", e))?;
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
         // SAFETY: as in upload.
         unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| gpu_err("copy to host", e))
     }
     fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| gpu_err("binding the context", e))?;
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
         // SAFETY: both are live allocations of at least `bytes`.
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
             .map_err(|e| gpu_err("device copy", e))
@@ -211,16 +167,11 @@ impl Device for Cuda {
         let (f, smem_limit) = self.function(name)?;
         if smem > smem_limit {
             // Above 48 KiB a kernel must opt in to the larger dynamic shared memory.
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of shared memory"), e))?;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of shared memory"), e))?;
             self.functions.insert(name.to_string(), (f.clone(), smem));
         }
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| gpu_err("binding the context", e))?;
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
         // SAFETY: the caller guarantees that params match the kernel and outlive the launch.
         unsafe {
             result::launch_kernel(
@@ -235,9 +186,7 @@ impl Device for Cuda {
         .map_err(|e| gpu_err(&format!("launching {name}"), e))
     }
     fn synchronize(&mut self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| gpu_err("kernel execution", e))
+        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))
     }
     fn max_dynamic_smem(&self) -> usize {
         self.max_smem
@@ -245,19 +194,10 @@ impl Device for Cuda {
     fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64> {
         // Timing needs events created with the default flags (cudarc's default disables timing).
         let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self
-            .stream
-            .record_event(flags)
-            .map_err(|e| gpu_err("event", e))?;
+        let start = self.stream.record_event(flags).map_err(|e| gpu_err("event", e))?;
         f(self)?;
-        let end = self
-            .stream
-            .record_event(flags)
-            .map_err(|e| gpu_err("event", e))?;
-        end.synchronize()
-            .map_err(|e| gpu_err("kernel execution", e))?;
-        Ok(start
-            .elapsed_ms(&end)
-            .map_err(|e| gpu_err("event timing", e))? as f64)
+        let end = self.stream.record_event(flags).map_err(|e| gpu_err("event", e))?;
+        end.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
+        Ok(start.elapsed_ms(&end).map_err(|e| gpu_err("event timing", e))? as f64)
     }
 }

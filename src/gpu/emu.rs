@@ -34,16 +34,11 @@ impl Emulator {
     }
 
     fn check(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
-        let ok = self
-            .buffers
-            .iter()
-            .any(|(&p, b)| ptr >= p && ptr + bytes as u64 <= p + (b.len() * 16) as u64);
+        let ok = self.buffers.iter().any(|(&p, b)| ptr >= p && ptr + bytes as u64 <= p + (b.len() * 16) as u64);
         if ok || bytes == 0 {
             Ok(())
         } else {
-            Err(CageError::InvalidArgument(format!(
-                "emulated device: {bytes} bytes at {ptr:#x} are not allocated"
-            )))
+            Err(CageError::InvalidArgument(format!("emulated device: {bytes} bytes at {ptr:#x} are not allocated")))
         }
     }
 }
@@ -97,22 +92,13 @@ impl Device for Emulator {
                 "launch of {name}: invalid grid {grid:?} / block {block:?}"
             )));
         }
-        let cname = CString::new(name)
-            .map_err(|_| CageError::InvalidArgument(format!("kernel name {name:?}")))?;
+        let cname = CString::new(name).map_err(|_| CageError::InvalidArgument(format!("kernel name {name:?}")))?;
         // SAFETY: the caller guarantees params match the kernel; the launcher only reads them.
         let rc = unsafe {
-            cage_emu_launch(
-                cname.as_ptr(),
-                grid.as_ptr(),
-                block.as_ptr(),
-                smem as usize,
-                params.as_mut_ptr(),
-            )
+            cage_emu_launch(cname.as_ptr(), grid.as_ptr(), block.as_ptr(), smem as usize, params.as_mut_ptr())
         };
         if rc != 0 {
-            return Err(CageError::InvalidArgument(format!(
-                "emulated device: no kernel named {name}"
-            )));
+            return Err(CageError::InvalidArgument(format!("emulated device: no kernel named {name}")));
         }
         Ok(())
     }

@@ -66,9 +66,7 @@ impl std::str::FromStr for Backend {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
             "auto" => Ok(Self::Auto),
-            _ => Err(CageError::InvalidArgument(format!(
-                "unknown backend {s:?} (expected cpu, cuda or auto)"
-            ))),
+            _ => Err(CageError::InvalidArgument(format!("unknown backend {s:?} (expected cpu, cuda or auto)"))),
         }
     }
 }
@@ -235,12 +233,7 @@ impl EqJob {
     /// Bytes one pass must read and the outputs write (the roofline's numerator).
     pub fn bytes_moved(&self) -> usize {
         let (b, n, j) = (self.rows, self.n, self.j_eff);
-        let out = b * n * 8
-            + if self.opts.incentives {
-                b * j * n * 4
-            } else {
-                0
-            };
+        let out = b * n * 8 + if self.opts.incentives { b * j * n * 4 } else { 0 };
         b * n * 4 + b * j * n * self.opts.values.size() + out
     }
 }
@@ -274,18 +267,12 @@ fn as_param<T>(x: &mut T) -> *mut c_void {
 impl Gpu {
     /// The host emulation (always available; slow).
     pub fn emulated() -> Self {
-        Self {
-            dev: Box::new(emu::Emulator::new()),
-            bufs: HashMap::new(),
-        }
+        Self { dev: Box::new(emu::Emulator::new()), bufs: HashMap::new() }
     }
 
     /// CUDA GPU `ordinal`; an error when there is no usable GPU.
     pub fn cuda(ordinal: usize) -> Result<Self> {
-        Ok(Self {
-            dev: Box::new(cuda::Cuda::open(ordinal)?),
-            bufs: HashMap::new(),
-        })
+        Ok(Self { dev: Box::new(cuda::Cuda::open(ordinal)?), bufs: HashMap::new() })
     }
 
     /// The underlying device.
@@ -334,15 +321,10 @@ impl Gpu {
     pub fn prepare_equilibrium(&mut self, batch: &Batch<f32>, opts: &EqOptions) -> Result<EqJob> {
         let (rows, n, j) = (batch.rows(), batch.candidates(), batch.principals());
         if j > MAX_PRINCIPALS {
-            return Err(bad(format!(
-                "the CUDA equilibrium supports up to {MAX_PRINCIPALS} principals, got {j}"
-            )));
+            return Err(bad(format!("the CUDA equilibrium supports up to {MAX_PRINCIPALS} principals, got {j}")));
         }
         if !(opts.tol.is_finite() && opts.tol > 0.0) {
-            return Err(bad(format!(
-                "tolerance must be a finite number > 0, got {}",
-                opts.tol
-            )));
+            return Err(bad(format!("tolerance must be a finite number > 0, got {}", opts.tol)));
         }
         if opts.max_iter == 0 {
             return Err(bad("max_iter must be >= 1".into()));
@@ -359,11 +341,7 @@ impl Gpu {
                 let v: Vec<half::bf16> = if j == 0 {
                     vec![half::bf16::ZERO; rows * n]
                 } else {
-                    batch
-                        .values()
-                        .iter()
-                        .map(|&x| half::bf16::from_f32(x))
-                        .collect()
+                    batch.values().iter().map(|&x| half::bf16::from_f32(x)).collect()
                 };
                 self.put("eq.values", &v)?
             }
@@ -371,11 +349,7 @@ impl Gpu {
         let tau = self.put("eq.tau", batch.tau())?;
         let pi = self.buffer("eq.pi", rows * n * 4)?;
         let agg = self.buffer("eq.agg", rows * n * 4)?;
-        let y = if opts.incentives {
-            self.buffer("eq.y", rows * j_eff * n * 4)?
-        } else {
-            0
-        };
+        let y = if opts.incentives { self.buffer("eq.y", rows * j_eff * n * 4)? } else { 0 };
         let payoff = self.buffer("eq.payoff", rows * j_eff * 4)?;
         let stats = self.buffer("eq.stats", rows * 3 * 4)?;
         let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * opts.values.size();
@@ -394,24 +368,7 @@ impl Gpu {
         };
         let threads = n.div_ceil(2).next_multiple_of(32).clamp(32, 256) as u32;
         let smem = if stage { stage_bytes as u32 } else { 0 };
-        Ok(EqJob {
-            rows,
-            n,
-            j,
-            j_eff,
-            opts: *opts,
-            stage,
-            threads,
-            smem,
-            base,
-            values,
-            tau,
-            pi,
-            agg,
-            y,
-            payoff,
-            stats,
-        })
+        Ok(EqJob { rows, n, j, j_eff, opts: *opts, stage, threads, smem, base, values, tau, pi, agg, y, payoff, stats })
     }
 
     /// Launches a prepared equilibrium (asynchronously on a GPU).
@@ -422,8 +379,7 @@ impl Gpu {
         let mut tol = job.opts.tol as f32;
         let mut max_iter = job.opts.max_iter.min(i32::MAX as u32) as i32;
         let mut cache = job.stage as i32;
-        let (mut pi, mut agg, mut y, mut payoff, mut stats) =
-            (job.pi, job.agg, job.y, job.payoff, job.stats);
+        let (mut pi, mut agg, mut y, mut payoff, mut stats) = (job.pi, job.agg, job.y, job.payoff, job.stats);
         let mut params = [
             as_param(&mut base),
             as_param(&mut values),
@@ -440,15 +396,7 @@ impl Gpu {
         ];
         // SAFETY: the parameter list matches EQ_PARAMS in kernels/equilibrium.cu and every buffer was sized by
         // prepare_equilibrium for this shape; the locals outlive the launch call, which copies them.
-        unsafe {
-            self.dev.launch(
-                &name,
-                [job.rows as u32, 1, 1],
-                [job.threads, 1, 1],
-                job.smem,
-                &mut params,
-            )
-        }
+        unsafe { self.dev.launch(&name, [job.rows as u32, 1, 1], [job.threads, 1, 1], job.smem, &mut params) }
     }
 
     /// Copies the solution of a finished equilibrium back.
@@ -481,26 +429,16 @@ impl Gpu {
 
     fn check_logits(logits: &Logits<'_>, rows: usize, vocab: usize) -> Result<()> {
         if rows == 0 || vocab == 0 {
-            return Err(bad(format!(
-                "logits of {rows} rows x {vocab} tokens: both must be >= 1"
-            )));
+            return Err(bad(format!("logits of {rows} rows x {vocab} tokens: both must be >= 1")));
         }
         if logits.len() != rows * vocab {
-            return Err(CageError::Shape {
-                what: "logits".into(),
-                expected: rows * vocab,
-                got: logits.len(),
-            });
+            return Err(CageError::Shape { what: "logits".into(), expected: rows * vocab, got: logits.len() });
         }
         check_i32("vocabulary size", vocab)?;
         for i in 0..logits.len() {
             let x = logits.get(i);
             if x.is_nan() || x == f32::INFINITY {
-                return Err(CageError::NonFinite {
-                    what: "logits".into(),
-                    index: i,
-                    value: format!("{x}"),
-                });
+                return Err(CageError::NonFinite { what: "logits".into(), index: i, value: format!("{x}") });
             }
         }
         for r in 0..rows {
@@ -523,9 +461,7 @@ impl Gpu {
         Self::check_logits(&logits, rows, vocab)?;
         let kk = k.unwrap_or(vocab);
         if k.is_some() && !(1..=MAX_TOP_K.min(vocab)).contains(&kk) {
-            return Err(bad(format!(
-                "top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {vocab}), got {kk}"
-            )));
+            return Err(bad(format!("top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {vocab}), got {kk}")));
         }
         let mut x = self.buffer("cand.logits", logits.len() * 4)?;
         self.dev.upload(x, logits.bytes())?;
@@ -547,40 +483,15 @@ impl Gpu {
                     as_param(&mut logp),
                     as_param(&mut lse),
                 ];
-                self.dev.launch(
-                    &format!("cage_topk_{tag}"),
-                    [rows as u32, 1, 1],
-                    [threads, 1, 1],
-                    0,
-                    &mut p,
-                )?;
+                self.dev.launch(&format!("cage_topk_{tag}"), [rows as u32, 1, 1], [threads, 1, 1], 0, &mut p)?;
             } else {
-                let mut p = [
-                    as_param(&mut x),
-                    as_param(&mut v),
-                    as_param(&mut logp),
-                    as_param(&mut lse),
-                ];
-                self.dev.launch(
-                    &format!("cage_logsoftmax_{tag}"),
-                    [rows as u32, 1, 1],
-                    [threads, 1, 1],
-                    0,
-                    &mut p,
-                )?;
+                let mut p = [as_param(&mut x), as_param(&mut v), as_param(&mut logp), as_param(&mut lse)];
+                self.dev.launch(&format!("cage_logsoftmax_{tag}"), [rows as u32, 1, 1], [threads, 1, 1], 0, &mut p)?;
             }
         }
-        let ids = if k.is_some() {
-            self.get(ids, rows * kk)?
-        } else {
-            (0..rows).flat_map(|_| 0..vocab as u32).collect()
-        };
-        Ok(Candidates {
-            k: kk,
-            ids,
-            logp: self.get(logp, rows * kk)?,
-            lse: self.get(lse, rows)?,
-        })
+        let ids =
+            if k.is_some() { self.get(ids, rows * kk)? } else { (0..rows).flat_map(|_| 0..vocab as u32).collect() };
+        Ok(Candidates { k: kk, ids, logp: self.get(logp, rows * kk)?, lse: self.get(lse, rows)? })
     }
 
     /// Picks one token per row from the policy `pi` (B x n). `ids` (B x n) maps candidates to token ids; without
@@ -597,18 +508,10 @@ impl Gpu {
         step: u32,
     ) -> Result<Vec<u32>> {
         if rows == 0 || n == 0 || pi.len() != rows * n {
-            return Err(CageError::Shape {
-                what: "policy".into(),
-                expected: rows * n,
-                got: pi.len(),
-            });
+            return Err(CageError::Shape { what: "policy".into(), expected: rows * n, got: pi.len() });
         }
         check_i32("candidates", n)?;
-        if let Some((i, x)) = pi
-            .iter()
-            .enumerate()
-            .find(|(_, x)| !(x.is_finite() && **x >= 0.0))
-        {
+        if let Some((i, x)) = pi.iter().enumerate().find(|(_, x)| !(x.is_finite() && **x >= 0.0)) {
             return Err(CageError::NonFinite {
                 what: "policy (must be finite and >= 0)".into(),
                 index: i,
@@ -623,11 +526,7 @@ impl Gpu {
         let mut p = self.put("choose.pi", pi)?;
         let mut idp: DevPtr = match ids {
             Some(ids) if ids.len() != rows * n => {
-                return Err(CageError::Shape {
-                    what: "candidate ids".into(),
-                    expected: rows * n,
-                    got: ids.len(),
-                });
+                return Err(CageError::Shape { what: "candidate ids".into(), expected: rows * n, got: ids.len() });
             }
             Some(ids) => self.put("choose.ids", ids)?,
             None => 0,
@@ -645,15 +544,7 @@ impl Gpu {
         ];
         let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
         // SAFETY: matches cage_choose in kernels/choose.cu; buffers sized above.
-        unsafe {
-            self.dev.launch(
-                "cage_choose",
-                [rows as u32, 1, 1],
-                [threads, 1, 1],
-                0,
-                &mut params,
-            )?
-        };
+        unsafe { self.dev.launch("cage_choose", [rows as u32, 1, 1], [threads, 1, 1], 0, &mut params)? };
         self.get(tok, rows)
     }
 
@@ -679,11 +570,7 @@ impl Gpu {
             return Ok(Vec::new());
         }
         if arm.tag() != reference.tag() {
-            return Err(bad(format!(
-                "ARM logits are {} but reference logits are {}",
-                arm.tag(),
-                reference.tag()
-            )));
+            return Err(bad(format!("ARM logits are {} but reference logits are {}", arm.tag(), reference.tag())));
         }
         Self::check_logits(&arm, b * j, v)?;
         let shared_ref = reference.len() == b * v;
@@ -700,21 +587,10 @@ impl Gpu {
             });
         }
         if weights.len() != b * j {
-            return Err(CageError::Shape {
-                what: "weights".into(),
-                expected: b * j,
-                got: weights.len(),
-            });
+            return Err(CageError::Shape { what: "weights".into(), expected: b * j, got: weights.len() });
         }
-        if let Some((i, w)) = weights
-            .iter()
-            .enumerate()
-            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
-        {
-            return Err(CageError::BadWeight {
-                principal: format!("{}", i % j),
-                value: *w as f64,
-            });
+        if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
+            return Err(CageError::BadWeight { principal: format!("{}", i % j), value: *w as f64 });
         }
         if let Some(&id) = cands.ids.iter().find(|&&id| id as usize >= v) {
             return Err(bad(format!("token id {id} is outside a vocabulary of {v}")));
@@ -746,15 +622,7 @@ impl Gpu {
         let threads = v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
         let name = format!("cage_values_{}", arm.tag());
         // SAFETY: matches kernels/values.cu; buffers sized above.
-        unsafe {
-            self.dev.launch(
-                &name,
-                [(b * j) as u32, 1, 1],
-                [threads, 1, 1],
-                0,
-                &mut params,
-            )?
-        };
+        unsafe { self.dev.launch(&name, [(b * j) as u32, 1, 1], [threads, 1, 1], 0, &mut params)? };
         let vals: Vec<f32> = self.get(out, b * j * k)?;
         // -inf ARM logits at a candidate make q infinite: the game needs finite values.
         if let Some((i, x)) = vals.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -831,11 +699,7 @@ fn convert_solution<T: Real>(s: Solution<f32>) -> Solution<T> {
 /// Solves `batch` on `backend`. The CUDA backend computes in f32 (values in f32 storage) and runs the `exact`
 /// method; `auto` uses it when a GPU is usable and the method is `exact` with at most [`MAX_PRINCIPALS`]
 /// principals, and the CPU otherwise.
-pub fn solve_with<T: Real>(
-    backend: Backend,
-    batch: &Batch<T>,
-    opts: &SolveOptions,
-) -> Result<Solution<T>> {
+pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
     let on_gpu = |batch: &Batch<T>| -> Result<Solution<T>> {
         if opts.method != Method::Exact {
             return Err(bad(format!(

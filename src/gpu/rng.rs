@@ -10,12 +10,7 @@ pub fn philox4x32_10(mut c: [u32; 4], mut k0: u32, mut k1: u32) -> [u32; 4] {
     for _ in 0..10 {
         let p0 = M0 as u64 * c[0] as u64;
         let p1 = M1 as u64 * c[2] as u64;
-        c = [
-            (p1 >> 32) as u32 ^ c[1] ^ k0,
-            p1 as u32,
-            (p0 >> 32) as u32 ^ c[3] ^ k1,
-            p0 as u32,
-        ];
+        c = [(p1 >> 32) as u32 ^ c[1] ^ k0, p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k1, p0 as u32];
         k0 = k0.wrapping_add(W0);
         k1 = k1.wrapping_add(W1);
     }
@@ -35,10 +30,7 @@ mod tests {
     #[test]
     fn philox_matches_the_random123_known_answer() {
         // Known-answer vectors of Random123's kat_vectors for philox4x32_10.
-        assert_eq!(
-            philox4x32_10([0, 0, 0, 0], 0, 0),
-            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
-        );
+        assert_eq!(philox4x32_10([0, 0, 0, 0], 0, 0), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
         assert_eq!(
             philox4x32_10([0xffff_ffff; 4], 0xffff_ffff, 0xffff_ffff),
             [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]

@@ -1,0 +1,140 @@
+//! The kernel test bodies of tests/kernels_bodies.rs on a real CUDA GPU, plus the checks that need none: no GPU
+//! is an ordinary error, `auto` falls back to the CPU, and NVRTC compiles the embedded sources.
+//! Without a GPU each GPU test prints a `SKIP` line and passes: these run for real from the bundle of
+//! scripts/gpu-bundle.sh on the GPU machine.
+
+#[path = "kernels_bodies.rs"]
+mod bodies;
+
+use cage::gpu::{Backend, Gpu, MODULES, cuda_usable, solve_with};
+use cage::solver::{Method, SolveOptions};
+
+/// Prints a skip line past the test harness' output capture (which only captures the print macros), so that
+/// `cargo test` shows it even for a passing test.
+fn skip(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {line}");
+}
+
+/// GPU 0, or None after printing why the test is skipped.
+fn gpu_or_skip(test: &str) -> Option<Gpu> {
+    match Gpu::cuda(0) {
+        Ok(g) => {
+            eprintln!("{test}: running on {}", g.describe());
+            Some(g)
+        }
+        Err(e) => {
+            skip(&format!("{test}: no CUDA GPU ({e})"));
+            None
+        }
+    }
+}
+
+#[test]
+fn gpu_equilibrium_matches_reference() {
+    if let Some(mut g) = gpu_or_skip("gpu_equilibrium_matches_reference") {
+        bodies::equilibrium_matches_reference(&mut g, 4099);
+        // A full vocabulary row too long for shared memory: the global-memory path at V = 152064.
+        let (b64, b32) = bodies::batch(bodies::Shape::new(2, 152_064, 4), 77);
+        let sol = g.equilibrium(&b32, &bodies::eq_opts()).unwrap();
+        bodies::check_against_reference(&b64, &sol, "V = 152064");
+    }
+}
+
+#[test]
+fn gpu_equilibrium_edge_cases() {
+    if let Some(mut g) = gpu_or_skip("gpu_equilibrium_edge_cases") {
+        bodies::equilibrium_edge_cases(&mut g);
+    }
+}
+
+#[test]
+fn gpu_equilibrium_bf16_values() {
+    if let Some(mut g) = gpu_or_skip("gpu_equilibrium_bf16_values") {
+        bodies::equilibrium_bf16_values(&mut g);
+    }
+}
+
+#[test]
+fn gpu_equilibrium_rejects_bad_requests() {
+    if let Some(mut g) = gpu_or_skip("gpu_equilibrium_rejects_bad_requests") {
+        bodies::equilibrium_rejects_bad_requests(&mut g);
+    }
+}
+
+#[test]
+fn gpu_candidates_match_cpu() {
+    if let Some(mut g) = gpu_or_skip("gpu_candidates_match_cpu") {
+        bodies::candidates_match_cpu(&mut g, 3001);
+        bodies::candidates_match_cpu(&mut g, 152_064);
+    }
+}
+
+#[test]
+fn gpu_candidates_reject_bad_requests() {
+    if let Some(mut g) = gpu_or_skip("gpu_candidates_reject_bad_requests") {
+        bodies::candidates_reject_bad_requests(&mut g);
+    }
+}
+
+#[test]
+fn gpu_choose_is_reproducible_and_follows_pi() {
+    if let Some(mut g) = gpu_or_skip("gpu_choose_is_reproducible_and_follows_pi") {
+        bodies::choose_is_reproducible_and_follows_pi(&mut g);
+    }
+}
+
+#[test]
+fn gpu_principal_values_match_cpu() {
+    if let Some(mut g) = gpu_or_skip("gpu_principal_values_match_cpu") {
+        bodies::principal_values_match_cpu(&mut g);
+    }
+}
+
+#[test]
+fn backends_without_a_gpu_are_errors_or_fall_back() {
+    let (b64, _) = bodies::batch(bodies::Shape::new(2, 20, 2), 5);
+    let opts = SolveOptions::new(Method::Exact);
+    let cpu = solve_with(Backend::Cpu, &b64, &opts).unwrap();
+    let auto = solve_with(Backend::Auto, &b64, &opts).unwrap();
+    match cuda_usable() {
+        Err(e) => {
+            skip(&format!("the CUDA half of backends_without_a_gpu_are_errors_or_fall_back: {e}"));
+            // No GPU: cuda is an error that says so, never a panic, and auto is the CPU solver, bit for bit.
+            let err = solve_with(Backend::Cuda, &b64, &opts).unwrap_err().to_string();
+            assert!(err.contains("CUDA"), "{err}");
+            assert!(Gpu::cuda(0).is_err());
+            assert_eq!(auto.policy, cpu.policy);
+        }
+        Ok(_) => {
+            // auto ran on the GPU in f32: it agrees with the CPU to f32 accuracy.
+            let d = auto.policy.iter().zip(&cpu.policy).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(d < 1e-4, "auto (GPU) and cpu policies differ by {d:e}");
+        }
+    }
+    // Methods the GPU does not run are an error on cuda and run on the CPU under auto.
+    let jacobi = SolveOptions::new(Method::Linear);
+    let e = solve_with(Backend::Cuda, &b64, &jacobi);
+    assert!(e.is_err());
+    assert!(solve_with(Backend::Auto, &b64, &jacobi).is_ok());
+    assert!("gpu".parse::<Backend>().is_err());
+    assert_eq!("auto".parse::<Backend>().unwrap(), Backend::Auto);
+}
+
+#[test]
+fn nvrtc_compiles_every_embedded_kernel_source() {
+    // The fallback path of builds made without nvcc. Needs libnvrtc (scripts/install-cuda.sh installs it; CI
+    // puts its folder on LD_LIBRARY_PATH), not a GPU.
+    // SAFETY: only tries to dlopen libnvrtc.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        skip("nvrtc_compiles_every_embedded_kernel_source: libnvrtc not found (set LD_LIBRARY_PATH)");
+        return;
+    }
+    for m in MODULES {
+        let ptx = cage::gpu::cuda::compile_nvrtc(m).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+        let text = ptx.to_src();
+        for k in m.kernels {
+            assert!(text.contains(&format!(".entry {k}(")), "{}: NVRTC output lacks {k}", m.name);
+        }
+    }
+}
