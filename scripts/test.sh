@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README states it and CI runs it: installs what the tests need, then runs
+# `cargo test --release`. No GPU is needed: GPU test bodies skip with a message, kernels run through host
+# emulation. Needs network access to PyPI the first time (nvcc; the default model for the SmolLM2 tests).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The pinned CUDA 13.0 compiler from PyPI, into .cuda/ (idempotent): build.rs compiles every kernel with it,
+# so a kernel that does not compile fails the build.
+NVCC="$(bash scripts/install-cuda.sh | tail -n 1)"
+export NVCC
+cargo test --release "$@"
