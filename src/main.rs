@@ -54,6 +54,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark the CUDA kernels: `cage bench solver` prints per shape the time, GB/s and the fraction of the
+    /// device-to-device copy bandwidth measured in the same run.
+    Bench {
+        /// What to benchmark: `solver`.
+        what: String,
+        /// cuda, emu (the host emulation) or auto (the GPU when usable, else the emulation).
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Timed launches per shape (the median is printed).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
     /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
     Solve {
         /// Game file, or `-` for standard input.
@@ -102,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits { model, prompt, chat, alpaca, top, adapter, json } => {
             cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs { model, prompt, chat, alpaca, top, adapters: adapter, json })
         }
+        Command::Bench { what, backend, reps } => cage::gpu::bench::cli(&what, &backend, reps),
         Command::Solve { input, method, precision, tol, max_iter, pretty } => {
             let method: Method = method.parse()?;
             let games = game_json::parse(&read_input(&input)?)?;

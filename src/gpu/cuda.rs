@@ -9,7 +9,7 @@ use super::device::{DevPtr, Device};
 use super::{KernelModule, MODULES};
 use crate::error::{CageError, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, result};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -44,6 +44,7 @@ pub struct Cuda {
     cc: (i32, i32),
     max_smem: usize,
     name: String,
+    timer: Option<CudaEvent>,
 }
 
 impl Cuda {
@@ -62,7 +63,7 @@ impl Cuda {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| gpu_err("shared memory size", e))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Self { ctx, stream, modules: HashMap::new(), functions: HashMap::new(), cc, max_smem, name })
+        Ok(Self { ctx, stream, modules: HashMap::new(), functions: HashMap::new(), cc, max_smem, name, timer: None })
     }
 
     fn load_module(&mut self, m: &'static KernelModule) -> Result<Arc<CudaModule>> {
@@ -191,12 +192,16 @@ impl Device for Cuda {
     fn max_dynamic_smem(&self) -> usize {
         self.max_smem
     }
-    fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64> {
+    fn timer_start(&mut self) -> Result<()> {
         // Timing needs events created with the default flags (cudarc's default disables timing).
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.stream.record_event(flags).map_err(|e| gpu_err("event", e))?;
-        f(self)?;
-        let end = self.stream.record_event(flags).map_err(|e| gpu_err("event", e))?;
+        let ev = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_err("event", e))?;
+        self.timer = Some(ev);
+        Ok(())
+    }
+    fn timer_stop(&mut self) -> Result<f64> {
+        let start =
+            self.timer.take().ok_or_else(|| CageError::InvalidArgument("timer_stop without timer_start".into()))?;
+        let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_err("event", e))?;
         end.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
         Ok(start.elapsed_ms(&end).map_err(|e| gpu_err("event timing", e))? as f64)
     }

@@ -42,6 +42,8 @@ pub trait Device: Send {
     fn synchronize(&mut self) -> Result<()>;
     /// The largest dynamic shared memory a block may use.
     fn max_dynamic_smem(&self) -> usize;
-    /// Times `f` on the device's stream in milliseconds (device events on a GPU, wall clock under emulation).
-    fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64>;
+    /// Starts a timer on the device's stream (a device event on a GPU, the wall clock under emulation).
+    fn timer_start(&mut self) -> Result<()>;
+    /// Milliseconds of stream work since [`Device::timer_start`]; waits for that work to finish.
+    fn timer_stop(&mut self) -> Result<f64>;
 }

@@ -25,6 +25,7 @@ pub const EMU_MAX_DYNAMIC_SMEM: usize = 227 * 1024;
 pub struct Emulator {
     // u128 elements give 16-byte alignment, as the kernels' vector accesses need.
     buffers: HashMap<DevPtr, Vec<u128>>,
+    timer: Option<std::time::Instant>,
 }
 
 impl Emulator {
@@ -108,9 +109,12 @@ impl Device for Emulator {
     fn max_dynamic_smem(&self) -> usize {
         EMU_MAX_DYNAMIC_SMEM
     }
-    fn time_ms(&mut self, f: &mut dyn FnMut(&mut dyn Device) -> Result<()>) -> Result<f64> {
-        let t = std::time::Instant::now();
-        f(self)?;
+    fn timer_start(&mut self) -> Result<()> {
+        self.timer = Some(std::time::Instant::now());
+        Ok(())
+    }
+    fn timer_stop(&mut self) -> Result<f64> {
+        let t = self.timer.take().ok_or_else(|| CageError::InvalidArgument("timer_stop without timer_start".into()))?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     }
 }

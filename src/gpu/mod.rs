@@ -11,6 +11,7 @@
 //! top-k), [`Gpu::principal_values`] (ARM values at the candidates with the preprocessing) and [`Gpu::choose`]
 //! (greedy or sampled token choice with a counter-based RNG). See docs/architecture.md.
 
+pub mod bench;
 pub mod cuda;
 pub mod device;
 pub mod emu;
@@ -238,6 +239,28 @@ impl EqJob {
     }
 }
 
+/// A candidate selection prepared on the device (see [`Gpu::prepare_candidates`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CandJob {
+    rows: usize,
+    vocab: usize,
+    k: Option<usize>,
+    tag: &'static str,
+    x: DevPtr,
+    logp: DevPtr,
+    lse: DevPtr,
+    ids: DevPtr,
+}
+
+impl CandJob {
+    /// Bytes one launch must move at least: the logits once, the candidates out.
+    pub fn bytes_moved(&self) -> usize {
+        let elem = if self.tag == "f32" { 4 } else { 2 };
+        let kk = self.k.unwrap_or(self.vocab);
+        self.rows * self.vocab * elem + self.rows * kk * if self.k.is_some() { 8 } else { 4 }
+    }
+}
+
 /// A device with its loaded kernels and reusable buffers.
 pub struct Gpu {
     dev: Box<dyn Device>,
@@ -458,21 +481,46 @@ impl Gpu {
         vocab: usize,
         k: Option<usize>,
     ) -> Result<Candidates> {
+        let job = self.prepare_candidates(logits, rows, vocab, k)?;
+        self.run_candidates(&job)?;
+        self.fetch_candidates(&job)
+    }
+
+    /// Validates and uploads logits for [`Gpu::run_candidates`].
+    pub fn prepare_candidates(
+        &mut self,
+        logits: Logits<'_>,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+    ) -> Result<CandJob> {
         Self::check_logits(&logits, rows, vocab)?;
         let kk = k.unwrap_or(vocab);
         if k.is_some() && !(1..=MAX_TOP_K.min(vocab)).contains(&kk) {
             return Err(bad(format!("top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {vocab}), got {kk}")));
         }
-        let mut x = self.buffer("cand.logits", logits.len() * 4)?;
+        let x = self.buffer("cand.logits", logits.len() * 4)?;
         self.dev.upload(x, logits.bytes())?;
-        let mut logp = self.buffer("cand.logp", rows * kk * 4)?;
-        let mut lse = self.buffer("cand.lse", rows * 4)?;
-        let mut ids = self.buffer("cand.ids", rows * kk * 4)?;
+        Ok(CandJob {
+            rows,
+            vocab,
+            k,
+            tag: logits.tag(),
+            x,
+            logp: self.buffer("cand.logp", rows * kk * 4)?,
+            lse: self.buffer("cand.lse", rows * 4)?,
+            ids: self.buffer("cand.ids", rows * kk * 4)?,
+        })
+    }
+
+    /// Launches a prepared candidate selection.
+    pub fn run_candidates(&mut self, job: &CandJob) -> Result<()> {
+        let CandJob { rows, vocab, k, tag, mut x, mut logp, mut lse, mut ids } = *job;
         let mut v = vocab as i32;
-        let mut k32 = kk as i32;
+        let mut k32 = k.unwrap_or(vocab) as i32;
+        // A thread per 8 tokens up to 1024: small vocabularies do not pay for idle warps.
         let threads = vocab.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
-        let tag = logits.tag();
-        // SAFETY: parameter lists match kernels/softmax_topk.cu; buffers sized above for this shape.
+        // SAFETY: parameter lists match kernels/softmax_topk.cu; buffers sized by prepare_candidates.
         unsafe {
             if k.is_some() {
                 let mut p = [
@@ -483,15 +531,24 @@ impl Gpu {
                     as_param(&mut logp),
                     as_param(&mut lse),
                 ];
-                self.dev.launch(&format!("cage_topk_{tag}"), [rows as u32, 1, 1], [threads, 1, 1], 0, &mut p)?;
+                self.dev.launch(&format!("cage_topk_{tag}"), [rows as u32, 1, 1], [threads, 1, 1], 0, &mut p)
             } else {
                 let mut p = [as_param(&mut x), as_param(&mut v), as_param(&mut logp), as_param(&mut lse)];
-                self.dev.launch(&format!("cage_logsoftmax_{tag}"), [rows as u32, 1, 1], [threads, 1, 1], 0, &mut p)?;
+                self.dev.launch(&format!("cage_logsoftmax_{tag}"), [rows as u32, 1, 1], [threads, 1, 1], 0, &mut p)
             }
         }
-        let ids =
-            if k.is_some() { self.get(ids, rows * kk)? } else { (0..rows).flat_map(|_| 0..vocab as u32).collect() };
-        Ok(Candidates { k: kk, ids, logp: self.get(logp, rows * kk)?, lse: self.get(lse, rows)? })
+    }
+
+    /// Copies the result of a finished candidate selection back.
+    pub fn fetch_candidates(&mut self, job: &CandJob) -> Result<Candidates> {
+        let (rows, vocab) = (job.rows, job.vocab);
+        let kk = job.k.unwrap_or(vocab);
+        let ids = if job.k.is_some() {
+            self.get(job.ids, rows * kk)?
+        } else {
+            (0..rows).flat_map(|_| 0..vocab as u32).collect()
+        };
+        Ok(Candidates { k: kk, ids, logp: self.get(job.logp, rows * kk)?, lse: self.get(job.lse, rows)? })
     }
 
     /// Picks one token per row from the policy `pi` (B x n). `ids` (B x n) maps candidates to token ids; without

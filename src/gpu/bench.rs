@@ -1,0 +1,224 @@
+//! Kernel measurements shared by `cage bench solver` and the criterion benches (benches/kernels.rs): time per
+//! launch with the L2 cache warm or flushed, bytes moved, GB/s and the fraction of the device-to-device copy
+//! bandwidth measured in the same run (the roofline a memory-bound kernel is judged against).
+
+use super::{Choice, EqOptions, Gpu, Logits, ValueType};
+use crate::error::Result;
+use crate::problem::{Batch, BatchInput, Normalize};
+
+/// Cache state a launch is timed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    /// Inputs left in L2 by the previous launch (as logits are after the LM-head GEMM).
+    Warm,
+    /// L2 flushed before every launch by copying a buffer larger than any L2.
+    Flushed,
+}
+
+/// One measured shape.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    /// What was run.
+    pub name: String,
+    /// Cache state.
+    pub cache: Cache,
+    /// Median time of one launch in microseconds (device events on a GPU, wall clock under emulation).
+    pub micros: f64,
+    /// Bytes one launch must move at least (inputs read once, outputs written once).
+    pub bytes: usize,
+}
+
+impl Measurement {
+    /// Effective bandwidth in GB/s.
+    pub fn gbps(&self) -> f64 {
+        self.bytes as f64 / (self.micros * 1e-6) / 1e9
+    }
+}
+
+/// A deterministic pseudo-random stream (splitmix64) for benchmark inputs.
+struct Gen(u64);
+
+impl Gen {
+    fn f(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A random batch of `rows` x `n` candidates and `j` principals (values in [0, 2), tau = 0.1).
+pub fn random_batch(rows: usize, n: usize, j: usize, seed: u64) -> Result<Batch<f32>> {
+    let mut g = Gen(seed);
+    Batch::new(BatchInput {
+        rows,
+        candidates: n,
+        principals: j,
+        base_logprobs: (0..rows * n).map(|_| (-12.0 * g.f()) as f32).collect(),
+        values: (0..rows * j * n).map(|_| (2.0 * g.f()) as f32).collect(),
+        weights: vec![1.0; rows * j],
+        tau: vec![0.1],
+        normalize: Normalize::None,
+        names: vec![],
+    })
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Bytes of the buffer copied to flush L2 (H100: 50 MB of L2, H200 the same; 256 MiB is safely larger).
+const FLUSH_BYTES: usize = 256 << 20;
+
+fn flush(gpu: &mut Gpu) -> Result<()> {
+    let bytes = if gpu.is_emulated() { 1 << 20 } else { FLUSH_BYTES };
+    let a = gpu.buffer("bench.flush.a", bytes)?;
+    let b = gpu.buffer("bench.flush.b", bytes)?;
+    gpu.device().copy(b, a, bytes)
+}
+
+/// Times `f` `reps` times (after one warm-up) and returns the median in microseconds.
+pub fn time_us(gpu: &mut Gpu, cache: Cache, reps: usize, f: &mut dyn FnMut(&mut Gpu) -> Result<()>) -> Result<f64> {
+    f(gpu)?;
+    gpu.device().synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        if cache == Cache::Flushed {
+            flush(gpu)?;
+        }
+        gpu.device().timer_start()?;
+        f(gpu)?;
+        let t = gpu.device().timer_stop()?;
+        times.push(t * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + bytes written per second) over `bytes`.
+pub fn copy_bandwidth(gpu: &mut Gpu, bytes: usize, reps: usize) -> Result<f64> {
+    let a = gpu.buffer("bench.copy.a", bytes)?;
+    let b = gpu.buffer("bench.copy.b", bytes)?;
+    let us = time_us(gpu, Cache::Warm, reps, &mut |g| g.device().copy(b, a, bytes))?;
+    Ok(2.0 * bytes as f64 / (us * 1e-6) / 1e9)
+}
+
+/// The batched equilibrium on a random batch of this shape, without writing the per-principal incentives.
+pub fn equilibrium(
+    gpu: &mut Gpu,
+    rows: usize,
+    n: usize,
+    j: usize,
+    values: ValueType,
+    cache: Cache,
+    reps: usize,
+) -> Result<Measurement> {
+    let batch = random_batch(rows, n, j, 1)?;
+    let job = gpu.prepare_equilibrium(&batch, &EqOptions { values, incentives: false, ..EqOptions::default() })?;
+    let micros = time_us(gpu, cache, reps, &mut |g| g.run_equilibrium(&job))?;
+    let name = format!("equilibrium B={rows} N={n} J={j} values={values:?}");
+    Ok(Measurement { name, cache, micros, bytes: job.bytes_moved() })
+}
+
+/// Fused log-softmax + top-k (`k = Some`) or full log-softmax (`None`) from bf16 logits.
+pub fn candidates(
+    gpu: &mut Gpu,
+    rows: usize,
+    vocab: usize,
+    k: Option<usize>,
+    cache: Cache,
+    reps: usize,
+) -> Result<Measurement> {
+    let mut g = Gen(3);
+    let x: Vec<half::bf16> = (0..rows * vocab).map(|_| half::bf16::from_f64(20.0 * g.f() - 10.0)).collect();
+    let job = gpu.prepare_candidates(Logits::Bf16(&x), rows, vocab, k)?;
+    let micros = time_us(gpu, cache, reps, &mut |g| g.run_candidates(&job))?;
+    let bytes = job.bytes_moved();
+    let name = format!("candidates B={rows} V={vocab} k={}", k.map_or("all".into(), |k| k.to_string()));
+    Ok(Measurement { name, cache, micros, bytes })
+}
+
+/// Token choice by Gumbel-max over B x n probabilities.
+pub fn choose(gpu: &mut Gpu, rows: usize, n: usize, cache: Cache, reps: usize) -> Result<Measurement> {
+    let pi = vec![1.0 / n as f32; rows * n];
+    let mut step = 0;
+    let micros = time_us(gpu, cache, reps, &mut |g| {
+        step += 1;
+        g.choose(&pi, rows, n, None, Choice::Gumbel, 7, step).map(|_| ())
+    })?;
+    Ok(Measurement { name: format!("choose B={rows} N={n}"), cache, micros, bytes: rows * n * 4 })
+}
+
+/// What `cage bench solver` runs: each kernel on the target shapes on a GPU, on reduced shapes under
+/// the host emulation (whose figures say nothing about a GPU and are labelled so).
+pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
+    use std::fmt::Write as _;
+    let emu = gpu.is_emulated();
+    let mut out = String::new();
+    let _ = writeln!(out, "device: {}", gpu.describe());
+    let copy = copy_bandwidth(gpu, if emu { 8 << 20 } else { 1 << 30 }, reps)?;
+    let _ = writeln!(out, "device-to-device copy: {copy:.1} GB/s (read + write), the 100% of the last column");
+    if emu {
+        let _ = writeln!(
+            out,
+            "HOST EMULATION on reduced shapes: these are not GPU figures (GPU figures: not yet measured)"
+        );
+    }
+    let mut rows: Vec<Measurement> = Vec::new();
+    let warm_and_flushed = |m: &mut dyn FnMut(Cache) -> Result<Measurement>, rows: &mut Vec<Measurement>| {
+        for c in [Cache::Warm, Cache::Flushed] {
+            rows.push(m(c)?);
+        }
+        Ok::<(), crate::error::CageError>(())
+    };
+    if emu {
+        warm_and_flushed(&mut |c| equilibrium(gpu, 2, 50, 4, ValueType::F32, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| equilibrium(gpu, 1, 4096, 2, ValueType::Bf16, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| candidates(gpu, 2, 8192, Some(50), c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| choose(gpu, 2, 4096, c, reps), &mut rows)?;
+    } else {
+        // Targets (H100): the first within 2x one read of its inputs at copy bandwidth; the B = 1, k = 50 step
+        // under 10 us including launch; top-k at >= 80% of copy bandwidth for B x V >= 8M.
+        warm_and_flushed(&mut |c| equilibrium(gpu, 64, 128_256, 4, ValueType::Bf16, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| equilibrium(gpu, 1, 50, 4, ValueType::F32, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| equilibrium(gpu, 64, 50, 4, ValueType::F32, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| equilibrium(gpu, 8, 32_000, 2, ValueType::Bf16, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| candidates(gpu, 64, 128_256, Some(50), c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| candidates(gpu, 64, 128_256, None, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| candidates(gpu, 1, 152_064, Some(50), c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| choose(gpu, 64, 128_256, c, reps), &mut rows)?;
+    }
+    let _ = writeln!(out, "{:<58} {:>8} {:>12} {:>10} {:>8}", "kernel", "L2", "time (us)", "GB/s", "of copy");
+    for m in &rows {
+        let _ = writeln!(
+            out,
+            "{:<58} {:>8} {:>12.2} {:>10.2} {:>7.1}%",
+            m.name,
+            if m.cache == Cache::Warm { "warm" } else { "flushed" },
+            m.micros,
+            m.gbps(),
+            100.0 * m.gbps() / copy
+        );
+    }
+    Ok(out)
+}
+
+/// `cage bench WHAT --backend B --reps R`: prints the report of [`solver_report`].
+pub fn cli(what: &str, backend: &str, reps: usize) -> Result<()> {
+    use crate::error::CageError;
+    if what != "solver" {
+        return Err(CageError::InvalidArgument(format!("unknown benchmark {what:?} (expected \"solver\")")));
+    }
+    let mut gpu = match backend {
+        "cuda" => Gpu::cuda(0)?,
+        "emu" => Gpu::emulated(),
+        "auto" => Gpu::cuda(0).unwrap_or_else(|e| {
+            eprintln!("cage bench: {e}; using the host emulation");
+            Gpu::emulated()
+        }),
+        _ => return Err(CageError::InvalidArgument(format!("unknown backend {backend:?} (cuda, emu or auto)"))),
+    };
+    print!("{}", solver_report(&mut gpu, reps.max(1))?);
+    Ok(())
+}
