@@ -54,10 +54,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmark the CUDA kernels: `cage bench solver` prints per shape the time, GB/s and the fraction of the
+    /// Benchmarks. `cage bench forward`: CPU prefill/decode tokens per second of a model at batch 1, 4, 8, 32.
+    /// `cage bench solver` (CUDA kernels) prints per shape the time, GB/s and the fraction of the
     /// device-to-device copy bandwidth measured in the same run.
     Bench {
-        /// What to benchmark: `solver`.
+        /// What to benchmark: `solver` or `forward`.
         what: String,
         /// cuda, emu (the host emulation) or auto (the GPU when usable, else the emulation).
         #[arg(long, default_value = "auto")]
@@ -65,6 +66,12 @@ enum Command {
         /// Timed launches per shape (the median is printed).
         #[arg(long, default_value_t = 20)]
         reps: usize,
+        /// `cage bench forward`: model folder (default: the fetched SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// `cage bench forward`: JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
     Solve {
@@ -114,7 +121,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits { model, prompt, chat, alpaca, top, adapter, json } => {
             cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs { model, prompt, chat, alpaca, top, adapters: adapter, json })
         }
-        Command::Bench { what, backend, reps } => cage::gpu::bench::cli(&what, &backend, reps),
+        Command::Bench { what, model, json, .. } if what == "forward" => {
+            cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
+        }
+        Command::Bench { what, backend, reps, .. } => cage::gpu::bench::cli(&what, &backend, reps),
         Command::Solve { input, method, precision, tol, max_iter, pretty } => {
             let method: Method = method.parse()?;
             let games = game_json::parse(&read_input(&input)?)?;

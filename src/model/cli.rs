@@ -120,3 +120,24 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
+pub fn bench_forward_cmd(model: Option<PathBuf>, batches: &[usize], prompt_len: usize, steps: usize, repeats: usize, json_out: bool) -> Result<()> {
+    let dir = match model {
+        Some(d) => d,
+        None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
+    };
+    let m = Arc::new(Model::load(&dir)?);
+    let threads = rayon::current_num_threads();
+    let rows = super::bench::bench_forward(m, batches, prompt_len, steps, repeats)?;
+    if json_out {
+        println!("{}", json!({"model": dir.display().to_string(), "threads": threads, "results": rows}));
+        return Ok(());
+    }
+    println!("model {} (f32, CPU, {threads} threads), prompt {prompt_len} tokens, {steps} decode steps", dir.display());
+    println!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+    for r in &rows {
+        println!("{:>6} {:>14.1} {:>14.1} {:>16.2}", r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms);
+    }
+    Ok(())
+}

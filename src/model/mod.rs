@@ -7,6 +7,7 @@
 //! turn llama.cpp files into model folders, [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod fetch;
