@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the GPU test and bench binaries here (the GPU machine has no Rust toolchain) and bundles them into the
+# git-ignored gpu-bundle/ with a runner. Pass gpu-bundle in the device tool's `carry`, then run there
+#   bash gpu-bundle/run.sh            # GPU tests, cage bench solver, criterion kernel benches, PyTorch peer
+# from the repository root. Results go to $OUT (or gpu-bundle/results) and name the card they ran on.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bundle="$root/gpu-bundle"
+if [[ -z "${NVCC:-}" && -x "$root/.cuda/nvidia/cu13/bin/nvcc" ]]; then
+  export NVCC="$root/.cuda/nvidia/cu13/bin/nvcc"
+fi
+[[ -n "${NVCC:-}" ]] || echo "gpu-bundle: no nvcc (run scripts/install-cuda.sh): kernels will be compiled by NVRTC on the GPU machine" >&2
+rm -rf "$bundle"
+mkdir -p "$bundle/tests" "$bundle/benches"
+# Executables of the test and bench targets, read from cargo's JSON messages.
+executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"]:
+        print(m["target"]["name"], m["executable"])
+'
+}
+cargo test --release --no-run --test gpu_kernels --message-format=json 2>/dev/null | executables |
+  while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
+cargo bench --no-run --bench kernels --message-format=json 2>/dev/null | executables |
+  while read -r name exe; do cp "$exe" "$bundle/benches/$name"; done
+cargo build --release --bin cage
+cp target/release/cage "$bundle/cage"
+cp benches/torch_peer.py "$bundle/"
+# The device tool carries at most 64 MiB: strip the debug line tables and compress (about 15 MB in all).
+for exe in "$bundle"/cage "$bundle"/tests/* "$bundle"/benches/*; do
+  strip "$exe"
+  gzip -9 "$exe"
+done
+cat >"$bundle/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the bundle on a GPU machine, from the repository root. Every result names the card it ran on.
+set -uo pipefail
+bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${OUT:-$bundle/results}"
+mkdir -p "$out"
+# Unpack the compressed executables next to a writable copy (the carried folder may be read-only).
+here="$(mktemp -d)"
+(cd "$bundle" && find . -name '*.gz' | while read -r f; do mkdir -p "$here/$(dirname "$f")"; gunzip -c "$f" >"$here/${f%.gz}"; chmod +x "$here/${f%.gz}"; done)
+cp "$bundle/torch_peer.py" "$here/"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/card.txt"
+status=0
+"$here/tests/gpu_kernels" --test-threads=1 2>&1 | tee "$out/gpu_tests.txt" || status=1
+"$here/cage" bench solver --backend cuda --reps 50 2>&1 | tee "$out/bench_solver.txt" || status=1
+if [[ "${1:-}" != "--quick" ]]; then
+  "$here/benches/kernels" --bench --noplot 2>&1 | tee "$out/bench_kernels.txt" || status=1
+  python3 "$here/torch_peer.py" 2>&1 | tee "$out/torch_peer.txt" || status=1
+fi
+exit $status
+RUN
+chmod +x "$bundle/run.sh"
+ls -la "$bundle" "$bundle/tests" "$bundle/benches"
