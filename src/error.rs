@@ -66,6 +66,13 @@ pub enum CageError {
     /// Malformed JSON input.
     #[error("malformed JSON input: {0}")]
     Json(#[from] serde_json::Error),
+    /// The CUDA backend was asked for, but no usable GPU, driver or context is available. "No GPU" is a normal
+    /// condition: callers can fall back to the CPU.
+    #[error("no usable CUDA GPU: {0}")]
+    NoGpu(String),
+    /// A CUDA call failed on a GPU that was usable.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
     /// An error inside one game of a game array.
     #[error("game {index}: {source}")]
     InGame {

@@ -28,11 +28,13 @@
 pub mod baselines;
 pub mod candidates;
 pub mod error;
+pub mod ffi;
 pub mod game_json;
 pub mod gpu;
 pub mod model;
 pub mod problem;
 pub mod real;
+pub mod sampling;
 pub mod softmax;
 pub mod solution;
 pub mod solver;

@@ -56,9 +56,10 @@ enum Command {
     },
     /// Benchmarks. `cage bench forward`: CPU prefill/decode tokens per second of a model at batch 1, 4, 8, 32.
     /// `cage bench solver` (CUDA kernels) prints per shape the time, GB/s and the fraction of the
-    /// device-to-device copy bandwidth measured in the same run.
+    /// device-to-device copy bandwidth measured in the same run. `cage bench ffi`: the cost of the C ABI
+    /// over the direct Rust call for a k = 50, B = 1 solve.
     Bench {
-        /// What to benchmark: `solver` or `forward`.
+        /// What to benchmark: `solver`, `forward` or `ffi`.
         what: String,
         /// cuda, emu (the host emulation) or auto (the GPU when usable, else the emulation).
         #[arg(long, default_value = "auto")]
@@ -123,6 +124,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { what, model, json, .. } if what == "forward" => {
             cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
+        }
+        Command::Bench { what, reps, .. } if what == "ffi" => {
+            println!("{}", cage::ffi::bench_overhead(reps.max(20_000))?);
+            Ok(())
         }
         Command::Bench { what, backend, reps, .. } => cage::gpu::bench::cli(&what, &backend, reps),
         Command::Solve { input, method, precision, tol, max_iter, pretty } => {

@@ -245,6 +245,22 @@ impl<T: Real> Batch<T> {
             principals: j,
         }
     }
+    /// The batch's buffers back as an input (with `values` preprocessed and `normalize: none`), so that a caller
+    /// solving batch after batch can refill them instead of allocating.
+    pub fn into_input(self) -> BatchInput<T> {
+        BatchInput {
+            rows: self.rows,
+            candidates: self.candidates,
+            principals: self.principals,
+            base_logprobs: self.base,
+            values: self.values,
+            weights: self.weights,
+            tau: self.tau,
+            normalize: Normalize::None,
+            names: Vec::new(),
+        }
+    }
+
     /// The same batch in another precision (validation is repeated, so overflow in `f32` is reported).
     pub fn convert<U: Real>(&self) -> Result<Batch<U>> {
         let cv = |xs: &[T]| xs.iter().map(|x| U::of(x.f64())).collect::<Vec<U>>();

@@ -1,0 +1,190 @@
+/*
+ * cage: the equilibrium of CAGE's common-agency game (multi-objective test-time alignment) as a C library.
+ * Generated from src/ffi.rs by cbindgen: do not edit.
+ *
+ * Errors: every function returns a CageStatus; on failure cage_last_error() gives a message naming the
+ * problem, kept per thread until that thread's next failing call. No panic crosses this boundary.
+ * Thread safety: a CageSolver holds scratch buffers: use each one from one thread at a time. Distinct
+ * solvers, cage_choose_tokens, cage_version and cage_last_error may be used from any thread concurrently.
+ * Layout: row-major; base_logprobs B x N, values B x J x N, weights B x J (see docs/model.md).
+ */
+
+#ifndef CAGE_H
+#define CAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// Major version of the C ABI: incompatible changes increase it.
+#define CAGE_VERSION_MAJOR 0
+
+// Minor version of the C ABI: additions increase it.
+#define CAGE_VERSION_MINOR 1
+
+// Patch version.
+#define CAGE_VERSION_PATCH 0
+
+// Result of every C call.
+typedef enum {
+  // Success.
+  CAGE_OK = 0,
+  // A required pointer was null.
+  CAGE_ERR_NULL = 1,
+  // A size was zero, a product of sizes overflowed, or a buffer length disagrees with the shape.
+  CAGE_ERR_SHAPE = 2,
+  // An input value is out of its domain: NaN, infinity, tau <= 0, a negative weight, an unknown enum value.
+  CAGE_ERR_INVALID = 3,
+  // The CUDA backend was requested but no usable GPU, driver or context is available.
+  CAGE_ERR_NO_GPU = 4,
+  // A CUDA call failed.
+  CAGE_ERR_CUDA = 5,
+  // A bug in cage (a caught panic): please report it with `cage_last_error()`.
+  CAGE_ERR_INTERNAL = 6,
+} CageStatus;
+
+// Which policy a solver computes (see docs/model.md).
+typedef enum {
+  // The exact equilibrium.
+  CAGE_METHOD_EXACT = 0,
+  // The paper's Algorithm 1 run to convergence.
+  CAGE_METHOD_JACOBI = 1,
+  // The paper's Algorithm 1 truncated like the authors' code (an approximation).
+  CAGE_METHOD_PAPER = 2,
+  // The base policy pi0.
+  CAGE_METHOD_BASE = 3,
+  // The linear tilt softmax(log pi0 + sum_j v_j / tau).
+  CAGE_METHOD_LINEAR = 4,
+} CageMethod;
+
+// Value preprocessing.
+typedef enum {
+  // v = (q - min q) * w.
+  CAGE_NORMALIZE_SHIFT_MIN = 0,
+  // v = q * w (q must be >= 0).
+  CAGE_NORMALIZE_NONE = 1,
+} CageNormalize;
+
+// Where a solver runs.
+typedef enum {
+  // The CPU solvers.
+  CAGE_BACKEND_CPU = 0,
+  // The CUDA kernels (an error when no GPU is usable).
+  CAGE_BACKEND_CUDA = 1,
+  // The GPU when usable, else the CPU.
+  CAGE_BACKEND_AUTO = 2,
+} CageBackend;
+
+// How [`cage_choose_tokens`] picks a token.
+typedef enum {
+  // argmax pi.
+  CAGE_CHOICE_GREEDY = 0,
+  // A sample by Gumbel-max with Philox keyed by (seed, row, step).
+  CAGE_CHOICE_GUMBEL = 1,
+  // A sample by exponential race with the same draws.
+  CAGE_CHOICE_RACE = 2,
+} CageChoice;
+
+// An opaque solver: options plus reused scratch buffers.
+typedef struct CageSolver CageSolver;
+
+// Solver options; start from [`cage_options_default`]. The enum-valued fields are plain `int32_t` so that an
+// out-of-range value coming from C is an error rather than undefined behaviour.
+typedef struct {
+  // A `CageMethod`.
+  int32_t method;
+  // Agent temperature (> 0), used when a solve passes no per-row tau.
+  double tau;
+  // A `CageNormalize`.
+  int32_t normalize;
+  // Tolerance relative to each row's value scale; 0 = the precision's default.
+  double tol;
+  // Iteration limit; 0 = the method's default.
+  uint32_t max_iter;
+  // A `CageBackend`.
+  int32_t backend;
+  // CUDA device ordinal (only 0 is supported by this version).
+  int32_t device;
+} CageOptions;
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+// Version of the library as `major << 16 | minor << 8 | patch`; compare with the header's macros.
+uint32_t cage_version(void);
+
+// The last error message of the calling thread ("" when none). Valid until the thread's next failing call.
+const char *cage_last_error(void);
+
+// Default options: exact method, tau 0.1, shift_min, default tolerance and limit, CPU backend, device 0.
+CageOptions cage_options_default(void);
+
+// Creates a solver. On success `*out` owns it; release it with [`cage_solver_destroy`].
+//
+// # Safety
+// `options` must be null or point to a valid `CageOptions`; `out` must be null or writable.
+CageStatus cage_solver_create(const CageOptions *options, CageSolver **out);
+
+// Destroys a solver (null is ignored).
+//
+// # Safety
+// `solver` must be null or a pointer from [`cage_solver_create`] not yet destroyed.
+void cage_solver_destroy(CageSolver *solver);
+
+// Solves a batch of B rows, N candidates, J principals from host memory (row-major, as in docs/model.md):
+// `base_logprobs` B x N (need not be normalised; -INFINITY excludes a candidate), `values` B x J x N raw
+// principal values q, `weights` B x J, `tau` B per-row temperatures or NULL for the solver's tau. Writes
+// `policy` B x N and, where not NULL, `payoffs` B x J, `iterations` B and `converged` B (0 or 1).
+// `values` and `weights` may be NULL when J = 0.
+//
+// # Safety
+// Every non-null pointer must point to a buffer of the stated length; `solver` must come from
+// [`cage_solver_create`] and not be used by another thread during the call.
+CageStatus cage_solve_f32(CageSolver *solver,
+                          size_t rows,
+                          size_t candidates,
+                          size_t principals,
+                          const float *base_logprobs,
+                          const float *values,
+                          const float *weights,
+                          const float *tau,
+                          float *policy,
+                          float *payoffs,
+                          uint32_t *iterations,
+                          uint8_t *converged);
+
+// [`cage_solve_f32`] in double precision.
+//
+// # Safety
+// As for [`cage_solve_f32`].
+CageStatus cage_solve_f64(CageSolver *solver,
+                          size_t rows,
+                          size_t candidates,
+                          size_t principals,
+                          const double *base_logprobs,
+                          const double *values,
+                          const double *weights,
+                          const double *tau,
+                          double *policy,
+                          double *payoffs,
+                          uint32_t *iterations,
+                          uint8_t *converged);
+
+// Chooses one token per row of a B x N policy: greedy, or sampled with Philox keyed by (seed, row, step),
+// the same draws as the CUDA kernel. Writes the candidate index of each row to `tokens` (B values).
+//
+// # Safety
+// `policy` must hold B x N floats and `tokens` B writable values.
+CageStatus cage_choose_tokens(const float *policy,
+                              size_t rows,
+                              size_t candidates,
+                              int32_t choice,
+                              uint64_t seed,
+                              uint32_t step,
+                              uint32_t *tokens);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* CAGE_H */

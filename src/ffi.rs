@@ -1,0 +1,598 @@
+//! The C ABI (`include/cage.h`, generated from this file by cbindgen): create a solver with options, solve a
+//! batch from host pointers into caller-owned outputs, choose tokens on the result.
+//!
+//! Conventions, stated in the header too:
+//! - every function returns a [`CageStatus`]; on failure [`cage_last_error`] gives a message naming the
+//!   problem, kept per thread until that thread's next failing call;
+//! - no panic crosses the boundary (each body runs under `catch_unwind`; a caught panic is `CAGE_ERR_INTERNAL`);
+//! - null pointers, zero sizes and B x J x N products that overflow are rejected before anything is read;
+//! - a `CageSolver` holds scratch buffers: use one from one thread at a time (distinct solvers are independent
+//!   and may be used concurrently).
+
+use crate::error::CageError;
+use crate::gpu::Backend;
+use crate::problem::{Batch, BatchInput, Normalize};
+use crate::real::Real;
+use crate::sampling::{Choice, choose_row};
+use crate::solver::{Method, SolveOptions};
+use std::cell::RefCell;
+use std::ffi::{CString, c_char};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// Major version of the C ABI: incompatible changes increase it.
+pub const CAGE_VERSION_MAJOR: u32 = 0;
+/// Minor version of the C ABI: additions increase it.
+pub const CAGE_VERSION_MINOR: u32 = 1;
+/// Patch version.
+pub const CAGE_VERSION_PATCH: u32 = 0;
+
+/// Result of every C call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CageStatus {
+    /// Success.
+    CageOk = 0,
+    /// A required pointer was null.
+    CageErrNull = 1,
+    /// A size was zero, a product of sizes overflowed, or a buffer length disagrees with the shape.
+    CageErrShape = 2,
+    /// An input value is out of its domain: NaN, infinity, tau <= 0, a negative weight, an unknown enum value.
+    CageErrInvalid = 3,
+    /// The CUDA backend was requested but no usable GPU, driver or context is available.
+    CageErrNoGpu = 4,
+    /// A CUDA call failed.
+    CageErrCuda = 5,
+    /// A bug in cage (a caught panic): please report it with `cage_last_error()`.
+    CageErrInternal = 6,
+}
+
+/// Which policy a solver computes (see docs/model.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CageMethod {
+    /// The exact equilibrium.
+    CageMethodExact = 0,
+    /// The paper's Algorithm 1 run to convergence.
+    CageMethodJacobi = 1,
+    /// The paper's Algorithm 1 truncated like the authors' code (an approximation).
+    CageMethodPaper = 2,
+    /// The base policy pi0.
+    CageMethodBase = 3,
+    /// The linear tilt softmax(log pi0 + sum_j v_j / tau).
+    CageMethodLinear = 4,
+}
+
+/// Value preprocessing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CageNormalize {
+    /// v = (q - min q) * w.
+    CageNormalizeShiftMin = 0,
+    /// v = q * w (q must be >= 0).
+    CageNormalizeNone = 1,
+}
+
+/// Where a solver runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CageBackend {
+    /// The CPU solvers.
+    CageBackendCpu = 0,
+    /// The CUDA kernels (an error when no GPU is usable).
+    CageBackendCuda = 1,
+    /// The GPU when usable, else the CPU.
+    CageBackendAuto = 2,
+}
+
+/// How [`cage_choose_tokens`] picks a token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CageChoice {
+    /// argmax pi.
+    CageChoiceGreedy = 0,
+    /// A sample by Gumbel-max with Philox keyed by (seed, row, step).
+    CageChoiceGumbel = 1,
+    /// A sample by exponential race with the same draws.
+    CageChoiceRace = 2,
+}
+
+/// Solver options; start from [`cage_options_default`]. The enum-valued fields are plain `int32_t` so that an
+/// out-of-range value coming from C is an error rather than undefined behaviour.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CageOptions {
+    /// A `CageMethod`.
+    pub method: i32,
+    /// Agent temperature (> 0), used when a solve passes no per-row tau.
+    pub tau: f64,
+    /// A `CageNormalize`.
+    pub normalize: i32,
+    /// Tolerance relative to each row's value scale; 0 = the precision's default.
+    pub tol: f64,
+    /// Iteration limit; 0 = the method's default.
+    pub max_iter: u32,
+    /// A `CageBackend`.
+    pub backend: i32,
+    /// CUDA device ordinal (only 0 is supported by this version).
+    pub device: i32,
+}
+
+/// The options of a solver, with the enums checked.
+#[derive(Clone, Copy, Debug)]
+struct Checked {
+    method: Method,
+    tau: f64,
+    normalize: Normalize,
+    tol: f64,
+    max_iter: u32,
+    backend: Backend,
+}
+
+/// An opaque solver: options plus reused scratch buffers.
+pub struct CageSolver {
+    options: Checked,
+    input: BatchInput<f32>,
+    input64: BatchInput<f64>,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+fn status_of(e: &CageError) -> CageStatus {
+    match e {
+        CageError::Shape { .. } | CageError::EmptyCandidates { .. } => CageStatus::CageErrShape,
+        CageError::NoGpu(_) => CageStatus::CageErrNoGpu,
+        CageError::Cuda(_) => CageStatus::CageErrCuda,
+        _ => CageStatus::CageErrInvalid,
+    }
+}
+
+/// Runs `f`, turning errors and panics into a status and a thread-local message.
+fn guard(f: impl FnOnce() -> Result<(), (CageStatus, String)>) -> CageStatus {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => CageStatus::CageOk,
+        Ok(Err((status, msg))) => {
+            set_error(&msg);
+            status
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_error(&format!("internal error (please report): {what}"));
+            CageStatus::CageErrInternal
+        }
+    }
+}
+
+fn err(e: CageError) -> (CageStatus, String) {
+    (status_of(&e), e.to_string())
+}
+
+fn null(what: &str) -> (CageStatus, String) {
+    (CageStatus::CageErrNull, format!("{what} is a null pointer"))
+}
+
+/// Checks B, N, J and returns (B x N, B x J x N, B x J) without overflow.
+fn sizes(rows: usize, n: usize, j: usize) -> Result<(usize, usize, usize), (CageStatus, String)> {
+    if rows == 0 || n == 0 {
+        return Err((CageStatus::CageErrShape, format!("rows ({rows}) and candidates ({n}) must be > 0")));
+    }
+    let overflow = || (CageStatus::CageErrShape, format!("B x J x N overflows ({rows} x {j} x {n})"));
+    let bn = rows.checked_mul(n).ok_or_else(overflow)?;
+    let bjn = bn.checked_mul(j).ok_or_else(overflow)?;
+    let bj = rows.checked_mul(j).ok_or_else(overflow)?;
+    // Slices may not exceed isize::MAX bytes.
+    if bjn.checked_mul(8).is_none_or(|b| b > isize::MAX as usize) {
+        return Err(overflow());
+    }
+    Ok((bn, bjn, bj))
+}
+
+/// # Safety
+/// `p` must be null or point to `len` readable values.
+unsafe fn input<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], (CageStatus, String)> {
+    if p.is_null() {
+        return Err(null(what));
+    }
+    // SAFETY: non-null, and the caller promises `len` readable values.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// # Safety
+/// `p` must be null or point to `len` writable values.
+unsafe fn output<'a, T>(p: *mut T, len: usize) -> Option<&'a mut [T]> {
+    // SAFETY: non-null, and the caller promises `len` writable values.
+    (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(p, len) })
+}
+
+/// Version of the library as `major << 16 | minor << 8 | patch`; compare with the header's macros.
+#[unsafe(no_mangle)]
+pub extern "C" fn cage_version() -> u32 {
+    CAGE_VERSION_MAJOR << 16 | CAGE_VERSION_MINOR << 8 | CAGE_VERSION_PATCH
+}
+
+/// The last error message of the calling thread ("" when none). Valid until the thread's next failing call.
+#[unsafe(no_mangle)]
+pub extern "C" fn cage_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Default options: exact method, tau 0.1, shift_min, default tolerance and limit, CPU backend, device 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn cage_options_default() -> CageOptions {
+    CageOptions {
+        method: CageMethod::CageMethodExact as i32,
+        tau: 0.1,
+        normalize: CageNormalize::CageNormalizeShiftMin as i32,
+        tol: 0.0,
+        max_iter: 0,
+        backend: CageBackend::CageBackendCpu as i32,
+        device: 0,
+    }
+}
+
+/// Creates a solver. On success `*out` owns it; release it with [`cage_solver_destroy`].
+///
+/// # Safety
+/// `options` must be null or point to a valid `CageOptions`; `out` must be null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_solver_create(options: *const CageOptions, out: *mut *mut CageSolver) -> CageStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        if options.is_null() {
+            return Err(null("options"));
+        }
+        // SAFETY: checked non-null; the caller promises a valid CageOptions.
+        let o = unsafe { *options };
+        let bad = |what: &str, v: i32| (CageStatus::CageErrInvalid, format!("unknown {what} {v}"));
+        let method = [Method::Exact, Method::Jacobi, Method::Paper, Method::Base, Method::Linear]
+            .get(o.method as usize)
+            .copied()
+            .filter(|_| o.method >= 0)
+            .ok_or_else(|| bad("method", o.method))?;
+        let normalize = match o.normalize {
+            0 => Normalize::ShiftMin,
+            1 => Normalize::None,
+            v => return Err(bad("normalize", v)),
+        };
+        let backend = match o.backend {
+            0 => Backend::Cpu,
+            1 => Backend::Cuda,
+            2 => Backend::Auto,
+            v => return Err(bad("backend", v)),
+        };
+        if !(o.tau.is_finite() && o.tau > 0.0) {
+            return Err(err(CageError::BadTau(o.tau)));
+        }
+        if !(o.tol.is_finite() && o.tol >= 0.0) {
+            return Err((CageStatus::CageErrInvalid, format!("tol must be a finite number >= 0, got {}", o.tol)));
+        }
+        if o.device != 0 {
+            return Err((CageStatus::CageErrInvalid, format!("device {} is not supported (only 0)", o.device)));
+        }
+        if backend == Backend::Cuda {
+            crate::gpu::cuda::probe().map_err(|e| (CageStatus::CageErrNoGpu, e.to_string()))?;
+        }
+        let options = Checked { method, tau: o.tau, normalize, tol: o.tol, max_iter: o.max_iter, backend };
+        let solver = Box::new(CageSolver { options, input: BatchInput::default(), input64: BatchInput::default() });
+        // SAFETY: checked non-null above.
+        unsafe { *out = Box::into_raw(solver) };
+        Ok(())
+    })
+}
+
+/// Destroys a solver (null is ignored).
+///
+/// # Safety
+/// `solver` must be null or a pointer from [`cage_solver_create`] not yet destroyed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_solver_destroy(solver: *mut CageSolver) {
+    if !solver.is_null() {
+        // SAFETY: the caller passes a pointer from Box::into_raw, once.
+        drop(unsafe { Box::from_raw(solver) });
+    }
+}
+
+/// Reuses `dst`'s allocation for a copy of `src`.
+fn refill<T: Copy>(dst: &mut Vec<T>, src: &[T]) {
+    dst.clear();
+    dst.extend_from_slice(src);
+}
+
+trait Scratch<T> {
+    fn scratch(&mut self) -> &mut BatchInput<T>;
+}
+impl Scratch<f32> for CageSolver {
+    fn scratch(&mut self) -> &mut BatchInput<f32> {
+        &mut self.input
+    }
+}
+impl Scratch<f64> for CageSolver {
+    fn scratch(&mut self) -> &mut BatchInput<f64> {
+        &mut self.input64
+    }
+}
+
+/// The body shared by the f32 and f64 entry points.
+///
+/// # Safety
+/// As for [`cage_solve_f32`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn solve_host<T: Real>(
+    solver: *mut CageSolver,
+    rows: usize,
+    n: usize,
+    j: usize,
+    base: *const T,
+    values: *const T,
+    weights: *const T,
+    tau: *const T,
+    policy: *mut T,
+    payoffs: *mut T,
+    iterations: *mut u32,
+    converged: *mut u8,
+) -> CageStatus
+where
+    CageSolver: Scratch<T>,
+{
+    guard(|| {
+        if solver.is_null() {
+            return Err(null("solver"));
+        }
+        // SAFETY: non-null pointer from cage_solver_create, used by one thread at a time (documented).
+        let s = unsafe { &mut *solver };
+        let (bn, bjn, bj) = sizes(rows, n, j)?;
+        // SAFETY (all four): the caller promises buffers of the documented lengths.
+        let base = unsafe { input(base, bn, "base_logprobs") }?;
+        let values = if j == 0 { &[][..] } else { unsafe { input(values, bjn, "values") }? };
+        let weights = if j == 0 { &[][..] } else { unsafe { input(weights, bj, "weights") }? };
+        let tau_in = if tau.is_null() { None } else { Some(unsafe { input(tau, rows, "tau") }?) };
+        let policy = unsafe { output(policy, bn) }.ok_or_else(|| null("policy"))?;
+        let o = s.options;
+        let mut inp = std::mem::take(s.scratch());
+        (inp.rows, inp.candidates, inp.principals) = (rows, n, j);
+        refill(&mut inp.base_logprobs, base);
+        refill(&mut inp.values, values);
+        refill(&mut inp.weights, weights);
+        match tau_in {
+            Some(t) => refill(&mut inp.tau, t),
+            None => refill(&mut inp.tau, &[T::of(o.tau)]),
+        }
+        inp.normalize = o.normalize;
+        let batch = Batch::new(inp).map_err(err)?;
+        let opts = SolveOptions {
+            method: o.method,
+            tol: (o.tol > 0.0).then_some(o.tol),
+            max_iter: (o.max_iter > 0).then_some(o.max_iter),
+        };
+        let sol = crate::gpu::solve_with(o.backend, &batch, &opts);
+        *s.scratch() = batch.into_input();
+        let sol = sol.map_err(err)?;
+        policy.copy_from_slice(&sol.policy);
+        // SAFETY (all three): optional outputs, null or of the documented lengths.
+        if let Some(p) = unsafe { output(payoffs, bj) } {
+            p.copy_from_slice(&sol.payoffs);
+        }
+        if let Some(it) = unsafe { output(iterations, rows) } {
+            it.copy_from_slice(&sol.iterations);
+        }
+        if let Some(c) = unsafe { output(converged, rows) } {
+            for (d, &ok) in c.iter_mut().zip(&sol.converged) {
+                *d = ok as u8;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Solves a batch of B rows, N candidates, J principals from host memory (row-major, as in docs/model.md):
+/// `base_logprobs` B x N (need not be normalised; -INFINITY excludes a candidate), `values` B x J x N raw
+/// principal values q, `weights` B x J, `tau` B per-row temperatures or NULL for the solver's tau. Writes
+/// `policy` B x N and, where not NULL, `payoffs` B x J, `iterations` B and `converged` B (0 or 1).
+/// `values` and `weights` may be NULL when J = 0.
+///
+/// # Safety
+/// Every non-null pointer must point to a buffer of the stated length; `solver` must come from
+/// [`cage_solver_create`] and not be used by another thread during the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_solve_f32(
+    solver: *mut CageSolver,
+    rows: usize,
+    candidates: usize,
+    principals: usize,
+    base_logprobs: *const f32,
+    values: *const f32,
+    weights: *const f32,
+    tau: *const f32,
+    policy: *mut f32,
+    payoffs: *mut f32,
+    iterations: *mut u32,
+    converged: *mut u8,
+) -> CageStatus {
+    // SAFETY: forwarded contract.
+    unsafe {
+        solve_host(
+            solver,
+            rows,
+            candidates,
+            principals,
+            base_logprobs,
+            values,
+            weights,
+            tau,
+            policy,
+            payoffs,
+            iterations,
+            converged,
+        )
+    }
+}
+
+/// [`cage_solve_f32`] in double precision.
+///
+/// # Safety
+/// As for [`cage_solve_f32`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_solve_f64(
+    solver: *mut CageSolver,
+    rows: usize,
+    candidates: usize,
+    principals: usize,
+    base_logprobs: *const f64,
+    values: *const f64,
+    weights: *const f64,
+    tau: *const f64,
+    policy: *mut f64,
+    payoffs: *mut f64,
+    iterations: *mut u32,
+    converged: *mut u8,
+) -> CageStatus {
+    // SAFETY: forwarded contract.
+    unsafe {
+        solve_host(
+            solver,
+            rows,
+            candidates,
+            principals,
+            base_logprobs,
+            values,
+            weights,
+            tau,
+            policy,
+            payoffs,
+            iterations,
+            converged,
+        )
+    }
+}
+
+/// Chooses one token per row of a B x N policy: greedy, or sampled with Philox keyed by (seed, row, step),
+/// the same draws as the CUDA kernel. Writes the candidate index of each row to `tokens` (B values).
+///
+/// # Safety
+/// `policy` must hold B x N floats and `tokens` B writable values.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_choose_tokens(
+    policy: *const f32,
+    rows: usize,
+    candidates: usize,
+    choice: i32,
+    seed: u64,
+    step: u32,
+    tokens: *mut u32,
+) -> CageStatus {
+    guard(|| {
+        let (bn, _, _) = sizes(rows, candidates, 0)?;
+        // SAFETY: the caller promises the documented lengths.
+        let pi = unsafe { input(policy, bn, "policy") }?;
+        let out = unsafe { output(tokens, rows) }.ok_or_else(|| null("tokens"))?;
+        let choice = match choice {
+            0 => Choice::Greedy,
+            1 => Choice::Gumbel,
+            2 => Choice::Race,
+            c => return Err((CageStatus::CageErrInvalid, format!("unknown token choice {c}"))),
+        };
+        for (r, t) in out.iter_mut().enumerate() {
+            let row = &pi[r * candidates..(r + 1) * candidates];
+            *t = choose_row(row, choice, seed, r as u32, step).map_err(err)? as u32;
+        }
+        Ok(())
+    })
+}
+
+/// `cage bench ffi`: the time of a k = 50, J = 2, B = 1 solve through [`cage_solve_f32`] and through the direct
+/// Rust calls a Rust user would make for the same work (`Batch::new` from the slices, then `solve`), in the same
+/// process on the same inputs; the difference is what the C boundary costs.
+pub fn bench_overhead(reps: usize) -> crate::error::Result<String> {
+    use std::time::Instant;
+    let (n, j) = (50usize, 2usize);
+    // Deterministic inputs shaped like a decoding step (peaked base, spread values).
+    let base: Vec<f32> = (0..n).map(|a| -0.15 * a as f32 - 0.5 * ((a * 7919 % 13) as f32 / 13.0)).collect();
+    let values: Vec<f32> = (0..j * n).map(|i| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 2.0).collect();
+    let weights = [0.6f32, 0.4];
+    let mut policy = vec![0f32; n];
+    let mut payoffs = vec![0f32; j];
+    let opts = cage_options_default();
+    let mut solver: *mut CageSolver = std::ptr::null_mut();
+    // SAFETY: valid options and out pointer.
+    let st = unsafe { cage_solver_create(&opts, &mut solver) };
+    if st != CageStatus::CageOk {
+        return Err(CageError::InvalidArgument("cage_solver_create failed".into()));
+    }
+    let rust_call = || -> crate::error::Result<()> {
+        let batch = Batch::new(BatchInput {
+            rows: 1,
+            candidates: n,
+            principals: j,
+            base_logprobs: base.to_vec(),
+            values: values.to_vec(),
+            weights: weights.to_vec(),
+            tau: vec![0.1],
+            normalize: Normalize::ShiftMin,
+            names: vec![],
+        })?;
+        std::hint::black_box(crate::solver::solve(&batch, &SolveOptions::new(Method::Exact))?);
+        Ok(())
+    };
+    let mut c_call = || {
+        // SAFETY: every buffer has the documented length; the solver is used by this thread only.
+        let st = unsafe {
+            cage_solve_f32(
+                solver,
+                1,
+                n,
+                j,
+                base.as_ptr(),
+                values.as_ptr(),
+                weights.as_ptr(),
+                std::ptr::null(),
+                policy.as_mut_ptr(),
+                payoffs.as_mut_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        std::hint::black_box(st);
+    };
+    // Median over batches of 100 calls, alternating the two so that both see the same machine state.
+    let batches = (reps / 100).max(5);
+    let (mut rust_ns, mut c_ns) = (Vec::with_capacity(batches), Vec::with_capacity(batches));
+    for _ in 0..batches {
+        let t = Instant::now();
+        for _ in 0..100 {
+            rust_call()?;
+        }
+        rust_ns.push(t.elapsed().as_nanos() as f64 / 100.0);
+        let t = Instant::now();
+        for _ in 0..100 {
+            c_call();
+        }
+        c_ns.push(t.elapsed().as_nanos() as f64 / 100.0);
+    }
+    // SAFETY: created above, destroyed once.
+    unsafe { cage_solver_destroy(solver) };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (r, c) = (median(&mut rust_ns), median(&mut c_ns));
+    Ok(format!(
+        "ffi overhead, k = 50, J = 2, B = 1, exact, f32, CPU ({} calls each):\n  direct Rust call  {:8.0} ns\n  \
+         cage_solve_f32    {:8.0} ns\n  C boundary cost   {:8.0} ns",
+        batches * 100,
+        r,
+        c,
+        c - r
+    ))
+}
