@@ -7,23 +7,68 @@
 //! Data flows one way: model -> logits -> [`candidates`] -> principals' values -> [`Batch`] ->
 //! [`solver::solve`] -> [`Solution`] -> token. See `docs/model.md` for the game and its exact equilibrium.
 //!
+//! ## Solving a batch
+//!
 //! ```
 //! use cage::{Batch, BatchInput, Normalize, solver::{solve, SolveOptions, Method}};
-//! // One row, three candidate tokens, two principals.
+//! // Two rows (decoding steps), three candidate tokens, two principals: flat row-major buffers.
 //! let batch = Batch::new(BatchInput {
-//!     rows: 1, candidates: 3, principals: 2,
-//!     base_logprobs: vec![-0.5f64, -1.5, -2.0],
-//!     values: vec![1.0, 0.0, 0.2,   0.0, 0.3, 1.0],
-//!     weights: vec![0.5, 0.5],
-//!     tau: vec![0.1],
+//!     rows: 2, candidates: 3, principals: 2,
+//!     base_logprobs: vec![-0.5f64, -1.5, -2.0,   -1.0, -0.7, f64::NEG_INFINITY],
+//!     values: vec![1.0, 0.0, 0.2,   0.0, 0.3, 1.0,     // row 0: principal 0, principal 1
+//!                  0.5, 0.9, 0.0,   0.1, 0.0, 0.0],    // row 1
+//!     weights: vec![0.5, 0.5,   0.9, 0.1],
+//!     tau: vec![0.1],                                  // one tau for the batch, or one per row
 //!     normalize: Normalize::ShiftMin,
-//!     names: vec![],
+//!     names: vec!["helpful".into(), "concise".into()],
 //! })?;
 //! let sol = solve(&batch, &SolveOptions::new(Method::Exact))?;
-//! assert!(sol.converged[0]);
+//! assert!(sol.converged.iter().all(|&c| c));
 //! assert!((sol.policy_row(0).iter().sum::<f64>() - 1.0).abs() < 1e-12);
+//! assert_eq!(sol.policy_row(1)[2], 0.0); // -inf candidates get probability 0
+//! // Each principal pays only where its value beats its payoff by more than tau.
+//! for j in 0..2 {
+//!     let u = sol.payoff_row(0)[j];
+//!     for (a, &y) in sol.incentive_row(0, j).iter().enumerate() {
+//!         let v = batch.row(0).value(j)[a];
+//!         assert!((y - (v - u - 0.1).max(0.0)).abs() < 1e-9);
+//!     }
+//! }
 //! # Ok::<(), cage::CageError>(())
 //! ```
+//!
+//! ## Choosing a backend and a token
+//!
+//! `auto` runs the CUDA kernels when a GPU is usable and the CPU otherwise; `cuda` without a GPU is an
+//! ordinary error, never a panic.
+//!
+//! ```
+//! use cage::gpu::{Backend, solve_with};
+//! use cage::sampling::{Choice, choose_row};
+//! use cage::candidates::{Selection, select, gather};
+//! use cage::{Batch, BatchInput, Normalize, solver::{SolveOptions, Method}};
+//! // A vocabulary of 8 tokens: keep the base's top 4, gather a principal's values there.
+//! let logits = [2.0f32, 0.5, 1.5, -1.0, 0.0, 1.0, -2.0, 0.2];
+//! let cand = select(&logits, Selection::TopK(4))?;
+//! let reward = [0.0f32, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0];
+//! let batch = Batch::new(BatchInput {
+//!     rows: 1, candidates: 4, principals: 1,
+//!     base_logprobs: cand.base_logprobs.clone(),
+//!     values: gather(&reward, &cand.ids)?,
+//!     weights: vec![1.0], tau: vec![0.1], normalize: Normalize::ShiftMin, names: vec![],
+//! })?;
+//! let sol = solve_with(Backend::Auto, &batch, &SolveOptions::new(Method::Exact))?;
+//! let greedy = cand.ids[choose_row(sol.policy_row(0), Choice::Greedy, 0, 0, 0)?];
+//! let sampled = cand.ids[choose_row(sol.policy_row(0), Choice::Gumbel, 1234, 0, 0)?];
+//! assert!(cand.ids.contains(&greedy) && cand.ids.contains(&sampled));
+//! match solve_with(Backend::Cuda, &batch, &SolveOptions::new(Method::Exact)) {
+//!     Ok(_) => println!("ran on the GPU"),
+//!     Err(e) => println!("no GPU here: {e}"),
+//! }
+//! # Ok::<(), cage::CageError>(())
+//! ```
+//!
+//! The same solver is available from C (`include/cage.h`, [`ffi`]).
 
 pub mod baselines;
 pub mod candidates;
