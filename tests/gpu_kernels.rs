@@ -92,6 +92,13 @@ fn gpu_principal_values_match_cpu() {
 }
 
 #[test]
+fn gpu_jacobi_matches_cpu() {
+    if let Some(mut g) = gpu_or_skip("gpu_jacobi_matches_cpu") {
+        bodies::jacobi_matches_cpu(&mut g, 3, 1e-5);
+    }
+}
+
+#[test]
 fn backends_without_a_gpu_are_errors_or_fall_back() {
     let (b64, _) = bodies::batch(bodies::Shape::new(2, 20, 2), 5);
     let opts = SolveOptions::new(Method::Exact);

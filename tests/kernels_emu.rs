@@ -47,3 +47,9 @@ fn emulated_choose_is_reproducible_and_follows_pi() {
 fn emulated_principal_values_match_cpu() {
     bodies::principal_values_match_cpu(&mut Gpu::emulated());
 }
+
+#[test]
+fn emulated_jacobi_matches_cpu() {
+    // One converged case, to 1e-4: Algorithm 1 to 1e-5 takes thousands of passes, slow under emulation.
+    bodies::jacobi_matches_cpu(&mut Gpu::emulated(), 1, 1e-4);
+}

@@ -7,7 +7,7 @@
 //! - [`Backend`] and [`solve_with`]: the solver API with a choice of `cpu`, `cuda` or `auto` (the GPU when one
 //!   is usable, else the CPU). No GPU, no driver or a failed context is an ordinary [`CageError`], never a panic.
 //!
-//! Kernels: [`Gpu::equilibrium`] (the batched exact equilibrium), [`Gpu::candidates`] (fused log-softmax and
+//! Kernels: [`Gpu::equilibrium`] (the batched exact equilibrium), [`Gpu::jacobi`] (Algorithm 1, `jacobi` and `paper`), [`Gpu::candidates`] (fused log-softmax and
 //! top-k), [`Gpu::principal_values`] (ARM values at the candidates with the preprocessing) and [`Gpu::choose`]
 //! (greedy or sampled token choice with a counter-based RNG). See docs/architecture.md.
 
@@ -21,6 +21,7 @@ use crate::error::{CageError, Result};
 use crate::problem::{Batch, Normalize};
 use crate::real::Real;
 use crate::solution::Solution;
+use crate::solver::jacobi::{Inner, JacobiOptions};
 use crate::solver::{Method, SolveOptions};
 use device::{DevPtr, Device};
 use std::collections::HashMap;
@@ -450,6 +451,75 @@ impl Gpu {
         self.fetch_equilibrium(&job)
     }
 
+    /// The paper's Algorithm 1 (nonlinear Jacobi) on every row with options `o` (see
+    /// [`crate::solver::jacobi`]): `JacobiOptions::converged` for the `jacobi` method, `JacobiOptions::paper`
+    /// for the truncated `paper` mode. f32 on the device, where the CPU version runs in f64.
+    pub fn jacobi(&mut self, batch: &Batch<f32>, o: &JacobiOptions) -> Result<Solution<f32>> {
+        let (rows, n, j) = (batch.rows(), batch.candidates(), batch.principals());
+        check_i32("candidates", n)?;
+        check_i32("principals", j)?;
+        if o.max_rounds == 0 || o.max_rounds > i32::MAX as u32 || o.inner_max_iter > i32::MAX as u32 {
+            return Err(bad(format!("Jacobi rounds must be in 1..=2^31-1, got {}", o.max_rounds)));
+        }
+        for (what, x) in [("tol", o.tol), ("inner_tol", o.inner_tol), ("inner_ftol", o.inner_ftol)] {
+            if !(x.is_finite() && x >= 0.0) {
+                return Err(bad(format!("Jacobi {what} must be a finite number >= 0, got {x}")));
+            }
+        }
+        if !(o.damping > 0.0 && o.damping <= 1.0) {
+            return Err(bad(format!("Jacobi damping must be in (0, 1], got {}", o.damping)));
+        }
+        let mut base = self.put("jac.base", batch.base())?;
+        let mut values = self.put("jac.values", batch.values())?;
+        let mut tau = self.put("jac.tau", batch.tau())?;
+        let mut scratch = self.buffer("jac.scratch", rows * (2 * j + 6) * n * 4)?;
+        let mut pi = self.buffer("jac.pi", rows * n * 4)?;
+        let mut agg = self.buffer("jac.agg", rows * n * 4)?;
+        let mut y = self.buffer("jac.y", rows * j * n * 4)?;
+        let mut payoff = self.buffer("jac.payoff", rows * j * 4)?;
+        let mut stats = self.buffer("jac.stats", rows * 3 * 4)?;
+        let (mut n32, mut j32) = (n as i32, j as i32);
+        let (mut rounds, mut inner) = (o.max_rounds as i32, o.inner_max_iter as i32);
+        let (mut tol, mut itol, mut ftol, mut damp) =
+            (o.tol as f32, o.inner_tol as f32, o.inner_ftol as f32, o.damping as f32);
+        let mut scaled = i32::from(o.inner == Inner::ScaledProjectedGradient);
+        let mut params = [
+            as_param(&mut base),
+            as_param(&mut values),
+            as_param(&mut tau),
+            as_param(&mut n32),
+            as_param(&mut j32),
+            as_param(&mut rounds),
+            as_param(&mut inner),
+            as_param(&mut tol),
+            as_param(&mut itol),
+            as_param(&mut ftol),
+            as_param(&mut damp),
+            as_param(&mut scaled),
+            as_param(&mut scratch),
+            as_param(&mut pi),
+            as_param(&mut agg),
+            as_param(&mut y),
+            as_param(&mut payoff),
+            as_param(&mut stats),
+        ];
+        let threads = n.div_ceil(2).next_multiple_of(32).clamp(32, 256) as u32;
+        // SAFETY: matches cage_jacobi_f32 in kernels/jacobi.cu; buffers sized above for this shape.
+        unsafe { self.dev.launch("cage_jacobi_f32", [rows as u32, 1, 1], [threads, 1, 1], 0, &mut params)? };
+        let mut sol = Solution::zeros(rows, n, j);
+        sol.policy = self.get(pi, rows * n)?;
+        sol.aggregate = self.get(agg, rows * n)?;
+        sol.incentives = self.get(y, rows * j * n)?;
+        sol.payoffs = self.get(payoff, rows * j)?;
+        let st: Vec<f32> = self.get(stats, rows * 3)?;
+        for r in 0..rows {
+            sol.iterations[r] = st[r * 3] as u32;
+            sol.residual[r] = st[r * 3 + 1] as f64;
+            sol.converged[r] = st[r * 3 + 2] != 0.0;
+        }
+        Ok(sol)
+    }
+
     fn check_logits(logits: &Logits<'_>, rows: usize, vocab: usize) -> Result<()> {
         if rows == 0 || vocab == 0 {
             return Err(bad(format!("logits of {rows} rows x {vocab} tokens: both must be >= 1")));
@@ -753,33 +823,58 @@ fn convert_solution<T: Real>(s: Solution<f32>) -> Solution<T> {
     }
 }
 
-/// Solves `batch` on `backend`. The CUDA backend computes in f32 (values in f32 storage) and runs the `exact`
-/// method; `auto` uses it when a GPU is usable and the method is `exact` with at most [`MAX_PRINCIPALS`]
-/// principals, and the CPU otherwise.
+/// Whether `method` runs on the CUDA backend.
+pub fn runs_on_gpu(method: Method) -> bool {
+    matches!(method, Method::Exact | Method::Jacobi | Method::Paper)
+}
+
+/// Solves `batch` on `backend`. The CUDA backend computes in f32 (default tolerance that of f32, 1e-5) and runs
+/// `exact` (J <= [`MAX_PRINCIPALS`]), `jacobi` and `paper`; `auto` uses it when a GPU is usable and the method
+/// runs there, and the CPU otherwise.
 pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
     let on_gpu = |batch: &Batch<T>| -> Result<Solution<T>> {
-        if opts.method != Method::Exact {
-            return Err(bad(format!(
-                "method {} does not run on the CUDA backend yet (use exact, or backend cpu)",
-                opts.method.name()
-            )));
+        let tol = opts.tol.unwrap_or(<f32 as Real>::DEFAULT_TOL);
+        if !(tol.is_finite() && tol > 0.0) {
+            return Err(bad(format!("tolerance must be a finite number > 0, got {tol}")));
+        }
+        if opts.max_iter == Some(0) {
+            return Err(bad("max_iter must be >= 1".into()));
         }
         let b32 = batch.convert::<f32>()?;
-        let mut eo = EqOptions::default();
-        if let Some(t) = opts.tol {
-            eo.tol = t;
-        }
-        if let Some(m) = opts.max_iter {
-            eo.max_iter = m;
-        }
-        let sol = with_shared_gpu(|g| g.equilibrium(&b32, &eo))?;
+        let sol = match opts.method {
+            Method::Exact => {
+                let mut eo = EqOptions { tol, ..EqOptions::default() };
+                if let Some(m) = opts.max_iter {
+                    eo.max_iter = m;
+                }
+                with_shared_gpu(|g| g.equilibrium(&b32, &eo))?
+            }
+            Method::Jacobi | Method::Paper => {
+                let mut o = if opts.method == Method::Jacobi {
+                    JacobiOptions::converged(tol.max(1e-12))
+                } else {
+                    JacobiOptions::paper()
+                };
+                if let Some(m) = opts.max_iter {
+                    o.max_rounds = m;
+                }
+                with_shared_gpu(|g| g.jacobi(&b32, &o))?
+            }
+            m => {
+                return Err(bad(format!(
+                    "method {} does not run on the CUDA backend (use exact, jacobi or paper, or backend cpu)",
+                    m.name()
+                )));
+            }
+        };
         Ok(convert_solution(sol))
     };
     match backend {
         Backend::Cpu => crate::solver::solve(batch, opts),
         Backend::Cuda => on_gpu(batch),
         Backend::Auto => {
-            let fits = opts.method == Method::Exact && batch.principals() <= MAX_PRINCIPALS;
+            let fits =
+                runs_on_gpu(opts.method) && (opts.method != Method::Exact || batch.principals() <= MAX_PRINCIPALS);
             if fits && cuda_usable().is_ok() && with_shared_gpu(|_| Ok(())).is_ok() {
                 on_gpu(batch)
             } else {
