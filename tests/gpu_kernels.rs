@@ -99,6 +99,13 @@ fn gpu_jacobi_matches_cpu() {
 }
 
 #[test]
+fn gpu_graph_replays_equilibrium() {
+    if let Some(mut g) = gpu_or_skip("gpu_graph_replays_equilibrium") {
+        bodies::graph_replays_equilibrium(&mut g);
+    }
+}
+
+#[test]
 fn backends_without_a_gpu_are_errors_or_fall_back() {
     let (b64, _) = bodies::batch(bodies::Shape::new(2, 20, 2), 5);
     let opts = SolveOptions::new(Method::Exact);

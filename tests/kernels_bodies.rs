@@ -491,3 +491,23 @@ pub fn jacobi_matches_cpu(gpu: &mut Gpu, converged_cases: usize, tol: f64) {
         }
     }
 }
+
+/// A captured equilibrium replays with new inputs uploaded into the same buffers (the decoding-loop use);
+/// under the emulation capture is an error, not a panic.
+pub fn graph_replays_equilibrium(gpu: &mut Gpu) {
+    let (_, first) = batch(Shape::new(2, 50, 3), 500);
+    let (_, second) = batch(Shape::new(2, 50, 3), 501);
+    let job = gpu.prepare_equilibrium(&first, &eq_opts()).unwrap();
+    let graph = match gpu.capture_equilibrium(&job) {
+        Ok(g) => g,
+        Err(e) => {
+            assert!(gpu.is_emulated(), "capture failed on a GPU: {e}");
+            return;
+        }
+    };
+    let direct = gpu.equilibrium(&second, &eq_opts()).unwrap();
+    let job2 = gpu.prepare_equilibrium(&second, &eq_opts()).unwrap();
+    gpu.run_graph(graph).unwrap();
+    let replayed = gpu.fetch_equilibrium(&job2).unwrap();
+    assert_eq!(direct.policy, replayed.policy, "graph replay differs from a direct launch");
+}

@@ -53,3 +53,8 @@ fn emulated_jacobi_matches_cpu() {
     // One converged case, to 1e-4: Algorithm 1 to 1e-5 takes thousands of passes, slow under emulation.
     bodies::jacobi_matches_cpu(&mut Gpu::emulated(), 1, 1e-4);
 }
+
+#[test]
+fn emulated_graph_capture_is_an_error() {
+    bodies::graph_replays_equilibrium(&mut Gpu::emulated());
+}

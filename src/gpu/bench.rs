@@ -121,6 +121,16 @@ pub fn equilibrium(
     Ok(Measurement { name, cache, micros, bytes: job.bytes_moved() })
 }
 
+/// The equilibrium replayed from a CUDA graph (warm L2): the launch cost a decoding loop pays per step.
+pub fn equilibrium_graph(gpu: &mut Gpu, rows: usize, n: usize, j: usize, reps: usize) -> Result<Measurement> {
+    let batch = random_batch(rows, n, j, 1)?;
+    let job = gpu.prepare_equilibrium(&batch, &EqOptions { incentives: false, ..EqOptions::default() })?;
+    let graph = gpu.capture_equilibrium(&job)?;
+    let micros = time_us(gpu, Cache::Warm, reps, &mut |g| g.run_graph(graph))?;
+    let name = format!("equilibrium (CUDA graph) B={rows} N={n} J={j} values=F32");
+    Ok(Measurement { name, cache: Cache::Warm, micros, bytes: job.bytes_moved() })
+}
+
 /// Fused log-softmax + top-k (`k = Some`) or full log-softmax (`None`) from bf16 logits.
 pub fn candidates(
     gpu: &mut Gpu,
@@ -182,6 +192,7 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
         // under 10 us including launch; top-k at >= 80% of copy bandwidth for B x V >= 8M.
         warm_and_flushed(&mut |c| equilibrium(gpu, 64, 128_256, 4, ValueType::Bf16, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| equilibrium(gpu, 1, 50, 4, ValueType::F32, c, reps), &mut rows)?;
+        rows.push(equilibrium_graph(gpu, 1, 50, 4, reps)?);
         warm_and_flushed(&mut |c| equilibrium(gpu, 64, 50, 4, ValueType::F32, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| equilibrium(gpu, 8, 32_000, 2, ValueType::Bf16, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| candidates(gpu, 64, 128_256, Some(50), c, reps), &mut rows)?;

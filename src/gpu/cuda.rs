@@ -8,8 +8,10 @@
 use super::device::{DevPtr, Device};
 use super::{KernelModule, MODULES};
 use crate::error::{CageError, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, result};
+use cudarc::driver::sys::{
+    CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream, result};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -45,7 +47,14 @@ pub struct Cuda {
     max_smem: usize,
     name: String,
     timer: Option<CudaEvent>,
+    graphs: Vec<Graph>,
 }
+
+/// An instantiated CUDA graph.
+struct Graph(CudaGraph);
+
+// SAFETY: the graph is only launched through the Cuda device that owns it, which binds its context first.
+unsafe impl Send for Graph {}
 
 impl Cuda {
     /// Opens GPU `ordinal`; every failure (no driver, no device, context creation) is an error.
@@ -63,7 +72,17 @@ impl Cuda {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| gpu_err("shared memory size", e))? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Self { ctx, stream, modules: HashMap::new(), functions: HashMap::new(), cc, max_smem, name, timer: None })
+        Ok(Self {
+            ctx,
+            stream,
+            modules: HashMap::new(),
+            functions: HashMap::new(),
+            cc,
+            max_smem,
+            name,
+            timer: None,
+            graphs: Vec::new(),
+        })
     }
 
     fn load_module(&mut self, m: &'static KernelModule) -> Result<Arc<CudaModule>> {
@@ -191,6 +210,24 @@ impl Device for Cuda {
     }
     fn max_dynamic_smem(&self) -> usize {
         self.max_smem
+    }
+    fn begin_capture(&mut self) -> Result<()> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| gpu_err("beginning a graph capture", e))
+    }
+    fn end_capture(&mut self) -> Result<usize> {
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| gpu_err("ending a graph capture", e))?
+            .ok_or_else(|| CageError::InvalidArgument("CUDA: the graph capture recorded nothing".into()))?;
+        self.graphs.push(Graph(graph));
+        Ok(self.graphs.len() - 1)
+    }
+    fn launch_graph(&mut self, graph: usize) -> Result<()> {
+        let g = self.graphs.get(graph).ok_or_else(|| CageError::InvalidArgument(format!("no CUDA graph {graph}")))?;
+        g.0.launch().map_err(|e| gpu_err("launching a graph", e))
     }
     fn timer_start(&mut self) -> Result<()> {
         // Timing needs events created with the default flags (cudarc's default disables timing).

@@ -42,6 +42,13 @@ pub trait Device: Send {
     fn synchronize(&mut self) -> Result<()>;
     /// The largest dynamic shared memory a block may use.
     fn max_dynamic_smem(&self) -> usize;
+    /// Starts recording the stream's launches into a graph instead of running them (CUDA stream capture);
+    /// an error on devices that cannot (the emulation).
+    fn begin_capture(&mut self) -> Result<()>;
+    /// Ends a capture and returns a handle to the instantiated graph.
+    fn end_capture(&mut self) -> Result<usize>;
+    /// Launches a captured graph: one driver call for the whole recorded sequence.
+    fn launch_graph(&mut self, graph: usize) -> Result<()>;
     /// Starts a timer on the device's stream (a device event on a GPU, the wall clock under emulation).
     fn timer_start(&mut self) -> Result<()>;
     /// Milliseconds of stream work since [`Device::timer_start`]; waits for that work to finish.

@@ -109,6 +109,16 @@ impl Device for Emulator {
     fn max_dynamic_smem(&self) -> usize {
         EMU_MAX_DYNAMIC_SMEM
     }
+    fn begin_capture(&mut self) -> Result<()> {
+        // Kernel parameters arrive as untyped pointers, so a recording could not copy them: run launches directly.
+        Err(CageError::InvalidArgument("the host emulation does not capture CUDA graphs".into()))
+    }
+    fn end_capture(&mut self) -> Result<usize> {
+        Err(CageError::InvalidArgument("the host emulation does not capture CUDA graphs".into()))
+    }
+    fn launch_graph(&mut self, _graph: usize) -> Result<()> {
+        Err(CageError::InvalidArgument("the host emulation does not capture CUDA graphs".into()))
+    }
     fn timer_start(&mut self) -> Result<()> {
         self.timer = Some(std::time::Instant::now());
         Ok(())

@@ -423,6 +423,25 @@ impl Gpu {
         unsafe { self.dev.launch(&name, [job.rows as u32, 1, 1], [job.threads, 1, 1], job.smem, &mut params) }
     }
 
+    /// Records the launch of a prepared equilibrium as a CUDA graph, so that a decoding loop replays the step
+    /// with one driver call ([`Gpu::run_graph`]); inputs are re-uploaded into the same buffers between steps.
+    /// An error under the emulation (use [`Gpu::run_equilibrium`] there).
+    pub fn capture_equilibrium(&mut self, job: &EqJob) -> Result<usize> {
+        // Module loading and the shared-memory opt-in are not capturable: do them with a first real launch.
+        self.run_equilibrium(job)?;
+        self.dev.synchronize()?;
+        self.dev.begin_capture()?;
+        let launched = self.run_equilibrium(job);
+        let graph = self.dev.end_capture();
+        launched?;
+        graph
+    }
+
+    /// Launches a graph of [`Gpu::capture_equilibrium`].
+    pub fn run_graph(&mut self, graph: usize) -> Result<()> {
+        self.dev.launch_graph(graph)
+    }
+
     /// Copies the solution of a finished equilibrium back.
     pub fn fetch_equilibrium(&mut self, job: &EqJob) -> Result<Solution<f32>> {
         let (b, n, j) = (job.rows, job.n, job.j);
