@@ -160,15 +160,20 @@ impl Device for Cuda {
     }
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
-        self.stream.synchronize().map_err(|e| gpu_err("synchronising", e))?;
+        // On our (non-blocking) stream, so the copy is ordered before the kernels that read it (a legacy
+        // synchronous copy would not be), then waited for: the driver only "may" have consumed pageable `src`
+        // when the call returns, and the caller frees it next.
         // SAFETY: the caller passes a live allocation of at least src.len() bytes.
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| gpu_err("copy to device", e))
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| gpu_err("copy to device", e))?;
+        self.stream.synchronize().map_err(|e| gpu_err("copy to device", e))
     }
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
-        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
-        // SAFETY: as in upload.
-        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(|e| gpu_err("copy to host", e))
+        // SAFETY: as in upload; the stream is synchronised before `dst` is handed back.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| gpu_err("copy to host", e))?;
+        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))
     }
     fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
