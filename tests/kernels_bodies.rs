@@ -262,6 +262,22 @@ pub fn candidates_match_cpu(gpu: &mut Gpu, vocab: usize) {
     }
 }
 
+/// Top-k with fewer finite logits than k: the -inf tokens fill the rest in id order, with log pi0 = -inf, as
+/// on the CPU.
+pub fn candidates_mostly_excluded(gpu: &mut Gpu) {
+    let vocab = 100;
+    let x: Vec<f32> = (0..vocab).map(|i| if i % 10 == 3 { (i as f32) * 0.1 } else { f32::NEG_INFINITY }).collect();
+    for k in [5, 50, 100] {
+        let got = gpu.candidates(Logits::F32(&x), 1, vocab, Some(k)).unwrap();
+        let want = select(&x, Selection::TopK(k)).unwrap();
+        assert_eq!(got.ids, want.ids, "k = {k}");
+        for (&g, &w) in got.logp.iter().zip(&want.base_logprobs) {
+            assert!(g == w || (g - w).abs() <= 2e-5 * (1.0 + w.abs()), "k = {k}: log pi0 {g} vs {w}");
+        }
+        assert_eq!(got.logp.iter().filter(|x| x.is_infinite()).count(), k.saturating_sub(10), "k = {k}");
+    }
+}
+
 /// Bad candidate requests are errors.
 pub fn candidates_reject_bad_requests(gpu: &mut Gpu) {
     let x = logits(2, 100, 1);

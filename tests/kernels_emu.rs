@@ -36,6 +36,7 @@ fn emulated_candidates_match_cpu() {
 #[test]
 fn emulated_candidates_reject_bad_requests() {
     bodies::candidates_reject_bad_requests(&mut Gpu::emulated());
+    bodies::candidates_mostly_excluded(&mut Gpu::emulated());
 }
 
 #[test]
