@@ -9,7 +9,8 @@
 // Every scalar decision is taken by every thread from block-reduced values (identical in all threads), so
 // control flow stays uniform without a broadcast. Element-wise phases all stride candidates the same way
 // (candidate a belongs to thread a mod blockDim), so only reductions need barriers. The iterates live in a
-// global scratch of B x (2J + 6) x N floats: this is the check and the paper reproduction, not the fast path.
+// global scratch of B x (2J + 6) x N floats: this is the check and the paper reproduction, not the fast path,
+// so it uses the precise expf (the paper mode must follow the CPU's Armijo decisions step by step).
 #include "common.cuh"
 
 // pi = softmax(base + (x + y) / tau) into `pi` (y may be null); returns in `w` the payoff pi . (v - y) when v is
@@ -24,22 +25,22 @@ __device__ void jac_softmax(const float* __restrict__ b, const float* x, const f
     pi[a] = z;
     if (z == cage_neg_inf()) continue;
     if (z > m) {
-      const float r = __expf(m - z);
+      const float r = expf(m - z);
       s *= r;
       ws *= r;
       m = z;
     }
-    const float e = __expf(z - m);
+    const float e = expf(z - m);
     s += e;
     if (v) ws += e * (v[a] - ya);
   }
   const float mb = block_max(m, red);
-  const float r = m == cage_neg_inf() ? 0.0f : __expf(m - mb);
+  const float r = m == cage_neg_inf() ? 0.0f : expf(m - mb);
   float acc[3] = {s * r, ws * r, extra_in};
   block_sum<3>(acc, red);
   const float inv_s = 1.0f / acc[0];
   for (int a = threadIdx.x; a < n; a += blockDim.x) {
-    pi[a] = pi[a] == cage_neg_inf() ? 0.0f : __expf(pi[a] - mb) * inv_s;
+    pi[a] = pi[a] == cage_neg_inf() ? 0.0f : expf(pi[a] - mb) * inv_s;
   }
   w = (double)acc[1] * inv_s;
   extra = acc[2];
