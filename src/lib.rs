@@ -72,6 +72,7 @@
 
 pub mod baselines;
 pub mod candidates;
+pub mod decode;
 pub mod error;
 pub mod ffi;
 pub mod game_json;

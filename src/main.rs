@@ -73,7 +73,16 @@ enum Command {
         /// `cage bench forward`: JSON output.
         #[arg(long)]
         json: bool,
+        /// `cage bench decode`: tokens per second of every decoding method and where a step's time goes.
+        #[command(flatten)]
+        decode: cage::decode::cli::BenchDecodeArgs,
     },
+    /// Decode prompts with the principals and method of a run config (one prompt streams to the terminal).
+    Generate(cage::decode::cli::GenerateArgs),
+    /// Sweep the principals' weights over the simplex for several methods: CSV, hypervolume, MIP, Pareto plot.
+    Sweep(cage::decode::cli::SweepArgs),
+    /// Fetch SmolLM2-135M-Instruct if needed and decode one prompt under several weightings of two principals.
+    Demo(cage::decode::cli::DemoArgs),
     /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
     Solve {
         /// Game file, or `-` for standard input.
@@ -125,6 +134,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what, model, json, .. } if what == "forward" => {
             cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
         }
+        Command::Bench { what, json, decode, .. } if what == "decode" => cage::decode::cli::bench_decode_cmd(&decode, json),
+        Command::Generate(a) => cage::decode::cli::generate_cmd(&a),
+        Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
+        Command::Demo(a) => cage::decode::cli::demo_cmd(&a),
         Command::Bench { what, reps, .. } if what == "ffi" => {
             println!("{}", cage::ffi::bench_overhead(reps.max(20_000))?);
             Ok(())

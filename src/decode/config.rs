@@ -1,0 +1,258 @@
+//! The run configuration of `cage generate`, `cage sweep` and `cage bench decode`: one JSON file names the base
+//! model, the principals, their weights, the method and the decoding limits; command-line flags override the
+//! weights and the method so that one file serves a whole sweep.
+
+use crate::error::{CageError, Result};
+use crate::problem::Normalize;
+use crate::sampling::Choice;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// How a decoding step turns the base policy and the principals' values into the policy it samples from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecodeMethod {
+    /// The base model alone (principals are still evaluated, for scoring).
+    #[serde(rename = "base")]
+    Base,
+    /// softmax(log pi0 + sum_j v_j / tau): every principal pays its whole value.
+    #[serde(rename = "linear")]
+    Linear,
+    /// GenARM: pi ~ pi_base * prod_j pi_j^(w_j), pi_j a principal's policy (its values when it has none).
+    #[serde(rename = "genarm")]
+    Genarm,
+    /// MOD (reverse KL): pi ~ prod_j pi_j^(w_j) over the principals' policies, without the base.
+    #[serde(rename = "mod")]
+    Mod,
+    /// The exact equilibrium of the common-agency game.
+    #[default]
+    #[serde(rename = "cage")]
+    Cage,
+    /// The authors' truncated Algorithm 1: an approximate equilibrium.
+    #[serde(rename = "cage-paper")]
+    CagePaper,
+}
+
+impl DecodeMethod {
+    /// Every method, in the order tables list them.
+    pub const ALL: [DecodeMethod; 6] = [Self::Base, Self::Linear, Self::Genarm, Self::Mod, Self::Cage, Self::CagePaper];
+
+    /// The name used in configs, on the command line and in outputs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Linear => "linear",
+            Self::Genarm => "genarm",
+            Self::Mod => "mod",
+            Self::Cage => "cage",
+            Self::CagePaper => "cage-paper",
+        }
+    }
+}
+
+impl std::str::FromStr for DecodeMethod {
+    type Err = CageError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+            CageError::InvalidArgument(format!("unknown decoding method {s:?} (expected one of {})", names.join(", ")))
+        })
+    }
+}
+
+/// Where a principal's values come from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PrincipalKind {
+    /// An autoregressive reward model: q = log pi_ARM - log pi_ref at the candidates.
+    Arm {
+        /// The ARM's backbone folder (default: the base model).
+        #[serde(default)]
+        model: Option<PathBuf>,
+        /// A PEFT LoRA adapter on that backbone (unmerged; rows of one backbone run as one batch).
+        #[serde(default)]
+        adapter: Option<PathBuf>,
+        /// The reference model folder (default: the ARM's backbone without the adapter).
+        #[serde(default)]
+        reference: Option<PathBuf>,
+    },
+    /// A model told the objective: q = log pi(a | instruction, context) - log pi(a | context).
+    Prompted {
+        /// The model folder (default: the base model).
+        #[serde(default)]
+        model: Option<PathBuf>,
+        /// The instruction describing the objective, put before the user's prompt.
+        instruction: String,
+    },
+    /// Token values from scored words: a token whose text (trimmed, lower case) is a listed word gets its score.
+    Lexicon {
+        /// Word -> score.
+        #[serde(default)]
+        words: BTreeMap<String, f64>,
+        /// Score of every other token.
+        #[serde(default)]
+        default: f64,
+    },
+}
+
+/// One principal of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrincipalSpec {
+    /// Its name in outputs (scores, CSV columns, diagnostics).
+    pub name: String,
+    /// Its value source.
+    #[serde(flatten)]
+    pub kind: PrincipalKind,
+}
+
+fn default_tau() -> f64 {
+    0.1
+}
+fn default_k() -> usize {
+    50
+}
+fn default_max_new() -> usize {
+    64
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_auto() -> String {
+    "auto".into()
+}
+fn default_greedy() -> String {
+    "greedy".into()
+}
+
+/// A decoding run, as read from a JSON config file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The base (agent) model folder.
+    pub base: PathBuf,
+    /// Folder with `tokenizer.json` (default: the base model's folder). Every model must use this tokenizer.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// The principals (objectives).
+    #[serde(default)]
+    pub principals: Vec<PrincipalSpec>,
+    /// One weight per principal (default: 1 / J each).
+    #[serde(default)]
+    pub weights: Option<Vec<f64>>,
+    /// Decoding method.
+    #[serde(default)]
+    pub method: DecodeMethod,
+    /// The agent's temperature.
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+    /// Candidates per step: the base model's top-k (0 = the whole vocabulary).
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// Value preprocessing (`shift_min` or `none`).
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// `greedy` or `sample`.
+    #[serde(default = "default_greedy")]
+    pub sampling: String,
+    /// Sampling seed (draws are keyed by seed, row and step).
+    #[serde(default)]
+    pub seed: u64,
+    /// Token limit per prompt.
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+    /// Stop strings (the text is cut before them).
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// `auto` (chat template when the tokenizer has one), `chat`, `plain` or `alpaca`.
+    #[serde(default = "default_auto")]
+    pub prompt_format: String,
+    /// Equilibrium backend: `cpu`, `cuda` or `auto`.
+    #[serde(default = "default_auto")]
+    pub backend: String,
+    /// Prompts (rows) decoded together.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+impl RunConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CageError::Io { context: format!("reading config {}", path.display()), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            CageError::InvalidArgument(m) => CageError::InvalidArgument(format!("config {}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Parses and checks a config given as JSON text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: RunConfig = serde_json::from_str(text).map_err(|e| CageError::InvalidArgument(format!("{e}")))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// The weights of the run: the configured ones, or 1 / J each.
+    pub fn weights(&self) -> Vec<f64> {
+        let j = self.principals.len();
+        self.weights.clone().unwrap_or_else(|| vec![1.0 / j.max(1) as f64; j])
+    }
+
+    /// The token choice.
+    pub fn choice(&self) -> Result<Choice> {
+        self.sampling.parse()
+    }
+
+    /// Checks everything that can be checked without loading models.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(CageError::InvalidArgument(m));
+        if let Some(w) = &self.weights {
+            let names: Vec<String> = self.principals.iter().map(|p| p.name.clone()).collect();
+            check_weights(w, &names)?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.principals {
+            if p.name.is_empty() || !seen.insert(p.name.as_str()) {
+                return bad(format!("principal names must be unique and non-empty, got {:?}", p.name));
+            }
+            if let PrincipalKind::Prompted { instruction, .. } = &p.kind
+                && instruction.trim().is_empty()
+            {
+                return bad(format!("prompted principal {:?} has an empty instruction", p.name));
+            }
+        }
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return Err(CageError::BadTau(self.tau));
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be >= 1".into());
+        }
+        self.choice()?;
+        self.backend.parse::<crate::gpu::Backend>()?;
+        if !["auto", "chat", "plain", "alpaca"].contains(&self.prompt_format.as_str()) {
+            return bad(format!(
+                "unknown prompt_format {:?} (expected auto, chat, plain or alpaca)",
+                self.prompt_format
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `w` has one finite weight >= 0 per principal (named by `names`).
+pub fn check_weights(w: &[f64], names: &[String]) -> Result<()> {
+    if w.len() != names.len() {
+        return Err(CageError::InvalidArgument(format!(
+            "{} weights given for {} principals ({})",
+            w.len(),
+            names.len(),
+            names.join(", ")
+        )));
+    }
+    for (x, p) in w.iter().zip(names) {
+        if !(x.is_finite() && *x >= 0.0) {
+            return Err(CageError::BadWeight { principal: p.clone(), value: *x });
+        }
+    }
+    Ok(())
+}
