@@ -8,4 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # so a kernel that does not compile fails the build.
 NVCC="$(bash scripts/install-cuda.sh | tail -n 1)"
 export NVCC
+# cargo test builds only the rlib of the library: build the cdylib (and the binary) that the C and Python
+# examples link against first.
+cargo build --release
 cargo test --release "$@"

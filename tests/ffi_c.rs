@@ -18,7 +18,10 @@ fn the_c_example_matches_the_rust_api() {
     let root = env!("CARGO_MANIFEST_DIR");
     let lib = target_dir();
     if !lib.join("libcage.so").exists() {
-        panic!("{} has no libcage.so: the cdylib was not built", lib.display());
+        panic!(
+            "{} has no libcage.so: build the cdylib first (cargo build --release; scripts/test.sh does)",
+            lib.display()
+        );
     }
     let exe = lib.join("cage-c-example");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());

@@ -20,6 +20,11 @@ fn the_python_logits_processor_matches_the_rust_api() {
     }
     let root = env!("CARGO_MANIFEST_DIR");
     let lib = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("libcage.so");
+    assert!(
+        lib.exists(),
+        "{} is missing: build the cdylib first (cargo build --release; scripts/test.sh does)",
+        lib.display()
+    );
     let out = Command::new("python3")
         .arg(format!("{root}/examples/python/logits_processor.py"))
         .arg("--lib")
