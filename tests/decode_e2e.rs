@@ -1,0 +1,364 @@
+//! End to end decoding on the tiny fixture models: determinism per method, the limits in which `cage` must
+//! equal `base`, GenARM against its formula computed here, batching, weak-to-strong, stop strings, diagnostics,
+//! and clear errors for bad configs.
+
+use cage::decode::{DecodeMethod, DecodeOptions, Engine, Event, RowRequest, RunConfig};
+use cage::model::{Adapter, CpuDecoder, Decoder, LogitsAt, Model, Seq};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const LLAMA: &str = "tests/fixtures/tiny-llama";
+const QWEN: &str = "tests/fixtures/tiny-qwen2";
+const LORA_A: &str = "tests/fixtures/tiny-lora-a";
+const LORA_B: &str = "tests/fixtures/tiny-lora-b";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(p: &str) -> String {
+    root().join(p).display().to_string()
+}
+
+/// A fresh scratch folder under the system temp dir.
+fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "cage-decode-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A word-level tokenizer for the 128-token fixtures: `<unk>`, `<s>`, `</s>`, then `{prefix}3` ... `{prefix}127`.
+fn write_tokenizer(dir: &Path, prefix: &str) {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for i in 3..128 {
+        vocab.insert(format!("{prefix}{i}"), i.into());
+    }
+    let special = |id: u32, c: &str| {
+        serde_json::json!({"id": id, "content": c, "single_word": false, "lstrip": false, "rstrip": false,
+                           "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": "<s>", "eos_token": "</s>"}"#).unwrap();
+}
+
+fn tokenizer_dir() -> PathBuf {
+    let d = scratch("tok");
+    write_tokenizer(&d, "t");
+    d
+}
+
+/// A config on tiny-llama with an ARM (LoRA a), a prompted principal and a lexicon.
+fn config(tok: &Path, method: &str, weights: &[f64], tau: f64) -> RunConfig {
+    let text = serde_json::json!({
+        "base": fixture(LLAMA),
+        "tokenizer": tok,
+        "principals": [
+            {"name": "arm", "kind": "arm", "adapter": fixture(LORA_A)},
+            {"name": "prompted", "kind": "prompted", "instruction": "t9 t10 t11"},
+            {"name": "lexicon", "kind": "lexicon", "words": {"t5": 2.0, "t17": 1.0, "t40": -1.0}}
+        ],
+        "weights": weights, "method": method, "tau": tau, "k": 20, "max_new_tokens": 12
+    });
+    RunConfig::parse(&text.to_string()).unwrap()
+}
+
+const PROMPTS: [&str; 3] = ["t3 t4 t5 t6", "t20 t21", "t100 t7 t8 t9 t50 t60"];
+
+fn run(cfg: &RunConfig, prompts: &[&str]) -> Vec<cage::decode::RowResult> {
+    let e = Engine::from_config(cfg).unwrap();
+    let opts = DecodeOptions::from_config(cfg).unwrap();
+    let rows: Vec<RowRequest> =
+        prompts.iter().map(|p| RowRequest { prompt: p.to_string(), weights: cfg.weights() }).collect();
+    e.decode(&rows, &opts, &mut |_| {}).unwrap().0
+}
+
+fn tokens(rs: &[cage::decode::RowResult]) -> Vec<Vec<u32>> {
+    rs.iter().map(|r| r.tokens.clone()).collect()
+}
+
+/// Greedy decoding of the plain base model, computed here with the runtime's own greedy loop.
+fn plain_greedy(prompt_ids: &[u32], n: usize) -> Vec<u32> {
+    let m = Arc::new(Model::load(&root().join(LLAMA)).unwrap());
+    let mut dec = CpuDecoder::new(m, 1, 64, 64);
+    cage::model::greedy(&mut dec, &[prompt_ids], &[None], n, &[2]).unwrap().remove(0)
+}
+
+fn ids(p: &str) -> Vec<u32> {
+    p.split_whitespace().map(|t| t[1..].parse().unwrap()).collect()
+}
+
+#[test]
+fn every_method_is_deterministic_and_base_is_plain_greedy() {
+    let tok = tokenizer_dir();
+    for m in DecodeMethod::ALL {
+        let cfg = config(&tok, m.name(), &[0.4, 0.3, 0.3], 0.5);
+        let (a, b) = (run(&cfg, &PROMPTS), run(&cfg, &PROMPTS));
+        assert_eq!(tokens(&a), tokens(&b), "method {}", m.name());
+        assert!(a.iter().all(|r| !r.tokens.is_empty()), "method {}", m.name());
+        if m == DecodeMethod::Base {
+            for (r, p) in a.iter().zip(PROMPTS) {
+                assert_eq!(r.tokens, plain_greedy(&ids(p), 12), "base on {p:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn weights_matter_and_methods_differ() {
+    let tok = tokenizer_dir();
+    let base = tokens(&run(&config(&tok, "base", &[1.0, 1.0, 1.0], 0.1), &PROMPTS));
+    let cage = tokens(&run(&config(&tok, "cage", &[1.0, 1.0, 1.0], 0.1), &PROMPTS));
+    assert_ne!(base, cage, "principals with weight 1 at tau 0.1 must change some token");
+}
+
+#[test]
+fn cage_with_zero_weights_equals_base() {
+    let tok = tokenizer_dir();
+    let base = run(&config(&tok, "base", &[0.0, 0.0, 0.0], 0.1), &PROMPTS);
+    for m in ["cage", "cage-paper", "linear", "genarm"] {
+        let r = run(&config(&tok, m, &[0.0, 0.0, 0.0], 0.1), &PROMPTS);
+        assert_eq!(tokens(&r), tokens(&base), "{m}");
+        // The implicit rewards are measured the same way whatever the method.
+        assert_eq!(r[0].scores, base[0].scores, "{m}");
+    }
+}
+
+#[test]
+fn cage_with_huge_tau_equals_base() {
+    let tok = tokenizer_dir();
+    let base = run(&config(&tok, "base", &[1.0, 1.0, 1.0], 0.1), &PROMPTS);
+    let cage = run(&config(&tok, "cage", &[1.0, 1.0, 1.0], 1e7), &PROMPTS);
+    assert_eq!(tokens(&cage), tokens(&base));
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+#[test]
+fn genarm_follows_its_formula() {
+    // GenARM with one ARM principal: pi ~ pi_base(a) * pi_ARM(a)^alpha over the base's top-k, greedy.
+    let tok = tokenizer_dir();
+    let (alpha, k, steps) = (0.7, 20usize, 10usize);
+    let text = serde_json::json!({
+        "base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "arm", "kind": "arm", "adapter": fixture(LORA_B)}],
+        "weights": [alpha], "method": "genarm", "k": k, "max_new_tokens": steps
+    });
+    let cfg = RunConfig::parse(&text.to_string()).unwrap();
+    let got = run(&cfg, &["t30 t31 t32"])[0].tokens.clone();
+
+    let mut model = Model::load(&root().join(LLAMA)).unwrap();
+    let ad = Adapter::load(&root().join(LORA_B), &model).unwrap();
+    let id = model.attach_adapter(&ad).unwrap();
+    let model = Arc::new(model);
+    let mut seq = ids("t30 t31 t32");
+    let mut want = vec![];
+    for _ in 0..steps {
+        let logits = |adapter: Option<usize>| {
+            let mut dec = CpuDecoder::new(model.clone(), 1, 64, 64);
+            log_softmax(dec.forward(&[Seq { slot: 0, tokens: &seq, adapter }], LogitsAt::Last).unwrap())
+        };
+        let (base, arm) = (logits(None), logits(Some(id)));
+        let mut order: Vec<usize> = (0..base.len()).collect();
+        order.sort_by(|a, b| base[*b].total_cmp(&base[*a]).then(a.cmp(b)));
+        let cands = &order[..k];
+        // log-normalise the ARM over the candidates, as GenARM's combination is renormalised there.
+        let lse = cands.iter().map(|&a| arm[a].exp()).sum::<f64>().ln();
+        let best = *cands
+            .iter()
+            .max_by(|&&a, &&b| {
+                let (sa, sb) = (base[a] + alpha * (arm[a] - lse), base[b] + alpha * (arm[b] - lse));
+                sa.total_cmp(&sb).then(b.cmp(&a))
+            })
+            .unwrap();
+        want.push(best as u32);
+        seq.push(best as u32);
+        if best == 2 {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+    // The ARM must have steered somewhere, or the comparison would not test the formula.
+    assert_ne!(want, plain_greedy(&ids("t30 t31 t32"), steps));
+}
+
+#[test]
+fn rows_decoded_together_equal_rows_decoded_alone() {
+    let tok = tokenizer_dir();
+    for m in ["cage", "genarm"] {
+        let cfg = config(&tok, m, &[0.5, 0.3, 0.2], 0.3);
+        let together = tokens(&run(&cfg, &PROMPTS));
+        let alone: Vec<Vec<u32>> = PROMPTS.iter().map(|p| run(&cfg, &[p])[0].tokens.clone()).collect();
+        assert_eq!(together, alone, "{m}");
+    }
+}
+
+#[test]
+fn rows_with_different_weights_in_one_batch() {
+    let tok = tokenizer_dir();
+    let cfg = config(&tok, "cage", &[1.0, 0.0, 0.0], 0.1);
+    let e = Engine::from_config(&cfg).unwrap();
+    let opts = DecodeOptions::from_config(&cfg).unwrap();
+    let ws = [vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 0.0], vec![0.0, 1.0, 0.5]];
+    let rows: Vec<RowRequest> =
+        ws.iter().map(|w| RowRequest { prompt: PROMPTS[0].into(), weights: w.clone() }).collect();
+    let mixed = tokens(&e.decode(&rows, &opts, &mut |_| {}).unwrap().0);
+    for (w, got) in ws.iter().zip(&mixed) {
+        let single = RowRequest { prompt: PROMPTS[0].into(), weights: w.clone() };
+        assert_eq!(&e.decode(&[single], &opts, &mut |_| {}).unwrap().0[0].tokens, got, "weights {w:?}");
+    }
+}
+
+#[test]
+fn weak_to_strong_principal_on_another_model() {
+    let tok = tokenizer_dir();
+    let text = serde_json::json!({
+        "base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "small", "kind": "prompted", "model": fixture(QWEN), "instruction": "t9 t10"},
+                       {"name": "arm", "kind": "arm", "adapter": fixture(LORA_A)}],
+        "weights": [1.0, 1.0], "method": "cage", "tau": 0.1, "k": 20, "max_new_tokens": 8
+    });
+    let cfg = RunConfig::parse(&text.to_string()).unwrap();
+    let r = run(&cfg, &PROMPTS);
+    assert!(r.iter().all(|x| !x.tokens.is_empty() && x.scores.iter().all(|s| s.is_finite())));
+    let zero = RunConfig { weights: Some(vec![0.0, 0.0]), ..cfg.clone() };
+    let base = RunConfig { method: DecodeMethod::Base, ..cfg };
+    assert_eq!(tokens(&run(&zero, &PROMPTS)), tokens(&run(&base, &PROMPTS)));
+}
+
+#[test]
+fn stop_strings_eos_and_limits() {
+    let tok = tokenizer_dir();
+    let mut cfg = config(&tok, "base", &[0.0, 0.0, 0.0], 0.1);
+    let full = run(&cfg, &PROMPTS[..1])[0].clone();
+    assert_eq!(full.stop_reason, if full.tokens.last() == Some(&2) { "eos" } else { "length" });
+    assert!(full.tokens.len() <= 12);
+    // Stop at the third generated word: the text is cut before it.
+    let words: Vec<&str> = full.text.split_whitespace().collect();
+    assert!(words.len() >= 3, "need 3 words, got {:?}", full.text);
+    cfg.stop = vec![words[2].to_string()];
+    let cut = run(&cfg, &PROMPTS[..1])[0].clone();
+    assert_eq!(cut.stop_reason, "stop");
+    assert!(!cut.text.contains(words[2]) || words[..2].contains(&words[2]));
+    assert!(full.text.starts_with(cut.text.trim_end()));
+    cfg.max_new_tokens = 2;
+    let short = run(&cfg, &PROMPTS[..1])[0].clone();
+    assert_eq!(short.tokens, full.tokens[..2]);
+}
+
+#[test]
+fn diagnostics_report_solver_payers_and_kl() {
+    let tok = tokenizer_dir();
+    let cfg = config(&tok, "cage", &[1.0, 1.0, 1.0], 0.1);
+    let e = Engine::from_config(&cfg).unwrap();
+    let mut opts = DecodeOptions::from_config(&cfg).unwrap();
+    opts.diagnostics = true;
+    let mut diags = vec![];
+    let rows = vec![RowRequest { prompt: PROMPTS[0].into(), weights: vec![1.0, 1.0, 1.0] }];
+    let (res, tm) = e
+        .decode(&rows, &opts, &mut |ev| {
+            if let Event::Step(d) = ev {
+                diags.push(d.clone());
+            }
+        })
+        .unwrap();
+    assert_eq!(diags.len(), res[0].tokens.len());
+    assert!(diags.iter().all(|d| d.converged && d.iterations >= 1 && d.kl >= 0.0));
+    assert!(diags.iter().any(|d| !d.paid.is_empty() && d.kl > 0.0));
+    assert_eq!(tm.tokens, res[0].tokens.len());
+    let line = serde_json::to_string(&diags[0]).unwrap();
+    for key in ["\"iterations\"", "\"residual\"", "\"paid\"", "\"kl\"", "\"forward_ms\"", "\"policy_ms\""] {
+        assert!(line.contains(key), "{key} in {line}");
+    }
+}
+
+fn config_err(text: serde_json::Value) -> String {
+    match RunConfig::parse(&text.to_string()).and_then(|c| Engine::from_config(&c)) {
+        Ok(_) => panic!("config {text} was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_configs_give_clear_errors() {
+    let tok = tokenizer_dir();
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "x", "kind": "oracle"}]}));
+    assert!(e.contains("oracle") && e.contains("arm") && e.contains("prompted"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": "no/such/model", "tokenizer": tok, "principals": []}));
+    assert!(e.contains("no/such/model") && e.contains("config.json"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "p", "kind": "prompted", "model": "missing/principal", "instruction": "t3"}]}));
+    assert!(e.contains("missing/principal"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "a", "kind": "lexicon"}, {"name": "b", "kind": "lexicon"}], "weights": [1.0, 0.5, 0.2]}));
+    assert!(e.contains("3 weights") && e.contains("2 principals"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "a", "kind": "lexicon"}], "weights": [-1.0]}));
+    assert!(e.contains("weight of principal a"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok, "method": "best"}));
+    assert!(e.contains("best"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok, "temperature": 1}));
+    assert!(e.contains("temperature"), "{e}");
+
+    let e = config_err(serde_json::json!({"base": fixture(LLAMA), "tokenizer": tok,
+        "principals": [{"name": "a", "kind": "arm"}]}));
+    assert!(e.contains("own reference"), "{e}");
+}
+
+#[test]
+fn base_and_principals_must_share_a_tokenizer() {
+    // Two model folders with the same weights but different vocabularies.
+    let (a, b) = (scratch("model-a"), scratch("model-b"));
+    for (d, prefix) in [(&a, "t"), (&b, "u")] {
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(root().join(LLAMA).join(f), d.join(f)).unwrap();
+        }
+        write_tokenizer(d, prefix);
+    }
+    let text = serde_json::json!({"base": a, "principals": [
+        {"name": "p", "kind": "prompted", "model": b, "instruction": "t3"}]});
+    let e = config_err(text);
+    assert!(e.contains("tokenizer") && e.contains(&b.display().to_string()), "{e}");
+    // The same tokenizer is fine.
+    write_tokenizer(&b, "t");
+    let text = serde_json::json!({"base": a, "principals": [
+        {"name": "p", "kind": "prompted", "model": b, "instruction": "t3"}], "max_new_tokens": 3});
+    let cfg = RunConfig::parse(&text.to_string()).unwrap();
+    assert!(!run(&cfg, &["t3 t4"])[0].tokens.is_empty());
+}
+
+#[test]
+fn weights_of_a_row_must_match_the_principals() {
+    let tok = tokenizer_dir();
+    let cfg = config(&tok, "cage", &[1.0, 1.0, 1.0], 0.1);
+    let e = Engine::from_config(&cfg).unwrap();
+    let opts = DecodeOptions::from_config(&cfg).unwrap();
+    let err = e.decode(&[RowRequest { prompt: "t3".into(), weights: vec![1.0] }], &opts, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("1 weights given for 3 principals"), "{err}");
+}
