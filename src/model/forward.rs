@@ -130,6 +130,9 @@ impl ForwardState {
     }
 }
 
+/// Token counts up to which packed weights are used; above it the f32 GEMM is faster (compute bound).
+const PACKED_MAX_M: usize = 8;
+
 /// Contiguous tokens of one sequence.
 #[derive(Clone, Copy)]
 struct Run {
@@ -140,7 +143,10 @@ struct Run {
 
 fn apply(lin: &Linear, x: &[f32], t: usize, out: &mut [f32], runs: &[Run], lora_tmp: &mut [f32]) {
     let (inp, o) = (lin.inp, lin.out);
-    matmul_t(x, t, inp, &lin.w, o, out, false, 1.0);
+    match &lin.packed {
+        Some(p) if t <= PACKED_MAX_M => p.matmul_t(x, t, inp, o, out, false, 1.0),
+        _ => matmul_t(x, t, inp, &lin.w, o, out, false, 1.0),
+    }
     if let Some(b) = &lin.bias {
         for row in out[..t * o].chunks_exact_mut(o) {
             for (y, bb) in row.iter_mut().zip(b) {
@@ -179,13 +185,21 @@ fn prepare(model: &Model, cache: &KvCache, st: &mut ForwardState, seqs: &[Seq], 
         return Err(CageError::InvalidArgument("forward needs at least one token".into()));
     }
     if t > st.max_tokens {
-        return Err(CageError::InvalidArgument(format!("{t} tokens in one forward call, the state was sized for {}", st.max_tokens)));
+        return Err(CageError::InvalidArgument(format!(
+            "{t} tokens in one forward call, the state was sized for {}",
+            st.max_tokens
+        )));
     }
     let rows = if at == LogitsAt::All { t } else { seqs.len() };
     if rows > st.max_logit_rows {
-        return Err(CageError::InvalidArgument(format!("{rows} logit rows requested, the state was sized for {}", st.max_logit_rows)));
+        return Err(CageError::InvalidArgument(format!(
+            "{rows} logit rows requested, the state was sized for {}",
+            st.max_logit_rows
+        )));
     }
-    if cache.kv_dim != c.num_kv_heads * c.head_dim || cache.k.len() != c.num_layers * cache.lens.len() * cache.max_seq * cache.kv_dim {
+    if cache.kv_dim != c.num_kv_heads * c.head_dim
+        || cache.k.len() != c.num_layers * cache.lens.len() * cache.max_seq * cache.kv_dim
+    {
         return Err(CageError::InvalidArgument("the KV cache was made for another model".into()));
     }
     let mut runs = Vec::with_capacity(seqs.len());
@@ -194,7 +208,10 @@ fn prepare(model: &Model, cache: &KvCache, st: &mut ForwardState, seqs: &[Seq], 
     for s in seqs {
         let slot = s.slot;
         if slot >= cache.lens.len() {
-            return Err(CageError::InvalidArgument(format!("slot {slot} does not exist (the cache has {})", cache.lens.len())));
+            return Err(CageError::InvalidArgument(format!(
+                "slot {slot} does not exist (the cache has {})",
+                cache.lens.len()
+            )));
         }
         if std::mem::replace(&mut seen[slot], true) {
             return Err(CageError::InvalidArgument(format!("slot {slot} appears twice in one batch")));
@@ -204,12 +221,18 @@ fn prepare(model: &Model, cache: &KvCache, st: &mut ForwardState, seqs: &[Seq], 
         }
         let end = cache.lens[slot] + s.tokens.len();
         if end > cache.max_seq {
-            return Err(CageError::InvalidArgument(format!("slot {slot} would hold {end} tokens, the cache was sized for {}", cache.max_seq)));
+            return Err(CageError::InvalidArgument(format!(
+                "slot {slot} would hold {end} tokens, the cache was sized for {}",
+                cache.max_seq
+            )));
         }
         if let Some(a) = s.adapter
             && a >= model.adapters.len()
         {
-            return Err(CageError::InvalidArgument(format!("adapter id {a} is not attached (the model has {})", model.adapters.len())));
+            return Err(CageError::InvalidArgument(format!(
+                "adapter id {a} is not attached (the model has {})",
+                model.adapters.len()
+            )));
         }
         for (i, &tok) in s.tokens.iter().enumerate() {
             if tok as usize >= vocab {
@@ -227,7 +250,13 @@ fn prepare(model: &Model, cache: &KvCache, st: &mut ForwardState, seqs: &[Seq], 
 }
 
 /// Runs `seqs` through `model`, appending to `cache`; returns the logits held in `state`.
-pub fn forward<'s>(model: &Model, cache: &mut KvCache, state: &'s mut ForwardState, seqs: &[Seq], at: LogitsAt) -> Result<&'s [f32]> {
+pub fn forward<'s>(
+    model: &Model,
+    cache: &mut KvCache,
+    state: &'s mut ForwardState,
+    seqs: &[Seq],
+    at: LogitsAt,
+) -> Result<&'s [f32]> {
     let runs = prepare(model, cache, state, seqs, at)?;
     let c = &model.config;
     let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
@@ -324,8 +353,14 @@ pub fn forward<'s>(model: &Model, cache: &mut KvCache, state: &'s mut ForwardSta
         }
     };
     let logits = &mut st.logits[..rows * vocab];
-    let w = model.lm_head.as_ref().map(|l| l.w.as_slice()).unwrap_or(&model.embed);
-    matmul_t(&st.xn, rows, h, w, vocab, logits, false, 1.0);
+    let (w, packed) = match &model.lm_head {
+        Some(l) => (l.w.as_slice(), l.packed.as_ref()),
+        None => (model.embed.as_slice(), model.embed_packed.as_ref()),
+    };
+    match packed {
+        Some(p) if rows <= PACKED_MAX_M => p.matmul_t(&st.xn, rows, h, vocab, logits, false, 1.0),
+        _ => matmul_t(&st.xn, rows, h, w, vocab, logits, false, 1.0),
+    }
     Ok(&st.logits[..rows * vocab])
 }
 
@@ -368,7 +403,13 @@ impl Decoder for CpuDecoder {
 
 /// Greedy decoding of several prompts at once (prompt i in slot i, slots reset first): returns the new tokens
 /// of each row, stopping a row after any of `stop` or after `max_new` tokens.
-pub fn greedy(dec: &mut dyn Decoder, prompts: &[&[u32]], adapters: &[Option<usize>], max_new: usize, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
+pub fn greedy(
+    dec: &mut dyn Decoder,
+    prompts: &[&[u32]],
+    adapters: &[Option<usize>],
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<Vec<u32>>> {
     if prompts.len() > dec.slots() {
         return Err(CageError::InvalidArgument(format!("{} prompts but only {} slots", prompts.len(), dec.slots())));
     }

@@ -156,7 +156,11 @@ impl<'a> Reader<'a> {
         CageError::Format { what: self.what.to_string(), msg: format!("{msg} (at byte {})", self.pos) }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.bad("unexpected end of file"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.bad("unexpected end of file"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -226,16 +230,21 @@ impl GgufFile {
     /// Opens and parses a GGUF file (version 2 or 3); tensor data stay memory-mapped.
     pub fn open(path: &Path) -> Result<Self> {
         let what = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|source| CageError::Io { context: format!("opening {what}"), source })?;
+        let file =
+            std::fs::File::open(path).map_err(|source| CageError::Io { context: format!("opening {what}"), source })?;
         // SAFETY: the file is opened read-only and not modified while mapped (model files are immutable inputs).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CageError::Io { context: format!("mapping {what}"), source })?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|source| CageError::Io { context: format!("mapping {what}"), source })?;
         Self::parse(mmap, what)
     }
 
     fn parse(mmap: Mmap, what: String) -> Result<Self> {
         let mut r = Reader { buf: &mmap, pos: 0, what: &what };
         if r.take(4).map_err(|_| r.bad("file too short for a GGUF header"))? != b"GGUF" {
-            return Err(CageError::Format { what: what.clone(), msg: "not a GGUF file (magic is not \"GGUF\")".into() });
+            return Err(CageError::Format {
+                what: what.clone(),
+                msg: "not a GGUF file (magic is not \"GGUF\")".into(),
+            });
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
@@ -299,9 +308,16 @@ impl GgufFile {
     fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
         let ty = self.tensor_type(t)?;
         let (per, bytes) = ty.block();
-        let n = t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| self.bad(format!("tensor {} is too large", t.name)))?;
-        if t.dims[0] % per != 0 {
-            return Err(self.bad(format!("tensor {}: row length {} is not a multiple of the block size {per}", t.name, t.dims[0])));
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| self.bad(format!("tensor {} is too large", t.name)))?;
+        if !t.dims[0].is_multiple_of(per) {
+            return Err(self.bad(format!(
+                "tensor {}: row length {} is not a multiple of the block size {per}",
+                t.name, t.dims[0]
+            )));
         }
         let len = n / per * bytes;
         let start = self.data_start.checked_add(t.offset);
@@ -374,8 +390,8 @@ pub fn dequantize_into(ty: GgmlType, raw: &[u8], out: &mut [f32]) {
 /// each head (row `h*d + 2j + i` holds Hugging Face row `h*d + i*d/2 + j`) so that its rope can rotate
 /// adjacent pairs. `w` is `[n_heads * head_dim, cols]` row-major.
 pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Result<Vec<f32>> {
-    let rows = if cols == 0 { 0 } else { w.len() / cols };
-    if n_heads == 0 || rows * cols != w.len() || rows % (2 * n_heads) != 0 {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    if n_heads == 0 || rows * cols != w.len() || !rows.is_multiple_of(2 * n_heads) {
         return Err(CageError::InvalidArgument(format!(
             "cannot un-permute a {rows} x {cols} projection into {n_heads} heads with an even head size"
         )));

@@ -63,7 +63,11 @@ impl Meta<'_> {
     }
     fn u(&self, key: &str) -> Result<usize> {
         let k = format!("{}.{key}", self.arch);
-        self.f.get(&k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| self.bad(format!("metadata key {k} is missing")))
+        self.f
+            .get(&k)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.bad(format!("metadata key {k} is missing")))
     }
     fn u_opt(&self, key: &str) -> Option<usize> {
         self.f.get(&format!("{}.{key}", self.arch)).and_then(Value::as_u64).map(|v| v as usize)
@@ -82,7 +86,10 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
         "llama" => ("llama", "LlamaForCausalLM"),
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         other => {
-            return Err(CageError::Model { model: what, msg: format!("architecture \"{other}\" is not supported (supported: llama, qwen2)") });
+            return Err(CageError::Model {
+                model: what,
+                msg: format!("architecture \"{other}\" is not supported (supported: llama, qwen2)"),
+            });
         }
     };
     let m = Meta { f: &f, arch: arch.clone(), what: what.clone() };
@@ -94,7 +101,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     let ctx = m.u_opt("context_length").unwrap_or(2048);
     let theta = m.f_opt("rope.freq_base").unwrap_or(10000.0);
     let eps = m.f_opt("attention.layer_norm_rms_epsilon").unwrap_or(1e-5);
-    if heads == 0 || kv_heads == 0 || hidden % heads != 0 {
+    if heads == 0 || kv_heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(m.bad(format!("head counts {heads}/{kv_heads} do not divide the hidden size {hidden}")));
     }
     let head_dim = m.u_opt("attention.key_length").unwrap_or(hidden / heads);
@@ -109,12 +116,14 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     // Map names and check types of every tensor before writing anything.
     let mut plan: Vec<(&TensorInfo, String)> = Vec::new();
     for t in &f.tensors {
-        let name = hf_name(&t.name).ok_or_else(|| m.bad(format!("tensor {} has no Hugging Face Llama equivalent", t.name)))?;
+        let name =
+            hf_name(&t.name).ok_or_else(|| m.bad(format!("tensor {} has no Hugging Face Llama equivalent", t.name)))?;
         f.tensor_type(t)?;
         plan.push((t, name));
     }
     plan.sort_by(|a, b| a.1.cmp(&b.1));
-    std::fs::create_dir_all(out).map_err(|source| CageError::Io { context: format!("creating {}", out.display()), source })?;
+    std::fs::create_dir_all(out)
+        .map_err(|source| CageError::Io { context: format!("creating {}", out.display()), source })?;
 
     let mut header = Map::new();
     let mut offset = 0usize;
@@ -122,12 +131,15 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     for (t, name) in &plan {
         let n = t.numel();
         parameters += n;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, offset + 4 * n]}));
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, offset + 4 * n]}),
+        );
         offset += 4 * n;
     }
     header.insert("__metadata__".into(), json!({"format": "pt", "source": "cage import-gguf"}));
     let mut hbytes = serde_json::to_vec(&Json::Object(header))?;
-    while hbytes.len() % 8 != 0 {
+    while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let st_path = out.join("model.safetensors");
@@ -205,14 +217,19 @@ mod tokenizer {
     }
 
     fn strs<'a>(v: &'a [Value], what: &str) -> Result<Vec<&'a str>> {
-        v.iter().map(|x| x.as_str().ok_or_else(|| CageError::Tokenizer(format!("GGUF {what} holds a non-string entry")))).collect()
+        v.iter()
+            .map(|x| x.as_str().ok_or_else(|| CageError::Tokenizer(format!("GGUF {what} holds a non-string entry"))))
+            .collect()
     }
 
     /// Pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` names (the split regex each model family was trained with).
     fn pre_tokenizer(pre: &str) -> Result<Json> {
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
-        let no_regex = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let split =
+            |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let no_regex =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
         Ok(match pre {
             "default" | "gpt2" | "gpt-2" => byte_level,
             "smollm" | "starcoder" => json!({"type": "Sequence", "pretokenizers": [
@@ -234,7 +251,9 @@ mod tokenizer {
     pub fn build(f: &GgufFile, tokens: &[Value]) -> Result<Built> {
         let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
         if model != "gpt2" {
-            return Err(CageError::Tokenizer(format!("GGUF tokenizer model \"{model}\" is not supported (only \"gpt2\", byte-level BPE)")));
+            return Err(CageError::Tokenizer(format!(
+                "GGUF tokenizer model \"{model}\" is not supported (only \"gpt2\", byte-level BPE)"
+            )));
         }
         let tokens = strs(tokens, "tokenizer.ggml.tokens")?;
         let merges = match f.get("tokenizer.ggml.merges").and_then(Value::as_array) {
@@ -255,7 +274,9 @@ mod tokenizer {
         let merges: Vec<Json> = merges
             .iter()
             .map(|m| {
-                let (a, b) = m.split_once(' ').ok_or_else(|| CageError::Tokenizer(format!("GGUF merge \"{m}\" has no space")))?;
+                let (a, b) = m
+                    .split_once(' ')
+                    .ok_or_else(|| CageError::Tokenizer(format!("GGUF merge \"{m}\" has no space")))?;
                 Ok(json!([a, b]))
             })
             .collect::<Result<_>>()?;
@@ -268,8 +289,11 @@ mod tokenizer {
                 let special = ty == 3;
                 added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
                     "normalized": !special, "special": special}));
-                decoder.insert(i.to_string(), json!({"content": t, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": !special, "special": special}));
+                decoder.insert(
+                    i.to_string(),
+                    json!({"content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": !special, "special": special}),
+                );
             }
         }
         let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
@@ -277,11 +301,13 @@ mod tokenizer {
         let bos = tok_id("tokenizer.ggml.bos_token_id");
         let eos = tok_id("tokenizer.ggml.eos_token_id");
         let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false) && bos.is_some();
-        let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+        let byte_level_post =
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
         let post = match bos.filter(|_| add_bos) {
             Some(bid) => {
                 let b = tokens[bid];
-                let specials = Json::Object(Map::from_iter([(b.to_string(), json!({"id": b, "ids": [bid], "tokens": [b]}))]));
+                let specials =
+                    Json::Object(Map::from_iter([(b.to_string(), json!({"id": b, "ids": [bid], "tokens": [b]}))]));
                 json!({"type": "Sequence", "processors": [byte_level_post, {
                     "type": "TemplateProcessing",
                     "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],

@@ -1,6 +1,7 @@
 //! Llama-family weights in memory (f32) and their loading from a model folder.
 
 use super::config::ModelConfig;
+use super::packed::Packed;
 use super::weights::TensorStore;
 use crate::error::Result;
 use std::path::Path;
@@ -31,6 +32,8 @@ pub struct Linear {
     pub out: usize,
     /// Unmerged adapters by adapter id; `None` where an adapter does not target this layer.
     pub lora: Vec<Option<LoraPair>>,
+    /// Lossless packed copy of `w` used by the decode kernels (see [`Packed`]).
+    pub packed: Option<Packed>,
 }
 
 /// One decoder layer.
@@ -103,14 +106,49 @@ pub struct Model {
     pub adapters: Vec<String>,
     /// Where it was loaded from (for error messages).
     pub source: String,
+    /// Packed copy of `embed` for the tied output projection.
+    pub embed_packed: Option<Packed>,
 }
 
 impl Model {
-    /// Loads `dir/config.json` and its safetensors weights.
+    /// Loads `dir/config.json` and its safetensors weights, and packs the matrices that came from
+    /// quantized blocks (see [`Model::pack_weights`]).
     pub fn load(dir: &Path) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let store = TensorStore::open(dir)?;
-        Self::from_store(config, &store, &dir.display().to_string())
+        let mut m = Self::from_store(config, &store, &dir.display().to_string())?;
+        m.pack_weights();
+        Ok(m)
+    }
+
+    /// Adds lossless packed copies of every matrix whose f32 values are exactly Q4_1 / Q8_0 blocks (models
+    /// imported from quantized GGUF files): decode then reads 4 to 5 times fewer bytes, with bit-identical
+    /// weights. Returns the number of matrices packed.
+    pub fn pack_weights(&mut self) -> usize {
+        use rayon::prelude::*;
+        let mut lins: Vec<&mut Linear> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            .chain(self.lm_head.as_mut())
+            .collect();
+        lins.par_iter_mut().for_each(|l| l.packed = Packed::try_pack(&l.w, l.inp));
+        let n = lins.iter().filter(|l| l.packed.is_some()).count();
+        self.embed_packed = Packed::try_pack(&self.embed, self.config.hidden_size);
+        n + self.embed_packed.is_some() as usize
+    }
+
+    /// Drops the packed copies (decode then reads the f32 weights).
+    pub fn unpack_weights(&mut self) {
+        for l in &mut self.layers {
+            for m in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down] {
+                m.packed = None;
+            }
+        }
+        if let Some(l) = self.lm_head.as_mut() {
+            l.packed = None;
+        }
+        self.embed_packed = None;
     }
 
     /// Builds the model from a config and an opened tensor store, checking every shape against the config.
@@ -120,7 +158,7 @@ impl Model {
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let w = st.get(&format!("{name}.weight"), &[out, inp])?;
             let bias = if bias { Some(st.get(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Linear { w, bias, inp, out, lora: vec![] })
+            Ok(Linear { w, bias, inp, out, lora: vec![], packed: None })
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -141,6 +179,15 @@ impl Model {
         // Some checkpoints with tied embeddings still store lm_head; the config decides, as in transformers.
         let lm_head = if c.tie_word_embeddings { None } else { Some(lin("lm_head", c.vocab_size, h, false)?) };
         let norm = st.get("model.norm.weight", &[h])?;
-        Ok(Model { config, embed, layers, norm, lm_head, adapters: vec![], source: source.to_string() })
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            adapters: vec![],
+            source: source.to_string(),
+            embed_packed: None,
+        })
     }
 }

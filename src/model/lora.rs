@@ -26,13 +26,18 @@ impl Adapter {
         let what = dir.display().to_string();
         let bad = |msg: String| CageError::Model { model: what.clone(), msg };
         let cp = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cp).map_err(|source| CageError::Io { context: format!("reading {}", cp.display()), source })?;
-        let cfg: Value = serde_json::from_str(&text).map_err(|e| CageError::Format { what: cp.display().to_string(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&cp)
+            .map_err(|source| CageError::Io { context: format!("reading {}", cp.display()), source })?;
+        let cfg: Value = serde_json::from_str(&text)
+            .map_err(|e| CageError::Format { what: cp.display().to_string(), msg: e.to_string() })?;
         let peft_type = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
         if peft_type != "LORA" {
             return Err(bad(format!("adapter type {peft_type} is not supported (only LORA)")));
         }
-        let r_cfg = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad("adapter_config.json has no integer \"r\"".into()))? as usize;
+        let r_cfg = cfg
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("adapter_config.json has no integer \"r\"".into()))? as usize;
         let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
         let rslora = cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         if cfg.get("fan_in_fan_out").and_then(Value::as_bool).unwrap_or(false) {
@@ -56,7 +61,9 @@ impl Adapter {
                 if name.ends_with(".lora_B.weight") {
                     continue;
                 }
-                return Err(bad(format!("tensor \"{name}\" is not a LoRA A/B matrix (only LoRA on linear layers is supported)")));
+                return Err(bad(format!(
+                    "tensor \"{name}\" is not a LoRA A/B matrix (only LoRA on linear layers is supported)"
+                )));
             };
             let module = rest.rsplit('.').next().unwrap_or("");
             let layer = rest
@@ -109,14 +116,20 @@ impl Model {
     /// every row.
     pub fn merge_adapter(&mut self, ad: &Adapter) -> Result<()> {
         for (layer, module, p) in &ad.pairs {
-            let lin = self.layers.get_mut(*layer).and_then(|l| l.module_mut(module)).ok_or_else(|| CageError::Model {
-                model: ad.name.clone(),
-                msg: format!("layer {layer} {module} does not exist in the model"),
-            })?;
+            let lin =
+                self.layers.get_mut(*layer).and_then(|l| l.module_mut(module)).ok_or_else(|| CageError::Model {
+                    model: ad.name.clone(),
+                    msg: format!("layer {layer} {module} does not exist in the model"),
+                })?;
             let (out, inp, r) = (lin.out, lin.inp, p.r);
             if p.a.len() != r * inp || p.b.len() != out * r {
-                return Err(CageError::Model { model: ad.name.clone(), msg: format!("layer {layer} {module}: adapter shapes do not fit") });
+                return Err(CageError::Model {
+                    model: ad.name.clone(),
+                    msg: format!("layer {layer} {module}: adapter shapes do not fit"),
+                });
             }
+            // The packed copy no longer matches the merged weights.
+            lin.packed = None;
             for o in 0..out {
                 let row = &mut lin.w[o * inp..(o + 1) * inp];
                 for k in 0..r {
@@ -134,7 +147,10 @@ impl Model {
     pub fn attach_adapter(&mut self, ad: &Adapter) -> Result<usize> {
         for (layer, module, _) in &ad.pairs {
             if self.layers.get(*layer).and_then(|l| l.module(module)).is_none() {
-                return Err(CageError::Model { model: ad.name.clone(), msg: format!("layer {layer} {module} does not exist in the model") });
+                return Err(CageError::Model {
+                    model: ad.name.clone(),
+                    msg: format!("layer {layer} {module} does not exist in the model"),
+                });
             }
         }
         let id = self.adapters.len();

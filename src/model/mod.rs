@@ -17,6 +17,7 @@ pub mod import;
 pub mod linalg;
 pub mod llama;
 pub mod lora;
+pub mod packed;
 pub mod tokenizer;
 pub mod weights;
 

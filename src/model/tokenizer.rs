@@ -48,12 +48,15 @@ impl Tokenizer {
     /// Loads `dir/tokenizer.json` and, if present, `dir/tokenizer_config.json` (or `chat_template.jinja`).
     pub fn load(dir: &Path) -> Result<Self> {
         let tp = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tp).map_err(|e| CageError::Tokenizer(format!("loading {}: {e}", tp.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(&tp)
+            .map_err(|e| CageError::Tokenizer(format!("loading {}: {e}", tp.display())))?;
         let cp = dir.join("tokenizer_config.json");
         let (mut template, mut bos, mut eos) = (None, None, None);
         if cp.is_file() {
-            let text = std::fs::read_to_string(&cp).map_err(|source| CageError::Io { context: format!("reading {}", cp.display()), source })?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| CageError::Format { what: cp.display().to_string(), msg: e.to_string() })?;
+            let text = std::fs::read_to_string(&cp)
+                .map_err(|source| CageError::Io { context: format!("reading {}", cp.display()), source })?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| CageError::Format { what: cp.display().to_string(), msg: e.to_string() })?;
             template = match v.get("chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
                 // A list of named templates: transformers picks "default".
@@ -70,7 +73,10 @@ impl Tokenizer {
         }
         let jp = dir.join("chat_template.jinja");
         if template.is_none() && jp.is_file() {
-            template = Some(std::fs::read_to_string(&jp).map_err(|source| CageError::Io { context: format!("reading {}", jp.display()), source })?);
+            template = Some(
+                std::fs::read_to_string(&jp)
+                    .map_err(|source| CageError::Io { context: format!("reading {}", jp.display()), source })?,
+            );
         }
         Ok(Tokenizer { inner, template, bos, eos })
     }
@@ -103,10 +109,9 @@ impl Tokenizer {
 
     /// Renders `messages` with the chat template, as `apply_chat_template(..., tokenize=False)` does.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let t = self
-            .template
-            .as_deref()
-            .ok_or_else(|| CageError::Tokenizer("this model has no chat template; use the plain or alpaca prompt format".into()))?;
+        let t = self.template.as_deref().ok_or_else(|| {
+            CageError::Tokenizer("this model has no chat template; use the plain or alpaca prompt format".into())
+        })?;
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
         env.set_syntax(syntax.map_err(|e| CageError::Tokenizer(e.to_string()))?);
@@ -116,7 +121,11 @@ impl Tokenizer {
         });
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use it for "today's date" in system prompts; a fixed date keeps output reproducible.
-            fmt.replace("%d", "01").replace("%B", "January").replace("%b", "Jan").replace("%Y", "2025").replace("%m", "01")
+            fmt.replace("%d", "01")
+                .replace("%B", "January")
+                .replace("%b", "Jan")
+                .replace("%Y", "2025")
+                .replace("%m", "01")
         });
         env.add_template("chat", t).map_err(|e| CageError::Tokenizer(format!("chat template does not parse: {e}")))?;
         let tmpl = env.get_template("chat").map_err(|e| CageError::Tokenizer(e.to_string()))?;
@@ -124,7 +133,9 @@ impl Tokenizer {
             .iter()
             .map(|m| {
                 let map: BTreeMap<&str, JValue> =
-                    [("role", JValue::from(m.role.as_str())), ("content", JValue::from(m.content.as_str()))].into_iter().collect();
+                    [("role", JValue::from(m.role.as_str())), ("content", JValue::from(m.content.as_str()))]
+                        .into_iter()
+                        .collect();
                 JValue::from(map)
             })
             .collect();

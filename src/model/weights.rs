@@ -18,13 +18,17 @@ pub struct TensorStore {
 }
 
 fn map(path: &Path) -> Result<Mmap> {
-    let f = std::fs::File::open(path).map_err(|source| CageError::Io { context: format!("opening {}", path.display()), source })?;
+    let f = std::fs::File::open(path)
+        .map_err(|source| CageError::Io { context: format!("opening {}", path.display()), source })?;
     // SAFETY: read-only mapping of a model file that nothing modifies while it is loaded.
     unsafe { Mmap::map(&f) }.map_err(|source| CageError::Io { context: format!("mapping {}", path.display()), source })
 }
 
 fn parse<'a>(path: &Path, m: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(m).map_err(|e| CageError::Format { what: path.display().to_string(), msg: format!("not a valid safetensors file: {e}") })
+    SafeTensors::deserialize(m).map_err(|e| CageError::Format {
+        what: path.display().to_string(),
+        msg: format!("not a valid safetensors file: {e}"),
+    })
 }
 
 impl TensorStore {
@@ -39,24 +43,31 @@ impl TensorStore {
             paths.push(path.join("model.safetensors"));
         } else if path.join("model.safetensors.index.json").is_file() {
             let ip = path.join("model.safetensors.index.json");
-            let text = std::fs::read_to_string(&ip).map_err(|source| CageError::Io { context: format!("reading {}", ip.display()), source })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| CageError::Format { what: ip.display().to_string(), msg: e.to_string() })?;
-            let wm = v
-                .get("weight_map")
-                .and_then(|w| w.as_object())
-                .ok_or_else(|| CageError::Format { what: ip.display().to_string(), msg: "no \"weight_map\" object".into() })?;
+            let text = std::fs::read_to_string(&ip)
+                .map_err(|source| CageError::Io { context: format!("reading {}", ip.display()), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| CageError::Format { what: ip.display().to_string(), msg: e.to_string() })?;
+            let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| CageError::Format {
+                what: ip.display().to_string(),
+                msg: "no \"weight_map\" object".into(),
+            })?;
             let mut shards: Vec<&str> = wm.values().filter_map(|s| s.as_str()).collect();
             shards.sort();
             shards.dedup();
             for s in shards {
                 if s.contains("..") || s.starts_with('/') {
-                    return Err(CageError::Format { what: ip.display().to_string(), msg: format!("shard name \"{s}\" leaves the model folder") });
+                    return Err(CageError::Format {
+                        what: ip.display().to_string(),
+                        msg: format!("shard name \"{s}\" leaves the model folder"),
+                    });
                 }
                 paths.push(path.join(s));
             }
         } else {
-            return Err(CageError::Model { model: what, msg: "no model.safetensors or model.safetensors.index.json in this folder".into() });
+            return Err(CageError::Model {
+                model: what,
+                msg: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+            });
         }
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -91,10 +102,15 @@ impl TensorStore {
 
     /// Reads a tensor as f32 and checks its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let &i = self.index.get(name).ok_or_else(|| CageError::Model { model: self.what.clone(), msg: format!("tensor \"{name}\" is missing") })?;
+        let &i = self.index.get(name).ok_or_else(|| CageError::Model {
+            model: self.what.clone(),
+            msg: format!("tensor \"{name}\" is missing"),
+        })?;
         let (p, m) = &self.files[i];
         let st = parse(p, m)?;
-        let t = st.tensor(name).map_err(|e| CageError::Format { what: p.display().to_string(), msg: format!("tensor {name}: {e}") })?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| CageError::Format { what: p.display().to_string(), msg: format!("tensor {name}: {e}") })?;
         if t.shape() != shape {
             return Err(CageError::Model {
                 model: self.what.clone(),
@@ -107,7 +123,10 @@ impl TensorStore {
             Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             d => {
-                return Err(CageError::Model { model: self.what.clone(), msg: format!("tensor \"{name}\" has dtype {d:?}; supported are F32, F16 and BF16") });
+                return Err(CageError::Model {
+                    model: self.what.clone(),
+                    msg: format!("tensor \"{name}\" has dtype {d:?}; supported are F32, F16 and BF16"),
+                });
             }
         })
     }

@@ -1,0 +1,245 @@
+//! Lossless packing of weight matrices that came from llama.cpp's Q4_1 / Q8_0 blocks.
+//!
+//! Decoding is bound by reading the weights once per step. A model imported from a quantized GGUF holds f32
+//! values that are exactly `q * d + m` (Q4_1) or `q * d` (Q8_0) per block of 32, so they can be stored again in
+//! 24 or 36 bytes per block instead of 128 and expanded in registers with the same f32 arithmetic the importer
+//! used: the expanded values are bit-identical to the f32 weights. Packing is verified block by block; a
+//! matrix with any block that does not round-trip exactly stays f32 only.
+
+use rayon::prelude::*;
+
+const QK: usize = 32;
+
+/// A packed copy of a `[rows, cols]` matrix (`cols` a multiple of 32).
+#[derive(Debug, Clone)]
+pub enum Packed {
+    /// Per block: scale, minimum, 16 bytes of nibbles (low nibble = element j, high = element j + 16).
+    Q4_1 {
+        /// (d, m) per block.
+        dm: Vec<[f32; 2]>,
+        /// 16 bytes per block.
+        qs: Vec<u8>,
+    },
+    /// Per block: scale and 32 signed bytes.
+    Q8_0 {
+        /// d per block.
+        d: Vec<f32>,
+        /// 32 bytes per block.
+        qs: Vec<i8>,
+    },
+}
+
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+fn try_q4_1(w: &[f32]) -> Option<Packed> {
+    let nb = w.len() / QK;
+    let mut dm = Vec::with_capacity(nb);
+    let mut qs = Vec::with_capacity(nb * 16);
+    for blk in w.chunks_exact(QK) {
+        let m = blk.iter().copied().fold(f32::INFINITY, f32::min);
+        let mx = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // llama.cpp stores d and m as f16; the block maximum is q = 15 unless rounding pushed it down.
+        let d = f16_round((mx - m) / 15.0);
+        if f16_round(m) != m {
+            return None;
+        }
+        let mut q = [0u8; QK];
+        for (qi, &x) in q.iter_mut().zip(blk) {
+            let v = if d > 0.0 { ((x - m) / d).round() } else { 0.0 };
+            if !(0.0..=15.0).contains(&v) || v * d + m != x {
+                return None;
+            }
+            *qi = v as u8;
+        }
+        dm.push([d, m]);
+        for j in 0..16 {
+            qs.push(q[j] | (q[j + 16] << 4));
+        }
+    }
+    Some(Packed::Q4_1 { dm, qs })
+}
+
+fn try_q8_0(w: &[f32]) -> Option<Packed> {
+    let nb = w.len() / QK;
+    let mut ds = Vec::with_capacity(nb);
+    let mut qs = Vec::with_capacity(nb * QK);
+    for blk in w.chunks_exact(QK) {
+        let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let d = f16_round(amax / 127.0);
+        for &x in blk {
+            let v = if d > 0.0 { (x / d).round() } else { 0.0 };
+            if !(-128.0..=127.0).contains(&v) || v * d != x {
+                return None;
+            }
+            qs.push(v as i8);
+        }
+        ds.push(d);
+    }
+    Some(Packed::Q8_0 { d: ds, qs })
+}
+
+impl Packed {
+    /// A lossless packed copy of `w` (`cols` per row), if every block round-trips exactly.
+    pub fn try_pack(w: &[f32], cols: usize) -> Option<Packed> {
+        if cols == 0 || !cols.is_multiple_of(QK) || !w.len().is_multiple_of(cols) || w.is_empty() {
+            return None;
+        }
+        try_q4_1(w).or_else(|| try_q8_0(w))
+    }
+
+    /// Bytes this copy takes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Packed::Q4_1 { dm, qs } => dm.len() * 8 + qs.len(),
+            Packed::Q8_0 { d, qs } => d.len() * 4 + qs.len(),
+        }
+    }
+
+    /// Expands block `b` into the 32 f32 values it was packed from.
+    #[inline(always)]
+    fn block(&self, b: usize, out: &mut [f32; QK]) {
+        match self {
+            Packed::Q4_1 { dm, qs } => {
+                let [d, m] = dm[b];
+                let q: &[u8; 16] = qs[b * 16..b * 16 + 16].try_into().expect("16 bytes per block");
+                for j in 0..16 {
+                    out[j] = (q[j] & 0x0f) as f32 * d + m;
+                    out[j + 16] = (q[j] >> 4) as f32 * d + m;
+                }
+            }
+            Packed::Q8_0 { d, qs } => {
+                let d = d[b];
+                let q: &[i8; QK] = qs[b * QK..(b + 1) * QK].try_into().expect("32 bytes per block");
+                for (o, &q) in out.iter_mut().zip(q) {
+                    *o = q as f32 * d;
+                }
+            }
+        }
+    }
+
+    /// `out[m x n] (+)= alpha * x[m x k] * W^T` for a small `m`, reading the packed weights once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_t(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], accumulate: bool, alpha: f32) {
+        assert!(
+            x.len() >= m * k && out.len() >= m * n && k.is_multiple_of(QK),
+            "packed matmul: buffers smaller than the shapes"
+        );
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let job = Job { p: self, x, m, k, n, out: &out_ptr, accumulate, alpha };
+        #[cfg(target_arch = "x86_64")]
+        let fast = std::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast = false;
+        (0..n.div_ceil(ROWS)).into_par_iter().for_each(|c| {
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU supports AVX2 (detected above).
+                unsafe { job.run_avx2(c) };
+                return;
+            }
+            let _ = fast;
+            job.run(c)
+        });
+    }
+}
+
+/// Output rows per parallel task.
+const ROWS: usize = 16;
+
+struct Job<'a> {
+    p: &'a Packed,
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &'a SendPtr,
+    accumulate: bool,
+    alpha: f32,
+}
+
+impl Job<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, chunk: usize) {
+        self.run(chunk)
+    }
+
+    /// Output rows `chunk * ROWS ..`: each expanded block is used by up to 8 rows of x before the next.
+    #[inline(always)]
+    fn run(&self, chunk: usize) {
+        let (x, m, k, n) = (self.x, self.m, self.k, self.n);
+        let nbk = k / QK;
+        let mut wb = [0f32; QK];
+        let mut acc = [[0f32; 8]; 8];
+        for o in chunk * ROWS..((chunk + 1) * ROWS).min(n) {
+            for r0 in (0..m).step_by(8) {
+                let rm = (m - r0).min(8);
+                for a in acc.iter_mut().take(rm) {
+                    *a = [0f32; 8];
+                }
+                for b in 0..nbk {
+                    self.p.block(o * nbk + b, &mut wb);
+                    for (r, a) in acc.iter_mut().enumerate().take(rm) {
+                        let at = (r0 + r) * k + b * QK;
+                        let xr: &[f32; QK] = x[at..at + QK].try_into().expect("whole block");
+                        // Eight lanes, four steps: straight-line code the vectorizer maps onto one register.
+                        let mut s = *a;
+                        for c in 0..QK / 8 {
+                            for i in 0..8 {
+                                s[i] += wb[c * 8 + i] * xr[c * 8 + i];
+                            }
+                        }
+                        *a = s;
+                    }
+                }
+                for (r, h) in acc.iter().enumerate().take(rm) {
+                    let v = self.alpha * (((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7])));
+                    // SAFETY: each (row, o) is written by exactly one chunk; out holds m*n floats (asserted).
+                    unsafe {
+                        let p = self.out.0.add((r0 + r) * n + o);
+                        *p = if self.accumulate { *p + v } else { v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from different threads.
+unsafe impl Sync for SendPtr {}
+// SAFETY: as above.
+unsafe impl Send for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_1_values_pack_losslessly_and_multiply_like_f32() {
+        let (rows, cols) = (5, 64);
+        let mut w = Vec::new();
+        for b in 0..rows * cols / QK {
+            let d = f16_round(0.013 * (b + 1) as f32);
+            let m = f16_round(-0.1 * b as f32);
+            for j in 0..QK {
+                w.push(((j * 7 + b) % 16) as f32 * d + m);
+            }
+        }
+        let p = Packed::try_pack(&w, cols).expect("packable");
+        assert!(matches!(p, Packed::Q4_1 { .. }));
+        let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut got = vec![0f32; 3 * rows];
+        p.matmul_t(&x, 3, cols, rows, &mut got, false, 1.0);
+        let mut want = vec![0f32; 3 * rows];
+        crate::model::linalg::matmul_t(&x, 3, cols, &w, rows, &mut want, false, 1.0);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // Arbitrary floats do not pack.
+        let r: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.731).sin()).collect();
+        assert!(Packed::try_pack(&r, cols).is_none());
+    }
+}
