@@ -7,7 +7,8 @@
 //! - [`Backend`] and [`solve_with`]: the solver API with a choice of `cpu`, `cuda` or `auto` (the GPU when one
 //!   is usable, else the CPU). No GPU, no driver or a failed context is an ordinary [`CageError`], never a panic.
 //!
-//! Kernels: [`Gpu::equilibrium`] (the batched exact equilibrium), [`Gpu::jacobi`] (Algorithm 1, `jacobi` and `paper`), [`Gpu::candidates`] (fused log-softmax and
+//! Kernels: [`Gpu::equilibrium`] (the batched exact equilibrium, also replayable as a CUDA graph),
+//! [`Gpu::jacobi`] (Algorithm 1: the `jacobi` and `paper` methods), [`Gpu::candidates`] (fused log-softmax and
 //! top-k), [`Gpu::principal_values`] (ARM values at the candidates with the preprocessing) and [`Gpu::choose`]
 //! (greedy or sampled token choice with a counter-based RNG). See docs/architecture.md.
 
