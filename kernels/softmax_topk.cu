@@ -4,7 +4,8 @@
 //                      log pi0 normalised over the whole row.
 // Top-k is an exact radix select on order-preserving 32-bit keys (4 passes of 8 bits, shared-memory
 // histograms), then one pass that collects the winners (ties by id through a block-wide ballot scan), then a
-// rank sort of the k winners. Rows are re-read from L2 by each pass; fusing the passes is future work.
+// rank sort of the k winners. The log-sum-exp shares the first radix pass, so a row is read 5 times (from L2
+// for moderate batches); fusing further (compacting the survivors of the first digit on chip) is future work.
 #include "common.cuh"
 
 #define TOPK_MAX 1024
@@ -40,7 +41,8 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
   __shared__ unsigned cand_key[TOPK_MAX], cand_id[TOPK_MAX];
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, w = tid >> 5, nw = nt >> 5;
   const T* x = logits + (size_t)blockIdx.x * v;
-  const float lse = row_lse(x, v, red);
+  // The log-sum-exp rides on the first radix pass (one read of the row fewer); merged after the select.
+  float lm = cage_neg_inf(), ls = 0.0f;
 
   // Radix select of the k-th largest key, most significant digit first.
   if (tid == 0) {
@@ -53,7 +55,15 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
     __syncthreads();
     const unsigned prefix = sel_prefix, mask = sel_mask;
     for (int i = tid; i < v; i += nt) {
-      const unsigned key = order_key(to_f32(x[i]));
+      const float a = to_f32(x[i]);
+      if (d == 24 && a != cage_neg_inf()) {
+        if (a > lm) {
+          ls *= __expf(lm - a);
+          lm = a;
+        }
+        ls += __expf(a - lm);
+      }
+      const unsigned key = order_key(a);
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> d) & 255u], 1u);
     }
     __syncthreads();
@@ -69,6 +79,10 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
     }
     __syncthreads();
   }
+  const float lmb = block_max(lm, red);
+  float lacc[1] = {lm == cage_neg_inf() ? 0.0f : ls * __expf(lm - lmb)};
+  block_sum<1>(lacc, red);
+  const float lse = lmb + logf(lacc[0]);
   const unsigned kth = sel_prefix;
   const int take_eq = sel_remaining;  // how many entries equal to the k-th key are taken (lowest ids)
   if (tid == 0) {
