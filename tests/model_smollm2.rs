@@ -89,3 +89,32 @@ fn smollm2_matches_transformers() {
     let d = f32_logits.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(d <= 1e-3, "packed and f32 weights differ by {d}");
 }
+
+#[test]
+fn cage_logits_cli_prints_the_golden_distribution() {
+    let dir = model_dir();
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden-smollm2.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let c = &g["cases"][1];
+    assert_eq!(c["chat"], true);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cage"))
+        .args(["logits", "--model"])
+        .arg(&dir)
+        .args(["--prompt", c["prompt"].as_str().unwrap(), "--chat", "--top", "5", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["input_ids"], c["input_ids"]);
+    assert!((v["logsumexp"].as_f64().unwrap() - c["logsumexp"].as_f64().unwrap()).abs() <= TOL);
+    let top = v["top"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    for (t, want) in top.iter().zip(c["top"].as_array().unwrap()) {
+        assert_eq!(t["id"], want["id"]);
+        assert!((t["logit"].as_f64().unwrap() - want["logit"].as_f64().unwrap()).abs() <= TOL);
+    }
+    assert_eq!(top[0]["token"], "The");
+}
