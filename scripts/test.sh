@@ -8,6 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # so a kernel that does not compile fails the build.
 NVCC="$(bash scripts/install-cuda.sh | tail -n 1)"
 export NVCC
+# NVRTC (run-time compilation, the path of binaries moved to a machine without nvcc) is tested too.
+export LD_LIBRARY_PATH="$(dirname "$(dirname "$NVCC")")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # cargo test builds only the rlib of the library: build the cdylib (and the binary) that the C and Python
 # examples link against first.
 cargo build --release

@@ -7,10 +7,11 @@
 //! JSON has no infinities: a base log-probability of `null` or `"-inf"` excludes that candidate.
 
 use crate::error::{CageError, Result};
+use crate::gpu::{Backend, solve_with};
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::real::Real;
 use crate::solution::RowReport;
-use crate::solver::{SolveOptions, solve};
+use crate::solver::SolveOptions;
 use serde::{Deserialize, Serialize};
 
 /// A number as it may appear in a game file: a JSON number, `null` (= `-inf`) or a string such as `"-inf"`.
@@ -123,9 +124,9 @@ impl GameSpec {
         })
     }
 
-    /// Solves the game with `opts` in precision `T`.
-    pub fn solve<T: Real>(&self, opts: &SolveOptions) -> Result<GameReport> {
-        let sol = solve(&self.to_batch::<T>()?, opts)?;
+    /// Solves the game with `opts` in precision `T` on `backend`.
+    pub fn solve<T: Real>(&self, opts: &SolveOptions, backend: Backend) -> Result<GameReport> {
+        let sol = solve_with(backend, &self.to_batch::<T>()?, opts)?;
         Ok(GameReport { method: opts.method.name().into(), precision: T::NAME.into(), row: sol.report(0) })
     }
 }
@@ -142,14 +143,14 @@ pub struct GameReport {
     pub row: RowReport,
 }
 
-/// Solves every game of `games`; an error names the game it came from.
-pub fn solve_all<T: Real>(games: &Games, opts: &SolveOptions) -> Result<serde_json::Value> {
+/// Solves every game of `games` on `backend`; an error names the game it came from.
+pub fn solve_all<T: Real>(games: &Games, opts: &SolveOptions, backend: Backend) -> Result<serde_json::Value> {
     Ok(match games {
-        Games::One(g) => serde_json::to_value(g.solve::<T>(opts)?)?,
+        Games::One(g) => serde_json::to_value(g.solve::<T>(opts, backend)?)?,
         Games::Many(gs) => {
             let mut out = Vec::with_capacity(gs.len());
             for (i, g) in gs.iter().enumerate() {
-                out.push(g.solve::<T>(opts).map_err(|e| CageError::InGame { index: i, source: Box::new(e) })?);
+                out.push(g.solve::<T>(opts, backend).map_err(|e| CageError::InGame { index: i, source: Box::new(e) })?);
             }
             serde_json::to_value(out)?
         }

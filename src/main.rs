@@ -100,6 +100,9 @@ enum Command {
         /// Iteration limit.
         #[arg(long)]
         max_iter: Option<u32>,
+        /// cpu | cuda | auto (the GPU when one is usable; the CUDA backend computes in f32).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
         /// Pretty-print the JSON.
         #[arg(long)]
         pretty: bool,
@@ -143,13 +146,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { what, backend, reps, .. } => cage::gpu::bench::cli(&what, &backend, reps),
-        Command::Solve { input, method, precision, tol, max_iter, pretty } => {
+        Command::Solve { input, method, precision, tol, max_iter, backend, pretty } => {
             let method: Method = method.parse()?;
+            let backend: cage::gpu::Backend = backend.parse()?;
             let games = game_json::parse(&read_input(&input)?)?;
             let opts = SolveOptions { method, tol, max_iter };
             let out = match precision {
-                Precision::F32 => game_json::solve_all::<f32>(&games, &opts)?,
-                Precision::F64 => game_json::solve_all::<f64>(&games, &opts)?,
+                Precision::F32 => game_json::solve_all::<f32>(&games, &opts, backend)?,
+                Precision::F64 => game_json::solve_all::<f64>(&games, &opts, backend)?,
             };
             let text = if pretty { serde_json::to_string_pretty(&out)? } else { serde_json::to_string(&out)? };
             println!("{text}");

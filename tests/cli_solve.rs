@@ -78,4 +78,19 @@ fn errors_go_to_stderr_with_a_failing_exit() {
     assert!(!ok && err.contains("reading /nonexistent/game.json"), "{err}");
     let (ok, _, err) = cage(&["solve", "-i", "-", "-m", "newton"], GAME);
     assert!(!ok && err.contains("unknown method"), "{err}");
+    let (ok, _, err) = cage(&["solve", "-i", "-", "--backend", "tpu"], GAME);
+    assert!(!ok && err.contains("unknown backend"), "{err}");
+}
+
+#[test]
+fn the_backend_flag_runs_auto_and_reports_a_missing_gpu() {
+    let (ok, out, err) = cage(&["solve", "-i", "-", "--backend", "auto", "--precision", "f32"], GAME);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!((v["policy"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum::<f64>() - 1.0).abs() < 1e-5);
+    let (ok, out, err) = cage(&["solve", "-i", "-", "--backend", "cuda"], GAME);
+    if !ok {
+        // No GPU here: a clear error, not a panic.
+        assert!(out.is_empty() && err.contains("no usable CUDA GPU"), "{err}");
+    }
 }

@@ -17,22 +17,20 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 fn gpu_err(what: &str, e: impl std::fmt::Display) -> CageError {
-    CageError::InvalidArgument(format!("CUDA: {what}: {e}"))
+    CageError::Cuda(format!("{what}: {e}"))
 }
 
 /// Whether a CUDA driver library is present and reports at least one device, without ever panicking.
 pub fn probe() -> Result<usize> {
     // SAFETY: only tries to dlopen the driver library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(CageError::InvalidArgument(
-            "no usable CUDA GPU: the CUDA driver library (libcuda) is not installed".into(),
-        ));
+        return Err(CageError::NoGpu("the CUDA driver library (libcuda) is not installed".into()));
     }
     let n = std::panic::catch_unwind(CudaContext::device_count)
-        .map_err(|_| CageError::InvalidArgument("no usable CUDA GPU: the CUDA driver failed to load".into()))?
-        .map_err(|e| gpu_err("no usable CUDA GPU (cuInit / cuDeviceGetCount failed)", e))?;
+        .map_err(|_| CageError::NoGpu("the CUDA driver failed to load".into()))?
+        .map_err(|e| CageError::NoGpu(format!("cuInit / cuDeviceGetCount failed: {e}")))?;
     if n <= 0 {
-        return Err(CageError::InvalidArgument("no usable CUDA GPU: the driver reports no device".into()));
+        return Err(CageError::NoGpu("the driver reports no device".into()));
     }
     Ok(n as usize)
 }
@@ -61,11 +59,11 @@ impl Cuda {
     pub fn open(ordinal: usize) -> Result<Self> {
         let n = probe()?;
         if ordinal >= n {
-            return Err(CageError::InvalidArgument(format!("CUDA device {ordinal} requested, {n} present")));
+            return Err(CageError::NoGpu(format!("CUDA device {ordinal} requested, {n} present")));
         }
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
-            .map_err(|_| CageError::InvalidArgument("CUDA: context creation panicked".into()))?
-            .map_err(|e| gpu_err("creating a context", e))?;
+            .map_err(|_| CageError::NoGpu("context creation panicked".into()))?
+            .map_err(|e| CageError::NoGpu(format!("creating a context: {e}")))?;
         let stream = ctx.new_stream().map_err(|e| gpu_err("creating a stream", e))?;
         let cc = ctx.compute_capability().map_err(|e| gpu_err("compute capability", e))?;
         let max_smem = ctx
@@ -136,7 +134,7 @@ pub fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
     let opts =
         cudarc::nvrtc::CompileOptions { include_paths, options: vec!["-std=c++17".into()], ..Default::default() };
     std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(m.source, opts))
-        .map_err(|_| CageError::InvalidArgument("CUDA: NVRTC panicked".into()))?
+        .map_err(|_| CageError::Cuda("NVRTC panicked".into()))?
         .map_err(|e| gpu_err(&format!("NVRTC compiling {}", m.name), e))
 }
 
@@ -226,7 +224,7 @@ impl Device for Cuda {
             .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(|e| gpu_err("ending a graph capture", e))?
-            .ok_or_else(|| CageError::InvalidArgument("CUDA: the graph capture recorded nothing".into()))?;
+            .ok_or_else(|| CageError::Cuda("the graph capture recorded nothing".into()))?;
         self.graphs.push(Graph(graph));
         Ok(self.graphs.len() - 1)
     }
