@@ -57,9 +57,10 @@ enum Command {
     /// Benchmarks. `cage bench forward`: CPU prefill/decode tokens per second of a model at batch 1, 4, 8, 32.
     /// `cage bench solver` (CUDA kernels) prints per shape the time, GB/s and the fraction of the
     /// device-to-device copy bandwidth measured in the same run. `cage bench ffi`: the cost of the C ABI
-    /// over the direct Rust call for a k = 50, B = 1 solve.
+    /// over the direct Rust call for a k = 50, B = 1 solve. `cage bench decode`: tokens per second of every decoding
+    /// method with the same forwards, and a decode step split into forwards, values, equilibrium and sampling.
     Bench {
-        /// What to benchmark: `solver`, `forward` or `ffi`.
+        /// What to benchmark: `solver`, `forward`, `ffi` or `decode`.
         what: String,
         /// cuda, emu (the host emulation) or auto (the GPU when usable, else the emulation).
         #[arg(long, default_value = "auto")]
