@@ -14,6 +14,7 @@ use crate::problem::{Batch, BatchInput, Normalize};
 use crate::sampling::{Choice, choose_row};
 use crate::solver::{Method, SolveOptions};
 use serde::Serialize;
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -494,11 +495,16 @@ impl Engine {
             let mut cands = Vec::with_capacity(nl);
             let mut q = Vec::with_capacity(nl);
             let mut pols = Vec::with_capacity(nl);
+            // The log-normalisers over the full vocabulary are most of this phase: one task per (row, stream).
+            let ns_all = streams.len();
+            let all_lse: Vec<f64> = (0..nl * ns_all)
+                .into_par_iter()
+                .map(|x| crate::softmax::logsumexp(row_logits(streams[x % ns_all].model, x / ns_all, x % ns_all)))
+                .collect();
             for (i, &r) in live.iter().enumerate() {
                 let c = select(row_logits(0, i, 0), selection)?;
                 let n = c.ids.len();
-                let lses: Vec<f64> =
-                    (0..streams.len()).map(|s| crate::softmax::logsumexp(row_logits(streams[s].model, i, s))).collect();
+                let lses = &all_lse[i * ns_all..(i + 1) * ns_all];
                 let (mut qr, mut pr) = (vec![0.0f64; nj * n], vec![vec![]; nj]);
                 for (j, src) in self.sources.iter().enumerate() {
                     let sl: Vec<StreamLogits> = src_streams[j]
