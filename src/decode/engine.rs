@@ -13,8 +13,8 @@ use crate::model::{Adapter, CpuDecoder, Decoder, LogitsAt, Model, PromptFormat, 
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::sampling::{Choice, choose_row};
 use crate::solver::{Method, SolveOptions};
-use serde::Serialize;
 use rayon::prelude::*;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
