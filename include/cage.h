@@ -72,6 +72,9 @@ typedef enum {
   CAGE_BACKEND_CUDA = 1,
   // The GPU when usable, else the CPU.
   CAGE_BACKEND_AUTO = 2,
+  // Host solves on the CPU and device solves on the host emulation of the CUDA kernels, where "device"
+  // pointers are host pointers: slow, for testing the device entry point on machines without a GPU.
+  CAGE_BACKEND_EMULATED = 3,
 } CageBackend;
 
 // How [`cage_choose_tokens`] picks a token.
@@ -169,6 +172,29 @@ CageStatus cage_solve_f64(CageSolver *solver,
                           double *payoffs,
                           uint32_t *iterations,
                           uint8_t *converged);
+
+// Solves a batch whose buffers are already on the GPU, on the caller's CUDA stream, copying nothing: the exact
+// method only, f32. `d_values` B x J x N are the game values v >= 0 with the preprocessing and weights already
+// applied (v = (q - min q) w for shift_min), `d_tau` B per-row temperatures, `d_base_logprobs` B x N. Writes
+// `d_policy` B x N and, where not NULL, `d_payoffs` B x J and `d_stats` B x 3 (iterations, relative residual,
+// converged as 0 or 1, all f32). Returns once the kernel is queued: synchronise `stream` before reading the
+// outputs. `stream` may be NULL (the solver's own stream) and must belong to the device's primary context
+// (the CUDA runtime's default context). The device inputs are not validated: NaN in, NaN out. J must be 1..8.
+// Needs a solver created with backend CUDA or AUTO on a machine with a GPU (EMULATED for tests).
+//
+// # Safety
+// Every non-null pointer must be device memory of the stated length, valid until the kernel has finished.
+CageStatus cage_solve_device_f32(CageSolver *solver,
+                                 size_t rows,
+                                 size_t candidates,
+                                 size_t principals,
+                                 const float *d_base_logprobs,
+                                 const float *d_values,
+                                 const float *d_tau,
+                                 float *d_policy,
+                                 float *d_payoffs,
+                                 float *d_stats,
+                                 void *stream);
 
 // Chooses one token per row of a B x N policy: greedy, or sampled with Philox keyed by (seed, row, step),
 // the same draws as the CUDA kernel. Writes the candidate index of each row to `tokens` (B values).

@@ -82,6 +82,9 @@ pub enum CageBackend {
     CageBackendCuda = 1,
     /// The GPU when usable, else the CPU.
     CageBackendAuto = 2,
+    /// Host solves on the CPU and device solves on the host emulation of the CUDA kernels, where "device"
+    /// pointers are host pointers: slow, for testing the device entry point on machines without a GPU.
+    CageBackendEmulated = 3,
 }
 
 /// How [`cage_choose_tokens`] picks a token.
@@ -126,6 +129,7 @@ struct Checked {
     tol: f64,
     max_iter: u32,
     backend: Backend,
+    emulated: bool,
 }
 
 /// An opaque solver: options plus reused scratch buffers.
@@ -133,6 +137,8 @@ pub struct CageSolver {
     options: Checked,
     input: BatchInput<f32>,
     input64: BatchInput<f64>,
+    /// The device of the copy-free entry point, opened on first use.
+    gpu: Option<crate::gpu::Gpu>,
 }
 
 thread_local! {
@@ -266,10 +272,11 @@ pub unsafe extern "C" fn cage_solver_create(options: *const CageOptions, out: *m
             1 => Normalize::None,
             v => return Err(bad("normalize", v)),
         };
-        let backend = match o.backend {
-            0 => Backend::Cpu,
-            1 => Backend::Cuda,
-            2 => Backend::Auto,
+        let (backend, emulated) = match o.backend {
+            0 => (Backend::Cpu, false),
+            1 => (Backend::Cuda, false),
+            2 => (Backend::Auto, false),
+            3 => (Backend::Cpu, true),
             v => return Err(bad("backend", v)),
         };
         if !(o.tau.is_finite() && o.tau > 0.0) {
@@ -284,8 +291,9 @@ pub unsafe extern "C" fn cage_solver_create(options: *const CageOptions, out: *m
         if backend == Backend::Cuda {
             crate::gpu::cuda::probe().map_err(|e| (CageStatus::CageErrNoGpu, e.to_string()))?;
         }
-        let options = Checked { method, tau: o.tau, normalize, tol: o.tol, max_iter: o.max_iter, backend };
-        let solver = Box::new(CageSolver { options, input: BatchInput::default(), input64: BatchInput::default() });
+        let options = Checked { method, tau: o.tau, normalize, tol: o.tol, max_iter: o.max_iter, backend, emulated };
+        let solver =
+            Box::new(CageSolver { options, input: BatchInput::default(), input64: BatchInput::default(), gpu: None });
         // SAFETY: checked non-null above.
         unsafe { *out = Box::into_raw(solver) };
         Ok(())
@@ -475,6 +483,89 @@ pub unsafe extern "C" fn cage_solve_f64(
             converged,
         )
     }
+}
+
+/// Solves a batch whose buffers are already on the GPU, on the caller's CUDA stream, copying nothing: the exact
+/// method only, f32. `d_values` B x J x N are the game values v >= 0 with the preprocessing and weights already
+/// applied (v = (q - min q) w for shift_min), `d_tau` B per-row temperatures, `d_base_logprobs` B x N. Writes
+/// `d_policy` B x N and, where not NULL, `d_payoffs` B x J and `d_stats` B x 3 (iterations, relative residual,
+/// converged as 0 or 1, all f32). Returns once the kernel is queued: synchronise `stream` before reading the
+/// outputs. `stream` may be NULL (the solver's own stream) and must belong to the device's primary context
+/// (the CUDA runtime's default context). The device inputs are not validated: NaN in, NaN out. J must be 1..8.
+/// Needs a solver created with backend CUDA or AUTO on a machine with a GPU (EMULATED for tests).
+///
+/// # Safety
+/// Every non-null pointer must be device memory of the stated length, valid until the kernel has finished.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_solve_device_f32(
+    solver: *mut CageSolver,
+    rows: usize,
+    candidates: usize,
+    principals: usize,
+    d_base_logprobs: *const f32,
+    d_values: *const f32,
+    d_tau: *const f32,
+    d_policy: *mut f32,
+    d_payoffs: *mut f32,
+    d_stats: *mut f32,
+    stream: *mut std::ffi::c_void,
+) -> CageStatus {
+    guard(|| {
+        if solver.is_null() {
+            return Err(null("solver"));
+        }
+        // SAFETY: non-null pointer from cage_solver_create, used by one thread at a time (documented).
+        let s = unsafe { &mut *solver };
+        sizes(rows, candidates, principals)?;
+        for (what, null_ptr) in [
+            ("d_base_logprobs", d_base_logprobs.is_null()),
+            ("d_values", d_values.is_null()),
+            ("d_tau", d_tau.is_null()),
+            ("d_policy", d_policy.is_null()),
+        ] {
+            if null_ptr {
+                return Err(null(what));
+            }
+        }
+        if s.options.method != Method::Exact {
+            return Err((CageStatus::CageErrInvalid, "the device entry point runs the exact method only".into()));
+        }
+        if s.gpu.is_none() {
+            let gpu = match (s.options.emulated, s.options.backend) {
+                (true, _) => crate::gpu::Gpu::emulated(),
+                (false, Backend::Cpu) => {
+                    return Err((
+                        CageStatus::CageErrInvalid,
+                        "device pointers need a solver with backend CUDA or AUTO (this one is CPU)".into(),
+                    ));
+                }
+                (false, _) => crate::gpu::Gpu::cuda(0).map_err(err)?,
+            };
+            s.gpu = Some(gpu);
+        }
+        let mut opts = crate::gpu::EqOptions::default();
+        if s.options.tol > 0.0 {
+            opts.tol = s.options.tol;
+        }
+        if s.options.max_iter > 0 {
+            opts.max_iter = s.options.max_iter;
+        }
+        let job = crate::gpu::DeviceEquilibrium {
+            rows,
+            candidates,
+            principals,
+            base: d_base_logprobs as u64,
+            values: d_values as u64,
+            tau: d_tau as u64,
+            policy: d_policy as u64,
+            payoffs: d_payoffs as u64,
+            stats: d_stats as u64,
+            stream: stream as usize,
+        };
+        let gpu = s.gpu.as_mut().ok_or_else(|| (CageStatus::CageErrInternal, "no device".into()))?;
+        // SAFETY: the caller promises device buffers of the documented sizes on this device's context.
+        unsafe { gpu.equilibrium_device(&job, &opts) }.map_err(err)
+    })
 }
 
 /// Chooses one token per row of a B x N policy: greedy, or sampled with Philox keyed by (seed, row, step),

@@ -187,6 +187,18 @@ impl Device for Cuda {
         smem: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        // SAFETY: forwarded contract; 0 selects the device's own stream.
+        unsafe { self.launch_on(0, name, grid, block, smem, params) }
+    }
+    unsafe fn launch_on(
+        &mut self,
+        stream: usize,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         let (f, smem_limit) = self.function(name)?;
         if smem > smem_limit {
             // Above 48 KiB a kernel must opt in to the larger dynamic shared memory.
@@ -195,14 +207,16 @@ impl Device for Cuda {
             self.functions.insert(name.to_string(), (f.clone(), smem));
         }
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
-        // SAFETY: the caller guarantees that params match the kernel and outlive the launch.
+        let stream = if stream == 0 { self.stream.cu_stream() } else { stream as cudarc::driver::sys::CUstream };
+        // SAFETY: the caller guarantees that params match the kernel and outlive the launch, and that a foreign
+        // stream belongs to this context.
         unsafe {
             result::launch_kernel(
                 f.cu_function(),
                 (grid[0], grid[1], grid[2]),
                 (block[0], block[1], block[2]),
                 smem,
-                self.stream.cu_stream(),
+                stream,
                 params,
             )
         }

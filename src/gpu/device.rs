@@ -38,6 +38,25 @@ pub trait Device: Send {
         smem: u32,
         params: &mut [*mut c_void],
     ) -> Result<()>;
+    /// Launches kernel `name` on a caller's stream (a raw `CUstream`; 0 = the device's own stream): the C ABI's
+    /// copy-free entry point runs on the stream its caller already uses. The emulation runs every launch to
+    /// completion at once, so it has no streams and ignores `stream`.
+    ///
+    /// # Safety
+    /// As for [`Device::launch`]; a non-zero `stream` must be a live stream of this device's context.
+    unsafe fn launch_on(
+        &mut self,
+        stream: usize,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let _ = stream;
+        // SAFETY: forwarded contract.
+        unsafe { self.launch(name, grid, block, smem, params) }
+    }
     /// Waits until all launched work is done.
     fn synchronize(&mut self) -> Result<()>;
     /// The largest dynamic shared memory a block may use.

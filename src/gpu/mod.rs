@@ -210,6 +210,31 @@ pub const MAX_PRINCIPALS: usize = 8;
 /// Largest k of the top-k kernel (larger candidate sets use the whole vocabulary).
 pub const MAX_TOP_K: usize = 1024;
 
+/// Caller-owned device buffers of [`Gpu::equilibrium_device`] (addresses as integers; 0 = not given).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceEquilibrium {
+    /// B.
+    pub rows: usize,
+    /// N.
+    pub candidates: usize,
+    /// J (1 to [`MAX_PRINCIPALS`]).
+    pub principals: usize,
+    /// B x N log pi0 (f32).
+    pub base: DevPtr,
+    /// B x J x N game values v >= 0 (f32): preprocessing and weights already applied.
+    pub values: DevPtr,
+    /// B temperatures (f32).
+    pub tau: DevPtr,
+    /// B x N output policy (f32).
+    pub policy: DevPtr,
+    /// B x J output payoffs (f32), or 0.
+    pub payoffs: DevPtr,
+    /// B x 3 output stats (iterations, residual, converged; f32), or 0.
+    pub stats: DevPtr,
+    /// The caller's `CUstream`, or 0 for the device's own stream.
+    pub stream: usize,
+}
+
 /// An equilibrium prepared on the device: inputs uploaded, outputs allocated. [`Gpu::run_equilibrium`]
 /// launches it (benchmarks time that), [`Gpu::fetch_equilibrium`] copies the solution back.
 #[derive(Clone, Copy, Debug)]
@@ -377,6 +402,13 @@ impl Gpu {
         let y = if opts.incentives { self.buffer("eq.y", rows * j_eff * n * 4)? } else { 0 };
         let payoff = self.buffer("eq.payoff", rows * j_eff * 4)?;
         let stats = self.buffer("eq.stats", rows * 3 * 4)?;
+        let (stage, threads, smem) = self.equilibrium_shape(n, j_eff, opts)?;
+        Ok(EqJob { rows, n, j, j_eff, opts: *opts, stage, threads, smem, base, values, tau, pi, agg, y, payoff, stats })
+    }
+
+    /// Whether a row is staged in shared memory, the threads per block and the dynamic shared memory of the
+    /// equilibrium kernel for rows of `n` candidates and `j_eff` principals.
+    fn equilibrium_shape(&self, n: usize, j_eff: usize, opts: &EqOptions) -> Result<(bool, u32, u32)> {
         let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * opts.values.size();
         let fits = stage_bytes <= self.dev.max_dynamic_smem();
         let stage = match opts.stage {
@@ -392,12 +424,77 @@ impl Gpu {
             }
         };
         let threads = n.div_ceil(2).next_multiple_of(32).clamp(32, 256) as u32;
-        let smem = if stage { stage_bytes as u32 } else { 0 };
-        Ok(EqJob { rows, n, j, j_eff, opts: *opts, stage, threads, smem, base, values, tau, pi, agg, y, payoff, stats })
+        Ok((stage, threads, if stage { stage_bytes as u32 } else { 0 }))
+    }
+
+    /// The exact equilibrium on buffers the caller owns, launched on the caller's stream (`stream` = 0: the
+    /// device's own) with nothing copied: the C ABI's `cage_solve_device_f32`. Outputs the policy and, where
+    /// given, the payoffs and per-row stats (iterations, residual, converged as floats); the aggregate incentive
+    /// and unrequested outputs go to reused internal buffers. Returns without waiting for the kernel.
+    ///
+    /// # Safety
+    /// Every non-zero pointer of `e` must be device memory of this device's context holding the documented
+    /// number of f32 values (`base`: rows x n, `values`: rows x j x n game values v >= 0, `tau`: rows, `policy`:
+    /// rows x n, `payoffs`: rows x j, `stats`: rows x 3), valid until the kernel has finished on `stream`, which
+    /// must belong to this device's context. The inputs are not checked on the device.
+    pub unsafe fn equilibrium_device(&mut self, e: &DeviceEquilibrium, opts: &EqOptions) -> Result<()> {
+        let (rows, n, j) = (e.rows, e.candidates, e.principals);
+        if j == 0 || j > MAX_PRINCIPALS {
+            return Err(bad(format!("the device entry point supports 1 to {MAX_PRINCIPALS} principals, got {j}")));
+        }
+        if opts.values != ValueType::F32 {
+            return Err(bad("the device entry point takes f32 values".into()));
+        }
+        if !(opts.tol.is_finite() && opts.tol > 0.0) || opts.max_iter == 0 {
+            return Err(bad(format!(
+                "tolerance must be > 0 and max_iter >= 1, got {} and {}",
+                opts.tol, opts.max_iter
+            )));
+        }
+        if rows == 0 || n == 0 {
+            return Err(bad(format!("rows ({rows}) and candidates ({n}) must be > 0")));
+        }
+        check_i32("candidates", n)?;
+        check_i32("rows", rows)?;
+        for (what, p) in [("base_logprobs", e.base), ("values", e.values), ("tau", e.tau), ("policy", e.policy)] {
+            if p == 0 {
+                return Err(bad(format!("device pointer {what} is null")));
+            }
+        }
+        let (stage, threads, smem) = self.equilibrium_shape(n, j, opts)?;
+        let agg = self.buffer("dev.agg", rows * n * 4)?;
+        let payoff = if e.payoffs != 0 { e.payoffs } else { self.buffer("dev.payoff", rows * j * 4)? };
+        let stats = if e.stats != 0 { e.stats } else { self.buffer("dev.stats", rows * 3 * 4)? };
+        // Internal buffers are ordered on the device's own stream: let that stream drain before a foreign one
+        // writes into them.
+        self.dev.synchronize()?;
+        let job = EqJob {
+            rows,
+            n,
+            j,
+            j_eff: j,
+            opts: EqOptions { incentives: false, ..*opts },
+            stage,
+            threads,
+            smem,
+            base: e.base,
+            values: e.values,
+            tau: e.tau,
+            pi: e.policy,
+            agg,
+            y: 0,
+            payoff,
+            stats,
+        };
+        self.launch_equilibrium(&job, e.stream)
     }
 
     /// Launches a prepared equilibrium (asynchronously on a GPU).
     pub fn run_equilibrium(&mut self, job: &EqJob) -> Result<()> {
+        self.launch_equilibrium(job, 0)
+    }
+
+    fn launch_equilibrium(&mut self, job: &EqJob, stream: usize) -> Result<()> {
         let name = format!("cage_eq_{}_j{}", job.opts.values.tag(), job.j_eff);
         let (mut base, mut values, mut tau) = (job.base, job.values, job.tau);
         let mut n = job.n as i32;
@@ -421,7 +518,9 @@ impl Gpu {
         ];
         // SAFETY: the parameter list matches EQ_PARAMS in kernels/equilibrium.cu and every buffer was sized by
         // prepare_equilibrium for this shape; the locals outlive the launch call, which copies them.
-        unsafe { self.dev.launch(&name, [job.rows as u32, 1, 1], [job.threads, 1, 1], job.smem, &mut params) }
+        unsafe {
+            self.dev.launch_on(stream, &name, [job.rows as u32, 1, 1], [job.threads, 1, 1], job.smem, &mut params)
+        }
     }
 
     /// Records the launch of a prepared equilibrium as a CUDA graph, so that a decoding loop replays the step
