@@ -1,7 +1,7 @@
 //! Sweeps: hypervolume and MIP against cases computed by hand and by brute force, the weight grid, and the CSV
 //! schema of `cage sweep` on the tiny fixture model.
 
-use cage::decode::sweep::{hypervolume, mip, reference_point, simplex_grid};
+use cage::decode::sweep::{MethodCurve, hypervolume, mip, pareto_png, reference_point, simplex_grid};
 
 #[test]
 fn hypervolume_by_hand() {
@@ -147,4 +147,72 @@ fn sweep_writes_csv_summary_and_plot() {
     let svg = std::fs::read_to_string(out.join("pareto.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("genarm") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines().count(), 2 * 3 * 2);
+    assert!(std::fs::read(out.join("pareto.png")).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
+}
+
+/// Walks a PNG's chunks, checking each CRC (bitwise, independent of the writer's), and inflates its stored
+/// deflate blocks into the raw scanlines.
+fn png_scanlines(png: &[u8]) -> (u32, u32, Vec<u8>) {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let crc = |bytes: &[u8]| {
+        let mut c = !0u32;
+        for &b in bytes {
+            for k in 0..8 {
+                let bit = (c ^ (b as u32 >> k)) & 1;
+                c = (c >> 1) ^ if bit == 1 { 0xEDB8_8320 } else { 0 };
+            }
+        }
+        !c
+    };
+    let (mut at, mut dims, mut idat) = (8, (0, 0), vec![]);
+    loop {
+        let n = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+        let body = &png[at + 4..at + 8 + n];
+        assert_eq!(u32::from_be_bytes(png[at + 8 + n..at + 12 + n].try_into().unwrap()), crc(body));
+        match &body[..4] {
+            b"IHDR" => {
+                dims = (
+                    u32::from_be_bytes(body[4..8].try_into().unwrap()),
+                    u32::from_be_bytes(body[8..12].try_into().unwrap()),
+                )
+            }
+            b"IDAT" => idat.extend_from_slice(&body[4..]),
+            b"IEND" => break,
+            _ => {}
+        }
+        at += 12 + n;
+    }
+    let (mut raw, mut i) = (vec![], 2);
+    loop {
+        let last = idat[i] & 1 == 1;
+        assert_eq!(idat[i] >> 1, 0, "stored blocks only");
+        let n = u16::from_le_bytes([idat[i + 1], idat[i + 2]]) as usize;
+        raw.extend_from_slice(&idat[i + 5..i + 5 + n]);
+        i += 5 + n;
+        if last {
+            break;
+        }
+    }
+    (dims.0, dims.1, raw)
+}
+
+#[test]
+fn png_plot_is_a_valid_rgb_image_with_the_methods_colours() {
+    let curves = vec![
+        MethodCurve {
+            method: "cage".into(),
+            weights: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+            scores: vec![vec![3.0, 1.0], vec![1.0, 3.0]],
+        },
+        MethodCurve {
+            method: "genarm".into(),
+            weights: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+            scores: vec![vec![2.0, 0.5], vec![0.5, 2.0]],
+        },
+    ];
+    let png = pareto_png(&["a".into(), "b".into()], &curves, "test");
+    let (w, h, raw) = png_scanlines(&png);
+    assert_eq!(raw.len(), h as usize * (1 + 3 * w as usize));
+    let has = |rgb: [u8; 3]| raw.chunks(1 + 3 * w as usize).any(|l| l[1..].chunks(3).any(|p| p == rgb));
+    assert!(has([0x1f, 0x77, 0xb4]) && has([0xd6, 0x27, 0x28]) && has([255, 255, 255]));
 }

@@ -2,7 +2,7 @@
 
 use super::config::{DecodeMethod, PrincipalKind, PrincipalSpec, RunConfig};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
-use super::sweep::{MethodCurve, pareto_svg, points_csv, simplex_grid, summarize, summary_csv};
+use super::sweep::{MethodCurve, pareto_png, pareto_svg, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -331,7 +331,7 @@ pub struct SweepArgs {
     /// Grid resolution: weights are multiples of 1 / steps (default 10 for 2 principals, 4 for 3).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Output folder for sweep.csv, summary.csv, results.jsonl and pareto.svg.
+    /// Output folder for sweep.csv, summary.csv, results.jsonl, pareto.svg and pareto.png.
     #[arg(long, default_value = "sweep-out")]
     pub out: PathBuf,
     /// External scorer command (see `cage generate --scorer`); its scores replace the implicit rewards.
@@ -402,12 +402,15 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     write_file(&a.out.join("results.jsonl"), &jsonl)?;
     let title = format!("{} prompt(s), tau {}, k {}", prompts.len(), cfg.tau, cfg.k);
     write_file(&a.out.join("pareto.svg"), &pareto_svg(&score_names, &curves, &title))?;
+    let png = a.out.join("pareto.png");
+    std::fs::write(&png, pareto_png(&score_names, &curves, &title))
+        .map_err(io_err(format!("writing {}", png.display())))?;
     println!("reference point {reference:?}");
     println!("{:>12} {:>12} {:>8}", "method", "HV", "MIP");
     for s in &sums {
         println!("{:>12} {:>12.4} {:>8.4}", s.method, s.hv, s.mip);
     }
-    eprintln!("wrote {}/{{sweep.csv, summary.csv, results.jsonl, pareto.svg}}", a.out.display());
+    eprintln!("wrote {}/{{sweep.csv, summary.csv, results.jsonl, pareto.svg, pareto.png}}", a.out.display());
     Ok(())
 }
 

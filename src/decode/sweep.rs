@@ -179,16 +179,7 @@ fn xml(s: &str) -> String {
 /// with axes, ticks and a legend, as a standalone SVG document.
 pub fn pareto_svg(names: &[String], curves: &[MethodCurve], title: &str) -> String {
     let (w, h, ml, mr, mt, mb) = (640.0, 480.0, 70.0, 150.0, 40.0, 55.0);
-    let pts = || curves.iter().flat_map(|c| c.scores.iter()).filter(|p| p.len() >= 2);
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
-    for p in pts() {
-        (x0, x1, y0, y1) = (x0.min(p[0]), x1.max(p[0]), y0.min(p[1]), y1.max(p[1]));
-    }
-    if !x0.is_finite() {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
-    let pad = |a: f64, b: f64| if b - a < 1e-9 { (a - 0.5, b + 0.5) } else { (a - 0.05 * (b - a), b + 0.05 * (b - a)) };
-    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
+    let (x0, x1, y0, y1) = plot_bounds(curves);
     let (pw, ph) = (w - ml - mr, h - mt - mb);
     let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
@@ -245,4 +236,215 @@ pub fn pareto_svg(names: &[String], curves: &[MethodCurve], title: &str) -> Stri
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The plot's data bounds with a 5% margin (a unit box when there are no points).
+fn plot_bounds(curves: &[MethodCurve]) -> (f64, f64, f64, f64) {
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for p in curves.iter().flat_map(|c| c.scores.iter()).filter(|p| p.len() >= 2) {
+        (x0, x1, y0, y1) = (x0.min(p[0]), x1.max(p[0]), y0.min(p[1]), y1.max(p[1]));
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let pad = |a: f64, b: f64| if b - a < 1e-9 { (a - 0.5, b + 0.5) } else { (a - 0.05 * (b - a), b + 0.05 * (b - a)) };
+    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
+    (x0, x1, y0, y1)
+}
+
+/// 3x5 glyphs (rows top to bottom, 3 bits each, left bit first); letters are drawn as capitals.
+fn glyph(c: char) -> [u8; 5] {
+    match c.to_ascii_lowercase() {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        ',' => [0, 0, 0, 2, 4],
+        '-' => [0, 0, 7, 0, 0],
+        '_' => [0, 0, 0, 0, 7],
+        ':' => [0, 2, 0, 2, 0],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        'a' => [2, 5, 7, 5, 5],
+        'b' => [6, 5, 6, 5, 6],
+        'c' => [3, 4, 4, 4, 3],
+        'd' => [6, 5, 5, 5, 6],
+        'e' => [7, 4, 6, 4, 7],
+        'f' => [7, 4, 6, 4, 4],
+        'g' => [3, 4, 5, 5, 3],
+        'h' => [5, 5, 7, 5, 5],
+        'i' => [7, 2, 2, 2, 7],
+        'j' => [1, 1, 1, 5, 2],
+        'k' => [5, 5, 6, 5, 5],
+        'l' => [4, 4, 4, 4, 7],
+        'm' => [5, 7, 7, 5, 5],
+        'n' => [6, 5, 5, 5, 5],
+        'o' => [2, 5, 5, 5, 2],
+        'p' => [6, 5, 6, 4, 4],
+        'q' => [2, 5, 5, 6, 3],
+        'r' => [6, 5, 6, 5, 5],
+        's' => [3, 4, 2, 1, 6],
+        't' => [7, 2, 2, 2, 2],
+        'u' => [5, 5, 5, 5, 7],
+        'v' => [5, 5, 5, 5, 2],
+        'w' => [5, 5, 7, 7, 5],
+        'x' => [5, 5, 2, 5, 5],
+        'y' => [5, 5, 2, 2, 2],
+        'z' => [7, 1, 2, 4, 7],
+        _ => [0; 5],
+    }
+}
+
+struct Canvas {
+    w: usize,
+    h: usize,
+    px: Vec<[u8; 3]>,
+}
+
+impl Canvas {
+    fn dot(&mut self, x: i64, y: i64, c: [u8; 3]) {
+        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
+            self.px[y as usize * self.w + x as usize] = c;
+        }
+    }
+    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: [u8; 3], thick: i64) {
+        let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as i64).max(1);
+        for i in 0..=n {
+            let t = i as f64 / n as f64;
+            let (x, y) = ((x0 + t * (x1 - x0)).round() as i64, (y0 + t * (y1 - y0)).round() as i64);
+            for d in 0..thick {
+                self.dot(x + d / 2, y + (d + 1) / 2 - thick / 2, c);
+                self.dot(x, y + d - thick / 2, c);
+            }
+        }
+    }
+    fn disc(&mut self, cx: f64, cy: f64, r: f64, c: [u8; 3]) {
+        let ri = r.ceil() as i64;
+        for dy in -ri..=ri {
+            for dx in -ri..=ri {
+                if (dx * dx + dy * dy) as f64 <= r * r {
+                    self.dot(cx.round() as i64 + dx, cy.round() as i64 + dy, c);
+                }
+            }
+        }
+    }
+    /// Text at scale 2 (6 x 10 pixels per glyph); `anchor` 0 = left, 1 = centre, 2 = right.
+    fn text(&mut self, x: f64, y: f64, s: &str, anchor: u8) {
+        let width = 8.0 * s.chars().count() as f64;
+        let x = x - width * anchor as f64 / 2.0;
+        for (k, ch) in s.chars().enumerate() {
+            for (row, bits) in glyph(ch).iter().enumerate() {
+                for col in 0..3 {
+                    if bits >> (2 - col) & 1 == 1 {
+                        for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                            let px = x as i64 + 8 * k as i64 + 2 * col + dx;
+                            self.dot(px, y as i64 - 10 + 2 * row as i64 + dy, [0x22; 3]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn hex(c: &str) -> [u8; 3] {
+    let v = u32::from_str_radix(c.trim_start_matches('#'), 16).unwrap_or(0);
+    [(v >> 16) as u8, (v >> 8) as u8, v as u8]
+}
+
+/// CRC-32 (ISO-HDLC), as PNG chunks need.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// The same plot as [`pareto_svg`] as a PNG (RGB, uncompressed deflate blocks: no image library needed).
+pub fn pareto_png(names: &[String], curves: &[MethodCurve], title: &str) -> Vec<u8> {
+    let (w, h, ml, mr, mt, mb) = (640usize, 480usize, 80.0, 150.0, 40.0, 55.0);
+    let mut cv = Canvas { w, h, px: vec![[255; 3]; w * h] };
+    let (x0, x1, y0, y1) = plot_bounds(curves);
+    let (pw, ph) = (w as f64 - ml - mr, h as f64 - mt - mb);
+    let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
+    let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
+    let dark = [0x33; 3];
+    for (a, b) in [((ml, mt), (ml + pw, mt)), ((ml, mt + ph), (ml + pw, mt + ph)), ((ml, mt), (ml, mt + ph))] {
+        cv.line(a, b, dark, 1);
+    }
+    cv.line((ml + pw, mt), (ml + pw, mt + ph), dark, 1);
+    for t in 0..=4 {
+        let f = t as f64 / 4.0;
+        let (xv, yv) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
+        cv.text(sx(xv), mt + ph + 20.0, &format!("{xv:.2}"), 1);
+        cv.text(ml - 6.0, sy(yv) + 5.0, &format!("{yv:.2}"), 2);
+    }
+    cv.text(ml + pw / 2.0, 22.0, title, 1);
+    let xn = names.first().map(String::as_str).unwrap_or("objective 1");
+    let yn = names.get(1).map(String::as_str).unwrap_or("objective 2");
+    cv.text(ml + pw / 2.0, h as f64 - 10.0, xn, 1);
+    cv.text(4.0, mt - 8.0, yn, 0);
+    for (i, c) in curves.iter().enumerate() {
+        let col = hex(COLORS[i % COLORS.len()]);
+        let pts: Vec<(f64, f64)> = c.scores.iter().filter(|p| p.len() >= 2).map(|p| (sx(p[0]), sy(p[1]))).collect();
+        for pair in pts.windows(2) {
+            cv.line(pair[0], pair[1], col, 2);
+        }
+        for &(x, y) in &pts {
+            cv.disc(x, y, 3.5, col);
+        }
+        let ly = mt + 10.0 + 20.0 * i as f64;
+        cv.disc(w as f64 - mr + 15.0, ly, 5.0, col);
+        cv.text(w as f64 - mr + 25.0, ly + 5.0, &c.method, 0);
+    }
+    // Scanlines with filter byte 0, stored in deflate blocks of at most 65535 bytes.
+    let mut raw = Vec::with_capacity(h * (1 + 3 * w));
+    for y in 0..h {
+        raw.push(0);
+        for p in &cv.px[y * w..(y + 1) * w] {
+            raw.extend_from_slice(p);
+        }
+    }
+    let mut z = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        z.push(u8::from(i + 1 == blocks.len()));
+        let n = b.len() as u16;
+        z.extend_from_slice(&n.to_le_bytes());
+        z.extend_from_slice(&(!n).to_le_bytes());
+        z.extend_from_slice(b);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in &raw {
+        a = (a + x as u32) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = vec![];
+    ihdr.extend_from_slice(&(w as u32).to_be_bytes());
+    ihdr.extend_from_slice(&(h as u32).to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    png
 }
