@@ -68,6 +68,37 @@
 //! # Ok::<(), cage::CageError>(())
 //! ```
 //!
+//! ## Decoding with principals
+//!
+//! A run names a base model, its principals (an ARM adapter, an instructed prompt, a word list, or your own
+//! [`decode::ValueSource`]), their weights and the method; each row may weigh the principals differently.
+//! Here on the tiny test model of the repository, with a word-level tokenizer:
+//!
+//! ```
+//! use cage::decode::{DecodeOptions, Engine, RowRequest, RunConfig};
+//! let config = RunConfig::parse(r#"{
+//!     "base": "tests/fixtures/tiny-llama",
+//!     "tokenizer": "tests/fixtures/tiny-word-tokenizer",
+//!     "principals": [
+//!         {"name": "adapter", "kind": "arm", "adapter": "tests/fixtures/tiny-lora-a"},
+//!         {"name": "words", "kind": "lexicon", "words": {"t5": 2.0, "t17": 1.0}}
+//!     ],
+//!     "weights": [0.5, 0.5], "method": "cage", "tau": 0.1, "k": 20, "max_new_tokens": 8
+//! }"#)?;
+//! let engine = Engine::from_config(&config)?;
+//! let opts = DecodeOptions::from_config(&config)?;
+//! let rows = [
+//!     RowRequest { prompt: "t7 t8 t9".into(), weights: vec![1.0, 0.0] },
+//!     RowRequest { prompt: "t7 t8 t9".into(), weights: vec![0.0, 1.0] },
+//! ];
+//! let (results, _timings) = engine.decode(&rows, &opts, &mut |_event| {})?;
+//! for r in &results {
+//!     // Every row reports its text, tokens and the implicit reward of each principal.
+//!     assert!(!r.tokens.is_empty() && r.scores.len() == 2);
+//! }
+//! # Ok::<(), cage::CageError>(())
+//! ```
+//!
 //! The same solver is available from C (`include/cage.h`, [`ffi`]).
 
 pub mod baselines;

@@ -123,7 +123,8 @@ fn read_input(path: &str) -> Result<String> {
             .read_to_string(&mut text)
             .map_err(|source| CageError::Io { context: "reading standard input".into(), source })?;
     } else {
-        text = std::fs::read_to_string(path).map_err(|source| CageError::Io { context: format!("reading {path}"), source })?;
+        text = std::fs::read_to_string(path)
+            .map_err(|source| CageError::Io { context: format!("reading {path}"), source })?;
     }
     Ok(text)
 }
@@ -133,12 +134,22 @@ fn run(cli: Cli) -> Result<()> {
         Command::ImportGguf { file, out } => cage::model::cli::import_cmd(&file, &out),
         Command::FetchModel { models } => cage::model::cli::fetch_cmd(models),
         Command::Logits { model, prompt, chat, alpaca, top, adapter, json } => {
-            cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs { model, prompt, chat, alpaca, top, adapters: adapter, json })
+            cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs {
+                model,
+                prompt,
+                chat,
+                alpaca,
+                top,
+                adapters: adapter,
+                json,
+            })
         }
         Command::Bench { what, model, json, .. } if what == "forward" => {
             cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
         }
-        Command::Bench { what, json, decode, .. } if what == "decode" => cage::decode::cli::bench_decode_cmd(&decode, json),
+        Command::Bench { what, json, decode, .. } if what == "decode" => {
+            cage::decode::cli::bench_decode_cmd(&decode, json)
+        }
         Command::Generate(a) => cage::decode::cli::generate_cmd(&a),
         Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
         Command::Demo(a) => cage::decode::cli::demo_cmd(&a),
