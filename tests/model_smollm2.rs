@@ -64,7 +64,7 @@ fn smollm2_matches_transformers() {
                 row[id]
             );
         }
-        let lse = cage::model::cli::logsumexp(row);
+        let lse = cage::softmax::logsumexp(row);
         assert!((lse - c["logsumexp"].as_f64().unwrap()).abs() <= TOL, "{:?}: logsumexp {lse}", c["prompt"]);
         let top = cage::model::cli::top_k(row, 1)[0];
         assert_eq!(top as u64, c["top"][0]["id"].as_u64().unwrap(), "{:?}: argmax", c["prompt"]);

@@ -682,12 +682,11 @@ impl Engine {
     }
 }
 
-/// softmax of log-weights in f64 (entries of -inf get 0).
+/// softmax of log-weights in f64 (entries of -inf get 0), by the crate's shared row primitive.
 pub fn softmax(z: &[f64]) -> Vec<f64> {
-    let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = z.iter().map(|x| (x - mx).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.into_iter().map(|x| x / s).collect()
+    let mut p = z.to_vec();
+    crate::softmax::softmax_in_place(&mut p);
+    p
 }
 
 /// Length of the prefix of `text` that can be shown: it ends on a character boundary, before a trailing

@@ -44,12 +44,6 @@ pub fn load_model(dir: &Path, merge: &[PathBuf]) -> Result<Model> {
     Ok(m)
 }
 
-/// `log(sum(exp(row)))`, computed stably in f64.
-pub fn logsumexp(row: &[f32]) -> f64 {
-    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln()
-}
-
 /// Indices of the `k` largest values, largest first (ties: lower index first).
 pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..row.len()).collect();
@@ -101,7 +95,7 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
     let model = Arc::new(load_model(&a.model, &a.adapters)?);
     let mut dec = CpuDecoder::new(model, 1, ids.len(), ids.len());
     let logits = dec.forward(&[Seq { slot: 0, tokens: &ids, adapter: None }], LogitsAt::Last)?;
-    let lse = logsumexp(logits);
+    let lse = crate::softmax::logsumexp(logits);
     let top: Vec<_> = top_k(logits, a.top)
         .into_iter()
         .map(|i| {
