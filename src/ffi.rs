@@ -262,10 +262,10 @@ pub unsafe extern "C" fn cage_solver_create(options: *const CageOptions, out: *m
         // SAFETY: checked non-null; the caller promises a valid CageOptions.
         let o = unsafe { *options };
         let bad = |what: &str, v: i32| (CageStatus::CageErrInvalid, format!("unknown {what} {v}"));
-        let method = [Method::Exact, Method::Jacobi, Method::Paper, Method::Base, Method::Linear]
-            .get(o.method as usize)
-            .copied()
-            .filter(|_| o.method >= 0)
+        // CageMethod's discriminants follow Method::ALL's order.
+        let method = usize::try_from(o.method)
+            .ok()
+            .and_then(|i| Method::ALL.get(i).copied())
             .ok_or_else(|| bad("method", o.method))?;
         let normalize = match o.normalize {
             0 => Normalize::ShiftMin,

@@ -410,11 +410,10 @@ pub fn solve<T: Real>(batch: &Batch<T>, tol: f64, max_iter: u32) -> Solution<T> 
     let mut sol = Solution::zeros(b, n, j);
     let mut stats = vec![RowStats::default(); b];
     {
-        // chunks_mut needs a non-zero size: with J = 0 every row gets an empty incentive and payoff slice.
+        // chunks_mut needs a non-zero size; with J = 0 the buffers are empty, the iterators yield nothing and
+        // every row gets an empty incentive and payoff slice.
         let mut inc = sol.incentives.chunks_mut((j * n).max(1));
         let mut pay = sol.payoffs.chunks_mut(j.max(1));
-        let mut empty_inc = (0..b).map(|_| &mut [][..]);
-        let mut empty_pay = (0..b).map(|_| &mut [][..]);
         let rows: Vec<(usize, RowOutput<'_, T>, &mut RowStats)> = sol
             .policy
             .chunks_mut(n)
@@ -422,11 +421,7 @@ pub fn solve<T: Real>(batch: &Batch<T>, tol: f64, max_iter: u32) -> Solution<T> 
             .zip(stats.iter_mut())
             .enumerate()
             .map(|(r, ((policy, aggregate), st))| {
-                let (incentives, payoffs) = if j == 0 {
-                    (empty_inc.next().unwrap_or_default(), empty_pay.next().unwrap_or_default())
-                } else {
-                    (inc.next().unwrap_or_default(), pay.next().unwrap_or_default())
-                };
+                let (incentives, payoffs) = (inc.next().unwrap_or_default(), pay.next().unwrap_or_default());
                 (r, RowOutput { policy, incentives, aggregate, payoffs }, st)
             })
             .collect();
