@@ -261,9 +261,9 @@ fn main() {
     for m in &modules {
         let _ = writeln!(emu, "#include \"{}\"", m.path.display());
     }
-    emu.push_str("namespace {\ntemplate <auto K> void launcher(dim3 g, dim3 b, size_t s, void** a) { cage_emu::launch(K, g, b, s, a); }\n");
+    emu.push_str("namespace {\ntemplate <auto K> void launcher(dim3 g, dim3 b, size_t s, unsigned c, void** a) { cage_emu::launch(K, g, b, s, c, a); }\n");
     emu.push_str(
-        "struct Entry { const char* name; void (*run)(dim3, dim3, size_t, void**); };\nconst Entry kTable[] = {\n",
+        "struct Entry { const char* name; void (*run)(dim3, dim3, size_t, unsigned, void**); };\nconst Entry kTable[] = {\n",
     );
     for m in &modules {
         for k in &m.kernels {
@@ -273,9 +273,9 @@ fn main() {
     emu.push_str(
         "};\n}  // namespace\n\
          // Returns 0, or -1 for an unknown kernel name.\n\
-         extern \"C\" int cage_emu_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, void** args) {\n\
+         extern \"C\" int cage_emu_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, unsigned cluster, void** args) {\n\
          \x20 for (const Entry& e : kTable)\n\
-         \x20   if (strcmp(e.name, name) == 0) { e.run(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), smem, args); return 0; }\n\
+         \x20   if (strcmp(e.name, name) == 0) { e.run(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), smem, cluster, args); return 0; }\n\
          \x20 return -1;\n}\n",
     );
     let emu_path = out.join("emu_all.cpp");

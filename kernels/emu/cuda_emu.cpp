@@ -5,6 +5,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
 namespace cage_emu {
 
 thread_local Block* g_block = nullptr;
@@ -105,62 +110,141 @@ static void* init_stack(char* base) {
   return sp;
 }
 
-void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+// Runs one block to completion on the calling OS thread.
+static void run_block(Block& b, uint3 bid, size_t smem) {
+  const dim3 block = b.bdim;
+  const unsigned nthreads = block.x * block.y * block.z;
+  Block* outer = g_block;
+  g_block = &b;
+  b.bid = bid;
+  // Dynamic shared memory is uninitialised on the GPU: poison it so kernels that read before writing fail.
+  memset(b.dyn, 0xff, smem + 16);
+  b.dyn_bytes = smem;
+  b.live = (int)nthreads;
+  b.arrived = 0;
+  for (unsigned w = 0; w < 32; w++) {
+    int first = (int)w * 32;
+    int n = (int)nthreads - first;
+    b.warp_live[w] = n < 0 ? 0 : (n > 32 ? 32 : n);
+    b.warp_arrived[w] = 0;
+  }
+  for (unsigned t = 0; t < nthreads; t++) {
+    Fiber& f = b.fibers[t];
+    f.linear = t;
+    f.tid = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+    f.done = false;
+    f.sp = init_stack(stack_for(t));
+  }
+  int remaining = (int)nthreads;
+  while (remaining > 0) {
+    unsigned long before = b.progress;
+    int before_remaining = remaining;
+    for (unsigned t = 0; t < nthreads; t++) {
+      Fiber& f = b.fibers[t];
+      if (f.done) continue;
+      b.cur = &f;
+      cage_emu_switch(&b.sched_sp, f.sp);
+      if (f.done) remaining--;
+    }
+    if (remaining > 0 && remaining == before_remaining && b.progress == before) {
+      fprintf(stderr, "cage emulation: deadlock in block (%u,%u,%u): a barrier or warp collective in divergent code\n",
+              b.bid.x, b.bid.y, b.bid.z);
+      abort();
+    }
+  }
+  b.cur = nullptr;
+  g_block = outer;
+}
+
+// The blocks of one cluster: an OS-level barrier and every block's dynamic shared memory.
+struct Cluster {
+  std::mutex m;
+  std::condition_variable cv;
+  unsigned size = 1, arrived = 0, gen = 0;
+  std::vector<unsigned char*> dyn;
+};
+
+void cluster_os_barrier(Cluster* c) {
+  std::unique_lock<std::mutex> lock(c->m);
+  unsigned gen = c->gen;
+  if (++c->arrived == c->size) {
+    c->arrived = 0;
+    c->gen++;
+    c->cv.notify_all();
+    return;
+  }
+  // A block that never arrives is a kernel bug (a cluster barrier skipped by some block): fail loudly.
+  if (!c->cv.wait_for(lock, std::chrono::seconds(300), [&] { return c->gen != gen; })) {
+    fprintf(stderr, "cage emulation: a cluster barrier waited 300 s: some block of the cluster never arrived\n");
+    abort();
+  }
+}
+
+unsigned char* cluster_dyn(Cluster* c, unsigned rank) {
+  if (rank >= c->size) {
+    fprintf(stderr, "cage emulation: block rank %u outside a cluster of %u\n", rank, c->size);
+    abort();
+  }
+  return c->dyn[rank];
+}
+
+static void release_stacks() {
+  for (char* s : t_stacks) munmap(s, kStack);
+  t_stacks.clear();
+}
+
+void run_grid(dim3 grid, dim3 block, size_t smem, unsigned cluster, std::function<void()> body) {
   unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) {
     fprintf(stderr, "cage emulation: invalid block of %u threads\n", nthreads);
     abort();
   }
-  Block b;
-  b.bdim = block;
-  b.gdim = grid;
-  b.body = std::move(body);
-  std::vector<unsigned char> dyn(smem + 16);
-  b.fibers.resize(nthreads);
-  Block* outer = g_block;
-  g_block = &b;
+  if (cluster == 0 || cluster > 16 || grid.x % cluster != 0) {
+    fprintf(stderr, "cage emulation: a grid of %u blocks along x does not split into clusters of %u\n", grid.x, cluster);
+    abort();
+  }
+  auto make_block = [&](std::vector<unsigned char>& dyn) {
+    Block b;
+    b.bdim = block;
+    b.gdim = grid;
+    b.body = body;
+    dyn.assign(smem + 16, 0);
+    b.dyn = dyn.data();
+    b.fibers.resize(nthreads);
+    return b;
+  };
+  if (cluster == 1) {
+    std::vector<unsigned char> dyn;
+    Block b = make_block(dyn);
+    for (unsigned bz = 0; bz < grid.z; bz++)
+      for (unsigned by = 0; by < grid.y; by++)
+        for (unsigned bx = 0; bx < grid.x; bx++) run_block(b, uint3{bx, by, bz}, smem);
+    return;
+  }
+  // Every block of a cluster on its own OS thread, so that the blocks run at once (they wait for each other in
+  // cluster barriers) and each has its own thread_local `__shared__` statics.
+  std::vector<std::vector<unsigned char>> dyn(cluster);
+  std::vector<Block> blocks;
+  blocks.reserve(cluster);
+  for (unsigned r = 0; r < cluster; r++) blocks.push_back(make_block(dyn[r]));
   for (unsigned bz = 0; bz < grid.z; bz++)
     for (unsigned by = 0; by < grid.y; by++)
-      for (unsigned bx = 0; bx < grid.x; bx++) {
-        b.bid = uint3{bx, by, bz};
-        // Dynamic shared memory is uninitialised on the GPU: poison it so kernels that read before writing fail.
-        memset(dyn.data(), 0xff, dyn.size());
-        b.dyn = dyn.data();
-        b.live = (int)nthreads;
-        b.arrived = 0;
-        for (unsigned w = 0; w < 32; w++) {
-          int first = (int)w * 32;
-          int n = (int)nthreads - first;
-          b.warp_live[w] = n < 0 ? 0 : (n > 32 ? 32 : n);
-          b.warp_arrived[w] = 0;
+      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster) {
+        Cluster c;
+        c.size = cluster;
+        for (unsigned r = 0; r < cluster; r++) c.dyn.push_back(blocks[r].dyn);
+        std::vector<std::thread> threads;
+        for (unsigned r = 0; r < cluster; r++) {
+          blocks[r].cluster = &c;
+          blocks[r].cluster_rank = r;
+          blocks[r].cluster_size = cluster;
+          threads.emplace_back([&, r] {
+            run_block(blocks[r], uint3{bx0 + r, by, bz}, smem);
+            release_stacks();
+          });
         }
-        for (unsigned t = 0; t < nthreads; t++) {
-          Fiber& f = b.fibers[t];
-          f.linear = t;
-          f.tid = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-          f.done = false;
-          f.sp = init_stack(stack_for(t));
-        }
-        int remaining = (int)nthreads;
-        while (remaining > 0) {
-          unsigned long before = b.progress;
-          int before_remaining = remaining;
-          for (unsigned t = 0; t < nthreads; t++) {
-            Fiber& f = b.fibers[t];
-            if (f.done) continue;
-            b.cur = &f;
-            cage_emu_switch(&b.sched_sp, f.sp);
-            if (f.done) remaining--;
-          }
-          if (remaining > 0 && remaining == before_remaining && b.progress == before) {
-            fprintf(stderr, "cage emulation: deadlock in block (%u,%u,%u): a barrier or warp collective in divergent code\n",
-                    b.bid.x, b.bid.y, b.bid.z);
-            abort();
-          }
-        }
-        b.cur = nullptr;
+        for (auto& t : threads) t.join();
       }
-  g_block = outer;
 }
 
 }  // namespace cage_emu

@@ -15,21 +15,34 @@
 //   __syncthreads             -> barrier over the block's live fibers
 //   warp shuffles / ballot    -> 32-slot exchange between two warp barriers
 //   atomics                   -> plain read-modify-write (no preemption between them)
+//   thread-block clusters     -> the blocks of a cluster run at once, each on its own OS thread (so each has its
+//                                own `__shared__` statics); a cluster barrier is a block barrier whose last
+//                                arriving fiber waits for the other blocks; distributed shared memory maps
+//                                dynamic shared memory only (cage_cluster_map aborts on anything else)
 // Collectives called from divergent code deadlock or misbehave here as they are undefined on the GPU too.
 #pragma once
 #define CAGE_EMU 1
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #include <functional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 struct uint3 {
   unsigned x, y, z;
+};
+struct __attribute__((aligned(16))) uint4 {
+  unsigned x, y, z, w;
+};
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
 };
 struct dim3 {
   unsigned x, y, z;
@@ -55,8 +68,12 @@ struct Fiber {
   bool done = false;
 };
 
+struct Cluster;
+
 struct Block {
   std::vector<Fiber> fibers;
+  Cluster* cluster = nullptr;  // null: a cluster of one block
+  unsigned cluster_rank = 0, cluster_size = 1;
   void* sched_sp = nullptr;
   Fiber* cur = nullptr;
   uint3 bid{0, 0, 0};
@@ -67,6 +84,7 @@ struct Block {
   unsigned warp_gen[32] = {};
   uint64_t xchg[32][32] = {};
   unsigned char* dyn = nullptr;
+  size_t dyn_bytes = 0;
   unsigned long progress = 0;  // arrivals at barriers; a pass without any means deadlock
   std::function<void()> body;
 };
@@ -82,6 +100,27 @@ inline void block_barrier() {
   b.progress++;
   unsigned gen = b.gen;
   if (++b.arrived >= b.live) {
+    b.arrived = 0;
+    b.gen++;
+  } else {
+    while (b.gen == gen) yield();
+  }
+}
+
+// Waits (blocking this OS thread) until every block of the cluster arrives; defined in cuda_emu.cpp.
+void cluster_os_barrier(Cluster* c);
+// Base of the dynamic shared memory of block `rank` of the cluster.
+unsigned char* cluster_dyn(Cluster* c, unsigned rank);
+
+// A block barrier whose last arriving fiber also waits for the cluster's other blocks: when it releases its
+// block, every block of the cluster has arrived, with its shared-memory writes done (one OS thread per block,
+// and the mutex of the OS barrier orders the memory).
+inline void cluster_barrier() {
+  Block& b = *g_block;
+  b.progress++;
+  unsigned gen = b.gen;
+  if (++b.arrived >= b.live) {
+    if (b.cluster) cluster_os_barrier(b.cluster);
     b.arrived = 0;
     b.gen++;
   } else {
@@ -129,6 +168,23 @@ inline unsigned lane_id() { return g_block->cur->linear % 32; }
 #define CAGE_DYN_SMEM(name) unsigned char* name = ::cage_emu::g_block->dyn
 
 inline void __syncthreads() { cage_emu::block_barrier(); }
+
+// Thread-block clusters (kernels/common.cuh defines the same four functions on sm_90 GPUs).
+inline unsigned cage_cluster_rank() { return cage_emu::g_block->cluster_rank; }
+inline unsigned cage_cluster_size() { return cage_emu::g_block->cluster_size; }
+inline void cage_cluster_sync() { cage_emu::cluster_barrier(); }
+// The address of `p` (a pointer into this block's dynamic shared memory) in block `rank` of the cluster.
+template <class T>
+inline T* cage_cluster_map(T* p, unsigned rank) {
+  cage_emu::Block& b = *cage_emu::g_block;
+  unsigned char* q = reinterpret_cast<unsigned char*>(const_cast<typename std::remove_const<T>::type*>(p));
+  if (q < b.dyn || q >= b.dyn + b.dyn_bytes) {
+    fprintf(stderr, "cage emulation: cage_cluster_map of a pointer outside dynamic shared memory\n");
+    abort();
+  }
+  if (!b.cluster) return p;
+  return reinterpret_cast<T*>(cage_emu::cluster_dyn(b.cluster, rank) + (q - b.dyn));
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { cage_emu::warp_barrier(); }
 template <class T>
 inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
@@ -207,8 +263,9 @@ inline float __half2float(__half h) {
 
 namespace cage_emu {
 
-// Runs `body` as a grid of `grid` blocks of `block` threads with `smem` bytes of dynamic shared memory.
-void run_grid(dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+// Runs `body` as a grid of `grid` blocks of `block` threads with `smem` bytes of dynamic shared memory, in
+// clusters of `cluster` consecutive blocks along x (1: no clusters).
+void run_grid(dim3 grid, dim3 block, size_t smem, unsigned cluster, std::function<void()> body);
 
 template <class... A, size_t... I>
 inline void call_with(void (*k)(A...), void** args, std::index_sequence<I...>) {
@@ -217,8 +274,8 @@ inline void call_with(void (*k)(A...), void** args, std::index_sequence<I...>) {
 
 // Launches kernel `k` with its parameters given as cuLaunchKernel gives them: one pointer per parameter.
 template <class... A>
-inline void launch(void (*k)(A...), dim3 grid, dim3 block, size_t smem, void** args) {
-  run_grid(grid, block, smem, [=] { call_with(k, args, std::index_sequence_for<A...>{}); });
+inline void launch(void (*k)(A...), dim3 grid, dim3 block, size_t smem, unsigned cluster, void** args) {
+  run_grid(grid, block, smem, cluster, [=] { call_with(k, args, std::index_sequence_for<A...>{}); });
 }
 
 }  // namespace cage_emu

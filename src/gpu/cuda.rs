@@ -46,6 +46,8 @@ pub struct Cuda {
     name: String,
     timer: Option<CudaEvent>,
     graphs: Vec<Graph>,
+    /// Modules whose image was built for sm_90 or later, so that their cluster kernels have a body.
+    cluster_modules: Vec<&'static str>,
 }
 
 /// An instantiated CUDA graph.
@@ -80,6 +82,7 @@ impl Cuda {
             name,
             timer: None,
             graphs: Vec::new(),
+            cluster_modules: Vec::new(),
         })
     }
 
@@ -87,13 +90,18 @@ impl Cuda {
         if let Some(x) = self.modules.get(m.name) {
             return Ok(x.clone());
         }
-        let image = if let (Some(cubin), (9, 0)) = (m.cubin_sm90a, self.cc) {
-            cudarc::nvrtc::Ptx::from_binary(cubin.to_vec())
+        // The compute_80 PTX compiles the cluster kernels without a body (clusters need sm_90): only the sm_90a
+        // cubin and NVRTC for this GPU's own architecture give them one.
+        let (image, clusters) = if let (Some(cubin), (9, 0)) = (m.cubin_sm90a, self.cc) {
+            (cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()), true)
         } else if let Some(ptx) = m.ptx {
-            cudarc::nvrtc::Ptx::from_src(ptx)
+            (cudarc::nvrtc::Ptx::from_src(ptx), false)
         } else {
-            compile_nvrtc(m)?
+            (compile_nvrtc_for(m, Some(self.cc))?, self.cc.0 >= 9)
         };
+        if clusters {
+            self.cluster_modules.push(m.name);
+        }
         let module = self.ctx.load_module(image).map_err(|e| gpu_err(&format!("loading module {}", m.name), e))?;
         self.modules.insert(m.name, module.clone());
         Ok(module)
@@ -114,8 +122,60 @@ impl Cuda {
     }
 }
 
-/// Compiles a module's embedded source with NVRTC for this machine's GPU.
+/// A launch attribute asking for clusters of `x` blocks along x.
+fn cluster_attribute(x: u32) -> cudarc::driver::sys::CUlaunchAttribute {
+    use cudarc::driver::sys::{CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue};
+    // SAFETY: a zeroed union is a valid (empty) attribute value; the cluster field is set next.
+    let mut value: CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.clusterDim.x = x;
+    value.clusterDim.y = 1;
+    value.clusterDim.z = 1;
+    CUlaunchAttribute { id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, pad: [0; 4], value }
+}
+
+fn launch_config(
+    grid: [u32; 3],
+    block: [u32; 3],
+    smem: u32,
+    stream: cudarc::driver::sys::CUstream,
+    attr: &mut cudarc::driver::sys::CUlaunchAttribute,
+) -> cudarc::driver::sys::CUlaunchConfig {
+    cudarc::driver::sys::CUlaunchConfig {
+        gridDimX: grid[0],
+        gridDimY: grid[1],
+        gridDimZ: grid[2],
+        blockDimX: block[0],
+        blockDimY: block[1],
+        blockDimZ: block[2],
+        sharedMemBytes: smem,
+        hStream: stream,
+        attrs: attr,
+        numAttrs: 1,
+    }
+}
+
+impl Cuda {
+    /// The function `name`, loaded, opted in to `smem` bytes of dynamic shared memory, with the context bound.
+    fn prepare(&mut self, name: &str, smem: u32) -> Result<CudaFunction> {
+        let (f, smem_limit) = self.function(name)?;
+        if smem > smem_limit {
+            // Above 48 KiB a kernel must opt in to the larger dynamic shared memory.
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of shared memory"), e))?;
+            self.functions.insert(name.to_string(), (f.clone(), smem));
+        }
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        Ok(f)
+    }
+}
+
+/// Compiles a module's embedded source with NVRTC for NVRTC's default architecture.
 pub fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
+    compile_nvrtc_for(m, None)
+}
+
+/// Compiles a module's embedded source with NVRTC for compute capability `cc` (None: NVRTC's default).
+pub fn compile_nvrtc_for(m: &KernelModule, cc: Option<(i32, i32)>) -> Result<cudarc::nvrtc::Ptx> {
     // SAFETY: only tries to dlopen libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(CageError::InvalidArgument(format!(
@@ -131,8 +191,11 @@ pub fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
         }
     }
     include_paths.push(concat!(env!("CARGO_MANIFEST_DIR"), "/.cuda/nvidia/cu13/include").to_string());
-    let opts =
-        cudarc::nvrtc::CompileOptions { include_paths, options: vec!["-std=c++17".into()], ..Default::default() };
+    let mut options = vec!["-std=c++17".to_string()];
+    if let Some((major, minor)) = cc {
+        options.push(format!("--gpu-architecture=compute_{major}{minor}"));
+    }
+    let opts = cudarc::nvrtc::CompileOptions { include_paths, options, ..Default::default() };
     std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(m.source, opts))
         .map_err(|_| CageError::Cuda("NVRTC panicked".into()))?
         .map_err(|e| gpu_err(&format!("NVRTC compiling {}", m.name), e))
@@ -199,14 +262,7 @@ impl Device for Cuda {
         smem: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
-        let (f, smem_limit) = self.function(name)?;
-        if smem > smem_limit {
-            // Above 48 KiB a kernel must opt in to the larger dynamic shared memory.
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of shared memory"), e))?;
-            self.functions.insert(name.to_string(), (f.clone(), smem));
-        }
-        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        let f = self.prepare(name, smem)?;
         let stream = if stream == 0 { self.stream.cu_stream() } else { stream as cudarc::driver::sys::CUstream };
         // SAFETY: the caller guarantees that params match the kernel and outlive the launch, and that a foreign
         // stream belongs to this context.
@@ -221,6 +277,52 @@ impl Device for Cuda {
             )
         }
         .map_err(|e| gpu_err(&format!("launching {name}"), e))
+    }
+    fn supports_cluster(&mut self, name: &str, block: u32, cluster: u32, smem: u32) -> bool {
+        if self.cc.0 < 9 || !(1..=8).contains(&cluster) {
+            return false;
+        }
+        let Ok(f) = self.prepare(name, smem) else { return false };
+        let module = MODULES.iter().find(|m| m.kernels.contains(&name)).map(|m| m.name);
+        if !module.is_some_and(|m| self.cluster_modules.contains(&m)) {
+            return false;
+        }
+        // The driver's answer for this exact shape: a cluster of blocks this large must fit in one GPC.
+        let mut attr = cluster_attribute(cluster);
+        let config = launch_config([cluster, 1, 1], [block, 1, 1], smem, self.stream.cu_stream(), &mut attr);
+        let mut n = 0;
+        // SAFETY: plain query on a loaded function with a config that outlives the call.
+        let rc = unsafe { cudarc::driver::sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &config) };
+        rc == cudarc::driver::sys::CUresult::CUDA_SUCCESS && n > 0
+    }
+    unsafe fn launch_cluster(
+        &mut self,
+        stream: usize,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        cluster: u32,
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        if cluster == 0 || !grid[0].is_multiple_of(cluster) {
+            return Err(CageError::InvalidArgument(format!(
+                "launch of {name}: clusters of {cluster} blocks do not tile a grid of {} blocks",
+                grid[0]
+            )));
+        }
+        let f = self.prepare(name, smem)?;
+        let stream = if stream == 0 { self.stream.cu_stream() } else { stream as cudarc::driver::sys::CUstream };
+        let mut attr = cluster_attribute(cluster);
+        let config = launch_config(grid, block, smem, stream, &mut attr);
+        // SAFETY: as in launch_on; `config` and `attr` outlive the call.
+        let rc = unsafe {
+            cudarc::driver::sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+        };
+        if rc != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            return Err(CageError::Cuda(format!("launching {name} in clusters of {cluster}: {rc:?}")));
+        }
+        Ok(())
     }
     fn synchronize(&mut self) -> Result<()> {
         self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))

@@ -57,6 +57,36 @@ pub trait Device: Send {
         // SAFETY: forwarded contract.
         unsafe { self.launch(name, grid, block, smem, params) }
     }
+    /// Whether kernel `name` can run in thread-block clusters of `cluster` blocks (along x) of `block` threads
+    /// with `smem` bytes of dynamic shared memory each: Hopper GPUs running a module built for sm_90 and the
+    /// emulation can; everything else answers false.
+    fn supports_cluster(&mut self, name: &str, block: u32, cluster: u32, smem: u32) -> bool {
+        let _ = (name, block, cluster, smem);
+        false
+    }
+    /// Launches kernel `name` in thread-block clusters of `cluster` consecutive blocks along x (`grid[0]` a
+    /// multiple of `cluster`), on a caller's stream as [`Device::launch_on`]. An error where clusters are not
+    /// supported (see [`Device::supports_cluster`]).
+    ///
+    /// # Safety
+    /// As for [`Device::launch_on`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_cluster(
+        &mut self,
+        stream: usize,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        cluster: u32,
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let _ = (stream, grid, block, smem, params);
+        Err(crate::error::CageError::InvalidArgument(format!(
+            "{}: no thread-block clusters (of {cluster} blocks for {name}) on this device",
+            self.describe()
+        )))
+    }
     /// Waits until all launched work is done.
     fn synchronize(&mut self) -> Result<()>;
     /// The largest dynamic shared memory a block may use.

@@ -13,12 +13,16 @@ unsafe extern "C" {
         grid: *const u32,
         block: *const u32,
         smem: usize,
+        cluster: u32,
         args: *mut *mut c_void,
     ) -> i32;
 }
 
 /// Shared memory per block the emulation offers: an H100's, so that the host picks the same code paths.
 pub const EMU_MAX_DYNAMIC_SMEM: usize = 227 * 1024;
+
+/// Largest thread-block cluster the emulation runs (the portable limit of CUDA).
+pub const EMU_MAX_CLUSTER: u32 = 8;
 
 /// The emulated device.
 #[derive(Default)]
@@ -87,6 +91,30 @@ impl Device for Emulator {
         smem: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.launch_cluster(0, name, grid, block, 1, smem, params) }
+    }
+    fn supports_cluster(&mut self, _name: &str, block: u32, cluster: u32, smem: u32) -> bool {
+        // An H100's limits: portable clusters of up to 8 blocks.
+        (1..=EMU_MAX_CLUSTER).contains(&cluster) && block <= 1024 && smem as usize <= EMU_MAX_DYNAMIC_SMEM
+    }
+    unsafe fn launch_cluster(
+        &mut self,
+        _stream: usize,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        cluster: u32,
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        if !(1..=EMU_MAX_CLUSTER).contains(&cluster) || !grid[0].is_multiple_of(cluster) {
+            return Err(CageError::InvalidArgument(format!(
+                "launch of {name}: clusters of {cluster} blocks (at most {EMU_MAX_CLUSTER}) do not tile a grid of {} \
+                 blocks",
+                grid[0]
+            )));
+        }
         let threads = block.iter().product::<u32>();
         if threads == 0 || threads > 1024 || grid.contains(&0) {
             return Err(CageError::InvalidArgument(format!(
@@ -96,7 +124,7 @@ impl Device for Emulator {
         let cname = CString::new(name).map_err(|_| CageError::InvalidArgument(format!("kernel name {name:?}")))?;
         // SAFETY: the caller guarantees params match the kernel; the launcher only reads them.
         let rc = unsafe {
-            cage_emu_launch(cname.as_ptr(), grid.as_ptr(), block.as_ptr(), smem as usize, params.as_mut_ptr())
+            cage_emu_launch(cname.as_ptr(), grid.as_ptr(), block.as_ptr(), smem as usize, cluster, params.as_mut_ptr())
         };
         if rc != 0 {
             return Err(CageError::InvalidArgument(format!("emulated device: no kernel named {name}")));
