@@ -11,6 +11,58 @@
 
 #define CAGE_FULL_MASK 0xffffffffu
 
+// Thread-block clusters (sm_90): block rank and size, a cluster-wide barrier (release / acquire, so shared-memory
+// writes before it are visible to every block after it) and distributed shared memory. The emulation defines the
+// same four functions (kernels/emu/cuda_emu.h). Kernels test CAGE_HAS_CLUSTERS and trap without it: the host
+// only launches them where `supports_cluster` said yes.
+#ifndef CAGE_EMU
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CAGE_HAS_CLUSTERS 1
+__device__ __forceinline__ unsigned cage_cluster_rank() { return __clusterRelativeBlockRank(); }
+__device__ __forceinline__ unsigned cage_cluster_size() { return __clusterSizeInBlocks(); }
+__device__ __forceinline__ void cage_cluster_sync() {
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+}
+template <class T>
+__device__ __forceinline__ T* cage_cluster_map(T* p, unsigned rank) {
+  return (T*)__cluster_map_shared_rank((const void*)p, rank);
+}
+#else
+// Declared for templates that name them in branches compiled out before sm_90; never called there.
+__device__ __forceinline__ unsigned cage_cluster_rank() { return 0; }
+__device__ __forceinline__ unsigned cage_cluster_size() { return 1; }
+__device__ __forceinline__ void cage_cluster_sync() { __trap(); }
+template <class T>
+__device__ __forceinline__ T* cage_cluster_map(T* p, unsigned) {
+  return p;
+}
+#endif
+#else
+#define CAGE_HAS_CLUSTERS 1
+#endif
+
+// Copies `count` elements from global to shared memory with 16-byte loads for the aligned middle (scalar head
+// and tail): rows of a batch start at any element offset, so the head realigns each one.
+template <typename T>
+__device__ __forceinline__ void copy_to_shared(T* __restrict__ dst, const T* __restrict__ src, int count) {
+  constexpr int PER = 16 / sizeof(T);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  int head = (int)(((16 - ((size_t)src & 15)) & 15) / sizeof(T));
+  if (((size_t)src % sizeof(T)) != 0) head = count;  // not even element-aligned: all scalar
+  head = head < count ? head : count;
+  for (int i = tid; i < head; i += nt) dst[i] = src[i];
+  const int nvec = (count - head) / PER;
+  const uint4* vsrc = reinterpret_cast<const uint4*>(src + head);
+  for (int q = tid; q < nvec; q += nt) {
+    const uint4 w = vsrc[q];
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < PER; k++) dst[head + q * PER + k] = e[k];
+  }
+  for (int i = head + nvec * PER + tid; i < count; i += nt) dst[i] = src[i];
+}
+
 __device__ __forceinline__ float cage_neg_inf() { return __int_as_float(0xff800000); }
 
 __device__ __forceinline__ float to_f32(float x) { return x; }

@@ -12,8 +12,14 @@
 //
 // The row (log pi0 as f32, values as f32 or bf16) is staged in dynamic shared memory when the host finds it
 // fits (`cache` = 1), so the Newton passes after the first cost no DRAM traffic; otherwise every pass re-reads
-// it from global memory (L2 for moderate batches). Full-vocabulary rows larger than one SM's shared memory would
-// need the row split across a thread-block cluster: not done yet (see docs/architecture.md).
+// it from global memory (L2 for moderate batches).
+//
+// Full-vocabulary rows larger than one SM's shared memory (V = 128256 with J = 4 bf16 values is 1.5 MB) are
+// split across a thread-block cluster (cage_eqc_*, sm_90): each of the C blocks stages a contiguous slice, every
+// pass reduces its slice to (max, J(J + 2) + 1 sums), and the partials are exchanged through distributed shared
+// memory and merged. Every block's thread 0 merges all C partials in the same order and runs the same control,
+// so the blocks take identical decisions without another exchange. One cluster barrier per pass: the partial
+// slots are double-buffered by pass parity (a block can be at most one pass ahead of the slowest reader).
 #include "common.cuh"
 
 #define EQ_ETA 0.3
@@ -123,7 +129,14 @@ __device__ void eq_plan(EqControl<J>& ctl, double tau, double tol, int max_iter)
   eq_start_picard<J>(ctl, max_iter);
 }
 
-template <int J, typename V>
+// Floats of the cluster exchange area at the start of dynamic shared memory: two (max, sums) partial slots and
+// the J row maxima. Zero without clusters.
+template <int J>
+__host__ __device__ constexpr int eq_exchange_floats() {
+  return ((2 * (2 + J * (J + 2)) + J) + 3) & ~3;
+}
+
+template <int J, typename V, bool CL>
 __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* __restrict__ values,
                                        const float* __restrict__ tau_in, int n, float tol, int max_iter, int cache,
                                        float* __restrict__ pi_out, float* __restrict__ agg_out,
@@ -132,33 +145,61 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
   constexpr int NACC = 1 + J * (J + 2);  // S, g_j, P_j, cross E_kj = sum e 1{v_k > c_k} (c_j - v_j)^+
   __shared__ EqControl<J> ctl;
   __shared__ float red[32 * NACC];
-  const int row = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
-  const float* b_row = base + (size_t)row * n;
-  const V* v_row = values + (size_t)row * J * n;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  // With a cluster, this block owns the slice [lo, lo + len) of its row (slices a multiple of 4 long, so that
+  // every block but the last starts its value rows 16-byte aligned whenever the row does).
+  int row = blockIdx.x, rank = 0, lo = 0, len = n;
+  unsigned csize = 1;
+  if constexpr (CL) {
+    csize = cage_cluster_size();
+    rank = (int)cage_cluster_rank();
+    row = blockIdx.x / csize;
+    const int chunk = ((n + (int)csize - 1) / (int)csize + 3) & ~3;
+    lo = rank * chunk < n ? rank * chunk : n;
+    len = (lo + chunk < n ? lo + chunk : n) - lo;
+  }
+  const float* b_row = base + (size_t)row * n + lo;
+  const V* v_row = values + (size_t)row * J * n + lo;
   const float tau = tau_in[row];
   const float inv_tau = 1.0f / tau;
 
-  // Stage the row on chip: base as f32 then J value rows in their storage type.
+  // Stage the slice on chip: base as f32 then J value rows in their storage type.
   CAGE_DYN_SMEM(smem);
+  float* xch = reinterpret_cast<float*>(smem);  // the cluster exchange area
+  unsigned char* stage = smem + (CL ? eq_exchange_floats<J>() * 4 : 0);
   const float* bs = b_row;
   const V* vs = v_row;
+  size_t vstride = n;  // between the J value rows
   if (cache) {
-    float* sb = reinterpret_cast<float*>(smem);
-    V* sv = reinterpret_cast<V*>(smem + (((size_t)n * 4 + 15) & ~(size_t)15));
-    for (int i = tid; i < n; i += nt) sb[i] = b_row[i];
-    for (int i = tid; i < J * n; i += nt) sv[i] = v_row[i];
+    float* sb = reinterpret_cast<float*>(stage);
+    V* sv = reinterpret_cast<V*>(stage + (((size_t)len * 4 + 15) & ~(size_t)15));
+    copy_to_shared(sb, b_row, len);
+    for (int p = 0; p < J; p++) copy_to_shared(sv + (size_t)p * len, v_row + (size_t)p * n, len);
     bs = sb;
     vs = sv;
+    vstride = len;
     __syncthreads();
   }
 
   // Upper bounds u_j <= max_a v_j[a] (values are >= 0 and 0 at excluded candidates).
   for (int p = 0; p < J; p++) {
     float m = 0.0f;
-    for (int i = tid; i < n; i += nt) m = fmaxf(m, to_f32(vs[(size_t)p * n + i]));
+    for (int i = tid; i < len; i += nt) m = fmaxf(m, to_f32(vs[(size_t)p * vstride + i]));
     m = block_max(m, red);
     if (tid == 0) ctl.hi[p] = m;
   }
+  if constexpr (CL) {
+    float* his = xch + 2 * (1 + NACC);
+    if (tid == 0)
+      for (int p = 0; p < J; p++) his[p] = (float)ctl.hi[p];
+    cage_cluster_sync();
+    if (tid == 0)
+      for (unsigned r = 0; r < csize; r++) {
+        const float* o = cage_cluster_map(his, r);
+        for (int p = 0; p < J; p++) ctl.hi[p] = fmax(ctl.hi[p], (double)o[p]);
+      }
+  }
+  int parity = 0;
   if (tid == 0) {
     double scale = tau;
     for (int p = 0; p < J; p++) {
@@ -181,14 +222,14 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
     float acc[NACC];
 #pragma unroll
     for (int k = 0; k < NACC; k++) acc[k] = 0.0f;
-    for (int i = tid; i < n; i += nt) {
+    for (int i = tid; i < len; i += nt) {
       const float b = bs[i];
       if (b == cage_neg_inf()) continue;  // excluded candidate: probability 0
       float v[J];
       float z = b;
 #pragma unroll
       for (int p = 0; p < J; p++) {
-        v[p] = to_f32(vs[(size_t)p * n + i]);
+        v[p] = to_f32(vs[(size_t)p * vstride + i]);
         z += fmaxf(v[p] - c[p], 0.0f) * inv_tau;
       }
       if (z > m) {
@@ -210,11 +251,33 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
           if (k != p && v[k] > c[k]) acc[1 + 2 * J + k * J + p] += e * gap;
       }
     }
-    const float mb = block_max(m, red);
+    float mb = block_max(m, red);
     const float s = m == cage_neg_inf() ? 0.0f : __expf(m - mb);
 #pragma unroll
     for (int k = 0; k < NACC; k++) acc[k] *= s;
     block_sum<NACC>(acc, red);
+    if constexpr (CL) {
+      // Publish this slice's partial, then merge every block's (in rank order, identically in every block).
+      float* slot = xch + parity * (1 + NACC);
+      if (tid == 0) {
+        slot[0] = mb;
+        for (int k = 0; k < NACC; k++) slot[1 + k] = acc[k];
+      }
+      cage_cluster_sync();
+      parity ^= 1;
+      if (tid == 0) {
+        float mm = cage_neg_inf();
+        for (unsigned r = 0; r < csize; r++) mm = fmaxf(mm, cage_cluster_map(slot, r)[0]);
+        for (int k = 0; k < NACC; k++) acc[k] = 0.0f;
+        for (unsigned r = 0; r < csize; r++) {
+          const float* o = cage_cluster_map(slot, r);
+          if (o[0] == cage_neg_inf()) continue;
+          const float w = __expf(o[0] - mm);
+          for (int k = 0; k < NACC; k++) acc[k] += o[1 + k] * w;
+        }
+        mb = mm;
+      }
+    }
 
     if (tid == 0) {
       // The trial point's F, g and Jacobian live in shared memory: J x J doubles would spill from registers.
@@ -273,20 +336,22 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
 #pragma unroll
   for (int p = 0; p < J; p++) c[p] = (float)(ctl.u[p] + (double)tau);
   const float m_u = (float)ctl.m_u, inv_s = (float)(1.0 / ctl.s_u);
-  for (int i = tid; i < n; i += nt) {
+  for (int i = tid; i < len; i += nt) {
     const float b = bs[i];
     float agg = 0.0f, z = b;
 #pragma unroll
     for (int p = 0; p < J; p++) {
-      const float y = b == cage_neg_inf() ? 0.0f : fmaxf(to_f32(vs[(size_t)p * n + i]) - c[p], 0.0f);
+      const float y = b == cage_neg_inf() ? 0.0f : fmaxf(to_f32(vs[(size_t)p * vstride + i]) - c[p], 0.0f);
       agg += y;
       z += y * inv_tau;  // the same rounding as in the passes, so pi matches the normaliser s_u exactly
-      if (y_out) y_out[((size_t)row * J + p) * n + i] = y;
+      if (y_out) y_out[((size_t)row * J + p) * n + lo + i] = y;
     }
-    agg_out[(size_t)row * n + i] = agg;
-    pi_out[(size_t)row * n + i] = b == cage_neg_inf() ? 0.0f : __expf(z - m_u) * inv_s;
+    agg_out[(size_t)row * n + lo + i] = agg;
+    pi_out[(size_t)row * n + lo + i] = b == cage_neg_inf() ? 0.0f : __expf(z - m_u) * inv_s;
   }
-  if (tid == 0) {
+  // No block may leave while another can still read its partial slots.
+  if constexpr (CL) cage_cluster_sync();
+  if (rank == 0 && tid == 0) {
     // At the fixed point the payoff pi . (v_j - y_j) = pi . min(v_j, c_j) = T(u)_j = u_j + F(u)_j.
     for (int p = 0; p < J; p++) payoff_out[row * J + p] = (float)(ctl.u[p] + ctl.f[p]);
     stats_out[row * 3 + 0] = (float)ctl.iterations;
@@ -304,19 +369,37 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
 // Blocks of at most EQ_THREADS threads: enough for one row, and leaves J(J + 2) + 1 accumulators in registers.
 #define EQ_THREADS 256
 // One kernel per (J, value type): J sizes the per-thread accumulators, which must live in registers.
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j1(EQ_PARAMS) { eq_row<1, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j2(EQ_PARAMS) { eq_row<2, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j3(EQ_PARAMS) { eq_row<3, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j4(EQ_PARAMS) { eq_row<4, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j5(EQ_PARAMS) { eq_row<5, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j6(EQ_PARAMS) { eq_row<6, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j7(EQ_PARAMS) { eq_row<7, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j8(EQ_PARAMS) { eq_row<8, float>(EQ_ARGS(float)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j1(EQ_PARAMS) { eq_row<1, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j2(EQ_PARAMS) { eq_row<2, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j3(EQ_PARAMS) { eq_row<3, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j4(EQ_PARAMS) { eq_row<4, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j5(EQ_PARAMS) { eq_row<5, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j6(EQ_PARAMS) { eq_row<6, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j7(EQ_PARAMS) { eq_row<7, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
-extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j8(EQ_PARAMS) { eq_row<8, __nv_bfloat16>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j1(EQ_PARAMS) { eq_row<1, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j2(EQ_PARAMS) { eq_row<2, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j3(EQ_PARAMS) { eq_row<3, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j4(EQ_PARAMS) { eq_row<4, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j5(EQ_PARAMS) { eq_row<5, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j6(EQ_PARAMS) { eq_row<6, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j7(EQ_PARAMS) { eq_row<7, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_f32_j8(EQ_PARAMS) { eq_row<8, float, false>(EQ_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j1(EQ_PARAMS) { eq_row<1, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j2(EQ_PARAMS) { eq_row<2, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j3(EQ_PARAMS) { eq_row<3, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j4(EQ_PARAMS) { eq_row<4, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j5(EQ_PARAMS) { eq_row<5, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j6(EQ_PARAMS) { eq_row<6, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j7(EQ_PARAMS) { eq_row<7, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(EQ_THREADS, 1) cage_eq_bf16_j8(EQ_PARAMS) { eq_row<8, __nv_bfloat16, false>(EQ_ARGS(__nv_bfloat16)); }
+
+// The cluster-split kernels (rows larger than one SM's shared memory), for J <= 4: more principals would need
+// more accumulators than 512 threads leave registers for. Launched with a cluster dimension by the host
+// (src/gpu/mod.rs); without sm_90 they have no body.
+#define EQC_THREADS 512
+#ifdef CAGE_HAS_CLUSTERS
+#define EQC_BODY(JJ, V) eq_row<JJ, V, true>(EQ_ARGS(V))
+#else
+#define EQC_BODY(JJ, V) __trap()
+#endif
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_f32_j1(EQ_PARAMS) { EQC_BODY(1, float); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_f32_j2(EQ_PARAMS) { EQC_BODY(2, float); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_f32_j3(EQ_PARAMS) { EQC_BODY(3, float); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_f32_j4(EQ_PARAMS) { EQC_BODY(4, float); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_bf16_j1(EQ_PARAMS) { EQC_BODY(1, __nv_bfloat16); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_bf16_j2(EQ_PARAMS) { EQC_BODY(2, __nv_bfloat16); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_bf16_j3(EQ_PARAMS) { EQC_BODY(3, __nv_bfloat16); }
+extern "C" __global__ void __launch_bounds__(EQC_THREADS, 1) cage_eqc_bf16_j4(EQ_PARAMS) { EQC_BODY(4, __nv_bfloat16); }

@@ -6,7 +6,7 @@
 #[path = "kernels_bodies.rs"]
 mod bodies;
 
-use cage::gpu::{Backend, Gpu, MODULES, cuda_usable, solve_with};
+use cage::gpu::{Backend, EqOptions, Gpu, MODULES, ValueType, cuda_usable, solve_with};
 use cage::solver::{Method, SolveOptions};
 
 /// Prints a skip line past the test harness' output capture (which only captures the print macros), so that
@@ -38,6 +38,24 @@ fn gpu_equilibrium_matches_reference() {
         let (b64, b32) = bodies::batch(bodies::Shape::new(2, 152_064, 4), 77);
         let sol = g.equilibrium(&b32, &bodies::eq_opts()).unwrap();
         bodies::check_against_reference(&b64, &sol, "V = 152064");
+    }
+}
+
+#[test]
+fn gpu_equilibrium_cluster_split() {
+    if let Some(mut g) = gpu_or_skip("gpu_equilibrium_cluster_split")
+        && bodies::equilibrium_cluster_split(&mut g)
+    {
+        // The full-vocabulary shape, split across a cluster with bf16 values.
+        let (_, b32) = bodies::batch(bodies::Shape::new(4, 128_256, 4), 78);
+        let opts = EqOptions { values: ValueType::Bf16, ..bodies::eq_opts() };
+        let job = g.prepare_equilibrium(&b32, &opts).unwrap();
+        assert!(Gpu::equilibrium_launch(&job).1 > 1, "V = 128256, J = 4 bf16 rows were not split");
+        g.run_equilibrium(&job).unwrap();
+        let split = g.fetch_equilibrium(&job).unwrap();
+        let global = g.equilibrium(&b32, &EqOptions { cluster: Some(1), stage: Some(false), ..opts }).unwrap();
+        let d = split.policy.iter().zip(&global.policy).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(d <= 2e-5, "split and global-memory policies differ by {d:e}");
     }
 }
 
@@ -150,6 +168,11 @@ fn nvrtc_compiles_every_embedded_kernel_source() {
         let text = ptx.to_src();
         for k in m.kernels {
             assert!(text.contains(&format!(".entry {k}(")), "{}: NVRTC output lacks {k}", m.name);
+        }
+        // For a Hopper GPU the cluster kernels get their body (cluster barriers in the PTX).
+        let ptx = cage::gpu::cuda::compile_nvrtc_for(m, Some((9, 0))).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+        if m.kernels.iter().any(|k| k.starts_with("cage_eqc_")) {
+            assert!(ptx.to_src().contains("barrier.cluster"), "{}: no cluster barrier for sm_90", m.name);
         }
     }
 }

@@ -207,12 +207,78 @@ pub fn equilibrium_rejects_bad_requests(gpu: &mut Gpu) {
     let e = gpu.equilibrium(&b9, &eq_opts()).unwrap_err().to_string();
     assert!(e.contains("up to 8 principals"), "{e}");
     let (_, big) = batch(Shape::new(1, 200_000, 1), 3);
-    let e = gpu.equilibrium(&big, &EqOptions { stage: Some(true), ..eq_opts() }).unwrap_err().to_string();
+    let no_split = EqOptions { stage: Some(true), cluster: Some(1), ..eq_opts() };
+    let e = gpu.equilibrium(&big, &no_split).unwrap_err().to_string();
     assert!(e.contains("shared memory"), "{e}");
+    // A split that contradicts the other options, or that cannot fit, is refused by name.
+    let e = gpu.equilibrium(&b9, &EqOptions { cluster: Some(2), ..eq_opts() }).unwrap_err().to_string();
+    assert!(e.contains("principals"), "{e}");
+    let (_, b) = batch(Shape::new(1, 100, 2), 3);
+    let e = gpu.equilibrium(&b, &EqOptions { cluster: Some(2), stage: Some(false), ..eq_opts() }).unwrap_err();
+    assert!(e.to_string().contains("stage"), "{e}");
+    assert!(gpu.equilibrium(&b, &EqOptions { cluster: Some(0), ..eq_opts() }).is_err());
+    let e = gpu.equilibrium(&b, &EqOptions { cluster: Some(16), ..eq_opts() }).unwrap_err().to_string();
+    assert!(e.contains("cluster of 16"), "{e}");
     let (_, b) = batch(Shape::new(1, 10, 1), 3);
     assert!(gpu.equilibrium(&b, &EqOptions { tol: 0.0, ..eq_opts() }).is_err());
     assert!(gpu.equilibrium(&b, &EqOptions { tol: f64::NAN, ..eq_opts() }).is_err());
     assert!(gpu.equilibrium(&b, &EqOptions { max_iter: 0, ..eq_opts() }).is_err());
+}
+
+/// Rows split across a thread-block cluster (forced, on rows small enough for the emulation), against the
+/// reference and the one-block kernel: J = 1..4, f32 and bf16 values, -inf entries and ties, slices that end
+/// mid-vector, clusters whose last blocks hold nothing; then a row too large for one block, split on its own.
+/// Returns false (after a skip line) where the device has no clusters.
+pub fn equilibrium_cluster_split(gpu: &mut Gpu) -> bool {
+    if !gpu.device().supports_cluster("cage_eqc_f32_j1", 512, 2, 4096) {
+        println!("SKIP equilibrium_cluster_split: {} has no thread-block clusters", gpu.describe());
+        return false;
+    }
+    let cases = [
+        ("c=2", Shape::new(1, 211, 1), 2),
+        ("c=4", Shape::new(2, 1001, 2), 4),
+        ("c=8", Shape { excluded: 0.3, ..Shape::new(3, 517, 3) }, 8),
+        ("empty blocks", Shape::new(2, 7, 4), 8),
+        ("ties+excluded", Shape { ties: true, excluded: 0.4, ..Shape::new(2, 3001, 4) }, 8),
+    ];
+    for (i, (what, shape, c)) in cases.into_iter().enumerate() {
+        let (b64, b32) = batch(shape, 300 + i as u64);
+        let job = gpu.prepare_equilibrium(&b32, &EqOptions { cluster: Some(c), ..eq_opts() }).expect("prepare");
+        assert_eq!(Gpu::equilibrium_launch(&job), (true, c), "{what}: launch shape");
+        gpu.run_equilibrium(&job).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let sol = gpu.fetch_equilibrium(&job).expect("fetch");
+        check_against_reference(&b64, &sol, &format!("cluster {what}"));
+        let one = gpu.equilibrium(&b32, &EqOptions { cluster: Some(1), ..eq_opts() }).expect("one block");
+        let d = policy_gap(&one.policy, &sol.policy);
+        assert!(d <= 2e-5, "{what}: split and one-block policies differ by {d:e}");
+        assert_eq!(one.iterations, sol.iterations, "{what}: the split changed the Newton path");
+    }
+    // bf16 values, split.
+    let (_, b32) = batch(Shape::new(2, 1003, 4), 320);
+    let rounded: Vec<f32> = b32.values().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    let b32r = Batch::new(BatchInput {
+        rows: 2,
+        candidates: 1003,
+        principals: 4,
+        base_logprobs: b32.base().to_vec(),
+        values: rounded,
+        weights: vec![1.0; 8],
+        tau: b32.tau().to_vec(),
+        normalize: Normalize::None,
+        names: vec![],
+    })
+    .unwrap();
+    let opts = EqOptions { values: ValueType::Bf16, cluster: Some(4), ..eq_opts() };
+    let sol = gpu.equilibrium(&b32r, &opts).expect("bf16 split");
+    check_against_reference(&b32r.convert::<f64>().unwrap(), &sol, "bf16 values, split");
+    // A row of 40000 candidates with f32 values does not fit one block (320 KB): the host splits it itself.
+    let (b64, b32) = batch(Shape::new(1, 40_000, 1), 321);
+    let job = gpu.prepare_equilibrium(&b32, &eq_opts()).expect("prepare");
+    let (stage, cluster) = Gpu::equilibrium_launch(&job);
+    assert!(stage && cluster > 1, "a row too large for one block was not split (cluster {cluster})");
+    gpu.run_equilibrium(&job).expect("auto split");
+    check_against_reference(&b64, &gpu.fetch_equilibrium(&job).unwrap(), "auto split");
+    true
 }
 
 /// Logits with ties and -inf entries, in the three input types, rounded so that every type holds them exactly.

@@ -18,6 +18,12 @@ fn emulated_equilibrium_edge_cases() {
 }
 
 #[test]
+fn emulated_equilibrium_cluster_split() {
+    // The emulation runs clusters (each block on its own OS thread), so this must not skip.
+    assert!(bodies::equilibrium_cluster_split(&mut Gpu::emulated()));
+}
+
+#[test]
 fn emulated_equilibrium_bf16_values() {
     bodies::equilibrium_bf16_values(&mut Gpu::emulated());
 }

@@ -113,6 +113,10 @@ pub struct EqOptions {
     /// Stage rows in shared memory: `None` when they fit, `Some(false)` never (every pass reads global memory),
     /// `Some(true)` always (an error when a row does not fit).
     pub stage: Option<bool>,
+    /// Rows too large for one block's shared memory are split across a thread-block cluster (sm_90, J <= 4):
+    /// `None` picks the smallest cluster of 2, 4 or 8 blocks whose slices fit where the device supports it,
+    /// `Some(1)` never splits, `Some(c)` always splits into `c` blocks (an error where that cannot run).
+    pub cluster: Option<u32>,
 }
 
 impl Default for EqOptions {
@@ -123,6 +127,7 @@ impl Default for EqOptions {
             values: ValueType::F32,
             incentives: true,
             stage: None,
+            cluster: None,
         }
     }
 }
@@ -235,6 +240,26 @@ pub struct DeviceEquilibrium {
     pub stream: usize,
 }
 
+/// Threads per block of the cluster-split equilibrium kernels (EQC_THREADS in kernels/equilibrium.cu).
+const EQC_THREADS: u32 = 512;
+/// Most principals the cluster-split kernels take (their accumulators must stay in registers).
+pub const MAX_CLUSTER_PRINCIPALS: usize = 4;
+
+/// Floats of the cluster exchange area of the split kernels (eq_exchange_floats in kernels/equilibrium.cu).
+fn exchange_floats(j: usize) -> usize {
+    (2 * (2 + j * (j + 2)) + j).next_multiple_of(4)
+}
+
+/// Launch shape of the equilibrium kernel.
+#[derive(Clone, Copy, Debug)]
+struct EqShape {
+    stage: bool,
+    threads: u32,
+    smem: u32,
+    /// Blocks per row (a thread-block cluster when > 1).
+    cluster: u32,
+}
+
 /// An equilibrium prepared on the device: inputs uploaded, outputs allocated. [`Gpu::run_equilibrium`]
 /// launches it (benchmarks time that), [`Gpu::fetch_equilibrium`] copies the solution back.
 #[derive(Clone, Copy, Debug)]
@@ -244,9 +269,7 @@ pub struct EqJob {
     j: usize,
     j_eff: usize,
     opts: EqOptions,
-    stage: bool,
-    threads: u32,
-    smem: u32,
+    shape: EqShape,
     base: DevPtr,
     values: DevPtr,
     tau: DevPtr,
@@ -402,29 +425,83 @@ impl Gpu {
         let y = if opts.incentives { self.buffer("eq.y", rows * j_eff * n * 4)? } else { 0 };
         let payoff = self.buffer("eq.payoff", rows * j_eff * 4)?;
         let stats = self.buffer("eq.stats", rows * 3 * 4)?;
-        let (stage, threads, smem) = self.equilibrium_shape(n, j_eff, opts)?;
-        Ok(EqJob { rows, n, j, j_eff, opts: *opts, stage, threads, smem, base, values, tau, pi, agg, y, payoff, stats })
+        let shape = self.equilibrium_shape(n, j_eff, opts)?;
+        Ok(EqJob { rows, n, j, j_eff, opts: *opts, shape, base, values, tau, pi, agg, y, payoff, stats })
     }
 
-    /// Whether a row is staged in shared memory, the threads per block and the dynamic shared memory of the
-    /// equilibrium kernel for rows of `n` candidates and `j_eff` principals.
-    fn equilibrium_shape(&self, n: usize, j_eff: usize, opts: &EqOptions) -> Result<(bool, u32, u32)> {
-        let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * opts.values.size();
-        let fits = stage_bytes <= self.dev.max_dynamic_smem();
-        let stage = match opts.stage {
-            None => fits,
-            Some(false) => false,
-            Some(true) if fits => true,
-            Some(true) => {
-                return Err(bad(format!(
-                    "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; the \
-                     device offers {}",
-                    self.dev.max_dynamic_smem()
-                )));
-            }
-        };
+    /// How the equilibrium of this job is launched: staged or not, and split across a cluster of how many
+    /// blocks (1: one block per row).
+    pub fn equilibrium_launch(job: &EqJob) -> (bool, u32) {
+        (job.shape.stage, job.shape.cluster)
+    }
+
+    /// The launch shape of the equilibrium kernel for rows of `n` candidates and `j_eff` principals: staged in
+    /// shared memory when a row fits one block's, else split across a cluster when the device can, else read
+    /// from global memory on every pass.
+    fn equilibrium_shape(&mut self, n: usize, j_eff: usize, opts: &EqOptions) -> Result<EqShape> {
+        let vsize = opts.values.size();
+        let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * vsize;
+        let max = self.dev.max_dynamic_smem();
+        let fits = stage_bytes <= max;
         let threads = n.div_ceil(2).next_multiple_of(32).clamp(32, 256) as u32;
-        Ok((stage, threads, if stage { stage_bytes as u32 } else { 0 }))
+        let single =
+            |stage: bool| EqShape { stage, threads, smem: if stage { stage_bytes as u32 } else { 0 }, cluster: 1 };
+        // Bytes per block of a split into `c`: the exchange area, then the block's slice (see eq_row).
+        let split_bytes = |c: usize| {
+            let chunk = n.div_ceil(c).next_multiple_of(4);
+            exchange_floats(j_eff) * 4 + (chunk * 4).next_multiple_of(16) + j_eff * chunk * vsize
+        };
+        let name = |c: u32| if c > 1 { format!("cage_eqc_{}_j{j_eff}", opts.values.tag()) } else { String::new() };
+        let cluster_ok = |dev: &mut dyn Device, c: u32| {
+            let bytes = split_bytes(c as usize);
+            j_eff <= MAX_CLUSTER_PRINCIPALS
+                && bytes <= max
+                && dev.supports_cluster(&name(c), EQC_THREADS, c, bytes as u32)
+        };
+        match (opts.cluster, opts.stage) {
+            (Some(0), _) => Err(bad("a cluster of 0 blocks".into())),
+            (Some(c), Some(false)) if c > 1 => Err(bad(format!(
+                "a split across {c} blocks stages rows in shared memory: stage = false contradicts it"
+            ))),
+            (Some(c), _) if c > 1 => {
+                if !cluster_ok(self.dev.as_mut(), c) {
+                    return Err(bad(format!(
+                        "{}: cannot split rows of {n} candidates and {j_eff} principals across a cluster of {c} \
+                         blocks ({} bytes of shared memory each; clusters need sm_90, at most {MAX_CLUSTER_PRINCIPALS} \
+                         principals, at most 8 blocks)",
+                        self.dev.describe(),
+                        split_bytes(c as usize)
+                    )));
+                }
+                Ok(EqShape { stage: true, threads: EQC_THREADS, smem: split_bytes(c as usize) as u32, cluster: c })
+            }
+            (_, Some(false)) => Ok(single(false)),
+            (_, _) if fits => Ok(single(true)),
+            (None, stage) => {
+                for c in [2u32, 4, 8] {
+                    if cluster_ok(self.dev.as_mut(), c) {
+                        return Ok(EqShape {
+                            stage: true,
+                            threads: EQC_THREADS,
+                            smem: split_bytes(c as usize) as u32,
+                            cluster: c,
+                        });
+                    }
+                }
+                if stage == Some(true) {
+                    return Err(bad(format!(
+                        "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; \
+                         the device offers {max} per block and no cluster split of it fits"
+                    )));
+                }
+                Ok(single(false))
+            }
+            (Some(_), Some(true)) => Err(bad(format!(
+                "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; the \
+                 device offers {max}"
+            ))),
+            (Some(_), None) => Ok(single(false)),
+        }
     }
 
     /// The exact equilibrium on buffers the caller owns, launched on the caller's stream (`stream` = 0: the
@@ -461,7 +538,7 @@ impl Gpu {
                 return Err(bad(format!("device pointer {what} is null")));
             }
         }
-        let (stage, threads, smem) = self.equilibrium_shape(n, j, opts)?;
+        let shape = self.equilibrium_shape(n, j, opts)?;
         let agg = self.buffer("dev.agg", rows * n * 4)?;
         let payoff = if e.payoffs != 0 { e.payoffs } else { self.buffer("dev.payoff", rows * j * 4)? };
         let stats = if e.stats != 0 { e.stats } else { self.buffer("dev.stats", rows * 3 * 4)? };
@@ -474,9 +551,7 @@ impl Gpu {
             j,
             j_eff: j,
             opts: EqOptions { incentives: false, ..*opts },
-            stage,
-            threads,
-            smem,
+            shape,
             base: e.base,
             values: e.values,
             tau: e.tau,
@@ -495,12 +570,14 @@ impl Gpu {
     }
 
     fn launch_equilibrium(&mut self, job: &EqJob, stream: usize) -> Result<()> {
-        let name = format!("cage_eq_{}_j{}", job.opts.values.tag(), job.j_eff);
+        let sh = job.shape;
+        let kind = if sh.cluster > 1 { "eqc" } else { "eq" };
+        let name = format!("cage_{kind}_{}_j{}", job.opts.values.tag(), job.j_eff);
         let (mut base, mut values, mut tau) = (job.base, job.values, job.tau);
         let mut n = job.n as i32;
         let mut tol = job.opts.tol as f32;
         let mut max_iter = job.opts.max_iter.min(i32::MAX as u32) as i32;
-        let mut cache = job.stage as i32;
+        let mut cache = sh.stage as i32;
         let (mut pi, mut agg, mut y, mut payoff, mut stats) = (job.pi, job.agg, job.y, job.payoff, job.stats);
         let mut params = [
             as_param(&mut base),
@@ -519,7 +596,12 @@ impl Gpu {
         // SAFETY: the parameter list matches EQ_PARAMS in kernels/equilibrium.cu and every buffer was sized by
         // prepare_equilibrium for this shape; the locals outlive the launch call, which copies them.
         unsafe {
-            self.dev.launch_on(stream, &name, [job.rows as u32, 1, 1], [job.threads, 1, 1], job.smem, &mut params)
+            if sh.cluster > 1 {
+                let grid = [job.rows as u32 * sh.cluster, 1, 1];
+                self.dev.launch_cluster(stream, &name, grid, [sh.threads, 1, 1], sh.cluster, sh.smem, &mut params)
+            } else {
+                self.dev.launch_on(stream, &name, [job.rows as u32, 1, 1], [sh.threads, 1, 1], sh.smem, &mut params)
+            }
         }
     }
 
