@@ -2,13 +2,20 @@
 //   cage_logsoftmax_*: log pi0 over every token (the k = V case), ids implicit (token a at position a);
 //   cage_topk_*:       the k largest logits (ties: lower token id first, as src/candidates.rs), sorted, with
 //                      log pi0 normalised over the whole row.
-// Top-k is an exact radix select on order-preserving 32-bit keys (4 passes of 8 bits, shared-memory
-// histograms), then one pass that collects the winners (ties by id through a block-wide ballot scan), then a
-// rank sort of the k winners. The log-sum-exp shares the first radix pass, so a row is read 5 times (from L2
-// for moderate batches); fusing further (compacting the survivors of the first digit on chip) is future work.
+// Rows are read with 16-byte vector loads (a scalar head realigns rows that start mid-vector).
+//
+// Top-k reads a row twice in the common case. Pass 1 computes the log-sum-exp (online) and a 4096-bin histogram
+// of the top 12 bits of order-preserving keys (sign, exponent, 3 mantissa bits); a block-wide suffix scan finds
+// the bin that holds the k-th largest key. Pass 2 collects every key of the higher bins (all winners) and
+// compacts the keys of that bin into shared memory, where the remaining winners are picked by rank (key, then
+// id). Only when that bin holds more than TOPK_CAP keys (massive ties) does the select go on by radix passes
+// over the row (8, 8 and 4 bits) and an id-ordered collect: 5 reads, as a plain radix select would need.
 #include "common.cuh"
 
 #define TOPK_MAX 1024
+#define TOPK_BITS 12
+#define TOPK_BINS (1 << TOPK_BITS)
+#define TOPK_CAP 2048
 
 // Larger float -> larger key, with -0.0 < +0.0 as f64::total_cmp orders them.
 __device__ __forceinline__ unsigned order_key(float x) {
@@ -19,14 +26,47 @@ __device__ __forceinline__ float key_value(unsigned k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+// Calls f(i, x[i] as f32) for every element of a row, each thread over its share, with 16-byte loads for the
+// aligned middle. The order of the calls is unspecified: for reductions and unordered scatters only.
+template <typename T, typename F>
+__device__ __forceinline__ void row_for_each(const T* __restrict__ x, int v, F f) {
+  constexpr int PER = 16 / sizeof(T);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  int head = (int)(((16 - ((size_t)x & 15)) & 15) / sizeof(T));
+  if (((size_t)x % sizeof(T)) != 0) head = v;  // not even element-aligned: all scalar
+  head = head < v ? head : v;
+  for (int i = tid; i < head; i += nt) f(i, to_f32(x[i]));
+  const int nvec = (v - head) / PER;
+  const uint4* vx = reinterpret_cast<const uint4*>(x + head);
+  for (int q = tid; q < nvec; q += nt) {
+    const uint4 w = __ldg(vx + q);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int k = 0; k < PER; k++) f(head + q * PER + k, to_f32(e[k]));
+  }
+  for (int i = head + nvec * PER + tid; i < v; i += nt) f(i, to_f32(x[i]));
+}
+
 template <typename T>
 __device__ __forceinline__ void logsoftmax_row(const T* __restrict__ logits, int v, float* __restrict__ out,
                                                float* __restrict__ lse_out) {
   __shared__ float red[32];
   const T* x = logits + (size_t)blockIdx.x * v;
-  const float lse = row_lse(x, v, red);
+  float m = cage_neg_inf(), s = 0.0f;
+  row_for_each(x, v, [&](int, float a) {
+    if (a == cage_neg_inf()) return;
+    if (a > m) {
+      s *= __expf(m - a);
+      m = a;
+    }
+    s += __expf(a - m);
+  });
+  const float mb = block_max(m, red);
+  float acc[1] = {m == cage_neg_inf() ? 0.0f : s * __expf(m - mb)};
+  block_sum<1>(acc, red);
+  const float lse = mb + logf(acc[0]);
   float* o = out + (size_t)blockIdx.x * v;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) o[i] = to_f32(x[i]) - lse;
+  row_for_each(x, v, [&](int i, float a) { o[i] = a - lse; });
   if (threadIdx.x == 0 && lse_out) lse_out[blockIdx.x] = lse;
 }
 
@@ -34,89 +74,156 @@ template <typename T>
 __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, int k, unsigned* __restrict__ ids_out,
                                          float* __restrict__ logp_out, float* __restrict__ lse_out) {
   __shared__ float red[32];
-  __shared__ unsigned hist[256];
+  __shared__ unsigned hist[TOPK_BINS];
+  __shared__ unsigned warp_total[32];
   __shared__ unsigned sel_prefix, sel_mask;
-  __shared__ int sel_remaining, n_gt, eq_base;
+  __shared__ int sel_remaining, n_gt, n_buf, eq_base, bin_star, bin_count;
   __shared__ int warp_eq[32];
   __shared__ unsigned cand_key[TOPK_MAX], cand_id[TOPK_MAX];
+  __shared__ unsigned buf_key[TOPK_CAP], buf_id[TOPK_CAP];
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, w = tid >> 5, nw = nt >> 5;
   const T* x = logits + (size_t)blockIdx.x * v;
-  // The log-sum-exp rides on the first radix pass (one read of the row fewer); merged after the select.
-  float lm = cage_neg_inf(), ls = 0.0f;
 
-  // Radix select of the k-th largest key, most significant digit first.
-  if (tid == 0) {
-    sel_prefix = 0;
-    sel_mask = 0;
-    sel_remaining = k;
-  }
-  for (int d = 24; d >= 0; d -= 8) {
-    for (int i = tid; i < 256; i += nt) hist[i] = 0;
-    __syncthreads();
-    const unsigned prefix = sel_prefix, mask = sel_mask;
-    for (int i = tid; i < v; i += nt) {
-      const float a = to_f32(x[i]);
-      if (d == 24 && a != cage_neg_inf()) {
-        if (a > lm) {
-          ls *= __expf(lm - a);
-          lm = a;
-        }
-        ls += __expf(a - lm);
-      }
-      const unsigned key = order_key(a);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> d) & 255u], 1u);
-    }
-    __syncthreads();
-    if (tid == 0) {
-      int rem = sel_remaining, b = 255;
-      for (; b > 0; b--) {
-        if ((int)hist[b] >= rem) break;
-        rem -= (int)hist[b];
-      }
-      sel_prefix = prefix | ((unsigned)b << d);
-      sel_mask = mask | (255u << d);
-      sel_remaining = rem;
-    }
-    __syncthreads();
-  }
-  const float lmb = block_max(lm, red);
-  float lacc[1] = {lm == cage_neg_inf() ? 0.0f : ls * __expf(lm - lmb)};
-  block_sum<1>(lacc, red);
-  const float lse = lmb + logf(lacc[0]);
-  const unsigned kth = sel_prefix;
-  const int take_eq = sel_remaining;  // how many entries equal to the k-th key are taken (lowest ids)
+  // Pass 1: log-sum-exp and the histogram of the top 12 key bits.
+  for (int i = tid; i < TOPK_BINS; i += nt) hist[i] = 0;
   if (tid == 0) {
     n_gt = 0;
+    n_buf = 0;
     eq_base = 0;
   }
   __syncthreads();
+  float lm = cage_neg_inf(), ls = 0.0f;
+  row_for_each(x, v, [&](int, float a) {
+    if (a != cage_neg_inf()) {
+      if (a > lm) {
+        ls *= __expf(lm - a);
+        lm = a;
+      }
+      ls += __expf(a - lm);
+    }
+    atomicAdd(&hist[order_key(a) >> (32 - TOPK_BITS)], 1u);
+  });
+  const float lmb = block_max(lm, red);  // its barriers also publish the histogram
+  float lacc[1] = {lm == cage_neg_inf() ? 0.0f : ls * __expf(lm - lmb)};
+  block_sum<1>(lacc, red);
+  const float lse = lmb + logf(lacc[0]);
 
-  // Collect: every key above the threshold, and the first `take_eq` (in id order) equal to it.
-  for (int c0 = 0; c0 < v; c0 += nt) {
-    const int i = c0 + tid;
-    const unsigned key = i < v ? order_key(to_f32(x[i])) : 0u;
-    const bool gt = i < v && key > kth, eq = i < v && key == kth;
-    if (gt) {
-      const int pos = atomicAdd(&n_gt, 1);
-      cand_key[pos] = key;
-      cand_id[pos] = (unsigned)i;
+  // The bin of the k-th largest key: each thread sums a run of bins, a suffix scan (highest bins first) gives
+  // the count above each run, and the thread whose run crosses k walks it down.
+  {
+    const int per = (TOPK_BINS + nt - 1) / nt, b0 = tid * per, b1 = b0 + per < TOPK_BINS ? b0 + per : TOPK_BINS;
+    unsigned local = 0;
+    for (int b = b0; b < b1; b++) local += hist[b];
+    unsigned incl = local;  // sum over this lane and the lanes above it
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_down_sync(CAGE_FULL_MASK, incl, o);
+      if (lane + o < 32) incl += y;
     }
-    const unsigned bal = __ballot_sync(CAGE_FULL_MASK, eq);
-    if (lane == 0) warp_eq[w] = __popc(bal);
+    if (lane == 0) warp_total[w] = incl;
     __syncthreads();
-    int before = eq_base + __popc(bal & ((1u << lane) - 1u));
-    for (int q = 0; q < w; q++) before += warp_eq[q];
-    if (eq && before < take_eq) {
-      cand_key[k - take_eq + before] = key;
-      cand_id[k - take_eq + before] = (unsigned)i;
+    unsigned above = incl - local;
+    for (int q = w + 1; q < nw; q++) above += warp_total[q];
+    if (above < (unsigned)k && (unsigned)k <= above + local) {
+      unsigned acc = above;
+      for (int b = b1 - 1; b >= b0; b--) {
+        if (acc + hist[b] >= (unsigned)k) {
+          bin_star = b;
+          bin_count = (int)hist[b];
+          sel_remaining = k - (int)acc;  // winners still to take from that bin
+          break;
+        }
+        acc += hist[b];
+      }
     }
     __syncthreads();
+  }
+  const unsigned bstar = (unsigned)bin_star;
+  const int need = sel_remaining;
+
+  if (bin_count <= TOPK_CAP) {
+    // Pass 2: the higher bins are winners; the crossing bin is compacted on chip and ranked there.
+    row_for_each(x, v, [&](int i, float a) {
+      const unsigned key = order_key(a), b = key >> (32 - TOPK_BITS);
+      if (b > bstar) {
+        const int pos = atomicAdd(&n_gt, 1);
+        cand_key[pos] = key;
+        cand_id[pos] = (unsigned)i;
+      } else if (b == bstar) {
+        const int pos = atomicAdd(&n_buf, 1);
+        buf_key[pos] = key;
+        buf_id[pos] = (unsigned)i;
+      }
+    });
+    __syncthreads();
+    const int nb = n_buf;
+    for (int t = tid; t < nb; t += nt) {
+      const unsigned kt = buf_key[t], it = buf_id[t];
+      int rank = 0;
+      for (int j = 0; j < nb; j++) rank += (buf_key[j] > kt) || (buf_key[j] == kt && buf_id[j] < it);
+      if (rank < need) {
+        cand_key[k - need + rank] = kt;
+        cand_id[k - need + rank] = it;
+      }
+    }
+    __syncthreads();
+  } else {
+    // Massive ties: finish the radix select over the row (8, 8 and 4 more bits), then collect in id order.
     if (tid == 0) {
-      int tot = 0;
-      for (int q = 0; q < nw; q++) tot += warp_eq[q];
-      eq_base += tot;
+      sel_prefix = bstar << (32 - TOPK_BITS);
+      sel_mask = ~0u << (32 - TOPK_BITS);
     }
-    __syncthreads();
+    for (int d = 12; d >= 0; d = d == 12 ? 4 : (d == 4 ? 0 : -1)) {
+      const int bits = d == 0 ? 4 : 8;
+      for (int i = tid; i < 256; i += nt) hist[i] = 0;
+      __syncthreads();
+      const unsigned prefix = sel_prefix, mask = sel_mask, dmask = (1u << bits) - 1u;
+      for (int i = tid; i < v; i += nt) {
+        const unsigned key = order_key(to_f32(x[i]));
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> d) & dmask], 1u);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        int rem = sel_remaining, b = (int)dmask;
+        for (; b > 0; b--) {
+          if ((int)hist[b] >= rem) break;
+          rem -= (int)hist[b];
+        }
+        sel_prefix = prefix | ((unsigned)b << d);
+        sel_mask = mask | (dmask << d);
+        sel_remaining = rem;
+      }
+      __syncthreads();
+    }
+    const unsigned kth = sel_prefix;
+    const int take_eq = sel_remaining;  // how many entries equal to the k-th key are taken (lowest ids)
+    // Collect: every key above the threshold, and the first `take_eq` (in id order) equal to it.
+    for (int c0 = 0; c0 < v; c0 += nt) {
+      const int i = c0 + tid;
+      const unsigned key = i < v ? order_key(to_f32(x[i])) : 0u;
+      const bool gt = i < v && key > kth, eq = i < v && key == kth;
+      if (gt) {
+        const int pos = atomicAdd(&n_gt, 1);
+        cand_key[pos] = key;
+        cand_id[pos] = (unsigned)i;
+      }
+      const unsigned bal = __ballot_sync(CAGE_FULL_MASK, eq);
+      if (lane == 0) warp_eq[w] = __popc(bal);
+      __syncthreads();
+      int before = eq_base + __popc(bal & ((1u << lane) - 1u));
+      for (int q = 0; q < w; q++) before += warp_eq[q];
+      if (eq && before < take_eq) {
+        cand_key[k - take_eq + before] = key;
+        cand_id[k - take_eq + before] = (unsigned)i;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        int tot = 0;
+        for (int q = 0; q < nw; q++) tot += warp_eq[q];
+        eq_base += tot;
+      }
+      __syncthreads();
+    }
   }
 
   // Rank sort of the k winners: larger key first, then lower id.

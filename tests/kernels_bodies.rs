@@ -344,6 +344,31 @@ pub fn candidates_mostly_excluded(gpu: &mut Gpu) {
     }
 }
 
+/// Rows where more than 2048 logits fall in the bin of the k-th largest (the kernel's on-chip buffer): one
+/// with 3000 exact ties at the top (the lowest ids win), one with 2500 distinct values in [8, 9) (one 12-bit
+/// key bin); both take the radix fallback of the top-k kernel, which must agree with the CPU as well.
+pub fn candidates_massive_ties(gpu: &mut Gpu) {
+    let vocab = 5003;
+    let mut rng = Rng::new(11);
+    let mut x = Vec::with_capacity(2 * vocab);
+    for i in 0..vocab {
+        x.push(if i % 5 < 3 { 2.0 } else { rng.range(-5.0, 1.0) as f32 });
+    }
+    for i in 0..vocab {
+        x.push(if i % 2 == 0 { 8.0 + (i as f32) * 1e-4 } else { rng.range(-5.0, 7.0) as f32 });
+    }
+    for k in [1, 50, 1024] {
+        let got = gpu.candidates(Logits::F32(&x), 2, vocab, Some(k)).expect("candidates");
+        for r in 0..2 {
+            let want = select(&x[r * vocab..(r + 1) * vocab], Selection::TopK(k)).unwrap();
+            assert_eq!(&got.ids[r * k..(r + 1) * k], &want.ids[..], "k = {k}, row {r}: ids");
+            for (&g, &w) in got.logp[r * k..(r + 1) * k].iter().zip(&want.base_logprobs) {
+                assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "k = {k}, row {r}: log pi0 {g} vs {w}");
+            }
+        }
+    }
+}
+
 /// Bad candidate requests are errors.
 pub fn candidates_reject_bad_requests(gpu: &mut Gpu) {
     let x = logits(2, 100, 1);

@@ -40,6 +40,11 @@ fn emulated_candidates_match_cpu() {
 }
 
 #[test]
+fn emulated_candidates_massive_ties() {
+    bodies::candidates_massive_ties(&mut Gpu::emulated());
+}
+
+#[test]
 fn emulated_candidates_reject_bad_requests() {
     bodies::candidates_reject_bad_requests(&mut Gpu::emulated());
     bodies::candidates_mostly_excluded(&mut Gpu::emulated());
