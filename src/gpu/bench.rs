@@ -114,10 +114,29 @@ pub fn equilibrium(
     cache: Cache,
     reps: usize,
 ) -> Result<Measurement> {
+    equilibrium_with(gpu, rows, n, j, EqOptions { values, incentives: false, ..EqOptions::default() }, cache, reps)
+}
+
+/// The batched equilibrium with explicit options; the name says how it was launched (one block per row with
+/// the row staged on chip or read from global memory on every pass, or split across a cluster).
+pub fn equilibrium_with(
+    gpu: &mut Gpu,
+    rows: usize,
+    n: usize,
+    j: usize,
+    opts: EqOptions,
+    cache: Cache,
+    reps: usize,
+) -> Result<Measurement> {
     let batch = random_batch(rows, n, j, 1)?;
-    let job = gpu.prepare_equilibrium(&batch, &EqOptions { values, incentives: false, ..EqOptions::default() })?;
+    let job = gpu.prepare_equilibrium(&batch, &opts)?;
     let micros = time_us(gpu, cache, reps, &mut |g| g.run_equilibrium(&job))?;
-    let name = format!("equilibrium B={rows} N={n} J={j} values={values:?}");
+    let launch = match Gpu::equilibrium_launch(&job) {
+        (_, c) if c > 1 => format!("cluster of {c}"),
+        (true, _) => "staged".into(),
+        (false, _) => "global".into(),
+    };
+    let name = format!("equilibrium B={rows} N={n} J={j} values={:?} ({launch})", opts.values);
     Ok(Measurement { name, cache, micros, bytes: job.bytes_moved() })
 }
 
@@ -185,12 +204,23 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
     if emu {
         warm_and_flushed(&mut |c| equilibrium(gpu, 2, 50, 4, ValueType::F32, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| equilibrium(gpu, 1, 4096, 2, ValueType::Bf16, c, reps), &mut rows)?;
+        // A row too large for one block: split across a cluster (each block on its own host thread here).
+        warm_and_flushed(&mut |c| equilibrium(gpu, 1, 60_000, 2, ValueType::F32, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| candidates(gpu, 2, 8192, Some(50), c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| choose(gpu, 2, 4096, c, reps), &mut rows)?;
     } else {
         // Targets (H100): the first within 2x one read of its inputs at copy bandwidth; the B = 1, k = 50 step
         // under 10 us including launch; top-k at >= 80% of copy bandwidth for B x V >= 8M.
         warm_and_flushed(&mut |c| equilibrium(gpu, 64, 128_256, 4, ValueType::Bf16, c, reps), &mut rows)?;
+        // The same without the cluster split: every Newton pass re-reads the rows from global memory.
+        let unsplit = EqOptions {
+            values: ValueType::Bf16,
+            incentives: false,
+            cluster: Some(1),
+            stage: Some(false),
+            ..EqOptions::default()
+        };
+        warm_and_flushed(&mut |c| equilibrium_with(gpu, 64, 128_256, 4, unsplit, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| equilibrium(gpu, 1, 50, 4, ValueType::F32, c, reps), &mut rows)?;
         rows.push(equilibrium_graph(gpu, 1, 50, 4, reps)?);
         warm_and_flushed(&mut |c| equilibrium(gpu, 64, 50, 4, ValueType::F32, c, reps), &mut rows)?;
