@@ -240,6 +240,9 @@ pub struct DeviceEquilibrium {
     pub stream: usize,
 }
 
+/// Shared memory kept free for the equilibrium kernels' static arrays when sizing the dynamic part.
+const STATIC_SMEM_RESERVE: usize = 16 * 1024;
+
 /// Threads per block of the cluster-split equilibrium kernels (EQC_THREADS in kernels/equilibrium.cu).
 const EQC_THREADS: u32 = 512;
 /// Most principals the cluster-split kernels take (their accumulators must stay in registers).
@@ -441,7 +444,9 @@ impl Gpu {
     fn equilibrium_shape(&mut self, n: usize, j_eff: usize, opts: &EqOptions) -> Result<EqShape> {
         let vsize = opts.values.size();
         let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * vsize;
-        let max = self.dev.max_dynamic_smem();
+        // Dynamic plus static shared memory must fit the block's limit: keep room for the kernels' static
+        // arrays (13 KB at J = 8: the reduction scratch and the Newton control).
+        let max = self.dev.max_dynamic_smem().saturating_sub(STATIC_SMEM_RESERVE);
         let fits = stage_bytes <= max;
         let threads = n.div_ceil(2).next_multiple_of(32).clamp(32, 256) as u32;
         let single =
@@ -491,14 +496,14 @@ impl Gpu {
                 if stage == Some(true) {
                     return Err(bad(format!(
                         "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; \
-                         the device offers {max} per block and no cluster split of it fits"
+                         the device leaves {max} per block for a staged row and no cluster split of it fits"
                     )));
                 }
                 Ok(single(false))
             }
             (Some(_), Some(true)) => Err(bad(format!(
                 "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; the \
-                 device offers {max}"
+                 device leaves {max} per block for a staged row"
             ))),
             (Some(_), None) => Ok(single(false)),
         }
