@@ -93,6 +93,7 @@ fn gpu_candidates_reject_bad_requests() {
     if let Some(mut g) = gpu_or_skip("gpu_candidates_reject_bad_requests") {
         bodies::candidates_reject_bad_requests(&mut g);
         bodies::candidates_massive_ties(&mut g);
+        bodies::device_step_matches_host_chain(&mut g);
         bodies::candidates_mostly_excluded(&mut g);
     }
 }

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use cage::candidates::{Selection, select};
-use cage::gpu::{Choice, EqOptions, Gpu, Logits, ValueType};
+use cage::gpu::{Choice, DeviceStep, EqOptions, Gpu, Logits, ValueType};
 use cage::solver::{exact, reference};
 use cage::{Batch, BatchInput, Normalize, Solution};
 
@@ -366,6 +366,121 @@ pub fn candidates_massive_ties(gpu: &mut Gpu) {
                 assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "k = {k}, row {r}: log pi0 {g} vs {w}");
             }
         }
+    }
+}
+
+/// The decoding step on device-resident logits gives the tokens of the host chain (candidates, values,
+/// equilibrium, choice; each of those is checked against the CPU above), greedy and sampled, for J = 0, 1, 3;
+/// NaN logits and bad parameters are errors.
+pub fn device_step_matches_host_chain(gpu: &mut Gpu) {
+    let (rows, vocab, k) = (3, 3001, 50);
+    let mut rng = Rng::new(21);
+    let mut gen_logits = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.range(-8.0, 8.0) as f32).collect() };
+    let base = gen_logits(rows * vocab);
+    let reference = gen_logits(rows * vocab);
+    let arm_all = gen_logits(rows * 3 * vocab);
+    let tau = vec![0.3f32, 0.7, 1.5];
+    let upload = |gpu: &mut Gpu, name: &'static str, x: &[f32]| {
+        let p = gpu.buffer(name, x.len() * 4).unwrap();
+        gpu.device().upload(p, bytemuck::cast_slice(x)).unwrap();
+        p
+    };
+    let (dbase, dref) = (upload(gpu, "test.base", &base), upload(gpu, "test.ref", &reference));
+    for j in [0usize, 1, 3] {
+        // The first j principals of each row.
+        let arm: Vec<f32> = (0..rows).flat_map(|r| arm_all[r * 3 * vocab..(r * 3 + j) * vocab].to_vec()).collect();
+        let darm = upload(gpu, "test.arm", if j == 0 { &base } else { &arm });
+        let weights: Vec<f32> = (0..rows * j).map(|i| 0.5 + 0.25 * (i % 3) as f32).collect();
+        for (choice, seed) in [(Choice::Greedy, 0), (Choice::Gumbel, 9), (Choice::Race, 9)] {
+            let step = DeviceStep {
+                rows,
+                vocab,
+                principals: j,
+                k,
+                logits: dbase,
+                arm: darm,
+                reference: dref,
+                weights: &weights,
+                tau: &tau,
+                choice,
+                seed,
+                step: 4,
+            };
+            // SAFETY: the buffers above hold the documented sizes on this Gpu.
+            let got = unsafe { gpu.decode_step_device(&step) }.expect("device step");
+            // The host chain.
+            let cands = gpu.candidates(Logits::F32(&base), rows, vocab, Some(k)).unwrap();
+            let values = gpu
+                .principal_values(
+                    Logits::F32(&arm),
+                    Logits::F32(&reference),
+                    rows,
+                    j,
+                    vocab,
+                    &cands,
+                    &cands.logp,
+                    &weights,
+                    Normalize::ShiftMin,
+                )
+                .unwrap();
+            let batch = Batch::new(BatchInput {
+                rows,
+                candidates: k,
+                principals: j,
+                base_logprobs: cands.logp.clone(),
+                values,
+                weights: vec![1.0; rows * j],
+                tau: tau.clone(),
+                normalize: Normalize::None,
+                names: vec![],
+            })
+            .unwrap();
+            let sol = gpu.equilibrium(&batch, &EqOptions { incentives: false, ..EqOptions::default() }).unwrap();
+            let want = gpu.choose(&sol.policy, rows, k, Some(&cands.ids), choice, seed, 4).unwrap();
+            assert_eq!(got.tokens, want, "J = {j} {choice:?}: device step and host chain chose differently");
+            assert_eq!(got.iterations, sol.iterations, "J = {j}: equilibrium passes");
+            assert!(got.converged.iter().all(|&c| c), "J = {j}: not converged");
+            if choice == Choice::Greedy {
+                // Greedy picks the most likely candidate of the equilibrium policy.
+                for r in 0..rows {
+                    let row = &sol.policy[r * k..(r + 1) * k];
+                    let best = (0..k).fold(0, |b, c| if row[c] > row[b] { c } else { b });
+                    assert_eq!(got.tokens[r], cands.ids[r * k + best], "J = {j} row {r}: greedy token");
+                }
+            }
+        }
+    }
+    // NaN logits in row 1: an error naming the row, not a token.
+    let mut bad_logits = base.clone();
+    bad_logits[vocab + 17] = f32::NAN;
+    let dbad = upload(gpu, "test.bad", &bad_logits);
+    let ok = DeviceStep {
+        rows,
+        vocab,
+        principals: 0,
+        k,
+        logits: dbase,
+        arm: 0,
+        reference: 0,
+        weights: &[],
+        tau: &tau,
+        choice: Choice::Greedy,
+        seed: 0,
+        step: 0,
+    };
+    // SAFETY: as above.
+    let e = unsafe { gpu.decode_step_device(&DeviceStep { logits: dbad, ..ok }) }.unwrap_err().to_string();
+    assert!(e.contains("row 1"), "{e}");
+    for bad in [
+        DeviceStep { k: 0, ..ok },
+        DeviceStep { k: 2000, ..ok },
+        DeviceStep { tau: &[0.3, 0.0, 1.0], ..ok },
+        DeviceStep { principals: 1, weights: &[1.0, 1.0, 1.0], ..ok },
+        DeviceStep { principals: 1, weights: &[1.0], arm: dbase, reference: dref, ..ok },
+        DeviceStep { logits: 0, ..ok },
+    ] {
+        // SAFETY: every case is refused before a kernel runs.
+        assert!(unsafe { gpu.decode_step_device(&bad) }.is_err(), "{bad:?} was accepted");
     }
 }
 

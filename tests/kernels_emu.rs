@@ -40,6 +40,11 @@ fn emulated_candidates_match_cpu() {
 }
 
 #[test]
+fn emulated_device_step_matches_host_chain() {
+    bodies::device_step_matches_host_chain(&mut Gpu::emulated());
+}
+
+#[test]
 fn emulated_candidates_massive_ties() {
     bodies::candidates_massive_ties(&mut Gpu::emulated());
 }

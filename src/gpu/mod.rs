@@ -10,13 +10,15 @@
 //! Kernels: [`Gpu::equilibrium`] (the batched exact equilibrium, also replayable as a CUDA graph),
 //! [`Gpu::jacobi`] (Algorithm 1: the `jacobi` and `paper` methods), [`Gpu::candidates`] (fused log-softmax and
 //! top-k), [`Gpu::principal_values`] (ARM values at the candidates with the preprocessing) and [`Gpu::choose`]
-//! (greedy or sampled token choice with a counter-based RNG). See docs/architecture.md.
+//! (greedy or sampled token choice with a counter-based RNG); [`Gpu::decode_step_device`] chains them on
+//! device-resident logits. See docs/architecture.md.
 
 pub mod bench;
 pub mod cuda;
 pub mod device;
 pub mod emu;
 pub mod rng;
+pub mod step;
 
 use crate::error::{CageError, Result};
 use crate::problem::{Batch, Normalize};
@@ -49,6 +51,7 @@ mod images {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 pub use images::{MODULES, NVCC};
+pub use step::{DeviceStep, StepOutput};
 
 /// Where a solve runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,0 +1,196 @@
+//! One decoding step with every intermediate on the device: the base model's logits, the principals' ARM
+//! logits and the reference's logits go in as device buffers (where a GPU forward pass left them), and only
+//! the chosen tokens and a few per-row numbers come back. The chain is the one of the host entry points,
+//! launched back to back on the device's stream: top-k candidates and log pi0 ([`Gpu::candidates`]), the
+//! principals' values at them with `shift_min` and the weights ([`Gpu::principal_values`]), the exact
+//! equilibrium ([`Gpu::equilibrium`]) and the token choice ([`Gpu::choose`]).
+
+use super::device::DevPtr;
+use super::{Choice, EqJob, EqOptions, Gpu, MAX_PRINCIPALS, MAX_TOP_K, ValueType, as_param, bad, check_i32};
+use crate::error::{CageError, Result};
+
+/// Inputs of [`Gpu::decode_step_device`]: device buffers of f32 logits and the small per-row parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceStep<'a> {
+    /// B rows (sequences).
+    pub rows: usize,
+    /// V, the vocabulary shared by the base model and the principals.
+    pub vocab: usize,
+    /// J principals (0 to [`MAX_PRINCIPALS`]).
+    pub principals: usize,
+    /// Candidates per row (1 to [`MAX_TOP_K`] and at most V).
+    pub k: usize,
+    /// B x V base-model logits (f32, device).
+    pub logits: DevPtr,
+    /// B x J x V ARM logits of the principals (f32, device; unused when J = 0).
+    pub arm: DevPtr,
+    /// B x V logits of the reference model every ARM is measured against (f32, device; unused when J = 0).
+    pub reference: DevPtr,
+    /// B x J weights (host), finite and >= 0.
+    pub weights: &'a [f32],
+    /// B temperatures tau (host), finite and > 0.
+    pub tau: &'a [f32],
+    /// Greedy or sampled choice.
+    pub choice: Choice,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Decoding step (with the row, the key of the draws).
+    pub step: u32,
+}
+
+/// What [`Gpu::decode_step_device`] hands back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// B chosen token ids.
+    pub tokens: Vec<u32>,
+    /// B equilibrium passes per row.
+    pub iterations: Vec<u32>,
+    /// B flags: whether the row's equilibrium met the tolerance (else its token comes from the last iterate,
+    /// as on the host paths, which report the same flag in their solutions).
+    pub converged: Vec<bool>,
+}
+
+impl Gpu {
+    /// One decoding step on device-resident logits (see the module documentation). The values are always
+    /// `shift_min`-normalised, which makes them >= 0 as the game requires; the host path
+    /// ([`Gpu::principal_values`]) is the one for `none`. Device data cannot be checked before the kernels
+    /// read it, so the checks come after: a row whose equilibrium residual is not finite (NaN logits) or whose
+    /// choice found no candidate is an error naming the row.
+    ///
+    /// # Safety
+    /// `logits` must hold B x V f32 values, and when J > 0 `arm` B x J x V and `reference` B x V, all device
+    /// memory of this `Gpu`'s device, unchanged until the call returns (it waits for the kernels).
+    pub unsafe fn decode_step_device(&mut self, s: &DeviceStep<'_>) -> Result<StepOutput> {
+        let (b, v, j, k) = (s.rows, s.vocab, s.principals, s.k);
+        if b == 0 || v == 0 {
+            return Err(bad(format!("a decoding step needs rows ({b}) and a vocabulary ({v}) > 0")));
+        }
+        if !(1..=MAX_TOP_K.min(v)).contains(&k) {
+            return Err(bad(format!("top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {v}), got {k}")));
+        }
+        if j > MAX_PRINCIPALS {
+            return Err(bad(format!("the CUDA equilibrium supports up to {MAX_PRINCIPALS} principals, got {j}")));
+        }
+        check_i32("vocabulary", v)?;
+        check_i32("rows", b * j.max(1))?;
+        if s.weights.len() != b * j {
+            return Err(CageError::Shape { what: "weights".into(), expected: b * j, got: s.weights.len() });
+        }
+        if let Some((i, w)) = s.weights.iter().enumerate().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
+            return Err(CageError::BadWeight { principal: format!("{}", i % j.max(1)), value: *w as f64 });
+        }
+        if s.tau.len() != b {
+            return Err(CageError::Shape { what: "tau".into(), expected: b, got: s.tau.len() });
+        }
+        if let Some(&t) = s.tau.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
+            return Err(CageError::BadTau(t as f64));
+        }
+        for (what, p) in [("logits", s.logits), ("ARM logits", s.arm), ("reference logits", s.reference)] {
+            if p == 0 && (what == "logits" || j > 0) {
+                return Err(bad(format!("device pointer to the {what} is null")));
+            }
+        }
+
+        // Candidates: ids and log pi0.
+        let mut ids = self.buffer("step.ids", b * k * 4)?;
+        let mut logp = self.buffer("step.logp", b * k * 4)?;
+        let mut lse = self.buffer("step.lse", b * 4)?;
+        let (mut x, mut v32, mut k32) = (s.logits, v as i32, k as i32);
+        let threads = v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
+        let mut p = [
+            as_param(&mut x),
+            as_param(&mut v32),
+            as_param(&mut k32),
+            as_param(&mut ids),
+            as_param(&mut logp),
+            as_param(&mut lse),
+        ];
+        // SAFETY: matches cage_topk_f32 (kernels/softmax_topk.cu); the caller vouches for the logits.
+        unsafe { self.dev.launch("cage_topk_f32", [b as u32, 1, 1], [threads, 1, 1], 0, &mut p)? };
+
+        // The principals' values at the candidates (J = 0: one principal of value 0, who never pays).
+        let j_eff = j.max(1);
+        let values = if j == 0 {
+            self.put("step.zero", &vec![0f32; b * k])?
+        } else {
+            let mut out = self.buffer("step.values", b * j * k * 4)?;
+            let mut wp = self.put("step.weights", s.weights)?;
+            let (mut a, mut rf, mut rs, mut j32, mut shift) = (s.arm, s.reference, 0i32, j as i32, 1i32);
+            let mut p = [
+                as_param(&mut a),
+                as_param(&mut rf),
+                as_param(&mut rs),
+                as_param(&mut j32),
+                as_param(&mut v32),
+                as_param(&mut ids),
+                as_param(&mut k32),
+                as_param(&mut logp),
+                as_param(&mut wp),
+                as_param(&mut shift),
+                as_param(&mut out),
+            ];
+            // SAFETY: matches cage_values_f32 (kernels/values.cu); buffers sized above.
+            unsafe { self.dev.launch("cage_values_f32", [(b * j) as u32, 1, 1], [threads, 1, 1], 0, &mut p)? };
+            out
+        };
+
+        // The equilibrium over the candidates.
+        let opts = EqOptions { values: ValueType::F32, incentives: false, ..EqOptions::default() };
+        let tau = self.put("step.tau", s.tau)?;
+        let shape = self.equilibrium_shape(k, j_eff, &opts)?;
+        let job = EqJob {
+            rows: b,
+            n: k,
+            j,
+            j_eff,
+            opts,
+            shape,
+            base: logp,
+            values,
+            tau,
+            pi: self.buffer("step.pi", b * k * 4)?,
+            agg: self.buffer("step.agg", b * k * 4)?,
+            y: 0,
+            payoff: self.buffer("step.payoff", b * j_eff * 4)?,
+            stats: self.buffer("step.stats", b * 3 * 4)?,
+        };
+        self.launch_equilibrium(&job, 0)?;
+
+        // The token.
+        let mut tok = self.buffer("step.tokens", b * 4)?;
+        let (mut pi, mut code, mut seed, mut step) = (job.pi, s.choice.code(), s.seed, s.step);
+        let mut p = [
+            as_param(&mut pi),
+            as_param(&mut k32),
+            as_param(&mut ids),
+            as_param(&mut code),
+            as_param(&mut seed),
+            as_param(&mut step),
+            as_param(&mut tok),
+        ];
+        let threads = k.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+        // SAFETY: matches cage_choose (kernels/choose.cu); buffers sized above.
+        unsafe { self.dev.launch("cage_choose", [b as u32, 1, 1], [threads, 1, 1], 0, &mut p)? };
+
+        let tokens: Vec<u32> = self.get(tok, b)?;
+        let stats: Vec<f32> = self.get(job.stats, b * 3)?;
+        for r in 0..b {
+            let residual = stats[r * 3 + 1];
+            if !residual.is_finite() {
+                return Err(CageError::NonFinite {
+                    what: format!("equilibrium of row {r} (NaN or infinite logits, ARM or reference logits)"),
+                    index: r,
+                    value: format!("{residual}"),
+                });
+            }
+            if tokens[r] as usize >= v {
+                return Err(CageError::EmptyCandidates { row: r });
+            }
+        }
+        Ok(StepOutput {
+            tokens,
+            iterations: (0..b).map(|r| stats[r * 3] as u32).collect(),
+            converged: (0..b).map(|r| stats[r * 3 + 2] != 0.0).collect(),
+        })
+    }
+}
