@@ -42,25 +42,32 @@ __device__ __forceinline__ T* cage_cluster_map(T* p, unsigned) {
 #define CAGE_HAS_CLUSTERS 1
 #endif
 
-// Copies `count` elements from global to shared memory with 16-byte loads for the aligned middle (scalar head
-// and tail): rows of a batch start at any element offset, so the head realigns each one.
-template <typename T>
-__device__ __forceinline__ void copy_to_shared(T* __restrict__ dst, const T* __restrict__ src, int count) {
+// Calls f(i, x[i]) for the `count` elements of x, each thread of the block over its share, with 16-byte loads
+// for the aligned middle and scalar head and tail: rows of a batch start at any element offset, so the head
+// realigns each one. The order of the calls is unspecified (reductions, scatters and copies only).
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_vec(const T* __restrict__ x, int count, F f) {
   constexpr int PER = 16 / sizeof(T);
   const int tid = threadIdx.x, nt = blockDim.x;
-  int head = (int)(((16 - ((size_t)src & 15)) & 15) / sizeof(T));
-  if (((size_t)src % sizeof(T)) != 0) head = count;  // not even element-aligned: all scalar
+  int head = (int)(((16 - ((size_t)x & 15)) & 15) / sizeof(T));
+  if (((size_t)x % sizeof(T)) != 0) head = count;  // not even element-aligned: all scalar
   head = head < count ? head : count;
-  for (int i = tid; i < head; i += nt) dst[i] = src[i];
+  for (int i = tid; i < head; i += nt) f(i, x[i]);
   const int nvec = (count - head) / PER;
-  const uint4* vsrc = reinterpret_cast<const uint4*>(src + head);
+  const uint4* vx = reinterpret_cast<const uint4*>(x + head);
   for (int q = tid; q < nvec; q += nt) {
-    const uint4 w = vsrc[q];
+    const uint4 w = __ldg(vx + q);
     const T* e = reinterpret_cast<const T*>(&w);
 #pragma unroll
-    for (int k = 0; k < PER; k++) dst[head + q * PER + k] = e[k];
+    for (int k = 0; k < PER; k++) f(head + q * PER + k, e[k]);
   }
-  for (int i = head + nvec * PER + tid; i < count; i += nt) dst[i] = src[i];
+  for (int i = head + nvec * PER + tid; i < count; i += nt) f(i, x[i]);
+}
+
+// Copies `count` elements from global to shared memory with 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void copy_to_shared(T* __restrict__ dst, const T* __restrict__ src, int count) {
+  for_each_vec(src, count, [&](int i, T e) { dst[i] = e; });
 }
 
 __device__ __forceinline__ float cage_neg_inf() { return __int_as_float(0xff800000); }

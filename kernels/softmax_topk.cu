@@ -26,25 +26,10 @@ __device__ __forceinline__ float key_value(unsigned k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// Calls f(i, x[i] as f32) for every element of a row, each thread over its share, with 16-byte loads for the
-// aligned middle. The order of the calls is unspecified: for reductions and unordered scatters only.
+// Calls f(i, x[i] as f32) for every element of a row with 16-byte loads, in unspecified order.
 template <typename T, typename F>
 __device__ __forceinline__ void row_for_each(const T* __restrict__ x, int v, F f) {
-  constexpr int PER = 16 / sizeof(T);
-  const int tid = threadIdx.x, nt = blockDim.x;
-  int head = (int)(((16 - ((size_t)x & 15)) & 15) / sizeof(T));
-  if (((size_t)x % sizeof(T)) != 0) head = v;  // not even element-aligned: all scalar
-  head = head < v ? head : v;
-  for (int i = tid; i < head; i += nt) f(i, to_f32(x[i]));
-  const int nvec = (v - head) / PER;
-  const uint4* vx = reinterpret_cast<const uint4*>(x + head);
-  for (int q = tid; q < nvec; q += nt) {
-    const uint4 w = __ldg(vx + q);
-    const T* e = reinterpret_cast<const T*>(&w);
-#pragma unroll
-    for (int k = 0; k < PER; k++) f(head + q * PER + k, to_f32(e[k]));
-  }
-  for (int i = head + nvec * PER + tid; i < v; i += nt) f(i, to_f32(x[i]));
+  for_each_vec(x, v, [&](int i, T e) { f(i, to_f32(e)); });
 }
 
 template <typename T>

@@ -181,22 +181,26 @@ pub fn equilibrium_edge_cases(gpu: &mut Gpu) {
     assert!(sol.payoffs.is_empty() && sol.incentives.is_empty());
 }
 
-/// bf16 storage of the values: the equilibrium of the bf16-rounded game.
-pub fn equilibrium_bf16_values(gpu: &mut Gpu) {
-    let (_, b32) = batch(Shape::new(3, 50, 4), 42);
-    let rounded: Vec<f32> = b32.values().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
-    let b32r = Batch::new(BatchInput {
-        rows: 3,
-        candidates: 50,
-        principals: 4,
-        base_logprobs: b32.base().to_vec(),
-        values: rounded,
-        weights: vec![1.0; 12],
-        tau: b32.tau().to_vec(),
+/// The game of `b` with its (preprocessed, weighted) values rounded to bf16: what the kernels see when they
+/// store values as bf16.
+pub fn rounded_to_bf16(b: &Batch<f32>) -> Batch<f32> {
+    Batch::new(BatchInput {
+        rows: b.rows(),
+        candidates: b.candidates(),
+        principals: b.principals(),
+        base_logprobs: b.base().to_vec(),
+        values: b.values().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+        weights: vec![1.0; b.rows() * b.principals()],
+        tau: b.tau().to_vec(),
         normalize: Normalize::None,
         names: vec![],
     })
-    .unwrap();
+    .expect("a bf16-rounded copy of a valid batch")
+}
+
+/// bf16 storage of the values: the equilibrium of the bf16-rounded game.
+pub fn equilibrium_bf16_values(gpu: &mut Gpu) {
+    let b32r = rounded_to_bf16(&batch(Shape::new(3, 50, 4), 42).1);
     let sol = gpu.equilibrium(&b32r, &EqOptions { values: ValueType::Bf16, ..eq_opts() }).expect("bf16");
     check_against_reference(&b32r.convert::<f64>().unwrap(), &sol, "bf16 values");
 }
@@ -254,20 +258,7 @@ pub fn equilibrium_cluster_split(gpu: &mut Gpu) -> bool {
         assert_eq!(one.iterations, sol.iterations, "{what}: the split changed the Newton path");
     }
     // bf16 values, split.
-    let (_, b32) = batch(Shape::new(2, 1003, 4), 320);
-    let rounded: Vec<f32> = b32.values().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
-    let b32r = Batch::new(BatchInput {
-        rows: 2,
-        candidates: 1003,
-        principals: 4,
-        base_logprobs: b32.base().to_vec(),
-        values: rounded,
-        weights: vec![1.0; 8],
-        tau: b32.tau().to_vec(),
-        normalize: Normalize::None,
-        names: vec![],
-    })
-    .unwrap();
+    let b32r = rounded_to_bf16(&batch(Shape::new(2, 1003, 4), 320).1);
     let opts = EqOptions { values: ValueType::Bf16, cluster: Some(4), ..eq_opts() };
     let sol = gpu.equilibrium(&b32r, &opts).expect("bf16 split");
     check_against_reference(&b32r.convert::<f64>().unwrap(), &sol, "bf16 values, split");
