@@ -116,23 +116,30 @@ __device__ __forceinline__ void block_sum(float (&acc)[NACC], float* red) {
   for (int k = 0; k < NACC; k++) acc[k] = warp_sum(lane < nw ? red[k * 32 + lane] : 0.0f);
 }
 
-// log sum exp of a row in one online pass; every thread gets the result. -inf entries are skipped.
-template <typename T>
-__device__ float row_lse(const T* __restrict__ x, int v, float* red) {
-  float m = cage_neg_inf(), s = 0.0f;
-  for (int i = threadIdx.x; i < v; i += blockDim.x) {
-    const float a = to_f32(x[i]);
-    if (a == cage_neg_inf()) continue;
-    if (a > m) {
-      s *= __expf(m - a);
-      m = a;
-    }
-    s += __expf(a - m);
+// Adds `a` to a thread's running log-sum-exp state: max m and sum s of exp(x - m). -inf entries are skipped.
+__device__ __forceinline__ void lse_push(float& m, float& s, float a) {
+  if (a == cage_neg_inf()) return;
+  if (a > m) {
+    s *= __expf(m - a);
+    m = a;
   }
+  s += __expf(a - m);
+}
+
+// Merges every thread's (m, s) into the block's log-sum-exp, returned to every thread.
+__device__ __forceinline__ float lse_block(float m, float s, float* red) {
   const float mb = block_max(m, red);
   float acc[1] = {m == cage_neg_inf() ? 0.0f : s * __expf(m - mb)};
   block_sum<1>(acc, red);
   return mb + logf(acc[0]);
+}
+
+// log sum exp of a row in one online pass with 16-byte loads; every thread gets the result.
+template <typename T>
+__device__ float row_lse(const T* __restrict__ x, int v, float* red) {
+  float m = cage_neg_inf(), s = 0.0f;
+  for_each_vec(x, v, [&](int, T e) { lse_push(m, s, to_f32(e)); });
+  return lse_block(m, s, red);
 }
 
 // Philox4x32-10 (Salmon et al., SC 2011): a counter-based RNG, so a draw depends only on (key, counter) and is

@@ -37,19 +37,7 @@ __device__ __forceinline__ void logsoftmax_row(const T* __restrict__ logits, int
                                                float* __restrict__ lse_out) {
   __shared__ float red[32];
   const T* x = logits + (size_t)blockIdx.x * v;
-  float m = cage_neg_inf(), s = 0.0f;
-  row_for_each(x, v, [&](int, float a) {
-    if (a == cage_neg_inf()) return;
-    if (a > m) {
-      s *= __expf(m - a);
-      m = a;
-    }
-    s += __expf(a - m);
-  });
-  const float mb = block_max(m, red);
-  float acc[1] = {m == cage_neg_inf() ? 0.0f : s * __expf(m - mb)};
-  block_sum<1>(acc, red);
-  const float lse = mb + logf(acc[0]);
+  const float lse = row_lse(x, v, red);
   float* o = out + (size_t)blockIdx.x * v;
   row_for_each(x, v, [&](int i, float a) { o[i] = a - lse; });
   if (threadIdx.x == 0 && lse_out) lse_out[blockIdx.x] = lse;
@@ -79,19 +67,10 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
   __syncthreads();
   float lm = cage_neg_inf(), ls = 0.0f;
   row_for_each(x, v, [&](int, float a) {
-    if (a != cage_neg_inf()) {
-      if (a > lm) {
-        ls *= __expf(lm - a);
-        lm = a;
-      }
-      ls += __expf(a - lm);
-    }
+    lse_push(lm, ls, a);
     atomicAdd(&hist[order_key(a) >> (32 - TOPK_BITS)], 1u);
   });
-  const float lmb = block_max(lm, red);  // its barriers also publish the histogram
-  float lacc[1] = {lm == cage_neg_inf() ? 0.0f : ls * __expf(lm - lmb)};
-  block_sum<1>(lacc, red);
-  const float lse = lmb + logf(lacc[0]);
+  const float lse = lse_block(lm, ls, red);  // its barriers also publish the histogram
 
   // The bin of the k-th largest key: each thread sums a run of bins, a suffix scan (highest bins first) gives
   // the count above each run, and the thread whose run crosses k walks it down.
