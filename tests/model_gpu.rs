@@ -13,6 +13,7 @@
 //! it), so against it the tests compare greedy continuations.
 
 use cage::gpu::Gpu;
+use cage::model::config::RopeScaling;
 use cage::model::forward::{CpuDecoder, Decoder, LogitsAt, Seq, argmax, greedy};
 use cage::model::gpu::{GpuDecoder, bf16_weights};
 use cage::model::llama::Linear;
@@ -167,9 +168,15 @@ fn reference(m: &Model, ids: &[u32], adapter: Option<usize>) -> Vec<f32> {
 /// lengths in slots given out of order (all positions), decode steps of the whole batch fed the argmax, a call
 /// mixing a prefill continuation with a single-token row, then a reset slot reused. `adapters[i]` is row i's.
 fn compare(model: Model, gpu: Gpu, what: &str, adapters: [Option<usize>; 4]) {
+    compare_lens(model, gpu, what, adapters, [9, 1, 13, 5]);
+}
+
+/// [`compare`] with prompts of the given lengths.
+fn compare_lens(model: Model, gpu: Gpu, what: &str, adapters: [Option<usize>; 4], lens: [usize; 4]) {
     let m = Arc::new(bf16_weights(&model));
     let v = m.config.vocab_size;
-    let (slots, max_seq, max_tokens) = (5, 48, 40);
+    let total: usize = lens.iter().sum();
+    let (slots, max_seq, max_tokens) = (5, lens.iter().max().unwrap() + 8, total);
     let mut gpu = GpuDecoder::new(gpu, m.clone(), slots, max_seq, max_tokens).unwrap();
     // Each slot's tokens so far and its adapter, for the reference.
     let mut hist: Vec<(Vec<u32>, Option<usize>)> = vec![(vec![], None); slots];
@@ -192,7 +199,7 @@ fn compare(model: Model, gpu: Gpu, what: &str, adapters: [Option<usize>; 4]) {
         worst_mean = worst_mean.max(mean);
         got
     };
-    let ps = prompts(&[9, 1, 13, 5], v);
+    let ps = prompts(&lens, v);
     let order = [2, 0, 4, 1];
     let seqs: Vec<Seq> =
         ps.iter().zip(order).zip(adapters).map(|((p, slot), adapter)| Seq { slot, tokens: p, adapter }).collect();
@@ -242,6 +249,34 @@ fn gpu_decoder_matches_cpu_tiny_qwen2_biases_tied() {
         let m = load("tiny-qwen2");
         assert!(m.lm_head.is_none() && m.config.qkv_bias);
         compare(m, gpu(), &format!("tiny-qwen2 on {dev}"), [None; 4]);
+    });
+}
+
+#[test]
+fn gpu_decoder_long_rows_and_llama3_rope_scaling() {
+    // Rows longer than the attention kernel's 4 warps x 32 lanes and than the fixture's
+    // max_position_embeddings (nothing in the kernels depends on either), and Llama 3.1 frequency scaling
+    // (the GPU must use the scaled frequencies of ModelConfig::inv_freq, as the CPU does).
+    on_every_device("gpu_decoder_long_rows_and_llama3_rope_scaling", |gpu, dev| {
+        compare_lens(
+            load("tiny-qwen2"),
+            gpu(),
+            &format!("tiny-qwen2, long rows on {dev}"),
+            [None; 4],
+            [150, 3, 37, 64],
+        );
+        let mut m = load("tiny-llama");
+        m.config.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32.0,
+        };
+        // The scaling changes some frequencies and keeps others: the case exercises all three branches.
+        let (plain, scaled) = (load("tiny-llama").config.inv_freq(), m.config.inv_freq());
+        let changed = plain.iter().zip(&scaled).filter(|(a, b)| a != b).count();
+        assert!(changed > 0 && changed < plain.len(), "{changed} of {} frequencies scaled", plain.len());
+        compare(m, gpu(), &format!("tiny-llama, llama3 rope scaling on {dev}"), [None; 4]);
     });
 }
 
