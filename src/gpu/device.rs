@@ -79,8 +79,8 @@ pub trait Device: Send {
     /// for devices that have no GEMM.
     ///
     /// # Safety
-    /// `a`, `w` and `c` must be live allocations of at least `m * k * 2`, `n * k * 2` and `m * n * 4` bytes;
-    /// `c` must not overlap `a` or `w`.
+    /// `a`, `w` and `c` must be device memory of at least `m * k * 2`, `n * k * 2` and `m * n * 4` bytes inside
+    /// live allocations, each aligned to its element size; `c` must not overlap `a` or `w`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_bf16(
         &mut self,

@@ -16,8 +16,8 @@
 //!   [`Gpu::prepare_candidates_device`] and the equilibrium kernels read them without a copy; the trait's
 //!   [`Decoder::forward`] downloads them.
 //!
-//! [`bf16_weights`] gives the model the GPU effectively runs (weights rounded to bf16), so that a CPU decoder on
-//! it is the reference the GPU must match to within activation rounding.
+//! [`bf16_weights`] gives the model the GPU effectively runs (weights rounded to bf16): a CPU decoder on it
+//! differs from the GPU only by the rounding of the GEMM inputs, which tests/model_gpu.rs's reference mirrors.
 
 use super::forward::{Decoder, LogitsAt, Seq};
 use super::llama::{Linear, Model};
