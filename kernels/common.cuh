@@ -167,3 +167,15 @@ __device__ __forceinline__ float cage_uniform(unsigned long long seed, unsigned 
   const cage_u4 r = philox4x32_10(cage_u4{a, row, step, 0u}, (unsigned)seed, (unsigned)(seed >> 32));
   return ((float)(r.x >> 8) + 0.5f) * (1.0f / 16777216.0f);
 }
+
+// bf16 as raw bit patterns (unsigned short): the transformer kernels store activations and weights this way so
+// that one source compiles with nvcc, NVRTC and the emulation, whose __nv_bfloat16 has no arithmetic or
+// constructors. The rounding is the host's (half::bf16::from_f32): round to nearest, ties to even; NaN stays a
+// (quiet) NaN instead of rounding up into infinity.
+__device__ __forceinline__ unsigned short cage_f32_to_bf16_bits(float f) {
+  const unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+  return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float cage_bf16_bits_to_f32(unsigned short b) { return __uint_as_float((unsigned)b << 16); }

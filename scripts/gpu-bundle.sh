@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the GPU test and bench binaries here (the GPU machine has no Rust toolchain) and bundles them into the
 # git-ignored gpu-bundle/ with a runner. Pass gpu-bundle in the device tool's `carry`, then run there
-#   bash gpu-bundle/run.sh            # GPU tests, cage bench solver, criterion kernel benches, PyTorch peer
+#   bash gpu-bundle/run.sh            # GPU tests (kernels, forward pass), cage bench solver / forward,
+#                                     # criterion kernel benches, PyTorch peer
 # from the repository root. Results go to $OUT (or gpu-bundle/results) and name the card they ran on.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 '
 }
-cargo test --release --no-run --test gpu_kernels --message-format=json 2>/dev/null | executables |
+cargo test --release --no-run --test gpu_kernels --test model_gpu --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
 cargo bench --no-run --bench kernels --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/benches/$name"; done
@@ -52,7 +53,10 @@ cp "$bundle/torch_peer.py" "$here/"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/card.txt"
 status=0
 "$here/tests/gpu_kernels" --test-threads=1 2>&1 | tee "$out/gpu_tests.txt" || status=1
+"$here/tests/model_gpu" --test-threads=1 2>&1 | tee "$out/model_gpu_tests.txt" || status=1
 "$here/cage" bench solver --backend cuda --reps 50 2>&1 | tee "$out/bench_solver.txt" || status=1
+# The GPU forward pass on the tiny fixture (a smoke test of the bench wiring; real models are not carried).
+"$here/cage" bench forward --model tests/fixtures/tiny-llama 2>&1 | tee "$out/bench_forward_tiny.txt" || status=1
 if [[ "${1:-}" != "--quick" ]]; then
   "$here/benches/kernels" --bench --noplot 2>&1 | tee "$out/bench_kernels.txt" || status=1
   python3 "$here/torch_peer.py" 2>&1 | tee "$out/torch_peer.txt" || status=1

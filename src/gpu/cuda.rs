@@ -48,6 +48,7 @@ pub struct Cuda {
     graphs: Vec<Graph>,
     /// Modules whose image was built for sm_90 or later, so that their cluster kernels have a body.
     cluster_modules: Vec<&'static str>,
+    blas: Option<cudarc::cublas::CudaBlas>,
 }
 
 /// An instantiated CUDA graph.
@@ -83,6 +84,7 @@ impl Cuda {
             timer: None,
             graphs: Vec::new(),
             cluster_modules: Vec::new(),
+            blas: None,
         })
     }
 
@@ -360,5 +362,77 @@ impl Device for Cuda {
         let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_err("event", e))?;
         end.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
         Ok(start.elapsed_ms(&end).map_err(|e| gpu_err("event timing", e))? as f64)
+    }
+    unsafe fn gemm_bf16(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: DevPtr,
+        w: DevPtr,
+        c: DevPtr,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let dim = |what: &str, x: usize| {
+            i32::try_from(x).map_err(|_| CageError::InvalidArgument(format!("GEMM {what} = {x} exceeds cuBLAS' int")))
+        };
+        let (m32, n32, k32) = (dim("m", m)?, dim("n", n)?, dim("k", k)?);
+        let handle = *self.blas()?.handle();
+        // Row-major C [m, n] is column-major C^T [n, m] = W A^T: W (column-major [k, n], ld k) transposed times
+        // A^T (column-major [k, m], ld k), leading dimension of C^T n.
+        // SAFETY: the caller guarantees the buffers' sizes; alpha and beta are host scalars (the handle's default
+        // pointer mode); the handle runs on this device's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                handle,
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                n32,
+                m32,
+                k32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                cudaDataType::CUDA_R_16BF,
+                k32,
+                a as *const c_void,
+                cudaDataType::CUDA_R_16BF,
+                k32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                n32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| gpu_err(&format!("cuBLAS GEMM {m} x {n} x {k}"), e))
+    }
+}
+
+impl Cuda {
+    /// The cuBLAS handle on this device's stream, created on the first GEMM (most uses of the device, the
+    /// equilibrium kernels, never need one); an error when libcublas is missing, never a panic.
+    fn blas(&mut self) -> Result<&cudarc::cublas::CudaBlas> {
+        if self.blas.is_none() {
+            // SAFETY: only tries to dlopen libcublas.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(CageError::Cuda(
+                    "cuBLAS (libcublas) is not installed; the GPU forward pass needs it".into(),
+                ));
+            }
+            self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+            let stream = self.stream.clone();
+            let blas = std::panic::catch_unwind(move || cudarc::cublas::CudaBlas::new(stream))
+                .map_err(|_| CageError::Cuda("creating the cuBLAS handle panicked".into()))?
+                .map_err(|e| gpu_err("creating the cuBLAS handle", e))?;
+            self.blas = Some(blas);
+        }
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        Ok(self.blas.as_ref().expect("created above"))
     }
 }

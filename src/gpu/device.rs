@@ -102,4 +102,28 @@ pub trait Device: Send {
     fn timer_start(&mut self) -> Result<()>;
     /// Milliseconds of stream work since [`Device::timer_start`]; waits for that work to finish.
     fn timer_stop(&mut self) -> Result<f64>;
+    /// `C = alpha * A W^T + beta * C` on the device's stream, all row-major: `A` is `[m, k]` bf16 (activations),
+    /// `W` is `[n, k]` bf16 (a weight as PyTorch stores it, out x in, so no transposed copy is ever made), `C` is
+    /// `[m, n]` f32 with f32 accumulation. `beta = 0` overwrites `C` whatever it held (as cuBLAS does). cuBLAS
+    /// on a GPU; a plain host loop under emulation (its stand-in, for tiny models). The default is an error,
+    /// for devices that have no GEMM.
+    ///
+    /// # Safety
+    /// `a`, `w` and `c` must be device memory of at least `m * k * 2`, `n * k * 2` and `m * n * 4` bytes inside
+    /// live allocations, each aligned to its element size; `c` must not overlap `a` or `w`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_bf16(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: DevPtr,
+        w: DevPtr,
+        c: DevPtr,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let _ = (m, n, k, a, w, c, alpha, beta);
+        Err(crate::error::CageError::InvalidArgument(format!("{} offers no GEMM", self.describe())))
+    }
 }

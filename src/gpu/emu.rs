@@ -155,4 +155,44 @@ impl Device for Emulator {
         let t = self.timer.take().ok_or_else(|| CageError::InvalidArgument("timer_stop without timer_start".into()))?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     }
+    unsafe fn gemm_bf16(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: DevPtr,
+        w: DevPtr,
+        c: DevPtr,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        // The emulation of cuBLAS: the same bf16 inputs, f32 products and f32 accumulation (the summation order
+        // differs from cuBLAS', so results agree to f32 rounding, not bit for bit).
+        self.check(a, m * k * 2)?;
+        self.check(w, n * k * 2)?;
+        self.check(c, m * n * 4)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // SAFETY: the three ranges were checked to lie inside live allocations (16-byte aligned, so the casts
+        // to u16 / f32 are aligned for every element offset the caller may add: multiples of 2 and 4 bytes);
+        // the caller guarantees that `c` overlaps neither input.
+        let (a, w, c) = unsafe {
+            (
+                std::slice::from_raw_parts(a as *const u16, m * k),
+                std::slice::from_raw_parts(w as *const u16, n * k),
+                std::slice::from_raw_parts_mut(c as *mut f32, m * n),
+            )
+        };
+        let f = |b: u16| half::bf16::from_bits(b).to_f32();
+        for (i, crow) in c.chunks_exact_mut(n).enumerate() {
+            let arow = &a[i * k..(i + 1) * k];
+            for (j, cij) in crow.iter_mut().enumerate() {
+                let wrow = &w[j * k..(j + 1) * k];
+                let dot: f32 = arow.iter().zip(wrow).map(|(&x, &y)| f(x) * f(y)).sum();
+                *cij = if beta == 0.0 { alpha * dot } else { alpha * dot + beta * *cij };
+            }
+        }
+        Ok(())
+    }
 }

@@ -792,6 +792,42 @@ impl Gpu {
         })
     }
 
+    /// A candidate selection over f32 logits already on this device (`rows x vocab`, row-major), such as those
+    /// of [`crate::model::gpu::GpuDecoder::forward_device`]: nothing is copied to the device.
+    ///
+    /// # Safety
+    /// `logits` must be device memory of this device holding `rows x vocab` f32 values, unchanged until
+    /// [`Gpu::run_candidates`] has run. They are not checked for NaN (the host path rejects those).
+    pub unsafe fn prepare_candidates_device(
+        &mut self,
+        logits: DevPtr,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+    ) -> Result<CandJob> {
+        if rows == 0 || vocab == 0 || logits == 0 {
+            return Err(bad(format!(
+                "device logits of {rows} rows x {vocab} tokens at {logits:#x}: need rows, vocabulary >= 1 and a non-null pointer"
+            )));
+        }
+        check_i32("vocabulary size", vocab)?;
+        check_i32("rows", rows)?;
+        let kk = k.unwrap_or(vocab);
+        if k.is_some() && !(1..=MAX_TOP_K.min(vocab)).contains(&kk) {
+            return Err(bad(format!("top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {vocab}), got {kk}")));
+        }
+        Ok(CandJob {
+            rows,
+            vocab,
+            k,
+            tag: "f32",
+            x: logits,
+            logp: self.buffer("cand.logp", rows * kk * 4)?,
+            lse: self.buffer("cand.lse", rows * 4)?,
+            ids: self.buffer("cand.ids", rows * kk * 4)?,
+        })
+    }
+
     /// Launches a prepared candidate selection.
     pub fn run_candidates(&mut self, job: &CandJob) -> Result<()> {
         let CandJob { rows, vocab, k, tag, mut x, mut logp, mut lse, mut ids } = *job;

@@ -1,8 +1,12 @@
-//! `cage bench forward`: prefill and decode throughput of the CPU forward pass at several batch sizes.
+//! `cage bench forward`: prefill and decode throughput of the forward pass at several batch sizes, on the CPU
+//! and, when a CUDA GPU is usable, on it ([`bench_forward_gpu`]). Both run through the [`Decoder`] trait, so
+//! they measure the same calls.
 
 use super::forward::{CpuDecoder, Decoder, LogitsAt, Seq, argmax};
+use super::gpu::GpuDecoder;
 use super::llama::Model;
 use crate::error::{CageError, Result};
+use crate::gpu::Gpu;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,13 +37,42 @@ pub fn bench_forward(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
+    bench_decoder(model.config.vocab_size, batches, prompt_len, steps, repeats, |b| {
+        Ok(Box::new(CpuDecoder::new(model.clone(), b, prompt_len + steps, b * prompt_len)))
+    })
+}
+
+/// [`bench_forward`] on CUDA GPU 0 ([`GpuDecoder`]: bf16 weights, cuBLAS). No usable GPU is
+/// [`CageError::NoGpu`], which callers report as a skipped measurement. Every forward call downloads its
+/// logits, so the times include the device's work and that copy.
+pub fn bench_forward_gpu(
+    model: Arc<Model>,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    repeats: usize,
+) -> Result<Vec<ForwardBench>> {
+    crate::gpu::cuda_usable()?;
+    bench_decoder(model.config.vocab_size, batches, prompt_len, steps, repeats, |b| {
+        Ok(Box::new(GpuDecoder::new(Gpu::cuda(0)?, model.clone(), b, prompt_len + steps, b * prompt_len)?))
+    })
+}
+
+/// The measurement loop shared by every backend: `make(b)` builds a decoder with `b` slots.
+fn bench_decoder(
+    v: usize,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    repeats: usize,
+    mut make: impl FnMut(usize) -> Result<Box<dyn Decoder>>,
+) -> Result<Vec<ForwardBench>> {
     if prompt_len == 0 || steps == 0 || repeats == 0 || batches.contains(&0) {
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
     }
-    let v = model.config.vocab_size;
     let mut out = Vec::new();
     for &b in batches {
-        let mut dec = CpuDecoder::new(model.clone(), b, prompt_len + steps, b * prompt_len);
+        let mut dec = make(b)?;
         // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
         let prompts: Vec<Vec<u32>> =
             (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();

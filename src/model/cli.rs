@@ -137,13 +137,25 @@ pub fn bench_forward_cmd(
             .push(("packed", super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?));
         m.unpack_weights();
     }
-    variants.push(("f32", super::bench::bench_forward(Arc::new(m), batches, prompt_len, steps, repeats)?));
+    let m = Arc::new(m);
+    variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
+    // The GPU decoder when a GPU is usable; no GPU is a line in the report, not a failure (a GPU that is
+    // present but fails is an error).
+    let gpu = match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {
+        Ok(rows) => Ok(rows),
+        Err(CageError::NoGpu(why)) => Err(why),
+        Err(e) => return Err(e),
+    };
     if json_out {
         let v: serde_json::Map<String, serde_json::Value> =
             variants.iter().map(|(k, r)| (k.to_string(), serde_json::to_value(r).unwrap_or_default())).collect();
+        let g = match &gpu {
+            Ok(rows) => json!({"device": gpu_name(), "results": rows}),
+            Err(why) => json!({"skipped": format!("no GPU: {why}")}),
+        };
         println!(
             "{}",
-            json!({"model": dir.display().to_string(), "threads": threads, "prompt_len": prompt_len, "decode_steps": steps, "weights": v})
+            json!({"model": dir.display().to_string(), "threads": threads, "prompt_len": prompt_len, "decode_steps": steps, "weights": v, "gpu": g})
         );
         return Ok(());
     }
@@ -158,5 +170,25 @@ pub fn bench_forward_cmd(
             println!("{:>6} {:>14.1} {:>14.1} {:>16.2}", r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms);
         }
     }
+    match &gpu {
+        Ok(rows) => {
+            println!("GPU decoder on {} (bf16 weights, cuBLAS, f32 KV cache; logits copied back)", gpu_name());
+            println!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+            for r in rows {
+                println!(
+                    "{:>6} {:>14.1} {:>14.1} {:>16.2}",
+                    r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms
+                );
+            }
+        }
+        Err(why) => println!("GPU decoder: not measured, no GPU ({why})"),
+    }
     Ok(())
+}
+
+/// Batch sizes of the GPU forward benchmark.
+const GPU_BATCHES: &[usize] = &[1, 8, 32];
+
+fn gpu_name() -> String {
+    crate::gpu::Gpu::cuda(0).map(|g| g.describe()).unwrap_or_else(|e| e.to_string())
 }

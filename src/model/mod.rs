@@ -1,9 +1,9 @@
 //! Transformer runtime: Llama-family models (Llama 1/2/3, TinyLlama, SmolLM2, Mistral, Qwen2) from
-//! safetensors, on the CPU in f32, with PEFT LoRA adapters merged or unmerged, and GGUF import.
+//! safetensors, on the CPU in f32 or on a GPU (bf16 weights), with PEFT LoRA adapters merged or unmerged, and GGUF import.
 //!
 //! Layout: [`config`] reads `config.json`, [`weights`] memory-maps safetensors, [`llama`] holds the weights,
 //! [`lora`] loads adapters, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
-//! (the seam for a GPU backend), [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
+//! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
 //! turn llama.cpp files into model folders, [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
 
@@ -13,6 +13,7 @@ pub mod config;
 pub mod fetch;
 pub mod forward;
 pub mod gguf;
+pub mod gpu;
 pub mod import;
 pub mod linalg;
 pub mod llama;
@@ -23,6 +24,7 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use forward::{CpuDecoder, Decoder, LogitsAt, Seq, greedy};
+pub use gpu::GpuDecoder;
 pub use llama::Model;
 pub use lora::Adapter;
 pub use tokenizer::{PromptFormat, Tokenizer};
