@@ -6,10 +6,12 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     python3 -m venv /root/venv-golden
     /root/venv-golden/bin/pip install torch transformers peft safetensors gguf numpy
     /root/venv-golden/bin/python scripts/make_fixtures.py tiny
+    /root/venv-golden/bin/python scripts/make_fixtures.py window
     /root/venv-golden/bin/python scripts/make_fixtures.py smollm2 --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
-tests/fixtures/golden-tiny.json; `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
+tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
+tests/fixtures/golden-window.json (sliding attention windows shorter than the prompts); `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
 own GGUF loader (independent of cage's importer).
 """
 import argparse
@@ -139,6 +141,48 @@ def tiny():
     print("wrote tiny fixtures")
 
 
+def window():
+    """Sliding-window attention: Mistral (window 4 on every layer) and Qwen2 (window 3 from layer 1 on, via
+    use_sliding_window and max_window_layers). The prompts (5 to 13 tokens) and their 8 greedy tokens run far
+    past the windows; goldens recompute the whole sequence at every step (no cache), so they depend only on
+    transformers' mask (kv_idx > q_idx - sliding_window)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    result = {"prompts": PROMPTS, "new_tokens": NEW, "models": {}}
+    mcfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, sliding_window=4)
+    mcfg.rope_parameters = {"rope_type": "default", "rope_theta": 1000.0}
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(mcfg).float().eval()
+    rnd(mistral, 5)
+    dm = os.path.join(FIX, "tiny-mistral-window")
+    mistral.save_pretrained(dm, safe_serialization=True)
+    mistral = MistralForCausalLM.from_pretrained(dm, dtype=torch.float32, attn_implementation="eager").eval()
+    assert mistral.config.sliding_window == 4
+    result["models"]["tiny-mistral-window"] = {"base": goldens(mistral)}
+
+    qcfg = Qwen2Config(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    qcfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    qwen = Qwen2ForCausalLM(qcfg).float().eval()
+    rnd(qwen, 6)
+    qwen.tie_weights()
+    dq = os.path.join(FIX, "tiny-qwen2-window")
+    qwen.save_pretrained(dq, safe_serialization=True)
+    # Without layer_types the sliding layers come from max_window_layers (the transformers 4 config style).
+    c = json.load(open(os.path.join(dq, "config.json")))
+    c.pop("layer_types", None)
+    json.dump(c, open(os.path.join(dq, "config.json"), "w"), indent=2)
+    qwen = Qwen2ForCausalLM.from_pretrained(dq, dtype=torch.float32, attn_implementation="eager").eval()
+    assert qwen.config.layer_types == ["full_attention", "sliding_attention"], qwen.config.layer_types
+    result["models"]["tiny-qwen2-window"] = {"base": goldens(qwen)}
+    result["generator"] = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, f32 eager attention on CPU"
+    json.dump(result, open(os.path.join(FIX, "golden-window.json"), "w"), separators=(",", ":"))
+    print("wrote window fixtures")
+
+
 SMOL_PROMPTS = [
     {"prompt": "The capital of France is", "chat": False},
     {"prompt": "What is the capital of France?", "chat": True},
@@ -178,11 +222,13 @@ def smollm2(gguf):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny", "smollm2"])
+    ap.add_argument("what", choices=["tiny", "window", "smollm2"])
     ap.add_argument("--gguf")
     a = ap.parse_args()
     if a.what == "tiny":
         tiny()
+    elif a.what == "window":
+        window()
     else:
         if not a.gguf:
             sys.exit("--gguf PATH is needed")

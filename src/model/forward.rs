@@ -404,15 +404,18 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
         }
         let cache_ref = &*cache;
         let (q, pos, slot) = (&st.q, &st.pos, &st.slot);
+        let window = c.window(li);
         // One task per (token, key/value head), all query heads of the group together.
         st.att[..t * qd].par_chunks_mut(group * hd).enumerate().for_each_init(
             || vec![0f32; group * max_seq],
             |scores, (idx, out)| {
                 let (j, kvh) = (idx / nkv, idx % nkv);
-                let base = cache_ref.base(li, slot[j]) + kvh * max_seq * hd;
+                // Keys from `first` to the token itself: all of them, or the last `window` (itself included).
+                let first = window.map_or(0, |w| (pos[j] + 1).saturating_sub(w));
+                let base = cache_ref.base(li, slot[j]) + (kvh * max_seq + first) * hd;
                 let qv = &q[j * qd + kvh * group * hd..j * qd + (kvh + 1) * group * hd];
                 let (keys, vals) = (&cache_ref.k[base..], &cache_ref.v[base..]);
-                attend(qv, group, keys, vals, hd, pos[j] + 1, scale, scores, out);
+                attend(qv, group, keys, vals, hd, pos[j] + 1 - first, scale, scores, out);
             },
         );
         apply(&layer.o, &st.att, t, &mut st.tmp, runs, &mut st.lora_tmp);
