@@ -25,7 +25,8 @@ pub struct ForwardBench {
 }
 
 /// Runs the benchmark: for each batch size, prefill `prompt_len` tokens per row, then `steps` greedy decode
-/// steps; the best of `repeats` runs counts (the first warms caches and the thread pool).
+/// steps; the best of `repeats` runs counts (the first warms caches and the thread pool). The batch sizes take
+/// turns within each repeat.
 pub fn bench_forward(
     model: Arc<Model>,
     batches: &[usize],
@@ -37,14 +38,17 @@ pub fn bench_forward(
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
     }
     let v = model.config.vocab_size;
-    let mut out = Vec::new();
-    for &b in batches {
-        let mut dec = CpuDecoder::new(model.clone(), b, prompt_len + steps, b * prompt_len);
-        // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
-        let prompts: Vec<Vec<u32>> =
-            (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
-        let (mut best_pre, mut best_dec) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..repeats {
+    let mut decs: Vec<CpuDecoder> =
+        batches.iter().map(|&b| CpuDecoder::new(model.clone(), b, prompt_len + steps, b * prompt_len)).collect();
+    let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
+    // Repeats outermost, batch sizes interleaved within each: a change of machine load during the run then
+    // hits every batch size alike, and the ratios between them stay meaningful.
+    for _ in 0..repeats {
+        for (bi, &b) in batches.iter().enumerate() {
+            let dec = &mut decs[bi];
+            // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
+            let prompts: Vec<Vec<u32>> =
+                (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
             for s in 0..b {
                 dec.reset(s);
             }
@@ -52,7 +56,7 @@ pub fn bench_forward(
                 prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: None }).collect();
             let t0 = Instant::now();
             let mut next: Vec<u32> = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
-            best_pre = best_pre.min(t0.elapsed().as_secs_f64());
+            best_pre[bi] = best_pre[bi].min(t0.elapsed().as_secs_f64());
             let t1 = Instant::now();
             for _ in 0..steps {
                 let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
@@ -60,16 +64,20 @@ pub fn bench_forward(
                     toks.iter().enumerate().map(|(i, t)| Seq { slot: i, tokens: t, adapter: None }).collect();
                 next = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
             }
-            best_dec = best_dec.min(t1.elapsed().as_secs_f64());
+            best_dec[bi] = best_dec[bi].min(t1.elapsed().as_secs_f64());
         }
-        out.push(ForwardBench {
+    }
+    let out = batches
+        .iter()
+        .enumerate()
+        .map(|(bi, &b)| ForwardBench {
             batch: b,
             prompt_len,
             decode_steps: steps,
-            prefill_tok_s: (b * prompt_len) as f64 / best_pre,
-            decode_tok_s: (b * steps) as f64 / best_dec,
-            decode_step_ms: best_dec * 1e3 / steps as f64,
-        });
-    }
+            prefill_tok_s: (b * prompt_len) as f64 / best_pre[bi],
+            decode_tok_s: (b * steps) as f64 / best_dec[bi],
+            decode_step_ms: best_dec[bi] * 1e3 / steps as f64,
+        })
+        .collect();
     Ok(out)
 }

@@ -187,11 +187,50 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `gate <- silu(gate) * up`.
+/// `gate <- silu(gate) * up`. It runs on one thread between two parallel matmuls, once per layer over every
+/// row of the batch, so it is vectorized: with the scalar `exp` it took a few percent of a decode step and
+/// grew with each row.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (just checked).
+        unsafe { silu_mul_avx2(gate, up) };
+        return;
     }
+    silu_mul_body(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    silu_mul_body(gate, up)
+}
+
+#[inline(always)]
+fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp_f32(-*g)) * u;
+    }
+}
+
+/// `e^x` in straight-line f32 arithmetic that vectorizes (Cephes `expf`: x = n ln 2 + r, a degree-7 polynomial
+/// in r, 2^n built in the exponent bits), within 2 ulp of `f32::exp` for x in [-87, 88]; outside, x is
+/// clamped there (e^x then underflows to ~1e-38 or reaches ~1.7e38, which SiLU turns into 0 or x exactly).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by adding and removing 1.5 * 2^23 (|x log2 e| < 2^22); Rust does not reassociate. The
+    // sum's bits are those of 1.5 * 2^23 plus n, which gives n as an integer without a (scalar, saturating)
+    // float-to-int conversion.
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let ni = t.to_bits().wrapping_sub(0x4B40_0000) as i32;
+    // ln 2 in two parts so that n * C1 is exact.
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -206,6 +245,23 @@ mod tests {
             }
         }
         o
+    }
+
+    #[test]
+    fn vector_exp_is_within_two_ulp_of_std_and_silu_saturates() {
+        let mut worst = 0f32;
+        for i in -86_999..=88_000 {
+            let x = i as f32 * 1e-3 - 1.7e-4;
+            let (a, b) = (exp_f32(x), x.exp());
+            worst = worst.max((a - b).abs() / b);
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        let mut g = vec![-200.0, -90.0, -1.0, 0.0, 1.0, 90.0, 200.0];
+        let want: Vec<f32> = g.iter().map(|&x: &f32| x / (1.0 + (-x).exp()) * 2.0).collect();
+        silu_mul(&mut g, &[2.0; 7]);
+        for (a, b) in g.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-30, "{a} vs {b}");
+        }
     }
 
     #[test]
