@@ -171,7 +171,7 @@ impl Job<'_> {
     }
 
     /// Output rows `chunk * ROWS ..` with explicit AVX2: each block is expanded once into four registers and
-    /// multiplied into up to four rows of x held in their own accumulators, so the per-row cost is four fused
+    /// multiplied into up to eight rows of x held in their own accumulators, so the per-row cost is four fused
     /// multiply-adds per block and the expansion is paid once for all rows.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
@@ -185,10 +185,14 @@ impl Job<'_> {
                     1 => self.tile_avx2::<1>(chunk, r0),
                     2 => self.tile_avx2::<2>(chunk, r0),
                     3 => self.tile_avx2::<3>(chunk, r0),
-                    _ => self.tile_avx2::<4>(chunk, r0),
+                    4 => self.tile_avx2::<4>(chunk, r0),
+                    5 => self.tile_avx2::<5>(chunk, r0),
+                    6 => self.tile_avx2::<6>(chunk, r0),
+                    7 => self.tile_avx2::<7>(chunk, r0),
+                    _ => self.tile_avx2::<8>(chunk, r0),
                 }
             }
-            r0 += 4;
+            r0 += 8;
         }
     }
 
@@ -198,8 +202,15 @@ impl Job<'_> {
     unsafe fn tile_avx2<const R: usize>(&self, chunk: usize, r0: usize) {
         use std::arch::x86_64::*;
         // Independent accumulation chains per row: four for one or two rows (the FMA latency would otherwise
-        // bound a single row), two for three or four rows (register budget).
-        let nacc = if R <= 2 { 4 } else { 2 };
+        // bound a single row), two for three or four rows, one for five to eight (16 vector registers). Up to
+        // eight rows share one expansion of each block.
+        let nacc = if R <= 2 {
+            4
+        } else if R <= 4 {
+            2
+        } else {
+            1
+        };
         let (k, n) = (self.k, self.n);
         let nbk = k / QK;
         let xp = self.x.as_ptr();
@@ -305,7 +316,7 @@ unsafe impl Send for SendPtr {}
 mod tests {
     use super::*;
 
-    /// Every row count the kernels split differently (1 to 4 rows per tile, then several tiles), accumulating
+    /// Every row count the kernels split differently (1 to 8 rows per tile, then a second tile), accumulating
     /// with a scale, against the f32 product of the unpacked weights.
     fn check_against_f32(p: &Packed, w: &[f32], rows: usize, cols: usize) {
         for m in 1..=9 {
