@@ -456,6 +456,15 @@ fn sentencepiece_flags_and_bad_metadata() {
     let e = cage::model::import::import_gguf(&d.join("bad.gguf"), &d.join("bad")).unwrap_err();
     assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
     assert!(!d.join("bad").exists());
+    // Merges listed in the file are used instead of the scores: with only "h e", "hello" is "▁", "he", then
+    // single characters.
+    let mut meta = spm_metadata(&g);
+    meta.push(("tokenizer.ggml.merges", Meta::Strs(vec!["h e".into()])));
+    write_gguf_with(&d.join("merges.gguf"), &|_| Q::F32, meta);
+    cage::model::import::import_gguf(&d.join("merges.gguf"), &d.join("merges")).unwrap();
+    let t = Tokenizer::load(&d.join("merges")).unwrap();
+    let want: Vec<u32> = ["<s>", "\u{2581}", "he", "l", "l", "o"].iter().map(|p| t.token_to_id(p).unwrap()).collect();
+    assert_eq!(t.encode("hello", true).unwrap(), want);
     // Unknown tokenizer models are refused by name.
     let mut meta: Vec<_> = spm_metadata(&g).into_iter().filter(|(k, _)| *k != "tokenizer.ggml.model").collect();
     meta.push(("tokenizer.ggml.model", Meta::Str("bert".into())));

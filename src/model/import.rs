@@ -310,44 +310,61 @@ mod tokenizer {
         merges.into_iter().map(|(l, r, _)| (l, r)).collect()
     }
 
+    /// `tokenizer.ggml.scores`, one per token.
+    fn scores(f: &GgufFile, n: usize) -> Result<Vec<f64>> {
+        match f.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+            Some(a) if a.len() == n => a
+                .iter()
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| CageError::Tokenizer("GGUF tokenizer.ggml.scores holds a non-number".into()))
+                })
+                .collect(),
+            Some(a) => Err(CageError::Tokenizer(format!("GGUF has {} tokenizer.ggml.scores for {n} tokens", a.len()))),
+            None => Err(CageError::Tokenizer(
+                "GGUF SentencePiece vocabulary has neither tokenizer.ggml.merges nor tokenizer.ggml.scores (the merge \
+                 order comes from them)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// `"a b"` merge strings as tokenizer.json pairs.
+    fn parse_merges(merges: &[&str]) -> Result<Vec<Json>> {
+        merges
+            .iter()
+            .map(|m| {
+                let (a, b) = m
+                    .split_once(' ')
+                    .ok_or_else(|| CageError::Tokenizer(format!("GGUF merge \"{m}\" has no space")))?;
+                Ok(json!([a, b]))
+            })
+            .collect()
+    }
+
     /// `tokenizer.ggml.model = "llama"`: a SentencePiece BPE vocabulary (Llama 1/2, Mistral, TinyLlama), turned
     /// into what transformers' `LlamaTokenizer` (fast) builds from it: BPE over `▁`-for-space pieces with byte
-    /// fallback (`<0xNN>` tokens) and merges recovered from the scores, a Metaspace pre-tokenizer that prefixes
+    /// fallback (`<0xNN>` tokens) and merges from the file or else recovered from the scores, a Metaspace pre-tokenizer that prefixes
     /// the first word with `▁`, BOS added by default (llama.cpp's default when the file does not say), and a
     /// decoder that undoes all of it. `tokenizer.ggml.add_space_prefix = false` turns the prefix off (llama.cpp
     /// honours it; transformers' GGUF loader ignores it). Unknown characters have byte fallback; the unknown
     /// token only appears if the file lacks a byte token.
     fn sentencepiece(f: &GgufFile, tokens: &[Value]) -> Result<Built> {
         let tokens = strs(tokens, "tokenizer.ggml.tokens")?;
-        let scores: Vec<f64> = match f.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-            Some(a) if a.len() == tokens.len() => a
-                .iter()
-                .map(|v| {
-                    v.as_f64()
-                        .ok_or_else(|| CageError::Tokenizer("GGUF tokenizer.ggml.scores holds a non-number".into()))
-                })
-                .collect::<Result<_>>()?,
-            Some(a) => {
-                return Err(CageError::Tokenizer(format!(
-                    "GGUF has {} tokenizer.ggml.scores for {} tokens",
-                    a.len(),
-                    tokens.len()
-                )));
-            }
-            None => {
-                return Err(CageError::Tokenizer(
-                    "GGUF SentencePiece vocabulary has no tokenizer.ggml.scores (the merge order comes from them)"
-                        .into(),
-                ));
-            }
-        };
         let types = token_types(f);
         let mut vocab = Map::new();
         for (i, t) in tokens.iter().enumerate() {
             vocab.insert((*t).to_string(), json!(i));
         }
-        let merges: Vec<Json> =
-            sentencepiece_merges(&tokens, &scores).into_iter().map(|(a, b)| json!([a, b])).collect();
+        // Merges the file lists are used as they are (transformers does the same); otherwise they come from the
+        // scores.
+        let merges: Vec<Json> = match f.get("tokenizer.ggml.merges").and_then(Value::as_array) {
+            Some(m) => parse_merges(&strs(m, "tokenizer.ggml.merges")?)?,
+            None => {
+                let scores = scores(f, tokens.len())?;
+                sentencepiece_merges(&tokens, &scores).into_iter().map(|(a, b)| json!([a, b])).collect()
+            }
+        };
         let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
         let bos = tok_id("tokenizer.ggml.bos_token_id");
         let unk = tok_id("tokenizer.ggml.unknown_token_id").or_else(|| types.iter().position(|&t| t == 2));
@@ -469,15 +486,7 @@ mod tokenizer {
         for (i, t) in tokens.iter().enumerate() {
             vocab.insert((*t).to_string(), json!(i));
         }
-        let merges: Vec<Json> = merges
-            .iter()
-            .map(|m| {
-                let (a, b) = m
-                    .split_once(' ')
-                    .ok_or_else(|| CageError::Tokenizer(format!("GGUF merge \"{m}\" has no space")))?;
-                Ok(json!([a, b]))
-            })
-            .collect::<Result<_>>()?;
+        let merges = parse_merges(&merges)?;
         // token_type 3 = control (special), 4 = user-defined (added, not special).
         let (added, decoder) = added_tokens(&tokens, &types, |_, ty| (ty == 3, ty == 4), true);
         let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
