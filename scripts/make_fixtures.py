@@ -6,10 +6,15 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     python3 -m venv /root/venv-golden
     /root/venv-golden/bin/pip install torch transformers peft safetensors gguf numpy
     /root/venv-golden/bin/python scripts/make_fixtures.py tiny
+    /root/venv-golden/bin/python scripts/make_fixtures.py window
+    /root/venv-golden/bin/python scripts/make_fixtures.py spm
     /root/venv-golden/bin/python scripts/make_fixtures.py smollm2 --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
-tests/fixtures/golden-tiny.json; `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
+tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
+tests/fixtures/golden-window.json (sliding attention windows shorter than the prompts); `spm` writes
+tests/fixtures/golden-spm-gguf.json (a SentencePiece vocabulary in llama.cpp's GGUF form and how transformers'
+GGUF tokenizer loader encodes and decodes test strings with it); `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
 own GGUF loader (independent of cage's importer).
 """
 import argparse
@@ -139,6 +144,127 @@ def tiny():
     print("wrote tiny fixtures")
 
 
+def window():
+    """Sliding-window attention: Mistral (window 4 on every layer) and Qwen2 (window 3 from layer 1 on, via
+    use_sliding_window and max_window_layers). The prompts (5 to 13 tokens) and their 8 greedy tokens run far
+    past the windows; goldens recompute the whole sequence at every step (no cache), so they depend only on
+    transformers' mask (kv_idx > q_idx - sliding_window)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    result = {"prompts": PROMPTS, "new_tokens": NEW, "models": {}}
+    mcfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, sliding_window=4)
+    mcfg.rope_parameters = {"rope_type": "default", "rope_theta": 1000.0}
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(mcfg).float().eval()
+    rnd(mistral, 5)
+    dm = os.path.join(FIX, "tiny-mistral-window")
+    mistral.save_pretrained(dm, safe_serialization=True)
+    mistral = MistralForCausalLM.from_pretrained(dm, dtype=torch.float32, attn_implementation="eager").eval()
+    assert mistral.config.sliding_window == 4
+    result["models"]["tiny-mistral-window"] = {"base": goldens(mistral)}
+
+    qcfg = Qwen2Config(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                       num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    qcfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    qwen = Qwen2ForCausalLM(qcfg).float().eval()
+    rnd(qwen, 6)
+    qwen.tie_weights()
+    dq = os.path.join(FIX, "tiny-qwen2-window")
+    qwen.save_pretrained(dq, safe_serialization=True)
+    # Without layer_types the sliding layers come from max_window_layers (the transformers 4 config style).
+    c = json.load(open(os.path.join(dq, "config.json")))
+    c.pop("layer_types", None)
+    json.dump(c, open(os.path.join(dq, "config.json"), "w"), indent=2)
+    qwen = Qwen2ForCausalLM.from_pretrained(dq, dtype=torch.float32, attn_implementation="eager").eval()
+    assert qwen.config.layer_types == ["full_attention", "sliding_attention"], qwen.config.layer_types
+    result["models"]["tiny-qwen2-window"] = {"base": goldens(qwen)}
+    result["generator"] = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, f32 eager attention on CPU"
+    json.dump(result, open(os.path.join(FIX, "golden-window.json"), "w"), separators=(",", ":"))
+    print("wrote window fixtures")
+
+
+# Pieces of a small SentencePiece BPE vocabulary (the form of Llama 2, Mistral and TinyLlama GGUFs, with
+# tokenizer.ggml.model = "llama"): whole words, the sub-pieces that build them, pieces out of score order, a
+# non-ASCII piece, and no pieces at all for digits, newlines and CJK text, which must fall back to bytes.
+SPM_PIECES = ["\u2581", "e", "t", "h", "l", "o", "a", "s", "i", "n", "r", "d", "w", "c", "u", "p", "\u00e9", "\u2581t",
+              "th", "he", "\u2581th", "\u2581the", "in", "ing", "\u2581a", "is", "\u2581is", "er", "\u2581w", "or",
+              "\u2581wor", "ld", "\u2581world", "ll", "el", "lo", "hel", "hell", "hello", "\u2581h", "\u2581he",
+              "\u2581hell", "\u2581hello", "\u2581s", "\u2581c", "ca", "caf", "caf\u00e9", "\u2581caf\u00e9", "on",
+              "\u2581on", "at", "\u2581at", "\u2581\u2581", "\u2581\u2581\u2581", "ed", "\u2581p", "up", "\u2581up",
+              "nd", "and", "\u2581and", "an", "es", "\u2581in", "\u2581it", "it", "re", "\u2581re", "\u2581sh", "sh",
+              "\u2581she"]
+SPM_TEXTS = ["hello world", "Hello World", " the cat sat on the mat", "  leading spaces and  double",
+             "caf\u00e9 au lait", "numbers 1234 and\nnew lines\n\n", "\u65e5\u672c\u8a9e text", "she sells", "",
+             " ", "<s>inside</s> text", "tab\there", "theirs therein"]
+
+
+def spm():
+    """A SentencePiece vocabulary written as llama.cpp writes one into a GGUF (tokens, scores, token types:
+    1 normal, 2 unknown, 3 control, 6 byte), and transformers' own GGUF tokenizer loader (LlamaTokenizer with
+    merges recovered from the scores) as the reference: the ids of each test text with the special tokens
+    added, and the decoded text with and without the special tokens."""
+    import random
+
+    import gguf
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    rng = random.Random(7)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256
+    for i, p in enumerate(SPM_PIECES):
+        tokens.append(p)
+        types.append(1)
+        # Mostly decreasing like a trained model's log-probabilities, with some pieces out of order so that the
+        # merge order must come from the scores, not from the ids.
+        scores.append(round(-float(i) - (rng.random() * 30 if i % 5 == 0 else 0.0), 3))
+    tokens.append("<|im_start|>")
+    types.append(3)
+    scores.append(0.0)
+    d = "/tmp/cage-spm-golden"
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "spm.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file="spm.gguf")
+    cases = []
+    for t in SPM_TEXTS:
+        ids = tok(t)["input_ids"]
+        cases.append({"text": t, "ids": ids, "pieces": tok.convert_ids_to_tokens(ids),
+                      "decoded": tok.decode(ids, skip_special_tokens=False),
+                      "decoded_skip": tok.decode(ids, skip_special_tokens=True)})
+        print(repr(t), ids)
+    res = {"generator": f"transformers {__import__('transformers').__version__} GGUF tokenizer loader ({type(tok).__name__}), tokenizers {__import__('tokenizers').__version__}",
+           "tokens": tokens, "scores": scores, "token_types": types, "bos_token_id": 1, "eos_token_id": 2,
+           "unknown_token_id": 0, "cases": cases,
+           "merges": json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]}
+    json.dump(res, open(os.path.join(FIX, "golden-spm-gguf.json"), "w"), indent=0, ensure_ascii=False)
+    print("wrote spm goldens")
+
+
 SMOL_PROMPTS = [
     {"prompt": "The capital of France is", "chat": False},
     {"prompt": "What is the capital of France?", "chat": True},
@@ -178,11 +304,15 @@ def smollm2(gguf):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny", "smollm2"])
+    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2"])
     ap.add_argument("--gguf")
     a = ap.parse_args()
     if a.what == "tiny":
         tiny()
+    elif a.what == "window":
+        window()
+    elif a.what == "spm":
+        spm()
     else:
         if not a.gguf:
             sys.exit("--gguf PATH is needed")

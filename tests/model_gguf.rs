@@ -27,6 +27,7 @@ enum Meta {
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
+    F32s(Vec<f32>),
 }
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
@@ -159,28 +160,16 @@ fn byte_chars() -> Vec<char> {
 
 const TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// Writes the tiny Llama fixture as a GGUF file; `types` picks each tensor's type. Returns the expected
-/// (Hugging Face name, dequantized values) of every tensor.
+/// Writes the tiny Llama fixture as a GGUF file with a byte-level BPE tokenizer; `types` picks each tensor's
+/// type. Returns the expected (Hugging Face name, dequantized values) of every tensor.
 fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f32>)> {
-    let st = TensorStore::open(&fixture("tiny-llama")).unwrap();
-    let cfg = Model::load(&fixture("tiny-llama")).unwrap().config;
     let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
     tokens.extend(["hi", "Ġt", "Ġth", "<|im_start|>", "<|im_end|>"].map(String::from));
     let mut ttypes = vec![1i32; tokens.len()];
     let n = ttypes.len();
     ttypes[n - 2] = 3;
     ttypes[n - 1] = 3;
-    let meta: Vec<(&str, Meta)> = vec![
-        ("general.architecture", Meta::Str("llama".into())),
-        ("llama.embedding_length", Meta::U32(cfg.hidden_size as u32)),
-        ("llama.block_count", Meta::U32(cfg.num_layers as u32)),
-        ("llama.feed_forward_length", Meta::U32(cfg.intermediate_size as u32)),
-        ("llama.attention.head_count", Meta::U32(cfg.num_heads as u32)),
-        ("llama.attention.head_count_kv", Meta::U32(cfg.num_kv_heads as u32)),
-        ("llama.context_length", Meta::U32(64)),
-        ("llama.rope.freq_base", Meta::F32(cfg.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(cfg.rms_norm_eps)),
-        ("llama.vocab_size", Meta::U32(cfg.vocab_size as u32)),
+    let tokenizer = vec![
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre", Meta::Str("smollm".into())),
         ("tokenizer.ggml.tokens", Meta::Strs(tokens.clone())),
@@ -191,6 +180,26 @@ fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f32>)>
         ("tokenizer.ggml.add_bos_token", Meta::Bool(false)),
         ("tokenizer.chat_template", Meta::Str(TEMPLATE.into())),
     ];
+    write_gguf_with(path, types, tokenizer)
+}
+
+/// Writes the tiny Llama fixture as a GGUF file with the given `tokenizer.*` metadata.
+fn write_gguf_with(path: &Path, types: &dyn Fn(&str) -> Q, tokenizer: Vec<(&str, Meta)>) -> Vec<(String, Vec<f32>)> {
+    let st = TensorStore::open(&fixture("tiny-llama")).unwrap();
+    let cfg = Model::load(&fixture("tiny-llama")).unwrap().config;
+    let mut meta: Vec<(&str, Meta)> = vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        ("llama.embedding_length", Meta::U32(cfg.hidden_size as u32)),
+        ("llama.block_count", Meta::U32(cfg.num_layers as u32)),
+        ("llama.feed_forward_length", Meta::U32(cfg.intermediate_size as u32)),
+        ("llama.attention.head_count", Meta::U32(cfg.num_heads as u32)),
+        ("llama.attention.head_count_kv", Meta::U32(cfg.num_kv_heads as u32)),
+        ("llama.context_length", Meta::U32(64)),
+        ("llama.rope.freq_base", Meta::F32(cfg.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(cfg.rms_norm_eps)),
+        ("llama.vocab_size", Meta::U32(cfg.vocab_size as u32)),
+    ];
+    meta.extend(tokenizer);
     let map = |hf: &str| -> String {
         let s = hf
             .replace("model.embed_tokens", "token_embd")
@@ -266,6 +275,14 @@ fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f32>)>
             Meta::I32s(v) => {
                 b.extend_from_slice(&9u32.to_le_bytes());
                 b.extend_from_slice(&5u32.to_le_bytes());
+                b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                for x in v {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            Meta::F32s(v) => {
+                b.extend_from_slice(&9u32.to_le_bytes());
+                b.extend_from_slice(&6u32.to_le_bytes());
                 b.extend_from_slice(&(v.len() as u64).to_le_bytes());
                 for x in v {
                     b.extend_from_slice(&x.to_le_bytes());
@@ -370,4 +387,88 @@ fn tokenizer_and_chat_template_come_from_the_metadata() {
         serde_json::from_str(&std::fs::read_to_string(d.join("out/tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["chat_template"], TEMPLATE);
     assert_eq!(cfg["eos_token"], "<|im_end|>");
+}
+
+/// The SentencePiece vocabulary of `scripts/make_fixtures.py spm` as llama.cpp stores it in a GGUF.
+fn spm_metadata(g: &serde_json::Value) -> Vec<(&'static str, Meta)> {
+    let strs = |k: &str| g[k].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let nums = |k: &str| g[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>();
+    let id = |k: &str| Meta::U32(g[k].as_u64().unwrap() as u32);
+    vec![
+        ("tokenizer.ggml.model", Meta::Str("llama".into())),
+        ("tokenizer.ggml.tokens", Meta::Strs(strs("tokens"))),
+        ("tokenizer.ggml.scores", Meta::F32s(nums("scores").into_iter().map(|x| x as f32).collect())),
+        ("tokenizer.ggml.token_type", Meta::I32s(nums("token_types").into_iter().map(|x| x as i32).collect())),
+        ("tokenizer.ggml.bos_token_id", id("bos_token_id")),
+        ("tokenizer.ggml.eos_token_id", id("eos_token_id")),
+        ("tokenizer.ggml.unknown_token_id", id("unknown_token_id")),
+    ]
+}
+
+#[test]
+fn sentencepiece_vocabulary_tokenizes_like_transformers() {
+    // Goldens: transformers' GGUF tokenizer loader on the same vocabulary (merges recovered from the scores,
+    // byte fallback, `▁` prefix, BOS added by default), texts with spaces, capitals, digits, newlines, CJK,
+    // accents and literal special tokens.
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden-spm-gguf.json")).unwrap()).unwrap();
+    let d = tmp("spm");
+    write_gguf_with(&d.join("m.gguf"), &|_| Q::F32, spm_metadata(&g));
+    cage::model::import::import_gguf(&d.join("m.gguf"), &d.join("out")).unwrap();
+    let t = Tokenizer::load(&d.join("out")).unwrap();
+    for c in g["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(ids, want, "ids of {text:?}");
+        assert_eq!(t.decode(&ids, false).unwrap(), c["decoded"].as_str().unwrap(), "decoding of {text:?}");
+        assert_eq!(t.decode(&ids, true).unwrap(), c["decoded_skip"].as_str().unwrap(), "decoding of {text:?}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["add_bos_token"].as_bool(), cfg["bos_token"].as_str()), (Some(true), Some("<s>")));
+    assert_eq!(t.eos_id(), Some(2));
+    // The merges recovered from the scores are transformers' list, in its order (BPE ranks them by position).
+    let tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/tokenizer.json")).unwrap()).unwrap();
+    assert_eq!(tj["model"]["merges"], g["merges"]);
+}
+
+#[test]
+fn sentencepiece_flags_and_bad_metadata() {
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden-spm-gguf.json")).unwrap()).unwrap();
+    let d = tmp("spm-flags");
+    // add_bos_token = false and add_space_prefix = false (llama.cpp's flags) are honoured.
+    let mut meta = spm_metadata(&g);
+    meta.push(("tokenizer.ggml.add_bos_token", Meta::Bool(false)));
+    meta.push(("tokenizer.ggml.add_space_prefix", Meta::Bool(false)));
+    write_gguf_with(&d.join("m.gguf"), &|_| Q::F32, meta);
+    cage::model::import::import_gguf(&d.join("m.gguf"), &d.join("out")).unwrap();
+    let t = Tokenizer::load(&d.join("out")).unwrap();
+    let ids = t.encode("hello world", true).unwrap();
+    let hello = t.token_to_id("hello").unwrap();
+    assert_eq!(ids, vec![hello, t.token_to_id("\u{2581}world").unwrap()]);
+    assert_eq!(t.decode(&ids, false).unwrap(), "hello world");
+    // Without scores there is no merge order: a clear error, no panic, and no half-imported folder.
+    let meta: Vec<_> = spm_metadata(&g).into_iter().filter(|(k, _)| *k != "tokenizer.ggml.scores").collect();
+    write_gguf_with(&d.join("bad.gguf"), &|_| Q::F32, meta);
+    let e = cage::model::import::import_gguf(&d.join("bad.gguf"), &d.join("bad")).unwrap_err();
+    assert!(e.to_string().contains("tokenizer.ggml.scores"), "{e}");
+    assert!(!d.join("bad").exists());
+    // Merges listed in the file are used instead of the scores: with only "h e", "hello" is "▁", "he", then
+    // single characters.
+    let mut meta = spm_metadata(&g);
+    meta.push(("tokenizer.ggml.merges", Meta::Strs(vec!["h e".into()])));
+    write_gguf_with(&d.join("merges.gguf"), &|_| Q::F32, meta);
+    cage::model::import::import_gguf(&d.join("merges.gguf"), &d.join("merges")).unwrap();
+    let t = Tokenizer::load(&d.join("merges")).unwrap();
+    let want: Vec<u32> = ["<s>", "\u{2581}", "he", "l", "l", "o"].iter().map(|p| t.token_to_id(p).unwrap()).collect();
+    assert_eq!(t.encode("hello", true).unwrap(), want);
+    // Unknown tokenizer models are refused by name.
+    let mut meta: Vec<_> = spm_metadata(&g).into_iter().filter(|(k, _)| *k != "tokenizer.ggml.model").collect();
+    meta.push(("tokenizer.ggml.model", Meta::Str("bert".into())));
+    write_gguf_with(&d.join("bert.gguf"), &|_| Q::F32, meta);
+    let e = cage::model::import::import_gguf(&d.join("bert.gguf"), &d.join("bert")).unwrap_err();
+    assert!(e.to_string().contains("\"bert\" is not supported"), "{e}");
 }

@@ -29,7 +29,8 @@ pub struct ForwardBench {
 }
 
 /// Runs the benchmark: for each batch size, prefill `prompt_len` tokens per row, then `steps` greedy decode
-/// steps; the best of `repeats` runs counts (the first warms caches and the thread pool).
+/// steps; the best of `repeats` runs counts (the first warms caches and the thread pool). The batch sizes take
+/// turns within each repeat.
 pub fn bench_forward(
     model: Arc<Model>,
     batches: &[usize],
@@ -58,7 +59,9 @@ pub fn bench_forward_gpu(
     })
 }
 
-/// The measurement loop shared by every backend: `make(b)` builds a decoder with `b` slots.
+/// The measurement loop shared by every backend: `make(b)` builds a decoder with `b` slots. Repeats are
+/// outermost and the batch sizes interleaved within each: a change of machine load during the run then hits
+/// every batch size alike, and the ratios between them stay meaningful.
 fn bench_decoder(
     v: usize,
     batches: &[usize],
@@ -70,14 +73,14 @@ fn bench_decoder(
     if prompt_len == 0 || steps == 0 || repeats == 0 || batches.contains(&0) {
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
     }
-    let mut out = Vec::new();
-    for &b in batches {
-        let mut dec = make(b)?;
-        // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
-        let prompts: Vec<Vec<u32>> =
-            (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
-        let (mut best_pre, mut best_dec) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..repeats {
+    let mut decs = batches.iter().map(|&b| make(b)).collect::<Result<Vec<_>>>()?;
+    let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
+    for _ in 0..repeats {
+        for (bi, &b) in batches.iter().enumerate() {
+            let dec = &mut decs[bi];
+            // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
+            let prompts: Vec<Vec<u32>> =
+                (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
             for s in 0..b {
                 dec.reset(s);
             }
@@ -85,7 +88,7 @@ fn bench_decoder(
                 prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: None }).collect();
             let t0 = Instant::now();
             let mut next: Vec<u32> = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
-            best_pre = best_pre.min(t0.elapsed().as_secs_f64());
+            best_pre[bi] = best_pre[bi].min(t0.elapsed().as_secs_f64());
             let t1 = Instant::now();
             for _ in 0..steps {
                 let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
@@ -93,16 +96,19 @@ fn bench_decoder(
                     toks.iter().enumerate().map(|(i, t)| Seq { slot: i, tokens: t, adapter: None }).collect();
                 next = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
             }
-            best_dec = best_dec.min(t1.elapsed().as_secs_f64());
+            best_dec[bi] = best_dec[bi].min(t1.elapsed().as_secs_f64());
         }
-        out.push(ForwardBench {
+    }
+    Ok(batches
+        .iter()
+        .enumerate()
+        .map(|(bi, &b)| ForwardBench {
             batch: b,
             prompt_len,
             decode_steps: steps,
-            prefill_tok_s: (b * prompt_len) as f64 / best_pre,
-            decode_tok_s: (b * steps) as f64 / best_dec,
-            decode_step_ms: best_dec * 1e3 / steps as f64,
-        });
-    }
-    Ok(out)
+            prefill_tok_s: (b * prompt_len) as f64 / best_pre[bi],
+            decode_tok_s: (b * steps) as f64 / best_dec[bi],
+            decode_step_ms: best_dec[bi] * 1e3 / steps as f64,
+        })
+        .collect())
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 pub enum Arch {
     /// Llama 1/2/3, TinyLlama, SmolLM2 (`attention_bias` / `mlp_bias` as configured).
     Llama,
-    /// Mistral (Llama layout; the sliding window is recorded, see [`ModelConfig::sliding_window`]).
+    /// Mistral (Llama layout; attention may be limited to a sliding window, see [`ModelConfig::sliding_window`]).
     Mistral,
     /// Qwen2: biases on q, k and v.
     Qwen2,
@@ -74,8 +74,13 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// MLP projections have biases.
     pub mlp_bias: bool,
-    /// Mistral's sliding attention window (not applied: sequences longer than it are out of scope).
+    /// Sliding attention window: a position attends to itself and the `W - 1` positions before it (transformers'
+    /// `kv_idx > q_idx - sliding_window`), in the layers marked by [`ModelConfig::sliding_layers`]. Mistral's
+    /// `sliding_window` (every layer), or Qwen2's when `use_sliding_window` is set; `None`: full attention.
     pub sliding_window: Option<usize>,
+    /// Per layer: whether it uses the sliding window (all `false` when there is none). Qwen2 sets it from
+    /// `layer_types`, else for layers from `max_window_layers` on, as transformers' `Qwen2Config` does.
+    pub sliding_layers: Vec<bool>,
     /// End-of-sequence token ids.
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence token id.
@@ -86,7 +91,56 @@ fn bad(msg: impl Into<String>, what: &str) -> CageError {
     CageError::Model { model: what.to_string(), msg: msg.into() }
 }
 
+/// The sliding window and the layers it applies to, with transformers' rules: Mistral applies
+/// `sliding_window` (when not null) to every layer and ignores `layer_types`; Qwen2 only when
+/// `use_sliding_window` is true, to the layers `layer_types` marks `sliding_attention`, or without
+/// `layer_types` to the layers from `max_window_layers` (default 28) on; Llama has no window.
+fn sliding(v: &Value, arch: Arch, layers: usize, what: &str) -> Result<(Option<usize>, Vec<bool>)> {
+    let window = match v.get("sliding_window") {
+        None | Some(Value::Null) => None,
+        Some(w) => match w.as_u64() {
+            Some(w) if w > 0 => Some(w as usize),
+            _ => return Err(bad(format!("config.json: sliding_window {w} is not a positive integer"), what)),
+        },
+    };
+    let window = match arch {
+        Arch::Llama => None,
+        Arch::Mistral => window,
+        Arch::Qwen2 => window.filter(|_| v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false)),
+    };
+    let Some(w) = window else { return Ok((None, vec![false; layers])) };
+    let marks = match (arch, v.get("layer_types").and_then(Value::as_array)) {
+        (Arch::Qwen2, Some(types)) => {
+            if types.len() != layers {
+                return Err(bad(format!("config.json: {} layer_types for {layers} layers", types.len()), what));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(bad(
+                        format!("config.json: layer type {t} is not supported (sliding_attention, full_attention)"),
+                        what,
+                    )),
+                })
+                .collect::<Result<Vec<bool>>>()?
+        }
+        (Arch::Qwen2, None) => {
+            let from = v.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28) as usize;
+            (0..layers).map(|i| i >= from).collect()
+        }
+        _ => vec![true; layers],
+    };
+    Ok((marks.iter().any(|&b| b).then_some(w), marks))
+}
+
 impl ModelConfig {
+    /// The attention window of `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.sliding_layers.get(layer).copied().unwrap_or(false))
+    }
+
     /// Reads `dir/config.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let p = dir.join("config.json");
@@ -207,17 +261,13 @@ impl ModelConfig {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
             _ => vec![],
         };
-        let sliding_window =
-            if arch == Arch::Qwen2 && !v.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false) {
-                None
-            } else {
-                opt("sliding_window")
-            };
+        let num_layers = req("num_hidden_layers")?;
+        let (sliding_window, sliding_layers) = sliding(v, arch, num_layers, what)?;
         Ok(ModelConfig {
             arch,
             hidden_size,
             intermediate_size: req("intermediate_size")?,
-            num_layers: req("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -231,6 +281,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             sliding_window,
+            sliding_layers,
             eos_token_ids,
             bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
         })

@@ -122,6 +122,8 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
         plan.push((t, name));
     }
     plan.sort_by(|a, b| a.1.cmp(&b.1));
+    // The tokenizer before any file is written: bad tokenizer metadata leaves no half-imported folder.
+    let tok = tokenizer::build(&f, tokens)?;
     std::fs::create_dir_all(out)
         .map_err(|source| CageError::Io { context: format!("creating {}", out.display()), source })?;
 
@@ -166,7 +168,6 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     }
     std::fs::rename(&tmp, &st_path).map_err(|e| io(e, &st_path.display().to_string()))?;
 
-    let tok = tokenizer::build(&f, tokens)?;
     let bos = f.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
     let eos = f.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64);
     let mut config = json!({
@@ -206,8 +207,9 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
 }
 
 mod tokenizer {
-    //! tokenizer.json / tokenizer_config.json from `tokenizer.ggml.*` metadata (byte-level BPE: llama.cpp's
-    //! `gpt2` tokenizer model, which SmolLM2, Llama 3 and Qwen2 GGUFs use).
+    //! tokenizer.json / tokenizer_config.json from `tokenizer.ggml.*` metadata: byte-level BPE (llama.cpp's
+    //! `gpt2` tokenizer model, which SmolLM2, Llama 3 and Qwen2 GGUFs use) and SentencePiece BPE (`llama`:
+    //! Llama 1/2, Mistral, TinyLlama).
     use super::*;
 
     pub struct Built {
@@ -248,30 +250,88 @@ mod tokenizer {
         })
     }
 
+    /// The tokenizer files for the file's `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama`
+    /// (SentencePiece BPE, see [`sentencepiece`]).
     pub fn build(f: &GgufFile, tokens: &[Value]) -> Result<Built> {
         let model = f.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        if model != "gpt2" {
-            return Err(CageError::Tokenizer(format!(
-                "GGUF tokenizer model \"{model}\" is not supported (only \"gpt2\", byte-level BPE)"
-            )));
+        match model {
+            "gpt2" => byte_level(f, tokens),
+            "llama" => sentencepiece(f, tokens),
+            _ => Err(CageError::Tokenizer(format!(
+                "GGUF tokenizer model \"{model}\" is not supported (\"gpt2\": byte-level BPE, \"llama\": SentencePiece BPE)"
+            ))),
         }
-        let tokens = strs(tokens, "tokenizer.ggml.tokens")?;
-        let merges = match f.get("tokenizer.ggml.merges").and_then(Value::as_array) {
-            Some(m) => strs(m, "tokenizer.ggml.merges")?,
-            None => return Err(CageError::Tokenizer("GGUF has no tokenizer.ggml.merges".into())),
-        };
-        let types: Vec<u64> = f
-            .get("tokenizer.ggml.token_type")
+    }
+
+    fn token_types(f: &GgufFile) -> Vec<u64> {
+        f.get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_default();
-        let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            .unwrap_or_default()
+    }
 
-        let mut vocab = Map::new();
-        for (i, t) in tokens.iter().enumerate() {
-            vocab.insert((*t).to_string(), json!(i));
+    /// The merges transformers' `generate_merges` recovers from a SentencePiece vocabulary (the GGUF holds none):
+    /// every split of a piece into two pieces of the vocabulary is a merge, ranked by the score of the piece it
+    /// makes (highest first), then by the lengths of its halves in characters (longest first); ties keep the
+    /// order of the pieces and, within a piece, of the halves' ids. Duplicate tokens resolve as Python dicts
+    /// built from the lists would: the last id and score, at the first occurrence's place.
+    pub(super) fn sentencepiece_merges<'a>(tokens: &[&'a str], scores: &[f64]) -> Vec<(&'a str, &'a str)> {
+        use std::collections::HashMap;
+        let mut id: HashMap<&str, usize> = HashMap::new();
+        let mut score: HashMap<&str, f64> = HashMap::new();
+        let mut order = Vec::new();
+        for (i, (&t, &sc)) in tokens.iter().zip(scores).enumerate() {
+            id.insert(t, i);
+            if score.insert(t, sc).is_none() {
+                order.push(t);
+            }
         }
-        let merges: Vec<Json> = merges
+        let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+        for piece in order {
+            let sc = score[piece];
+            let mut local: Vec<(&str, &str, f64)> = piece
+                .char_indices()
+                .skip(1)
+                .map(|(at, _)| piece.split_at(at))
+                .filter(|(l, r)| id.contains_key(l) && id.contains_key(r))
+                .map(|(l, r)| (l, r, sc))
+                .collect();
+            local.sort_by_key(|(l, r, _)| (id[l], id[r]));
+            merges.extend(local);
+        }
+        let len = |s: &str| s.chars().count();
+        // Stable, descending, like Python's sorted(..., reverse=True); equal scores compare equal as floats do.
+        merges.sort_by(|a, b| {
+            b.2.partial_cmp(&a.2)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(len(b.0).cmp(&len(a.0)))
+                .then(len(b.1).cmp(&len(a.1)))
+        });
+        merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+    }
+
+    /// `tokenizer.ggml.scores`, one per token.
+    fn scores(f: &GgufFile, n: usize) -> Result<Vec<f64>> {
+        match f.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+            Some(a) if a.len() == n => a
+                .iter()
+                .map(|v| {
+                    v.as_f64()
+                        .ok_or_else(|| CageError::Tokenizer("GGUF tokenizer.ggml.scores holds a non-number".into()))
+                })
+                .collect(),
+            Some(a) => Err(CageError::Tokenizer(format!("GGUF has {} tokenizer.ggml.scores for {n} tokens", a.len()))),
+            None => Err(CageError::Tokenizer(
+                "GGUF SentencePiece vocabulary has neither tokenizer.ggml.merges nor tokenizer.ggml.scores (the merge \
+                 order comes from them)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// `"a b"` merge strings as tokenizer.json pairs.
+    fn parse_merges(merges: &[&str]) -> Result<Vec<Json>> {
+        merges
             .iter()
             .map(|m| {
                 let (a, b) = m
@@ -279,42 +339,163 @@ mod tokenizer {
                     .ok_or_else(|| CageError::Tokenizer(format!("GGUF merge \"{m}\" has no space")))?;
                 Ok(json!([a, b]))
             })
-            .collect::<Result<_>>()?;
-        // token_type 3 = control (special), 4 = user-defined (added, not special).
+            .collect()
+    }
+
+    /// `tokenizer.ggml.model = "llama"`: a SentencePiece BPE vocabulary (Llama 1/2, Mistral, TinyLlama), turned
+    /// into what transformers' `LlamaTokenizer` (fast) builds from it: BPE over `▁`-for-space pieces with byte
+    /// fallback (`<0xNN>` tokens) and merges from the file or else recovered from the scores, a Metaspace pre-tokenizer that prefixes
+    /// the first word with `▁`, BOS added by default (llama.cpp's default when the file does not say), and a
+    /// decoder that undoes all of it. `tokenizer.ggml.add_space_prefix = false` turns the prefix off (llama.cpp
+    /// honours it; transformers' GGUF loader ignores it). Unknown characters have byte fallback; the unknown
+    /// token only appears if the file lacks a byte token.
+    fn sentencepiece(f: &GgufFile, tokens: &[Value]) -> Result<Built> {
+        let tokens = strs(tokens, "tokenizer.ggml.tokens")?;
+        let types = token_types(f);
+        let mut vocab = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert((*t).to_string(), json!(i));
+        }
+        // Merges the file lists are used as they are (transformers does the same); otherwise they come from the
+        // scores.
+        let merges: Vec<Json> = match f.get("tokenizer.ggml.merges").and_then(Value::as_array) {
+            Some(m) => parse_merges(&strs(m, "tokenizer.ggml.merges")?)?,
+            None => {
+                let scores = scores(f, tokens.len())?;
+                sentencepiece_merges(&tokens, &scores).into_iter().map(|(a, b)| json!([a, b])).collect()
+            }
+        };
+        let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
+        let bos = tok_id("tokenizer.ggml.bos_token_id");
+        let unk = tok_id("tokenizer.ggml.unknown_token_id").or_else(|| types.iter().position(|&t| t == 2));
+        let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(true) && bos.is_some();
+        let prefix = f.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+        // Control tokens (type 3) and the unknown token are special, user-defined ones (4) matched whole but
+        // not special; none is normalized (the text around them is, by the Metaspace pre-tokenizer).
+        let (added, decoder) = added_tokens(&tokens, &types, |i, ty| (ty == 3 || Some(i) == unk, ty == 4), false);
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let post = match bos.filter(|_| add_bos) {
+            Some(b) => bos_template(tokens[b], b),
+            None => Json::Null,
+        };
+        let tokenizer_json = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                "prepend_scheme": if prefix { "first" } else { "never" }, "split": false},
+            "post_processor": post,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk.map(|u| tokens[u]),
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                "ignore_merges": false, "vocab": vocab, "merges": merges},
+        });
+        Ok(config(f, &tokens, &types, tokenizer_json, decoder, add_bos, unk, "LlamaTokenizer"))
+    }
+
+    /// `added_tokens` of tokenizer.json and `added_tokens_decoder` of tokenizer_config.json for the tokens that
+    /// `kind(id, type)` marks `(special, user-defined)`.
+    fn added_tokens(
+        tokens: &[&str],
+        types: &[u64],
+        kind: impl Fn(usize, u64) -> (bool, bool),
+        normalize_user: bool,
+    ) -> (Vec<Json>, Map<String, Json>) {
         let mut added = Vec::new();
         let mut decoder = Map::new();
         for (i, t) in tokens.iter().enumerate() {
-            let ty = types.get(i).copied().unwrap_or(1);
-            if ty == 3 || ty == 4 {
-                let special = ty == 3;
-                added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                    "normalized": !special, "special": special}));
-                decoder.insert(
-                    i.to_string(),
-                    json!({"content": t, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": !special, "special": special}),
-                );
+            let (special, user) = kind(i, types.get(i).copied().unwrap_or(1));
+            if special || user {
+                let normalized = !special && normalize_user;
+                let body = json!({"content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                    "normalized": normalized, "special": special});
+                let mut with_id = json!({"id": i});
+                with_id.as_object_mut().expect("object").extend(body.as_object().expect("object").clone());
+                added.push(with_id);
+                decoder.insert(i.to_string(), body);
             }
         }
+        (added, decoder)
+    }
+
+    /// A post-processor that puts the BOS token `b` (id `bid`) before each sequence.
+    fn bos_template(b: &str, bid: usize) -> Json {
+        let specials = Json::Object(Map::from_iter([(b.to_string(), json!({"id": b, "ids": [bid], "tokens": [b]}))]));
+        json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": specials})
+    }
+
+    /// tokenizer_config.json (special token names, BOS flag, chat template) around a built tokenizer.json.
+    #[allow(clippy::too_many_arguments)]
+    fn config(
+        f: &GgufFile,
+        tokens: &[&str],
+        types: &[u64],
+        tokenizer_json: Json,
+        decoder: Map<String, Json>,
+        add_bos: bool,
+        unk: Option<usize>,
+        class: &str,
+    ) -> Built {
         let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
         let name = |id: Option<usize>| id.map(|i| json!(tokens[i])).unwrap_or(Json::Null);
+        let template = f.get("tokenizer.chat_template").and_then(Value::as_str);
+        let specials: Vec<&str> = tokens.iter().zip(types.iter()).filter(|(_, t)| **t == 3).map(|(s, _)| *s).collect();
+        let mut cfg = json!({
+            "add_bos_token": add_bos,
+            "add_eos_token": false,
+            "added_tokens_decoder": decoder,
+            "additional_special_tokens": specials,
+            "bos_token": name(tok_id("tokenizer.ggml.bos_token_id")),
+            "eos_token": name(tok_id("tokenizer.ggml.eos_token_id")),
+            "unk_token": name(unk),
+            "pad_token": name(tok_id("tokenizer.ggml.padding_token_id")),
+            "clean_up_tokenization_spaces": false,
+            "model_max_length": 1_000_000_000_000_000_000u64,
+            "tokenizer_class": class,
+        });
+        if let Some(t) = template {
+            cfg["chat_template"] = json!(t);
+        }
+        Built { tokenizer_json, tokenizer_config: cfg, has_template: template.is_some() }
+    }
+
+    fn byte_level(f: &GgufFile, tokens: &[Value]) -> Result<Built> {
+        let tokens = strs(tokens, "tokenizer.ggml.tokens")?;
+        let merges = match f.get("tokenizer.ggml.merges").and_then(Value::as_array) {
+            Some(m) => strs(m, "tokenizer.ggml.merges")?,
+            None => return Err(CageError::Tokenizer("GGUF has no tokenizer.ggml.merges".into())),
+        };
+        let types = token_types(f);
+        let pre = f.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+
+        let mut vocab = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert((*t).to_string(), json!(i));
+        }
+        let merges = parse_merges(&merges)?;
+        // token_type 3 = control (special), 4 = user-defined (added, not special).
+        let (added, decoder) = added_tokens(&tokens, &types, |_, ty| (ty == 3, ty == 4), true);
+        let tok_id = |key: &str| f.get(key).and_then(Value::as_u64).map(|i| i as usize).filter(|&i| i < tokens.len());
         let bos = tok_id("tokenizer.ggml.bos_token_id");
-        let eos = tok_id("tokenizer.ggml.eos_token_id");
         let add_bos = f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false) && bos.is_some();
         let byte_level_post =
             json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
         let post = match bos.filter(|_| add_bos) {
-            Some(bid) => {
-                let b = tokens[bid];
-                let specials =
-                    Json::Object(Map::from_iter([(b.to_string(), json!({"id": b, "ids": [bid], "tokens": [b]}))]));
-                json!({"type": "Sequence", "processors": [byte_level_post, {
-                    "type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": specials}]})
-            }
+            Some(bid) => json!({"type": "Sequence", "processors": [byte_level_post, bos_template(tokens[bid], bid)]}),
             None => byte_level_post,
         };
         let tokenizer_json = json!({
@@ -330,24 +511,7 @@ mod tokenizer {
                 "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                 "vocab": vocab, "merges": merges},
         });
-        let template = f.get("tokenizer.chat_template").and_then(Value::as_str);
-        let specials: Vec<&str> = tokens.iter().zip(types.iter()).filter(|(_, t)| **t == 3).map(|(s, _)| *s).collect();
-        let mut cfg = json!({
-            "add_bos_token": add_bos,
-            "add_eos_token": false,
-            "added_tokens_decoder": decoder,
-            "additional_special_tokens": specials,
-            "bos_token": name(bos),
-            "eos_token": name(eos),
-            "unk_token": name(tok_id("tokenizer.ggml.unknown_token_id")),
-            "pad_token": name(tok_id("tokenizer.ggml.padding_token_id")),
-            "clean_up_tokenization_spaces": false,
-            "model_max_length": 1_000_000_000_000_000_000u64,
-            "tokenizer_class": "GPT2Tokenizer",
-        });
-        if let Some(t) = template {
-            cfg["chat_template"] = json!(t);
-        }
-        Ok(Built { tokenizer_json, tokenizer_config: cfg, has_template: template.is_some() })
+        let unk = tok_id("tokenizer.ggml.unknown_token_id");
+        Ok(config(f, &tokens, &types, tokenizer_json, decoder, add_bos, unk, "GPT2Tokenizer"))
     }
 }

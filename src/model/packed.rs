@@ -129,13 +129,13 @@ impl Packed {
         let out_ptr = SendPtr(out.as_mut_ptr());
         let job = Job { p: self, x, m, k, n, out: &out_ptr, accumulate, alpha };
         #[cfg(target_arch = "x86_64")]
-        let fast = std::is_x86_feature_detected!("avx2");
+        let fast = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
         #[cfg(not(target_arch = "x86_64"))]
         let fast = false;
         (0..n.div_ceil(ROWS)).into_par_iter().for_each(|c| {
             #[cfg(target_arch = "x86_64")]
             if fast {
-                // SAFETY: the CPU supports AVX2 (detected above).
+                // SAFETY: the CPU supports AVX2 and FMA (detected above).
                 unsafe { job.run_avx2(c) };
                 return;
             }
@@ -160,13 +160,116 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, chunk: usize) {
-        self.run(chunk)
+    /// Writes `alpha * v` to (or adds it to) `out[r * n + o]`.
+    #[inline(always)]
+    fn store(&self, r: usize, o: usize, v: f32) {
+        // SAFETY: each (row, o) is written by exactly one chunk; out holds m*n floats (asserted).
+        unsafe {
+            let p = self.out.0.add(r * self.n + o);
+            *p = if self.accumulate { *p + self.alpha * v } else { self.alpha * v };
+        }
     }
 
-    /// Output rows `chunk * ROWS ..`: each expanded block is used by up to 8 rows of x before the next.
+    /// Output rows `chunk * ROWS ..` with explicit AVX2: each block is expanded once into four registers and
+    /// multiplied into up to eight rows of x held in their own accumulators, so the per-row cost is four fused
+    /// multiply-adds per block and the expansion is paid once for all rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, chunk: usize) {
+        let m = self.m;
+        let mut r0 = 0;
+        while r0 < m {
+            // SAFETY (all four arms): AVX2 and FMA are enabled on this function; rows r0..r0 + R exist.
+            unsafe {
+                match m - r0 {
+                    1 => self.tile_avx2::<1>(chunk, r0),
+                    2 => self.tile_avx2::<2>(chunk, r0),
+                    3 => self.tile_avx2::<3>(chunk, r0),
+                    4 => self.tile_avx2::<4>(chunk, r0),
+                    5 => self.tile_avx2::<5>(chunk, r0),
+                    6 => self.tile_avx2::<6>(chunk, r0),
+                    7 => self.tile_avx2::<7>(chunk, r0),
+                    _ => self.tile_avx2::<8>(chunk, r0),
+                }
+            }
+            r0 += 8;
+        }
+    }
+
+    /// Rows `r0 .. r0 + R` of x against the chunk's output rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const R: usize>(&self, chunk: usize, r0: usize) {
+        use std::arch::x86_64::*;
+        // Independent accumulation chains per row: four for one or two rows (the FMA latency would otherwise
+        // bound a single row), two for three or four rows, one for five to eight (16 vector registers). Up to
+        // eight rows share one expansion of each block.
+        let nacc = if R <= 2 {
+            4
+        } else if R <= 4 {
+            2
+        } else {
+            1
+        };
+        let (k, n) = (self.k, self.n);
+        let nbk = k / QK;
+        let xp = self.x.as_ptr();
+        // SAFETY: the block indices stay below rows * k / 32 (asserted shapes) and the x pointers below m * k;
+        // unaligned loads only.
+        unsafe {
+            for o in chunk * ROWS..((chunk + 1) * ROWS).min(n) {
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                for b in 0..nbk {
+                    let blk = o * nbk + b;
+                    // The same f32 operations as `block` (convert, multiply, add; no fusion): bit-identical
+                    // weights.
+                    let w: [__m256; 4] = match self.p {
+                        Packed::Q4_1 { dm, qs } => {
+                            let [d, mn] = dm[blk];
+                            let (d, mn) = (_mm256_set1_ps(d), _mm256_set1_ps(mn));
+                            let q = _mm_loadu_si128(qs[blk * 16..blk * 16 + 16].as_ptr().cast());
+                            let mask = _mm_set1_epi8(0x0f);
+                            let lo = _mm_and_si128(q, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                            let f = |v: __m128i| {
+                                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d), mn)
+                            };
+                            [f(lo), f(_mm_srli_si128::<8>(lo)), f(hi), f(_mm_srli_si128::<8>(hi))]
+                        }
+                        Packed::Q8_0 { d, qs } => {
+                            let d = _mm256_set1_ps(d[blk]);
+                            let q = qs[blk * QK..(blk + 1) * QK].as_ptr();
+                            let f = |i: usize| {
+                                let v = _mm_loadl_epi64(q.add(i * 8).cast());
+                                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
+                            };
+                            [f(0), f(1), f(2), f(3)]
+                        }
+                    };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xr = xp.add((r0 + r) * k + b * QK);
+                        for (c, wc) in w.iter().enumerate() {
+                            let i = c % nacc;
+                            a[i] = _mm256_fmadd_ps(*wc, _mm256_loadu_ps(xr.add(c * 8)), a[i]);
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    let mut s = a[0];
+                    for ai in a.iter().take(nacc).skip(1) {
+                        s = _mm256_add_ps(s, *ai);
+                    }
+                    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                    self.store(r0 + r, o, _mm_cvtss_f32(h));
+                }
+            }
+        }
+    }
+
+    /// Output rows `chunk * ROWS ..` (portable): each expanded block is used by up to 8 rows of x before the
+    /// next.
     #[inline(always)]
     fn run(&self, chunk: usize) {
         let (x, m, k, n) = (self.x, self.m, self.k, self.n);
@@ -195,12 +298,8 @@ impl Job<'_> {
                     }
                 }
                 for (r, h) in acc.iter().enumerate().take(rm) {
-                    let v = self.alpha * (((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7])));
-                    // SAFETY: each (row, o) is written by exactly one chunk; out holds m*n floats (asserted).
-                    unsafe {
-                        let p = self.out.0.add((r0 + r) * n + o);
-                        *p = if self.accumulate { *p + v } else { v };
-                    }
+                    let v = ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+                    self.store(r0 + r, o, v);
                 }
             }
         }
@@ -217,9 +316,42 @@ unsafe impl Send for SendPtr {}
 mod tests {
     use super::*;
 
+    /// Every row count the kernels split differently (1 to 8 rows per tile, then a second tile), accumulating
+    /// with a scale, against the f32 product of the unpacked weights.
+    fn check_against_f32(p: &Packed, w: &[f32], rows: usize, cols: usize) {
+        for m in 1..=9 {
+            let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut got: Vec<f32> = (0..m * rows).map(|i| i as f32 * 0.01).collect();
+            let mut want = got.clone();
+            p.matmul_t(&x, m, cols, rows, &mut got, true, 0.5);
+            crate::model::linalg::matmul_t(&x, m, cols, w, rows, &mut want, true, 0.5);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "m = {m}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_values_pack_losslessly_and_multiply_like_f32() {
+        // Odd row count: the last parallel chunk is partial.
+        let (rows, cols) = (19, 96);
+        let mut w = Vec::new();
+        for b in 0..rows * cols / QK {
+            let d = f16_round(0.0021 * (b % 7 + 1) as f32);
+            // q = 127 somewhere in each block: the block's scale is then exactly d (as llama.cpp derives it).
+            for j in 0..QK {
+                let q = if j == b % QK { 127 } else { ((j * 37 + b * 11) % 255) as i32 - 127 };
+                w.push(q as f32 * d);
+            }
+        }
+        let p = Packed::try_pack(&w, cols).expect("packable");
+        assert!(matches!(p, Packed::Q8_0 { .. }));
+        check_against_f32(&p, &w, rows, cols);
+    }
+
     #[test]
     fn q4_1_values_pack_losslessly_and_multiply_like_f32() {
-        let (rows, cols) = (5, 64);
+        let (rows, cols) = (21, 64);
         let mut w = Vec::new();
         for b in 0..rows * cols / QK {
             let d = f16_round(0.013 * (b + 1) as f32);
@@ -230,14 +362,7 @@ mod tests {
         }
         let p = Packed::try_pack(&w, cols).expect("packable");
         assert!(matches!(p, Packed::Q4_1 { .. }));
-        let x: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut got = vec![0f32; 3 * rows];
-        p.matmul_t(&x, 3, cols, rows, &mut got, false, 1.0);
-        let mut want = vec![0f32; 3 * rows];
-        crate::model::linalg::matmul_t(&x, 3, cols, &w, rows, &mut want, false, 1.0);
-        for (a, b) in got.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
-        }
+        check_against_f32(&p, &w, rows, cols);
         // Arbitrary floats do not pack.
         let r: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.731).sin()).collect();
         assert!(Packed::try_pack(&r, cols).is_none());
