@@ -79,9 +79,10 @@ extern "C" __global__ void cage_tf_kv_store(const float* __restrict__ k, const f
   }
 }
 
-// Causal attention of token `row`, query head `head` over positions 0..pos[row] of its slot's cache (written
-// before this kernel, so prefill and decode are the same kernel: a prefill token simply sees fewer positions
-// than the last one). GQA: query head h reads kv head h / (heads / kv_heads). Output in bf16 for the o GEMM.
+// Causal attention of token `row`, query head `head` over positions 0..pos[row] of its slot's cache (only the
+// last `window` of them when window > 0). The cache is written before this kernel, so prefill and decode are
+// the same kernel: a prefill token simply sees fewer positions than the last one. GQA: query head h reads kv
+// head h / (heads / kv_heads). Output in bf16 for the o GEMM.
 //
 // Grid (tokens, heads), CAGE_TF_ATT_WARPS warps. Each warp takes every CAGE_TF_ATT_WARPS-th position with an
 // online softmax (running max m, sum s, weighted values acc); lane l holds dims l, l + 32, ...; the warps'
@@ -89,7 +90,7 @@ extern "C" __global__ void cage_tf_kv_store(const float* __restrict__ k, const f
 extern "C" __global__ void __launch_bounds__(32 * CAGE_TF_ATT_WARPS)
     cage_tf_attention(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
                       const int* __restrict__ slot, const int* __restrict__ pos, int heads, int kv_heads, int hd,
-                      int max_seq, float scale, unsigned short* __restrict__ out) {
+                      int max_seq, int window, float scale, unsigned short* __restrict__ out) {
   constexpr int PER_LANE = CAGE_TF_MAX_HD / 32;
   __shared__ float part_m[CAGE_TF_ATT_WARPS], part_s[CAGE_TF_ATT_WARPS];
   __shared__ float part_acc[CAGE_TF_ATT_WARPS][CAGE_TF_MAX_HD];
@@ -101,6 +102,8 @@ extern "C" __global__ void __launch_bounds__(32 * CAGE_TF_ATT_WARPS)
   const float* qv = q + (row * heads + head) * hd;
   const size_t base = (size_t)slot[row] * max_seq * kvd + (size_t)kvh * hd;
   const int n = pos[row] + 1;
+  // With a sliding window W > 0 a position sees itself and the W - 1 before it (kv > q - W, as transformers).
+  const int first = window > 0 && n > window ? n - window : 0;
 
   float qr[PER_LANE], acc[PER_LANE];
 #pragma unroll
@@ -110,7 +113,7 @@ extern "C" __global__ void __launch_bounds__(32 * CAGE_TF_ATT_WARPS)
     acc[j] = 0.0f;
   }
   float m = cage_neg_inf(), s = 0.0f;
-  for (int p = w; p < n; p += CAGE_TF_ATT_WARPS) {
+  for (int p = first + w; p < n; p += CAGE_TF_ATT_WARPS) {
     const float* kr = kc + base + (size_t)p * kvd;
     const float* vr = vc + base + (size_t)p * kvd;
     float dot = 0.0f;
@@ -140,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(32 * CAGE_TF_ATT_WARPS)
     if (d < hd) part_acc[w][d] = acc[j];
   }
   __syncthreads();
-  // Warp 0 always saw position 0, so mx is finite; warps that saw nothing have m = -inf and weigh 0.
+  // Warp 0 always saw position `first`, so mx is finite; warps that saw nothing have m = -inf and weigh 0.
   float mx = part_m[0];
   for (int i = 1; i < CAGE_TF_ATT_WARPS; i++) mx = fmaxf(mx, part_m[i]);
   float total = 0.0f;

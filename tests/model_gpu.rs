@@ -126,7 +126,9 @@ fn reference(m: &Model, ids: &[u32], adapter: Option<usize>) -> Vec<f32> {
         }
     };
     let mut x: Vec<f32> = ids.iter().flat_map(|&id| m.embed[id as usize * h..(id as usize + 1) * h].to_vec()).collect();
-    for l in &m.layers {
+    for (li, l) in m.layers.iter().enumerate() {
+        // A sliding window: position i sees positions i - W + 1 ..= i (transformers' kv > q - W).
+        let first = |i: usize| c.window(li).map_or(0, |w| (i + 1).saturating_sub(w));
         let xn = norm(&x, &l.ln1);
         let (mut q, mut k, vv) = (lin(&l.q, &xn), lin(&l.k, &xn), lin(&l.v, &xn));
         rope(&mut q, nh);
@@ -137,14 +139,14 @@ fn reference(m: &Model, ids: &[u32], adapter: Option<usize>) -> Vec<f32> {
                 let kvh = head / (nh / nkv);
                 let qv = &q[(i * nh + head) * hd..(i * nh + head + 1) * hd];
                 let kr = |p: usize| &k[(p * nkv + kvh) * hd..(p * nkv + kvh + 1) * hd];
-                let scores: Vec<f32> = (0..=i)
+                let scores: Vec<f32> = (first(i)..=i)
                     .map(|p| qv.iter().zip(kr(p)).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
                     .collect();
                 let mx = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
                 let sum: f32 = e.iter().sum();
                 for d in 0..hd {
-                    let o: f32 = (0..=i).map(|p| e[p] * vv[(p * nkv + kvh) * hd + d]).sum();
+                    let o: f32 = (first(i)..=i).map(|p| e[p - first(i)] * vv[(p * nkv + kvh) * hd + d]).sum();
                     att[(i * nh + head) * hd + d] = r16(o / sum);
                 }
             }
@@ -282,6 +284,19 @@ fn gpu_decoder_long_rows_and_llama3_rope_scaling() {
         let changed = plain.iter().zip(&scaled).filter(|(a, b)| a != b).count();
         assert!(changed > 0 && changed < plain.len(), "{changed} of {} frequencies scaled", plain.len());
         compare(m, gpu(), &format!("tiny-llama, llama3 rope scaling on {dev}"), [None; 4]);
+    });
+}
+
+#[test]
+fn gpu_decoder_sliding_windows() {
+    on_every_device("gpu_decoder_sliding_windows", |gpu, dev| {
+        // Mistral: a window of 4 on every layer; Qwen2: 3 on its second layer only. Rows of 9 and 13 tokens go
+        // well past both, through prefill and cached decode steps.
+        for name in ["tiny-mistral-window", "tiny-qwen2-window"] {
+            let m = load(name);
+            assert!(m.config.sliding_window.is_some(), "{name} has no window");
+            compare(m, gpu(), &format!("{name} on {dev}"), [None; 4]);
+        }
     });
 }
 

@@ -507,6 +507,7 @@ impl GpuDecoder {
         let layer_cache = (slots * self.max_seq * kvd * 4) as DevPtr;
         for (li, l) in layers.iter().enumerate() {
             let (kc, vc) = (self.kc + li as DevPtr * layer_cache, self.vc + li as DevPtr * layer_cache);
+            let window = c.window(li).map_or(0, |w| w.min(i32::MAX as usize) as i32);
             launch(
                 dev,
                 "cage_tf_rmsnorm",
@@ -563,6 +564,8 @@ impl GpuDecoder {
                     Arg::I32(nkv as i32),
                     Arg::I32(hd32),
                     Arg::I32(self.max_seq as i32),
+                    // Sliding window of this layer (0: full causal attention), transformers' semantics.
+                    Arg::I32(window),
                     Arg::F32(1.0 / (hd as f32).sqrt()),
                     Arg::Ptr(a.act),
                 ],
