@@ -8,8 +8,8 @@
 // patterns (unsigned short, see common.cuh).
 //
 // Token t of a call belongs to cache slot slot[t] at position pos[t]; the KV cache is flat
-// [layer][slot][position][kv_heads * head_dim] exactly as on the CPU, and the host passes each kernel the
-// layer's part. Every kernel loops over its extent (grid-stride or block-stride), so no size is baked in; the
+// [layer][slot][position][kv_heads * head_dim] (position-major, unlike the CPU's head-major cache), and the host
+// passes each kernel the layer's part. Every kernel loops over its extent (grid-stride or block-stride), so no size is baked in; the
 // one limit, head_dim <= CAGE_TF_MAX_HD in attention, is checked by the host with an error.
 
 #include "common.cuh"
