@@ -362,3 +362,43 @@ fn weights_of_a_row_must_match_the_principals() {
     let err = e.decode(&[RowRequest { prompt: "t3".into(), weights: vec![1.0] }], &opts, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("1 weights given for 3 principals"), "{err}");
 }
+
+/// `model_device: emulation` runs the forward passes through the GPU decoder (the kernels on the host
+/// emulation): the base method then reproduces the runtime's own greedy loop on that decoder, token for
+/// token, and every method decodes; an unknown device is refused by name.
+#[test]
+fn decoding_runs_on_the_gpu_decoder() {
+    let tok = tokenizer_dir();
+    let with_device = |method: &str, device: &str| {
+        let mut cfg = config(&tok, method, &[0.4, 0.3, 0.3], 0.5);
+        cfg.model_device = device.into();
+        cfg.max_new_tokens = 6;
+        cfg
+    };
+    let got = run(&with_device("base", "emulation"), &PROMPTS);
+    let m = Arc::new(Model::load(&root().join(LLAMA)).unwrap());
+    let mut dec = cage::model::gpu::GpuDecoder::new(cage::gpu::Gpu::emulated(), m, 1, 64, 64).unwrap();
+    for (r, p) in PROMPTS.iter().enumerate() {
+        let want = cage::model::greedy(&mut dec, &[&ids(p)[..]], &[None], 6, &[2]).unwrap().remove(0);
+        dec.reset(0);
+        assert_eq!(got[r].tokens, want, "row {r}: the engine on the GPU decoder differs from its greedy loop");
+    }
+    for m in [DecodeMethod::Cage, DecodeMethod::Genarm] {
+        let rs = run(&with_device(m.name(), "emulation"), &PROMPTS);
+        assert!(rs.iter().all(|r| !r.tokens.is_empty()), "{}: no tokens", m.name());
+    }
+    let mut cfg = with_device("base", "tpu");
+    let e = cfg.check().unwrap_err().to_string();
+    assert!(e.contains("tpu"), "{e}");
+    cfg.model_device = "cuda".into();
+    if cage::gpu::cuda_usable().is_err() {
+        let e = Engine::from_config(&cfg)
+            .and_then(|e| {
+                let opts = DecodeOptions::from_config(&cfg)?;
+                let rows = vec![RowRequest { prompt: PROMPTS[0].into(), weights: cfg.weights() }];
+                e.decode(&rows, &opts, &mut |_| {}).map(|_| ())
+            })
+            .unwrap_err();
+        assert!(matches!(e, cage::CageError::NoGpu(_)), "no GPU must be a NoGpu error, got {e}");
+    }
+}

@@ -438,6 +438,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         stop: vec![],
         prompt_format: "auto".into(),
         backend: "auto".into(),
+        model_device: "cpu".into(),
         batch_size: 8,
     }
 }

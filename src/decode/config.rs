@@ -120,6 +120,9 @@ fn default_batch() -> usize {
 fn default_auto() -> String {
     "auto".into()
 }
+fn default_cpu() -> String {
+    "cpu".into()
+}
 fn default_greedy() -> String {
     "greedy".into()
 }
@@ -169,6 +172,10 @@ pub struct RunConfig {
     /// Equilibrium backend: `cpu`, `cuda` or `auto`.
     #[serde(default = "default_auto")]
     pub backend: String,
+    /// Where the forward passes run: `cpu` (the default), `cuda` (bf16 weights, cuBLAS) or `emulation` (the
+    /// GPU code path on the host emulation: tiny models and tests only).
+    #[serde(default = "default_cpu")]
+    pub model_device: String,
     /// Prompts (rows) decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -229,6 +236,7 @@ impl RunConfig {
         }
         self.choice()?;
         self.backend.parse::<crate::gpu::Backend>()?;
+        self.model_device.parse::<crate::model::gpu::DecoderDevice>()?;
         if !["auto", "chat", "plain", "alpaca"].contains(&self.prompt_format.as_str()) {
             return bad(format!(
                 "unknown prompt_format {:?} (expected auto, chat, plain or alpaca)",

@@ -9,7 +9,8 @@ use crate::baselines::{ModDivergence, genarm, mod_policy};
 use crate::candidates::{Selection, select};
 use crate::error::{CageError, Result};
 use crate::gpu::{Backend, solve_with};
-use crate::model::{Adapter, CpuDecoder, Decoder, LogitsAt, Model, PromptFormat, Seq, Tokenizer};
+use crate::model::gpu::{DecoderDevice, new_decoder};
+use crate::model::{Adapter, Decoder, LogitsAt, Model, PromptFormat, Seq, Tokenizer};
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::sampling::{Choice, choose_row};
 use crate::solver::{Method, SolveOptions};
@@ -40,6 +41,8 @@ pub struct DecodeOptions {
     pub stop: Vec<String>,
     /// Equilibrium backend.
     pub backend: Backend,
+    /// Where the forward passes run.
+    pub model_device: DecoderDevice,
     /// Rows decoded together.
     pub batch_size: usize,
     /// Emit a [`StepDiag`] per row and step.
@@ -61,6 +64,7 @@ impl DecodeOptions {
             max_new_tokens: cfg.max_new_tokens,
             stop: cfg.stop.clone(),
             backend: cfg.backend.parse()?,
+            model_device: cfg.model_device.parse()?,
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,
@@ -425,21 +429,23 @@ impl Engine {
         }
         let longest = pending.iter().flatten().map(Vec::len).max().unwrap_or(1);
         let prefill_cap = longest.max(1024);
-        let mut decoders: Vec<Option<CpuDecoder>> = (0..nm)
+        let mut decoders: Vec<Option<Box<dyn Decoder>>> = (0..nm)
             .map(|m| {
                 let ns = on_model[m].len();
-                (ns > 0).then(|| {
-                    let total: usize =
-                        pending.iter().map(|p| on_model[m].iter().map(|&s| p[s].len()).sum::<usize>()).sum();
-                    CpuDecoder::new(
-                        self.models[m].1.clone(),
-                        b * ns,
-                        longest + opts.max_new_tokens + 1,
-                        total.min(prefill_cap).max(b * ns),
-                    )
-                })
+                if ns == 0 {
+                    return Ok(None);
+                }
+                let total: usize = pending.iter().map(|p| on_model[m].iter().map(|&s| p[s].len()).sum::<usize>()).sum();
+                new_decoder(
+                    opts.model_device,
+                    self.models[m].1.clone(),
+                    b * ns,
+                    longest + opts.max_new_tokens + 1,
+                    total.min(prefill_cap).max(b * ns),
+                )
+                .map(Some)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let vocab: Vec<usize> = self.models.iter().map(|(_, m)| m.config.vocab_size).collect();
         let selection = if opts.k == 0 { Selection::All } else { Selection::TopK(opts.k) };
         let (mut generated, mut texts, mut emitted) = (vec![vec![]; b], vec![String::new(); b], vec![0usize; b]);
