@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the GPU test and bench binaries here (the GPU machine has no Rust toolchain) and bundles them into the
 # git-ignored gpu-bundle/ with a runner. Pass gpu-bundle in the device tool's `carry`, then run there
-#   bash gpu-bundle/run.sh            # GPU tests (kernels, forward pass), cage bench solver / forward,
-#                                     # criterion kernel benches, PyTorch peer
+#   bash gpu-bundle/run.sh            # GPU tests (kernels, forward pass), compute-sanitizer (memcheck,
+#                                     # racecheck), cage bench solver / forward, criterion benches, PyTorch peer
+#   bash gpu-bundle/run.sh --quick    # the GPU tests and cage bench only
 # from the repository root. Results go to $OUT (or gpu-bundle/results) and name the card they ran on.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,6 +59,22 @@ status=0
 # The GPU forward pass on the tiny fixture (a smoke test of the bench wiring; real models are not carried).
 "$here/cage" bench forward --model tests/fixtures/tiny-llama 2>&1 | tee "$out/bench_forward_tiny.txt" || status=1
 if [[ "${1:-}" != "--quick" ]]; then
+  # compute-sanitizer on the GPU tests: memcheck over all of them, racecheck (slow) over the kernels with
+  # shared-memory exchanges (equilibrium incl. the cluster split, top-k, the decoding step, attention).
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/gpu_kernels" --test-threads=1 2>&1 |
+      tee "$out/sanitizer_memcheck_kernels.txt" || status=1
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/model_gpu" --test-threads=1 2>&1 |
+      tee "$out/sanitizer_memcheck_model.txt" || status=1
+    for t in gpu_equilibrium_cluster_split gpu_equilibrium_matches_reference gpu_candidates gpu_choose; do
+      compute-sanitizer --tool racecheck --error-exitcode 9 "$here/tests/gpu_kernels" --test-threads=1 "$t" 2>&1 |
+        tee -a "$out/sanitizer_racecheck.txt" || status=1
+    done
+    compute-sanitizer --tool racecheck --error-exitcode 9 "$here/tests/model_gpu" --test-threads=1 \
+      gpu_decoder_matches_cpu_tiny_llama 2>&1 | tee -a "$out/sanitizer_racecheck.txt" || status=1
+  else
+    echo "compute-sanitizer not found: sanitizer runs skipped" | tee "$out/sanitizer_skipped.txt"
+  fi
   "$here/benches/kernels" --bench --noplot 2>&1 | tee "$out/bench_kernels.txt" || status=1
   python3 "$here/torch_peer.py" 2>&1 | tee "$out/torch_peer.txt" || status=1
 fi
