@@ -170,7 +170,7 @@ impl ForwardState {
 }
 
 /// Token counts up to which packed weights are used; above it the f32 GEMM is faster (compute bound).
-const PACKED_MAX_M: usize = 8;
+const PACKED_MAX_M: usize = 32;
 
 /// Contiguous tokens of one sequence.
 #[derive(Clone, Copy)]
