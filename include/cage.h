@@ -196,6 +196,35 @@ CageStatus cage_solve_device_f32(CageSolver *solver,
                                  float *d_stats,
                                  void *stream);
 
+// One decoding step on logits that are already on the GPU, copying back only the tokens: top-k candidates of
+// the base logits, each principal's value q = log pi_ARM - log pi_ref at them (`shift_min`, then the weight),
+// the exact equilibrium at the solver's tau (or `tau`, B per-row values on the host, where not NULL), and the
+// token choice (`choice`: a `CageChoice`; sampled draws keyed by (seed, row, step)). `d_logits` is B x V,
+// `d_arm` B x J x V and `d_reference` B x V, all f32 device memory of the solver's GPU (unused when J = 0);
+// `weights` B x J on the host. Writes B token ids to `tokens` and, where not NULL, B flags (1: the row's
+// equilibrium converged) to `converged`. Runs on the solver's own stream: the stream that produced the logits
+// must be synchronised first. Returns after the tokens are on the host. A row with NaN logits is an error that
+// names it. J must be 0..8 and 1 <= k <= min(1024, V).
+//
+// # Safety
+// The device pointers must hold the stated number of floats on the solver's device; `weights`, `tau`,
+// `tokens` and `converged` the stated lengths on the host.
+CageStatus cage_decode_step_device_f32(CageSolver *solver,
+                                       size_t rows,
+                                       size_t vocab,
+                                       size_t principals,
+                                       size_t k,
+                                       const float *d_logits,
+                                       const float *d_arm,
+                                       const float *d_reference,
+                                       const float *weights,
+                                       const float *tau,
+                                       int32_t choice,
+                                       uint64_t seed,
+                                       uint32_t step,
+                                       uint32_t *tokens,
+                                       uint8_t *converged);
+
 // Chooses one token per row of a B x N policy: greedy, or sampled with Philox keyed by (seed, row, step),
 // the same draws as the CUDA kernel. Writes the candidate index of each row to `tokens` (B values).
 //

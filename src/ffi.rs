@@ -485,6 +485,25 @@ pub unsafe extern "C" fn cage_solve_f64(
     }
 }
 
+/// The solver's device, opened on first use: device pointers need a solver with backend CUDA or AUTO (or the
+/// emulation, for tests).
+fn solver_gpu(s: &mut CageSolver) -> Result<&mut crate::gpu::Gpu, (CageStatus, String)> {
+    if s.gpu.is_none() {
+        let gpu = match (s.options.emulated, s.options.backend) {
+            (true, _) => crate::gpu::Gpu::emulated(),
+            (false, Backend::Cpu) => {
+                return Err((
+                    CageStatus::CageErrInvalid,
+                    "device pointers need a solver with backend CUDA or AUTO (this one is CPU)".into(),
+                ));
+            }
+            (false, _) => crate::gpu::Gpu::cuda(0).map_err(err)?,
+        };
+        s.gpu = Some(gpu);
+    }
+    s.gpu.as_mut().ok_or_else(|| (CageStatus::CageErrInternal, "no device".into()))
+}
+
 /// Solves a batch whose buffers are already on the GPU, on the caller's CUDA stream, copying nothing: the exact
 /// method only, f32. `d_values` B x J x N are the game values v >= 0 with the preprocessing and weights already
 /// applied (v = (q - min q) w for shift_min), `d_tau` B per-row temperatures, `d_base_logprobs` B x N. Writes
@@ -530,19 +549,6 @@ pub unsafe extern "C" fn cage_solve_device_f32(
         if s.options.method != Method::Exact {
             return Err((CageStatus::CageErrInvalid, "the device entry point runs the exact method only".into()));
         }
-        if s.gpu.is_none() {
-            let gpu = match (s.options.emulated, s.options.backend) {
-                (true, _) => crate::gpu::Gpu::emulated(),
-                (false, Backend::Cpu) => {
-                    return Err((
-                        CageStatus::CageErrInvalid,
-                        "device pointers need a solver with backend CUDA or AUTO (this one is CPU)".into(),
-                    ));
-                }
-                (false, _) => crate::gpu::Gpu::cuda(0).map_err(err)?,
-            };
-            s.gpu = Some(gpu);
-        }
         let mut opts = crate::gpu::EqOptions::default();
         if s.options.tol > 0.0 {
             opts.tol = s.options.tol;
@@ -562,9 +568,96 @@ pub unsafe extern "C" fn cage_solve_device_f32(
             stats: d_stats as u64,
             stream: stream as usize,
         };
-        let gpu = s.gpu.as_mut().ok_or_else(|| (CageStatus::CageErrInternal, "no device".into()))?;
+        let gpu = solver_gpu(s)?;
         // SAFETY: the caller promises device buffers of the documented sizes on this device's context.
         unsafe { gpu.equilibrium_device(&job, &opts) }.map_err(err)
+    })
+}
+
+/// One decoding step on logits that are already on the GPU, copying back only the tokens: top-k candidates of
+/// the base logits, each principal's value q = log pi_ARM - log pi_ref at them (`shift_min`, then the weight),
+/// the exact equilibrium at the solver's tau (or `tau`, B per-row values on the host, where not NULL), and the
+/// token choice (`choice`: a `CageChoice`; sampled draws keyed by (seed, row, step)). `d_logits` is B x V,
+/// `d_arm` B x J x V and `d_reference` B x V, all f32 device memory of the solver's GPU (unused when J = 0);
+/// `weights` B x J on the host. Writes B token ids to `tokens` and, where not NULL, B flags (1: the row's
+/// equilibrium converged) to `converged`. Runs on the solver's own stream: the stream that produced the logits
+/// must be synchronised first. Returns after the tokens are on the host. A row with NaN logits is an error that
+/// names it. J must be 0..8 and 1 <= k <= min(1024, V).
+///
+/// # Safety
+/// The device pointers must hold the stated number of floats on the solver's device; `weights`, `tau`,
+/// `tokens` and `converged` the stated lengths on the host.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cage_decode_step_device_f32(
+    solver: *mut CageSolver,
+    rows: usize,
+    vocab: usize,
+    principals: usize,
+    k: usize,
+    d_logits: *const f32,
+    d_arm: *const f32,
+    d_reference: *const f32,
+    weights: *const f32,
+    tau: *const f32,
+    choice: i32,
+    seed: u64,
+    step: u32,
+    tokens: *mut u32,
+    converged: *mut u8,
+) -> CageStatus {
+    guard(|| {
+        if solver.is_null() {
+            return Err(null("solver"));
+        }
+        // SAFETY: non-null pointer from cage_solver_create, used by one thread at a time (documented).
+        let s = unsafe { &mut *solver };
+        // Checks B, V > 0 and that B x J x V fits.
+        let (_, _, bj) = sizes(rows, vocab, principals)?;
+        let w: &[f32] = if principals == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller promises B x J floats.
+            unsafe { input(weights, bj, "weights") }?
+        };
+        let taus: Vec<f32> = if tau.is_null() {
+            vec![s.options.tau as f32; rows]
+        } else {
+            // SAFETY: the caller promises B floats.
+            unsafe { input(tau, rows, "tau") }?.to_vec()
+        };
+        let choice = match choice {
+            0 => crate::gpu::Choice::Greedy,
+            1 => crate::gpu::Choice::Gumbel,
+            2 => crate::gpu::Choice::Race,
+            c => return Err((CageStatus::CageErrInvalid, format!("unknown token choice {c}"))),
+        };
+        // SAFETY: the caller promises B writable values.
+        let t = unsafe { output(tokens, rows) }.ok_or_else(|| null("tokens"))?;
+        let gpu = solver_gpu(s)?;
+        let req = crate::gpu::DeviceStep {
+            rows,
+            vocab,
+            principals,
+            k,
+            logits: d_logits as u64,
+            arm: d_arm as u64,
+            reference: d_reference as u64,
+            weights: w,
+            tau: &taus,
+            choice,
+            seed,
+            step,
+        };
+        // SAFETY: the caller promises device buffers of the documented sizes on this device.
+        let out = unsafe { gpu.decode_step_device(&req) }.map_err(err)?;
+        t.copy_from_slice(&out.tokens);
+        // SAFETY: as above, where given.
+        if let Some(c) = unsafe { output(converged, rows) } {
+            for (c, &ok) in c.iter_mut().zip(&out.converged) {
+                *c = u8::from(ok);
+            }
+        }
+        Ok(())
     })
 }
 

@@ -149,3 +149,117 @@ fn device_pointers_need_a_gpu_backend() {
         unsafe { cage_solver_destroy(s) };
     }
 }
+
+/// The decoding step on device logits through the C ABI (emulation: device pointers are host pointers): the
+/// greedy token of each row is a most likely candidate of the game the CPU builds and solves from the same
+/// logits (top-k, q = log pi_ARM - log pi_ref with shift_min and the weights, the exact equilibrium); bad
+/// arguments are errors.
+#[test]
+fn device_decode_step_matches_the_cpu_game() {
+    let (rows, v, j, k) = (2usize, 300usize, 2usize, 16usize);
+    let mut seed = 777u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as f64 / (1u64 << 31) as f64) as f32
+    };
+    let logits: Vec<f32> = (0..rows * v).map(|_| 8.0 * next() - 4.0).collect();
+    let arm: Vec<f32> = (0..rows * j * v).map(|_| 8.0 * next() - 4.0).collect();
+    let reference: Vec<f32> = (0..rows * v).map(|_| 8.0 * next() - 4.0).collect();
+    let weights = vec![0.7f32, 0.3, 1.0, 2.0];
+    let tau = vec![0.2f32, 0.5];
+    let (st, s) = solver(CageBackend::CageBackendEmulated);
+    assert_eq!(st, CageStatus::CageOk);
+    let (mut tokens, mut converged) = (vec![u32::MAX; rows], vec![0u8; rows]);
+    let call = |choice: i32, tokens: *mut u32, converged: *mut u8| {
+        // SAFETY: host buffers of the documented lengths stand for device memory under the emulation.
+        unsafe {
+            cage_decode_step_device_f32(
+                s,
+                rows,
+                v,
+                j,
+                k,
+                logits.as_ptr(),
+                arm.as_ptr(),
+                reference.as_ptr(),
+                weights.as_ptr(),
+                tau.as_ptr(),
+                choice,
+                1,
+                0,
+                tokens,
+                converged,
+            )
+        }
+    };
+    assert_eq!(
+        call(CageChoice::CageChoiceGreedy as i32, tokens.as_mut_ptr(), converged.as_mut_ptr()),
+        CageStatus::CageOk
+    );
+    assert_eq!(converged, vec![1, 1]);
+    // The CPU's game from the same logits.
+    let lse = |x: &[f32]| cage::softmax::logsumexp(x) as f32;
+    let (mut base, mut values, mut ids) = (vec![], vec![0f32; rows * j * k], vec![]);
+    for r in 0..rows {
+        let row = &logits[r * v..(r + 1) * v];
+        let sel = cage::candidates::select(row, cage::candidates::Selection::TopK(k)).unwrap();
+        let rf = &reference[r * v..(r + 1) * v];
+        for p in 0..j {
+            let a = &arm[(r * j + p) * v..(r * j + p + 1) * v];
+            for (c, &id) in sel.ids.iter().enumerate() {
+                values[(r * j + p) * k + c] = (a[id as usize] - lse(a)) - (rf[id as usize] - lse(rf));
+            }
+        }
+        base.extend_from_slice(&sel.base_logprobs);
+        ids.extend_from_slice(&sel.ids);
+    }
+    let batch = Batch::new(BatchInput {
+        rows,
+        candidates: k,
+        principals: j,
+        base_logprobs: base,
+        values,
+        weights: weights.clone(),
+        tau: tau.clone(),
+        normalize: Normalize::ShiftMin,
+        names: vec![],
+    })
+    .unwrap();
+    let sol = solve(&batch, &SolveOptions::new(Method::Exact)).unwrap();
+    for r in 0..rows {
+        let pi = sol.policy_row(r);
+        let best = pi.iter().cloned().fold(0.0f32, f32::max);
+        let c = ids[r * k..(r + 1) * k].iter().position(|&t| t == tokens[r]).expect("a candidate");
+        assert!(pi[c] >= best - 1e-4, "row {r}: token {} has pi {} < {best}", tokens[r], pi[c]);
+    }
+    // Bad arguments: an unknown choice, no token buffer.
+    assert_eq!(call(7, tokens.as_mut_ptr(), null_mut()), CageStatus::CageErrInvalid);
+    assert_ne!(call(0, null_mut(), null_mut()), CageStatus::CageOk);
+    // SAFETY: a solver from cage_solver_create.
+    unsafe { cage_solver_destroy(s) };
+    // A CPU solver has no device.
+    let (_, cpu) = solver(CageBackend::CageBackendCpu);
+    // SAFETY: the call is refused before any pointer is read.
+    let st = unsafe {
+        cage_decode_step_device_f32(
+            cpu,
+            1,
+            v,
+            0,
+            k,
+            logits.as_ptr(),
+            null(),
+            null(),
+            null(),
+            null(),
+            0,
+            0,
+            0,
+            tokens.as_mut_ptr(),
+            null_mut(),
+        )
+    };
+    assert_eq!(st, CageStatus::CageErrInvalid);
+    // SAFETY: as above.
+    unsafe { cage_solver_destroy(cpu) };
+}
