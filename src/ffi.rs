@@ -626,9 +626,9 @@ pub unsafe extern "C" fn cage_decode_step_device_f32(
             unsafe { input(tau, rows, "tau") }?.to_vec()
         };
         let choice = match choice {
-            0 => crate::gpu::Choice::Greedy,
-            1 => crate::gpu::Choice::Gumbel,
-            2 => crate::gpu::Choice::Race,
+            0 => Choice::Greedy,
+            1 => Choice::Gumbel,
+            2 => Choice::Race,
             c => return Err((CageStatus::CageErrInvalid, format!("unknown token choice {c}"))),
         };
         // SAFETY: the caller promises B writable values.

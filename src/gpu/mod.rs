@@ -192,24 +192,15 @@ pub struct Candidates {
     pub lse: Vec<f32>,
 }
 
-/// How [`Gpu::choose`] picks the token from the final policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Choice {
-    /// argmax pi (ties: lowest candidate index).
-    Greedy,
-    /// Sample by Gumbel-max with Philox draws keyed by (seed, row, step).
-    Gumbel,
-    /// Sample by exponential race with the same draws (the same token as Gumbel up to rounding).
-    Race,
-}
+/// How [`Gpu::choose`] picks the token from the final policy: the CPU's choices, with the same draws.
+pub use crate::sampling::Choice;
 
-impl Choice {
-    fn code(self) -> i32 {
-        match self {
-            Choice::Greedy => 0,
-            Choice::Gumbel => 1,
-            Choice::Race => 2,
-        }
+/// The mode code of kernels/choose.cu (CHOOSE_GREEDY, CHOOSE_GUMBEL, CHOOSE_RACE).
+fn choice_code(c: Choice) -> i32 {
+    match c {
+        Choice::Greedy => 0,
+        Choice::Gumbel => 1,
+        Choice::Race => 2,
     }
 }
 
@@ -904,7 +895,7 @@ impl Gpu {
             None => 0,
         };
         let mut tok = self.buffer("choose.tokens", rows * 4)?;
-        let (mut n32, mut code, mut seed, mut step) = (n as i32, mode.code(), seed, step);
+        let (mut n32, mut code, mut seed, mut step) = (n as i32, choice_code(mode), seed, step);
         let mut params = [
             as_param(&mut p),
             as_param(&mut n32),

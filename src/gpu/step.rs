@@ -6,7 +6,9 @@
 //! equilibrium ([`Gpu::equilibrium`]) and the token choice ([`Gpu::choose`]).
 
 use super::device::DevPtr;
-use super::{Choice, EqJob, EqOptions, Gpu, MAX_PRINCIPALS, MAX_TOP_K, ValueType, as_param, bad, check_i32};
+use super::{
+    Choice, EqJob, EqOptions, Gpu, MAX_PRINCIPALS, MAX_TOP_K, ValueType, as_param, bad, check_i32, choice_code,
+};
 use crate::error::{CageError, Result};
 
 /// Inputs of [`Gpu::decode_step_device`]: device buffers of f32 logits and the small per-row parameters.
@@ -158,7 +160,7 @@ impl Gpu {
 
         // The token.
         let mut tok = self.buffer("step.tokens", b * 4)?;
-        let (mut pi, mut code, mut seed, mut step) = (job.pi, s.choice.code(), s.seed, s.step);
+        let (mut pi, mut code, mut seed, mut step) = (job.pi, choice_code(s.choice), s.seed, s.step);
         let mut p = [
             as_param(&mut pi),
             as_param(&mut k32),
