@@ -1,7 +1,7 @@
 //! The paper's Algorithm 1 (nonlinear Jacobi): every round, each principal best-responds to the others'
 //! incentives of the previous round by maximising its own payoff f_j(y_j) = pi(Y) . (v_j - y_j) over the box
 //! 0 <= y_j <= v_j, with the analytic gradient
-//!   d f_j / d y_j[a] = pi_a ((v_j[a] - y_j[a] - f_j) / tau - 1).
+//! `d f_j / d y_j[a] = pi_a ((v_j[a] - y_j[a] - f_j) / tau - 1)`.
 //! It never uses the threshold form of the exact solver, which makes it the independent check of `exact`.
 //!
 //! Two inner optimisers:

@@ -2,8 +2,9 @@
 //! short and obviously right rather than fast. Every faster solver (CPU or GPU) is tested against it.
 //!
 //! Unknowns are the payoffs u_j. With c_j = u_j + tau:
-//!   y_j = max(0, v_j - c_j),  pi = softmax(log pi0 + sum_j y_j / tau),  T(u)_j = sum_a pi_a min(v_j[a], c_j),
-//! and u <- (1 - eta) u + eta T(u) from u_j = max_a v_j[a] (nobody pays) until max_j |T(u)_j - u_j| <= tol.
+//! `y_j = max(0, v_j - c_j)`, `pi = softmax(log pi0 + sum_j y_j / tau)`, `T(u)_j = sum_a pi_a min(v_j[a], c_j)`,
+//! and `u <- (1 - eta) u + eta T(u)` from `u_j = max_a v_j[a]` (nobody pays) until
+//! `max_j |T(u)_j - u_j| <= tol`.
 
 use crate::problem::{Batch, Row};
 use crate::solution::Solution;
@@ -34,7 +35,7 @@ pub fn value_scale(row: &Row<'_, f64>) -> f64 {
     row.values.iter().cloned().fold(row.tau, f64::max)
 }
 
-/// The specification's starting point: u_j = max_a v_j[a] (nobody pays).
+/// The specification's starting point: `u_j = max_a v_j[a]` (nobody pays).
 pub fn start(row: &Row<'_, f64>) -> Vec<f64> {
     (0..row.principals).map(|j| row.value(j).iter().cloned().fold(0.0, f64::max)).collect()
 }
