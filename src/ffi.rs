@@ -485,6 +485,16 @@ pub unsafe extern "C" fn cage_solve_f64(
     }
 }
 
+/// A `CageChoice` value from C; out-of-range values are errors.
+fn choice_of(code: i32) -> Result<Choice, (CageStatus, String)> {
+    match code {
+        0 => Ok(Choice::Greedy),
+        1 => Ok(Choice::Gumbel),
+        2 => Ok(Choice::Race),
+        c => Err((CageStatus::CageErrInvalid, format!("unknown token choice {c}"))),
+    }
+}
+
 /// The solver's device, opened on first use: device pointers need a solver with backend CUDA or AUTO (or the
 /// emulation, for tests).
 fn solver_gpu(s: &mut CageSolver) -> Result<&mut crate::gpu::Gpu, (CageStatus, String)> {
@@ -625,12 +635,7 @@ pub unsafe extern "C" fn cage_decode_step_device_f32(
             // SAFETY: the caller promises B floats.
             unsafe { input(tau, rows, "tau") }?.to_vec()
         };
-        let choice = match choice {
-            0 => Choice::Greedy,
-            1 => Choice::Gumbel,
-            2 => Choice::Race,
-            c => return Err((CageStatus::CageErrInvalid, format!("unknown token choice {c}"))),
-        };
+        let choice = choice_of(choice)?;
         // SAFETY: the caller promises B writable values.
         let t = unsafe { output(tokens, rows) }.ok_or_else(|| null("tokens"))?;
         let gpu = solver_gpu(s)?;
@@ -681,12 +686,7 @@ pub unsafe extern "C" fn cage_choose_tokens(
         // SAFETY: the caller promises the documented lengths.
         let pi = unsafe { input(policy, bn, "policy") }?;
         let out = unsafe { output(tokens, rows) }.ok_or_else(|| null("tokens"))?;
-        let choice = match choice {
-            0 => Choice::Greedy,
-            1 => Choice::Gumbel,
-            2 => Choice::Race,
-            c => return Err((CageStatus::CageErrInvalid, format!("unknown token choice {c}"))),
-        };
+        let choice = choice_of(choice)?;
         for (r, t) in out.iter_mut().enumerate() {
             let row = &pi[r * candidates..(r + 1) * candidates];
             *t = choose_row(row, choice, seed, r as u32, step).map_err(err)? as u32;

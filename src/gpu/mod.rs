@@ -886,28 +886,17 @@ impl Gpu {
                 return Err(CageError::EmptyCandidates { row: r });
             }
         }
-        let mut p = self.put("choose.pi", pi)?;
-        let mut idp: DevPtr = match ids {
+        let p = self.put("choose.pi", pi)?;
+        let idp: DevPtr = match ids {
             Some(ids) if ids.len() != rows * n => {
                 return Err(CageError::Shape { what: "candidate ids".into(), expected: rows * n, got: ids.len() });
             }
             Some(ids) => self.put("choose.ids", ids)?,
             None => 0,
         };
-        let mut tok = self.buffer("choose.tokens", rows * 4)?;
-        let (mut n32, mut code, mut seed, mut step) = (n as i32, choice_code(mode), seed, step);
-        let mut params = [
-            as_param(&mut p),
-            as_param(&mut n32),
-            as_param(&mut idp),
-            as_param(&mut code),
-            as_param(&mut seed),
-            as_param(&mut step),
-            as_param(&mut tok),
-        ];
-        let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
-        // SAFETY: matches cage_choose in kernels/choose.cu; buffers sized above.
-        unsafe { self.dev.launch("cage_choose", [rows as u32, 1, 1], [threads, 1, 1], 0, &mut params)? };
+        let tok = self.buffer("choose.tokens", rows * 4)?;
+        // SAFETY: buffers sized above on this device.
+        unsafe { self.launch_choose(p, rows, n, idp, mode, seed, step, tok)? };
         self.get(tok, rows)
     }
 
@@ -958,34 +947,17 @@ impl Gpu {
         if let Some(&id) = cands.ids.iter().find(|&&id| id as usize >= v) {
             return Err(bad(format!("token id {id} is outside a vocabulary of {v}")));
         }
-        let mut a = self.buffer("val.arm", arm.len() * 4)?;
+        let a = self.buffer("val.arm", arm.len() * 4)?;
         self.dev.upload(a, arm.bytes())?;
-        let mut rf = self.buffer("val.ref", reference.len() * 4)?;
+        let rf = self.buffer("val.ref", reference.len() * 4)?;
         self.dev.upload(rf, reference.bytes())?;
-        let mut idp = self.put("val.ids", &cands.ids)?;
-        let mut bp = self.put("val.base", base)?;
-        let mut wp = self.put("val.weights", weights)?;
-        let mut out = self.buffer("val.out", b * j * k * 4)?;
-        let (mut j32, mut v32, mut k32) = (j as i32, v as i32, k as i32);
-        let mut rs = i32::from(!shared_ref);
-        let mut shift = i32::from(normalize == Normalize::ShiftMin);
-        let mut params = [
-            as_param(&mut a),
-            as_param(&mut rf),
-            as_param(&mut rs),
-            as_param(&mut j32),
-            as_param(&mut v32),
-            as_param(&mut idp),
-            as_param(&mut k32),
-            as_param(&mut bp),
-            as_param(&mut wp),
-            as_param(&mut shift),
-            as_param(&mut out),
-        ];
-        let threads = v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
-        let name = format!("cage_values_{}", arm.tag());
-        // SAFETY: matches kernels/values.cu; buffers sized above.
-        unsafe { self.dev.launch(&name, [(b * j) as u32, 1, 1], [threads, 1, 1], 0, &mut params)? };
+        let idp = self.put("val.ids", &cands.ids)?;
+        let bp = self.put("val.base", base)?;
+        let wp = self.put("val.weights", weights)?;
+        let out = self.buffer("val.out", b * j * k * 4)?;
+        let shift = normalize == Normalize::ShiftMin;
+        // SAFETY: buffers sized above on this device.
+        unsafe { self.launch_values(arm.tag(), a, rf, !shared_ref, b, j, v, idp, k, bp, wp, shift, out)? };
         let vals: Vec<f32> = self.get(out, b * j * k)?;
         // -inf ARM logits at a candidate make q infinite: the game needs finite values.
         if let Some((i, x)) = vals.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -1013,6 +985,85 @@ impl Gpu {
             }
         }
         Ok(vals)
+    }
+}
+
+impl Gpu {
+    /// Launches `cage_values_{tag}` (kernels/values.cu) on device buffers: B x J x V ARM logits `arm`, reference
+    /// logits `reference` (B x J x V when `ref_per_principal`, else B x V), B x k candidate `ids` and `base` log
+    /// pi0, B x J `weights`; writes B x J x k values to `out`.
+    ///
+    /// # Safety
+    /// Every pointer must be device memory of this `Gpu` holding the stated number of elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_values(
+        &mut self,
+        tag: &str,
+        mut arm: DevPtr,
+        mut reference: DevPtr,
+        ref_per_principal: bool,
+        rows: usize,
+        j: usize,
+        v: usize,
+        mut ids: DevPtr,
+        k: usize,
+        mut base: DevPtr,
+        mut weights: DevPtr,
+        shift_min: bool,
+        mut out: DevPtr,
+    ) -> Result<()> {
+        let (mut j32, mut v32, mut k32) = (j as i32, v as i32, k as i32);
+        let (mut rs, mut shift) = (i32::from(ref_per_principal), i32::from(shift_min));
+        let mut params = [
+            as_param(&mut arm),
+            as_param(&mut reference),
+            as_param(&mut rs),
+            as_param(&mut j32),
+            as_param(&mut v32),
+            as_param(&mut ids),
+            as_param(&mut k32),
+            as_param(&mut base),
+            as_param(&mut weights),
+            as_param(&mut shift),
+            as_param(&mut out),
+        ];
+        let threads = v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
+        // SAFETY: the list matches VALUES_PARAMS in kernels/values.cu; the caller vouches for the buffers.
+        unsafe {
+            self.dev.launch(&format!("cage_values_{tag}"), [(rows * j) as u32, 1, 1], [threads, 1, 1], 0, &mut params)
+        }
+    }
+
+    /// Launches `cage_choose` (kernels/choose.cu): one token per row of the B x n policy `pi` into `tokens`,
+    /// as candidate `ids` (B x n) or, with `ids` = 0, as candidate indices.
+    ///
+    /// # Safety
+    /// Every non-zero pointer must be device memory of this `Gpu` holding the stated number of elements.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_choose(
+        &mut self,
+        mut pi: DevPtr,
+        rows: usize,
+        n: usize,
+        mut ids: DevPtr,
+        mode: Choice,
+        mut seed: u64,
+        mut step: u32,
+        mut tokens: DevPtr,
+    ) -> Result<()> {
+        let (mut n32, mut code) = (n as i32, choice_code(mode));
+        let mut params = [
+            as_param(&mut pi),
+            as_param(&mut n32),
+            as_param(&mut ids),
+            as_param(&mut code),
+            as_param(&mut seed),
+            as_param(&mut step),
+            as_param(&mut tokens),
+        ];
+        let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
+        // SAFETY: the list matches cage_choose in kernels/choose.cu; the caller vouches for the buffers.
+        unsafe { self.dev.launch("cage_choose", [rows as u32, 1, 1], [threads, 1, 1], 0, &mut params) }
     }
 }
 

@@ -6,9 +6,7 @@
 //! equilibrium ([`Gpu::equilibrium`]) and the token choice ([`Gpu::choose`]).
 
 use super::device::DevPtr;
-use super::{
-    Choice, EqJob, EqOptions, Gpu, MAX_PRINCIPALS, MAX_TOP_K, ValueType, as_param, bad, check_i32, choice_code,
-};
+use super::{Choice, EqJob, EqOptions, Gpu, MAX_PRINCIPALS, ValueType, bad, check_i32};
 use crate::error::{CageError, Result};
 
 /// Inputs of [`Gpu::decode_step_device`]: device buffers of f32 logits and the small per-row parameters.
@@ -20,7 +18,7 @@ pub struct DeviceStep<'a> {
     pub vocab: usize,
     /// J principals (0 to [`MAX_PRINCIPALS`]).
     pub principals: usize,
-    /// Candidates per row (1 to [`MAX_TOP_K`] and at most V).
+    /// Candidates per row (1 to [`MAX_TOP_K`](super::MAX_TOP_K) and at most V).
     pub k: usize,
     /// B x V base-model logits (f32, device).
     pub logits: DevPtr,
@@ -64,17 +62,11 @@ impl Gpu {
     /// memory of this `Gpu`'s device, unchanged until the call returns (it waits for the kernels).
     pub unsafe fn decode_step_device(&mut self, s: &DeviceStep<'_>) -> Result<StepOutput> {
         let (b, v, j, k) = (s.rows, s.vocab, s.principals, s.k);
-        if b == 0 || v == 0 {
-            return Err(bad(format!("a decoding step needs rows ({b}) and a vocabulary ({v}) > 0")));
-        }
-        if !(1..=MAX_TOP_K.min(v)).contains(&k) {
-            return Err(bad(format!("top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {v}), got {k}")));
-        }
+        // Rows, vocabulary, k and the logits pointer are checked by prepare_candidates_device, before any launch.
         if j > MAX_PRINCIPALS {
             return Err(bad(format!("the CUDA equilibrium supports up to {MAX_PRINCIPALS} principals, got {j}")));
         }
-        check_i32("vocabulary", v)?;
-        check_i32("rows", b * j.max(1))?;
+        check_i32("rows x principals", b.saturating_mul(j.max(1)))?;
         if s.weights.len() != b * j {
             return Err(CageError::Shape { what: "weights".into(), expected: b * j, got: s.weights.len() });
         }
@@ -87,52 +79,28 @@ impl Gpu {
         if let Some(&t) = s.tau.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
             return Err(CageError::BadTau(t as f64));
         }
-        for (what, p) in [("logits", s.logits), ("ARM logits", s.arm), ("reference logits", s.reference)] {
-            if p == 0 && (what == "logits" || j > 0) {
+        for (what, p) in [("ARM logits", s.arm), ("reference logits", s.reference)] {
+            if p == 0 && j > 0 {
                 return Err(bad(format!("device pointer to the {what} is null")));
             }
         }
 
         // Candidates: ids and log pi0.
-        let mut ids = self.buffer("step.ids", b * k * 4)?;
-        let mut logp = self.buffer("step.logp", b * k * 4)?;
-        let mut lse = self.buffer("step.lse", b * 4)?;
-        let (mut x, mut v32, mut k32) = (s.logits, v as i32, k as i32);
-        let threads = v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
-        let mut p = [
-            as_param(&mut x),
-            as_param(&mut v32),
-            as_param(&mut k32),
-            as_param(&mut ids),
-            as_param(&mut logp),
-            as_param(&mut lse),
-        ];
-        // SAFETY: matches cage_topk_f32 (kernels/softmax_topk.cu); the caller vouches for the logits.
-        unsafe { self.dev.launch("cage_topk_f32", [b as u32, 1, 1], [threads, 1, 1], 0, &mut p)? };
+        // SAFETY: the caller vouches for the logits.
+        let cands = unsafe { self.prepare_candidates_device(s.logits, b, v, Some(k)) }?;
+        self.run_candidates(&cands)?;
 
         // The principals' values at the candidates (J = 0: one principal of value 0, who never pays).
         let j_eff = j.max(1);
         let values = if j == 0 {
             self.put("step.zero", &vec![0f32; b * k])?
         } else {
-            let mut out = self.buffer("step.values", b * j * k * 4)?;
-            let mut wp = self.put("step.weights", s.weights)?;
-            let (mut a, mut rf, mut rs, mut j32, mut shift) = (s.arm, s.reference, 0i32, j as i32, 1i32);
-            let mut p = [
-                as_param(&mut a),
-                as_param(&mut rf),
-                as_param(&mut rs),
-                as_param(&mut j32),
-                as_param(&mut v32),
-                as_param(&mut ids),
-                as_param(&mut k32),
-                as_param(&mut logp),
-                as_param(&mut wp),
-                as_param(&mut shift),
-                as_param(&mut out),
-            ];
-            // SAFETY: matches cage_values_f32 (kernels/values.cu); buffers sized above.
-            unsafe { self.dev.launch("cage_values_f32", [(b * j) as u32, 1, 1], [threads, 1, 1], 0, &mut p)? };
+            let out = self.buffer("step.values", b * j * k * 4)?;
+            let wp = self.put("step.weights", s.weights)?;
+            // SAFETY: the caller vouches for the ARM and reference logits; the other buffers are sized above.
+            unsafe {
+                self.launch_values("f32", s.arm, s.reference, false, b, j, v, cands.ids, k, cands.logp, wp, true, out)?
+            };
             out
         };
 
@@ -147,7 +115,7 @@ impl Gpu {
             j_eff,
             opts,
             shape,
-            base: logp,
+            base: cands.logp,
             values,
             tau,
             pi: self.buffer("step.pi", b * k * 4)?,
@@ -159,20 +127,9 @@ impl Gpu {
         self.launch_equilibrium(&job, 0)?;
 
         // The token.
-        let mut tok = self.buffer("step.tokens", b * 4)?;
-        let (mut pi, mut code, mut seed, mut step) = (job.pi, choice_code(s.choice), s.seed, s.step);
-        let mut p = [
-            as_param(&mut pi),
-            as_param(&mut k32),
-            as_param(&mut ids),
-            as_param(&mut code),
-            as_param(&mut seed),
-            as_param(&mut step),
-            as_param(&mut tok),
-        ];
-        let threads = k.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
-        // SAFETY: matches cage_choose (kernels/choose.cu); buffers sized above.
-        unsafe { self.dev.launch("cage_choose", [b as u32, 1, 1], [threads, 1, 1], 0, &mut p)? };
+        let tok = self.buffer("step.tokens", b * 4)?;
+        // SAFETY: buffers sized above on this device.
+        unsafe { self.launch_choose(job.pi, b, k, cands.ids, s.choice, s.seed, s.step, tok)? };
 
         let tokens: Vec<u32> = self.get(tok, b)?;
         let stats: Vec<f32> = self.get(job.stats, b * 3)?;
