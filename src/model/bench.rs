@@ -1,12 +1,11 @@
 //! `cage bench forward`: prefill and decode throughput of the forward pass at several batch sizes, on the CPU
-//! and, when a CUDA GPU is usable, on it ([`bench_forward_gpu`]). Both run through the [`Decoder`] trait, so
-//! they measure the same calls.
+//! and, when a CUDA GPU is usable, on it ([`bench_forward_gpu`]). Both run through the
+//! [`Decoder`](super::forward::Decoder) trait, so they measure the same calls.
 
-use super::forward::{CpuDecoder, Decoder, LogitsAt, Seq, argmax};
-use super::gpu::GpuDecoder;
+use super::forward::{LogitsAt, Seq, argmax};
+use super::gpu::{DecoderDevice, new_decoder};
 use super::llama::Model;
 use crate::error::{CageError, Result};
-use crate::gpu::Gpu;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,12 +37,10 @@ pub fn bench_forward(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    bench_decoder(model.config.vocab_size, batches, prompt_len, steps, repeats, |b| {
-        Ok(Box::new(CpuDecoder::new(model.clone(), b, prompt_len + steps, b * prompt_len)))
-    })
+    bench_decoder(DecoderDevice::Cpu, model, batches, prompt_len, steps, repeats)
 }
 
-/// [`bench_forward`] on CUDA GPU 0 ([`GpuDecoder`]: bf16 weights, cuBLAS). No usable GPU is
+/// [`bench_forward`] on CUDA GPU 0 ([`super::gpu::GpuDecoder`]: bf16 weights, cuBLAS). No usable GPU is
 /// [`CageError::NoGpu`], which callers report as a skipped measurement. Every forward call downloads its
 /// logits, so the times include the device's work and that copy.
 pub fn bench_forward_gpu(
@@ -54,26 +51,28 @@ pub fn bench_forward_gpu(
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
     crate::gpu::cuda_usable()?;
-    bench_decoder(model.config.vocab_size, batches, prompt_len, steps, repeats, |b| {
-        Ok(Box::new(GpuDecoder::new(Gpu::cuda(0)?, model.clone(), b, prompt_len + steps, b * prompt_len)?))
-    })
+    bench_decoder(DecoderDevice::Cuda, model, batches, prompt_len, steps, repeats)
 }
 
-/// The measurement loop shared by every backend: `make(b)` builds a decoder with `b` slots. Repeats are
+/// The measurement loop shared by every backend: a decoder on `device` per batch size. Repeats are
 /// outermost and the batch sizes interleaved within each: a change of machine load during the run then hits
 /// every batch size alike, and the ratios between them stay meaningful.
 fn bench_decoder(
-    v: usize,
+    device: DecoderDevice,
+    model: Arc<Model>,
     batches: &[usize],
     prompt_len: usize,
     steps: usize,
     repeats: usize,
-    mut make: impl FnMut(usize) -> Result<Box<dyn Decoder>>,
 ) -> Result<Vec<ForwardBench>> {
     if prompt_len == 0 || steps == 0 || repeats == 0 || batches.contains(&0) {
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
     }
-    let mut decs = batches.iter().map(|&b| make(b)).collect::<Result<Vec<_>>>()?;
+    let v = model.config.vocab_size;
+    let mut decs = batches
+        .iter()
+        .map(|&b| new_decoder(device, model.clone(), b, prompt_len + steps, b * prompt_len))
+        .collect::<Result<Vec<_>>>()?;
     let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
     for _ in 0..repeats {
         for (bi, &b) in batches.iter().enumerate() {

@@ -138,14 +138,7 @@ impl ForwardState {
         let t = max_tokens;
         let qd = c.num_heads * c.head_dim;
         let kvd = c.num_kv_heads * c.head_dim;
-        let max_r = model
-            .layers
-            .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .flat_map(|m| m.lora.iter().flatten())
-            .map(|p| p.r)
-            .max()
-            .unwrap_or(0);
+        let max_r = model.max_lora_rank();
         ForwardState {
             max_tokens,
             max_logit_rows,

@@ -353,14 +353,7 @@ impl GpuDecoder {
                 return Err(bad(format!("{what} = {n} is too large for the GPU kernels")));
             }
         }
-        let max_r = model
-            .layers
-            .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .flat_map(|m| m.lora.iter().flatten())
-            .map(|p| p.r)
-            .max()
-            .unwrap_or(0);
+        let max_r = model.max_lora_rank();
         let mut owned = Vec::new();
         let built = (|| -> Result<_> {
             let dev = gpu.device();

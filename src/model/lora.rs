@@ -112,6 +112,18 @@ impl Adapter {
 }
 
 impl Model {
+    /// The largest rank of the unmerged adapters attached to any projection (0 with none): the width of the
+    /// scratch buffer that holds `x A^T` in a forward pass.
+    pub fn max_lora_rank(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .flat_map(|m| m.lora.iter().flatten())
+            .map(|p| p.r)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Adds `scale * B A` to the targeted weights: the adapter then costs nothing at inference, but applies to
     /// every row.
     pub fn merge_adapter(&mut self, ad: &Adapter) -> Result<()> {
