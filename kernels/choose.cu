@@ -16,6 +16,16 @@ __device__ __forceinline__ void argmax_merge(float& s, int& i, float s2, int i2)
   }
 }
 
+// Every lane of the warp ends with the warp's best (score, index), ties to the lower index.
+__device__ __forceinline__ void warp_argmax(float& s, int& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float s2 = __shfl_xor_sync(CAGE_FULL_MASK, s, o);
+    const int i2 = __shfl_xor_sync(CAGE_FULL_MASK, i, o);
+    argmax_merge(s, i, s2, i2);
+  }
+}
+
 // pi: B x n; ids: B x n candidate token ids or null (then the token is the index); outputs one token per row
 // (0xffffffff when the row has no candidate of positive probability).
 extern "C" __global__ void __launch_bounds__(1024)
@@ -38,12 +48,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     argmax_merge(best, best_i, score, a);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float s2 = __shfl_xor_sync(CAGE_FULL_MASK, best, o);
-    const int i2 = __shfl_xor_sync(CAGE_FULL_MASK, best_i, o);
-    argmax_merge(best, best_i, s2, i2);
-  }
+  warp_argmax(best, best_i);
   if (lane == 0) {
     rs[w] = best;
     ri[w] = best_i;
@@ -52,12 +57,7 @@ extern "C" __global__ void __launch_bounds__(1024)
   if (w == 0) {
     best = lane < nw ? rs[lane] : cage_neg_inf();
     best_i = lane < nw ? ri[lane] : n;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float s2 = __shfl_xor_sync(CAGE_FULL_MASK, best, o);
-      const int i2 = __shfl_xor_sync(CAGE_FULL_MASK, best_i, o);
-      argmax_merge(best, best_i, s2, i2);
-    }
+    warp_argmax(best, best_i);
     if (lane == 0) {
       token_out[row] = best_i >= n ? 0xffffffffu : (ids ? ids[(size_t)row * n + best_i] : (unsigned)best_i);
     }
