@@ -450,13 +450,15 @@ impl Gpu {
             let chunk = n.div_ceil(c).next_multiple_of(4);
             exchange_floats(j_eff) * 4 + (chunk * 4).next_multiple_of(16) + j_eff * chunk * vsize
         };
-        let name = |c: u32| if c > 1 { format!("cage_eqc_{}_j{j_eff}", opts.values.tag()) } else { String::new() };
+        let split_kernel = format!("cage_eqc_{}_j{j_eff}", opts.values.tag());
         let cluster_ok = |dev: &mut dyn Device, c: u32| {
             let bytes = split_bytes(c as usize);
             j_eff <= MAX_CLUSTER_PRINCIPALS
                 && bytes <= max
-                && dev.supports_cluster(&name(c), EQC_THREADS, c, bytes as u32)
+                && dev.supports_cluster(&split_kernel, EQC_THREADS, c, bytes as u32)
         };
+        let split =
+            |c: u32| EqShape { stage: true, threads: EQC_THREADS, smem: split_bytes(c as usize) as u32, cluster: c };
         match (opts.cluster, opts.stage) {
             (Some(0), _) => Err(bad("a cluster of 0 blocks".into())),
             (Some(c), Some(false)) if c > 1 => Err(bad(format!(
@@ -472,34 +474,27 @@ impl Gpu {
                         split_bytes(c as usize)
                     )));
                 }
-                Ok(EqShape { stage: true, threads: EQC_THREADS, smem: split_bytes(c as usize) as u32, cluster: c })
+                Ok(split(c))
             }
             (_, Some(false)) => Ok(single(false)),
-            (_, _) if fits => Ok(single(true)),
-            (None, stage) => {
-                for c in [2u32, 4, 8] {
-                    if cluster_ok(self.dev.as_mut(), c) {
-                        return Ok(EqShape {
-                            stage: true,
-                            threads: EQC_THREADS,
-                            smem: split_bytes(c as usize) as u32,
-                            cluster: c,
-                        });
-                    }
+            _ if fits => Ok(single(true)),
+            (cluster, stage) => {
+                // Too large for one block: the smallest cluster that fits, unless the caller forbade a split.
+                if cluster.is_none()
+                    && let Some(c) = [2u32, 4, 8].into_iter().find(|&c| cluster_ok(self.dev.as_mut(), c))
+                {
+                    return Ok(split(c));
                 }
                 if stage == Some(true) {
+                    let why =
+                        if cluster.is_none() { "no cluster split of it fits" } else { "cluster = 1 forbids a split" };
                     return Err(bad(format!(
                         "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; \
-                         the device leaves {max} per block for a staged row and no cluster split of it fits"
+                         the device leaves {max} per block for a staged row and {why}"
                     )));
                 }
                 Ok(single(false))
             }
-            (Some(_), Some(true)) => Err(bad(format!(
-                "a row of {n} candidates and {j_eff} principals needs {stage_bytes} bytes of shared memory; the \
-                 device leaves {max} per block for a staged row"
-            ))),
-            (Some(_), None) => Ok(single(false)),
         }
     }
 
