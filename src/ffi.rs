@@ -9,8 +9,8 @@
 //! - a `CageSolver` holds scratch buffers: use one from one thread at a time (distinct solvers are independent
 //!   and may be used concurrently).
 
+use crate::backend::Backend;
 use crate::error::CageError;
-use crate::gpu::Backend;
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::real::Real;
 use crate::sampling::{Choice, choose_row};
@@ -384,7 +384,7 @@ where
             tol: (o.tol > 0.0).then_some(o.tol),
             max_iter: (o.max_iter > 0).then_some(o.max_iter),
         };
-        let sol = crate::gpu::solve_with(o.backend, &batch, &opts);
+        let sol = crate::backend::solve_with(o.backend, &batch, &opts);
         *s.scratch() = batch.into_input();
         let sol = sol.map_err(err)?;
         policy.copy_from_slice(&sol.policy);

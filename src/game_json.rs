@@ -6,8 +6,8 @@
 //! ```
 //! JSON has no infinities: a base log-probability of `null` or `"-inf"` excludes that candidate.
 
+use crate::backend::{Backend, solve_with};
 use crate::error::{CageError, Result};
-use crate::gpu::{Backend, solve_with};
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::real::Real;
 use crate::solution::RowReport;

@@ -43,7 +43,7 @@
 //! ordinary error, never a panic.
 //!
 //! ```
-//! use cage::gpu::{Backend, solve_with};
+//! use cage::backend::{Backend, solve_with};
 //! use cage::sampling::{Choice, choose_row};
 //! use cage::candidates::{Selection, select, gather};
 //! use cage::{Batch, BatchInput, Normalize, solver::{SolveOptions, Method}};
@@ -101,6 +101,7 @@
 //!
 //! The same solver is available from C (`include/cage.h`, [`ffi`]).
 
+pub mod backend;
 pub mod baselines;
 pub mod candidates;
 pub mod decode;
@@ -111,11 +112,13 @@ pub mod gpu;
 pub mod model;
 pub mod problem;
 pub mod real;
+pub mod rng;
 pub mod sampling;
 pub mod softmax;
 pub mod solution;
 pub mod solver;
 
+pub use backend::Backend;
 pub use error::{CageError, Result};
 pub use problem::{Batch, BatchInput, Normalize, Row};
 pub use real::Real;

@@ -160,7 +160,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what, backend, reps, .. } => cage::gpu::bench::cli(&what, &backend, reps),
         Command::Solve { input, method, precision, tol, max_iter, backend, pretty } => {
             let method: Method = method.parse()?;
-            let backend: cage::gpu::Backend = backend.parse()?;
+            let backend: cage::Backend = backend.parse()?;
             let games = game_json::parse(&read_input(&input)?)?;
             let opts = SolveOptions { method, tol, max_iter };
             let out = match precision {

@@ -1,9 +1,9 @@
 //! Token choice on a final policy, on the CPU: greedy, or sampling with the kernels' counter-based RNG
-//! (Philox keyed by (seed, row, step) and indexed by candidate, [`crate::gpu::rng`]), so a CPU run picks the
+//! (Philox keyed by (seed, row, step) and indexed by candidate, [`crate::rng`]), so a CPU run picks the
 //! same tokens as `kernels/choose.cu` for the same policy and key.
 
 use crate::error::{CageError, Result};
-use crate::gpu::rng::uniform;
+use crate::rng::uniform;
 
 /// How to pick a token from a policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

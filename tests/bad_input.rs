@@ -158,7 +158,6 @@ fn malformed_json_is_a_clear_error() {
         "[{\"tau\": 0.1, \"base_logprobs\": [0.0]}, {\"tau\": 0.1, \"base_logprobs\": [0.0, 1.0], \"principals\": [{\"name\": \"h\", \"values\": [1.0]}]}]",
     )
     .unwrap();
-    let e =
-        game_json::solve_all::<f64>(&arr, &SolveOptions::default(), cage::gpu::Backend::Cpu).unwrap_err().to_string();
+    let e = game_json::solve_all::<f64>(&arr, &SolveOptions::default(), cage::Backend::Cpu).unwrap_err().to_string();
     assert!(e.starts_with("game 1:") && e.contains("\"h\"") && e.contains("expected 2"), "{e}");
 }

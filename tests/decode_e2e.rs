@@ -369,13 +369,13 @@ fn weights_of_a_row_must_match_the_principals() {
 #[test]
 fn decoding_runs_on_the_gpu_decoder() {
     let tok = tokenizer_dir();
-    let with_device = |method: &str, device: &str| {
+    let with_device = |method: &str, device: cage::Backend| {
         let mut cfg = config(&tok, method, &[0.4, 0.3, 0.3], 0.5);
-        cfg.model_device = device.into();
+        cfg.model_device = device;
         cfg.max_new_tokens = 6;
         cfg
     };
-    let got = run(&with_device("base", "emulation"), &PROMPTS);
+    let got = run(&with_device("base", cage::Backend::Emulation), &PROMPTS);
     let m = Arc::new(Model::load(&root().join(LLAMA)).unwrap());
     let mut dec = cage::model::gpu::GpuDecoder::new(cage::gpu::Gpu::emulated(), m, 1, 64, 64).unwrap();
     for (r, p) in PROMPTS.iter().enumerate() {
@@ -384,14 +384,16 @@ fn decoding_runs_on_the_gpu_decoder() {
         assert_eq!(got[r].tokens, want, "row {r}: the engine on the GPU decoder differs from its greedy loop");
     }
     for m in [DecodeMethod::Cage, DecodeMethod::Genarm] {
-        let rs = run(&with_device(m.name(), "emulation"), &PROMPTS);
+        let rs = run(&with_device(m.name(), cage::Backend::Emulation), &PROMPTS);
         assert!(rs.iter().all(|r| !r.tokens.is_empty()), "{}: no tokens", m.name());
     }
-    let mut cfg = with_device("base", "tpu");
-    let e = cfg.check().unwrap_err().to_string();
+    let mut cfg = with_device("base", cage::Backend::Cpu);
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["model_device"] = "tpu".into();
+    let e = RunConfig::parse(&json.to_string()).unwrap_err().to_string();
     assert!(e.contains("tpu"), "{e}");
-    cfg.model_device = "cuda".into();
-    if cage::gpu::cuda_usable().is_err() {
+    cfg.model_device = cage::Backend::Cuda;
+    if cage::backend::cuda_usable().is_err() {
         let e = Engine::from_config(&cfg)
             .and_then(|e| {
                 let opts = DecodeOptions::from_config(&cfg)?;

@@ -6,7 +6,8 @@
 #[path = "kernels_bodies.rs"]
 mod bodies;
 
-use cage::gpu::{Backend, EqOptions, Gpu, MODULES, ValueType, cuda_usable, solve_with};
+use cage::backend::{Backend, cuda_usable, solve_with};
+use cage::gpu::{EqOptions, Gpu, MODULES, ValueType};
 use cage::solver::{Method, SolveOptions};
 
 /// Prints a skip line past the test harness' output capture (which only captures the print macros), so that

@@ -490,7 +490,7 @@ pub fn candidates_reject_bad_requests(gpu: &mut Gpu) {
 
 /// Score of candidate `a` as the kernel computes it (same f32 formulas).
 fn score(mode: Choice, p: f32, seed: u64, row: u32, step: u32, a: u32) -> f32 {
-    let u = cage::gpu::rng::uniform(seed, row, step, a);
+    let u = cage::rng::uniform(seed, row, step, a);
     match mode {
         Choice::Greedy => p,
         Choice::Gumbel => p.ln() - (-u.ln()).ln(),

@@ -606,7 +606,7 @@ fn emulated_gemm_matches_a_double_precision_product() {
 #[test]
 fn bench_forward_gpu_measures_or_says_no_gpu() {
     let m = Arc::new(load("tiny-llama"));
-    match cage::gpu::cuda_usable() {
+    match cage::backend::cuda_usable() {
         Err(_) => {
             let e = cage::model::bench::bench_forward_gpu(m, &[1], 4, 2, 1).unwrap_err();
             assert!(matches!(e, cage::CageError::NoGpu(_)), "{e:?}");

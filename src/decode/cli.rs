@@ -437,8 +437,8 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         max_new_tokens,
         stop: vec![],
         prompt_format: "auto".into(),
-        backend: "auto".into(),
-        model_device: "cpu".into(),
+        backend: crate::Backend::Auto,
+        model_device: crate::Backend::Cpu,
         batch_size: 8,
     }
 }

@@ -2,6 +2,7 @@
 //! model, the principals, their weights, the method and the decoding limits; command-line flags override the
 //! weights and the method so that one file serves a whole sweep.
 
+use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::problem::Normalize;
 use crate::sampling::Choice;
@@ -120,8 +121,8 @@ fn default_batch() -> usize {
 fn default_auto() -> String {
     "auto".into()
 }
-fn default_cpu() -> String {
-    "cpu".into()
+fn default_cpu() -> Backend {
+    Backend::Cpu
 }
 fn default_greedy() -> String {
     "greedy".into()
@@ -169,13 +170,13 @@ pub struct RunConfig {
     /// `auto` (chat template when the tokenizer has one), `chat`, `plain` or `alpaca`.
     #[serde(default = "default_auto")]
     pub prompt_format: String,
-    /// Equilibrium backend: `cpu`, `cuda` or `auto`.
-    #[serde(default = "default_auto")]
-    pub backend: String,
-    /// Where the forward passes run: `cpu` (the default), `cuda` (bf16 weights, cuBLAS) or `emulation` (the
-    /// GPU code path on the host emulation: tiny models and tests only).
+    /// Where the equilibrium runs: `cpu`, `cuda`, `emulation` or `auto` (the default: the GPU when usable).
+    #[serde(default)]
+    pub backend: Backend,
+    /// Where the forward passes run: `cpu` (the default), `cuda` (bf16 weights, cuBLAS), `emulation` (the GPU
+    /// code path on the host emulation: tiny models and tests only) or `auto` (the GPU when usable).
     #[serde(default = "default_cpu")]
-    pub model_device: String,
+    pub model_device: Backend,
     /// Prompts (rows) decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -235,8 +236,6 @@ impl RunConfig {
             return bad("batch_size must be >= 1".into());
         }
         self.choice()?;
-        self.backend.parse::<crate::gpu::Backend>()?;
-        self.model_device.parse::<crate::model::gpu::DecoderDevice>()?;
         if !["auto", "chat", "plain", "alpaca"].contains(&self.prompt_format.as_str()) {
             return bad(format!(
                 "unknown prompt_format {:?} (expected auto, chat, plain or alpaca)",

@@ -5,11 +5,11 @@
 
 use super::config::{DecodeMethod, PrincipalKind, RunConfig, check_weights};
 use super::principal::{ArmSource, LexiconSource, PromptedSource, StepView, StreamLogits, StreamSpec, ValueSource};
+use crate::backend::{Backend, solve_with};
 use crate::baselines::{ModDivergence, genarm, mod_policy};
 use crate::candidates::{Selection, select};
 use crate::error::{CageError, Result};
-use crate::gpu::{Backend, solve_with};
-use crate::model::gpu::{DecoderDevice, new_decoder};
+use crate::model::gpu::new_decoder;
 use crate::model::{Adapter, Decoder, LogitsAt, Model, PromptFormat, Seq, Tokenizer};
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::sampling::{Choice, choose_row};
@@ -42,7 +42,7 @@ pub struct DecodeOptions {
     /// Equilibrium backend.
     pub backend: Backend,
     /// Where the forward passes run.
-    pub model_device: DecoderDevice,
+    pub model_device: Backend,
     /// Rows decoded together.
     pub batch_size: usize,
     /// Emit a [`StepDiag`] per row and step.
@@ -63,8 +63,8 @@ impl DecodeOptions {
             seed: cfg.seed,
             max_new_tokens: cfg.max_new_tokens,
             stop: cfg.stop.clone(),
-            backend: cfg.backend.parse()?,
-            model_device: cfg.model_device.parse()?,
+            backend: cfg.backend,
+            model_device: cfg.model_device,
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,

@@ -17,15 +17,12 @@ pub mod bench;
 pub mod cuda;
 pub mod device;
 pub mod emu;
-pub mod rng;
 pub mod step;
 
 use crate::error::{CageError, Result};
 use crate::problem::{Batch, Normalize};
-use crate::real::Real;
 use crate::solution::Solution;
 use crate::solver::jacobi::{Inner, JacobiOptions};
-use crate::solver::{Method, SolveOptions};
 use device::{DevPtr, Device};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -52,30 +49,6 @@ mod images {
 }
 pub use images::{MODULES, NVCC};
 pub use step::{DeviceStep, StepOutput};
-
-/// Where a solve runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Backend {
-    /// The CPU solvers of [`crate::solver`].
-    Cpu,
-    /// The CUDA kernels on GPU 0 (an error when there is none).
-    Cuda,
-    /// The GPU when one is usable and the method runs there, else the CPU.
-    #[default]
-    Auto,
-}
-
-impl std::str::FromStr for Backend {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda),
-            "auto" => Ok(Self::Auto),
-            _ => Err(CageError::InvalidArgument(format!("unknown backend {s:?} (expected cpu, cuda or auto)"))),
-        }
-    }
-}
 
 /// Storage type of the principals' values on the device (the kernels always compute in f32).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1062,14 +1035,14 @@ impl Gpu {
     }
 }
 
-/// Whether a CUDA GPU is usable from this process (driver present, at least one device); never panics.
-pub fn cuda_usable() -> Result<usize> {
-    cuda::probe()
-}
-
 fn shared_gpu() -> &'static Mutex<Option<std::result::Result<Gpu, String>>> {
     static GPU: OnceLock<Mutex<Option<std::result::Result<Gpu, String>>>> = OnceLock::new();
     GPU.get_or_init(|| Mutex::new(None))
+}
+
+fn shared_emulator() -> &'static Mutex<Option<Gpu>> {
+    static EMU: OnceLock<Mutex<Option<Gpu>>> = OnceLock::new();
+    EMU.get_or_init(|| Mutex::new(None))
 }
 
 // SAFETY: a Gpu is only used behind the mutex of `shared_gpu` or by its single owner; the CUDA context it holds
@@ -1079,89 +1052,15 @@ unsafe impl Send for Gpu {}
 /// Runs `f` on the process-wide GPU 0, opened on first use (the failure to open it is remembered).
 pub fn with_shared_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R>) -> Result<R> {
     let mut guard = shared_gpu().lock().unwrap_or_else(|e| e.into_inner());
-    if guard.is_none() {
-        *guard = Some(Gpu::cuda(0).map_err(|e| e.to_string()));
-    }
-    match guard.as_mut() {
-        Some(Ok(gpu)) => f(gpu),
-        Some(Err(e)) => Err(bad(e.clone())),
-        None => unreachable!("initialised above"),
+    let gpu = guard.get_or_insert_with(|| Gpu::cuda(0).map_err(|e| e.to_string()));
+    match gpu {
+        Ok(gpu) => f(gpu),
+        Err(e) => Err(bad(e.clone())),
     }
 }
 
-fn convert_solution<T: Real>(s: Solution<f32>) -> Solution<T> {
-    let cv = |xs: Vec<f32>| xs.into_iter().map(|x| T::of(x as f64)).collect::<Vec<T>>();
-    Solution {
-        rows: s.rows,
-        candidates: s.candidates,
-        principals: s.principals,
-        policy: cv(s.policy),
-        incentives: cv(s.incentives),
-        payoffs: cv(s.payoffs),
-        aggregate: cv(s.aggregate),
-        iterations: s.iterations,
-        residual: s.residual,
-        converged: s.converged,
-    }
-}
-
-/// Whether `method` runs on the CUDA backend.
-pub fn runs_on_gpu(method: Method) -> bool {
-    matches!(method, Method::Exact | Method::Jacobi | Method::Paper)
-}
-
-/// Solves `batch` on `backend`. The CUDA backend computes in f32 (default tolerance that of f32, 1e-5) and runs
-/// `exact` (J <= [`MAX_PRINCIPALS`]), `jacobi` and `paper`; `auto` uses it when a GPU is usable and the method
-/// runs there, and the CPU otherwise.
-pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
-    let on_gpu = |batch: &Batch<T>| -> Result<Solution<T>> {
-        let tol = opts.tol.unwrap_or(<f32 as Real>::DEFAULT_TOL);
-        if !(tol.is_finite() && tol > 0.0) {
-            return Err(bad(format!("tolerance must be a finite number > 0, got {tol}")));
-        }
-        if opts.max_iter == Some(0) {
-            return Err(bad("max_iter must be >= 1".into()));
-        }
-        let b32 = batch.convert::<f32>()?;
-        let sol = match opts.method {
-            Method::Exact => {
-                let mut eo = EqOptions { tol, ..EqOptions::default() };
-                if let Some(m) = opts.max_iter {
-                    eo.max_iter = m;
-                }
-                with_shared_gpu(|g| g.equilibrium(&b32, &eo))?
-            }
-            Method::Jacobi | Method::Paper => {
-                let mut o = if opts.method == Method::Jacobi {
-                    JacobiOptions::converged(tol.max(1e-12))
-                } else {
-                    JacobiOptions::paper()
-                };
-                if let Some(m) = opts.max_iter {
-                    o.max_rounds = m;
-                }
-                with_shared_gpu(|g| g.jacobi(&b32, &o))?
-            }
-            m => {
-                return Err(bad(format!(
-                    "method {} does not run on the CUDA backend (use exact, jacobi or paper, or backend cpu)",
-                    m.name()
-                )));
-            }
-        };
-        Ok(convert_solution(sol))
-    };
-    match backend {
-        Backend::Cpu => crate::solver::solve(batch, opts),
-        Backend::Cuda => on_gpu(batch),
-        Backend::Auto => {
-            let fits =
-                runs_on_gpu(opts.method) && (opts.method != Method::Exact || batch.principals() <= MAX_PRINCIPALS);
-            if fits && cuda_usable().is_ok() && with_shared_gpu(|_| Ok(())).is_ok() {
-                on_gpu(batch)
-            } else {
-                crate::solver::solve(batch, opts)
-            }
-        }
-    }
+/// Runs `f` on the process-wide host emulation (`Backend::Emulation`: the GPU code path without a GPU).
+pub fn with_shared_emulator<R>(f: impl FnOnce(&mut Gpu) -> Result<R>) -> Result<R> {
+    let mut guard = shared_emulator().lock().unwrap_or_else(|e| e.into_inner());
+    f(guard.get_or_insert_with(Gpu::emulated))
 }

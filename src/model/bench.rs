@@ -3,8 +3,9 @@
 //! [`Decoder`](super::forward::Decoder) trait, so they measure the same calls.
 
 use super::forward::{LogitsAt, Seq, argmax};
-use super::gpu::{DecoderDevice, new_decoder};
+use super::gpu::new_decoder;
 use super::llama::Model;
+use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use serde::Serialize;
 use std::sync::Arc;
@@ -37,7 +38,7 @@ pub fn bench_forward(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    bench_decoder(DecoderDevice::Cpu, model, batches, prompt_len, steps, repeats)
+    bench_decoder(Backend::Cpu, model, batches, prompt_len, steps, repeats)
 }
 
 /// [`bench_forward`] on CUDA GPU 0 ([`super::gpu::GpuDecoder`]: bf16 weights, cuBLAS). No usable GPU is
@@ -50,15 +51,15 @@ pub fn bench_forward_gpu(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    crate::gpu::cuda_usable()?;
-    bench_decoder(DecoderDevice::Cuda, model, batches, prompt_len, steps, repeats)
+    crate::backend::cuda_usable()?;
+    bench_decoder(Backend::Cuda, model, batches, prompt_len, steps, repeats)
 }
 
 /// The measurement loop shared by every backend: a decoder on `device` per batch size. Repeats are
 /// outermost and the batch sizes interleaved within each: a change of machine load during the run then hits
 /// every batch size alike, and the ratios between them stay meaningful.
 fn bench_decoder(
-    device: DecoderDevice,
+    device: Backend,
     model: Arc<Model>,
     batches: &[usize],
     prompt_len: usize,

@@ -21,6 +21,7 @@
 
 use super::forward::{Decoder, LogitsAt, Seq};
 use super::llama::{Linear, Model};
+use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::gpu::Gpu;
 use crate::gpu::device::{DevPtr, Device};
@@ -65,46 +66,20 @@ pub fn bf16_weights(model: &Model) -> Model {
     m
 }
 
-/// Where a decoding run's forward passes execute.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum DecoderDevice {
-    /// [`super::CpuDecoder`]: f32 on the CPU.
-    #[default]
-    Cpu,
-    /// [`GpuDecoder`] on CUDA GPU 0 (an error when there is none).
-    Cuda,
-    /// [`GpuDecoder`] on the host emulation of the kernels: the GPU code path on a machine without a GPU, slow
-    /// (tiny models and tests).
-    Emulation,
-}
-
-impl std::str::FromStr for DecoderDevice {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda),
-            "emulation" => Ok(Self::Emulation),
-            _ => {
-                Err(CageError::InvalidArgument(format!("unknown model device {s:?} (expected cpu, cuda or emulation)")))
-            }
-        }
-    }
-}
-
 /// A decoder for `model` on `device` with `slots` KV-cache slots of `max_seq` positions and room for
 /// `max_tokens` tokens per forward call.
 pub fn new_decoder(
-    device: DecoderDevice,
+    device: Backend,
     model: Arc<Model>,
     slots: usize,
     max_seq: usize,
     max_tokens: usize,
 ) -> Result<Box<dyn Decoder>> {
     Ok(match device {
-        DecoderDevice::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
-        DecoderDevice::Cuda => Box::new(GpuDecoder::new(Gpu::cuda(0)?, model, slots, max_seq, max_tokens)?),
-        DecoderDevice::Emulation => Box::new(GpuDecoder::new(Gpu::emulated(), model, slots, max_seq, max_tokens)?),
+        Backend::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
+        Backend::Cuda => Box::new(GpuDecoder::new(Gpu::cuda(0)?, model, slots, max_seq, max_tokens)?),
+        Backend::Emulation => Box::new(GpuDecoder::new(Gpu::emulated(), model, slots, max_seq, max_tokens)?),
+        Backend::Auto => return new_decoder(device.resolve(), model, slots, max_seq, max_tokens),
     })
 }
 
