@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The whole test suite, as the README states it and CI runs it: installs what the tests need, then runs
+# The whole test suite, as the README states it and CI runs it: installs what the tests need, then checks formatting and lints and runs
 # `cargo test --release`. No GPU is needed: GPU test bodies skip with a message, kernels run through host
 # emulation. Needs network access to PyPI the first time (nvcc; the default model for the SmolLM2 tests).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Formatting and lints first: they fail in seconds, before the long build.
+cargo fmt --check
 # The pinned CUDA 13.0 compiler from PyPI, into .cuda/ (idempotent): build.rs compiles every kernel with it,
 # so a kernel that does not compile fails the build.
 NVCC="$(bash scripts/install-cuda.sh | tail -n 1)"
 export NVCC
 # NVRTC (run-time compilation, the path of binaries moved to a machine without nvcc) is tested too.
 export LD_LIBRARY_PATH="$(dirname "$(dirname "$NVCC")")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Lints on every target (the kernels must compile for that too, hence after the CUDA install).
+cargo clippy --release --all-targets -- -D warnings
 # cargo test builds only the rlib of the library: build the cdylib (and the binary) that the C and Python
 # examples link against first.
 cargo build --release
