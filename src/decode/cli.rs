@@ -2,7 +2,8 @@
 
 use super::config::{DecodeMethod, PrincipalKind, PrincipalSpec, RunConfig};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
-use super::sweep::{MethodCurve, pareto_png, pareto_svg, points_csv, simplex_grid, summarize, summary_csv};
+use super::plot::{pareto_png, pareto_svg};
+use super::sweep::{MethodCurve, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -403,7 +404,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     let title = format!("{} prompt(s), tau {}, k {}", prompts.len(), cfg.tau, cfg.k);
     write_file(&a.out.join("pareto.svg"), &pareto_svg(&score_names, &curves, &title))?;
     let png = a.out.join("pareto.png");
-    std::fs::write(&png, pareto_png(&score_names, &curves, &title))
+    std::fs::write(&png, pareto_png(&score_names, &curves, &title)?)
         .map_err(io_err(format!("writing {}", png.display())))?;
     println!("reference point {reference:?}");
     println!("{:>12} {:>12} {:>8}", "method", "HV", "MIP");
