@@ -110,6 +110,7 @@ pub mod game_json;
 pub mod gpu;
 pub mod model;
 pub mod problem;
+pub mod progress;
 pub mod real;
 pub mod sampling;
 pub mod softmax;
