@@ -1,7 +1,8 @@
 //! Sweeps: hypervolume and MIP against cases computed by hand and by brute force, the weight grid, and the CSV
 //! schema of `cage sweep` on the tiny fixture model.
 
-use cage::decode::sweep::{MethodCurve, hypervolume, mip, pareto_png, reference_point, simplex_grid};
+use cage::decode::plot::{PNG_SCALE, pareto_png, pareto_svg};
+use cage::decode::sweep::{MethodCurve, hypervolume, mip, reference_point, simplex_grid};
 
 #[test]
 fn hypervolume_by_hand() {
@@ -147,57 +148,42 @@ fn sweep_writes_csv_summary_and_plot() {
     let svg = std::fs::read_to_string(out.join("pareto.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("genarm") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines().count(), 2 * 3 * 2);
-    assert!(std::fs::read(out.join("pareto.png")).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
+    // The PNG is the SVG rendered at PNG_SCALE.
+    let (w, h, _) = decode_png(&std::fs::read(out.join("pareto.png")).unwrap());
+    let root = &svg[..svg.find('>').unwrap()];
+    assert_eq!(w as f32, attr(root, "width").parse::<f32>().unwrap() * PNG_SCALE);
+    assert_eq!(h as f32, attr(root, "height").parse::<f32>().unwrap() * PNG_SCALE);
 }
 
-/// Walks a PNG's chunks, checking each CRC (bitwise, independent of the writer's), and inflates its stored
-/// deflate blocks into the raw scanlines.
-fn png_scanlines(png: &[u8]) -> (u32, u32, Vec<u8>) {
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let crc = |bytes: &[u8]| {
-        let mut c = !0u32;
-        for &b in bytes {
-            for k in 0..8 {
-                let bit = (c ^ (b as u32 >> k)) & 1;
-                c = (c >> 1) ^ if bit == 1 { 0xEDB8_8320 } else { 0 };
-            }
-        }
-        !c
+/// Decodes a PNG with the `png` crate (independent of the renderer's encoder) into width, height and 8-bit
+/// RGB pixels; every pixel must be opaque.
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<[u8; 3]>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.bit_depth, png::BitDepth::Eight);
+    let px = match info.color_type {
+        png::ColorType::Rgb => buf[..info.buffer_size()].chunks(3).map(|p| [p[0], p[1], p[2]]).collect(),
+        png::ColorType::Rgba => buf[..info.buffer_size()]
+            .chunks(4)
+            .map(|p| {
+                assert_eq!(p[3], 255, "the plot has an opaque white background");
+                [p[0], p[1], p[2]]
+            })
+            .collect(),
+        other => panic!("unexpected PNG colour type {other:?}"),
     };
-    let (mut at, mut dims, mut idat) = (8, (0, 0), vec![]);
-    loop {
-        let n = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
-        let body = &png[at + 4..at + 8 + n];
-        assert_eq!(u32::from_be_bytes(png[at + 8 + n..at + 12 + n].try_into().unwrap()), crc(body));
-        match &body[..4] {
-            b"IHDR" => {
-                dims = (
-                    u32::from_be_bytes(body[4..8].try_into().unwrap()),
-                    u32::from_be_bytes(body[8..12].try_into().unwrap()),
-                )
-            }
-            b"IDAT" => idat.extend_from_slice(&body[4..]),
-            b"IEND" => break,
-            _ => {}
-        }
-        at += 12 + n;
-    }
-    let (mut raw, mut i) = (vec![], 2);
-    loop {
-        let last = idat[i] & 1 == 1;
-        assert_eq!(idat[i] >> 1, 0, "stored blocks only");
-        let n = u16::from_le_bytes([idat[i + 1], idat[i + 2]]) as usize;
-        raw.extend_from_slice(&idat[i + 5..i + 5 + n]);
-        i += 5 + n;
-        if last {
-            break;
-        }
-    }
-    (dims.0, dims.1, raw)
+    (info.width, info.height, px)
+}
+
+/// The value of attribute `name` in one SVG element's text.
+fn attr<'a>(element: &'a str, name: &str) -> &'a str {
+    let at = element.find(&format!(" {name}=\"")).unwrap_or_else(|| panic!("no {name} in {element}")) + name.len() + 3;
+    &element[at..at + element[at..].find('"').unwrap()]
 }
 
 #[test]
-fn png_plot_is_a_valid_rgb_image_with_the_methods_colours() {
+fn png_plot_is_the_svg_rendered_with_its_markers_and_text() {
     let curves = vec![
         MethodCurve {
             method: "cage".into(),
@@ -210,9 +196,33 @@ fn png_plot_is_a_valid_rgb_image_with_the_methods_colours() {
             scores: vec![vec![2.0, 0.5], vec![0.5, 2.0]],
         },
     ];
-    let png = pareto_png(&["a".into(), "b".into()], &curves, "test");
-    let (w, h, raw) = png_scanlines(&png);
-    assert_eq!(raw.len(), h as usize * (1 + 3 * w as usize));
-    let has = |rgb: [u8; 3]| raw.chunks(1 + 3 * w as usize).any(|l| l[1..].chunks(3).any(|p| p == rgb));
-    assert!(has([0x1f, 0x77, 0xb4]) && has([0xd6, 0x27, 0x28]) && has([255, 255, 255]));
+    let names = ["a".to_string(), "b".to_string()];
+    let svg = pareto_svg(&names, &curves, "test");
+    let (w, h, px) = decode_png(&pareto_png(&names, &curves, "test").unwrap());
+    let s = PNG_SCALE;
+    let root = &svg[..svg.find('>').unwrap()];
+    assert_eq!(w as f32, attr(root, "width").parse::<f32>().unwrap() * s);
+    assert_eq!(h as f32, attr(root, "height").parse::<f32>().unwrap() * s);
+    assert_eq!(px.len(), (w * h) as usize);
+    let at = |x: f32, y: f32| px[(y * s) as usize * w as usize + (x * s) as usize];
+    // Every marker of the SVG (2 points and 1 legend dot per method) is its method's colour at its centre in
+    // the PNG: the two files are the same picture.
+    let circles: Vec<&str> = svg.split("<circle").skip(1).map(|c| &c[..c.find("/>").unwrap()]).collect();
+    assert_eq!(circles.len(), 6);
+    for c in circles {
+        let fill = u32::from_str_radix(attr(c, "fill").trim_start_matches('#'), 16).unwrap();
+        let (cx, cy) = (attr(c, "cx").parse().unwrap(), attr(c, "cy").parse().unwrap());
+        assert_eq!(at(cx, cy), [(fill >> 16) as u8, (fill >> 8) as u8, fill as u8], "marker {c}");
+    }
+    assert_eq!(at(2.0, 2.0), [255; 3], "white background");
+    // Text is drawn with the embedded font: the title adds dark pixels in the title band above the frame
+    // (y < 40 in SVG units) and nowhere else.
+    let (_, _, untitled) = decode_png(&pareto_png(&names, &curves, "").unwrap());
+    let changed: Vec<usize> = (0..px.len()).filter(|&i| px[i] != untitled[i]).collect();
+    assert!(changed.len() > 50, "the title changed only {} pixels", changed.len());
+    assert!(changed.iter().all(|&i| (i / w as usize) < (40.0 * s) as usize));
+    assert!(changed.iter().any(|&i| px[i].iter().all(|&c| c < 80)), "no dark title pixels");
+    // No points at all still gives a picture (a unit box).
+    let (w0, h0, _) = decode_png(&pareto_png(&names, &[], "empty").unwrap());
+    assert_eq!((w0, h0), (w, h));
 }

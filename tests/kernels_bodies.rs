@@ -7,29 +7,8 @@ use cage::candidates::{Selection, select};
 use cage::gpu::{Choice, DeviceStep, EqOptions, Gpu, Logits, ValueType};
 use cage::solver::{exact, reference};
 use cage::{Batch, BatchInput, Normalize, Solution};
-
-/// splitmix64: deterministic inputs without a dependency.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn f(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.f()
-    }
-}
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// What a generated game looks like.
 #[derive(Clone, Copy, Debug)]
@@ -54,16 +33,16 @@ impl Shape {
 
 /// A random batch, already rounded to f32 (the GPU's precision) and returned in both precisions.
 pub fn batch(shape: Shape, seed: u64) -> (Batch<f64>, Batch<f32>) {
-    let mut rng = Rng::new(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     let Shape { rows, n, j, excluded, ties, value_scale, tau } = shape;
-    let level = |rng: &mut Rng, k: f64| {
-        if ties { (rng.f() * k).floor() / k } else { rng.f() }
+    let level = |rng: &mut StdRng, k: f64| {
+        if ties { (rng.random::<f64>() * k).floor() / k } else { rng.random::<f64>() }
     };
     let mut base = Vec::with_capacity(rows * n);
     for _ in 0..rows {
         let start = base.len();
         for _ in 0..n {
-            base.push(if rng.f() < excluded { f64::NEG_INFINITY } else { -6.0 * level(&mut rng, 4.0) });
+            base.push(if rng.random::<f64>() < excluded { f64::NEG_INFINITY } else { -6.0 * level(&mut rng, 4.0) });
         }
         // Every row keeps at least one candidate.
         if base[start..].iter().all(|b| *b == f64::NEG_INFINITY) {
@@ -71,8 +50,8 @@ pub fn batch(shape: Shape, seed: u64) -> (Batch<f64>, Batch<f32>) {
         }
     }
     let values: Vec<f64> = (0..rows * j * n).map(|_| value_scale * level(&mut rng, 3.0)).collect();
-    let weights: Vec<f64> = (0..rows * j).map(|_| rng.range(0.2, 1.5)).collect();
-    let tau: Vec<f64> = (0..rows).map(|_| rng.range(tau.0, tau.1)).collect();
+    let weights: Vec<f64> = (0..rows * j).map(|_| rng.random_range(0.2..1.5)).collect();
+    let tau: Vec<f64> = (0..rows).map(|_| rng.random_range(tau.0..tau.1)).collect();
     let b32 = Batch::new(BatchInput {
         rows,
         candidates: n,
@@ -274,18 +253,18 @@ pub fn equilibrium_cluster_split(gpu: &mut Gpu) -> bool {
 
 /// Logits with ties and -inf entries, in the three input types, rounded so that every type holds them exactly.
 pub fn logits(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     (0..rows * vocab)
         .map(|_| {
-            let u = rng.f();
+            let u = rng.random::<f64>();
             if u < 0.02 {
                 f32::NEG_INFINITY
             } else if u < 0.3 {
                 // A few repeated levels: ties across many ids.
-                ((rng.f() * 8.0).floor() - 4.0) as f32
+                ((rng.random::<f64>() * 8.0).floor() - 4.0) as f32
             } else {
                 // 8 significant bits: exact in bf16 and f16.
-                half::bf16::from_f64(rng.range(-12.0, 9.0)).to_f32()
+                half::bf16::from_f64(rng.random_range(-12.0..9.0)).to_f32()
             }
         })
         .collect()
@@ -340,13 +319,13 @@ pub fn candidates_mostly_excluded(gpu: &mut Gpu) {
 /// key bin); both take the radix fallback of the top-k kernel, which must agree with the CPU as well.
 pub fn candidates_massive_ties(gpu: &mut Gpu) {
     let vocab = 5003;
-    let mut rng = Rng::new(11);
+    let mut rng = StdRng::seed_from_u64(11);
     let mut x = Vec::with_capacity(2 * vocab);
     for i in 0..vocab {
-        x.push(if i % 5 < 3 { 2.0 } else { rng.range(-5.0, 1.0) as f32 });
+        x.push(if i % 5 < 3 { 2.0 } else { rng.random_range(-5.0..1.0) as f32 });
     }
     for i in 0..vocab {
-        x.push(if i % 2 == 0 { 8.0 + (i as f32) * 1e-4 } else { rng.range(-5.0, 7.0) as f32 });
+        x.push(if i % 2 == 0 { 8.0 + (i as f32) * 1e-4 } else { rng.random_range(-5.0..7.0) as f32 });
     }
     for k in [1, 50, 1024] {
         let got = gpu.candidates(Logits::F32(&x), 2, vocab, Some(k)).expect("candidates");
@@ -365,8 +344,8 @@ pub fn candidates_massive_ties(gpu: &mut Gpu) {
 /// NaN logits and bad parameters are errors.
 pub fn device_step_matches_host_chain(gpu: &mut Gpu) {
     let (rows, vocab, k) = (3, 3001, 50);
-    let mut rng = Rng::new(21);
-    let mut gen_logits = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.range(-8.0, 8.0) as f32).collect() };
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut gen_logits = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-8.0..8.0) as f32).collect() };
     let base = gen_logits(rows * vocab);
     let reference = gen_logits(rows * vocab);
     let arm_all = gen_logits(rows * 3 * vocab);
@@ -502,8 +481,8 @@ fn score(mode: Choice, p: f32, seed: u64, row: u32, step: u32, a: u32) -> f32 {
 /// in frequency, and the same (seed, row, step) gives the same token.
 pub fn choose_is_reproducible_and_follows_pi(gpu: &mut Gpu) {
     let (rows, n) = (4, 37);
-    let mut rng = Rng::new(9);
-    let mut pi: Vec<f32> = (0..rows * n).map(|i| if i % 7 == 3 { 0.0 } else { rng.f() as f32 }).collect();
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut pi: Vec<f32> = (0..rows * n).map(|i| if i % 7 == 3 { 0.0 } else { rng.random::<f64>() as f32 }).collect();
     pi[5] = pi[6]; // a tie for greedy
     for r in 0..rows {
         let s: f32 = pi[r * n..(r + 1) * n].iter().sum();

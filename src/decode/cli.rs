@@ -2,9 +2,11 @@
 
 use super::config::{DecodeMethod, PrincipalKind, PrincipalSpec, RunConfig};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
-use super::sweep::{MethodCurve, pareto_png, pareto_svg, points_csv, simplex_grid, summarize, summary_csv};
+use super::plot::{pareto_png, pareto_svg};
+use super::sweep::{MethodCurve, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
-use std::io::{IsTerminal, Write};
+use crate::progress::Progress;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -113,53 +115,6 @@ pub fn result_json(r: &RowResult, names: &[String], method: DecodeMethod, extra:
         "prompt": r.prompt, "method": method.name(), "weights": r.weights, "text": r.text,
         "tokens": r.tokens.len(), "stop_reason": r.stop_reason, "scores": scores,
     })
-}
-
-/// A one-line progress report on standard error (only when it is a terminal).
-struct Progress {
-    label: String,
-    total: usize,
-    done: usize,
-    start: Instant,
-    on: bool,
-}
-
-impl Progress {
-    fn new(label: &str, total: usize) -> Self {
-        let p = Progress {
-            label: label.into(),
-            total,
-            done: 0,
-            start: Instant::now(),
-            on: std::io::stderr().is_terminal(),
-        };
-        p.show();
-        p
-    }
-    fn show(&self) {
-        if self.on {
-            let w = 30;
-            let f = (self.done * w).checked_div(self.total).unwrap_or(w).min(w);
-            eprint!(
-                "\r{} [{}{}] {}/{} {:.0}s ",
-                self.label,
-                "#".repeat(f),
-                " ".repeat(w - f),
-                self.done,
-                self.total,
-                self.start.elapsed().as_secs_f64()
-            );
-        }
-    }
-    fn tick(&mut self) {
-        self.done += 1;
-        self.show();
-    }
-    fn finish(&self) {
-        if self.on {
-            eprintln!();
-        }
-    }
 }
 
 /// Options of `cage generate`.
@@ -403,7 +358,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     let title = format!("{} prompt(s), tau {}, k {}", prompts.len(), cfg.tau, cfg.k);
     write_file(&a.out.join("pareto.svg"), &pareto_svg(&score_names, &curves, &title))?;
     let png = a.out.join("pareto.png");
-    std::fs::write(&png, pareto_png(&score_names, &curves, &title))
+    std::fs::write(&png, pareto_png(&score_names, &curves, &title)?)
         .map_err(io_err(format!("writing {}", png.display())))?;
     println!("reference point {reference:?}");
     println!("{:>12} {:>12} {:>8}", "method", "HV", "MIP");

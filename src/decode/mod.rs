@@ -1,10 +1,12 @@
 //! CAGE decoding end to end: principals as value sources ([`principal`]), a run configuration ([`config`]),
 //! the batched decoding loop shared by every method ([`engine`]), preference sweeps with hypervolume and MIP
-//! ([`sweep`]), and the bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo` ([`cli`]).
+//! ([`sweep`]) and their Pareto plot in SVG and PNG ([`plot`]), and the bodies of `cage generate`,
+//! `cage sweep`, `cage bench decode` and `cage demo` ([`cli`]).
 
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod plot;
 pub mod principal;
 pub mod sweep;
 

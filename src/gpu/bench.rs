@@ -5,6 +5,8 @@
 use super::{Choice, EqOptions, Gpu, Logits, ValueType};
 use crate::error::Result;
 use crate::problem::{Batch, BatchInput, Normalize};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Cache state a launch is timed in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,28 +37,15 @@ impl Measurement {
     }
 }
 
-/// A deterministic pseudo-random stream (splitmix64) for benchmark inputs.
-struct Gen(u64);
-
-impl Gen {
-    fn f(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// A random batch of `rows` x `n` candidates and `j` principals (values in [0, 2), tau = 0.1).
 pub fn random_batch(rows: usize, n: usize, j: usize, seed: u64) -> Result<Batch<f32>> {
-    let mut g = Gen(seed);
+    let mut g = StdRng::seed_from_u64(seed);
     Batch::new(BatchInput {
         rows,
         candidates: n,
         principals: j,
-        base_logprobs: (0..rows * n).map(|_| (-12.0 * g.f()) as f32).collect(),
-        values: (0..rows * j * n).map(|_| (2.0 * g.f()) as f32).collect(),
+        base_logprobs: (0..rows * n).map(|_| g.random_range(-12.0..=0.0)).collect(),
+        values: (0..rows * j * n).map(|_| g.random_range(0.0..2.0)).collect(),
         weights: vec![1.0; rows * j],
         tau: vec![0.1],
         normalize: Normalize::None,
@@ -159,8 +148,8 @@ pub fn candidates(
     cache: Cache,
     reps: usize,
 ) -> Result<Measurement> {
-    let mut g = Gen(3);
-    let x: Vec<half::bf16> = (0..rows * vocab).map(|_| half::bf16::from_f64(20.0 * g.f() - 10.0)).collect();
+    let mut g = StdRng::seed_from_u64(3);
+    let x: Vec<half::bf16> = (0..rows * vocab).map(|_| half::bf16::from_f64(g.random_range(-10.0..10.0))).collect();
     let job = gpu.prepare_candidates(Logits::Bf16(&x), rows, vocab, k)?;
     let micros = time_us(gpu, cache, reps, &mut |g| g.run_candidates(&job))?;
     let bytes = job.bytes_moved();

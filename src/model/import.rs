@@ -79,6 +79,16 @@ impl Meta<'_> {
 
 /// Imports `gguf` into the folder `out` (created if needed). Existing files there are overwritten.
 pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
+    import_gguf_with_progress(gguf, out, &mut |_, _| {})
+}
+
+/// [`import_gguf`], calling `progress(done, total)` as tensors are dequantized and written (the slow part:
+/// seconds to minutes), so that a command line can show a bar.
+pub fn import_gguf_with_progress(
+    gguf: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ImportSummary> {
     let f = GgufFile::open(gguf)?;
     let what = gguf.display().to_string();
     let arch = f.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
@@ -152,7 +162,8 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
         w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(|e| io(e, "safetensors header"))?;
         w.write_all(&hbytes).map_err(|e| io(e, "safetensors header"))?;
-        for (t, name) in &plan {
+        progress(0, plan.len());
+        for (i, (t, name)) in plan.iter().enumerate() {
             let mut data = f.dequantize(t)?;
             let shape = t.shape();
             let nh = if name.contains("q_proj") { heads } else { kv_heads };
@@ -163,6 +174,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
                 data = unpermute_rows(&data, nh, 1)?;
             }
             w.write_all(bytemuck::cast_slice(&data)).map_err(|e| io(e, &st_path.display().to_string()))?;
+            progress(i + 1, plan.len());
         }
         w.flush().map_err(|e| io(e, &st_path.display().to_string()))?;
     }
