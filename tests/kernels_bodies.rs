@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use cage::candidates::{Selection, select};
-use cage::gpu::{Choice, DeviceStep, EqOptions, Gpu, Logits, ValueType};
+use cage::gpu::{DeviceStep, EqOptions, Gpu, Logits, ValueType};
+use cage::sampling::Choice;
 use cage::solver::{exact, reference};
 use cage::{Batch, BatchInput, Normalize, Solution};
 
@@ -371,16 +372,18 @@ pub fn device_step_matches_host_chain(gpu: &mut Gpu) {
     let reference = gen_logits(rows * vocab);
     let arm_all = gen_logits(rows * 3 * vocab);
     let tau = vec![0.3f32, 0.7, 1.5];
-    let upload = |gpu: &mut Gpu, name: &'static str, x: &[f32]| {
-        let p = gpu.buffer(name, x.len() * 4).unwrap();
-        gpu.device().upload(p, bytemuck::cast_slice(x)).unwrap();
-        p
+    let upload = |gpu: &mut Gpu, x: &[f32]| {
+        let mut b = gpu.alloc(x.len() * 4).unwrap();
+        b.upload(gpu.device(), x).unwrap();
+        b
     };
-    let (dbase, dref) = (upload(gpu, "test.base", &base), upload(gpu, "test.ref", &reference));
+    let (base_buf, ref_buf) = (upload(gpu, &base), upload(gpu, &reference));
+    let (dbase, dref) = (base_buf.ptr(), ref_buf.ptr());
     for j in [0usize, 1, 3] {
         // The first j principals of each row.
         let arm: Vec<f32> = (0..rows).flat_map(|r| arm_all[r * 3 * vocab..(r * 3 + j) * vocab].to_vec()).collect();
-        let darm = upload(gpu, "test.arm", if j == 0 { &base } else { &arm });
+        let arm_buf = upload(gpu, if j == 0 { &base } else { &arm });
+        let darm = arm_buf.ptr();
         let weights: Vec<f32> = (0..rows * j).map(|i| 0.5 + 0.25 * (i % 3) as f32).collect();
         for (choice, seed) in [(Choice::Greedy, 0), (Choice::Gumbel, 9), (Choice::Race, 9)] {
             let step = DeviceStep {
@@ -444,7 +447,8 @@ pub fn device_step_matches_host_chain(gpu: &mut Gpu) {
     // NaN logits in row 1: an error naming the row, not a token.
     let mut bad_logits = base.clone();
     bad_logits[vocab + 17] = f32::NAN;
-    let dbad = upload(gpu, "test.bad", &bad_logits);
+    let bad_buf = upload(gpu, &bad_logits);
+    let dbad = bad_buf.ptr();
     let ok = DeviceStep {
         rows,
         vocab,
