@@ -1,7 +1,55 @@
 //! Test bodies of the CUDA kernels, shared by tests/kernels_emu.rs (host emulation, every CI run) and
-//! tests/gpu_kernels.rs (a real GPU when one is present): the same checks against the CPU solvers on both.
-//! Included with `#[path]`; as its own test target it runs nothing.
+//! tests/gpu_kernels.rs (a real GPU when one is present): the same checks against the CPU solvers on both,
+//! listed once in [`kernel_tests`]. Included with `#[macro_use] #[path]`; as its own test target it runs
+//! nothing.
 #![allow(dead_code)]
+
+/// The kernel tests of one device, from one list (candle's `test_device!`): `kernel_tests!(NAME, open: F,
+/// full_row: N, jacobi: (CASES, TOL), must_split: B)` makes a module NAME with one `#[test]` per body. Each test
+/// opens its device with `F(test name) -> Option<Gpu>` (None: skipped) and runs with the sizes that suit the
+/// device: the long row of [`equilibrium_matches_reference`], the converged cases of [`jacobi_matches_cpu`] and
+/// their tolerance, and whether [`equilibrium_cluster_split`] must find clusters.
+#[allow(unused_macros)]
+macro_rules! kernel_tests {
+    (
+        $device:ident, open: $open:expr, full_row: $full:expr, jacobi: ($cases:expr, $tol:expr),
+        must_split: $must:expr
+    ) => {
+        kernel_tests!(@tests $device, $open, {
+            equilibrium_matches_reference: |g| bodies::equilibrium_matches_reference(g, $full),
+            equilibrium_edge_cases: bodies::equilibrium_edge_cases,
+            equilibrium_cluster_split: |g| {
+                let ran = bodies::equilibrium_cluster_split(g);
+                assert!(ran || !$must, "this device must run thread-block clusters");
+            },
+            equilibrium_bf16_values: bodies::equilibrium_bf16_values,
+            equilibrium_rejects_bad_requests: bodies::equilibrium_rejects_bad_requests,
+            // 3001 tokens: more than the top-k limit, so `k = min(V, 1024)` and the full row take different paths.
+            candidates_match_cpu: |g| bodies::candidates_match_cpu(g, 3001),
+            candidates_massive_ties: bodies::candidates_massive_ties,
+            candidates_mostly_excluded: bodies::candidates_mostly_excluded,
+            candidates_reject_bad_requests: bodies::candidates_reject_bad_requests,
+            device_step_matches_host_chain: bodies::device_step_matches_host_chain,
+            choose_is_reproducible_and_follows_pi: bodies::choose_is_reproducible_and_follows_pi,
+            principal_values_match_cpu: bodies::principal_values_match_cpu,
+            jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
+            graph_replays_equilibrium: bodies::graph_replays_equilibrium,
+        });
+    };
+    (@tests $device:ident, $open:expr, { $($name:ident: $body:expr),* $(,)? }) => {
+        mod $device {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(mut gpu) = ($open)(concat!(stringify!($device), "::", stringify!($name))) {
+                        ($body)(&mut gpu);
+                    }
+                }
+            )*
+        }
+    };
+}
 
 use cage::candidates::{Selection, select};
 use cage::gpu::{DeviceStep, EqOptions, Gpu, Logits, ValueType};
@@ -230,12 +278,17 @@ pub fn equilibrium_rejects_bad_requests(gpu: &mut Gpu) {
     assert!(gpu.equilibrium(&b, &EqOptions { max_iter: 0, ..eq_opts() }).is_err());
 }
 
+/// Whether the device runs the cluster-split equilibrium kernels.
+pub fn has_clusters(gpu: &mut Gpu) -> bool {
+    gpu.device().supports_cluster("cage_eqc_f32_j1", 512, 2, 4096)
+}
+
 /// Rows split across a thread-block cluster (forced, on rows small enough for the emulation), against the
 /// reference and the one-block kernel: J = 1..4, f32 and bf16 values, -inf entries and ties, slices that end
 /// mid-vector, clusters whose last blocks hold nothing; then a row too large for one block, split on its own.
 /// Returns false (after a skip line) where the device has no clusters.
 pub fn equilibrium_cluster_split(gpu: &mut Gpu) -> bool {
-    if !gpu.device().supports_cluster("cage_eqc_f32_j1", 512, 2, 4096) {
+    if !has_clusters(gpu) {
         println!("SKIP equilibrium_cluster_split: {} has no thread-block clusters", gpu.describe());
         return false;
     }
