@@ -119,7 +119,7 @@ fn nvrtc_compiles_every_embedded_kernel_source() {
         return;
     }
     for m in MODULES {
-        let ptx = cage::gpu::cuda::compile_nvrtc(m).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+        let ptx = cage::gpu::cuda::compile_nvrtc_for(m, None).unwrap_or_else(|e| panic!("{}: {e}", m.name));
         let text = ptx.to_src();
         for k in m.kernels {
             assert!(text.contains(&format!(".entry {k}(")), "{}: NVRTC output lacks {k}", m.name);

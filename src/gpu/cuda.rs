@@ -186,11 +186,6 @@ impl Cuda {
     }
 }
 
-/// Compiles a module's embedded source with NVRTC for NVRTC's default architecture.
-pub fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
-    compile_nvrtc_for(m, None)
-}
-
 /// Compiles a module's embedded source with NVRTC for compute capability `cc` (None: NVRTC's default).
 pub fn compile_nvrtc_for(m: &KernelModule, cc: Option<(i32, i32)>) -> Result<cudarc::nvrtc::Ptx> {
     // SAFETY: only tries to dlopen libnvrtc.
