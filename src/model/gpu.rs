@@ -162,7 +162,6 @@ pub struct GpuDecoder {
     kc: DevBuf,
     vc: DevBuf,
     acts: Acts,
-    /// The device, after the buffers that live on it.
     gpu: Gpu,
     lens: Vec<usize>,
     max_seq: usize,
