@@ -4,7 +4,7 @@
 //! the emulation itself, not the GPU (whose figures stay "not yet measured" until this runs on one).
 //! `cage bench solver` prints the same kernels with the fraction of the copy bandwidth.
 
-use cage::gpu::bench::{Cache, random_batch};
+use cage::gpu::bench::{Cache, L2Flush, random_batch};
 use cage::gpu::{EqOptions, Gpu, Logits, ValueType};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::time::Duration;
@@ -19,15 +19,12 @@ fn device() -> (Gpu, &'static str) {
     }
 }
 
-/// Times `iters` launches of `run`, flushing L2 before each when asked; device time only.
-fn timed(gpu: &mut Gpu, cache: Cache, iters: u64, run: &mut dyn FnMut(&mut Gpu)) -> Duration {
+/// Times `iters` launches of `run`, flushing L2 before each with `flush` for `Cache::Flushed`; device time only.
+fn timed(gpu: &mut Gpu, flush: &L2Flush, cache: Cache, iters: u64, run: &mut dyn FnMut(&mut Gpu)) -> Duration {
     let mut total = 0.0;
     for _ in 0..iters {
         if cache == Cache::Flushed {
-            let bytes = if gpu.is_emulated() { 1 << 20 } else { 256 << 20 };
-            let a = gpu.buffer("bench.flush.a", bytes).unwrap();
-            let b = gpu.buffer("bench.flush.b", bytes).unwrap();
-            gpu.device().copy(b, a, bytes).unwrap();
+            flush.run(gpu).unwrap();
         }
         gpu.device().timer_start().unwrap();
         run(gpu);
@@ -38,6 +35,7 @@ fn timed(gpu: &mut Gpu, cache: Cache, iters: u64, run: &mut dyn FnMut(&mut Gpu))
 
 fn kernels(c: &mut Criterion) {
     let (mut gpu, tag) = device();
+    let flush = L2Flush::new(&mut gpu).unwrap();
     let emu = gpu.is_emulated();
     let eq_shapes: &[(usize, usize, usize, ValueType)] = if emu {
         &[(1, 50, 4, ValueType::F32), (2, 2048, 2, ValueType::Bf16)]
@@ -56,7 +54,7 @@ fn kernels(c: &mut Criterion) {
         for cache in [Cache::Warm, Cache::Flushed] {
             let id = BenchmarkId::new(format!("{cache:?}"), format!("B{rows}_N{n}_J{j}_{values:?}"));
             g.bench_function(id, |b| {
-                b.iter_custom(|iters| timed(&mut gpu, cache, iters, &mut |g| g.run_equilibrium(&job).unwrap()))
+                b.iter_custom(|iters| timed(&mut gpu, &flush, cache, iters, &mut |g| g.run_equilibrium(&job).unwrap()))
             });
         }
     }
@@ -79,7 +77,7 @@ fn kernels(c: &mut Criterion) {
         for cache in [Cache::Warm, Cache::Flushed] {
             let id = BenchmarkId::new(format!("{cache:?}"), format!("B{rows}_V{vocab}_k{k:?}"));
             g.bench_function(id, |b| {
-                b.iter_custom(|iters| timed(&mut gpu, cache, iters, &mut |g| g.run_candidates(&job).unwrap()))
+                b.iter_custom(|iters| timed(&mut gpu, &flush, cache, iters, &mut |g| g.run_candidates(&job).unwrap()))
             });
         }
     }

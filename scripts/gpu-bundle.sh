@@ -66,7 +66,8 @@ if [[ "${1:-}" != "--quick" ]]; then
       tee "$out/sanitizer_memcheck_kernels.txt" || status=1
     compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/model_gpu" --test-threads=1 2>&1 |
       tee "$out/sanitizer_memcheck_model.txt" || status=1
-    for t in gpu_equilibrium_cluster_split gpu_equilibrium_matches_reference gpu_candidates gpu_choose; do
+    # Substring filters over the test names of tests/gpu_kernels.rs (gpu::..., full_vocabulary::...).
+    for t in equilibrium_cluster_split equilibrium_matches_reference candidates device_step choose; do
       compute-sanitizer --tool racecheck --error-exitcode 9 "$here/tests/gpu_kernels" --test-threads=1 "$t" 2>&1 |
         tee -a "$out/sanitizer_racecheck.txt" || status=1
     done

@@ -1,10 +1,59 @@
 //! Test bodies of the CUDA kernels, shared by tests/kernels_emu.rs (host emulation, every CI run) and
-//! tests/gpu_kernels.rs (a real GPU when one is present): the same checks against the CPU solvers on both.
-//! Included with `#[path]`; as its own test target it runs nothing.
+//! tests/gpu_kernels.rs (a real GPU when one is present): the same checks against the CPU solvers on both,
+//! listed once in [`kernel_tests`]. Included with `#[macro_use] #[path]`; as its own test target it runs
+//! nothing.
 #![allow(dead_code)]
 
+/// The kernel tests of one device, from one list (candle's `test_device!`): `kernel_tests!(NAME, open: F,
+/// full_row: N, jacobi: (CASES, TOL), must_split: B)` makes a module NAME with one `#[test]` per body. Each test
+/// opens its device with `F(test name) -> Option<Gpu>` (None: skipped) and runs with the sizes that suit the
+/// device: the long row of [`equilibrium_matches_reference`], the converged cases of [`jacobi_matches_cpu`] and
+/// their tolerance, and whether [`equilibrium_cluster_split`] must find clusters.
+#[allow(unused_macros)]
+macro_rules! kernel_tests {
+    (
+        $device:ident, open: $open:expr, full_row: $full:expr, jacobi: ($cases:expr, $tol:expr),
+        must_split: $must:expr
+    ) => {
+        kernel_tests!(@tests $device, $open, {
+            equilibrium_matches_reference: |g| bodies::equilibrium_matches_reference(g, $full),
+            equilibrium_edge_cases: bodies::equilibrium_edge_cases,
+            equilibrium_cluster_split: |g| {
+                let ran = bodies::equilibrium_cluster_split(g);
+                assert!(ran || !$must, "this device must run thread-block clusters");
+            },
+            equilibrium_bf16_values: bodies::equilibrium_bf16_values,
+            equilibrium_rejects_bad_requests: bodies::equilibrium_rejects_bad_requests,
+            // 3001 tokens: more than the top-k limit, so `k = min(V, 1024)` and the full row take different paths.
+            candidates_match_cpu: |g| bodies::candidates_match_cpu(g, 3001),
+            candidates_massive_ties: bodies::candidates_massive_ties,
+            candidates_mostly_excluded: bodies::candidates_mostly_excluded,
+            candidates_reject_bad_requests: bodies::candidates_reject_bad_requests,
+            device_step_matches_host_chain: bodies::device_step_matches_host_chain,
+            choose_is_reproducible_and_follows_pi: bodies::choose_is_reproducible_and_follows_pi,
+            principal_values_match_cpu: bodies::principal_values_match_cpu,
+            jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
+            graph_replays_equilibrium: bodies::graph_replays_equilibrium,
+        });
+    };
+    (@tests $device:ident, $open:expr, { $($name:ident: $body:expr),* $(,)? }) => {
+        mod $device {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(mut gpu) = ($open)(concat!(stringify!($device), "::", stringify!($name))) {
+                        ($body)(&mut gpu);
+                    }
+                }
+            )*
+        }
+    };
+}
+
 use cage::candidates::{Selection, select};
-use cage::gpu::{Choice, DeviceStep, EqOptions, Gpu, Logits, ValueType};
+use cage::gpu::{DeviceStep, EqOptions, Gpu, Logits, ValueType};
+use cage::sampling::Choice;
 use cage::solver::{exact, reference};
 use cage::{Batch, BatchInput, Normalize, Solution};
 use rand::rngs::StdRng;
@@ -208,12 +257,17 @@ pub fn equilibrium_rejects_bad_requests(gpu: &mut Gpu) {
     assert!(gpu.equilibrium(&b, &EqOptions { max_iter: 0, ..eq_opts() }).is_err());
 }
 
+/// Whether the device runs the cluster-split equilibrium kernels.
+pub fn has_clusters(gpu: &mut Gpu) -> bool {
+    gpu.device().supports_cluster("cage_eqc_f32_j1", 512, 2, 4096)
+}
+
 /// Rows split across a thread-block cluster (forced, on rows small enough for the emulation), against the
 /// reference and the one-block kernel: J = 1..4, f32 and bf16 values, -inf entries and ties, slices that end
 /// mid-vector, clusters whose last blocks hold nothing; then a row too large for one block, split on its own.
 /// Returns false (after a skip line) where the device has no clusters.
 pub fn equilibrium_cluster_split(gpu: &mut Gpu) -> bool {
-    if !gpu.device().supports_cluster("cage_eqc_f32_j1", 512, 2, 4096) {
+    if !has_clusters(gpu) {
         println!("SKIP equilibrium_cluster_split: {} has no thread-block clusters", gpu.describe());
         return false;
     }
@@ -350,16 +404,18 @@ pub fn device_step_matches_host_chain(gpu: &mut Gpu) {
     let reference = gen_logits(rows * vocab);
     let arm_all = gen_logits(rows * 3 * vocab);
     let tau = vec![0.3f32, 0.7, 1.5];
-    let upload = |gpu: &mut Gpu, name: &'static str, x: &[f32]| {
-        let p = gpu.buffer(name, x.len() * 4).unwrap();
-        gpu.device().upload(p, bytemuck::cast_slice(x)).unwrap();
-        p
+    let upload = |gpu: &mut Gpu, x: &[f32]| {
+        let mut b = gpu.alloc(x.len() * 4).unwrap();
+        b.upload(gpu.device(), x).unwrap();
+        b
     };
-    let (dbase, dref) = (upload(gpu, "test.base", &base), upload(gpu, "test.ref", &reference));
+    let (base_buf, ref_buf) = (upload(gpu, &base), upload(gpu, &reference));
+    let (dbase, dref) = (base_buf.ptr(), ref_buf.ptr());
     for j in [0usize, 1, 3] {
         // The first j principals of each row.
         let arm: Vec<f32> = (0..rows).flat_map(|r| arm_all[r * 3 * vocab..(r * 3 + j) * vocab].to_vec()).collect();
-        let darm = upload(gpu, "test.arm", if j == 0 { &base } else { &arm });
+        let arm_buf = upload(gpu, if j == 0 { &base } else { &arm });
+        let darm = arm_buf.ptr();
         let weights: Vec<f32> = (0..rows * j).map(|i| 0.5 + 0.25 * (i % 3) as f32).collect();
         for (choice, seed) in [(Choice::Greedy, 0), (Choice::Gumbel, 9), (Choice::Race, 9)] {
             let step = DeviceStep {
@@ -423,7 +479,8 @@ pub fn device_step_matches_host_chain(gpu: &mut Gpu) {
     // NaN logits in row 1: an error naming the row, not a token.
     let mut bad_logits = base.clone();
     bad_logits[vocab + 17] = f32::NAN;
-    let dbad = upload(gpu, "test.bad", &bad_logits);
+    let bad_buf = upload(gpu, &bad_logits);
+    let dbad = bad_buf.ptr();
     let ok = DeviceStep {
         rows,
         vocab,

@@ -17,6 +17,7 @@
 //! continuations.
 
 use cage::gpu::Gpu;
+use cage::gpu::device::DevBuf;
 use cage::model::config::RopeScaling;
 use cage::model::forward::{CpuDecoder, Decoder, LogitsAt, Seq, argmax, greedy};
 use cage::model::gpu::{GpuDecoder, bf16_weights};
@@ -440,7 +441,8 @@ fn gpu_logits_feed_the_candidate_kernel_without_a_copy() {
 /// on the CPU from the downloaded logits (candidates::select, the implicit reward, solver::exact).
 #[test]
 fn gpu_logits_go_straight_to_the_equilibrium() {
-    use cage::gpu::{Choice, DeviceStep};
+    use cage::gpu::DeviceStep;
+    use cage::sampling::Choice;
     use cage::{Batch, BatchInput, Normalize};
     on_every_device("gpu_logits_go_straight_to_the_equilibrium", |gpu, dev| {
         let mut m = load("tiny-llama");
@@ -579,12 +581,10 @@ fn emulated_gemm_matches_a_double_precision_product() {
         let a: Vec<half::bf16> = (0..m * k).map(|i| half::bf16::from_f32(f(i, 5))).collect();
         let w: Vec<half::bf16> = (0..n * k).map(|i| half::bf16::from_f32(f(i, 3))).collect();
         let c0: Vec<f32> = (0..m * n).map(|i| f(i, 2)).collect();
+        // Empty buffers, grown by their first upload; freed when dropped.
+        let (mut ba, mut bw, mut bc) = (DevBuf::default(), DevBuf::default(), DevBuf::default());
         let d = g.device();
-        let (pa, pw, pc) =
-            (d.alloc(a.len() * 2).unwrap(), d.alloc(w.len() * 2).unwrap(), d.alloc(c0.len() * 4).unwrap());
-        d.upload(pa, bytemuck::cast_slice(&a)).unwrap();
-        d.upload(pw, bytemuck::cast_slice(&w)).unwrap();
-        d.upload(pc, bytemuck::cast_slice(&c0)).unwrap();
+        let (pa, pw, pc) = (ba.upload(d, &a).unwrap(), bw.upload(d, &w).unwrap(), bc.upload(d, &c0).unwrap());
         // SAFETY: the buffers were allocated with the sizes the call reads and writes.
         unsafe { d.gemm_bf16(m, n, k, pa, pw, pc, 0.5, 2.0) }.unwrap();
         let mut c = vec![0f32; m * n];
@@ -596,9 +596,6 @@ fn emulated_gemm_matches_a_double_precision_product() {
                 let got = c[i * n + j] as f64;
                 assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{dev}: C[{i},{j}] = {got}, want {want}");
             }
-        }
-        for p in [pa, pw, pc] {
-            d.free(p);
         }
     });
 }

@@ -2,9 +2,11 @@
 //! launch with the L2 cache warm or flushed, bytes moved, GB/s and the fraction of the device-to-device copy
 //! bandwidth measured in the same run (the roofline a memory-bound kernel is judged against).
 
-use super::{Choice, EqOptions, Gpu, Logits, ValueType};
+use super::device::DevBuf;
+use super::{EqOptions, Gpu, Logits, ValueType};
 use crate::error::Result;
 use crate::problem::{Batch, BatchInput, Normalize};
+use crate::sampling::Choice;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -61,21 +63,35 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// Bytes of the buffer copied to flush L2 (H100: 50 MB of L2, H200 the same; 256 MiB is safely larger).
 const FLUSH_BYTES: usize = 256 << 20;
 
-fn flush(gpu: &mut Gpu) -> Result<()> {
-    let bytes = if gpu.is_emulated() { 1 << 20 } else { FLUSH_BYTES };
-    let a = gpu.buffer("bench.flush.a", bytes)?;
-    let b = gpu.buffer("bench.flush.b", bytes)?;
-    gpu.device().copy(b, a, bytes)
+/// Two buffers larger than any L2 (1 MiB under the emulation): a copy from one to the other before a launch
+/// leaves nothing of the launch's inputs in L2.
+pub struct L2Flush {
+    from: DevBuf,
+    to: DevBuf,
+}
+
+impl L2Flush {
+    /// Allocates the two buffers on `gpu`.
+    pub fn new(gpu: &mut Gpu) -> Result<Self> {
+        let bytes = if gpu.is_emulated() { 1 << 20 } else { FLUSH_BYTES };
+        Ok(Self { from: gpu.alloc(bytes)?, to: gpu.alloc(bytes)? })
+    }
+
+    /// Flushes the L2 cache of `gpu` (the device the buffers were allocated on).
+    pub fn run(&self, gpu: &mut Gpu) -> Result<()> {
+        gpu.device().copy(self.to.ptr(), self.from.ptr(), self.from.bytes())
+    }
 }
 
 /// Times `f` `reps` times (after one warm-up) and returns the median in microseconds.
 pub fn time_us(gpu: &mut Gpu, cache: Cache, reps: usize, f: &mut dyn FnMut(&mut Gpu) -> Result<()>) -> Result<f64> {
+    let flush = if cache == Cache::Flushed { Some(L2Flush::new(gpu)?) } else { None };
     f(gpu)?;
     gpu.device().synchronize()?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
-        if cache == Cache::Flushed {
-            flush(gpu)?;
+        if let Some(flush) = &flush {
+            flush.run(gpu)?;
         }
         gpu.device().timer_start()?;
         f(gpu)?;
@@ -87,9 +103,8 @@ pub fn time_us(gpu: &mut Gpu, cache: Cache, reps: usize, f: &mut dyn FnMut(&mut 
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + bytes written per second) over `bytes`.
 pub fn copy_bandwidth(gpu: &mut Gpu, bytes: usize, reps: usize) -> Result<f64> {
-    let a = gpu.buffer("bench.copy.a", bytes)?;
-    let b = gpu.buffer("bench.copy.b", bytes)?;
-    let us = time_us(gpu, Cache::Warm, reps, &mut |g| g.device().copy(b, a, bytes))?;
+    let (a, b) = (gpu.alloc(bytes)?, gpu.alloc(bytes)?);
+    let us = time_us(gpu, Cache::Warm, reps, &mut |g| g.device().copy(b.ptr(), a.ptr(), bytes))?;
     Ok(2.0 * bytes as f64 / (us * 1e-6) / 1e9)
 }
 

@@ -5,7 +5,7 @@
 //! cudarc panics when libcuda is missing, so [`Cuda::open`] checks for the library and a device first: a
 //! machine without a GPU gets an ordinary error.
 
-use super::device::{DevPtr, Device};
+use super::device::{DevPtr, Device, Release};
 use super::{KernelModule, MODULES};
 use crate::error::{CageError, Result};
 use cudarc::driver::sys::{
@@ -186,11 +186,6 @@ impl Cuda {
     }
 }
 
-/// Compiles a module's embedded source with NVRTC for NVRTC's default architecture.
-pub fn compile_nvrtc(m: &KernelModule) -> Result<cudarc::nvrtc::Ptx> {
-    compile_nvrtc_for(m, None)
-}
-
 /// Compiles a module's embedded source with NVRTC for compute capability `cc` (None: NVRTC's default).
 pub fn compile_nvrtc_for(m: &KernelModule, cc: Option<(i32, i32)>) -> Result<cudarc::nvrtc::Ptx> {
     // SAFETY: only tries to dlopen libnvrtc.
@@ -230,11 +225,15 @@ impl Device for Cuda {
         // SAFETY: plain allocation; freed in `free`.
         unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| gpu_err(&format!("allocating {bytes} bytes"), e))
     }
-    fn free(&mut self, ptr: DevPtr) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: `ptr` came from `alloc`; the stream is synchronised first so no kernel still uses it.
-        let _ = self.stream.synchronize();
-        let _ = unsafe { result::free_sync(ptr) };
+    fn release(&self) -> Release {
+        let (ctx, stream) = (self.ctx.clone(), self.stream.clone());
+        Arc::new(move |ptr| {
+            let _ = ctx.bind_to_thread();
+            let _ = stream.synchronize();
+            // SAFETY: `ptr` came from `alloc` in this context and its owner frees it once; the stream was
+            // synchronised first so no kernel still uses it.
+            let _ = unsafe { result::free_sync(ptr) };
+        })
     }
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;

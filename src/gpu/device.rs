@@ -1,12 +1,81 @@
 //! The few raw operations every kernel launch needs, implemented by the CUDA driver ([`super::cuda`]) and by
-//! the host emulation ([`super::emu`]). Everything above this layer ([`super::Gpu`]) is shared, so the same
-//! code path and the same test bodies run on a GPU and, in CI, on the CPU.
+//! the host emulation ([`super::emu`]), and [`DevBuf`], the device memory everything above this layer holds.
+//! Everything above it ([`super::Gpu`]) is shared, so the same code path and the same test bodies run on a GPU
+//! and, in CI, on the CPU.
 
 use crate::error::Result;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 /// A device address (a `CUdeviceptr` on a GPU, a host address under emulation).
 pub type DevPtr = u64;
+
+/// Frees an allocation of one device, from any thread: what a [`DevBuf`] calls when it is dropped. It keeps
+/// what freeing needs (the CUDA context and stream, the emulation's memory) alive, so a buffer may outlive the
+/// [`Device`] value it came from.
+pub type Release = Arc<dyn Fn(DevPtr) + Send + Sync>;
+
+/// Device memory that frees itself when dropped, and that grows only when a call needs more than it holds
+/// ([`DevBuf::reserve`]): a decoding loop that calls the same shapes every step allocates nothing after its
+/// first. The default value is empty (address 0).
+#[derive(Default)]
+pub struct DevBuf {
+    ptr: DevPtr,
+    bytes: usize,
+    release: Option<Release>,
+}
+
+impl DevBuf {
+    /// A new allocation of at least `bytes` (16 at the least, uninitialised) on `dev`.
+    pub fn alloc(dev: &mut dyn Device, bytes: usize) -> Result<Self> {
+        let bytes = bytes.max(16);
+        let ptr = dev.alloc(bytes)?;
+        Ok(Self { ptr, bytes, release: Some(dev.release()) })
+    }
+
+    /// The device address (0 when empty).
+    pub fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+
+    /// The size of the allocation in bytes (0 when empty).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The address of a buffer of at least `bytes` on `dev`: this one, reallocated (without its contents) only
+    /// when it is smaller.
+    pub fn reserve(&mut self, dev: &mut dyn Device, bytes: usize) -> Result<DevPtr> {
+        if self.ptr == 0 || self.bytes < bytes {
+            // Free the old allocation before making the larger one.
+            *self = Self::default();
+            *self = Self::alloc(dev, bytes)?;
+        }
+        Ok(self.ptr)
+    }
+
+    /// Copies `data` to the start of this buffer, grown first where it is too small; returns the address.
+    pub fn upload<T: bytemuck::Pod>(&mut self, dev: &mut dyn Device, data: &[T]) -> Result<DevPtr> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let ptr = self.reserve(dev, bytes.len())?;
+        dev.upload(ptr, bytes)?;
+        Ok(ptr)
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release(self.ptr);
+        }
+    }
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
 
 /// Raw device operations. Kernel parameters are passed as `cuLaunchKernel` takes them: one pointer per
 /// parameter, pointing at the parameter's value.
@@ -15,10 +84,10 @@ pub trait Device: Send {
     fn describe(&self) -> String;
     /// Whether this is the host emulation (slow: benchmarks report it as such).
     fn is_emulated(&self) -> bool;
-    /// Allocates `bytes` (uninitialised, 256-byte aligned at least).
+    /// Allocates `bytes` (uninitialised, 256-byte aligned at least); [`DevBuf::alloc`] is the owning form.
     fn alloc(&mut self, bytes: usize) -> Result<DevPtr>;
-    /// Frees an allocation of [`Device::alloc`].
-    fn free(&mut self, ptr: DevPtr);
+    /// How allocations of [`Device::alloc`] are freed (each once; the stream's work is waited for first).
+    fn release(&self) -> Release;
     /// Copies host bytes to the device.
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Copies device bytes to the host (waits for the stream).

@@ -2,10 +2,11 @@
 //! kernels/emu/cuda_emu.h), "device" memory in host buffers. Slow (every CUDA thread is a fiber) but it runs the
 //! unchanged kernel sources, which is how CI tests them without a GPU.
 
-use super::device::{DevPtr, Device};
+use super::device::{DevPtr, Device, Release};
 use crate::error::{CageError, Result};
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_void};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 unsafe extern "C" {
     fn cage_emu_launch(
@@ -27,8 +28,9 @@ pub const EMU_MAX_CLUSTER: u32 = 8;
 /// The emulated device.
 #[derive(Default)]
 pub struct Emulator {
-    // u128 elements give 16-byte alignment, as the kernels' vector accesses need.
-    buffers: HashMap<DevPtr, Vec<u128>>,
+    // u128 elements give 16-byte alignment, as the kernels' vector accesses need. Shared with the buffers'
+    // release handles, which may outlive the device.
+    buffers: Arc<Mutex<HashMap<DevPtr, Vec<u128>>>>,
     timer: Option<std::time::Instant>,
 }
 
@@ -38,8 +40,12 @@ impl Emulator {
         Self::default()
     }
 
+    fn buffers(&self) -> MutexGuard<'_, HashMap<DevPtr, Vec<u128>>> {
+        self.buffers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn check(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
-        let ok = self.buffers.iter().any(|(&p, b)| ptr >= p && ptr + bytes as u64 <= p + (b.len() * 16) as u64);
+        let ok = self.buffers().iter().any(|(&p, b)| ptr >= p && ptr + bytes as u64 <= p + (b.len() * 16) as u64);
         if ok || bytes == 0 {
             Ok(())
         } else {
@@ -58,11 +64,14 @@ impl Device for Emulator {
     fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
         let buf = vec![0u128; bytes.div_ceil(16).max(1)];
         let ptr = buf.as_ptr() as DevPtr;
-        self.buffers.insert(ptr, buf);
+        self.buffers().insert(ptr, buf);
         Ok(ptr)
     }
-    fn free(&mut self, ptr: DevPtr) {
-        self.buffers.remove(&ptr);
+    fn release(&self) -> Release {
+        let buffers = self.buffers.clone();
+        Arc::new(move |ptr| {
+            buffers.lock().unwrap_or_else(|e| e.into_inner()).remove(&ptr);
+        })
     }
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.check(dst, src.len())?;

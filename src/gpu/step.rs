@@ -5,9 +5,13 @@
 //! principals' values at them with `shift_min` and the weights ([`Gpu::principal_values`]), the exact
 //! equilibrium ([`Gpu::equilibrium`]) and the token choice ([`Gpu::choose`]).
 
-use super::device::DevPtr;
-use super::{Choice, EqJob, EqOptions, Gpu, MAX_PRINCIPALS, ValueType, bad, check_i32};
+use super::choose::ChooseArgs;
+use super::device::{DevBuf, DevPtr};
+use super::equilibrium::{EqJob, EqOptions, MAX_PRINCIPALS, SolutionAt, ValueType};
+use super::values::ValuesArgs;
+use super::{Gpu, bad, check_i32};
 use crate::error::{CageError, Result};
+use crate::sampling::Choice;
 
 /// Inputs of [`Gpu::decode_step_device`]: device buffers of f32 logits and the small per-row parameters.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +40,21 @@ pub struct DeviceStep<'a> {
     pub seed: u64,
     /// Decoding step (with the row, the key of the draws).
     pub step: u32,
+}
+
+/// The buffers of [`Gpu::decode_step_device`] besides the candidates' (those of [`Gpu::candidates`]).
+#[derive(Default)]
+pub(super) struct StepBuffers {
+    /// B x k zeros: the one principal of value 0 when J = 0.
+    zero: DevBuf,
+    values: DevBuf,
+    weights: DevBuf,
+    tau: DevBuf,
+    pi: DevBuf,
+    agg: DevBuf,
+    payoff: DevBuf,
+    stats: DevBuf,
+    tokens: DevBuf,
 }
 
 /// What [`Gpu::decode_step_device`] hands back.
@@ -92,22 +111,34 @@ impl Gpu {
 
         // The principals' values at the candidates (J = 0: one principal of value 0, who never pays).
         let j_eff = j.max(1);
+        let (dev, bufs) = (self.dev.as_mut(), &mut self.step);
         let values = if j == 0 {
-            self.put("step.zero", &vec![0f32; b * k])?
+            bufs.zero.upload(dev, &vec![0f32; b * k])?
         } else {
-            let out = self.buffer("step.values", b * j * k * 4)?;
-            let wp = self.put("step.weights", s.weights)?;
-            // SAFETY: the caller vouches for the ARM and reference logits; the other buffers are sized above.
-            unsafe {
-                self.launch_values("f32", s.arm, s.reference, false, b, j, v, cands.ids, k, cands.logp, wp, true, out)?
+            let args = ValuesArgs {
+                tag: "f32",
+                arm: s.arm,
+                reference: s.reference,
+                ref_per_principal: false,
+                rows: b,
+                j,
+                v,
+                k,
+                ids: cands.ids,
+                base: cands.logp,
+                weights: bufs.weights.upload(dev, s.weights)?,
+                shift_min: true,
+                out: bufs.values.reserve(dev, b * j * k * 4)?,
             };
-            out
+            // SAFETY: the caller vouches for the ARM and reference logits; the other buffers are sized above.
+            unsafe { self.launch_values(&args)? };
+            args.out
         };
 
         // The equilibrium over the candidates.
         let opts = EqOptions { values: ValueType::F32, incentives: false, ..EqOptions::default() };
-        let tau = self.put("step.tau", s.tau)?;
         let shape = self.equilibrium_shape(k, j_eff, &opts)?;
+        let (dev, bufs) = (self.dev.as_mut(), &mut self.step);
         let job = EqJob {
             rows: b,
             n: k,
@@ -117,22 +148,34 @@ impl Gpu {
             shape,
             base: cands.logp,
             values,
-            tau,
-            pi: self.buffer("step.pi", b * k * 4)?,
-            agg: self.buffer("step.agg", b * k * 4)?,
-            y: 0,
-            payoff: self.buffer("step.payoff", b * j_eff * 4)?,
-            stats: self.buffer("step.stats", b * 3 * 4)?,
+            tau: bufs.tau.upload(dev, s.tau)?,
+            out: SolutionAt {
+                pi: bufs.pi.reserve(dev, b * k * 4)?,
+                agg: bufs.agg.reserve(dev, b * k * 4)?,
+                y: 0,
+                payoff: bufs.payoff.reserve(dev, b * j_eff * 4)?,
+                stats: bufs.stats.reserve(dev, b * 3 * 4)?,
+            },
         };
+        let tokens = bufs.tokens.reserve(dev, b * 4)?;
         self.launch_equilibrium(&job, 0)?;
 
         // The token.
-        let tok = self.buffer("step.tokens", b * 4)?;
+        let choose = ChooseArgs {
+            pi: job.out.pi,
+            rows: b,
+            n: k,
+            ids: cands.ids,
+            choice: s.choice,
+            seed: s.seed,
+            step: s.step,
+            tokens,
+        };
         // SAFETY: buffers sized above on this device.
-        unsafe { self.launch_choose(job.pi, b, k, cands.ids, s.choice, s.seed, s.step, tok)? };
+        unsafe { self.launch_choose(&choose)? };
 
-        let tokens: Vec<u32> = self.get(tok, b)?;
-        let stats: Vec<f32> = self.get(job.stats, b * 3)?;
+        let tokens: Vec<u32> = self.download(tokens, b)?;
+        let stats: Vec<f32> = self.download(job.out.stats, b * 3)?;
         for r in 0..b {
             let residual = stats[r * 3 + 1];
             if !residual.is_finite() {

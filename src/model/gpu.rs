@@ -5,8 +5,9 @@
 //!   LoRA pairs) in bf16, norms, biases and the RoPE frequencies in f32. Merged adapters need nothing special
 //!   (merge before making the decoder); unmerged ones run per row like on the CPU.
 //! - GEMMs go through [`Device::gemm_bf16`] (cuBLAS, bf16 inputs, f32 accumulation); everything else is one
-//!   kernel of `kernels/transformer.cu` per step of the CPU forward. Since cuBLAS multiplies bf16 by bf16, the
-//!   activations entering each GEMM are rounded to bf16, the residual stream and everything else stay f32.
+//!   kernel of `kernels/transformer.cu` per step of the CPU forward, launched by `src/gpu/transformer.rs`.
+//!   Since cuBLAS multiplies bf16 by bf16, the activations entering each GEMM are rounded to bf16, the residual
+//!   stream and everything else stay f32.
 //! - The KV cache lives on the device in f32 with the CPU's layout (`[layer][slot][position][kv_dim]`): twice
 //!   the memory of a bf16 cache, but no rounding of keys and values, which keeps the GPU within bf16 activation
 //!   rounding of the CPU (see tests/model_gpu.rs).
@@ -24,19 +25,11 @@ use super::llama::{Linear, Model};
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::gpu::Gpu;
-use crate::gpu::device::{DevPtr, Device};
-use std::ffi::c_void;
+use crate::gpu::device::{DevBuf, DevPtr, Device};
+use crate::gpu::transformer::{self as tf, Heads, KvCache};
 use std::sync::Arc;
 
-/// Largest head dimension the attention kernel takes (`CAGE_TF_MAX_HD` in kernels/transformer.cu).
-pub const MAX_HEAD_DIM: usize = 256;
-/// Threads of the attention kernel: `CAGE_TF_ATT_WARPS` warps.
-const ATT_THREADS: u32 = 128;
-/// Threads of the per-row kernels (norms, embedding, RoPE, cache stores).
-const ROW_THREADS: u32 = 128;
-/// Threads and most blocks of the grid-stride element-wise kernels.
-const EW_THREADS: u32 = 256;
-const EW_MAX_BLOCKS: usize = 4096;
+pub use crate::gpu::transformer::MAX_HEAD_DIM;
 
 /// A copy of `model` whose matrices (embedding, projections, LM head, LoRA pairs) are rounded to bf16 as
 /// [`GpuDecoder`] uploads them; norms and biases stay f32 as on the device. Packed copies are dropped (they
@@ -95,54 +88,26 @@ pub struct DeviceLogits {
     pub vocab: usize,
 }
 
-/// A kernel parameter: the launch passes a pointer to each, as `cuLaunchKernel` takes them.
-#[derive(Clone, Copy)]
-enum Arg {
-    Ptr(DevPtr),
-    I32(i32),
-    F32(f32),
-}
-
-fn launch(dev: &mut dyn Device, name: &str, grid: [u32; 2], block: u32, args: &mut [Arg]) -> Result<()> {
-    let mut ptrs = [std::ptr::null_mut::<c_void>(); 12];
-    for (p, a) in ptrs.iter_mut().zip(args.iter_mut()) {
-        *p = match a {
-            Arg::Ptr(x) => x as *mut DevPtr as *mut c_void,
-            Arg::I32(x) => x as *mut i32 as *mut c_void,
-            Arg::F32(x) => x as *mut f32 as *mut c_void,
-        };
-    }
-    // SAFETY: every call site below passes the parameter list of the kernel it names in kernels/transformer.cu
-    // (pointers as u64, int as i32, float as f32), with buffers sized at construction for the call's extents;
-    // `args` outlives the launch call, which copies the values.
-    unsafe { dev.launch(name, [grid[0], grid[1], 1], [block, 1, 1], 0, &mut ptrs[..args.len()]) }
-}
-
-/// Grid of an element-wise kernel over `n` values.
-fn ew_grid(n: usize) -> [u32; 2] {
-    [n.div_ceil(EW_THREADS as usize).clamp(1, EW_MAX_BLOCKS) as u32, 1]
-}
-
 /// One unmerged LoRA pair on the device.
 struct LoraW {
-    a: DevPtr,
-    b: DevPtr,
+    a: DevBuf,
+    b: DevBuf,
     r: usize,
     scale: f32,
 }
 
 /// A linear layer on the device.
 struct LinW {
-    w: DevPtr,
-    bias: Option<DevPtr>,
+    w: DevBuf,
+    bias: Option<DevBuf>,
     inp: usize,
     out: usize,
     lora: Vec<Option<LoraW>>,
 }
 
 struct LayerW {
-    ln1: DevPtr,
-    ln2: DevPtr,
+    ln1: DevBuf,
+    ln2: DevBuf,
     q: LinW,
     k: LinW,
     v: LinW,
@@ -163,41 +128,41 @@ struct Run {
 /// Device buffers of one forward call, sized for `max_tokens` tokens.
 struct Acts {
     /// Residual stream, f32 `[t, hidden]`.
-    x: DevPtr,
+    x: DevBuf,
     /// GEMM input, bf16 `[t, max(hidden, q_dim, ffn)]`.
-    act: DevPtr,
-    q: DevPtr,
-    k: DevPtr,
-    v: DevPtr,
+    act: DevBuf,
+    q: DevBuf,
+    k: DevBuf,
+    v: DevBuf,
     /// Output of o / down before the residual add, f32 `[t, hidden]`.
-    tmp: DevPtr,
-    gate: DevPtr,
-    up: DevPtr,
+    tmp: DevBuf,
+    gate: DevBuf,
+    up: DevBuf,
     /// LoRA `x A^T`, f32 and bf16 `[t, max rank]`.
-    lora_f32: DevPtr,
-    lora_bf16: DevPtr,
+    lora_f32: DevBuf,
+    lora_bf16: DevBuf,
     /// f32 `[max_rows, vocab]`.
-    logits: DevPtr,
-    tokens: DevPtr,
-    pos: DevPtr,
-    slot: DevPtr,
-    rows: DevPtr,
+    logits: DevBuf,
+    tokens: DevBuf,
+    pos: DevBuf,
+    slot: DevBuf,
+    rows: DevBuf,
 }
 
 /// The GPU [`Decoder`]: the model's weights on a device, a KV cache of `slots` sequences of up to `max_seq`
 /// tokens, and buffers for `max_tokens` tokens per call.
 pub struct GpuDecoder {
     model: Arc<Model>,
-    gpu: Gpu,
-    owned: Vec<DevPtr>,
     layers: Vec<LayerW>,
-    embed: DevPtr,
-    lm_head: DevPtr,
-    norm: DevPtr,
-    inv_freq: DevPtr,
-    kc: DevPtr,
-    vc: DevPtr,
+    embed: DevBuf,
+    /// The LM head, or None when it is tied to the embedding.
+    lm_head: Option<DevBuf>,
+    norm: DevBuf,
+    inv_freq: DevBuf,
+    kc: DevBuf,
+    vc: DevBuf,
     acts: Acts,
+    gpu: Gpu,
     lens: Vec<usize>,
     max_seq: usize,
     max_tokens: usize,
@@ -212,50 +177,30 @@ pub struct GpuDecoder {
     host_logits: Vec<f32>,
 }
 
-impl Drop for GpuDecoder {
-    fn drop(&mut self) {
-        for p in self.owned.drain(..) {
-            self.gpu.device().free(p);
-        }
-    }
-}
-
 fn bad(msg: String) -> CageError {
     CageError::InvalidArgument(msg)
 }
 
-/// Allocates and remembers a device buffer (freed with the decoder).
-fn alloc(dev: &mut dyn Device, owned: &mut Vec<DevPtr>, bytes: usize) -> Result<DevPtr> {
-    let p = dev.alloc(bytes.max(16))?;
-    owned.push(p);
-    Ok(p)
+fn upload_f32(dev: &mut dyn Device, x: &[f32]) -> Result<DevBuf> {
+    let mut b = DevBuf::alloc(dev, x.len() * 4)?;
+    b.upload(dev, x)?;
+    Ok(b)
 }
 
-fn upload_f32(dev: &mut dyn Device, owned: &mut Vec<DevPtr>, x: &[f32]) -> Result<DevPtr> {
-    let p = alloc(dev, owned, x.len() * 4)?;
-    dev.upload(p, bytemuck::cast_slice(x))?;
-    Ok(p)
-}
-
-fn upload_bf16(dev: &mut dyn Device, owned: &mut Vec<DevPtr>, x: &[f32]) -> Result<DevPtr> {
+fn upload_bf16(dev: &mut dyn Device, x: &[f32]) -> Result<DevBuf> {
     let h: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
-    let p = alloc(dev, owned, h.len() * 2)?;
-    dev.upload(p, bytemuck::cast_slice(&h))?;
-    Ok(p)
+    let mut b = DevBuf::alloc(dev, h.len() * 2)?;
+    b.upload(dev, &h)?;
+    Ok(b)
 }
 
-fn upload_linear(dev: &mut dyn Device, owned: &mut Vec<DevPtr>, l: &Linear) -> Result<LinW> {
-    let w = upload_bf16(dev, owned, &l.w)?;
-    let bias = l.bias.as_ref().map(|b| upload_f32(dev, owned, b)).transpose()?;
+fn upload_linear(dev: &mut dyn Device, l: &Linear) -> Result<LinW> {
+    let w = upload_bf16(dev, &l.w)?;
+    let bias = l.bias.as_ref().map(|b| upload_f32(dev, b)).transpose()?;
     let mut lora = Vec::with_capacity(l.lora.len());
     for p in &l.lora {
         lora.push(match p {
-            Some(p) => Some(LoraW {
-                a: upload_bf16(dev, owned, &p.a)?,
-                b: upload_bf16(dev, owned, &p.b)?,
-                r: p.r,
-                scale: p.scale,
-            }),
+            Some(p) => Some(LoraW { a: upload_bf16(dev, &p.a)?, b: upload_bf16(dev, &p.b)?, r: p.r, scale: p.scale }),
             None => None,
         });
     }
@@ -266,33 +211,25 @@ fn upload_linear(dev: &mut dyn Device, owned: &mut Vec<DevPtr>, l: &Linear) -> R
 fn apply(dev: &mut dyn Device, lin: &LinW, x: DevPtr, t: usize, out: DevPtr, runs: &[Run], acts: &Acts) -> Result<()> {
     let (inp, o) = (lin.inp, lin.out);
     // SAFETY: `x` holds t x inp bf16 (the act buffer is sized for the widest GEMM input), `out` t x o f32, the
-    // weight o x inp bf16; the output buffers never alias the inputs.
-    unsafe { dev.gemm_bf16(t, o, inp, x, lin.w, out, 1.0, 0.0)? };
-    if let Some(b) = lin.bias {
-        launch(
-            dev,
-            "cage_tf_bias",
-            ew_grid(t * o),
-            EW_THREADS,
-            &mut [Arg::Ptr(out), Arg::Ptr(b), Arg::I32(o as i32), Arg::I32(t as i32)],
-        )?;
+    // weight o x inp bf16 and the bias o f32; the output buffers never alias the inputs.
+    unsafe {
+        dev.gemm_bf16(t, o, inp, x, lin.w.ptr(), out, 1.0, 0.0)?;
+        if let Some(b) = &lin.bias {
+            tf::bias(dev, out, b.ptr(), o, t)?;
+        }
     }
+    let (lora_f32, lora_bf16) = (acts.lora_f32.ptr(), acts.lora_bf16.ptr());
     for run in runs {
         let Some(Some(p)) = run.adapter.and_then(|a| lin.lora.get(a)) else { continue };
         let xs = x + (run.start * inp * 2) as DevPtr;
         let os = out + (run.start * o * 4) as DevPtr;
-        // SAFETY: the run's rows lie inside the t rows above; the LoRA buffers hold t x max rank values.
-        unsafe { dev.gemm_bf16(run.len, p.r, inp, xs, p.a, acts.lora_f32, 1.0, 0.0)? };
-        let n = run.len * p.r;
-        launch(
-            dev,
-            "cage_tf_cast_bf16",
-            ew_grid(n),
-            EW_THREADS,
-            &mut [Arg::Ptr(acts.lora_f32), Arg::I32(n as i32), Arg::Ptr(acts.lora_bf16)],
-        )?;
-        // SAFETY: as above; beta = 1 adds the scaled update to the run's rows of `out`.
-        unsafe { dev.gemm_bf16(run.len, o, p.r, acts.lora_bf16, p.b, os, p.scale, 1.0)? };
+        // SAFETY: the run's rows lie inside the t rows above; the LoRA buffers hold t x max rank values; beta = 1
+        // adds the scaled update to the run's rows of `out`.
+        unsafe {
+            dev.gemm_bf16(run.len, p.r, inp, xs, p.a.ptr(), lora_f32, 1.0, 0.0)?;
+            tf::cast_bf16(dev, lora_f32, run.len * p.r, lora_bf16)?;
+            dev.gemm_bf16(run.len, o, p.r, lora_bf16, p.b.ptr(), os, p.scale, 1.0)?;
+        }
     }
     Ok(())
 }
@@ -329,74 +266,51 @@ impl GpuDecoder {
             }
         }
         let max_r = model.max_lora_rank();
-        let mut owned = Vec::new();
-        let built = (|| -> Result<_> {
-            let dev = gpu.device();
-            let o = &mut owned;
-            let embed = upload_bf16(dev, o, &model.embed)?;
-            let lm_head = match &model.lm_head {
-                Some(l) => upload_bf16(dev, o, &l.w)?,
-                None => embed,
-            };
-            let norm = upload_f32(dev, o, &model.norm)?;
-            let inv_freq = upload_f32(dev, o, &c.inv_freq())?;
-            let mut layers = Vec::with_capacity(model.layers.len());
-            for l in &model.layers {
-                layers.push(LayerW {
-                    ln1: upload_f32(dev, o, &l.ln1)?,
-                    ln2: upload_f32(dev, o, &l.ln2)?,
-                    q: upload_linear(dev, o, &l.q)?,
-                    k: upload_linear(dev, o, &l.k)?,
-                    v: upload_linear(dev, o, &l.v)?,
-                    o: upload_linear(dev, o, &l.o)?,
-                    gate: upload_linear(dev, o, &l.gate)?,
-                    up: upload_linear(dev, o, &l.up)?,
-                    down: upload_linear(dev, o, &l.down)?,
-                });
-            }
-            let cache = c.num_layers * slots * max_seq * kvd * 4;
-            let kc = alloc(dev, o, cache)?;
-            let vc = alloc(dev, o, cache)?;
-            let t = max_tokens;
-            let acts = Acts {
-                x: alloc(dev, o, t * h * 4)?,
-                act: alloc(dev, o, t * widest * 2)?,
-                q: alloc(dev, o, t * qd * 4)?,
-                k: alloc(dev, o, t * kvd * 4)?,
-                v: alloc(dev, o, t * kvd * 4)?,
-                tmp: alloc(dev, o, t * h * 4)?,
-                gate: alloc(dev, o, t * ffn * 4)?,
-                up: alloc(dev, o, t * ffn * 4)?,
-                lora_f32: alloc(dev, o, t * max_r * 4)?,
-                lora_bf16: alloc(dev, o, t * max_r * 2)?,
-                logits: alloc(dev, o, max_rows * vocab * 4)?,
-                tokens: alloc(dev, o, t * 4)?,
-                pos: alloc(dev, o, t * 4)?,
-                slot: alloc(dev, o, t * 4)?,
-                rows: alloc(dev, o, max_rows * 4)?,
-            };
-            Ok((embed, lm_head, norm, inv_freq, layers, kc, vc, acts))
-        })();
-        let (embed, lm_head, norm, inv_freq, layers, kc, vc, acts) = match built {
-            Ok(b) => b,
-            Err(e) => {
-                for p in owned {
-                    gpu.device().free(p);
-                }
-                return Err(e);
-            }
+        // Every buffer frees itself, so an error part way leaves nothing allocated.
+        let dev = gpu.device();
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            layers.push(LayerW {
+                ln1: upload_f32(dev, &l.ln1)?,
+                ln2: upload_f32(dev, &l.ln2)?,
+                q: upload_linear(dev, &l.q)?,
+                k: upload_linear(dev, &l.k)?,
+                v: upload_linear(dev, &l.v)?,
+                o: upload_linear(dev, &l.o)?,
+                gate: upload_linear(dev, &l.gate)?,
+                up: upload_linear(dev, &l.up)?,
+                down: upload_linear(dev, &l.down)?,
+            });
+        }
+        let cache = c.num_layers * slots * max_seq * kvd * 4;
+        let t = max_tokens;
+        let acts = Acts {
+            x: DevBuf::alloc(dev, t * h * 4)?,
+            act: DevBuf::alloc(dev, t * widest * 2)?,
+            q: DevBuf::alloc(dev, t * qd * 4)?,
+            k: DevBuf::alloc(dev, t * kvd * 4)?,
+            v: DevBuf::alloc(dev, t * kvd * 4)?,
+            tmp: DevBuf::alloc(dev, t * h * 4)?,
+            gate: DevBuf::alloc(dev, t * ffn * 4)?,
+            up: DevBuf::alloc(dev, t * ffn * 4)?,
+            lora_f32: DevBuf::alloc(dev, t * max_r * 4)?,
+            lora_bf16: DevBuf::alloc(dev, t * max_r * 2)?,
+            logits: DevBuf::alloc(dev, max_rows * vocab * 4)?,
+            tokens: DevBuf::alloc(dev, t * 4)?,
+            pos: DevBuf::alloc(dev, t * 4)?,
+            slot: DevBuf::alloc(dev, t * 4)?,
+            rows: DevBuf::alloc(dev, max_rows * 4)?,
         };
         Ok(GpuDecoder {
-            gpu,
-            owned,
+            embed: upload_bf16(dev, &model.embed)?,
+            lm_head: model.lm_head.as_ref().map(|l| upload_bf16(dev, &l.w)).transpose()?,
+            norm: upload_f32(dev, &model.norm)?,
+            inv_freq: upload_f32(dev, &c.inv_freq())?,
             layers,
-            embed,
-            lm_head,
-            norm,
-            inv_freq,
-            kc,
-            vc,
+            kc: DevBuf::alloc(dev, cache)?,
+            vc: DevBuf::alloc(dev, cache)?,
             acts,
+            gpu,
             lens: vec![0; slots],
             max_seq,
             max_tokens,
@@ -500,148 +414,59 @@ impl GpuDecoder {
         let c = &model.config;
         let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let (kvd, ffn, vocab) = (nkv * hd, c.intermediate_size, c.vocab_size);
-        let slots = lens.len();
+        let heads = Heads { q: nh, kv: nkv, dim: hd };
         let t = self.h_tokens.len();
-        let dev = gpu.device();
-        dev.upload(a.tokens, bytemuck::cast_slice(&self.h_tokens))?;
-        dev.upload(a.pos, bytemuck::cast_slice(&self.h_pos))?;
-        dev.upload(a.slot, bytemuck::cast_slice(&self.h_slot))?;
-        let (t32, h32, hd32) = (t as i32, h as i32, hd as i32);
         let eps = c.rms_norm_eps;
-        launch(
-            dev,
-            "cage_tf_embed",
-            [t as u32, 1],
-            ROW_THREADS,
-            &mut [Arg::Ptr(self.embed), Arg::Ptr(a.tokens), Arg::I32(h32), Arg::Ptr(a.x)],
-        )?;
-        let layer_cache = (slots * self.max_seq * kvd * 4) as DevPtr;
-        for (li, l) in layers.iter().enumerate() {
-            let (kc, vc) = (self.kc + li as DevPtr * layer_cache, self.vc + li as DevPtr * layer_cache);
-            let window = c.window(li).map_or(0, |w| w.min(i32::MAX as usize) as i32);
-            launch(
-                dev,
-                "cage_tf_rmsnorm",
-                [t as u32, 1],
-                ROW_THREADS,
-                &mut [Arg::Ptr(a.x), Arg::Ptr(0), Arg::Ptr(l.ln1), Arg::F32(eps), Arg::I32(h32), Arg::Ptr(a.act)],
-            )?;
-            apply(dev, &l.q, a.act, t, a.q, runs, a)?;
-            apply(dev, &l.k, a.act, t, a.k, runs, a)?;
-            apply(dev, &l.v, a.act, t, a.v, runs, a)?;
-            for (buf, heads) in [(a.q, nh), (a.k, nkv)] {
-                launch(
-                    dev,
-                    "cage_tf_rope",
-                    [t as u32, 1],
-                    ROW_THREADS,
-                    &mut [
-                        Arg::Ptr(buf),
-                        Arg::Ptr(a.pos),
-                        Arg::Ptr(self.inv_freq),
-                        Arg::I32(heads as i32),
-                        Arg::I32(hd32),
-                    ],
-                )?;
-            }
-            launch(
-                dev,
-                "cage_tf_kv_store",
-                [t as u32, 1],
-                ROW_THREADS,
-                &mut [
-                    Arg::Ptr(a.k),
-                    Arg::Ptr(a.v),
-                    Arg::Ptr(a.slot),
-                    Arg::Ptr(a.pos),
-                    Arg::I32(self.max_seq as i32),
-                    Arg::I32(kvd as i32),
-                    Arg::Ptr(kc),
-                    Arg::Ptr(vc),
-                ],
-            )?;
-            launch(
-                dev,
-                "cage_tf_attention",
-                [t as u32, nh as u32],
-                ATT_THREADS,
-                &mut [
-                    Arg::Ptr(a.q),
-                    Arg::Ptr(kc),
-                    Arg::Ptr(vc),
-                    Arg::Ptr(a.slot),
-                    Arg::Ptr(a.pos),
-                    Arg::I32(nh as i32),
-                    Arg::I32(nkv as i32),
-                    Arg::I32(hd32),
-                    Arg::I32(self.max_seq as i32),
-                    // Sliding window of this layer (0: full causal attention), transformers' semantics.
-                    Arg::I32(window),
-                    Arg::F32(1.0 / (hd as f32).sqrt()),
-                    Arg::Ptr(a.act),
-                ],
-            )?;
-            apply(dev, &l.o, a.act, t, a.tmp, runs, a)?;
-            launch(
-                dev,
-                "cage_tf_add",
-                ew_grid(t * h),
-                EW_THREADS,
-                &mut [Arg::Ptr(a.x), Arg::Ptr(a.tmp), Arg::I32(t32 * h32)],
-            )?;
-            launch(
-                dev,
-                "cage_tf_rmsnorm",
-                [t as u32, 1],
-                ROW_THREADS,
-                &mut [Arg::Ptr(a.x), Arg::Ptr(0), Arg::Ptr(l.ln2), Arg::F32(eps), Arg::I32(h32), Arg::Ptr(a.act)],
-            )?;
-            apply(dev, &l.gate, a.act, t, a.gate, runs, a)?;
-            apply(dev, &l.up, a.act, t, a.up, runs, a)?;
-            launch(
-                dev,
-                "cage_tf_silu_mul",
-                ew_grid(t * ffn),
-                EW_THREADS,
-                &mut [Arg::Ptr(a.gate), Arg::Ptr(a.up), Arg::I32((t * ffn) as i32), Arg::Ptr(a.act)],
-            )?;
-            apply(dev, &l.down, a.act, t, a.tmp, runs, a)?;
-            launch(
-                dev,
-                "cage_tf_add",
-                ew_grid(t * h),
-                EW_THREADS,
-                &mut [Arg::Ptr(a.x), Arg::Ptr(a.tmp), Arg::I32(t32 * h32)],
-            )?;
-        }
-        // Final norm only on the rows that get logits.
+        let dev = gpu.device();
+        let (tokens, pos, slot) = (a.tokens.ptr(), a.pos.ptr(), a.slot.ptr());
+        dev.upload(tokens, bytemuck::cast_slice(&self.h_tokens))?;
+        dev.upload(pos, bytemuck::cast_slice(&self.h_pos))?;
+        dev.upload(slot, bytemuck::cast_slice(&self.h_slot))?;
+        // Rows of the logits: every token, or the last of each sequence (listed in `rows`).
         let rows_ptr = match at {
             LogitsAt::All => 0,
             LogitsAt::Last => {
-                dev.upload(a.rows, bytemuck::cast_slice(&self.h_rows))?;
-                a.rows
+                dev.upload(a.rows.ptr(), bytemuck::cast_slice(&self.h_rows))?;
+                a.rows.ptr()
             }
         };
-        launch(
-            dev,
-            "cage_tf_rmsnorm",
-            [rows as u32, 1],
-            ROW_THREADS,
-            &mut [
-                Arg::Ptr(a.x),
-                Arg::Ptr(rows_ptr),
-                Arg::Ptr(self.norm),
-                Arg::F32(eps),
-                Arg::I32(h32),
-                Arg::Ptr(a.act),
-            ],
-        )?;
-        // SAFETY: act holds rows x h bf16, the LM head vocab x h bf16, logits max_rows x vocab f32.
-        unsafe { dev.gemm_bf16(rows, vocab, h, a.act, self.lm_head, a.logits, 1.0, 0.0)? };
+        let (x, act, tmp) = (a.x.ptr(), a.act.ptr(), a.tmp.ptr());
+        let layer_cache = (lens.len() * self.max_seq * kvd * 4) as DevPtr;
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed).ptr();
+        // SAFETY: every buffer was allocated by `new` for max_tokens tokens (max_rows logit rows) of this model,
+        // and `prepare` checked the call against those sizes, the cache's slots and positions and the vocabulary.
+        unsafe {
+            tf::embed(dev, self.embed.ptr(), tokens, t, h, x)?;
+            for (li, l) in layers.iter().enumerate() {
+                let offset = li as DevPtr * layer_cache;
+                let cache =
+                    KvCache { k: self.kc.ptr() + offset, v: self.vc.ptr() + offset, slot, pos, max_seq: self.max_seq };
+                tf::rmsnorm(dev, x, 0, l.ln1.ptr(), eps, h, t, act)?;
+                apply(dev, &l.q, act, t, a.q.ptr(), runs, a)?;
+                apply(dev, &l.k, act, t, a.k.ptr(), runs, a)?;
+                apply(dev, &l.v, act, t, a.v.ptr(), runs, a)?;
+                tf::rope(dev, a.q.ptr(), pos, self.inv_freq.ptr(), t, nh, hd)?;
+                tf::rope(dev, a.k.ptr(), pos, self.inv_freq.ptr(), t, nkv, hd)?;
+                tf::kv_store(dev, &cache, a.k.ptr(), a.v.ptr(), t, kvd)?;
+                // Sliding window of this layer (0: full causal attention), transformers' semantics.
+                tf::attention(dev, &cache, a.q.ptr(), t, heads, c.window(li).unwrap_or(0), act)?;
+                apply(dev, &l.o, act, t, tmp, runs, a)?;
+                tf::add(dev, x, tmp, t * h)?;
+                tf::rmsnorm(dev, x, 0, l.ln2.ptr(), eps, h, t, act)?;
+                apply(dev, &l.gate, act, t, a.gate.ptr(), runs, a)?;
+                apply(dev, &l.up, act, t, a.up.ptr(), runs, a)?;
+                tf::silu_mul(dev, a.gate.ptr(), a.up.ptr(), t * ffn, act)?;
+                apply(dev, &l.down, act, t, tmp, runs, a)?;
+                tf::add(dev, x, tmp, t * h)?;
+            }
+            // Final norm only on the rows that get logits.
+            tf::rmsnorm(dev, x, rows_ptr, self.norm.ptr(), eps, h, rows, act)?;
+            dev.gemm_bf16(rows, vocab, h, act, lm_head, a.logits.ptr(), 1.0, 0.0)?;
+        }
         for r in runs.iter() {
             lens[self.h_slot[r.start] as usize] += r.len;
         }
-        Ok(DeviceLogits { ptr: a.logits, rows, vocab })
+        Ok(DeviceLogits { ptr: a.logits.ptr(), rows, vocab })
     }
 }
 

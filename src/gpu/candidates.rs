@@ -1,0 +1,244 @@
+//! Host side of kernels/softmax_topk.cu: the candidates of every row from full-vocabulary logits (the top k
+//! with log pi0 normalised over the row, or every token), the GPU version of `crate::candidates::select`.
+//! [`Gpu::candidates`] from host logits, or its three steps (prepare, run, fetch), also on logits already on
+//! the device ([`Gpu::prepare_candidates_device`]).
+
+use super::device::{DevBuf, DevPtr};
+use super::{Gpu, Launch, bad, check_i32};
+use crate::error::{CageError, Result};
+
+/// Largest k of the top-k kernel (larger candidate sets use the whole vocabulary).
+pub const MAX_TOP_K: usize = 1024;
+
+/// Full-vocabulary logits of B rows in one of the types language models emit.
+#[derive(Clone, Copy, Debug)]
+pub enum Logits<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// bf16.
+    Bf16(&'a [half::bf16]),
+    /// f16.
+    F16(&'a [half::f16]),
+}
+
+impl Logits<'_> {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Logits::F32(x) => x.len(),
+            Logits::Bf16(x) => x.len(),
+            Logits::F16(x) => x.len(),
+        }
+    }
+    /// The suffix of the kernels for this type.
+    pub(super) fn tag(&self) -> &'static str {
+        match self {
+            Logits::F32(_) => "f32",
+            Logits::Bf16(_) => "bf16",
+            Logits::F16(_) => "f16",
+        }
+    }
+    pub(super) fn bytes(&self) -> &[u8] {
+        match self {
+            Logits::F32(x) => bytemuck::cast_slice(x),
+            Logits::Bf16(x) => bytemuck::cast_slice(x),
+            Logits::F16(x) => bytemuck::cast_slice(x),
+        }
+    }
+    /// Entry `i` as f32.
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Logits::F32(x) => x[i],
+            Logits::Bf16(x) => x[i].to_f32(),
+            Logits::F16(x) => x[i].to_f32(),
+        }
+    }
+
+    /// Checks `rows` x `vocab` logits: the length, no NaN or +inf, and a finite logit in every row.
+    pub(super) fn check(&self, rows: usize, vocab: usize) -> Result<()> {
+        if rows == 0 || vocab == 0 {
+            return Err(bad(format!("logits of {rows} rows x {vocab} tokens: both must be >= 1")));
+        }
+        if self.len() != rows * vocab {
+            return Err(CageError::Shape { what: "logits".into(), expected: rows * vocab, got: self.len() });
+        }
+        check_i32("vocabulary size", vocab)?;
+        for i in 0..self.len() {
+            let x = self.get(i);
+            if x.is_nan() || x == f32::INFINITY {
+                return Err(CageError::NonFinite { what: "logits".into(), index: i, value: format!("{x}") });
+            }
+        }
+        for r in 0..rows {
+            if (0..vocab).all(|i| self.get(r * vocab + i) == f32::NEG_INFINITY) {
+                return Err(CageError::EmptyCandidates { row: r });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The candidates of every row: ids and log pi0 (normalised over the full row), B x k, plus each row's
+/// log-sum-exp.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidates {
+    /// Candidates per row.
+    pub k: usize,
+    /// B x k token ids (top-k: most likely first, ties by lower id; all tokens: in id order).
+    pub ids: Vec<u32>,
+    /// B x k log pi0.
+    pub logp: Vec<f32>,
+    /// B log-sum-exp of the logits.
+    pub lse: Vec<f32>,
+}
+
+/// The buffers of a candidate selection: the uploaded logits (host entry points only) and the outputs.
+#[derive(Default)]
+pub(super) struct CandBuffers {
+    logits: DevBuf,
+    logp: DevBuf,
+    lse: DevBuf,
+    ids: DevBuf,
+}
+
+/// A candidate selection prepared on the device (see [`Gpu::prepare_candidates`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CandJob {
+    rows: usize,
+    vocab: usize,
+    k: Option<usize>,
+    tag: &'static str,
+    x: DevPtr,
+    pub(super) logp: DevPtr,
+    lse: DevPtr,
+    pub(super) ids: DevPtr,
+}
+
+impl CandJob {
+    /// Bytes one launch must move at least: the logits once, the candidates out.
+    pub fn bytes_moved(&self) -> usize {
+        let elem = if self.tag == "f32" { 4 } else { 2 };
+        let kk = self.k.unwrap_or(self.vocab);
+        self.rows * self.vocab * elem + self.rows * kk * if self.k.is_some() { 8 } else { 4 }
+    }
+}
+
+impl Gpu {
+    /// Candidates of every row from full-vocabulary logits: the top `k` (`Some(k)`, 1 <= k <= 1024) or every
+    /// token (`None`), with log pi0 normalised over the whole row.
+    pub fn candidates(
+        &mut self,
+        logits: Logits<'_>,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+    ) -> Result<Candidates> {
+        let job = self.prepare_candidates(logits, rows, vocab, k)?;
+        self.run_candidates(&job)?;
+        self.fetch_candidates(&job)
+    }
+
+    /// Validates and uploads logits for [`Gpu::run_candidates`].
+    pub fn prepare_candidates(
+        &mut self,
+        logits: Logits<'_>,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+    ) -> Result<CandJob> {
+        logits.check(rows, vocab)?;
+        check_k(k, vocab)?;
+        let x = self.cand.logits.upload(self.dev.as_mut(), logits.bytes())?;
+        self.candidate_outputs(rows, vocab, k, logits.tag(), x)
+    }
+
+    /// A candidate selection over f32 logits already on this device (`rows x vocab`, row-major), such as those
+    /// of [`crate::model::gpu::GpuDecoder::forward_device`]: nothing is copied to the device.
+    ///
+    /// # Safety
+    /// `logits` must be device memory of this device holding `rows x vocab` f32 values, unchanged until
+    /// [`Gpu::run_candidates`] has run. They are not checked for NaN (the host path rejects those).
+    pub unsafe fn prepare_candidates_device(
+        &mut self,
+        logits: DevPtr,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+    ) -> Result<CandJob> {
+        if rows == 0 || vocab == 0 || logits == 0 {
+            return Err(bad(format!(
+                "device logits of {rows} rows x {vocab} tokens at {logits:#x}: need rows, vocabulary >= 1 and a non-null pointer"
+            )));
+        }
+        check_i32("vocabulary size", vocab)?;
+        check_i32("rows", rows)?;
+        check_k(k, vocab)?;
+        self.candidate_outputs(rows, vocab, k, "f32", logits)
+    }
+
+    /// The job of a selection over the logits at `x`, its outputs allocated.
+    fn candidate_outputs(
+        &mut self,
+        rows: usize,
+        vocab: usize,
+        k: Option<usize>,
+        tag: &'static str,
+        x: DevPtr,
+    ) -> Result<CandJob> {
+        let kk = k.unwrap_or(vocab);
+        let (dev, b) = (self.dev.as_mut(), &mut self.cand);
+        Ok(CandJob {
+            rows,
+            vocab,
+            k,
+            tag,
+            x,
+            logp: b.logp.reserve(dev, rows * kk * 4)?,
+            lse: b.lse.reserve(dev, rows * 4)?,
+            ids: b.ids.reserve(dev, rows * kk * 4)?,
+        })
+    }
+
+    /// Launches a prepared candidate selection.
+    pub fn run_candidates(&mut self, job: &CandJob) -> Result<()> {
+        let (tag, v) = (job.tag, job.vocab);
+        let name = match job.k {
+            Some(_) => format!("cage_topk_{tag}"),
+            None => format!("cage_logsoftmax_{tag}"),
+        };
+        // A thread per 8 tokens up to 1024: small vocabularies do not pay for idle warps.
+        let mut launch = Launch::new(&name)
+            .grid(job.rows as u32)
+            .block(v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
+            .ptr(job.x)
+            .i32(v as i32);
+        launch = match job.k {
+            Some(k) => launch.i32(k as i32).ptr(job.ids),
+            None => launch,
+        };
+        // SAFETY: the arguments follow cage_topk_* (logits, v, k, ids, logp, lse) or cage_logsoftmax_* (logits,
+        // v, logp, lse) in kernels/softmax_topk.cu; the buffers were sized by prepare_candidates.
+        unsafe { launch.ptr(job.logp).ptr(job.lse).run(self.dev.as_mut()) }
+    }
+
+    /// Copies the result of a finished candidate selection back.
+    pub fn fetch_candidates(&mut self, job: &CandJob) -> Result<Candidates> {
+        let (rows, vocab) = (job.rows, job.vocab);
+        let kk = job.k.unwrap_or(vocab);
+        let ids = if job.k.is_some() {
+            self.download(job.ids, rows * kk)?
+        } else {
+            (0..rows).flat_map(|_| 0..vocab as u32).collect()
+        };
+        Ok(Candidates { k: kk, ids, logp: self.download(job.logp, rows * kk)?, lse: self.download(job.lse, rows)? })
+    }
+}
+
+/// `k` of a top-k selection (`None`: every token) must be 1 to min([`MAX_TOP_K`], vocabulary).
+fn check_k(k: Option<usize>, vocab: usize) -> Result<()> {
+    match k {
+        Some(k) if !(1..=MAX_TOP_K.min(vocab)).contains(&k) => {
+            Err(bad(format!("top-k needs 1 <= k <= min({MAX_TOP_K}, vocabulary = {vocab}), got {k}")))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,162 @@
+//! Host side of kernels/values.cu: the principals' values at the candidates, q = log pi_ARM - log pi_ref (the
+//! implicit reward of an autoregressive reward model, both log-softmaxed over the full vocabulary), with the
+//! batch preprocessing (`shift_min` or `none`, then the weight) fused in. [`Gpu::principal_values`].
+
+use super::candidates::{Candidates, Logits};
+use super::device::{DevBuf, DevPtr};
+use super::{Gpu, Launch, bad};
+use crate::error::{CageError, Result};
+use crate::problem::Normalize;
+
+/// The buffers of [`Gpu::principal_values`].
+#[derive(Default)]
+pub(super) struct ValueBuffers {
+    arm: DevBuf,
+    reference: DevBuf,
+    ids: DevBuf,
+    base: DevBuf,
+    weights: DevBuf,
+    out: DevBuf,
+}
+
+/// What `cage_values_{tag}` reads and writes, all on the device.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ValuesArgs {
+    /// The logits' type (the kernel's suffix).
+    pub(super) tag: &'static str,
+    /// B x J x V ARM logits.
+    pub(super) arm: DevPtr,
+    /// Reference logits: B x J x V when `ref_per_principal`, else B x V shared by the principals.
+    pub(super) reference: DevPtr,
+    pub(super) ref_per_principal: bool,
+    /// B, J, V and k.
+    pub(super) rows: usize,
+    pub(super) j: usize,
+    pub(super) v: usize,
+    pub(super) k: usize,
+    /// B x k candidate ids and base log-probabilities (-inf: excluded, value 0).
+    pub(super) ids: DevPtr,
+    pub(super) base: DevPtr,
+    /// B x J weights.
+    pub(super) weights: DevPtr,
+    /// `shift_min` (else `none`).
+    pub(super) shift_min: bool,
+    /// B x J x k values out.
+    pub(super) out: DevPtr,
+}
+
+impl Gpu {
+    /// Principal values at the candidates, preprocessed as the batch expects: for each row r and principal j,
+    /// q = (arm_j - lse(arm_j)) - (ref_j - lse(ref_j)) gathered at `ids`, then `shift_min` over the candidates
+    /// whose `base` log-probability is finite, then the weight; 0 at excluded candidates.
+    /// `arm` and `reference` are B x J x V logits (`reference` may be B x V, shared by every principal).
+    #[allow(clippy::too_many_arguments)]
+    pub fn principal_values(
+        &mut self,
+        arm: Logits<'_>,
+        reference: Logits<'_>,
+        rows: usize,
+        principals: usize,
+        vocab: usize,
+        cands: &Candidates,
+        base: &[f32],
+        weights: &[f32],
+        normalize: Normalize,
+    ) -> Result<Vec<f32>> {
+        let (b, j, v, k) = (rows, principals, vocab, cands.k);
+        if j == 0 {
+            return Ok(Vec::new());
+        }
+        if arm.tag() != reference.tag() {
+            return Err(bad(format!("ARM logits are {} but reference logits are {}", arm.tag(), reference.tag())));
+        }
+        arm.check(b * j, v)?;
+        let shared_ref = reference.len() == b * v;
+        reference.check(if shared_ref { b } else { b * j }, v)?;
+        if cands.ids.len() != b * k || base.len() != b * k {
+            return Err(CageError::Shape {
+                what: "candidate ids / base".into(),
+                expected: b * k,
+                got: cands.ids.len().min(base.len()),
+            });
+        }
+        if weights.len() != b * j {
+            return Err(CageError::Shape { what: "weights".into(), expected: b * j, got: weights.len() });
+        }
+        if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
+            return Err(CageError::BadWeight { principal: format!("{}", i % j), value: *w as f64 });
+        }
+        if let Some(&id) = cands.ids.iter().find(|&&id| id as usize >= v) {
+            return Err(bad(format!("token id {id} is outside a vocabulary of {v}")));
+        }
+        let (dev, bufs) = (self.dev.as_mut(), &mut self.values);
+        let args = ValuesArgs {
+            tag: arm.tag(),
+            arm: bufs.arm.upload(dev, arm.bytes())?,
+            reference: bufs.reference.upload(dev, reference.bytes())?,
+            ref_per_principal: !shared_ref,
+            rows: b,
+            j,
+            v,
+            k,
+            ids: bufs.ids.upload(dev, &cands.ids)?,
+            base: bufs.base.upload(dev, base)?,
+            weights: bufs.weights.upload(dev, weights)?,
+            shift_min: normalize == Normalize::ShiftMin,
+            out: bufs.out.reserve(dev, b * j * k * 4)?,
+        };
+        // SAFETY: the buffers were sized above on this device.
+        unsafe { self.launch_values(&args)? };
+        let vals: Vec<f32> = self.download(args.out, b * j * k)?;
+        // -inf ARM logits at a candidate make q infinite: the game needs finite values.
+        if let Some((i, x)) = vals.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(CageError::NonFinite {
+                what: "principal values (ARM or reference log-probabilities)".into(),
+                index: i,
+                value: format!("{x}"),
+            });
+        }
+        if normalize == Normalize::None {
+            for r in 0..b {
+                for p in 0..j {
+                    for c in 0..k {
+                        let x = vals[(r * j + p) * k + c];
+                        if x < 0.0 && base[r * k + c] != f32::NEG_INFINITY {
+                            return Err(CageError::NegativeValue {
+                                row: r,
+                                principal: format!("{p}"),
+                                index: c,
+                                value: x as f64,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(vals)
+    }
+
+    /// Launches `cage_values_{tag}` (kernels/values.cu): one block per (row, principal).
+    ///
+    /// # Safety
+    /// Every pointer of `a` must be device memory of this `Gpu` holding the stated number of elements.
+    pub(super) unsafe fn launch_values(&mut self, a: &ValuesArgs) -> Result<()> {
+        let name = format!("cage_values_{}", a.tag);
+        let launch = Launch::new(&name)
+            .grid((a.rows * a.j) as u32)
+            .block(a.v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
+            .ptr(a.arm)
+            .ptr(a.reference)
+            .i32(i32::from(a.ref_per_principal))
+            .i32(a.j as i32)
+            .i32(a.v as i32)
+            .ptr(a.ids)
+            .i32(a.k as i32)
+            .ptr(a.base)
+            .ptr(a.weights)
+            .i32(i32::from(a.shift_min))
+            .ptr(a.out);
+        // SAFETY: the arguments follow VALUES_PARAMS in kernels/values.cu; the caller vouches for the buffers.
+        unsafe { launch.run(self.dev.as_mut()) }
+    }
+}
