@@ -107,10 +107,10 @@ fn ids(p: &str) -> Vec<u32> {
 fn every_method_is_deterministic_and_base_is_plain_greedy() {
     let tok = tokenizer_dir();
     for m in DecodeMethod::ALL {
-        let cfg = config(&tok, m.name(), &[0.4, 0.3, 0.3], 0.5);
+        let cfg = config(&tok, &m.to_string(), &[0.4, 0.3, 0.3], 0.5);
         let (a, b) = (run(&cfg, &PROMPTS), run(&cfg, &PROMPTS));
-        assert_eq!(tokens(&a), tokens(&b), "method {}", m.name());
-        assert!(a.iter().all(|r| !r.tokens.is_empty()), "method {}", m.name());
+        assert_eq!(tokens(&a), tokens(&b), "method {m}");
+        assert!(a.iter().all(|r| !r.tokens.is_empty()), "method {m}");
         if m == DecodeMethod::Base {
             for (r, p) in a.iter().zip(PROMPTS) {
                 assert_eq!(r.tokens, plain_greedy(&ids(p), 12), "base on {p:?}");
@@ -384,8 +384,8 @@ fn decoding_runs_on_the_gpu_decoder() {
         assert_eq!(got[r].tokens, want, "row {r}: the engine on the GPU decoder differs from its greedy loop");
     }
     for m in [DecodeMethod::Cage, DecodeMethod::Genarm] {
-        let rs = run(&with_device(m.name(), cage::Backend::Emulation), &PROMPTS);
-        assert!(rs.iter().all(|r| !r.tokens.is_empty()), "{}: no tokens", m.name());
+        let rs = run(&with_device(&m.to_string(), cage::Backend::Emulation), &PROMPTS);
+        assert!(rs.iter().all(|r| !r.tokens.is_empty()), "{m}: no tokens");
     }
     let mut cfg = with_device("base", cage::Backend::Cpu);
     let mut json = serde_json::to_value(&cfg).unwrap();

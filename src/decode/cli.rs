@@ -1,9 +1,10 @@
 //! Bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo`; `main.rs` only parses.
 
-use super::config::{DecodeMethod, PrincipalKind, PrincipalSpec, RunConfig};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
 use super::sweep::{MethodCurve, pareto_png, pareto_svg, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
+use crate::sampling::Choice;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -110,7 +111,7 @@ pub fn result_json(r: &RowResult, names: &[String], method: DecodeMethod, extra:
         }
     }
     serde_json::json!({
-        "prompt": r.prompt, "method": method.name(), "weights": r.weights, "text": r.text,
+        "prompt": r.prompt, "method": method, "weights": r.weights, "text": r.text,
         "tokens": r.tokens.len(), "stop_reason": r.stop_reason, "scores": scores,
     })
 }
@@ -248,7 +249,7 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         let sc: Vec<String> = names.iter().zip(&results[0].scores).map(|(n, s)| format!("{n} {s:.3}")).collect();
         eprintln!(
             "[{} weights {:?}; {} tokens, {}; {:.1} tok/s; implicit rewards: {}]",
-            cfg.method.name(),
+            cfg.method,
             cfg.weights(),
             results[0].tokens.len(),
             results[0].stop_reason,
@@ -360,7 +361,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     for &m in &methods {
         let mut opts = DecodeOptions::from_config(&cfg)?;
         opts.method = m;
-        let mut progress = Progress::new(&format!("cage sweep {:>10}", m.name()), rows.len());
+        let mut progress = Progress::new(&format!("cage sweep {m:>10}"), rows.len());
         let (res, _) = engine.decode(&rows, &opts, &mut |ev| {
             if let Event::RowDone { .. } = ev {
                 progress.tick();
@@ -390,7 +391,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
                 (0..d).map(|k| per_row[g * np..(g + 1) * np].iter().map(|s| s[k]).sum::<f64>() / np as f64).collect()
             })
             .collect();
-        curves.push(MethodCurve { method: m.name().into(), weights: grid.clone(), scores });
+        curves.push(MethodCurve { method: m.to_string(), weights: grid.clone(), scores });
     }
     let score_names: Vec<String> = match (a.scorer.is_some(), curves.first().and_then(|c| c.scores.first())) {
         (true, Some(e)) => (1..=e.len()).map(|i| format!("external_{i}")).collect(),
@@ -432,11 +433,11 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         tau: 0.3,
         k: 50,
         normalize: Default::default(),
-        sampling: "greedy".into(),
+        sampling: Choice::Greedy,
         seed: 0,
         max_new_tokens,
         stop: vec![],
-        prompt_format: "auto".into(),
+        prompt_format: FormatSetting::Auto,
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
         batch_size: 8,
@@ -487,10 +488,7 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
     }
     println!(
         "method {}, tau {}, top-{} candidates, greedy, {} tokens at most\n",
-        cfg.method.name(),
-        cfg.tau,
-        cfg.k,
-        cfg.max_new_tokens
+        cfg.method, cfg.tau, cfg.k, cfg.max_new_tokens
     );
     let mut progress = Progress::new("decoding 4 rows together", rows.len());
     let (res, tm) = engine.decode(&rows, &opts, &mut |ev| {
@@ -596,7 +594,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
             .iter()
             .map(|(m, t)| {
                 let busy = t.forward_s + t.values_s + t.policy_s + t.sampling_s;
-                serde_json::json!({"method": m.name(), "tokens": t.tokens, "tok_s": t.tokens as f64 / busy,
+                serde_json::json!({"method": m, "tokens": t.tokens, "tok_s": t.tokens as f64 / busy,
                     "step_ms": 1e3 * busy / t.steps.max(1) as f64, "timings": t})
             })
             .collect();
@@ -621,7 +619,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
         let ds = (t.steps.max(2) - 1) as f64;
         println!(
             "{:>11} {:>9.1} {:>9.2} {:>11.2} {:>9.3} {:>12.4} {:>10.3} {:>9.3}",
-            m.name(),
+            m,
             t.tokens as f64 / busy,
             1e3 * dec / ds,
             1e3 * (t.forward_s - t.prefill_s) / ds,

@@ -3,7 +3,7 @@
 //! the method's policy (the equilibrium on the chosen backend for `cage`), the token choice, and the stop
 //! checks. Every method runs in this same loop with the same forwards, so their costs and outputs compare fairly.
 
-use super::config::{DecodeMethod, PrincipalKind, RunConfig, check_weights};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
 use super::principal::{ArmSource, LexiconSource, PromptedSource, StepView, StreamLogits, StreamSpec, ValueSource};
 use crate::backend::{Backend, solve_with};
 use crate::baselines::{ModDivergence, genarm, mod_policy};
@@ -59,7 +59,7 @@ impl DecodeOptions {
             tau: cfg.tau,
             k: cfg.k,
             normalize: cfg.normalize,
-            choice: cfg.choice()?,
+            choice: cfg.sampling,
             seed: cfg.seed,
             max_new_tokens: cfg.max_new_tokens,
             stop: cfg.stop.clone(),
@@ -209,17 +209,11 @@ fn load_model(dir: &Path) -> Result<Model> {
 
 impl Engine {
     /// An engine with the base model in `base` (model 0) and no principals. `tokenizer` overrides the folder
-    /// holding `tokenizer.json`; `prompt_format` is `auto`, `chat`, `plain` or `alpaca`.
-    pub fn new(base: &Path, tokenizer: Option<&Path>, prompt_format: &str) -> Result<Self> {
+    /// holding `tokenizer.json`.
+    pub fn new(base: &Path, tokenizer: Option<&Path>, prompt_format: FormatSetting) -> Result<Self> {
         let tdir = tokenizer.unwrap_or(base);
         let tok = Tokenizer::load(tdir)?;
-        let format = match prompt_format {
-            "auto" if tok.has_chat_template() => PromptFormat::Chat,
-            "auto" | "plain" => PromptFormat::Plain,
-            "chat" => PromptFormat::Chat,
-            "alpaca" => PromptFormat::Alpaca,
-            f => return Err(CageError::InvalidArgument(format!("unknown prompt format {f:?}"))),
-        };
+        let format = prompt_format.resolve(&tok);
         let model = load_model(base)?;
         let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
         eos.extend(tok.eos_id());
@@ -237,7 +231,7 @@ impl Engine {
     /// Builds the engine a config describes: models (shared when paths agree), adapters, principals.
     pub fn from_config(cfg: &RunConfig) -> Result<Self> {
         cfg.check()?;
-        let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), &cfg.prompt_format)?;
+        let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), cfg.prompt_format)?;
         for p in &cfg.principals {
             let src: Box<dyn ValueSource> = match &p.kind {
                 PrincipalKind::Arm { model, adapter, reference } => {

@@ -8,6 +8,6 @@ pub mod engine;
 pub mod principal;
 pub mod sweep;
 
-pub use config::{DecodeMethod, PrincipalKind, PrincipalSpec, RunConfig};
+pub use config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
 pub use engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, StepDiag, Timings};
 pub use principal::{StepView, StreamLogits, StreamSpec, ValueSource};
