@@ -1,5 +1,5 @@
 //! One spelling per enumerated value. Every enum of the configuration and the command line (solver method,
-//! decoding method, backend, normalisation, token choice, prompt format) derives clap's
+//! decoding method, backend, normalisation, token choice, prompt format, stop reason) derives clap's
 //! [`ValueEnum`]: its variant names, clap's `rename_all` and `alias` attributes are the only place its spelling
 //! is written. [`spelled!`](crate::spelled) derives everything else from them: `Display` (outputs),
 //! `FromStr`, serde's `Serialize` and `Deserialize` (configs, JSON lines). On the command line a flag of such a
@@ -120,7 +120,7 @@ macro_rules! spelled {
 mod tests {
     use super::*;
     use crate::backend::Backend;
-    use crate::decode::{DecodeMethod, FormatSetting};
+    use crate::decode::{DecodeMethod, FormatSetting, StopReason};
     use crate::problem::Normalize;
     use crate::sampling::Choice;
     use crate::solver::Method;
@@ -154,6 +154,7 @@ mod tests {
         round_trips::<Normalize>(&["shift_min", "none"]);
         round_trips::<Choice>(&["greedy", "gumbel", "race"]);
         round_trips::<FormatSetting>(&["auto", "chat", "plain", "alpaca"]);
+        round_trips::<StopReason>(&["eos", "stop", "length"]);
     }
 
     #[test]

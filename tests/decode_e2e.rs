@@ -2,7 +2,7 @@
 //! equal `base`, GenARM against its formula computed here, batching, weak-to-strong, stop strings, diagnostics,
 //! and clear errors for bad configs.
 
-use cage::decode::{DecodeMethod, DecodeOptions, Engine, Event, RowRequest, RunConfig};
+use cage::decode::{DecodeMethod, DecodeOptions, Engine, Event, RowRequest, RunConfig, StopReason};
 use cage::model::{Adapter, CpuDecoder, Decoder, LogitsAt, Model, Seq};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -250,14 +250,14 @@ fn stop_strings_eos_and_limits() {
     let tok = tokenizer_dir();
     let mut cfg = config(&tok, "base", &[0.0, 0.0, 0.0], 0.1);
     let full = run(&cfg, &PROMPTS[..1])[0].clone();
-    assert_eq!(full.stop_reason, if full.tokens.last() == Some(&2) { "eos" } else { "length" });
+    assert_eq!(full.stop_reason, if full.tokens.last() == Some(&2) { StopReason::Eos } else { StopReason::Length });
     assert!(full.tokens.len() <= 12);
     // Stop at the third generated word: the text is cut before it.
     let words: Vec<&str> = full.text.split_whitespace().collect();
     assert!(words.len() >= 3, "need 3 words, got {:?}", full.text);
     cfg.stop = vec![words[2].to_string()];
     let cut = run(&cfg, &PROMPTS[..1])[0].clone();
-    assert_eq!(cut.stop_reason, "stop");
+    assert_eq!(cut.stop_reason, StopReason::Stop);
     assert!(!cut.text.contains(words[2]) || words[..2].contains(&words[2]));
     assert!(full.text.starts_with(cut.text.trim_end()));
     cfg.max_new_tokens = 2;
