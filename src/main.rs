@@ -154,7 +154,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
         Command::Demo(a) => cage::decode::cli::demo_cmd(&a),
         Command::Bench { what, reps, .. } if what == "ffi" => {
-            println!("{}", cage::ffi::bench_overhead(reps.max(20_000))?);
+            println!("{}", cage::ffi::bench::overhead(reps.max(20_000))?);
             Ok(())
         }
         Command::Bench { what, backend, reps, .. } => cage::gpu::bench::cli(&what, &backend, reps),
