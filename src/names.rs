@@ -37,9 +37,11 @@ pub fn accepted<T: ValueEnum>() -> String {
 /// Parses a value name or alias (surrounding whitespace ignored); the error names the bad value and the accepted
 /// ones.
 pub fn parse<T: Named>(s: &str) -> Result<T> {
-    T::from_str(s.trim(), false).map_err(|_| {
-        CageError::InvalidArgument(format!("unknown {} {s:?} (expected one of {})", T::WHAT, accepted::<T>()))
-    })
+    T::from_str(s.trim(), false).map_err(|_| CageError::InvalidArgument(unknown::<T>(s)))
+}
+
+fn unknown<T: Named>(s: &str) -> String {
+    format!("unknown {} {s:?} (expected one of {})", T::WHAT, accepted::<T>())
 }
 
 /// The clap value parser of a [`Named`] enum: [`parse`]'s message on a bad value, the value names in `--help`
@@ -74,12 +76,15 @@ impl<T: Named> TypedValueParser for NameParser<T> {
         _arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
     ) -> std::result::Result<T, clap::Error> {
-        parse::<T>(&value.to_string_lossy())
-            .map_err(|e| cmd.clone().error(clap::error::ErrorKind::InvalidValue, e.to_string()))
+        let s = value.to_string_lossy();
+        T::from_str(s.trim(), false)
+            .map_err(|_| cmd.clone().error(clap::error::ErrorKind::InvalidValue, unknown::<T>(&s)))
     }
 
+    /// The value names, without the variants' doc comments: the flag's own help says what they mean there.
     fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
-        Some(Box::new(T::value_variants().iter().filter_map(ValueEnum::to_possible_value)))
+        let values = T::value_variants().iter().filter_map(ValueEnum::to_possible_value);
+        Some(Box::new(values.map(|p| p.help(None::<&'static str>))))
     }
 }
 

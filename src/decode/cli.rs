@@ -4,6 +4,7 @@ use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, R
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
 use super::sweep::{MethodCurve, pareto_png, pareto_svg, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
+use crate::names::NameParser;
 use crate::sampling::Choice;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -16,11 +17,11 @@ pub struct RunArgs {
     #[arg(long, short)]
     pub config: PathBuf,
     /// Weights, comma-separated, one per principal (overrides the config).
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Method: base, linear, genarm, mod, cage, cage-paper (overrides the config).
-    #[arg(long)]
-    pub method: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Option<Vec<f64>>,
+    /// Method (overrides the config).
+    #[arg(long, value_parser = NameParser::<DecodeMethod>::new())]
+    pub method: Option<DecodeMethod>,
     /// Token limit per prompt (overrides the config).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -34,10 +35,10 @@ impl RunArgs {
     pub fn resolve(&self) -> Result<RunConfig> {
         let mut cfg = RunConfig::load(&self.config)?;
         if let Some(w) = &self.weights {
-            cfg.weights = Some(parse_weights(w)?);
+            cfg.weights = Some(w.clone());
         }
-        if let Some(m) = &self.method {
-            cfg.method = m.parse()?;
+        if let Some(m) = self.method {
+            cfg.method = m;
         }
         if let Some(n) = self.max_new_tokens {
             cfg.max_new_tokens = n;
@@ -48,15 +49,6 @@ impl RunArgs {
         cfg.check()?;
         Ok(cfg)
     }
-}
-
-/// Parses `0.5,0.5` into weights.
-pub fn parse_weights(s: &str) -> Result<Vec<f64>> {
-    s.split(',')
-        .map(|x| {
-            x.trim().parse::<f64>().map_err(|_| CageError::InvalidArgument(format!("weight {x:?} is not a number")))
-        })
-        .collect()
 }
 
 /// Prompts from a JSONL file: each line a JSON string or an object with a `prompt` field.
@@ -327,8 +319,13 @@ pub struct SweepArgs {
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Methods, comma-separated.
-    #[arg(long, default_value = "cage,genarm,linear")]
-    pub methods: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cage,genarm,linear",
+        value_parser = NameParser::<DecodeMethod>::new()
+    )]
+    pub methods: Vec<DecodeMethod>,
     /// Grid resolution: weights are multiples of 1 / steps (default 10 for 2 principals, 4 for 3).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -348,7 +345,6 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     if !(2..=3).contains(&j) {
         return Err(CageError::InvalidArgument(format!("a sweep needs 2 or 3 principals, the config has {j}")));
     }
-    let methods: Vec<DecodeMethod> = a.methods.split(',').map(|m| m.trim().parse()).collect::<Result<_>>()?;
     let grid = simplex_grid(j, a.steps.unwrap_or(if j == 2 { 10 } else { 4 }))?;
     let engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
@@ -358,7 +354,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         .flat_map(|w| prompts.iter().map(move |p| RowRequest { prompt: p.clone(), weights: w.clone() }))
         .collect();
     let (mut curves, mut jsonl) = (vec![], String::new());
-    for &m in &methods {
+    for &m in &a.methods {
         let mut opts = DecodeOptions::from_config(&cfg)?;
         opts.method = m;
         let mut progress = Progress::new(&format!("cage sweep {m:>10}"), rows.len());
@@ -457,8 +453,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 60)]
     pub max_new_tokens: usize,
     /// Method for the weighted rows.
-    #[arg(long, default_value = "cage")]
-    pub method: String,
+    #[arg(long, default_value_t = DecodeMethod::Cage, value_parser = NameParser::<DecodeMethod>::new())]
+    pub method: DecodeMethod,
     /// The agent's temperature tau.
     #[arg(long, default_value_t = 0.3)]
     pub tau: f64,
@@ -470,7 +466,7 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
     let dir = a.models.clone().unwrap_or_else(crate::model::fetch::models_dir);
     let model = crate::model::fetch::fetch_default_model(&dir, &mut |l| eprintln!("cage fetch-model: {l}"))?;
     let mut cfg = demo_config(&model, a.max_new_tokens);
-    cfg.method = a.method.parse()?;
+    cfg.method = a.method;
     cfg.tau = a.tau;
     cfg.check()?;
     let engine = Engine::from_config(&cfg)?;
@@ -532,8 +528,13 @@ pub struct BenchDecodeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Methods, comma-separated.
-    #[arg(long, default_value = "base,linear,genarm,mod,cage,cage-paper")]
-    pub methods: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "base,linear,genarm,mod,cage,cage-paper",
+        value_parser = NameParser::<DecodeMethod>::new()
+    )]
+    pub methods: Vec<DecodeMethod>,
     /// Prompts decoded together (copies of the prompt).
     #[arg(long, default_value_t = 4)]
     pub rows: usize,
@@ -546,10 +547,13 @@ pub struct BenchDecodeArgs {
     /// Runs per method, interleaved across methods; the fastest is kept (other load on the cores only slows).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `cage bench decode`: tokens per second of each method with the same forwards, and where a step's time goes.
-pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
+pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
     let mut cfg = match &a.config {
         Some(p) => RunConfig::load(p)?,
         None => {
@@ -565,7 +569,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
         return Err(CageError::InvalidArgument("--rows and --tokens must be >= 1".into()));
     }
     cfg.batch_size = a.rows;
-    let methods: Vec<DecodeMethod> = a.methods.split(',').map(|m| m.trim().parse()).collect::<Result<_>>()?;
+    let methods = &a.methods;
     let engine = Engine::from_config(&cfg)?;
     // Rows never stop early, so every method decodes the same number of steps.
     let mut opts = DecodeOptions::from_config(&cfg)?;
@@ -589,7 +593,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
     let table: Vec<(DecodeMethod, Timings)> = table.into_iter().map(|(m, t)| (m, t.unwrap_or_default())).collect();
     progress.finish();
     let threads = rayon::current_num_threads();
-    if json {
+    if a.json {
         let v: Vec<serde_json::Value> = table
             .iter()
             .map(|(m, t)| {
