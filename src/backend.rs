@@ -8,12 +8,10 @@ use crate::real::Real;
 use crate::solution::Solution;
 use crate::solver::jacobi::JacobiOptions;
 use crate::solver::{Method, SolveOptions};
-use serde::{Deserialize, Serialize};
 
 /// Where a solve or a forward pass runs: the same words in run configs, on the command line, in the C ABI's
 /// `CageBackend` and in benchmark reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Backend {
     /// The CPU (the solvers of [`crate::solver`]; the f32 CPU decoder).
     Cpu,
@@ -27,6 +25,8 @@ pub enum Backend {
     Auto,
 }
 
+crate::spelled!(Backend, "backend");
+
 impl Backend {
     /// `auto` resolved for this process: `cuda` when a GPU is usable, else `cpu`; the others unchanged.
     pub fn resolve(self) -> Self {
@@ -35,23 +35,6 @@ impl Backend {
             Self::Auto => Self::Cpu,
             b => b,
         }
-    }
-}
-
-impl std::fmt::Display for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The clap value name is the serde name: one spelling everywhere.
-        let v = clap::ValueEnum::to_possible_value(self).expect("every variant has a value name");
-        f.write_str(v.get_name())
-    }
-}
-
-impl std::str::FromStr for Backend {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        <Self as clap::ValueEnum>::from_str(s, false).map_err(|_| {
-            CageError::InvalidArgument(format!("unknown backend {s:?} (expected cpu, cuda, emulation or auto)"))
-        })
     }
 }
 
@@ -115,8 +98,7 @@ pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptio
                 g.jacobi(&b32, &o)
             }
             m => Err(CageError::InvalidArgument(format!(
-                "method {} does not run on the CUDA backend (use exact, jacobi or paper, or backend cpu)",
-                m.name()
+                "method {m} does not run on the CUDA backend (use exact, jacobi or paper, or backend cpu)"
             ))),
         };
         let sol = if emulated { with_shared_emulator(run)? } else { with_shared_gpu(run)? };

@@ -11,7 +11,7 @@ use crate::error::{CageError, Result};
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::real::Real;
 use crate::solution::RowReport;
-use crate::solver::SolveOptions;
+use crate::solver::{Method, SolveOptions};
 use serde::{Deserialize, Serialize};
 
 /// A number as it may appear in a game file: a JSON number, `null` (= `-inf`) or a string such as `"-inf"`.
@@ -127,7 +127,7 @@ impl GameSpec {
     /// Solves the game with `opts` in precision `T` on `backend`.
     pub fn solve<T: Real>(&self, opts: &SolveOptions, backend: Backend) -> Result<GameReport> {
         let sol = solve_with(backend, &self.to_batch::<T>()?, opts)?;
-        Ok(GameReport { method: opts.method.name().into(), precision: T::NAME.into(), row: sol.report(0) })
+        Ok(GameReport { method: opts.method, precision: T::NAME.into(), row: sol.report(0) })
     }
 }
 
@@ -135,7 +135,7 @@ impl GameSpec {
 #[derive(Clone, Debug, Serialize)]
 pub struct GameReport {
     /// Method used.
-    pub method: String,
+    pub method: Method,
     /// `f32` or `f64`.
     pub precision: String,
     /// The solution.

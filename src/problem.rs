@@ -10,11 +10,10 @@
 
 use crate::error::{CageError, Result};
 use crate::real::Real;
-use serde::{Deserialize, Serialize};
 
 /// How a principal's raw token values q become the values v the game is played with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Normalize {
     /// `v = (q - min_a q) * w`: the authors' preprocessing, makes every value >= 0.
     #[default]
@@ -23,18 +22,7 @@ pub enum Normalize {
     None,
 }
 
-impl std::str::FromStr for Normalize {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "shift_min" => Ok(Self::ShiftMin),
-            "none" => Ok(Self::None),
-            _ => {
-                Err(CageError::InvalidArgument(format!("unknown normalize {s:?} (expected \"shift_min\" or \"none\")")))
-            }
-        }
-    }
-}
+crate::spelled!(Normalize, "normalize");
 
 /// Raw input of a batch before validation; [`Batch::new`] checks it and applies the preprocessing.
 #[derive(Clone, Debug, Default)]

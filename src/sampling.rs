@@ -5,31 +5,20 @@
 use crate::error::{CageError, Result};
 use crate::rng::uniform;
 
-/// How to pick a token from a policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How to pick a token from a policy. Run configs say `greedy` or `sample` (an alias of `gumbel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
     /// argmax pi (ties: the lowest candidate index): the paper's decoding.
     #[default]
     Greedy,
     /// A sample from pi by Gumbel-max: argmax log pi_a - log(-log U_a).
+    #[value(alias = "sample")]
     Gumbel,
     /// A sample from pi by exponential race: argmin -log(U_a) / pi_a (the same draw as Gumbel-max).
     Race,
 }
 
-impl std::str::FromStr for Choice {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "greedy" => Ok(Self::Greedy),
-            "gumbel" | "sample" => Ok(Self::Gumbel),
-            "race" => Ok(Self::Race),
-            _ => {
-                Err(CageError::InvalidArgument(format!("unknown token choice {s:?} (expected greedy, gumbel or race)")))
-            }
-        }
-    }
-}
+crate::spelled!(Choice, "token choice");
 
 /// The candidate index chosen from one row's policy. `row` and `step` key the RNG with `seed`.
 /// Candidates with probability 0 (or NaN) are never chosen; a row without any positive entry is an error.

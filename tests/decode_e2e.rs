@@ -2,7 +2,7 @@
 //! equal `base`, GenARM against its formula computed here, batching, weak-to-strong, stop strings, diagnostics,
 //! and clear errors for bad configs.
 
-use cage::decode::{DecodeMethod, DecodeOptions, Engine, Event, RowRequest, RunConfig};
+use cage::decode::{DecodeMethod, DecodeOptions, Engine, Event, RowRequest, RunConfig, StopReason};
 use cage::model::{Adapter, CpuDecoder, Decoder, LogitsAt, Model, Seq};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,10 +107,10 @@ fn ids(p: &str) -> Vec<u32> {
 fn every_method_is_deterministic_and_base_is_plain_greedy() {
     let tok = tokenizer_dir();
     for m in DecodeMethod::ALL {
-        let cfg = config(&tok, m.name(), &[0.4, 0.3, 0.3], 0.5);
+        let cfg = config(&tok, &m.to_string(), &[0.4, 0.3, 0.3], 0.5);
         let (a, b) = (run(&cfg, &PROMPTS), run(&cfg, &PROMPTS));
-        assert_eq!(tokens(&a), tokens(&b), "method {}", m.name());
-        assert!(a.iter().all(|r| !r.tokens.is_empty()), "method {}", m.name());
+        assert_eq!(tokens(&a), tokens(&b), "method {m}");
+        assert!(a.iter().all(|r| !r.tokens.is_empty()), "method {m}");
         if m == DecodeMethod::Base {
             for (r, p) in a.iter().zip(PROMPTS) {
                 assert_eq!(r.tokens, plain_greedy(&ids(p), 12), "base on {p:?}");
@@ -250,14 +250,14 @@ fn stop_strings_eos_and_limits() {
     let tok = tokenizer_dir();
     let mut cfg = config(&tok, "base", &[0.0, 0.0, 0.0], 0.1);
     let full = run(&cfg, &PROMPTS[..1])[0].clone();
-    assert_eq!(full.stop_reason, if full.tokens.last() == Some(&2) { "eos" } else { "length" });
+    assert_eq!(full.stop_reason, if full.tokens.last() == Some(&2) { StopReason::Eos } else { StopReason::Length });
     assert!(full.tokens.len() <= 12);
     // Stop at the third generated word: the text is cut before it.
     let words: Vec<&str> = full.text.split_whitespace().collect();
     assert!(words.len() >= 3, "need 3 words, got {:?}", full.text);
     cfg.stop = vec![words[2].to_string()];
     let cut = run(&cfg, &PROMPTS[..1])[0].clone();
-    assert_eq!(cut.stop_reason, "stop");
+    assert_eq!(cut.stop_reason, StopReason::Stop);
     assert!(!cut.text.contains(words[2]) || words[..2].contains(&words[2]));
     assert!(full.text.starts_with(cut.text.trim_end()));
     cfg.max_new_tokens = 2;
@@ -384,8 +384,8 @@ fn decoding_runs_on_the_gpu_decoder() {
         assert_eq!(got[r].tokens, want, "row {r}: the engine on the GPU decoder differs from its greedy loop");
     }
     for m in [DecodeMethod::Cage, DecodeMethod::Genarm] {
-        let rs = run(&with_device(m.name(), cage::Backend::Emulation), &PROMPTS);
-        assert!(rs.iter().all(|r| !r.tokens.is_empty()), "{}: no tokens", m.name());
+        let rs = run(&with_device(&m.to_string(), cage::Backend::Emulation), &PROMPTS);
+        assert!(rs.iter().all(|r| !r.tokens.is_empty()), "{m}: no tokens");
     }
     let mut cfg = with_device("base", cage::Backend::Cpu);
     let mut json = serde_json::to_value(&cfg).unwrap();

@@ -1,11 +1,13 @@
 //! Bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo`; `main.rs` only parses.
 
-use super::config::{DecodeMethod, PrincipalKind, PrincipalSpec, RunConfig};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
 use super::plot::{pareto_png, pareto_svg};
 use super::sweep::{MethodCurve, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
+use crate::names::NameParser;
 use crate::progress::Progress;
+use crate::sampling::Choice;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,11 +19,11 @@ pub struct RunArgs {
     #[arg(long, short)]
     pub config: PathBuf,
     /// Weights, comma-separated, one per principal (overrides the config).
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Method: base, linear, genarm, mod, cage, cage-paper (overrides the config).
-    #[arg(long)]
-    pub method: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Option<Vec<f64>>,
+    /// Method (overrides the config).
+    #[arg(long, value_parser = NameParser::<DecodeMethod>::new())]
+    pub method: Option<DecodeMethod>,
     /// Token limit per prompt (overrides the config).
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -35,10 +37,10 @@ impl RunArgs {
     pub fn resolve(&self) -> Result<RunConfig> {
         let mut cfg = RunConfig::load(&self.config)?;
         if let Some(w) = &self.weights {
-            cfg.weights = Some(parse_weights(w)?);
+            cfg.weights = Some(w.clone());
         }
-        if let Some(m) = &self.method {
-            cfg.method = m.parse()?;
+        if let Some(m) = self.method {
+            cfg.method = m;
         }
         if let Some(n) = self.max_new_tokens {
             cfg.max_new_tokens = n;
@@ -49,15 +51,6 @@ impl RunArgs {
         cfg.check()?;
         Ok(cfg)
     }
-}
-
-/// Parses `0.5,0.5` into weights.
-pub fn parse_weights(s: &str) -> Result<Vec<f64>> {
-    s.split(',')
-        .map(|x| {
-            x.trim().parse::<f64>().map_err(|_| CageError::InvalidArgument(format!("weight {x:?} is not a number")))
-        })
-        .collect()
 }
 
 /// Prompts from a JSONL file: each line a JSON string or an object with a `prompt` field.
@@ -112,7 +105,7 @@ pub fn result_json(r: &RowResult, names: &[String], method: DecodeMethod, extra:
         }
     }
     serde_json::json!({
-        "prompt": r.prompt, "method": method.name(), "weights": r.weights, "text": r.text,
+        "prompt": r.prompt, "method": method, "weights": r.weights, "text": r.text,
         "tokens": r.tokens.len(), "stop_reason": r.stop_reason, "scores": scores,
     })
 }
@@ -203,7 +196,7 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         let sc: Vec<String> = names.iter().zip(&results[0].scores).map(|(n, s)| format!("{n} {s:.3}")).collect();
         eprintln!(
             "[{} weights {:?}; {} tokens, {}; {:.1} tok/s; implicit rewards: {}]",
-            cfg.method.name(),
+            cfg.method,
             cfg.weights(),
             results[0].tokens.len(),
             results[0].stop_reason,
@@ -281,8 +274,13 @@ pub struct SweepArgs {
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Methods, comma-separated.
-    #[arg(long, default_value = "cage,genarm,linear")]
-    pub methods: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cage,genarm,linear",
+        value_parser = NameParser::<DecodeMethod>::new()
+    )]
+    pub methods: Vec<DecodeMethod>,
     /// Grid resolution: weights are multiples of 1 / steps (default 10 for 2 principals, 4 for 3).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -302,7 +300,6 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     if !(2..=3).contains(&j) {
         return Err(CageError::InvalidArgument(format!("a sweep needs 2 or 3 principals, the config has {j}")));
     }
-    let methods: Vec<DecodeMethod> = a.methods.split(',').map(|m| m.trim().parse()).collect::<Result<_>>()?;
     let grid = simplex_grid(j, a.steps.unwrap_or(if j == 2 { 10 } else { 4 }))?;
     let engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
@@ -312,10 +309,10 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         .flat_map(|w| prompts.iter().map(move |p| RowRequest { prompt: p.clone(), weights: w.clone() }))
         .collect();
     let (mut curves, mut jsonl) = (vec![], String::new());
-    for &m in &methods {
+    for &m in &a.methods {
         let mut opts = DecodeOptions::from_config(&cfg)?;
         opts.method = m;
-        let mut progress = Progress::new(&format!("cage sweep {:>10}", m.name()), rows.len());
+        let mut progress = Progress::new(&format!("cage sweep {m:>10}"), rows.len());
         let (res, _) = engine.decode(&rows, &opts, &mut |ev| {
             if let Event::RowDone { .. } = ev {
                 progress.tick();
@@ -345,7 +342,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
                 (0..d).map(|k| per_row[g * np..(g + 1) * np].iter().map(|s| s[k]).sum::<f64>() / np as f64).collect()
             })
             .collect();
-        curves.push(MethodCurve { method: m.name().into(), weights: grid.clone(), scores });
+        curves.push(MethodCurve { method: m.to_string(), weights: grid.clone(), scores });
     }
     let score_names: Vec<String> = match (a.scorer.is_some(), curves.first().and_then(|c| c.scores.first())) {
         (true, Some(e)) => (1..=e.len()).map(|i| format!("external_{i}")).collect(),
@@ -387,11 +384,11 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         tau: 0.3,
         k: 50,
         normalize: Default::default(),
-        sampling: "greedy".into(),
+        sampling: Choice::Greedy,
         seed: 0,
         max_new_tokens,
         stop: vec![],
-        prompt_format: "auto".into(),
+        prompt_format: FormatSetting::Auto,
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
         batch_size: 8,
@@ -411,8 +408,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 60)]
     pub max_new_tokens: usize,
     /// Method for the weighted rows.
-    #[arg(long, default_value = "cage")]
-    pub method: String,
+    #[arg(long, default_value_t = DecodeMethod::Cage, value_parser = NameParser::<DecodeMethod>::new())]
+    pub method: DecodeMethod,
     /// The agent's temperature tau.
     #[arg(long, default_value_t = 0.3)]
     pub tau: f64,
@@ -424,7 +421,7 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
     let dir = a.models.clone().unwrap_or_else(crate::model::fetch::models_dir);
     let model = crate::model::fetch::fetch_default_model(&dir, &mut |l| eprintln!("cage fetch-model: {l}"))?;
     let mut cfg = demo_config(&model, a.max_new_tokens);
-    cfg.method = a.method.parse()?;
+    cfg.method = a.method;
     cfg.tau = a.tau;
     cfg.check()?;
     let engine = Engine::from_config(&cfg)?;
@@ -442,10 +439,7 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
     }
     println!(
         "method {}, tau {}, top-{} candidates, greedy, {} tokens at most\n",
-        cfg.method.name(),
-        cfg.tau,
-        cfg.k,
-        cfg.max_new_tokens
+        cfg.method, cfg.tau, cfg.k, cfg.max_new_tokens
     );
     let mut progress = Progress::new("decoding 4 rows together", rows.len());
     let (res, tm) = engine.decode(&rows, &opts, &mut |ev| {
@@ -489,8 +483,13 @@ pub struct BenchDecodeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Methods, comma-separated.
-    #[arg(long, default_value = "base,linear,genarm,mod,cage,cage-paper")]
-    pub methods: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "base,linear,genarm,mod,cage,cage-paper",
+        value_parser = NameParser::<DecodeMethod>::new()
+    )]
+    pub methods: Vec<DecodeMethod>,
     /// Prompts decoded together (copies of the prompt).
     #[arg(long, default_value_t = 4)]
     pub rows: usize,
@@ -503,10 +502,13 @@ pub struct BenchDecodeArgs {
     /// Runs per method, interleaved across methods; the fastest is kept (other load on the cores only slows).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `cage bench decode`: tokens per second of each method with the same forwards, and where a step's time goes.
-pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
+pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
     let mut cfg = match &a.config {
         Some(p) => RunConfig::load(p)?,
         None => {
@@ -522,7 +524,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
         return Err(CageError::InvalidArgument("--rows and --tokens must be >= 1".into()));
     }
     cfg.batch_size = a.rows;
-    let methods: Vec<DecodeMethod> = a.methods.split(',').map(|m| m.trim().parse()).collect::<Result<_>>()?;
+    let methods = &a.methods;
     let engine = Engine::from_config(&cfg)?;
     // Rows never stop early, so every method decodes the same number of steps.
     let mut opts = DecodeOptions::from_config(&cfg)?;
@@ -546,12 +548,12 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
     let table: Vec<(DecodeMethod, Timings)> = table.into_iter().map(|(m, t)| (m, t.unwrap_or_default())).collect();
     progress.finish();
     let threads = rayon::current_num_threads();
-    if json {
+    if a.json {
         let v: Vec<serde_json::Value> = table
             .iter()
             .map(|(m, t)| {
                 let busy = t.forward_s + t.values_s + t.policy_s + t.sampling_s;
-                serde_json::json!({"method": m.name(), "tokens": t.tokens, "tok_s": t.tokens as f64 / busy,
+                serde_json::json!({"method": m, "tokens": t.tokens, "tok_s": t.tokens as f64 / busy,
                     "step_ms": 1e3 * busy / t.steps.max(1) as f64, "timings": t})
             })
             .collect();
@@ -576,7 +578,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs, json: bool) -> Result<()> {
         let ds = (t.steps.max(2) - 1) as f64;
         println!(
             "{:>11} {:>9.1} {:>9.2} {:>11.2} {:>9.3} {:>12.4} {:>10.3} {:>9.3}",
-            m.name(),
+            m,
             t.tokens as f64 / busy,
             1e3 * dec / ds,
             1e3 * (t.forward_s - t.prefill_s) / ds,

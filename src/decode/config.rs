@@ -4,6 +4,7 @@
 
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
+use crate::model::{PromptFormat, Tokenizer};
 use crate::problem::Normalize;
 use crate::sampling::Choice;
 use serde::{Deserialize, Serialize};
@@ -11,53 +12,56 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// How a decoding step turns the base policy and the principals' values into the policy it samples from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecodeMethod {
     /// The base model alone (principals are still evaluated, for scoring).
-    #[serde(rename = "base")]
     Base,
     /// softmax(log pi0 + sum_j v_j / tau): every principal pays its whole value.
-    #[serde(rename = "linear")]
     Linear,
     /// GenARM: pi ~ pi_base * prod_j pi_j^(w_j), pi_j a principal's policy (its values when it has none).
-    #[serde(rename = "genarm")]
     Genarm,
     /// MOD (reverse KL): pi ~ prod_j pi_j^(w_j) over the principals' policies, without the base.
-    #[serde(rename = "mod")]
     Mod,
     /// The exact equilibrium of the common-agency game.
     #[default]
-    #[serde(rename = "cage")]
     Cage,
     /// The authors' truncated Algorithm 1: an approximate equilibrium.
-    #[serde(rename = "cage-paper")]
     CagePaper,
 }
+
+crate::spelled!(DecodeMethod, "decoding method");
 
 impl DecodeMethod {
     /// Every method, in the order tables list them.
     pub const ALL: [DecodeMethod; 6] = [Self::Base, Self::Linear, Self::Genarm, Self::Mod, Self::Cage, Self::CagePaper];
-
-    /// The name used in configs, on the command line and in outputs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Base => "base",
-            Self::Linear => "linear",
-            Self::Genarm => "genarm",
-            Self::Mod => "mod",
-            Self::Cage => "cage",
-            Self::CagePaper => "cage-paper",
-        }
-    }
 }
 
-impl std::str::FromStr for DecodeMethod {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
-            CageError::InvalidArgument(format!("unknown decoding method {s:?} (expected one of {})", names.join(", ")))
-        })
+/// The `prompt_format` of a run: `auto` (the model's chat template when its tokenizer has one, else plain) or
+/// one of [`PromptFormat`]'s formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatSetting {
+    /// The chat template when the tokenizer has one, else plain text.
+    #[default]
+    Auto,
+    /// The model's chat template.
+    Chat,
+    /// The prompt as given.
+    Plain,
+    /// `### Instruction:` / `### Response:`.
+    Alpaca,
+}
+
+crate::spelled!(FormatSetting, "prompt format");
+
+impl FormatSetting {
+    /// The format prompts are rendered in with `tokenizer`.
+    pub fn resolve(self, tokenizer: &Tokenizer) -> PromptFormat {
+        match self {
+            Self::Auto if tokenizer.has_chat_template() => PromptFormat::Chat,
+            Self::Auto | Self::Plain => PromptFormat::Plain,
+            Self::Chat => PromptFormat::Chat,
+            Self::Alpaca => PromptFormat::Alpaca,
+        }
     }
 }
 
@@ -118,14 +122,8 @@ fn default_max_new() -> usize {
 fn default_batch() -> usize {
     8
 }
-fn default_auto() -> String {
-    "auto".into()
-}
 fn default_cpu() -> Backend {
     Backend::Cpu
-}
-fn default_greedy() -> String {
-    "greedy".into()
 }
 
 /// A decoding run, as read from a JSON config file.
@@ -155,9 +153,10 @@ pub struct RunConfig {
     /// Value preprocessing (`shift_min` or `none`).
     #[serde(default)]
     pub normalize: Normalize,
-    /// `greedy` or `sample`.
-    #[serde(default = "default_greedy")]
-    pub sampling: String,
+    /// The token choice: `greedy` or `sample` (the Gumbel-max draw, also spelled `gumbel`; `race` is the same
+    /// draw by an exponential race).
+    #[serde(default)]
+    pub sampling: Choice,
     /// Sampling seed (draws are keyed by seed, row and step).
     #[serde(default)]
     pub seed: u64,
@@ -168,8 +167,8 @@ pub struct RunConfig {
     #[serde(default)]
     pub stop: Vec<String>,
     /// `auto` (chat template when the tokenizer has one), `chat`, `plain` or `alpaca`.
-    #[serde(default = "default_auto")]
-    pub prompt_format: String,
+    #[serde(default)]
+    pub prompt_format: FormatSetting,
     /// Where the equilibrium runs: `cpu`, `cuda`, `emulation` or `auto` (the default: the GPU when usable).
     #[serde(default)]
     pub backend: Backend,
@@ -206,11 +205,6 @@ impl RunConfig {
         self.weights.clone().unwrap_or_else(|| vec![1.0 / j.max(1) as f64; j])
     }
 
-    /// The token choice.
-    pub fn choice(&self) -> Result<Choice> {
-        self.sampling.parse()
-    }
-
     /// Checks everything that can be checked without loading models.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(CageError::InvalidArgument(m));
@@ -234,13 +228,6 @@ impl RunConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size must be >= 1".into());
-        }
-        self.choice()?;
-        if !["auto", "chat", "plain", "alpaca"].contains(&self.prompt_format.as_str()) {
-            return bad(format!(
-                "unknown prompt_format {:?} (expected auto, chat, plain or alpaca)",
-                self.prompt_format
-            ));
         }
         Ok(())
     }

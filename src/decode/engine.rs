@@ -1,20 +1,22 @@
-//! The decoding loop. Per step: one forward per model covering every stream of every live row (base, ARMs with
-//! their adapters, references, instructed prompts), candidate selection on the base, the principals' values,
-//! the method's policy (the equilibrium on the chosen backend for `cage`), the token choice, and the stop
-//! checks. Every method runs in this same loop with the same forwards, so their costs and outputs compare fairly.
+//! The decoding loop, over the stages of [`super::stages`]. Per step: one forward per model covering every
+//! stream of every live row (base, ARMs with their adapters, references, instructed prompts), candidate
+//! selection on the base, the principals' values, the method's policy (the equilibrium on the chosen backend
+//! for `cage`), the token choice, and the stop checks. Every method runs in this same loop with the same
+//! forwards, so their costs and outputs compare fairly.
 
-use super::config::{DecodeMethod, PrincipalKind, RunConfig, check_weights};
-use super::principal::{ArmSource, LexiconSource, PromptedSource, StepView, StreamLogits, StreamSpec, ValueSource};
-use crate::backend::{Backend, solve_with};
-use crate::baselines::{ModDivergence, genarm, mod_policy};
-use crate::candidates::{Selection, select};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
+use super::principal::{ArmSource, LexiconSource, PromptedSource, StreamSpec, ValueSource};
+use super::stages::{
+    PolicyRule, RowCandidates, RowContext, RowState, RowValues, SolveInfo, StepLogits, StepPolicy, StopReason,
+    StopRule, StreamPlan, choose, forward, kl_to_base, policy, values,
+};
+use crate::backend::Backend;
+use crate::candidates::Selection;
 use crate::error::{CageError, Result};
 use crate::model::gpu::new_decoder;
-use crate::model::{Adapter, Decoder, LogitsAt, Model, PromptFormat, Seq, Tokenizer};
-use crate::problem::{Batch, BatchInput, Normalize};
-use crate::sampling::{Choice, choose_row};
-use crate::solver::{Method, SolveOptions};
-use rayon::prelude::*;
+use crate::model::{Adapter, Decoder, Model, PromptFormat, Tokenizer};
+use crate::problem::Normalize;
+use crate::sampling::Choice;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,7 +61,7 @@ impl DecodeOptions {
             tau: cfg.tau,
             k: cfg.k,
             normalize: cfg.normalize,
-            choice: cfg.choice()?,
+            choice: cfg.sampling,
             seed: cfg.seed,
             max_new_tokens: cfg.max_new_tokens,
             stop: cfg.stop.clone(),
@@ -92,8 +94,8 @@ pub struct RowResult {
     pub text: String,
     /// Generated token ids (including a final EOS).
     pub tokens: Vec<u32>,
-    /// `eos`, `stop` or `length`.
-    pub stop_reason: String,
+    /// Why the row stopped (`eos`, `stop` or `length` in JSON).
+    pub stop_reason: StopReason,
     /// Per principal: the sequence-level implicit reward sum_t q_j(a_t) (GenARM's definition).
     pub scores: Vec<f64>,
 }
@@ -121,6 +123,33 @@ pub struct StepDiag {
     pub forward_ms: f64,
     /// Milliseconds of this step's policy computation (all rows together).
     pub policy_ms: f64,
+}
+
+impl StepDiag {
+    /// The diagnostics of chunk row `row` at `step`: its token, the solver's report, KL(pi || pi0), and the
+    /// step's seconds of forwards and policy.
+    fn new(
+        row: usize,
+        step: usize,
+        token: u32,
+        info: &SolveInfo,
+        names: &[String],
+        kl: f64,
+        (forward_s, policy_s): (f64, f64),
+    ) -> Self {
+        StepDiag {
+            row,
+            step,
+            token,
+            iterations: info.iterations,
+            residual: info.residual,
+            converged: info.converged,
+            paid: info.paid.iter().map(|&j| names[j].clone()).collect(),
+            kl,
+            forward_ms: forward_s * 1e3,
+            policy_ms: policy_s * 1e3,
+        }
+    }
 }
 
 /// What the loop reports while it runs.
@@ -209,17 +238,11 @@ fn load_model(dir: &Path) -> Result<Model> {
 
 impl Engine {
     /// An engine with the base model in `base` (model 0) and no principals. `tokenizer` overrides the folder
-    /// holding `tokenizer.json`; `prompt_format` is `auto`, `chat`, `plain` or `alpaca`.
-    pub fn new(base: &Path, tokenizer: Option<&Path>, prompt_format: &str) -> Result<Self> {
+    /// holding `tokenizer.json`.
+    pub fn new(base: &Path, tokenizer: Option<&Path>, prompt_format: FormatSetting) -> Result<Self> {
         let tdir = tokenizer.unwrap_or(base);
         let tok = Tokenizer::load(tdir)?;
-        let format = match prompt_format {
-            "auto" if tok.has_chat_template() => PromptFormat::Chat,
-            "auto" | "plain" => PromptFormat::Plain,
-            "chat" => PromptFormat::Chat,
-            "alpaca" => PromptFormat::Alpaca,
-            f => return Err(CageError::InvalidArgument(format!("unknown prompt format {f:?}"))),
-        };
+        let format = prompt_format.resolve(&tok);
         let model = load_model(base)?;
         let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
         eos.extend(tok.eos_id());
@@ -237,7 +260,7 @@ impl Engine {
     /// Builds the engine a config describes: models (shared when paths agree), adapters, principals.
     pub fn from_config(cfg: &RunConfig) -> Result<Self> {
         cfg.check()?;
-        let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), &cfg.prompt_format)?;
+        let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), cfg.prompt_format)?;
         for p in &cfg.principals {
             let src: Box<dyn ValueSource> = match &p.kind {
                 PrincipalKind::Arm { model, adapter, reference } => {
@@ -373,6 +396,8 @@ impl Engine {
         Ok((out, total))
     }
 
+    /// Decodes one chunk of rows together: the stages of [`super::stages`] in a loop over steps, on buffers
+    /// allocated here once.
     fn decode_chunk(
         &self,
         rows: &[RowRequest],
@@ -382,309 +407,148 @@ impl Engine {
     ) -> Result<(Vec<RowResult>, Timings)> {
         let mut tm = Timings::default();
         let (b, nj) = (rows.len(), self.sources.len());
-        // Streams: the base first, then every source's, shared when equal.
-        let mut streams = vec![StreamSpec { model: 0, adapter: None, instruction: None }];
-        let src_streams: Vec<Vec<usize>> = self
-            .sources
-            .iter()
-            .map(|s| {
-                s.streams()
-                    .into_iter()
-                    .map(|sp| match streams.iter().position(|x| *x == sp) {
-                        Some(i) => i,
-                        None => {
-                            streams.push(sp);
-                            streams.len() - 1
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        for sp in &streams {
-            if sp.model >= self.models.len() {
-                return Err(CageError::InvalidArgument(format!(
-                    "a principal names model {} that is not loaded",
-                    sp.model
-                )));
-            }
-        }
-        let nm = self.models.len();
-        let on_model: Vec<Vec<usize>> =
-            (0..nm).map(|m| (0..streams.len()).filter(|&s| streams[s].model == m).collect()).collect();
-        let mut local = vec![0; streams.len()];
-        for list in &on_model {
-            for (l, &s) in list.iter().enumerate() {
-                local[s] = l;
-            }
-        }
-        // Prompt ids per row and stream.
-        let mut pending: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
+        let declared: Vec<Vec<StreamSpec>> = self.sources.iter().map(|s| s.streams()).collect();
+        let plan = StreamPlan::new(&declared, self.models.len())?;
+        // What each row feeds each stream at the next forward: its prompt, then its last token.
+        let mut inputs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
         for r in rows {
-            pending.push(
-                streams
+            inputs.push(
+                plan.streams
                     .iter()
                     .map(|sp| self.stream_prompt(&r.prompt, sp.instruction.as_deref()))
                     .collect::<Result<_>>()?,
             );
         }
-        let longest = pending.iter().flatten().map(Vec::len).max().unwrap_or(1);
+        let longest = inputs.iter().flatten().map(Vec::len).max().unwrap_or(1);
         let prefill_cap = longest.max(1024);
-        let mut decoders: Vec<Option<Box<dyn Decoder>>> = (0..nm)
-            .map(|m| {
-                let ns = on_model[m].len();
-                if ns == 0 {
-                    return Ok(None);
-                }
-                let total: usize = pending.iter().map(|p| on_model[m].iter().map(|&s| p[s].len()).sum::<usize>()).sum();
-                new_decoder(
-                    opts.model_device,
-                    self.models[m].1.clone(),
-                    b * ns,
-                    longest + opts.max_new_tokens + 1,
-                    total.min(prefill_cap).max(b * ns),
-                )
-                .map(Some)
-            })
-            .collect::<Result<_>>()?;
-        let vocab: Vec<usize> = self.models.iter().map(|(_, m)| m.config.vocab_size).collect();
+        let mut decoders = self.decoders(&plan, &inputs, longest + opts.max_new_tokens + 1, prefill_cap, opts)?;
+        let names = self.principal_names();
         let selection = if opts.k == 0 { Selection::All } else { Selection::TopK(opts.k) };
-        let (mut generated, mut texts, mut emitted) = (vec![vec![]; b], vec![String::new(); b], vec![0usize; b]);
-        let mut scores = vec![vec![0.0f64; nj]; b];
-        let mut reason = vec![String::new(); b];
+        let own_policies = matches!(opts.method, DecodeMethod::Genarm | DecodeMethod::Mod);
+        let rule = PolicyRule {
+            method: opts.method,
+            tau: opts.tau,
+            normalize: opts.normalize,
+            backend: opts.backend,
+            names: &names,
+        };
+        let stop = StopRule {
+            eos: &self.eos,
+            stop: &opts.stop,
+            max_new_tokens: opts.max_new_tokens,
+            ignore_eos: opts.ignore_eos,
+        };
+        // The step's buffers, refilled at every step for the live rows (the first `live.len()` entries).
+        let mut logits =
+            StepLogits::new(self.models.iter().map(|(_, m)| m.config.vocab_size).collect(), plan.streams.len());
+        let mut cands = vec![RowCandidates::default(); b];
+        let mut vals = vec![RowValues::default(); b];
+        let mut weights: Vec<f64> = Vec::with_capacity(b * nj);
+        let mut pol = StepPolicy::default();
+        let mut scratch: Vec<f32> = vec![];
+        let mut states = vec![RowState::new(nj, opts.max_new_tokens); b];
         let mut live: Vec<usize> = (0..b).collect();
-        let mut bufs: Vec<Vec<f32>> = vec![vec![]; nm];
-        let need_policy = matches!(opts.method, DecodeMethod::Genarm | DecodeMethod::Mod);
         let mut step = 0;
         while !live.is_empty() && step < opts.max_new_tokens {
-            // Forwards: one batch per model, prefill split so one call holds at most `prefill_cap` tokens.
+            let nl = live.len();
+            // Forward: one batch per model over every live row's streams.
             let t0 = Instant::now();
-            for m in 0..nm {
-                let Some(dec) = decoders[m].as_mut() else { continue };
-                let ns = on_model[m].len();
-                let (streams, on) = (&streams, &on_model[m]);
-                let seqs: Vec<Seq> = live
-                    .iter()
-                    .flat_map(|&r| {
-                        let p = &pending[r];
-                        on.iter().enumerate().map(move |(l, &s)| Seq {
-                            slot: r * ns + l,
-                            tokens: &p[s],
-                            adapter: streams[s].adapter,
-                        })
-                    })
-                    .collect();
-                bufs[m].clear();
-                let mut start = 0;
-                while start < seqs.len() {
-                    let (mut end, mut toks) = (start, 0);
-                    while end < seqs.len() && (end == start || toks + seqs[end].tokens.len() <= prefill_cap) {
-                        toks += seqs[end].tokens.len();
-                        end += 1;
-                    }
-                    bufs[m].extend_from_slice(dec.forward(&seqs[start..end], LogitsAt::Last)?);
-                    start = end;
-                }
-            }
+            forward(&mut decoders, &plan, &live, &inputs, prefill_cap, &mut logits)?;
             let fwd = t0.elapsed().as_secs_f64();
             tm.forward_s += fwd;
             if step == 0 {
                 tm.prefill_s += fwd;
             }
-            // Candidates and values per live row.
+            // Candidates and values.
             let t1 = Instant::now();
-            let row_logits = |m: usize, i: usize, s: usize| -> &[f32] {
-                let (ns, v) = (on_model[m].len(), vocab[m]);
-                let at = (i * ns + local[s]) * v;
-                &bufs[m][at..at + v]
-            };
-            let nl = live.len();
-            let mut cands = Vec::with_capacity(nl);
-            let mut q = Vec::with_capacity(nl);
-            let mut pols = Vec::with_capacity(nl);
-            // The log-normalisers over the full vocabulary are most of this phase: one task per (row, stream).
-            let ns_all = streams.len();
-            let all_lse: Vec<f64> = (0..nl * ns_all)
-                .into_par_iter()
-                .map(|x| crate::softmax::logsumexp(row_logits(streams[x % ns_all].model, x / ns_all, x % ns_all)))
-                .collect();
-            for (i, &r) in live.iter().enumerate() {
-                let c = select(row_logits(0, i, 0), selection)?;
-                let n = c.ids.len();
-                let lses = &all_lse[i * ns_all..(i + 1) * ns_all];
-                let (mut qr, mut pr) = (vec![0.0f64; nj * n], vec![vec![]; nj]);
-                for (j, src) in self.sources.iter().enumerate() {
-                    let sl: Vec<StreamLogits> = src_streams[j]
-                        .iter()
-                        .map(|&s| StreamLogits { logits: row_logits(streams[s].model, i, s), lse: lses[s] })
-                        .collect();
-                    let view = StepView { row: row0 + r, generated: &generated[r], candidates: &c.ids, streams: &sl };
-                    let qj = &mut qr[j * n..(j + 1) * n];
-                    src.values(&view, qj)?;
-                    if let Some((a, x)) = qj.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-                        return Err(CageError::NonFinite {
-                            what: format!("values of principal {:?}", src.name()),
-                            index: a,
-                            value: format!("{x}"),
-                        });
-                    }
-                    if need_policy {
-                        let mut p = vec![0.0; n];
-                        if !src.policy(&view, &mut p)? {
-                            p.copy_from_slice(qj);
-                        }
-                        pr[j] = p;
-                    }
-                }
-                cands.push(c);
-                q.push(qr);
-                pols.push(pr);
+            logits.normalise(&plan, nl);
+            for (i, c) in cands[..nl].iter_mut().enumerate() {
+                c.select(logits.logits(&plan, i, 0), selection)?;
             }
+            let ctx: Vec<RowContext> =
+                live.iter().map(|&r| RowContext { row: row0 + r, generated: &states[r].generated }).collect();
+            values(&self.sources, &plan, &logits, &ctx, &cands[..nl], own_policies, &mut vals[..nl])?;
             tm.values_s += t1.elapsed().as_secs_f64();
             // The method's policy.
             let t2 = Instant::now();
-            let n = cands.first().map_or(0, |c| c.ids.len());
-            let base_lp: Vec<Vec<f64>> =
-                cands.iter().map(|c| c.base_logprobs.iter().map(|&x| x as f64).collect()).collect();
-            let mut sol_info: Vec<(u32, f64, bool, Vec<String>)> = vec![(0, 0.0, true, vec![]); nl];
-            let policies: Vec<Vec<f64>> = match opts.method {
-                DecodeMethod::Base => base_lp.iter().map(|b| softmax(b)).collect(),
-                DecodeMethod::Genarm => (0..nl)
-                    .map(|i| {
-                        let w: Vec<f64> = rows[live[i]].weights.clone();
-                        let arms: Vec<&[f64]> = pols[i].iter().map(Vec::as_slice).collect();
-                        genarm(&base_lp[i], &arms, &w)
-                    })
-                    .collect::<Result<_>>()?,
-                DecodeMethod::Mod => (0..nl)
-                    .map(|i| {
-                        let w: Vec<f64> = rows[live[i]].weights.clone();
-                        let ps: Vec<&[f64]> = pols[i].iter().map(Vec::as_slice).collect();
-                        mod_policy(&ps, &w, ModDivergence::Reverse)
-                    })
-                    .collect::<Result<_>>()?,
-                DecodeMethod::Linear | DecodeMethod::Cage | DecodeMethod::CagePaper => {
-                    let method = match opts.method {
-                        DecodeMethod::Linear => Method::Linear,
-                        DecodeMethod::Cage => Method::Exact,
-                        _ => Method::Paper,
-                    };
-                    let batch = Batch::new(BatchInput {
-                        rows: nl,
-                        candidates: n,
-                        principals: nj,
-                        base_logprobs: base_lp.concat(),
-                        values: q.concat(),
-                        weights: live.iter().flat_map(|&r| rows[r].weights.iter().copied()).collect(),
-                        tau: vec![opts.tau],
-                        normalize: opts.normalize,
-                        names: self.principal_names(),
-                    })?;
-                    let sol = solve_with(opts.backend, &batch, &SolveOptions::new(method))?;
-                    for (i, info) in sol_info.iter_mut().enumerate() {
-                        let paid = (0..nj)
-                            .filter(|&j| sol.incentive_row(i, j).iter().any(|&y| y > 0.0))
-                            .map(|j| self.sources[j].name().to_string())
-                            .collect();
-                        *info = (sol.iterations[i], sol.residual[i], sol.converged[i], paid);
-                    }
-                    (0..nl).map(|i| sol.policy_row(i).to_vec()).collect()
-                }
-            };
+            weights.clear();
+            weights.extend(live.iter().flat_map(|&r| rows[r].weights.iter().copied()));
+            policy(&rule, &cands[..nl], &vals[..nl], &weights, &mut pol)?;
             let pol_s = t2.elapsed().as_secs_f64();
             tm.policy_s += pol_s;
             // Token choice and stop checks.
             let t3 = Instant::now();
-            let mut finished = vec![];
             for (i, &r) in live.iter().enumerate() {
-                let pf: Vec<f32> = policies[i].iter().map(|&p| p as f32).collect();
-                let a = choose_row(&pf, opts.choice, opts.seed, (row0 + r) as u32, step as u32)?;
+                let a = choose(pol.row(i), opts.choice, opts.seed, row0 + r, step, &mut scratch)?;
                 let tok = cands[i].ids[a];
-                for j in 0..nj {
-                    scores[r][j] += q[i][j * n + a];
-                }
-                generated[r].push(tok);
+                let st = &mut states[r];
+                st.push(tok, &vals[i], a, pol.candidates);
                 tm.tokens += 1;
-                for p in pending[r].iter_mut() {
+                for p in inputs[r].iter_mut() {
                     p.clear();
                     p.push(tok);
                 }
                 if opts.diagnostics {
-                    let pi0 = softmax(&base_lp[i]);
-                    let kl = policies[i]
-                        .iter()
-                        .zip(&pi0)
-                        .filter(|(p, _)| **p > 0.0)
-                        .map(|(p, p0)| p * (p.ln() - p0.ln()))
-                        .sum::<f64>()
-                        .max(0.0);
-                    let (iterations, residual, converged, paid) = sol_info[i].clone();
-                    let d = StepDiag {
-                        row: row0 + r,
-                        step,
-                        token: tok,
-                        iterations,
-                        residual,
-                        converged,
-                        paid,
-                        kl,
-                        forward_ms: fwd * 1e3,
-                        policy_ms: pol_s * 1e3,
-                    };
+                    let kl = kl_to_base(pol.row(i), &cands[i].base_logprobs);
+                    let d = StepDiag::new(row0 + r, step, tok, &pol.info[i], &names, kl, (fwd, pol_s));
                     sink(Event::Step(&d));
                 }
-                let text = self.tokenizer.decode(&generated[r], true)?;
-                let stop_at = opts.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
-                let mut done = None;
-                if self.eos.contains(&tok) && !opts.ignore_eos {
-                    done = Some("eos");
-                }
-                let text = match stop_at {
-                    Some(at) => {
-                        done = Some("stop");
-                        text[..at].to_string()
-                    }
-                    None => text,
-                };
-                if done.is_none() && generated[r].len() >= opts.max_new_tokens {
-                    done = Some("length");
-                }
-                // Hold back text that might be the start of a stop string or an incomplete character.
-                let safe = if done.is_some() { text.len() } else { safe_prefix(&text, &opts.stop) };
-                if safe > emitted[r] && text.is_char_boundary(emitted[r]) {
-                    sink(Event::Text { row: row0 + r, text: &text[emitted[r]..safe] });
-                    emitted[r] = safe;
-                }
-                texts[r] = text;
-                if let Some(why) = done {
-                    reason[r] = why.into();
-                    finished.push(r);
+                let text = self.tokenizer.decode(&st.generated, true)?;
+                if let Some(shown) = st.stop_check(tok, text, &stop) {
+                    sink(Event::Text { row: row0 + r, text: &st.text[shown] });
                 }
             }
-            live.retain(|r| !finished.contains(r));
-            for &r in &finished {
+            for &r in live.iter().filter(|&&r| states[r].stop.is_some()) {
                 sink(Event::RowDone { row: row0 + r });
             }
+            live.retain(|&r| states[r].stop.is_none());
             tm.sampling_s += t3.elapsed().as_secs_f64();
             tm.steps += 1;
             step += 1;
         }
         for &r in &live {
-            reason[r] = "length".into();
+            states[r].stop = Some(StopReason::Length);
             sink(Event::RowDone { row: row0 + r });
         }
         let out = rows
             .iter()
-            .enumerate()
-            .map(|(r, req)| RowResult {
+            .zip(states)
+            .map(|(req, st)| RowResult {
                 prompt: req.prompt.clone(),
                 weights: req.weights.clone(),
-                text: std::mem::take(&mut texts[r]),
-                tokens: std::mem::take(&mut generated[r]),
-                stop_reason: std::mem::take(&mut reason[r]),
-                scores: std::mem::take(&mut scores[r]),
+                text: st.text,
+                tokens: st.generated,
+                stop_reason: st.stop.unwrap_or(StopReason::Length),
+                scores: st.scores,
             })
             .collect();
         Ok((out, tm))
+    }
+
+    /// One decoder per model that runs a stream: a KV-cache slot per row and stream, room for `positions`
+    /// tokens per slot and for the chunk's prompts (at most `prefill_cap` tokens) in one call.
+    fn decoders(
+        &self,
+        plan: &StreamPlan,
+        inputs: &[Vec<Vec<u32>>],
+        positions: usize,
+        prefill_cap: usize,
+        opts: &DecodeOptions,
+    ) -> Result<Vec<Option<Box<dyn Decoder>>>> {
+        let b = inputs.len();
+        plan.on_model
+            .iter()
+            .zip(&self.models)
+            .map(|(on, (_, model))| {
+                if on.is_empty() {
+                    return Ok(None);
+                }
+                let tokens: usize = inputs.iter().map(|p| on.iter().map(|&s| p[s].len()).sum::<usize>()).sum();
+                let slots = b * on.len();
+                new_decoder(opts.model_device, model.clone(), slots, positions, tokens.min(prefill_cap).max(slots))
+                    .map(Some)
+            })
+            .collect()
     }
 }
 
@@ -693,20 +557,4 @@ pub fn softmax(z: &[f64]) -> Vec<f64> {
     let mut p = z.to_vec();
     crate::softmax::softmax_in_place(&mut p);
     p
-}
-
-/// Length of the prefix of `text` that can be shown: it ends on a character boundary, before a trailing
-/// replacement character (an incomplete UTF-8 sequence) and before any suffix that starts a stop string.
-fn safe_prefix(text: &str, stop: &[String]) -> usize {
-    let mut end = text.trim_end_matches('\u{FFFD}').len();
-    for s in stop.iter().filter(|s| !s.is_empty()) {
-        let mut cut = end;
-        for (i, _) in text[..end].char_indices().rev().take(s.chars().count()) {
-            if s.starts_with(&text[i..end]) {
-                cut = i;
-            }
-        }
-        end = cut;
-    }
-    end
 }

@@ -249,20 +249,22 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
     Ok(out)
 }
 
-/// `cage bench WHAT --backend B --reps R`: prints the report of [`solver_report`].
-pub fn cli(what: &str, backend: &str, reps: usize) -> Result<()> {
-    use crate::error::CageError;
-    if what != "solver" {
-        return Err(CageError::InvalidArgument(format!("unknown benchmark {what:?} (expected \"solver\")")));
-    }
+/// `cage bench solver --backend B --reps R`: prints the report of [`solver_report`] on the GPU (`cuda`), the host
+/// emulation (`emulation`) or the GPU when usable, else the emulation (`auto`). `cpu` has no kernels to time.
+pub fn cli(backend: crate::Backend, reps: usize) -> Result<()> {
+    use crate::Backend;
     let mut gpu = match backend {
-        "cuda" => Gpu::cuda(0)?,
-        "emu" => Gpu::emulated(),
-        "auto" => Gpu::cuda(0).unwrap_or_else(|e| {
+        Backend::Cuda => Gpu::cuda(0)?,
+        Backend::Emulation => Gpu::emulated(),
+        Backend::Auto => Gpu::cuda(0).unwrap_or_else(|e| {
             eprintln!("cage bench: {e}; using the host emulation");
             Gpu::emulated()
         }),
-        _ => return Err(CageError::InvalidArgument(format!("unknown backend {backend:?} (cuda, emu or auto)"))),
+        Backend::Cpu => {
+            return Err(crate::error::CageError::InvalidArgument(
+                "cage bench solver times the CUDA kernels: backend cpu has none (use cuda, emulation or auto)".into(),
+            ));
+        }
     };
     print!("{}", solver_report(&mut gpu, reps.max(1))?);
     Ok(())

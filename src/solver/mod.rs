@@ -17,8 +17,8 @@ use crate::problem::Batch;
 use crate::real::Real;
 use crate::solution::Solution;
 
-/// Which policy to compute for a batch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which policy to compute for a batch; spelled by its clap value names ([`crate::names`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Method {
     /// The exact equilibrium (fast CPU solver).
     #[default]
@@ -33,30 +33,11 @@ pub enum Method {
     Linear,
 }
 
+crate::spelled!(Method, "method");
+
 impl Method {
-    /// Every method, in documentation order.
+    /// Every method, in documentation order (the C ABI's `CageMethod` numbers them in this order).
     pub const ALL: [Method; 5] = [Method::Exact, Method::Jacobi, Method::Paper, Method::Base, Method::Linear];
-
-    /// The name used on the command line and in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Exact => "exact",
-            Method::Jacobi => "jacobi",
-            Method::Paper => "paper",
-            Method::Base => "base",
-            Method::Linear => "linear",
-        }
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = CageError;
-    fn from_str(s: &str) -> Result<Self> {
-        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
-            CageError::InvalidArgument(format!("unknown method {s:?} (expected one of {})", names.join(", ")))
-        })
-    }
 }
 
 /// Options shared by the solvers.
