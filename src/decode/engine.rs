@@ -448,8 +448,10 @@ impl Engine {
         let mut scratch: Vec<f32> = vec![];
         let mut states = vec![RowState::new(nj, opts.max_new_tokens); b];
         let mut live: Vec<usize> = (0..b).collect();
-        let mut step = 0;
-        while !live.is_empty() && step < opts.max_new_tokens {
+        for step in 0..opts.max_new_tokens {
+            if live.is_empty() {
+                break;
+            }
             let nl = live.len();
             // Forward: one batch per model over every live row's streams.
             let t0 = Instant::now();
@@ -504,7 +506,6 @@ impl Engine {
             live.retain(|&r| states[r].stop.is_none());
             tm.sampling_s += t3.elapsed().as_secs_f64();
             tm.steps += 1;
-            step += 1;
         }
         for &r in &live {
             states[r].stop = Some(StopReason::Length);

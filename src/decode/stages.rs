@@ -127,8 +127,8 @@ impl StepLogits {
 }
 
 fn logits_row<'a>(per_model: &'a [Vec<f32>], vocab: &[usize], plan: &StreamPlan, i: usize, s: usize) -> &'a [f32] {
-    let (m, v) = (plan.model_of(s), vocab[plan.model_of(s)]);
-    let at = plan.position(i, s) * v;
+    let m = plan.model_of(s);
+    let (v, at) = (vocab[m], plan.position(i, s) * vocab[m]);
     &per_model[m][at..at + v]
 }
 
