@@ -34,6 +34,7 @@ macro_rules! kernel_tests {
             principal_values_match_cpu: bodies::principal_values_match_cpu,
             jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
             graph_replays_equilibrium: bodies::graph_replays_equilibrium,
+            stale_jobs_are_refused: bodies::stale_jobs_are_refused,
         });
     };
     (@tests $device:ident, $open:expr, { $($name:ident: $body:expr),* $(,)? }) => {
@@ -759,4 +760,35 @@ pub fn graph_replays_equilibrium(gpu: &mut Gpu) {
     gpu.run_graph(graph).unwrap();
     let replayed = gpu.fetch_equilibrium(&job2).unwrap();
     assert_eq!(direct.policy, replayed.policy, "graph replay differs from a direct launch");
+}
+
+/// A prepared job whose device buffers a later, larger prepare reallocated would run on freed memory: running
+/// or fetching it is an error naming the fix, while a job of the same or a smaller shape (same buffers) and the
+/// new job still run and match the CPU.
+pub fn stale_jobs_are_refused(gpu: &mut Gpu) {
+    let (_, small) = batch(Shape::new(2, 50, 2), 600);
+    let (_, same) = batch(Shape::new(2, 50, 2), 601);
+    let (_, large) = batch(Shape::new(4, 300, 3), 602);
+    let old = gpu.prepare_equilibrium(&small, &eq_opts()).unwrap();
+    // The same shape reuses the buffers: the old job stays valid (it now sees the new inputs).
+    let reused = gpu.prepare_equilibrium(&same, &eq_opts()).unwrap();
+    gpu.run_equilibrium(&old).unwrap();
+    gpu.fetch_equilibrium(&reused).unwrap();
+    let new = gpu.prepare_equilibrium(&large, &eq_opts()).unwrap();
+    for e in [gpu.run_equilibrium(&old).unwrap_err(), gpu.fetch_equilibrium(&old).unwrap_err()] {
+        assert!(e.to_string().contains("prepare it again"), "{e}");
+    }
+    gpu.run_equilibrium(&new).unwrap();
+    let got = gpu.fetch_equilibrium(&new).unwrap();
+    let want = exact::solve(&large, 1e-6, 20_000);
+    for r in 0..4 {
+        assert!(policy_gap(want.policy_row(r), got.policy_row(r)) < 1e-4, "row {r} of the new job");
+    }
+    // Candidate selections: the same rule.
+    let logits: Vec<f32> = (0..2 * 100).map(|i| ((i * 37) % 101) as f32 * 0.05).collect();
+    let cand = gpu.prepare_candidates(Logits::F32(&logits), 2, 100, Some(10)).unwrap();
+    let big: Vec<f32> = (0..8 * 3000).map(|i| ((i * 37) % 1009) as f32 * 0.01).collect();
+    gpu.prepare_candidates(Logits::F32(&big), 8, 3000, Some(10)).unwrap();
+    let e = gpu.run_candidates(&cand).unwrap_err();
+    assert!(e.to_string().contains("prepare it again"), "{e}");
 }

@@ -100,6 +100,14 @@ pub(super) struct CandBuffers {
     ids: DevBuf,
 }
 
+impl CandBuffers {
+    /// Changes whenever one of the buffers a job uses is reallocated.
+    fn generation(&self, own_logits: bool) -> u64 {
+        let outputs = self.logp.serial().max(self.lse.serial()).max(self.ids.serial());
+        if own_logits { outputs.max(self.logits.serial()) } else { outputs }
+    }
+}
+
 /// A candidate selection prepared on the device (see [`Gpu::prepare_candidates`]).
 #[derive(Clone, Copy, Debug)]
 pub struct CandJob {
@@ -111,6 +119,10 @@ pub struct CandJob {
     pub(super) logp: DevPtr,
     lse: DevPtr,
     pub(super) ids: DevPtr,
+    /// [`CandBuffers::generation`] when prepared.
+    generation: u64,
+    /// Whether the logits are this family's upload (else the caller's device buffer).
+    own_logits: bool,
 }
 
 impl CandJob {
@@ -148,7 +160,7 @@ impl Gpu {
         logits.check(rows, vocab)?;
         check_k(k, vocab)?;
         let x = self.cand.logits.upload(self.dev.as_mut(), logits.bytes())?;
-        self.candidate_outputs(rows, vocab, k, logits.tag(), x)
+        self.candidate_outputs(rows, vocab, k, logits.tag(), x, true)
     }
 
     /// A candidate selection over f32 logits already on this device (`rows x vocab`, row-major), such as those
@@ -172,7 +184,7 @@ impl Gpu {
         check_i32("vocabulary size", vocab)?;
         check_i32("rows", rows)?;
         check_k(k, vocab)?;
-        self.candidate_outputs(rows, vocab, k, "f32", logits)
+        self.candidate_outputs(rows, vocab, k, "f32", logits, false)
     }
 
     /// The job of a selection over the logits at `x`, its outputs allocated.
@@ -183,23 +195,31 @@ impl Gpu {
         k: Option<usize>,
         tag: &'static str,
         x: DevPtr,
+        own_logits: bool,
     ) -> Result<CandJob> {
         let kk = k.unwrap_or(vocab);
         let (dev, b) = (self.dev.as_mut(), &mut self.cand);
-        Ok(CandJob {
-            rows,
-            vocab,
-            k,
-            tag,
-            x,
-            logp: b.logp.reserve(dev, rows * kk * 4)?,
-            lse: b.lse.reserve(dev, rows * 4)?,
-            ids: b.ids.reserve(dev, rows * kk * 4)?,
-        })
+        let (logp, lse, ids) =
+            (b.logp.reserve(dev, rows * kk * 4)?, b.lse.reserve(dev, rows * 4)?, b.ids.reserve(dev, rows * kk * 4)?);
+        let generation = b.generation(own_logits);
+        Ok(CandJob { rows, vocab, k, tag, x, logp, lse, ids, generation, own_logits })
+    }
+
+    /// A job whose buffers a later, larger prepare reallocated would read and write freed memory: an error.
+    fn check_candidates_generation(&self, job: &CandJob) -> Result<()> {
+        if job.generation != self.cand.generation(job.own_logits) {
+            return Err(bad(format!(
+                "this candidate selection ({} rows x {} tokens) was prepared before a larger one reallocated its \
+                 device buffers: prepare it again",
+                job.rows, job.vocab
+            )));
+        }
+        Ok(())
     }
 
     /// Launches a prepared candidate selection.
     pub fn run_candidates(&mut self, job: &CandJob) -> Result<()> {
+        self.check_candidates_generation(job)?;
         let (tag, v) = (job.tag, job.vocab);
         let name = match job.k {
             Some(_) => format!("cage_topk_{tag}"),
@@ -222,6 +242,7 @@ impl Gpu {
 
     /// Copies the result of a finished candidate selection back.
     pub fn fetch_candidates(&mut self, job: &CandJob) -> Result<Candidates> {
+        self.check_candidates_generation(job)?;
         let (rows, vocab) = (job.rows, job.vocab);
         let kk = job.k.unwrap_or(vocab);
         let ids = if job.k.is_some() {

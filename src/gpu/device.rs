@@ -22,15 +22,21 @@ pub type Release = Arc<dyn Fn(DevPtr) + Send + Sync>;
 pub struct DevBuf {
     ptr: DevPtr,
     bytes: usize,
+    serial: u64,
     release: Option<Release>,
 }
+
+/// Serial number of the next allocation: later allocations get larger numbers, so the largest serial of a set
+/// of buffers changes whenever one of them is reallocated (how a prepared job finds that its buffers moved).
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl DevBuf {
     /// A new allocation of at least `bytes` (16 at the least, uninitialised) on `dev`.
     pub fn alloc(dev: &mut dyn Device, bytes: usize) -> Result<Self> {
         let bytes = bytes.max(16);
         let ptr = dev.alloc(bytes)?;
-        Ok(Self { ptr, bytes, release: Some(dev.release()) })
+        let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { ptr, bytes, serial, release: Some(dev.release()) })
     }
 
     /// The device address (0 when empty).
@@ -41,6 +47,11 @@ impl DevBuf {
     /// The size of the allocation in bytes (0 when empty).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// This allocation's serial number (0 when empty): larger for every later allocation in the process.
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// The address of a buffer of at least `bytes` on `dev`: this one, reallocated (without its contents) only

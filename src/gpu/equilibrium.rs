@@ -121,6 +121,17 @@ pub(super) struct EqBuffers {
     stats: DevBuf,
 }
 
+impl EqBuffers {
+    /// Changes whenever one of the buffers is reallocated: a job prepared before then points at freed memory.
+    fn generation(&self) -> u64 {
+        [&self.base, &self.values, &self.tau, &self.pi, &self.agg, &self.y, &self.payoff, &self.stats]
+            .iter()
+            .map(|b| b.serial())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// The outputs of [`Gpu::equilibrium_device`] its caller does not want.
 #[derive(Default)]
 pub(super) struct CallerBuffers {
@@ -164,6 +175,8 @@ pub struct EqJob {
     pub(super) values: DevPtr,
     pub(super) tau: DevPtr,
     pub(super) out: SolutionAt,
+    /// [`EqBuffers::generation`] when prepared (0: launched at once on other buffers, never checked).
+    pub(super) generation: u64,
 }
 
 impl EqJob {
@@ -222,7 +235,8 @@ impl Gpu {
             stats: b.stats.reserve(dev, rows * 3 * 4)?,
         };
         let shape = self.equilibrium_shape(n, j_eff, opts)?;
-        Ok(EqJob { rows, n, j, j_eff, opts: *opts, shape, base, values, tau, out })
+        let generation = self.eq.generation();
+        Ok(EqJob { rows, n, j, j_eff, opts: *opts, shape, base, values, tau, out, generation })
     }
 
     /// How the equilibrium of this job is launched: staged or not, and split across a cluster of how many
@@ -344,13 +358,27 @@ impl Gpu {
         // writes into them.
         self.dev.synchronize()?;
         let opts = EqOptions { incentives: false, ..*opts };
-        let job = EqJob { rows, n, j, j_eff: j, opts, shape, base: e.base, values: e.values, tau: e.tau, out };
+        let job =
+            EqJob { rows, n, j, j_eff: j, opts, shape, base: e.base, values: e.values, tau: e.tau, out, generation: 0 };
         self.launch_equilibrium(&job, e.stream)
     }
 
     /// Launches a prepared equilibrium (asynchronously on a GPU).
     pub fn run_equilibrium(&mut self, job: &EqJob) -> Result<()> {
+        self.check_generation(job)?;
         self.launch_equilibrium(job, 0)
+    }
+
+    /// A job whose buffers a later, larger prepare reallocated would read and write freed memory: an error.
+    fn check_generation(&self, job: &EqJob) -> Result<()> {
+        if job.generation != self.eq.generation() {
+            return Err(bad(format!(
+                "this equilibrium job ({} rows x {} candidates x {} principals) was prepared before a larger one \
+                 reallocated its device buffers: prepare it again",
+                job.rows, job.n, job.j
+            )));
+        }
+        Ok(())
     }
 
     /// Launches `cage_eq_*` or, split across clusters, `cage_eqc_*` for `job` on `stream` (0: the device's).
@@ -392,16 +420,29 @@ impl Gpu {
         let launched = self.run_equilibrium(job);
         let graph = self.dev.end_capture();
         launched?;
-        graph
+        let graph = graph?;
+        self.eq_graphs.push((graph, job.generation));
+        Ok(graph)
     }
 
-    /// Launches a graph of [`Gpu::capture_equilibrium`].
+    /// Launches a graph of [`Gpu::capture_equilibrium`]; an error when its buffers were reallocated since.
     pub fn run_graph(&mut self, graph: usize) -> Result<()> {
+        match self.eq_graphs.iter().find(|(g, _)| *g == graph) {
+            None => return Err(bad(format!("no captured equilibrium graph {graph} on this device"))),
+            Some(&(_, generation)) if generation != self.eq.generation() => {
+                return Err(bad(format!(
+                    "captured equilibrium graph {graph} uses device buffers that a larger job has since \
+                     reallocated: capture it again"
+                )));
+            }
+            Some(_) => {}
+        }
         self.dev.launch_graph(graph)
     }
 
     /// Copies the solution of a finished equilibrium back.
     pub fn fetch_equilibrium(&mut self, job: &EqJob) -> Result<Solution<f32>> {
+        self.check_generation(job)?;
         self.download_solution(job.rows, job.n, job.j, &job.out)
     }
 

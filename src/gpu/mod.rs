@@ -69,6 +69,8 @@ pub use images::{MODULES, NVCC};
 pub struct Gpu {
     eq: equilibrium::EqBuffers,
     eq_caller: equilibrium::CallerBuffers,
+    /// Captured equilibrium graphs and the buffer generation they were captured with.
+    eq_graphs: Vec<(usize, u64)>,
     jacobi: jacobi::JacobiBuffers,
     cand: candidates::CandBuffers,
     values: values::ValueBuffers,
@@ -90,6 +92,7 @@ impl Gpu {
         Self {
             eq: Default::default(),
             eq_caller: Default::default(),
+            eq_graphs: Vec::new(),
             jacobi: Default::default(),
             cand: Default::default(),
             values: Default::default(),

@@ -156,6 +156,8 @@ impl Gpu {
                 payoff: bufs.payoff.reserve(dev, b * j_eff * 4)?,
                 stats: bufs.stats.reserve(dev, b * 3 * 4)?,
             },
+            // Launched right here on the step's own buffers: nothing to check later.
+            generation: 0,
         };
         let tokens = bufs.tokens.reserve(dev, b * 4)?;
         self.launch_equilibrium(&job, 0)?;
