@@ -74,6 +74,13 @@ enum Command {
         /// `cage bench forward`: JSON output.
         #[arg(long)]
         json: bool,
+        /// `cage bench forward`: batch sizes, comma-separated.
+        #[arg(long, default_value = "1,4,8,32", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// `cage bench forward`: which weights decode reads: `packed` (the lossless Q4_1 / Q8_0 copies), `f32`,
+        /// or `both`.
+        #[arg(long, default_value = "both")]
+        weights: String,
         /// `cage bench decode`: tokens per second of every decoding method and where a step's time goes.
         #[command(flatten)]
         decode: cage::decode::cli::BenchDecodeArgs,
@@ -144,8 +151,8 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             })
         }
-        Command::Bench { what, model, json, .. } if what == "forward" => {
-            cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
+        Command::Bench { what, model, json, batches, weights, .. } if what == "forward" => {
+            cage::model::cli::bench_forward_cmd(model, &batches, &weights, 64, 32, 2, json)
         }
         Command::Bench { what, json, decode, .. } if what == "decode" => {
             cage::decode::cli::bench_decode_cmd(&decode, json)

@@ -116,9 +116,11 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
 }
 
 /// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_forward_cmd(
     model: Option<PathBuf>,
     batches: &[usize],
+    weights: &str,
     prompt_len: usize,
     steps: usize,
     repeats: usize,
@@ -128,17 +130,22 @@ pub fn bench_forward_cmd(
         Some(d) => d,
         None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
     };
+    if !["packed", "f32", "both"].contains(&weights) {
+        return Err(CageError::InvalidArgument(format!("--weights is packed, f32 or both, not {weights:?}")));
+    }
     let mut m = Model::load(&dir)?;
     let threads = rayon::current_num_threads();
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
     let mut variants = vec![];
-    if packed {
+    if packed && weights != "f32" {
         variants
             .push(("packed", super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?));
         m.unpack_weights();
     }
     let m = Arc::new(m);
-    variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
+    if weights != "packed" || !packed {
+        variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
+    }
     // The GPU decoder when a GPU is usable; no GPU is a line in the report, not a failure (a GPU that is
     // present but fails is an error).
     let gpu = match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {
