@@ -3,6 +3,7 @@
 use cage::Backend;
 use cage::error::{CageError, Result};
 use cage::game_json;
+use cage::model::cli::ForwardWeights;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -104,7 +105,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         reps: usize,
     },
-    /// Prefill and decode tokens per second of a model at batch 1, 4, 8, 32 (CPU; the GPU decoder when usable).
+    /// Prefill and decode tokens per second of a model at several batch sizes (CPU; the GPU decoder when usable).
     Forward {
         /// Model folder (default: the fetched SmolLM2-135M-Instruct).
         #[arg(long)]
@@ -112,6 +113,12 @@ enum BenchCommand {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "1,4,8,32", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Which weights decode reads: `packed` (the lossless Q4_1 / Q8_0 copies), `f32`, or `both`.
+        #[arg(long, default_value_t = ForwardWeights::Both, value_parser = NameParser::<ForwardWeights>::new())]
+        weights: ForwardWeights,
     },
     /// Tokens per second of every decoding method with the same forwards, and a decode step split into
     /// forwards, values, equilibrium and sampling.
@@ -162,8 +169,8 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
-        Command::Bench(BenchCommand::Forward { model, json }) => {
-            cage::model::cli::bench_forward_cmd(model, &[1, 4, 8, 32], 64, 32, 2, json)
+        Command::Bench(BenchCommand::Forward { model, json, batches, weights }) => {
+            cage::model::cli::bench_forward_cmd(model, &batches, weights, 64, 32, 2, json)
         }
         Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
         Command::Bench(BenchCommand::Ffi { calls }) => {

@@ -79,11 +79,255 @@ pub fn softmax_in_place<T: Real>(z: &mut [T]) {
     }
 }
 
-/// `log sum exp(z)` in `f64`.
+/// `log sum exp(z)` in `f64`: `-inf` for an empty or all `-inf` row, NaN when the row holds a NaN or `+inf`.
+/// Two vectorised passes (max, then the shifted exponentials summed in `f64` lanes); the exponentials are
+/// [`Real::exp_nonpos`] in `f64` (relative error < 1e-15), so the result is as accurate as a sequential sum of
+/// `f64::exp`. It runs on every stream's full row at every decoding step.
 pub fn logsumexp<T: Real>(z: &[T]) -> f64 {
+    if let Some(z) = as_f32(z) {
+        return logsumexp_f32(z);
+    }
     let m = max(z).f64();
     if m == f64::NEG_INFINITY {
         return m;
     }
-    m + z.iter().map(|x| (x.f64() - m).exp()).sum::<f64>().ln()
+    if m == f64::INFINITY || z.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    m + sum_exp_from(z, m).ln()
+}
+
+/// The slice as `f32` when `T` is `f32` (the type every model runtime hands out), for the explicit SIMD paths.
+#[inline(always)]
+pub(crate) fn as_f32<T: Real>(z: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32 (same type id), so the cast is the identity.
+        .then(|| unsafe { std::slice::from_raw_parts(z.as_ptr().cast::<f32>(), z.len()) })
+}
+
+fn logsumexp_f32(z: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (just checked).
+        let (m, nan) = unsafe { max_nan_avx2(z) };
+        if m == f32::NEG_INFINITY {
+            return f64::NEG_INFINITY;
+        }
+        if nan || m == f32::INFINITY {
+            return f64::NAN;
+        }
+        let m = m as f64;
+        return m + sum_exp_from(z, m).ln();
+    }
+    let m = max(z) as f64;
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    if m == f64::INFINITY || z.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    m + sum_exp_from(z, m).ln()
+}
+
+/// Whether the explicit AVX2 + FMA kernels can run (cached by the standard library after the first call).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+pub(crate) fn avx2_fma() -> bool {
+    false
+}
+
+/// `sum_i exp(z_i - m)` in `f64` for `m >= max z` (finite, no NaN in `z`); `-inf` entries add 0.
+pub(crate) fn sum_exp_from<T: Real>(z: &[T], m: f64) -> f64 {
+    if let Some(z) = as_f32(z) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX-512F and FMA (just checked).
+            return unsafe { sum_exp_from_avx512(z, m) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (just checked).
+            return unsafe { sum_exp_from_avx2(z, m) };
+        }
+        return reduce_exp(z, m);
+    }
+    reduce_exp(z, m)
+}
+
+/// The portable sum of [`sum_exp_from`]: eight `f64` lanes that the compiler may vectorise.
+#[inline(always)]
+fn reduce_exp<T: Real>(z: &[T], m: f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = z.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += (c[l].f64() - m).exp_nonpos();
+        }
+    }
+    let tail: f64 = rest.iter().map(|x| (x.f64() - m).exp_nonpos()).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Maximum of an `f32` row and whether it holds a NaN (NaNs do not take part in the maximum), with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn max_nan_avx2(z: &[f32]) -> (f32, bool) {
+    use std::arch::x86_64::*;
+    let n32 = z.len() / 32 * 32;
+    let p = z.as_ptr();
+    let mut m = f32::NEG_INFINITY;
+    let mut nan = false;
+    // SAFETY: every load reads 8 floats below n32 <= z.len(); unaligned loads only.
+    unsafe {
+        let mut acc = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+        let mut un = _mm256_setzero_ps();
+        for i in (0..n32).step_by(32) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let v = _mm256_loadu_ps(p.add(i + 8 * j));
+                // maxps returns its second operand when either is NaN: NaNs never enter the maximum.
+                *a = _mm256_max_ps(v, *a);
+                un = _mm256_or_ps(un, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            }
+        }
+        let a = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+        for x in lanes.iter().chain(&z[n32..]) {
+            m = if *x > m { *x } else { m };
+        }
+        nan |= _mm256_movemask_ps(un) != 0;
+    }
+    (m, nan || z[n32..].iter().any(|x| x.is_nan()))
+}
+
+/// [`sum_exp_from`] for an `f32` row with AVX2 and FMA: [`Real::exp_nonpos`] for `f64` in four-lane registers,
+/// sixteen entries per iteration in four independent accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn sum_exp_from_avx2(z: &[f32], m: f64) -> f64 {
+    use std::arch::x86_64::*;
+    const LO: f64 = -708.0;
+    // 1.5 * 2^52: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    #[inline(always)]
+    unsafe fn exp4(d: __m256d) -> __m256d {
+        // SAFETY: register arithmetic only; the caller enables AVX2 and FMA.
+        unsafe {
+            let x = _mm256_max_pd(d, _mm256_set1_pd(LO));
+            let k = _mm256_fmadd_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E), _mm256_set1_pd(ROUND));
+            let n = _mm256_sub_pd(k, _mm256_set1_pd(ROUND));
+            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.931_471_803_691_238e-1), x);
+            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.908_214_929_270_587_7e-10), r);
+            // Taylor series to degree 12 on [-ln2/2, ln2/2] (as `exp_nonpos`).
+            let mut p = _mm256_set1_pd(1.0 / 479_001_600.0);
+            for c in [
+                1.0 / 39_916_800.0,
+                1.0 / 3_628_800.0,
+                1.0 / 362_880.0,
+                1.0 / 40_320.0,
+                1.0 / 5_040.0,
+                1.0 / 720.0,
+                1.0 / 120.0,
+                1.0 / 24.0,
+                1.0 / 6.0,
+                0.5,
+                1.0,
+                1.0,
+            ] {
+                p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
+            }
+            let e = _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_castpd_si256(k), _mm256_set1_epi64x(1023)));
+            let y = _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+            // Exactly 0 at and below the underflow threshold (and for -inf).
+            _mm256_and_pd(y, _mm256_cmp_pd::<_CMP_GT_OQ>(d, _mm256_set1_pd(LO)))
+        }
+    }
+    let n16 = z.len() / 16 * 16;
+    let p = z.as_ptr();
+    // SAFETY: every load reads 8 floats below n16 <= z.len(); unaligned loads only.
+    unsafe {
+        let mv = _mm256_set1_pd(m);
+        let mut acc = [_mm256_setzero_pd(); 4];
+        for i in (0..n16).step_by(16) {
+            let a = _mm256_loadu_ps(p.add(i));
+            let b = _mm256_loadu_ps(p.add(i + 8));
+            let h = [
+                _mm256_castps256_ps128(a),
+                _mm256_extractf128_ps::<1>(a),
+                _mm256_castps256_ps128(b),
+                _mm256_extractf128_ps::<1>(b),
+            ];
+            for (j, hj) in h.iter().enumerate() {
+                acc[j] = _mm256_add_pd(acc[j], exp4(_mm256_sub_pd(_mm256_cvtps_pd(*hj), mv)));
+            }
+        }
+        let s = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+        let mut lanes = [0f64; 4];
+        _mm256_storeu_pd(lanes.as_mut_ptr(), s);
+        let tail: f64 = z[n16..].iter().map(|&x| (x as f64 - m).exp_nonpos()).sum();
+        (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+    }
+}
+
+/// [`sum_exp_from_avx2`] in eight-lane registers: half the instructions per entry where the CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+pub(crate) unsafe fn sum_exp_from_avx512(z: &[f32], m: f64) -> f64 {
+    use std::arch::x86_64::*;
+    const LO: f64 = -708.0;
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    #[inline(always)]
+    unsafe fn exp8(d: __m512d) -> __m512d {
+        // SAFETY: register arithmetic only; the caller enables AVX-512F and FMA.
+        unsafe {
+            let x = _mm512_max_pd(d, _mm512_set1_pd(LO));
+            let k = _mm512_fmadd_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E), _mm512_set1_pd(ROUND));
+            let n = _mm512_sub_pd(k, _mm512_set1_pd(ROUND));
+            let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.931_471_803_691_238e-1), x);
+            let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.908_214_929_270_587_7e-10), r);
+            let mut p = _mm512_set1_pd(1.0 / 479_001_600.0);
+            for c in [
+                1.0 / 39_916_800.0,
+                1.0 / 3_628_800.0,
+                1.0 / 362_880.0,
+                1.0 / 40_320.0,
+                1.0 / 5_040.0,
+                1.0 / 720.0,
+                1.0 / 120.0,
+                1.0 / 24.0,
+                1.0 / 6.0,
+                0.5,
+                1.0,
+                1.0,
+            ] {
+                p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c));
+            }
+            let e = _mm512_slli_epi64::<52>(_mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(1023)));
+            let y = _mm512_mul_pd(p, _mm512_castsi512_pd(e));
+            _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_GT_OQ>(d, _mm512_set1_pd(LO)), y)
+        }
+    }
+    let n32 = z.len() / 32 * 32;
+    let p = z.as_ptr();
+    // SAFETY: every load reads 8 floats below n32 <= z.len(); unaligned loads only.
+    unsafe {
+        let mv = _mm512_set1_pd(m);
+        let mut acc = [_mm512_setzero_pd(); 4];
+        for i in (0..n32).step_by(32) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let h = _mm256_loadu_ps(p.add(i + 8 * j));
+                *a = _mm512_add_pd(*a, exp8(_mm512_sub_pd(_mm512_cvtps_pd(h), mv)));
+            }
+        }
+        let s = _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3]));
+        let tail: f64 = z[n32..].iter().map(|&x| (x as f64 - m).exp_nonpos()).sum();
+        _mm512_reduce_add_pd(s) + tail
+    }
 }

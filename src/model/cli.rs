@@ -118,10 +118,25 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
     Ok(())
 }
 
+/// Which weights `cage bench forward` decodes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForwardWeights {
+    /// The lossless Q4_1 / Q8_0 copies the loader builds where every block round-trips.
+    Packed,
+    /// The f32 matrices.
+    F32,
+    /// Both, one after the other.
+    Both,
+}
+
+crate::spelled!(ForwardWeights, "weights");
+
 /// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_forward_cmd(
     model: Option<PathBuf>,
     batches: &[usize],
+    weights: ForwardWeights,
     prompt_len: usize,
     steps: usize,
     repeats: usize,
@@ -135,13 +150,15 @@ pub fn bench_forward_cmd(
     let threads = rayon::current_num_threads();
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
     let mut variants = vec![];
-    if packed {
+    if packed && weights != ForwardWeights::F32 {
         variants
             .push(("packed", super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?));
         m.unpack_weights();
     }
     let m = Arc::new(m);
-    variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
+    if weights != ForwardWeights::Packed || !packed {
+        variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
+    }
     // The GPU decoder when a GPU is usable; no GPU is a line in the report, not a failure (a GPU that is
     // present but fails is an error).
     let gpu = match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {

@@ -6,6 +6,7 @@
 
 use super::linalg::{matmul_t, rms_norm, silu_mul};
 use super::llama::{Linear, Model};
+use super::packed::{Packed, matmul_t_many};
 use crate::error::{CageError, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -179,6 +180,40 @@ fn apply(lin: &Linear, x: &[f32], t: usize, out: &mut [f32], runs: &[Run], lora_
         Some(p) if t <= PACKED_MAX_M => p.matmul_t(x, t, inp, o, out, false, 1.0),
         _ => matmul_t(x, t, inp, &lin.w, o, out, false, 1.0),
     }
+    epilogue(lin, x, t, out, runs, lora_tmp);
+}
+
+/// Several linears of the same input (q, k, v; gate, up): with packed weights, one parallel loop for all the
+/// products (a batch-1 decode step is ~200 small products, each parallel loop a fork and a join).
+fn apply_many<const N: usize>(
+    lins: [&Linear; N],
+    x: &[f32],
+    t: usize,
+    mut outs: [&mut [f32]; N],
+    runs: &[Run],
+    lora_tmp: &mut [f32],
+) {
+    let inp = lins[0].inp;
+    if t > PACKED_MAX_M || lins.iter().any(|l| l.packed.is_none() || l.inp != inp) {
+        for (lin, out) in lins.iter().zip(outs.iter_mut()) {
+            apply(lin, x, t, out, runs, lora_tmp);
+        }
+        return;
+    }
+    let mut it = lins.iter().zip(outs.iter_mut());
+    let products: [(&Packed, usize, &mut [f32]); N] = std::array::from_fn(|_| {
+        let (l, o) = it.next().expect("N linears");
+        (l.packed.as_ref().expect("packed (checked)"), l.out, &mut **o)
+    });
+    matmul_t_many(x, t, inp, products);
+    for (lin, out) in lins.iter().zip(outs.iter_mut()) {
+        epilogue(lin, x, t, out, runs, lora_tmp);
+    }
+}
+
+/// Bias and unmerged adapters, after the product.
+fn epilogue(lin: &Linear, x: &[f32], t: usize, out: &mut [f32], runs: &[Run], lora_tmp: &mut [f32]) {
+    let (inp, o) = (lin.inp, lin.out);
     if let Some(b) = &lin.bias {
         for row in out[..t * o].chunks_exact_mut(o) {
             for (y, bb) in row.iter_mut().zip(b) {
@@ -420,9 +455,8 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
     let max_seq = cache.max_seq;
     for (li, layer) in model.layers.iter().enumerate() {
         rms_norm(&st.x[..t * h], &layer.ln1, c.rms_norm_eps, &mut st.xn[..t * h]);
-        apply(&layer.q, &st.xn, t, &mut st.q, runs, &mut st.lora_tmp);
-        apply(&layer.k, &st.xn, t, &mut st.k, runs, &mut st.lora_tmp);
-        apply(&layer.v, &st.xn, t, &mut st.v, runs, &mut st.lora_tmp);
+        let qkv: [&mut [f32]; 3] = [&mut st.q, &mut st.k, &mut st.v];
+        apply_many([&layer.q, &layer.k, &layer.v], &st.xn, t, qkv, runs, &mut st.lora_tmp);
         rope(&mut st.q[..t * qd], nh, hd, &st.cos, &st.sin);
         rope(&mut st.k[..t * kvd], nkv, hd, &st.cos, &st.sin);
         for j in 0..t {
@@ -454,8 +488,8 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
             *x += d;
         }
         rms_norm(&st.x[..t * h], &layer.ln2, c.rms_norm_eps, &mut st.xn[..t * h]);
-        apply(&layer.gate, &st.xn, t, &mut st.gate, runs, &mut st.lora_tmp);
-        apply(&layer.up, &st.xn, t, &mut st.up, runs, &mut st.lora_tmp);
+        let gate_up: [&mut [f32]; 2] = [&mut st.gate, &mut st.up];
+        apply_many([&layer.gate, &layer.up], &st.xn, t, gate_up, runs, &mut st.lora_tmp);
         silu_mul(&mut st.gate[..t * ffn], &st.up[..t * ffn]);
         apply(&layer.down, &st.gate, t, &mut st.tmp, runs, &mut st.lora_tmp);
         for (x, d) in st.x[..t * h].iter_mut().zip(&st.tmp[..t * h]) {

@@ -89,6 +89,14 @@ impl Packed {
         try_q4_1(w).or_else(|| try_q8_0(w))
     }
 
+    /// Number of 32-value blocks.
+    fn blocks(&self) -> usize {
+        match self {
+            Packed::Q4_1 { dm, .. } => dm.len(),
+            Packed::Q8_0 { d, .. } => d.len(),
+        }
+    }
+
     /// Bytes this copy takes.
     pub fn bytes(&self) -> usize {
         match self {
@@ -122,51 +130,227 @@ impl Packed {
     /// `out[m x n] (+)= alpha * x[m x k] * W^T` for a small `m`, reading the packed weights once.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_t(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], accumulate: bool, alpha: f32) {
-        assert!(
-            x.len() >= m * k && out.len() >= m * n && k.is_multiple_of(QK),
-            "packed matmul: buffers smaller than the shapes"
-        );
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let job = Job { p: self, x, m, k, n, out: &out_ptr, accumulate, alpha };
-        #[cfg(target_arch = "x86_64")]
-        let fast = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let fast = false;
-        (0..n.div_ceil(ROWS)).into_par_iter().for_each(|c| {
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU supports AVX2 and FMA (detected above).
-                unsafe { job.run_avx2(c) };
-                return;
-            }
-            let _ = fast;
-            job.run(c)
-        });
+        assert!(out.len() >= m * n, "packed matmul: buffers smaller than the shapes");
+        let out = SendPtr(out.as_mut_ptr());
+        run_jobs(x, m, k, [Job { p: self, n, out: &out, accumulate, alpha }]);
     }
+}
+
+/// `out_i[m x n_i] = x[m x k] * W_i^T` for several packed matrices with the same input (q, k and v; gate and
+/// up) in one parallel loop: a decode step at batch 1 is a few hundred small products, and each parallel loop
+/// costs a fork and a join on every core.
+pub fn matmul_t_many<const N: usize>(x: &[f32], m: usize, k: usize, products: [(&Packed, usize, &mut [f32]); N]) {
+    let ptrs = products.each_ref().map(|(_, n, out)| {
+        assert!(out.len() >= m * n, "packed matmul: buffers smaller than the shapes");
+        SendPtr(out.as_ptr().cast_mut())
+    });
+    let mut i = 0;
+    let jobs = products.map(|(p, n, _)| {
+        i += 1;
+        Job { p, n, out: &ptrs[i - 1], accumulate: false, alpha: 1.0 }
+    });
+    run_jobs(x, m, k, jobs);
+}
+
+/// Which explicit kernel the CPU runs (the standard library caches the detection).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// The products of `jobs` (same `x`) as one parallel loop over chunks of `ROWS` output rows.
+fn run_jobs<const N: usize>(x: &[f32], m: usize, k: usize, jobs: [Job; N]) {
+    run_jobs_on(isa(), x, m, k, jobs)
+}
+
+fn run_jobs_on<const N: usize>(isa: Isa, x: &[f32], m: usize, k: usize, jobs: [Job; N]) {
+    assert!(x.len() >= m * k && k.is_multiple_of(QK), "packed matmul: buffers smaller than the shapes");
+    for j in &jobs {
+        assert_eq!(j.p.blocks(), j.n * k / QK, "packed matmul: the matrix is not [n x k]");
+    }
+    let chunks = jobs.each_ref().map(|j| j.n.div_ceil(ROWS));
+    let total: usize = chunks.iter().sum();
+    (0..total).into_par_iter().for_each(|mut c| {
+        let mut j = 0;
+        while c >= chunks[j] {
+            c -= chunks[j];
+            j += 1;
+        }
+        let t = Tile { job: &jobs[j], x, m, k };
+        match isa {
+            // SAFETY: the CPU supports AVX-512F and FMA (detected above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { t.run_avx512(c) },
+            // SAFETY: the CPU supports AVX2 and FMA (detected above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { t.run_avx2(c) },
+            Isa::Portable => t.run(c),
+        }
+    });
 }
 
 /// Output rows per parallel task.
 const ROWS: usize = 16;
 
+/// How far ahead of the block being expanded the kernels prefetch the quantized bytes (Q4_1; twice as far for
+/// Q8_0's 32-byte blocks, and proportionally for the scales). A batch-1 step streams ~100 MB of weights, and
+/// left to the hardware prefetcher the loads of each block waited on memory for most of the step: the
+/// out-of-order window holds only a few dozen blocks of expansion work, too few loads in flight to cover the
+/// latency. 64 blocks ahead is a few hundred nanoseconds of work.
+const PREFETCH: usize = 1024;
+
+/// Prefetches the cache line at `p` into all cache levels (`p` need not be in bounds: a prefetch never faults).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: prefetching is a hint without architectural effect, valid for any address.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
+}
+
+/// One product: the matrix, its output rows and where they go.
 struct Job<'a> {
     p: &'a Packed,
-    x: &'a [f32],
-    m: usize,
-    k: usize,
     n: usize,
     out: &'a SendPtr,
     accumulate: bool,
     alpha: f32,
 }
 
-impl Job<'_> {
+/// A job with its input, as one parallel task sees it.
+struct Tile<'a> {
+    job: &'a Job<'a>,
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+}
+
+impl Tile<'_> {
     /// Writes `alpha * v` to (or adds it to) `out[r * n + o]`.
     #[inline(always)]
     fn store(&self, r: usize, o: usize, v: f32) {
+        let j = self.job;
         // SAFETY: each (row, o) is written by exactly one chunk; out holds m*n floats (asserted).
         unsafe {
-            let p = self.out.0.add(r * self.n + o);
-            *p = if self.accumulate { *p + self.alpha * v } else { self.alpha * v };
+            let p = j.out.0.add(r * j.n + o);
+            *p = if j.accumulate { *p + j.alpha * v } else { j.alpha * v };
+        }
+    }
+
+    /// Output rows `chunk * ROWS ..` with AVX-512: a block expands into two registers of sixteen weights,
+    /// shared by up to eight rows of x.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&self, chunk: usize) {
+        let m = self.m;
+        let mut r0 = 0;
+        while r0 < m {
+            // SAFETY (all arms): AVX-512F and FMA are enabled on this function; rows r0..r0 + R exist.
+            unsafe {
+                match m - r0 {
+                    1 => self.tile_avx512::<1>(chunk, r0),
+                    2 => self.tile_avx512::<2>(chunk, r0),
+                    3 => self.tile_avx512::<3>(chunk, r0),
+                    4 => self.tile_avx512::<4>(chunk, r0),
+                    5 => self.tile_avx512::<5>(chunk, r0),
+                    6 => self.tile_avx512::<6>(chunk, r0),
+                    7 => self.tile_avx512::<7>(chunk, r0),
+                    _ => self.tile_avx512::<8>(chunk, r0),
+                }
+            }
+            r0 += 8;
+        }
+    }
+
+    /// Rows `r0 .. r0 + R` of x against the chunk's output rows, sixteen lanes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile_avx512<const R: usize>(&self, chunk: usize, r0: usize) {
+        use std::arch::x86_64::*;
+        let (k, n) = (self.k, self.job.n);
+        let nbk = k / QK;
+        let xp = self.x.as_ptr();
+        // Exact expansion: Q4_1's q * d needs at most 15 significant bits (4-bit q, f16 d) and Q8_0's 19, so
+        // the products are exact in f32 and one fused q * d + m rounds like the importer's multiply-then-add.
+        // SAFETY: block indices stay below n * k / 32 (asserted in run_jobs) and x reads below m * k.
+        unsafe {
+            for o in chunk * ROWS..((chunk + 1) * ROWS).min(n) {
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                match self.job.p {
+                    Packed::Q4_1 { dm, qs } => {
+                        let iota = _mm512_setr_ps(
+                            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+                        );
+                        for b in 0..nbk {
+                            let blk = o * nbk + b;
+                            if blk.is_multiple_of(4) {
+                                prefetch(qs.as_ptr().wrapping_add(blk * 16 + PREFETCH));
+                                if blk.is_multiple_of(8) {
+                                    prefetch(dm.as_ptr().wrapping_add(blk + PREFETCH / 16).cast());
+                                }
+                            }
+                            let [d, mn] = *dm.get_unchecked(blk);
+                            // The block's sixteen possible weights q * d + m in one register, then each nibble
+                            // picks its weight (vpermps reads the low four bits of each index): five vector
+                            // instructions per block instead of seven for mask, two conversions and two
+                            // multiply-adds, which is what bounds a batch-1 step.
+                            let table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(mn));
+                            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(blk * 16).cast()));
+                            let w = [
+                                _mm512_permutexvar_ps(v, table),
+                                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table),
+                            ];
+                            for (r, a) in acc.iter_mut().enumerate() {
+                                let xr = xp.add((r0 + r) * k + b * QK);
+                                a[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), a[0]);
+                                a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr.add(16)), a[1]);
+                            }
+                        }
+                    }
+                    Packed::Q8_0 { d, qs } => {
+                        for b in 0..nbk {
+                            let blk = o * nbk + b;
+                            if blk.is_multiple_of(2) {
+                                prefetch(qs.as_ptr().wrapping_add(blk * QK + 2 * PREFETCH).cast());
+                                if blk.is_multiple_of(16) {
+                                    prefetch(d.as_ptr().wrapping_add(blk + PREFETCH / 8).cast());
+                                }
+                            }
+                            let d = _mm512_set1_ps(*d.get_unchecked(blk));
+                            let q = qs.as_ptr().add(blk * QK);
+                            let f = |i: usize| {
+                                let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(i * 16).cast()));
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(v), d)
+                            };
+                            let w = [f(0), f(1)];
+                            for (r, a) in acc.iter_mut().enumerate() {
+                                let xr = xp.add((r0 + r) * k + b * QK);
+                                a[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), a[0]);
+                                a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr.add(16)), a[1]);
+                            }
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    self.store(r0 + r, o, _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])));
+                }
+            }
         }
     }
 
@@ -211,7 +395,7 @@ impl Job<'_> {
         } else {
             1
         };
-        let (k, n) = (self.k, self.n);
+        let (k, n) = (self.k, self.job.n);
         let nbk = k / QK;
         let xp = self.x.as_ptr();
         // SAFETY: the block indices stay below rows * k / 32 (asserted shapes) and the x pointers below m * k;
@@ -221,22 +405,32 @@ impl Job<'_> {
                 let mut acc = [[_mm256_setzero_ps(); 4]; R];
                 for b in 0..nbk {
                     let blk = o * nbk + b;
-                    // The same f32 operations as `block` (convert, multiply, add; no fusion): bit-identical
-                    // weights.
-                    let w: [__m256; 4] = match self.p {
+                    // Bit-identical weights: q * d is exact in f32 (see `tile_avx512`), so the fused
+                    // multiply-add rounds like `block`'s multiply-then-add.
+                    let w: [__m256; 4] = match self.job.p {
                         Packed::Q4_1 { dm, qs } => {
+                            if blk.is_multiple_of(4) {
+                                prefetch(qs.as_ptr().wrapping_add(blk * 16 + PREFETCH));
+                                if blk.is_multiple_of(8) {
+                                    prefetch(dm.as_ptr().wrapping_add(blk + PREFETCH / 16).cast());
+                                }
+                            }
                             let [d, mn] = dm[blk];
                             let (d, mn) = (_mm256_set1_ps(d), _mm256_set1_ps(mn));
                             let q = _mm_loadu_si128(qs[blk * 16..blk * 16 + 16].as_ptr().cast());
                             let mask = _mm_set1_epi8(0x0f);
                             let lo = _mm_and_si128(q, mask);
                             let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                            let f = |v: __m128i| {
-                                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d), mn)
-                            };
+                            let f = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, mn);
                             [f(lo), f(_mm_srli_si128::<8>(lo)), f(hi), f(_mm_srli_si128::<8>(hi))]
                         }
                         Packed::Q8_0 { d, qs } => {
+                            if blk.is_multiple_of(2) {
+                                prefetch(qs.as_ptr().wrapping_add(blk * QK + 2 * PREFETCH).cast());
+                                if blk.is_multiple_of(16) {
+                                    prefetch(d.as_ptr().wrapping_add(blk + PREFETCH / 8).cast());
+                                }
+                            }
                             let d = _mm256_set1_ps(d[blk]);
                             let q = qs[blk * QK..(blk + 1) * QK].as_ptr();
                             let f = |i: usize| {
@@ -272,7 +466,7 @@ impl Job<'_> {
     /// next.
     #[inline(always)]
     fn run(&self, chunk: usize) {
-        let (x, m, k, n) = (self.x, self.m, self.k, self.n);
+        let (x, m, k, n) = (self.x, self.m, self.k, self.job.n);
         let nbk = k / QK;
         let mut wb = [0f32; QK];
         let mut acc = [[0f32; 8]; 8];
@@ -283,7 +477,7 @@ impl Job<'_> {
                     *a = [0f32; 8];
                 }
                 for b in 0..nbk {
-                    self.p.block(o * nbk + b, &mut wb);
+                    self.job.p.block(o * nbk + b, &mut wb);
                     for (r, a) in acc.iter_mut().enumerate().take(rm) {
                         let at = (r0 + r) * k + b * QK;
                         let xr: &[f32; QK] = x[at..at + QK].try_into().expect("whole block");
@@ -331,6 +525,57 @@ mod tests {
         }
     }
 
+    /// Every kernel this CPU can run expands the packed blocks into exactly the f32 weights: against the
+    /// identity (one row of x per input column), each output is one weight times 1 plus zeros.
+    fn check_bit_identical(p: &Packed, w: &[f32], rows: usize, cols: usize) {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = std::is_x86_feature_detected!("fma");
+            if std::is_x86_feature_detected!("avx2") && fma {
+                isas.push(Isa::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") && fma {
+                isas.push(Isa::Avx512);
+            }
+        }
+        let eye: Vec<f32> = (0..cols * cols).map(|i| if i % (cols + 1) == 0 { 1.0 } else { 0.0 }).collect();
+        for isa in isas {
+            let mut got = vec![0f32; cols * rows];
+            let out = SendPtr(got.as_mut_ptr());
+            run_jobs_on(isa, &eye, cols, cols, [Job { p, n: rows, out: &out, accumulate: false, alpha: 1.0 }]);
+            for o in 0..rows {
+                for i in 0..cols {
+                    assert_eq!(got[i * rows + o].to_bits(), w[o * cols + i].to_bits(), "row {o} column {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_products_in_one_loop_match_one_at_a_time() {
+        let (cols, m) = (64, 3);
+        let mats: Vec<(Vec<f32>, usize)> = [19usize, 40, 7]
+            .iter()
+            .map(|&rows| {
+                let w = (0..rows * cols)
+                    .map(|i| ((i * 7 + rows) % 16) as f32 * f16_round(0.013) + f16_round(-0.1))
+                    .collect();
+                (w, rows)
+            })
+            .collect();
+        let ps: Vec<Packed> = mats.iter().map(|(w, _)| Packed::try_pack(w, cols).unwrap()).collect();
+        let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|(_, r)| vec![0f32; m * r]).collect();
+        let [a, b, c] = &mut outs[..] else { unreachable!() };
+        matmul_t_many(&x, m, cols, [(&ps[0], 19, a.as_mut_slice()), (&ps[1], 40, b), (&ps[2], 7, c)]);
+        for ((p, (_, rows)), got) in ps.iter().zip(&mats).zip(&outs) {
+            let mut want = vec![0f32; m * rows];
+            p.matmul_t(&x, m, cols, *rows, &mut want, false, 1.0);
+            assert_eq!(got, &want);
+        }
+    }
+
     #[test]
     fn q8_0_values_pack_losslessly_and_multiply_like_f32() {
         // Odd row count: the last parallel chunk is partial.
@@ -347,6 +592,7 @@ mod tests {
         let p = Packed::try_pack(&w, cols).expect("packable");
         assert!(matches!(p, Packed::Q8_0 { .. }));
         check_against_f32(&p, &w, rows, cols);
+        check_bit_identical(&p, &w, rows, cols);
     }
 
     #[test]
@@ -363,6 +609,7 @@ mod tests {
         let p = Packed::try_pack(&w, cols).expect("packable");
         assert!(matches!(p, Packed::Q4_1 { .. }));
         check_against_f32(&p, &w, rows, cols);
+        check_bit_identical(&p, &w, rows, cols);
         // Arbitrary floats do not pack.
         let r: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.731).sin()).collect();
         assert!(Packed::try_pack(&r, cols).is_none());
