@@ -15,8 +15,7 @@ use crate::solver::{Method, SolveOptions};
 use serde::{Deserialize, Serialize};
 
 /// A number as it may appear in a game file: a JSON number, `null` (= `-inf`) or a string such as `"-inf"`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum JsonNumber {
     /// A plain number.
     Number(f64),
@@ -24,6 +23,37 @@ pub enum JsonNumber {
     Text(String),
     /// `null`: minus infinity.
     Null,
+}
+
+impl<'de> Deserialize<'de> for JsonNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = JsonNumber;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, null or one of the strings \"-inf\", \"inf\", \"nan\"")
+            }
+            fn visit_f64<E>(self, x: f64) -> std::result::Result<JsonNumber, E> {
+                Ok(JsonNumber::Number(x))
+            }
+            fn visit_i64<E>(self, x: i64) -> std::result::Result<JsonNumber, E> {
+                Ok(JsonNumber::Number(x as f64))
+            }
+            fn visit_u64<E>(self, x: u64) -> std::result::Result<JsonNumber, E> {
+                Ok(JsonNumber::Number(x as f64))
+            }
+            fn visit_str<E>(self, x: &str) -> std::result::Result<JsonNumber, E> {
+                Ok(JsonNumber::Text(x.to_string()))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<JsonNumber, E> {
+                Ok(JsonNumber::Null)
+            }
+            fn visit_none<E>(self) -> std::result::Result<JsonNumber, E> {
+                Ok(JsonNumber::Null)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl JsonNumber {
@@ -88,8 +118,22 @@ pub enum Games {
 pub fn parse(text: &str) -> Result<Games> {
     let v: serde_json::Value = serde_json::from_str(text)?;
     Ok(match v {
-        serde_json::Value::Array(_) => Games::Many(serde_json::from_value(v)?),
-        _ => Games::One(serde_json::from_value(v)?),
+        serde_json::Value::Array(gs) => Games::Many(
+            gs.into_iter()
+                .enumerate()
+                .map(|(i, g)| game(g).map_err(|e| CageError::InGame { index: i, source: Box::new(e) }))
+                .collect::<Result<_>>()?,
+        ),
+        _ => Games::One(game(v)?),
+    })
+}
+
+/// One game from its JSON value; a wrong field names its path (`principals[1].values[3]: invalid type ...`).
+fn game(v: serde_json::Value) -> Result<GameSpec> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." { CageError::Json(inner) } else { CageError::InvalidArgument(format!("{path}: {inner}")) }
     })
 }
 
@@ -98,7 +142,20 @@ impl GameSpec {
     pub fn to_batch<T: Real>(&self) -> Result<Batch<T>> {
         let n = self.base_logprobs.len();
         let nums = |what: &str, xs: &[JsonNumber]| -> Result<Vec<T>> {
-            xs.iter().enumerate().map(|(i, x)| x.value(what, i).map(T::of)).collect()
+            xs.iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    let v = x.value(what, i)?;
+                    // A finite f64 that the working precision cannot hold: say so, not "non-finite".
+                    if v.is_finite() && !T::of(v).is_finite() {
+                        return Err(CageError::Overflow(format!(
+                            "{what}[{i}] = {v:e} overflows {}; use --precision f64 or smaller values",
+                            T::NAME
+                        )));
+                    }
+                    Ok(T::of(v))
+                })
+                .collect()
         };
         let mut values = Vec::with_capacity(n * self.principals.len());
         let mut names = Vec::new();

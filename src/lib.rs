@@ -111,6 +111,7 @@ pub mod game_json;
 pub mod gpu;
 pub mod model;
 pub mod names;
+pub mod output;
 pub mod problem;
 pub mod progress;
 pub mod real;

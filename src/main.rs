@@ -174,8 +174,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
         Command::Bench(BenchCommand::Ffi { calls }) => {
-            println!("{}", cage::ffi::bench::overhead(calls)?);
-            Ok(())
+            cage::outln!("{}", cage::ffi::bench::overhead(calls)?)
         }
         Command::Generate(a) => cage::decode::cli::generate_cmd(&a),
         Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
@@ -188,15 +187,17 @@ fn run(cli: Cli) -> Result<()> {
                 Precision::F64 => game_json::solve_all::<f64>(&games, &opts, backend)?,
             };
             let text = if pretty { serde_json::to_string_pretty(&out)? } else { serde_json::to_string(&out)? };
-            println!("{text}");
-            Ok(())
+            cage::outln!("{text}")
         }
     }
 }
 
 fn main() -> ExitCode {
+    cage::output::install_print_panic_hook();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of standard output has gone (`cage ... | head`): stop quietly, as a tool killed by SIGPIPE.
+        Err(e) if cage::output::is_broken_stdout(&e) => ExitCode::from(cage::output::BROKEN_PIPE_STATUS),
         Err(e) => {
             eprintln!("cage: error: {e}");
             ExitCode::FAILURE

@@ -159,7 +159,7 @@ mod tests {
         round_trips::<Normalize>(&["shift_min", "none"]);
         round_trips::<Choice>(&["greedy", "gumbel", "race"]);
         round_trips::<FormatSetting>(&["auto", "chat", "plain", "alpaca"]);
-        round_trips::<StopReason>(&["eos", "stop", "length"]);
+        round_trips::<StopReason>(&["eos", "stop", "length", "context"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::names::NameParser;
 use crate::progress::Progress;
 use crate::sampling::Choice;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -133,66 +134,146 @@ pub struct GenerateArgs {
     pub scorer: Option<String>,
 }
 
+/// Where result lines go: a file or standard output.
+enum Dest {
+    File(PathBuf, std::io::BufWriter<std::fs::File>),
+    Stdout,
+}
+
+/// Writes result lines as rows finish, in row order (a row waits only for the rows before it in its batch), so
+/// that a late failure (a crash, a failing scorer, a full disk) keeps every row decoded before it.
+struct RowWriter {
+    dest: Dest,
+    pending: std::collections::BTreeMap<usize, String>,
+    next: usize,
+    /// Lines written so far, for a rewrite with the scorer's scores.
+    written: usize,
+}
+
+impl RowWriter {
+    /// Creates (truncates) `path`, so that an unwritable output fails before any decoding.
+    fn create(path: &Path) -> Result<Self> {
+        let f = std::fs::File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
+        Ok(Self::new(Dest::File(path.to_path_buf(), std::io::BufWriter::new(f))))
+    }
+
+    fn new(dest: Dest) -> Self {
+        RowWriter { dest, pending: Default::default(), next: 0, written: 0 }
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<()> {
+        match &mut self.dest {
+            Dest::Stdout => crate::outln!("{line}"),
+            Dest::File(p, w) => {
+                writeln!(w, "{line}").and_then(|_| w.flush()).map_err(io_err(format!("writing {}", p.display())))
+            }
+        }?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Row `row` finished with JSON line `line`: writes it and every waiting row after it.
+    fn row_done(&mut self, row: usize, line: String) -> Result<()> {
+        self.pending.insert(row, line);
+        while let Some(l) = self.pending.remove(&self.next) {
+            self.write_line(&l)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Replaces everything written so far by `lines` (the rows with the scorer's scores): a new file renamed
+    /// over the old one, so that a failure here still leaves the unscored rows. Standard output is not
+    /// rewritten (the caller holds its lines back instead).
+    fn rewrite(&mut self, lines: &[String]) -> Result<()> {
+        let Dest::File(p, w) = &mut self.dest else { return Ok(()) };
+        w.flush().map_err(io_err(format!("writing {}", p.display())))?;
+        let mut tmp = p.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        write_file(&tmp, &lines.iter().map(|l| format!("{l}\n")).collect::<String>())?;
+        std::fs::rename(&tmp, &*p).map_err(io_err(format!("replacing {}", p.display())))?;
+        let f =
+            std::fs::OpenOptions::new().append(true).open(&*p).map_err(io_err(format!("opening {}", p.display())))?;
+        *w = std::io::BufWriter::new(f);
+        self.written = lines.len();
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        match &self.dest {
+            Dest::File(p, _) => p.display().to_string(),
+            Dest::Stdout => "standard output".into(),
+        }
+    }
+}
+
+/// The error of a failed scorer, saying where the decoded rows are and which lack the scorer's scores.
+fn scorer_failed(e: CageError, rows: Range<usize>, kept: &str) -> CageError {
+    CageError::InvalidArgument(format!(
+        "{e}; the decoded texts are kept in {kept}, rows {}..{} without external scores",
+        rows.start, rows.end
+    ))
+}
+
 /// `cage generate`.
 pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let cfg = a.run.resolve()?;
     let prompts = prompts_of(&a.prompt, &a.prompts)?;
-    let engine = Engine::from_config(&cfg)?;
-    let names = engine.principal_names();
-    let mut opts = DecodeOptions::from_config(&cfg)?;
-    opts.diagnostics = a.diagnostics.is_some();
-    let rows: Vec<RowRequest> =
-        prompts.iter().map(|p| RowRequest { prompt: p.clone(), weights: cfg.weights() }).collect();
+    let single = prompts.len() == 1;
+    // Outputs first: an unwritable --out or --diagnostics fails before models load and decoding starts.
+    let mut writer = match (&a.out, single) {
+        (Some(p), _) => Some(RowWriter::create(p)?),
+        // With a scorer, lines on standard output wait for its scores.
+        (None, false) if a.scorer.is_none() => Some(RowWriter::new(Dest::Stdout)),
+        (None, _) => None,
+    };
     let mut diag = match &a.diagnostics {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(io_err(format!("creating {}", p.display())))?,
         )),
         None => None,
     };
-    let single = rows.len() == 1;
+    let engine = Engine::from_config(&cfg)?;
+    let names = engine.principal_names();
+    let mut opts = DecodeOptions::from_config(&cfg)?;
+    opts.diagnostics = a.diagnostics.is_some();
+    let rows: Vec<RowRequest> =
+        prompts.iter().map(|p| RowRequest { prompt: p.clone(), weights: cfg.weights() }).collect();
     let mut progress = (!single).then(|| Progress::new("cage generate", rows.len()));
-    let mut diag_err = None;
+    let diag_ctx = || format!("writing diagnostics {}", a.diagnostics.as_deref().unwrap_or(Path::new("")).display());
     let t0 = Instant::now();
-    let (results, tm) = engine.decode(&rows, &opts, &mut |ev| match ev {
-        Event::Text { text, .. } if single => {
-            print!("{text}");
-            let _ = std::io::stdout().flush();
-        }
-        Event::Step(d) => {
-            if let Some(w) = diag.as_mut()
-                && let Err(e) =
-                    serde_json::to_writer(&mut *w, d).map_err(std::io::Error::other).and_then(|_| writeln!(w))
-            {
-                diag_err.get_or_insert(e);
+    let (results, tm) = engine.decode_with(&rows, &opts, &mut |ev| {
+        match ev {
+            Event::Text { text, .. } if single => crate::out!("{text}")?,
+            Event::Step(d) => {
+                if let Some(w) = diag.as_mut() {
+                    serde_json::to_writer(&mut *w, d)
+                        .map_err(std::io::Error::other)
+                        .and_then(|_| writeln!(w))
+                        .map_err(io_err(diag_ctx()))?;
+                }
             }
-        }
-        Event::RowDone { .. } => {
-            if let Some(p) = progress.as_mut() {
-                p.tick();
+            Event::RowDone { row, result } => {
+                if let Some(w) = writer.as_mut() {
+                    w.row_done(row, result_json(result, &names, cfg.method, None).to_string())?;
+                }
+                if let Some(p) = progress.as_mut() {
+                    p.tick();
+                }
             }
+            _ => {}
         }
-        _ => {}
+        Ok(())
     })?;
     if let Some(p) = &progress {
         p.finish();
     }
-    if let Some(e) = diag_err {
-        return Err(CageError::Io { context: "writing diagnostics".into(), source: e });
-    }
     if let Some(mut w) = diag {
-        w.flush().map_err(io_err("writing diagnostics".into()))?;
+        w.flush().map_err(io_err(diag_ctx()))?;
     }
-    let extra = match &a.scorer {
-        Some(cmd) => Some(external_scores(cmd, &results)?),
-        None => None,
-    };
-    let lines: Vec<String> = results
-        .iter()
-        .enumerate()
-        .map(|(i, r)| result_json(r, &names, cfg.method, extra.as_ref().map(|e| e[i].as_slice())).to_string())
-        .collect();
     if single {
-        println!();
+        crate::outln!()?;
         let sc: Vec<String> = names.iter().zip(&results[0].scores).map(|(n, s)| format!("{n} {s:.3}")).collect();
         eprintln!(
             "[{} weights {:?}; {} tokens, {}; {:.1} tok/s; implicit rewards: {}]",
@@ -204,12 +285,25 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             sc.join(", ")
         );
     }
-    match (&a.out, single) {
-        (Some(p), _) => write_file(p, &(lines.join("\n") + "\n"))?,
-        (None, false) => println!("{}", lines.join("\n")),
-        (None, true) => {}
+    let Some(cmd) = &a.scorer else { return Ok(()) };
+    let lines = |extra: Option<&[Vec<f64>]>| -> Vec<String> {
+        results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| result_json(r, &names, cfg.method, extra.map(|e| e[i].as_slice())).to_string())
+            .collect()
+    };
+    match (external_scores(cmd, &results), writer.as_mut()) {
+        (Ok(extra), Some(w)) => w.rewrite(&lines(Some(&extra))),
+        (Ok(extra), None) if !single => crate::outln!("{}", lines(Some(&extra)).join("\n")),
+        (Ok(_), None) => Ok(()),
+        (Err(e), Some(w)) => Err(scorer_failed(e, 0..results.len(), &w.describe())),
+        (Err(e), None) if !single => {
+            crate::outln!("{}", lines(None).join("\n"))?;
+            Err(scorer_failed(e, 0..results.len(), "standard output"))
+        }
+        (Err(e), None) => Err(scorer_failed(e, 0..1, "the text above")),
     }
-    Ok(())
 }
 
 /// Runs an external scorer: the results go to its standard input as JSON lines `{"prompt", "text"}`; it
@@ -301,32 +395,41 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         return Err(CageError::InvalidArgument(format!("a sweep needs 2 or 3 principals, the config has {j}")));
     }
     let grid = simplex_grid(j, a.steps.unwrap_or(if j == 2 { 10 } else { 4 }))?;
+    // The output folder and results.jsonl first: an unwritable --out fails before models load.
+    std::fs::create_dir_all(&a.out).map_err(io_err(format!("creating {}", a.out.display())))?;
+    let mut writer = RowWriter::create(&a.out.join("results.jsonl"))?;
     let engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
-    std::fs::create_dir_all(&a.out).map_err(io_err(format!("creating {}", a.out.display())))?;
     let rows: Vec<RowRequest> = grid
         .iter()
         .flat_map(|w| prompts.iter().map(move |p| RowRequest { prompt: p.clone(), weights: w.clone() }))
         .collect();
-    let (mut curves, mut jsonl) = (vec![], String::new());
+    // results.jsonl grows row by row; with a scorer it is rewritten with the scores after each method.
+    let (mut curves, mut scored) = (vec![], vec![]);
     for &m in &a.methods {
         let mut opts = DecodeOptions::from_config(&cfg)?;
         opts.method = m;
         let mut progress = Progress::new(&format!("cage sweep {m:>10}"), rows.len());
-        let (res, _) = engine.decode(&rows, &opts, &mut |ev| {
-            if let Event::RowDone { .. } = ev {
+        let first = writer.written;
+        writer.next = 0;
+        let (res, _) = engine.decode_with(&rows, &opts, &mut |ev| {
+            if let Event::RowDone { row, result } = ev {
+                writer.row_done(row, result_json(result, &names, m, None).to_string())?;
                 progress.tick();
             }
+            Ok(())
         })?;
         progress.finish();
         let extra = match &a.scorer {
-            Some(cmd) => Some(external_scores(cmd, &res)?),
+            Some(cmd) => Some(
+                external_scores(cmd, &res)
+                    .map_err(|e| scorer_failed(e, first..first + res.len(), &writer.describe()))?,
+            ),
             None => None,
         };
-        for (i, r) in res.iter().enumerate() {
-            jsonl += &(result_json(r, &engine.principal_names(), m, extra.as_ref().map(|e| e[i].as_slice()))
-                .to_string()
-                + "\n");
+        if let Some(e) = &extra {
+            scored.extend(res.iter().zip(e).map(|(r, x)| result_json(r, &names, m, Some(x)).to_string()));
+            writer.rewrite(&scored)?;
         }
         let per_row: Vec<Vec<f64>> = match &extra {
             Some(e) => e.clone(),
@@ -351,16 +454,15 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     let (sums, reference) = summarize(&curves)?;
     write_file(&a.out.join("sweep.csv"), &points_csv(&names, &score_names, &curves))?;
     write_file(&a.out.join("summary.csv"), &summary_csv(&sums))?;
-    write_file(&a.out.join("results.jsonl"), &jsonl)?;
     let title = format!("{} prompt(s), tau {}, k {}", prompts.len(), cfg.tau, cfg.k);
     write_file(&a.out.join("pareto.svg"), &pareto_svg(&score_names, &curves, &title))?;
     let png = a.out.join("pareto.png");
     std::fs::write(&png, pareto_png(&score_names, &curves, &title)?)
         .map_err(io_err(format!("writing {}", png.display())))?;
-    println!("reference point {reference:?}");
-    println!("{:>12} {:>12} {:>8}", "method", "HV", "MIP");
+    crate::outln!("reference point {reference:?}")?;
+    crate::outln!("{:>12} {:>12} {:>8}", "method", "HV", "MIP")?;
     for s in &sums {
-        println!("{:>12} {:>12.4} {:>8.4}", s.method, s.hv, s.mip);
+        crate::outln!("{:>12} {:>12.4} {:>8.4}", s.method, s.hv, s.mip)?;
     }
     eprintln!("wrote {}/{{sweep.csv, summary.csv, results.jsonl, pareto.svg, pareto.png}}", a.out.display());
     Ok(())
@@ -430,17 +532,20 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
     let rows: Vec<RowRequest> =
         weights.iter().map(|w| RowRequest { prompt: a.prompt.clone(), weights: w.clone() }).collect();
     let opts = DecodeOptions::from_config(&cfg)?;
-    println!("prompt: {}", a.prompt);
-    println!("principals (prompted, on the same model):");
+    crate::outln!("prompt: {}", a.prompt)?;
+    crate::outln!("principals (prompted, on the same model):")?;
     for p in &cfg.principals {
         if let PrincipalKind::Prompted { instruction, .. } = &p.kind {
-            println!("  {:<13} {instruction:?}", p.name);
+            crate::outln!("  {:<13} {instruction:?}", p.name)?;
         }
     }
-    println!(
+    crate::outln!(
         "method {}, tau {}, top-{} candidates, greedy, {} tokens at most\n",
-        cfg.method, cfg.tau, cfg.k, cfg.max_new_tokens
-    );
+        cfg.method,
+        cfg.tau,
+        cfg.k,
+        cfg.max_new_tokens
+    )?;
     let mut progress = Progress::new("decoding 4 rows together", rows.len());
     let (res, tm) = engine.decode(&rows, &opts, &mut |ev| {
         if let Event::RowDone { .. } = ev {
@@ -455,8 +560,8 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
             format!("{} {:.1} / {} {:.1}", names[0], r.weights[0], names[1], r.weights[1])
         };
         let sc: Vec<String> = names.iter().zip(&r.scores).map(|(n, s)| format!("{n} {s:+.1}")).collect();
-        println!("== {label}  [{} tokens; implicit rewards: {}]", r.tokens.len(), sc.join(", "));
-        println!("{}\n", r.text.trim());
+        crate::outln!("== {label}  [{} tokens; implicit rewards: {}]", r.tokens.len(), sc.join(", "))?;
+        crate::outln!("{}\n", r.text.trim())?;
     }
     print_timings(&tm, t0.elapsed().as_secs_f64());
     Ok(())
@@ -509,6 +614,13 @@ pub struct BenchDecodeArgs {
 
 /// `cage bench decode`: tokens per second of each method with the same forwards, and where a step's time goes.
 pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
+    // Arguments before any model download or load.
+    if a.rows == 0 || a.tokens == 0 {
+        return Err(CageError::InvalidArgument("--rows and --tokens must be >= 1".into()));
+    }
+    if a.methods.is_empty() {
+        return Err(CageError::InvalidArgument("--methods names no method".into()));
+    }
     let mut cfg = match &a.config {
         Some(p) => RunConfig::load(p)?,
         None => {
@@ -520,9 +632,6 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
         }
     };
     cfg.max_new_tokens = a.tokens;
-    if a.rows == 0 || a.tokens == 0 {
-        return Err(CageError::InvalidArgument("--rows and --tokens must be >= 1".into()));
-    }
     cfg.batch_size = a.rows;
     let methods = &a.methods;
     let engine = Engine::from_config(&cfg)?;
@@ -557,26 +666,33 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
                     "step_ms": 1e3 * busy / t.steps.max(1) as f64, "timings": t})
             })
             .collect();
-        println!("{}", serde_json::json!({"rows": a.rows, "tokens": a.tokens, "threads": threads, "methods": v}));
+        crate::outln!("{}", serde_json::json!({"rows": a.rows, "tokens": a.tokens, "threads": threads, "methods": v}))?;
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "{} rows x {} tokens, {} principals, k {}, CPU {threads} threads; per decode step (all rows), prefill excluded:",
         a.rows,
         a.tokens,
         engine.principal_names().len(),
         cfg.k
-    );
-    println!(
+    )?;
+    crate::outln!(
         "{:>11} {:>9} {:>9} {:>11} {:>9} {:>12} {:>10} {:>9}",
-        "method", "tok/s", "step ms", "forward ms", "values ms", "policy ms", "policy %", "sample ms"
-    );
+        "method",
+        "tok/s",
+        "step ms",
+        "forward ms",
+        "values ms",
+        "policy ms",
+        "policy %",
+        "sample ms"
+    )?;
     for (m, t) in &table {
         let busy = t.forward_s + t.values_s + t.policy_s + t.sampling_s;
         let steps = t.steps.max(1) as f64;
         let dec = busy - t.prefill_s;
         let ds = (t.steps.max(2) - 1) as f64;
-        println!(
+        crate::outln!(
             "{:>11} {:>9.1} {:>9.2} {:>11.2} {:>9.3} {:>12.4} {:>10.3} {:>9.3}",
             m,
             t.tokens as f64 / busy,
@@ -586,7 +702,7 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
             1e3 * t.policy_s / steps,
             100.0 * t.policy_s / busy,
             1e3 * t.sampling_s / steps
-        );
+        )?;
     }
     Ok(())
 }

@@ -102,12 +102,57 @@ pub enum PrincipalKind {
 
 /// One principal of a run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(from = "RawPrincipal")]
 pub struct PrincipalSpec {
     /// Its name in outputs (scores, CSV columns, diagnostics).
     pub name: String,
     /// Its value source.
     #[serde(flatten)]
     pub kind: PrincipalKind,
+}
+
+/// A principal as written in a config: `name` and `kind` beside the kind's fields, and nothing else. (A
+/// flattened `kind` would let a misspelt field through: `deny_unknown_fields` does not reach inside `flatten`.)
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum RawPrincipal {
+    Arm {
+        name: String,
+        #[serde(default)]
+        model: Option<PathBuf>,
+        #[serde(default)]
+        adapter: Option<PathBuf>,
+        #[serde(default)]
+        reference: Option<PathBuf>,
+    },
+    Prompted {
+        name: String,
+        #[serde(default)]
+        model: Option<PathBuf>,
+        instruction: String,
+    },
+    Lexicon {
+        name: String,
+        #[serde(default)]
+        words: BTreeMap<String, f64>,
+        #[serde(default)]
+        default: f64,
+    },
+}
+
+impl From<RawPrincipal> for PrincipalSpec {
+    fn from(r: RawPrincipal) -> Self {
+        let (name, kind) = match r {
+            RawPrincipal::Arm { name, model, adapter, reference } => {
+                (name, PrincipalKind::Arm { model, adapter, reference })
+            }
+            RawPrincipal::Prompted { name, model, instruction } => {
+                (name, PrincipalKind::Prompted { model, instruction })
+            }
+            RawPrincipal::Lexicon { name, words, default } => (name, PrincipalKind::Lexicon { words, default }),
+        };
+        PrincipalSpec { name, kind }
+    }
 }
 
 fn default_tau() -> f64 {
@@ -194,7 +239,13 @@ impl RunConfig {
 
     /// Parses and checks a config given as JSON text.
     pub fn parse(text: &str) -> Result<Self> {
-        let cfg: RunConfig = serde_json::from_str(text).map_err(|e| CageError::InvalidArgument(format!("{e}")))?;
+        // The path of the wrong field in the message: `principals[1]: unknown field `modle``, `tau: invalid type`.
+        let cfg: RunConfig =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                CageError::InvalidArgument(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })
+            })?;
         cfg.check()?;
         Ok(cfg)
     }

@@ -168,6 +168,8 @@ pub enum Event<'a> {
     RowDone {
         /// Row index.
         row: usize,
+        /// Its result (the same as in the returned list), for writing it out as soon as it is known.
+        result: &'a RowResult,
     },
 }
 
@@ -323,6 +325,18 @@ impl Engine {
                 ),
             });
         }
+        // The principals score the base's candidate ids: a smaller vocabulary would fail at the first step.
+        let base_vocab = self.models[0].1.config.vocab_size;
+        if model.config.vocab_size < base_vocab {
+            return Err(CageError::Model {
+                model: dir.display().to_string(),
+                msg: format!(
+                    "its vocabulary has {} tokens, fewer than the base model's {base_vocab} ({}); base and principals must share a vocabulary",
+                    model.config.vocab_size,
+                    self.models[0].0.display()
+                ),
+            });
+        }
         self.models.push((dir.to_path_buf(), Arc::new(model)));
         Ok(self.models.len() - 1)
     }
@@ -376,6 +390,22 @@ impl Engine {
         opts: &DecodeOptions,
         sink: &mut dyn FnMut(Event),
     ) -> Result<(Vec<RowResult>, Timings)> {
+        self.decode_with(rows, opts, &mut |ev| {
+            sink(ev);
+            Ok(())
+        })
+    }
+
+    /// [`Engine::decode`] with a sink that can fail (a closed output, a full disk): its first error stops the
+    /// decoding and is returned. Every prompt is checked against the models' contexts before any work: a prompt
+    /// that leaves no room to generate is an error, and a row whose sequence fills a context stops there with
+    /// [`StopReason::Context`].
+    pub fn decode_with(
+        &self,
+        rows: &[RowRequest],
+        opts: &DecodeOptions,
+        sink: &mut dyn FnMut(Event) -> Result<()>,
+    ) -> Result<(Vec<RowResult>, Timings)> {
         let names = self.principal_names();
         for r in rows {
             check_weights(&r.weights, &names)?;
@@ -386,24 +416,52 @@ impl Engine {
         if opts.batch_size == 0 {
             return Err(CageError::InvalidArgument("batch_size must be >= 1".into()));
         }
+        let declared: Vec<Vec<StreamSpec>> = self.sources.iter().map(|s| s.streams()).collect();
+        let plan = StreamPlan::new(&declared, self.models.len())?;
+        let room: Vec<usize> =
+            rows.iter().enumerate().map(|(i, r)| self.room(&plan, i, &r.prompt)).collect::<Result<_>>()?;
         let mut out = Vec::with_capacity(rows.len());
         let mut total = Timings::default();
         for (c, chunk) in rows.chunks(opts.batch_size).enumerate() {
-            let (res, t) = self.decode_chunk(chunk, c * opts.batch_size, opts, sink)?;
+            let at = c * opts.batch_size;
+            let (res, t) = self.decode_chunk(chunk, at, &room[at..at + chunk.len()], opts, sink)?;
             out.extend(res);
             total.add(&t);
         }
         Ok((out, total))
     }
 
+    /// How many tokens row `row` (prompt `prompt`) can generate before one of its streams fills its model's
+    /// context (`max_position_embeddings`); an error when a prompt alone fills it.
+    fn room(&self, plan: &StreamPlan, row: usize, prompt: &str) -> Result<usize> {
+        let mut room = usize::MAX;
+        for sp in &plan.streams {
+            let n = self.stream_prompt(prompt, sp.instruction.as_deref())?.len();
+            let (dir, model) = &self.models[sp.model];
+            let ctx = model.config.max_position_embeddings;
+            if n >= ctx {
+                let with = if sp.instruction.is_some() { " with a principal's instruction" } else { "" };
+                return Err(CageError::InvalidArgument(format!(
+                    "prompt {:?} (row {row}) is {n} tokens{with}, but model {} has a context of {ctx} tokens \
+                     (max_position_embeddings): no room to generate; shorten the prompt",
+                    prompt.chars().take(40).collect::<String>(),
+                    dir.display()
+                )));
+            }
+            room = room.min(ctx - n);
+        }
+        Ok(room)
+    }
+
     /// Decodes one chunk of rows together: the stages of [`super::stages`] in a loop over steps, on buffers
-    /// allocated here once.
+    /// allocated here once. `room` holds each row's [`Engine::room`].
     fn decode_chunk(
         &self,
         rows: &[RowRequest],
         row0: usize,
+        room: &[usize],
         opts: &DecodeOptions,
-        sink: &mut dyn FnMut(Event),
+        sink: &mut dyn FnMut(Event) -> Result<()>,
     ) -> Result<(Vec<RowResult>, Timings)> {
         let mut tm = Timings::default();
         let (b, nj) = (rows.len(), self.sources.len());
@@ -421,7 +479,10 @@ impl Engine {
         }
         let longest = inputs.iter().flatten().map(Vec::len).max().unwrap_or(1);
         let prefill_cap = longest.max(1024);
-        let mut decoders = self.decoders(&plan, &inputs, longest + opts.max_new_tokens + 1, prefill_cap, opts)?;
+        // Positions per KV slot: never more than the longest context (a huge max_new_tokens must not allocate).
+        let max_ctx = self.models.iter().map(|(_, m)| m.config.max_position_embeddings).max().unwrap_or(0);
+        let positions = (longest + opts.max_new_tokens.min(max_ctx) + 1).min(max_ctx + 1);
+        let mut decoders = self.decoders(&plan, &inputs, positions, prefill_cap, opts)?;
         let names = self.principal_names();
         let selection = if opts.k == 0 { Selection::All } else { Selection::TopK(opts.k) };
         let own_policies = matches!(opts.method, DecodeMethod::Genarm | DecodeMethod::Mod);
@@ -437,6 +498,7 @@ impl Engine {
             stop: &opts.stop,
             max_new_tokens: opts.max_new_tokens,
             ignore_eos: opts.ignore_eos,
+            context: usize::MAX,
         };
         // The step's buffers, refilled at every step for the live rows (the first `live.len()` entries).
         let mut logits =
@@ -446,7 +508,8 @@ impl Engine {
         let mut weights: Vec<f64> = Vec::with_capacity(b * nj);
         let mut pol = StepPolicy::default();
         let mut scratch: Vec<f32> = vec![];
-        let mut states = vec![RowState::new(nj, opts.max_new_tokens); b];
+        let mut states: Vec<RowState> =
+            room.iter().map(|&n| RowState::new(nj, opts.max_new_tokens.min(n).min(1 << 16))).collect();
         let mut live: Vec<usize> = (0..b).collect();
         for step in 0..opts.max_new_tokens {
             if live.is_empty() {
@@ -493,15 +556,15 @@ impl Engine {
                 if opts.diagnostics {
                     let kl = kl_to_base(pol.row(i), &cands[i].base_logprobs);
                     let d = StepDiag::new(row0 + r, step, tok, &pol.info[i], &names, kl, (fwd, pol_s));
-                    sink(Event::Step(&d));
+                    sink(Event::Step(&d))?;
                 }
                 let text = self.tokenizer.decode(&st.generated, true)?;
-                if let Some(shown) = st.stop_check(tok, text, &stop) {
-                    sink(Event::Text { row: row0 + r, text: &st.text[shown] });
+                if let Some(shown) = st.stop_check(tok, text, &StopRule { context: room[r], ..stop }) {
+                    sink(Event::Text { row: row0 + r, text: &st.text[shown] })?;
                 }
             }
             for &r in live.iter().filter(|&&r| states[r].stop.is_some()) {
-                sink(Event::RowDone { row: row0 + r });
+                sink(Event::RowDone { row: row0 + r, result: &row_result(&rows[r], &states[r]) })?;
             }
             live.retain(|&r| states[r].stop.is_none());
             tm.sampling_s += t3.elapsed().as_secs_f64();
@@ -509,21 +572,9 @@ impl Engine {
         }
         for &r in &live {
             states[r].stop = Some(StopReason::Length);
-            sink(Event::RowDone { row: row0 + r });
+            sink(Event::RowDone { row: row0 + r, result: &row_result(&rows[r], &states[r]) })?;
         }
-        let out = rows
-            .iter()
-            .zip(states)
-            .map(|(req, st)| RowResult {
-                prompt: req.prompt.clone(),
-                weights: req.weights.clone(),
-                text: st.text,
-                tokens: st.generated,
-                stop_reason: st.stop.unwrap_or(StopReason::Length),
-                scores: st.scores,
-            })
-            .collect();
-        Ok((out, tm))
+        Ok((rows.iter().zip(&states).map(|(req, st)| row_result(req, st)).collect(), tm))
     }
 
     /// One decoder per model that runs a stream: a KV-cache slot per row and stream, room for `positions`
@@ -550,6 +601,18 @@ impl Engine {
                     .map(Some)
             })
             .collect()
+    }
+}
+
+/// The result of a row in state `st`.
+fn row_result(req: &RowRequest, st: &RowState) -> RowResult {
+    RowResult {
+        prompt: req.prompt.clone(),
+        weights: req.weights.clone(),
+        text: st.text.clone(),
+        tokens: st.generated.clone(),
+        stop_reason: st.stop.unwrap_or(StopReason::Length),
+        scores: st.scores.clone(),
     }
 }
 

@@ -445,7 +445,7 @@ pub fn kl_to_base(policy: &[f64], base_logprobs: &[f64]) -> f64 {
 
 // ---- stop -------------------------------------------------------------------------------------------------
 
-/// Why a row stopped; spelled `eos`, `stop` and `length` in the JSON lines.
+/// Why a row stopped; spelled `eos`, `stop`, `length` and `context` in the JSON lines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum StopReason {
     /// The model emitted an end-of-sequence token.
@@ -454,6 +454,8 @@ pub enum StopReason {
     Stop,
     /// The token limit.
     Length,
+    /// The sequence (prompt and generated tokens) filled a model's context (`max_position_embeddings`).
+    Context,
 }
 
 crate::spelled!(StopReason, "stop reason");
@@ -469,6 +471,9 @@ pub struct StopRule<'a> {
     pub max_new_tokens: usize,
     /// Keep decoding after EOS (benchmarks).
     pub ignore_eos: bool,
+    /// Tokens the row can generate before its longest stream fills its model's context (`usize::MAX`: no
+    /// limit); reached before `max_new_tokens`, the row stops with [`StopReason::Context`].
+    pub context: usize,
 }
 
 /// One row's progress through a decode call.
@@ -517,6 +522,9 @@ impl RowState {
         }
         if done.is_none() && self.generated.len() >= rule.max_new_tokens {
             done = Some(StopReason::Length);
+        }
+        if done.is_none() && self.generated.len() >= rule.context {
+            done = Some(StopReason::Context);
         }
         let safe = if done.is_some() { text.len() } else { safe_prefix(&text, rule.stop) };
         let shown = (safe > self.emitted && text.is_char_boundary(self.emitted)).then_some(self.emitted..safe);
@@ -594,7 +602,7 @@ mod tests {
     }
 
     fn rule<'a>(eos: &'a [u32], stop: &'a [String], max: usize) -> StopRule<'a> {
-        StopRule { eos, stop, max_new_tokens: max, ignore_eos: false }
+        StopRule { eos, stop, max_new_tokens: max, ignore_eos: false, context: usize::MAX }
     }
 
     /// Feeds `tokens` with the texts a detokeniser would give after each, returning what is shown each time.
@@ -634,6 +642,19 @@ mod tests {
         let mut st = RowState::new(0, 2);
         feed(&mut st, &[(5, "a"), (6, "a b"), (7, "a b c")], &rule(&[2], &stop, 2));
         assert_eq!((st.stop, st.generated.len(), st.text.as_str()), (Some(StopReason::Length), 2, "a b"));
+    }
+
+    #[test]
+    fn a_row_that_fills_the_context_stops_with_its_own_reason() {
+        let stop = vec![];
+        let mut st = RowState::new(0, 8);
+        let shown =
+            feed(&mut st, &[(5, "a"), (6, "a b"), (7, "a b c")], &StopRule { context: 2, ..rule(&[2], &stop, 8) });
+        assert_eq!((st.stop, st.generated.len(), shown.concat()), (Some(StopReason::Context), 2, "a b".into()));
+        // The token limit, when it comes first or at the same token, is the reason given.
+        let mut st = RowState::new(0, 8);
+        feed(&mut st, &[(5, "a"), (6, "a b")], &StopRule { context: 2, ..rule(&[2], &stop, 2) });
+        assert_eq!(st.stop, Some(StopReason::Length));
     }
 
     #[test]

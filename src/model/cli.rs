@@ -33,7 +33,7 @@ pub fn import_cmd(file: &Path, out: &Path) -> Result<()> {
 pub fn fetch_cmd(models: Option<PathBuf>) -> Result<()> {
     let dir = models.unwrap_or_else(models_dir);
     let out = fetch_default_model(&dir, &mut |line| eprintln!("cage fetch-model: {line}"))?;
-    println!("{}", out.display());
+    crate::outln!("{}", out.display())?;
     Ok(())
 }
 
@@ -107,12 +107,18 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
         })
         .collect();
     if a.json {
-        println!("{}", json!({"input_ids": ids, "top": top, "logsumexp": lse}));
+        crate::outln!("{}", json!({"input_ids": ids, "top": top, "logsumexp": lse}))?;
     } else {
-        println!("{} input tokens; logsumexp {lse:.4}", ids.len());
+        crate::outln!("{} input tokens; logsumexp {lse:.4}", ids.len())?;
         for t in &top {
             let l = t["logit"].as_f64().unwrap_or(0.0);
-            println!("{:>8} {:>10.4} {:>8.4} {:?}", t["id"], l, (l - lse).exp(), t["token"].as_str().unwrap_or(""));
+            crate::outln!(
+                "{:>8} {:>10.4} {:>8.4} {:?}",
+                t["id"],
+                l,
+                (l - lse).exp(),
+                t["token"].as_str().unwrap_or("")
+            )?;
         }
     }
     Ok(())
@@ -173,35 +179,44 @@ pub fn bench_forward_cmd(
             Ok(rows) => json!({"device": gpu_name(), "results": rows}),
             Err(why) => json!({"skipped": format!("no GPU: {why}")}),
         };
-        println!(
+        crate::outln!(
             "{}",
             json!({"model": dir.display().to_string(), "threads": threads, "prompt_len": prompt_len, "decode_steps": steps, "weights": v, "gpu": g})
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "model {} (f32 compute, CPU, {threads} threads), prompt {prompt_len} tokens per row, {steps} decode steps",
         dir.display()
-    );
+    )?;
     for (name, rows) in &variants {
-        println!("weights read by decode: {name}");
-        println!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+        crate::outln!("weights read by decode: {name}")?;
+        crate::outln!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step")?;
         for r in rows {
-            println!("{:>6} {:>14.1} {:>14.1} {:>16.2}", r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms);
+            crate::outln!(
+                "{:>6} {:>14.1} {:>14.1} {:>16.2}",
+                r.batch,
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.decode_step_ms
+            )?;
         }
     }
     match &gpu {
         Ok(rows) => {
-            println!("GPU decoder on {} (bf16 weights, cuBLAS, f32 KV cache; logits copied back)", gpu_name());
-            println!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+            crate::outln!("GPU decoder on {} (bf16 weights, cuBLAS, f32 KV cache; logits copied back)", gpu_name())?;
+            crate::outln!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step")?;
             for r in rows {
-                println!(
+                crate::outln!(
                     "{:>6} {:>14.1} {:>14.1} {:>16.2}",
-                    r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms
-                );
+                    r.batch,
+                    r.prefill_tok_s,
+                    r.decode_tok_s,
+                    r.decode_step_ms
+                )?;
             }
         }
-        Err(why) => println!("GPU decoder: not measured, no GPU ({why})"),
+        Err(why) => crate::outln!("GPU decoder: not measured, no GPU ({why})")?,
     }
     Ok(())
 }
