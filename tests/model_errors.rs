@@ -153,3 +153,84 @@ fn tensors_at_odd_offsets_load() {
     assert_eq!(st.get("b", &[2]).unwrap(), vec![3.25, 7.0]);
     assert_eq!(st.get("c", &[3]).unwrap(), vec![0.5, -1.0, 9.0]);
 }
+
+/// A GGUF file (version 3) with string metadata and the given tensor directory `(name, dims, ggml type,
+/// offset)` followed by `data`; no alignment padding beyond the default 32.
+fn gguf_bytes(meta: &[(&str, &str)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let put_str = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_str(&mut b, k);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        put_str(&mut b, v);
+    }
+    for (name, dims, ty, off) in tensors {
+        put_str(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&off.to_le_bytes());
+    }
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+fn gguf_err(tag: &str, bytes: Vec<u8>) -> String {
+    let dir = std::env::temp_dir().join(format!("cage-model-errors-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("m.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = GgufFile::open(&p).err().expect("the file must be refused");
+    assert!(matches!(e, CageError::Format { .. }), "{e}");
+    // The importer refuses it the same way, and writes nothing.
+    let out = dir.join("out");
+    let ie = import_gguf(&p, &out).unwrap_err();
+    assert!(matches!(ie, CageError::Format { .. }), "{ie}");
+    assert!(!out.exists(), "a failed import left {}", out.display());
+    // Parsing from memory gives the same answer.
+    let m = GgufFile::from_bytes(bytes, "m.gguf").err().expect("refused from memory too");
+    assert_eq!(m.to_string().replace("m.gguf", ""), e.to_string().replace(&p.display().to_string(), ""));
+    e.to_string()
+}
+
+#[test]
+fn gguf_sizes_that_overflow_are_refused() {
+    // 2^62 f32 elements are 2^64 bytes: the byte count wraps to 0, which used to pass the bounds check and
+    // then abort on a 2^64-byte allocation.
+    let e = gguf_err("overflow-f32", gguf_bytes(&[], &[("token_embd.weight", &[1 << 62], 0, 0)], &[0; 64]));
+    assert!(e.contains("token_embd.weight") && e.contains("too large"), "{e}");
+    // Q8_0: 2^63 elements in 2^58 blocks of 34 bytes.
+    let e = gguf_err("overflow-q8", gguf_bytes(&[], &[("output.weight", &[1 << 63], 8, 0)], &[0; 64]));
+    assert!(e.contains("output.weight") && e.contains("too large"), "{e}");
+    // The element count itself overflows.
+    let e = gguf_err("overflow-dims", gguf_bytes(&[], &[("x", &[1 << 40, 1 << 40], 0, 0)], &[0; 64]));
+    assert!(e.contains("tensor x") && e.contains("too large"), "{e}");
+    // An offset that wraps the address space.
+    let e = gguf_err("overflow-offset", gguf_bytes(&[], &[("x", &[4], 0, u64::MAX - 8)], &[0; 64]));
+    assert!(e.contains("tensor x") && e.contains("outside the file"), "{e}");
+}
+
+#[test]
+fn gguf_tensors_may_not_share_names_or_bytes() {
+    // Aliased tensors would let a small file make the importer write without bound.
+    let e = gguf_err("alias", gguf_bytes(&[], &[("a", &[8], 0, 0), ("b", &[8], 0, 16)], &[0; 64]));
+    assert!(e.contains("tensors a and b overlap"), "{e}");
+    let e = gguf_err("twice", gguf_bytes(&[], &[("a", &[4], 0, 0), ("a", &[4], 0, 32)], &[0; 64]));
+    assert!(e.contains("tensor a is listed twice"), "{e}");
+    // Adjacent tensors are fine.
+    let ok = gguf_bytes(&[], &[("a", &[4], 0, 0), ("b", &[4], 0, 16)], &[0; 64]);
+    assert_eq!(GgufFile::from_bytes(ok, "ok").unwrap().tensors.len(), 2);
+}
+
