@@ -234,3 +234,78 @@ fn gguf_tensors_may_not_share_names_or_bytes() {
     assert_eq!(GgufFile::from_bytes(ok, "ok").unwrap().tensors.len(), 2);
 }
 
+#[test]
+fn config_numbers_that_cannot_be_right_are_named() {
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama").join("config.json")).unwrap()).unwrap();
+    let err = |key: &str, value: serde_json::Value| -> String {
+        let mut v = good.clone();
+        v[key] = value;
+        match cage::model::ModelConfig::from_json(&v, "tiny") {
+            Ok(_) => panic!("config.json with {key} = {} was accepted", v[key]),
+            Err(e) => e.to_string(),
+        }
+    };
+    // 2^40 layers used to reach the allocator (a terabyte) before any tensor was read.
+    let e = err("num_hidden_layers", (1u64 << 40).into());
+    assert!(e.contains("num_hidden_layers") && e.contains("4096"), "{e}");
+    // Sizes whose products overflow.
+    let e = err("vocab_size", (1u64 << 62).into());
+    assert!(e.contains("vocab_size x hidden_size") && e.contains("too large"), "{e}");
+    let e = err("head_dim", (1u64 << 60).into());
+    assert!(e.contains("head_dim") && e.contains("too large"), "{e}");
+    // Token ids above 2^32 used to wrap into other tokens.
+    let e = err("eos_token_id", ((1u64 << 32) + 2).into());
+    assert!(e.contains("eos_token_id 4294967298"), "{e}");
+    let e = err("bos_token_id", serde_json::json!(-1));
+    assert!(e.contains("bos_token_id -1"), "{e}");
+    let e = err("eos_token_id", serde_json::json!([2, "x"]));
+    assert!(e.contains("eos_token_id \"x\""), "{e}");
+    // Numbers that would make every logit NaN.
+    for (key, value) in [("rope_theta", -1.0), ("rope_theta", 0.0), ("rms_norm_eps", -1e-5)] {
+        let e = err(key, value.into());
+        assert!(e.contains(key) && e.contains("finite number"), "{e}");
+    }
+    let e = err(
+        "rope_scaling",
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}),
+    );
+    assert!(e.contains("low_freq_factor and high_freq_factor"), "{e}");
+    for (key, value) in [("hidden_size", 0), ("vocab_size", 0)] {
+        let e = err(key, value.into());
+        assert!(e.contains(key) && e.contains("> 0"), "{e}");
+    }
+    // The fixture itself, and a null eos, are fine.
+    cage::model::ModelConfig::from_json(&good, "tiny").unwrap();
+    let mut v = good.clone();
+    v["eos_token_id"] = serde_json::Value::Null;
+    assert!(cage::model::ModelConfig::from_json(&v, "tiny").unwrap().eos_token_ids.is_empty());
+}
+
+#[test]
+fn a_chat_template_that_would_run_for_hours_is_stopped() {
+    let dir = copy_fixture("tiny-word-tokenizer", "template");
+    // 10^5 x 10^4 iterations: minutes of rendering and a gigabyte of text without a budget.
+    let template = "{% for i in range(100000) %}{% for k in range(10000) %}t3 {% endfor %}{% endfor %}";
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({"chat_template": template}).to_string())
+        .unwrap();
+    let t = cage::model::Tokenizer::load(&dir).unwrap();
+    let start = std::time::Instant::now();
+    let e = t.prompt_ids("hi", cage::model::PromptFormat::Chat).unwrap_err().to_string();
+    assert!(e.contains("chat template") && e.contains("fuel"), "{e}");
+    assert!(start.elapsed().as_secs_f64() < 20.0, "stopped after {:?}", start.elapsed());
+}
+
+#[test]
+fn a_tokenizer_json_that_makes_the_tokenizers_library_panic_is_an_error() {
+    // The tokenizers crate `expect`s its decoder to deserialize; found by fuzz/fuzz_targets/model_files.rs.
+    let dir = copy_fixture("tiny-word-tokenizer", "tok-panic");
+    let good = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+    assert!(good.contains("\"decoder\": null"));
+    for bad in ["\"decoder\": 5", "\"decoder\": \u{0}ull"] {
+        std::fs::write(dir.join("tokenizer.json"), good.replace("\"decoder\": null", bad)).unwrap();
+        let e = cage::model::Tokenizer::load(&dir).err().expect("a broken tokenizer.json must not load");
+        assert!(matches!(e, CageError::Tokenizer(_)) && e.to_string().contains("tokenizer.json"), "{e}");
+    }
+}
