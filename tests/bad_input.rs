@@ -161,3 +161,16 @@ fn malformed_json_is_a_clear_error() {
     let e = game_json::solve_all::<f64>(&arr, &SolveOptions::default(), cage::Backend::Cpu).unwrap_err().to_string();
     assert!(e.starts_with("game 1:") && e.contains("\"h\"") && e.contains("expected 2"), "{e}");
 }
+
+#[test]
+fn a_game_file_with_too_many_principals_is_refused_by_name() {
+    let principals: Vec<String> = (0..40).map(|i| format!("{{\"values\": [{i}, 1, 0]}}")).collect();
+    let text = format!(
+        "[{{\"tau\": 0.1, \"base_logprobs\": [-1, -2, -3]}}, {{\"tau\": 0.1, \"base_logprobs\": [-1, -2, -3], \
+         \"principals\": [{}]}}]",
+        principals.join(",")
+    );
+    let games = game_json::parse(&text).unwrap();
+    let e = game_json::solve_all::<f64>(&games, &SolveOptions::default(), cage::Backend::Cpu).unwrap_err().to_string();
+    assert!(e.contains("game 1") && e.contains("40 principals") && e.contains("at most 32"), "{e}");
+}
