@@ -32,7 +32,8 @@ typedef enum {
   CAGE_ERR_NULL = 1,
   // A size was zero, a product of sizes overflowed, or a buffer length disagrees with the shape.
   CAGE_ERR_SHAPE = 2,
-  // An input value is out of its domain: NaN, infinity, tau <= 0, a negative weight, an unknown enum value.
+  // An input value is out of its domain: NaN, infinity, tau <= 0, a negative weight or policy entry, an
+  // unknown enum value, more principals than the method supports (32 on the host, 8 on the device).
   CAGE_ERR_INVALID = 3,
   // The CUDA backend was requested but no usable GPU, driver or context is available.
   CAGE_ERR_NO_GPU = 4,
@@ -179,8 +180,14 @@ CageStatus cage_solve_f64(CageSolver *solver,
 // `d_policy` B x N and, where not NULL, `d_payoffs` B x J and `d_stats` B x 3 (iterations, relative residual,
 // converged as 0 or 1, all f32). Returns once the kernel is queued: synchronise `stream` before reading the
 // outputs. `stream` may be NULL (the solver's own stream) and must belong to the device's primary context
-// (the CUDA runtime's default context). The device inputs are not validated: NaN in, NaN out. J must be 1..8.
-// Needs a solver created with backend CUDA or AUTO on a machine with a GPU (EMULATED for tests).
+// (the CUDA runtime's default context). J must be 1..8. Needs a solver created with backend CUDA or AUTO on a
+// machine with a GPU (EMULATED for tests).
+// The device inputs are not validated before the launch (that would cost a pass over device memory and a
+// copy back on every call); instead the kernel flags them itself: a row with a value that is NaN, infinite or
+// negative, a tau that is NaN, infinite or <= 0, or a base log-probability that is NaN or +INFINITY gets NaN
+// payoffs and a NaN policy (0 at excluded candidates), and its stats say residual NaN, converged 0. A row
+// whose candidates are all excluded gets policy 0 and converged 0. Other rows are unaffected. Check the
+// stats: converged 1 means the row's inputs were valid and the tolerance was met.
 //
 // # Safety
 // Every non-null pointer must be device memory of the stated length, valid until the kernel has finished.
@@ -203,8 +210,9 @@ CageStatus cage_solve_device_f32(CageSolver *solver,
 // `d_arm` B x J x V and `d_reference` B x V, all f32 device memory of the solver's GPU (unused when J = 0);
 // `weights` B x J on the host. Writes B token ids to `tokens` and, where not NULL, B flags (1: the row's
 // equilibrium converged) to `converged`. Runs on the solver's own stream: the stream that produced the logits
-// must be synchronised first. Returns after the tokens are on the host. A row with NaN logits is an error that
-// names it. J must be 0..8 and 1 <= k <= min(1024, V).
+// must be synchronised first. Returns after the tokens are on the host. A row with NaN in its logits, ARM
+// logits or reference logits is an error (CAGE_ERR_INVALID) that names it. J must be 0..8 and
+// 1 <= k <= min(1024, V).
 //
 // # Safety
 // The device pointers must hold the stated number of floats on the solver's device; `weights`, `tau`,
@@ -226,7 +234,11 @@ CageStatus cage_decode_step_device_f32(CageSolver *solver,
                                        uint8_t *converged);
 
 // Chooses one token per row of a B x N policy: greedy, or sampled with Philox keyed by (seed, row, step),
-// the same draws as the CUDA kernel. Writes the candidate index of each row to `tokens` (B values).
+// the same draws as the CUDA kernel. Writes the candidate index of each row to `tokens` (B values). Rows need
+// not sum to 1 (sampling is proportional to the entries). Checked before anything is written: every entry is
+// finite and >= 0, else CAGE_ERR_INVALID naming the row and candidate; every row has an entry > 0, else
+// CAGE_ERR_INVALID naming the row; B and N are at most 2^32 - 1 (row indices key the draws and tokens are
+// 32-bit), else CAGE_ERR_SHAPE.
 //
 // # Safety
 // `policy` must hold B x N floats and `tokens` B writable values.

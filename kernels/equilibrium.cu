@@ -24,6 +24,8 @@
 
 #define EQ_ETA 0.3
 #define EQ_BACKTRACKS 4
+// The largest finite float: values and tau above it (inf) or failing the comparison (NaN) are bad input.
+#define EQ_FLT_MAX 3.40282347e38f
 
 // Control states of the Newton iteration (thread 0 decides, the whole block evaluates).
 #define EQ_FIRST 0
@@ -76,10 +78,14 @@ __device__ bool eq_solve_linear(const double* a, const double* b, double* lu, do
   return true;
 }
 
+// max_j |f_j|, NaN when any f_j is NaN (fmax would drop it and report a NaN row as converged).
 template <int J>
 __device__ double eq_norm_inf(const double* f) {
   double m = 0.0;
-  for (int p = 0; p < J; p++) m = fmax(m, fabs(f[p]));
+  for (int p = 0; p < J; p++) {
+    const double a = fabs(f[p]);
+    if (!(a <= m)) m = a;
+  }
   return m;
 }
 
@@ -110,7 +116,8 @@ __device__ void eq_start_picard(EqControl<J>& ctl, int max_iter) {
 // Thread 0, at the top of the outer loop: done, or the Newton step from u, or a Picard run.
 template <int J>
 __device__ void eq_plan(EqControl<J>& ctl, double tau, double tol, int max_iter) {
-  if (eq_norm_inf<J>(ctl.f) <= tol * ctl.scale || ctl.iterations >= max_iter) {
+  // A NaN residual (NaN or infinite input) stops at once: the row reports NaN, not converged.
+  if (!(eq_norm_inf<J>(ctl.f) > tol * ctl.scale) || ctl.iterations >= max_iter) {
     ctl.done = 1;
     return;
   }
@@ -181,10 +188,15 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
     __syncthreads();
   }
 
-  // Upper bounds u_j <= max_a v_j[a] (values are >= 0 and 0 at excluded candidates).
+  // Upper bounds u_j <= max_a v_j[a] (values are >= 0 and 0 at excluded candidates). A value that is NaN,
+  // infinite or negative makes the bound +inf, which stops the row below: the passes would ignore a NaN value
+  // (fmaxf drops it) and report a wrong policy as converged.
   for (int p = 0; p < J; p++) {
     float m = 0.0f;
-    for (int i = tid; i < len; i += nt) m = fmaxf(m, to_f32(vs[(size_t)p * vstride + i]));
+    for (int i = tid; i < len; i += nt) {
+      const float x = to_f32(vs[(size_t)p * vstride + i]);
+      m = fmaxf(m, x >= 0.0f && x <= EQ_FLT_MAX ? x : -cage_neg_inf());
+    }
     m = block_max(m, red);
     if (tid == 0) ctl.hi[p] = m;
   }
@@ -202,19 +214,28 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
   int parity = 0;
   if (tid == 0) {
     double scale = tau;
+    bool bad = !(tau > 0.0f && tau <= EQ_FLT_MAX);
     for (int p = 0; p < J; p++) {
       ctl.u[p] = ctl.x[p] = ctl.hi[p];
       scale = fmax(scale, ctl.hi[p]);
+      bad = bad || !(ctl.hi[p] <= EQ_FLT_MAX);
     }
     ctl.scale = scale;
     ctl.mode = EQ_FIRST;
     ctl.iterations = 0;
     ctl.picard_run = 1;
     ctl.done = 0;
+    if (bad) {
+      // No pass: NaN payoffs, residual and policy (through the normaliser), converged 0.
+      const double nan = (double)__int_as_float(0x7fc00000);
+      for (int p = 0; p < J; p++) ctl.u[p] = ctl.f[p] = nan;
+      ctl.m_u = ctl.s_u = nan;
+      ctl.done = 1;
+    }
   }
   __syncthreads();
 
-  while (true) {
+  while (!ctl.done) {
     float c[J];
 #pragma unroll
     for (int p = 0; p < J; p++) c[p] = (float)(ctl.x[p] + (double)tau);

@@ -161,3 +161,53 @@ fn malformed_json_is_a_clear_error() {
     let e = game_json::solve_all::<f64>(&arr, &SolveOptions::default(), cage::Backend::Cpu).unwrap_err().to_string();
     assert!(e.starts_with("game 1:") && e.contains("\"h\"") && e.contains("expected 2"), "{e}");
 }
+
+/// `cage_choose_tokens` on a policy row; the status and, on failure, the message.
+fn choose(policy: &[f32], rows: usize, choice: i32) -> (cage::ffi::CageStatus, Vec<u32>, String) {
+    let mut tokens = vec![u32::MAX; rows];
+    // SAFETY: `policy` holds rows x (len / rows) floats and `tokens` rows values.
+    let st = unsafe {
+        cage::ffi::cage_choose_tokens(policy.as_ptr(), rows, policy.len() / rows, choice, 7, 3, tokens.as_mut_ptr())
+    };
+    // SAFETY: a NUL-terminated string owned by this thread.
+    let msg = unsafe { std::ffi::CStr::from_ptr(cage::ffi::cage_last_error()) }.to_string_lossy().into_owned();
+    (st, tokens, msg)
+}
+
+#[test]
+fn token_choice_refuses_policies_with_nan_infinite_or_negative_entries() {
+    use cage::ffi::CageStatus;
+    // A valid policy, unnormalised rows included: every choice picks a candidate of positive probability.
+    for choice in 0..3 {
+        let (st, t, _) = choose(&[0.0, 0.7, 0.3, 0.0, 0.0, 2.0], 2, choice);
+        assert_eq!(st, CageStatus::CageOk);
+        assert!(t[0] == 1 || t[0] == 2, "{t:?}");
+        assert_eq!(t[1], 2);
+    }
+    // The header promises CAGE_ERR_INVALID for NaN and infinity; these used to be skipped (NaN, -1) or chosen
+    // (inf) silently.
+    for (bad, what) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf"), (-0.5, "-0.5"), (f32::NEG_INFINITY, "-inf")] {
+        for choice in 0..3 {
+            let (st, _, msg) = choose(&[0.2, 0.8, 0.5, bad], 2, choice);
+            assert_eq!(st, CageStatus::CageErrInvalid, "{what}, choice {choice}");
+            assert!(msg.contains("row 1") && msg.contains("candidate 1") && msg.contains(what), "{msg}");
+        }
+    }
+    // A row without a candidate of positive probability names the row.
+    let (st, _, msg) = choose(&[0.2, 0.8, 0.0, 0.0], 2, 0);
+    assert_eq!(st, CageStatus::CageErrInvalid);
+    assert!(msg.contains("row 1"), "{msg}");
+}
+
+#[test]
+fn a_game_file_with_too_many_principals_is_refused_by_name() {
+    let principals: Vec<String> = (0..40).map(|i| format!("{{\"values\": [{i}, 1, 0]}}")).collect();
+    let text = format!(
+        "[{{\"tau\": 0.1, \"base_logprobs\": [-1, -2, -3]}}, {{\"tau\": 0.1, \"base_logprobs\": [-1, -2, -3], \
+         \"principals\": [{}]}}]",
+        principals.join(",")
+    );
+    let games = game_json::parse(&text).unwrap();
+    let e = game_json::solve_all::<f64>(&games, &SolveOptions::default(), cage::Backend::Cpu).unwrap_err().to_string();
+    assert!(e.contains("game 1") && e.contains("40 principals") && e.contains("at most 32"), "{e}");
+}

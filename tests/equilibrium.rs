@@ -422,3 +422,43 @@ fn analytic_jacobian_matches_finite_differences() {
     }
     assert!(checked > 100);
 }
+
+#[test]
+fn games_with_more_principals_than_the_limit_are_refused_quickly() {
+    use cage::solver::MAX_PRINCIPALS;
+    let mut r = rng(11);
+    // At the limit every method solves, and exact converges even with a small tau.
+    let mut g = RandomGame::new(&mut r, 50, MAX_PRINCIPALS);
+    g.tau = 0.01;
+    let b = g.batch::<f64>();
+    let t = std::time::Instant::now();
+    let sol = exact64(&b);
+    assert!(sol.converged[0], "J = {MAX_PRINCIPALS}: residual {}", sol.residual[0]);
+    assert!(t.elapsed().as_secs_f64() < 5.0, "J = {MAX_PRINCIPALS} took {:?}", t.elapsed());
+    // One more is an error that says why, for every iterative method, before any pass (hundreds of principals
+    // used to run 20000 passes: minutes).
+    let b = RandomGame::new(&mut r, 50, 300).batch::<f64>();
+    for method in [Method::Exact, Method::Jacobi, Method::Paper] {
+        let t = std::time::Instant::now();
+        let e = solve(&b, &SolveOptions::new(method)).unwrap_err().to_string();
+        assert!(e.contains("300 principals") && e.contains(&format!("at most {MAX_PRINCIPALS}")), "{e}");
+        assert!(t.elapsed().as_secs_f64() < 0.5, "{method:?} took {:?} to refuse", t.elapsed());
+    }
+    let b = RandomGame::new(&mut r, 20, MAX_PRINCIPALS + 1).batch::<f64>();
+    assert!(exact64_err(&b).contains(&format!("{} principals", MAX_PRINCIPALS + 1)));
+    // The low-latency row path too.
+    let (n, j) = (20, MAX_PRINCIPALS + 1);
+    let (mut policy, mut inc, mut agg, mut pay) = (vec![0.0; n], vec![0.0; j * n], vec![0.0; n], vec![0.0; j]);
+    let out = exact::RowOutput { policy: &mut policy, incentives: &mut inc, aggregate: &mut agg, payoffs: &mut pay };
+    let e = exact::solve_row_into(&b.row(0), &mut exact::Workspace::new(n, j), 1e-11, 1000, out).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    // base and linear have no iteration and no limit.
+    let b = RandomGame::new(&mut r, 20, 300).batch::<f64>();
+    for method in [Method::Base, Method::Linear] {
+        assert!(solve(&b, &SolveOptions::new(method)).is_ok());
+    }
+}
+
+fn exact64_err(b: &Batch<f64>) -> String {
+    solve(b, &SolveOptions::new(Method::Exact)).unwrap_err().to_string()
+}

@@ -263,3 +263,116 @@ fn device_decode_step_matches_the_cpu_game() {
     // SAFETY: as above.
     unsafe { cage_solver_destroy(cpu) };
 }
+
+/// One row of the device solve on the emulation with the given inputs: (status, policy, payoffs, stats).
+fn device_row(base: &[f32], values: &[f32], tau: f32) -> (CageStatus, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, j) = (base.len(), values.len() / base.len());
+    let (st, s) = solver(CageBackend::CageBackendEmulated);
+    assert_eq!(st, CageStatus::CageOk);
+    let (mut policy, mut payoffs, mut stats) = (vec![0f32; n], vec![0f32; j], vec![0f32; 3]);
+    // SAFETY: under the emulation device memory is host memory; every buffer has the documented length.
+    let st = unsafe {
+        cage_solve_device_f32(
+            s,
+            1,
+            n,
+            j,
+            base.as_ptr(),
+            values.as_ptr(),
+            &tau,
+            policy.as_mut_ptr(),
+            payoffs.as_mut_ptr(),
+            stats.as_mut_ptr(),
+            null_mut(),
+        )
+    };
+    // SAFETY: created above, destroyed once.
+    unsafe { cage_solver_destroy(s) };
+    (st, policy, payoffs, stats)
+}
+
+#[test]
+fn device_solve_on_bad_inputs_is_nan_out_and_not_converged() {
+    let base = [-0.5f32, -1.0, -2.0, f32::NEG_INFINITY];
+    let values = [0.0f32, 1.0, 0.5, 0.0, 1.0, 0.0, 0.2, 0.0];
+    let (st, policy, _, stats) = device_row(&base, &values, 0.1);
+    assert_eq!(st, CageStatus::CageOk);
+    assert_eq!(stats[2], 1.0, "the valid row converges");
+    assert!(policy.iter().all(|p| p.is_finite()));
+    // The header's promise: inputs are not validated, and a NaN, an infinity, a negative value or a tau that
+    // is not > 0 gives NaN policy and payoffs and a row that says it did not converge. NaN values used to be
+    // ignored (a finite policy marked converged).
+    let mut cases: Vec<(String, Vec<f32>, Vec<f32>, f32)> = Vec::new();
+    for (i, bad) in [f32::NAN, f32::INFINITY, -1.0].into_iter().enumerate() {
+        let mut v = values.to_vec();
+        v[5] = bad;
+        cases.push((format!("value {bad}"), base.to_vec(), v, 0.1));
+        if i < 2 {
+            let mut b = base.to_vec();
+            b[1] = bad;
+            cases.push((format!("base {bad}"), b, values.to_vec(), 0.1));
+        }
+    }
+    for t in [f32::NAN, f32::INFINITY, 0.0, -0.1] {
+        cases.push((format!("tau {t}"), base.to_vec(), values.to_vec(), t));
+    }
+    // A row whose candidates are all excluded has no policy to speak of: 0 everywhere, not converged.
+    let (st, policy, _, stats) = device_row(&[f32::NEG_INFINITY; 4], &values, 0.1);
+    assert_eq!(st, CageStatus::CageOk);
+    assert_eq!((policy, stats[2]), (vec![0.0; 4], 0.0));
+    for (what, b, v, t) in cases {
+        let (st, policy, payoffs, stats) = device_row(&b, &v, t);
+        assert_eq!(st, CageStatus::CageOk, "{what}: the inputs are not validated");
+        assert_eq!(stats[2], 0.0, "{what}: a row with bad input must not report convergence ({stats:?})");
+        assert!(stats[1].is_nan(), "{what}: residual {}", stats[1]);
+        assert!(policy[..3].iter().all(|p| p.is_nan()), "{what}: policy {policy:?}");
+        assert!(payoffs.iter().all(|p| p.is_nan()), "{what}: payoffs {payoffs:?}");
+    }
+}
+
+#[test]
+fn device_decode_step_with_nan_arm_logits_names_the_row() {
+    let (rows, v, j, k) = (2usize, 64usize, 1usize, 8usize);
+    let logits: Vec<f32> = (0..rows * v).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+    let arm: Vec<f32> = (0..rows * j * v).map(|i| ((i * 13) % 7) as f32 * 0.5).collect();
+    let reference: Vec<f32> = (0..rows * v).map(|i| ((i * 5) % 3) as f32 * 0.2).collect();
+    let (weights, tau) = ([1.0f32, 1.0], [0.3f32, 0.3]);
+    let (st, s) = solver(CageBackend::CageBackendEmulated);
+    assert_eq!(st, CageStatus::CageOk);
+    let mut tokens = vec![0u32; rows];
+    // NaN at one ARM logit, then at one reference logit, of row 1: its values (through the log-normaliser)
+    // are NaN. This used to pick a token as if nothing were wrong.
+    for in_arm in [true, false] {
+        let (mut arm, mut reference) = (arm.clone(), reference.clone());
+        if in_arm {
+            arm[v + 5] = f32::NAN;
+        } else {
+            reference[v + 5] = f32::NAN;
+        }
+        // SAFETY: host buffers of the documented lengths stand for device memory under the emulation.
+        let st = unsafe {
+            cage_decode_step_device_f32(
+                s,
+                rows,
+                v,
+                j,
+                k,
+                logits.as_ptr(),
+                arm.as_ptr(),
+                reference.as_ptr(),
+                weights.as_ptr(),
+                tau.as_ptr(),
+                0,
+                0,
+                0,
+                tokens.as_mut_ptr(),
+                null_mut(),
+            )
+        };
+        let msg = unsafe { std::ffi::CStr::from_ptr(cage_last_error()) }.to_string_lossy().into_owned();
+        assert_eq!(st, CageStatus::CageErrInvalid, "{msg}");
+        assert!(msg.contains("row 1"), "{msg}");
+    }
+    // SAFETY: created above, destroyed once.
+    unsafe { cage_solver_destroy(s) };
+}

@@ -153,3 +153,159 @@ fn tensors_at_odd_offsets_load() {
     assert_eq!(st.get("b", &[2]).unwrap(), vec![3.25, 7.0]);
     assert_eq!(st.get("c", &[3]).unwrap(), vec![0.5, -1.0, 9.0]);
 }
+
+/// A GGUF file (version 3) with string metadata and the given tensor directory `(name, dims, ggml type,
+/// offset)` followed by `data`; no alignment padding beyond the default 32.
+fn gguf_bytes(meta: &[(&str, &str)], tensors: &[(&str, &[u64], u32, u64)], data: &[u8]) -> Vec<u8> {
+    let put_str = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_str(&mut b, k);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        put_str(&mut b, v);
+    }
+    for (name, dims, ty, off) in tensors {
+        put_str(&mut b, name);
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&off.to_le_bytes());
+    }
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+fn gguf_err(tag: &str, bytes: Vec<u8>) -> String {
+    let dir = std::env::temp_dir().join(format!("cage-model-errors-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("m.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let e = GgufFile::open(&p).err().expect("the file must be refused");
+    assert!(matches!(e, CageError::Format { .. }), "{e}");
+    // The importer refuses it the same way, and writes nothing.
+    let out = dir.join("out");
+    let ie = import_gguf(&p, &out).unwrap_err();
+    assert!(matches!(ie, CageError::Format { .. }), "{ie}");
+    assert!(!out.exists(), "a failed import left {}", out.display());
+    // Parsing from memory gives the same answer.
+    let m = GgufFile::from_bytes(bytes, "m.gguf").err().expect("refused from memory too");
+    assert_eq!(m.to_string().replace("m.gguf", ""), e.to_string().replace(&p.display().to_string(), ""));
+    e.to_string()
+}
+
+#[test]
+fn gguf_sizes_that_overflow_are_refused() {
+    // 2^62 f32 elements are 2^64 bytes: the byte count wraps to 0, which used to pass the bounds check and
+    // then abort on a 2^64-byte allocation.
+    let e = gguf_err("overflow-f32", gguf_bytes(&[], &[("token_embd.weight", &[1 << 62], 0, 0)], &[0; 64]));
+    assert!(e.contains("token_embd.weight") && e.contains("too large"), "{e}");
+    // Q8_0: 2^63 elements in 2^58 blocks of 34 bytes.
+    let e = gguf_err("overflow-q8", gguf_bytes(&[], &[("output.weight", &[1 << 63], 8, 0)], &[0; 64]));
+    assert!(e.contains("output.weight") && e.contains("too large"), "{e}");
+    // The element count itself overflows.
+    let e = gguf_err("overflow-dims", gguf_bytes(&[], &[("x", &[1 << 40, 1 << 40], 0, 0)], &[0; 64]));
+    assert!(e.contains("tensor x") && e.contains("too large"), "{e}");
+    // An offset that wraps the address space.
+    let e = gguf_err("overflow-offset", gguf_bytes(&[], &[("x", &[4], 0, u64::MAX - 8)], &[0; 64]));
+    assert!(e.contains("tensor x") && e.contains("outside the file"), "{e}");
+}
+
+#[test]
+fn gguf_tensors_may_not_share_names_or_bytes() {
+    // Aliased tensors would let a small file make the importer write without bound.
+    let e = gguf_err("alias", gguf_bytes(&[], &[("a", &[8], 0, 0), ("b", &[8], 0, 16)], &[0; 64]));
+    assert!(e.contains("tensors a and b overlap"), "{e}");
+    let e = gguf_err("twice", gguf_bytes(&[], &[("a", &[4], 0, 0), ("a", &[4], 0, 32)], &[0; 64]));
+    assert!(e.contains("tensor a is listed twice"), "{e}");
+    // Adjacent tensors are fine.
+    let ok = gguf_bytes(&[], &[("a", &[4], 0, 0), ("b", &[4], 0, 16)], &[0; 64]);
+    assert_eq!(GgufFile::from_bytes(ok, "ok").unwrap().tensors.len(), 2);
+}
+
+#[test]
+fn config_numbers_that_cannot_be_right_are_named() {
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama").join("config.json")).unwrap()).unwrap();
+    let err = |key: &str, value: serde_json::Value| -> String {
+        let mut v = good.clone();
+        v[key] = value;
+        match cage::model::ModelConfig::from_json(&v, "tiny") {
+            Ok(_) => panic!("config.json with {key} = {} was accepted", v[key]),
+            Err(e) => e.to_string(),
+        }
+    };
+    // 2^40 layers used to reach the allocator (a terabyte) before any tensor was read.
+    let e = err("num_hidden_layers", (1u64 << 40).into());
+    assert!(e.contains("num_hidden_layers") && e.contains("4096"), "{e}");
+    // Sizes whose products overflow.
+    let e = err("vocab_size", (1u64 << 62).into());
+    assert!(e.contains("vocab_size x hidden_size") && e.contains("too large"), "{e}");
+    let e = err("head_dim", (1u64 << 60).into());
+    assert!(e.contains("head_dim") && e.contains("too large"), "{e}");
+    // Token ids above 2^32 used to wrap into other tokens.
+    let e = err("eos_token_id", ((1u64 << 32) + 2).into());
+    assert!(e.contains("eos_token_id 4294967298"), "{e}");
+    let e = err("bos_token_id", serde_json::json!(-1));
+    assert!(e.contains("bos_token_id -1"), "{e}");
+    let e = err("eos_token_id", serde_json::json!([2, "x"]));
+    assert!(e.contains("eos_token_id \"x\""), "{e}");
+    // Numbers that would make every logit NaN.
+    for (key, value) in [("rope_theta", -1.0), ("rope_theta", 0.0), ("rms_norm_eps", -1e-5)] {
+        let e = err(key, value.into());
+        assert!(e.contains(key) && e.contains("finite number"), "{e}");
+    }
+    let e = err(
+        "rope_scaling",
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}),
+    );
+    assert!(e.contains("low_freq_factor and high_freq_factor"), "{e}");
+    for (key, value) in [("hidden_size", 0), ("vocab_size", 0)] {
+        let e = err(key, value.into());
+        assert!(e.contains(key) && e.contains("> 0"), "{e}");
+    }
+    // The fixture itself, and a null eos, are fine.
+    cage::model::ModelConfig::from_json(&good, "tiny").unwrap();
+    let mut v = good.clone();
+    v["eos_token_id"] = serde_json::Value::Null;
+    assert!(cage::model::ModelConfig::from_json(&v, "tiny").unwrap().eos_token_ids.is_empty());
+}
+
+#[test]
+fn a_chat_template_that_would_run_for_hours_is_stopped() {
+    let dir = copy_fixture("tiny-word-tokenizer", "template");
+    // 10^5 x 10^4 iterations: minutes of rendering and a gigabyte of text without a budget.
+    let template = "{% for i in range(100000) %}{% for k in range(10000) %}t3 {% endfor %}{% endfor %}";
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::json!({"chat_template": template}).to_string())
+        .unwrap();
+    let t = cage::model::Tokenizer::load(&dir).unwrap();
+    let start = std::time::Instant::now();
+    let e = t.prompt_ids("hi", cage::model::PromptFormat::Chat).unwrap_err().to_string();
+    assert!(e.contains("chat template") && e.contains("fuel"), "{e}");
+    assert!(start.elapsed().as_secs_f64() < 20.0, "stopped after {:?}", start.elapsed());
+}
+
+#[test]
+fn a_tokenizer_json_that_makes_the_tokenizers_library_panic_is_an_error() {
+    // The tokenizers crate `expect`s its decoder to deserialize; found by fuzz/fuzz_targets/model_files.rs.
+    let dir = copy_fixture("tiny-word-tokenizer", "tok-panic");
+    let good = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+    assert!(good.contains("\"decoder\": null"));
+    for bad in ["\"decoder\": 5", "\"decoder\": \u{0}ull"] {
+        std::fs::write(dir.join("tokenizer.json"), good.replace("\"decoder\": null", bad)).unwrap();
+        let e = cage::model::Tokenizer::load(&dir).err().expect("a broken tokenizer.json must not load");
+        assert!(matches!(e, CageError::Tokenizer(_)) && e.to_string().contains("tokenizer.json"), "{e}");
+    }
+}

@@ -472,3 +472,56 @@ fn sentencepiece_flags_and_bad_metadata() {
     let e = cage::model::import::import_gguf(&d.join("bert.gguf"), &d.join("bert")).unwrap_err();
     assert!(e.to_string().contains("\"bert\" is not supported"), "{e}");
 }
+
+/// The files under `dir` (recursively), as paths relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p).into_iter().map(|f| format!("{}/{f}", e.file_name().to_string_lossy())));
+            } else {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_failed_import_leaves_no_files_behind() {
+    let d = tmp("partial");
+    // 64 query heads cannot split the 64 query rows into heads of an even size: refused before anything is
+    // written (this used to fail half-way, leaving model.safetensors.partial).
+    let mut meta = vec![("llama.attention.head_count", Meta::U32(64))];
+    meta.extend(spm_metadata(
+        &serde_json::from_str(&std::fs::read_to_string(fixture("golden-spm-gguf.json")).unwrap()).unwrap(),
+    ));
+    write_gguf_with(&d.join("heads.gguf"), &|_| Q::F32, meta);
+    let e = cage::model::import::import_gguf(&d.join("heads.gguf"), &d.join("heads")).unwrap_err();
+    assert!(e.to_string().contains("attn_q.weight") && e.to_string().contains("64 heads"), "{e}");
+    assert!(!d.join("heads").exists(), "{:?}", files_under(&d.join("heads")));
+
+    // A write that fails after model.safetensors is complete (here: tokenizer.json cannot be created) takes
+    // everything this import wrote with it; what was there before stays.
+    write_gguf(&d.join("m.gguf"), &|_| Q::F32);
+    let out = d.join("out");
+    std::fs::create_dir_all(out.join("tokenizer.json.partial")).unwrap();
+    std::fs::create_dir_all(out.join("tokenizer.json")).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let e = cage::model::import::import_gguf(&d.join("m.gguf"), &out).unwrap_err();
+    assert!(matches!(e, cage::CageError::Io { .. }), "{e}");
+    assert_eq!(files_under(&out), vec!["keep.txt".to_string()]);
+    // Once the obstacles are gone the same import succeeds and leaves exactly the four files.
+    std::fs::remove_dir(out.join("tokenizer.json.partial")).unwrap();
+    std::fs::remove_dir(out.join("tokenizer.json")).unwrap();
+    cage::model::import::import_gguf(&d.join("m.gguf"), &out).unwrap();
+    assert_eq!(
+        files_under(&out),
+        ["config.json", "keep.txt", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+            .map(String::from)
+            .to_vec()
+    );
+}

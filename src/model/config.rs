@@ -91,6 +91,29 @@ fn bad(msg: impl Into<String>, what: &str) -> CageError {
     CageError::Model { model: what.to_string(), msg: msg.into() }
 }
 
+/// The most decoder layers a config may declare (the largest open models have about 130). Loading allocates
+/// per layer before any tensor is read, so a corrupt `num_hidden_layers` must not reach the allocator.
+pub const MAX_LAYERS: usize = 1 << 12;
+
+/// A token id of config.json (`eos_token_id`, `bos_token_id`): ids are 32-bit, and a larger one must not wrap
+/// into another token.
+fn token_id(x: &Value, key: &str, what: &str) -> Result<u32> {
+    x.as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| bad(format!("config.json: {key} {x} is not a token id (an integer below 2^32)"), what))
+}
+
+/// A float of config.json that must be finite and > 0 (or >= 0 with `zero_ok`): a NaN or negative one would
+/// make every logit NaN rather than fail.
+fn positive(x: f64, key: &str, zero_ok: bool, what: &str) -> Result<f64> {
+    if x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0)) {
+        Ok(x)
+    } else {
+        let need = if zero_ok { ">= 0" } else { "> 0" };
+        Err(bad(format!("config.json: {key} {x} must be a finite number {need}"), what))
+    }
+}
+
 /// The sliding window and the layers it applies to, with transformers' rules: Mistral applies
 /// `sliding_window` (when not null) to every layer and ignores `layer_types`; Qwen2 only when
 /// `use_sliding_window` is true, to the layers `layer_types` marks `sliding_attention`, or without
@@ -180,6 +203,9 @@ impl ModelConfig {
         };
         let opt = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
         let hidden_size = req("hidden_size")?;
+        if hidden_size == 0 {
+            return Err(bad("config.json: hidden_size must be > 0", what));
+        }
         let num_heads = req("num_attention_heads")?;
         let num_kv_heads = opt("num_key_value_heads").unwrap_or(num_heads);
         if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
@@ -222,6 +248,7 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .or_else(|| rp.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
             .unwrap_or(10000.0);
+        positive(rope_theta, "rope_theta", false, what)?;
         let scaling = v.get("rope_scaling").filter(|x| x.is_object()).or(rp);
         let rope_scaling = match scaling {
             None => RopeScaling::None,
@@ -231,16 +258,29 @@ impl ModelConfig {
                     s.get(k)
                         .and_then(Value::as_f64)
                         .ok_or_else(|| bad(format!("config.json: rope scaling \"{ty}\" lacks \"{k}\""), what))
+                        .and_then(|x| positive(x, &format!("rope scaling {k}"), false, what))
                 };
                 match ty {
                     "default" => RopeScaling::None,
                     "linear" => RopeScaling::Linear { factor: f("factor")? },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: f("factor")?,
-                        low_freq_factor: f("low_freq_factor")?,
-                        high_freq_factor: f("high_freq_factor")?,
-                        original_max_position_embeddings: f("original_max_position_embeddings")?,
-                    },
+                    "llama3" => {
+                        let (low, high) = (f("low_freq_factor")?, f("high_freq_factor")?);
+                        // The interpolation between the two divides by their difference.
+                        if low == high {
+                            return Err(bad(
+                                format!(
+                                    "config.json: rope scaling low_freq_factor and high_freq_factor are both {low}"
+                                ),
+                                what,
+                            ));
+                        }
+                        RopeScaling::Llama3 {
+                            factor: f("factor")?,
+                            low_freq_factor: low,
+                            high_freq_factor: high,
+                            original_max_position_embeddings: f("original_max_position_embeddings")?,
+                        }
+                    }
                     other => {
                         return Err(bad(
                             format!("config.json: rope scaling \"{other}\" is not supported (default, linear, llama3)"),
@@ -257,22 +297,53 @@ impl ModelConfig {
             _ => (attention_bias, attention_bias),
         };
         let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
-            _ => vec![],
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a.iter().map(|x| token_id(x, "eos_token_id", what)).collect::<Result<_>>()?,
+            Some(x) => vec![token_id(x, "eos_token_id", what)?],
+        };
+        let bos_token_id = match v.get("bos_token_id") {
+            None | Some(Value::Null) => None,
+            Some(x) => Some(token_id(x, "bos_token_id", what)?),
         };
         let num_layers = req("num_hidden_layers")?;
+        if num_layers > MAX_LAYERS {
+            return Err(bad(
+                format!("config.json: num_hidden_layers {num_layers} is more than cage supports ({MAX_LAYERS})"),
+                what,
+            ));
+        }
+        let (intermediate_size, vocab_size) = (req("intermediate_size")?, req("vocab_size")?);
+        if vocab_size == 0 {
+            return Err(bad("config.json: vocab_size must be > 0", what));
+        }
+        // Every weight matrix's size in f32 bytes must be addressable: loading computes them before it reads.
+        for (name, a, b) in [
+            ("num_attention_heads x head_dim x hidden_size", num_heads, head_dim),
+            ("num_key_value_heads x head_dim x hidden_size", num_kv_heads, head_dim),
+            ("intermediate_size x hidden_size", intermediate_size, 1),
+            ("vocab_size x hidden_size", vocab_size, 1),
+        ] {
+            if a.checked_mul(b)
+                .and_then(|x| x.checked_mul(hidden_size))
+                .and_then(|x| x.checked_mul(4))
+                .is_none_or(|bytes| bytes > isize::MAX as usize)
+            {
+                return Err(bad(format!("config.json: {name} is too large to address"), what));
+            }
+        }
+        let rms_norm_eps =
+            positive(v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6), "rms_norm_eps", true, what)?;
         let (sliding_window, sliding_layers) = sliding(v, arch, num_layers, what)?;
         Ok(ModelConfig {
             arch,
             hidden_size,
-            intermediate_size: req("intermediate_size")?,
+            intermediate_size,
             num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: req("vocab_size")?,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            vocab_size,
+            rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
             rope_scaling,
             max_position_embeddings: opt("max_position_embeddings").unwrap_or(2048),
@@ -283,7 +354,7 @@ impl ModelConfig {
             sliding_window,
             sliding_layers,
             eos_token_ids,
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id,
         })
     }
 

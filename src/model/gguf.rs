@@ -1,8 +1,11 @@
 //! GGUF reader: header, metadata and tensor directory, plus dequantization of the tensor types that
 //! llama.cpp-quantized small models use (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
 //!
-//! Every read is bounds-checked against the file length: a truncated or corrupt file gives
-//! [`CageError::Format`], never a panic or an allocation sized by an untrusted count.
+//! Every read is bounds-checked against the file length and every size computed from the file (element
+//! counts, byte lengths, offsets) is checked arithmetic: a truncated, corrupt or hostile file gives
+//! [`CageError::Format`] naming the problem, never a panic or an allocation sized by an untrusted count.
+//! Tensors must not share bytes (llama.cpp lays them out one after another), so what a file can make cage
+//! allocate or write is bounded by its own size.
 
 use crate::error::{CageError, Result};
 use half::{bf16, f16};
@@ -124,9 +127,13 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements.
+    /// Number of elements, or `None` when the product of the dimensions overflows.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+    }
+    /// Number of elements (saturating: a tensor of a parsed [`GgufFile`] never overflows, its bytes were checked).
     pub fn numel(&self) -> usize {
-        self.dims.iter().product()
+        self.checked_numel().unwrap_or(usize::MAX)
     }
     /// Shape in the row-major order safetensors and PyTorch use (outermost first).
     pub fn shape(&self) -> Vec<usize> {
@@ -134,9 +141,25 @@ impl TensorInfo {
     }
 }
 
+/// The bytes of a GGUF file: memory-mapped from disk, or owned (parsed from memory).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped GGUF file.
 pub struct GgufFile {
-    mmap: Mmap,
+    mmap: Bytes,
     /// Metadata key-value pairs.
     pub metadata: BTreeMap<String, Value>,
     /// Tensor directory in file order.
@@ -235,10 +258,16 @@ impl GgufFile {
         // SAFETY: the file is opened read-only and not modified while mapped (model files are immutable inputs).
         let mmap = unsafe { Mmap::map(&file) }
             .map_err(|source| CageError::Io { context: format!("mapping {what}"), source })?;
-        Self::parse(mmap, what)
+        Self::parse(Bytes::Mapped(mmap), what)
     }
 
-    fn parse(mmap: Mmap, what: String) -> Result<Self> {
+    /// Parses a GGUF file held in memory; `what` names it in errors. The same checks as [`GgufFile::open`]
+    /// (the fuzz target and tests use it to skip the file system).
+    pub fn from_bytes(bytes: Vec<u8>, what: &str) -> Result<Self> {
+        Self::parse(Bytes::Owned(bytes), what.to_string())
+    }
+
+    fn parse(mmap: Bytes, what: String) -> Result<Self> {
         let mut r = Reader { buf: &mmap, pos: 0, what: &what };
         if r.take(4).map_err(|_| r.bad("file too short for a GGUF header"))? != b"GGUF" {
             return Err(CageError::Format {
@@ -278,10 +307,28 @@ impl GgufFile {
         if align == 0 || !align.is_power_of_two() {
             return Err(r.bad(format!("general.alignment {align} is not a power of two")));
         }
-        let data_start = r.pos.div_ceil(align) * align;
+        let data_start = r
+            .pos
+            .div_ceil(align)
+            .checked_mul(align)
+            .ok_or_else(|| r.bad(format!("general.alignment {align} puts the data past any file")))?;
         let file = GgufFile { mmap, metadata, tensors, data_start, what };
+        // Every tensor in the file, with its bytes; no two may share a name or a byte.
+        let mut ranges = Vec::with_capacity(file.tensors.len());
+        let mut names = std::collections::HashSet::with_capacity(file.tensors.len());
         for t in &file.tensors {
-            file.tensor_bytes(t)?;
+            if !names.insert(t.name.as_str()) {
+                return Err(file.bad(format!("tensor {} is listed twice", t.name)));
+            }
+            let (start, end) = file.tensor_range(t)?;
+            ranges.push((start, end, t.name.as_str()));
+        }
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            let ((_, end, a), (start, _, b)) = (w[0], w[1]);
+            if start < end {
+                return Err(file.bad(format!("tensors {a} and {b} overlap in the file")));
+            }
         }
         Ok(file)
     }
@@ -305,32 +352,47 @@ impl GgufFile {
         })
     }
 
-    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+    /// The byte range `[start, end)` of a tensor's data in the file, with every size checked: the element
+    /// count, the byte length and the f32 size of its dequantized copy must not overflow, and the range must
+    /// lie inside the file.
+    fn tensor_range(&self, t: &TensorInfo) -> Result<(usize, usize)> {
         let ty = self.tensor_type(t)?;
         let (per, bytes) = ty.block();
-        let n = t
-            .dims
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| self.bad(format!("tensor {} is too large", t.name)))?;
-        if !t.dims[0].is_multiple_of(per) {
+        let too_large = || self.bad(format!("tensor {} has dimensions {:?}, too large to address", t.name, t.dims));
+        let n = t.checked_numel().ok_or_else(too_large)?;
+        if n.checked_mul(4).is_none_or(|b| b > isize::MAX as usize) {
+            return Err(too_large());
+        }
+        if !t.dims.first().is_some_and(|d| d.is_multiple_of(per)) {
             return Err(self.bad(format!(
                 "tensor {}: row length {} is not a multiple of the block size {per}",
-                t.name, t.dims[0]
+                t.name,
+                t.dims.first().copied().unwrap_or(0)
             )));
         }
-        let len = n / per * bytes;
+        let len = (n / per).checked_mul(bytes).ok_or_else(too_large)?;
         let start = self.data_start.checked_add(t.offset);
         match start.and_then(|s| s.checked_add(len).map(|e| (s, e))) {
-            Some((s, e)) if e <= self.mmap.len() => Ok(&self.mmap[s..e]),
-            _ => Err(self.bad(format!("tensor {} lies outside the file (truncated?)", t.name))),
+            Some((s, e)) if e <= self.mmap.len() => Ok((s, e)),
+            _ => Err(self.bad(format!(
+                "tensor {} ({len} bytes at offset {}) lies outside the file of {} bytes (truncated?)",
+                t.name,
+                t.offset,
+                self.mmap.len()
+            ))),
         }
+    }
+
+    fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+        let (s, e) = self.tensor_range(t)?;
+        Ok(&self.mmap[s..e])
     }
 
     /// Dequantizes a tensor to f32, row-major in [`TensorInfo::shape`] order.
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let ty = self.tensor_type(t)?;
         let raw = self.tensor_bytes(t)?;
+        // tensor_bytes checked the element count and its f32 size.
         let mut out = vec![0f32; t.numel()];
         dequantize_into(ty, raw, &mut out);
         Ok(out)
@@ -391,7 +453,8 @@ pub fn dequantize_into(ty: GgmlType, raw: &[u8], out: &mut [f32]) {
 /// adjacent pairs. `w` is `[n_heads * head_dim, cols]` row-major.
 pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Result<Vec<f32>> {
     let rows = w.len().checked_div(cols).unwrap_or(0);
-    if n_heads == 0 || rows * cols != w.len() || !rows.is_multiple_of(2 * n_heads) {
+    // n_heads comes from file metadata: 2 * n_heads may overflow.
+    if n_heads == 0 || rows * cols != w.len() || n_heads.checked_mul(2).is_none_or(|h2| !rows.is_multiple_of(h2)) {
         return Err(CageError::InvalidArgument(format!(
             "cannot un-permute a {rows} x {cols} projection into {n_heads} heads with an even head size"
         )));

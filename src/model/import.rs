@@ -77,7 +77,8 @@ impl Meta<'_> {
     }
 }
 
-/// Imports `gguf` into the folder `out` (created if needed). Existing files there are overwritten.
+/// Imports `gguf` into the folder `out` (created if needed). Existing files there are overwritten, and only
+/// once every new file is complete: a failed import leaves no file behind (nor the folder, if it created it).
 pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     import_gguf_with_progress(gguf, out, &mut |_, _| {})
 }
@@ -129,33 +130,51 @@ pub fn import_gguf_with_progress(
         let name =
             hf_name(&t.name).ok_or_else(|| m.bad(format!("tensor {} has no Hugging Face Llama equivalent", t.name)))?;
         f.tensor_type(t)?;
+        // q/k rows are un-permuted per head while writing: check that they can be, before writing anything.
+        if name.contains("q_proj.") || name.contains("k_proj.") {
+            let nh = if name.contains("q_proj") { heads } else { kv_heads };
+            let rows = t.dims.last().copied().unwrap_or(0);
+            if nh.checked_mul(2).is_none_or(|h2| !rows.is_multiple_of(h2)) {
+                return Err(
+                    m.bad(format!("tensor {} has {rows} rows, which {nh} heads of an even size cannot split", t.name))
+                );
+            }
+        }
         plan.push((t, name));
     }
     plan.sort_by(|a, b| a.1.cmp(&b.1));
+    // Two GGUF names for one Hugging Face tensor (`blk.1` and `blk.01`) would write one header entry over two
+    // data blocks: a corrupt safetensors file.
+    for w in plan.windows(2) {
+        if w[0].1 == w[1].1 {
+            return Err(m.bad(format!("tensors {} and {} both map to {}", w[0].0.name, w[1].0.name, w[0].1)));
+        }
+    }
     // The tokenizer before any file is written: bad tokenizer metadata leaves no half-imported folder.
     let tok = tokenizer::build(&f, tokens)?;
-    std::fs::create_dir_all(out)
-        .map_err(|source| CageError::Io { context: format!("creating {}", out.display()), source })?;
 
+    // The safetensors header, with checked sizes (the parser bounds each tensor by the file, not their sum).
     let mut header = Map::new();
     let mut offset = 0usize;
     let mut parameters = 0usize;
     for (t, name) in &plan {
         let n = t.numel();
-        parameters += n;
-        header.insert(
-            name.clone(),
-            json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, offset + 4 * n]}),
-        );
-        offset += 4 * n;
+        let too_large = || m.bad(format!("the f32 copy of tensor {} does not fit in memory", t.name));
+        parameters = parameters.checked_add(n).ok_or_else(too_large)?;
+        let end = n.checked_mul(4).and_then(|b| b.checked_add(offset)).ok_or_else(too_large)?;
+        header.insert(name.clone(), json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, end]}));
+        offset = end;
     }
     header.insert("__metadata__".into(), json!({"format": "pt", "source": "cage import-gguf"}));
     let mut hbytes = serde_json::to_vec(&Json::Object(header))?;
     while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
+    // Every file is written under a `.partial` name and renamed once all are complete; on any failure (or
+    // panic) the guard removes what was written, and the folder if this import created it.
+    let mut written = Partial::new(out)?;
     let st_path = out.join("model.safetensors");
-    let tmp = out.join("model.safetensors.partial");
+    let tmp = written.add(&st_path);
     let io = |source, what: &str| CageError::Io { context: format!("writing {what}"), source };
     {
         let file = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp.display().to_string()))?;
@@ -178,7 +197,6 @@ pub fn import_gguf_with_progress(
         }
         w.flush().map_err(|e| io(e, &st_path.display().to_string()))?;
     }
-    std::fs::rename(&tmp, &st_path).map_err(|e| io(e, &st_path.display().to_string()))?;
 
     let bos = f.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
     let eos = f.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64);
@@ -208,14 +226,68 @@ pub fn import_gguf_with_progress(
     if let Some(e) = eos {
         config["eos_token_id"] = json!(e);
     }
-    let write_json = |name: &str, v: &Json| -> Result<()> {
-        let p = out.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(v)?).map_err(|e| io(e, &p.display().to_string()))
-    };
-    write_json("config.json", &config)?;
-    write_json("tokenizer.json", &tok.tokenizer_json)?;
-    write_json("tokenizer_config.json", &tok.tokenizer_config)?;
+    for (name, v) in [
+        ("config.json", &config),
+        ("tokenizer.json", &tok.tokenizer_json),
+        ("tokenizer_config.json", &tok.tokenizer_config),
+    ] {
+        let p = written.add(&out.join(name));
+        std::fs::write(&p, serde_json::to_string_pretty(v)?).map_err(|e| io(e, &p.display().to_string()))?;
+    }
+    written.commit()?;
     Ok(ImportSummary { tensors: plan.len(), parameters, vocab, chat_template: tok.has_template })
+}
+
+/// The files of an import in progress, written as `<name>.partial`: [`Partial::commit`] renames them into
+/// place; dropping it uncommitted (an error, a panic) removes them, and the output folder if the import
+/// created it and it is empty again, so a failed import leaves nothing behind.
+struct Partial {
+    files: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    created: Option<std::path::PathBuf>,
+}
+
+impl Partial {
+    /// Creates `out` if needed (remembering whether it did).
+    fn new(out: &Path) -> Result<Self> {
+        let created = (!out.exists()).then(|| out.to_path_buf());
+        std::fs::create_dir_all(out)
+            .map_err(|source| CageError::Io { context: format!("creating {}", out.display()), source })?;
+        Ok(Partial { files: Vec::new(), created })
+    }
+
+    /// Registers `dest` and returns the `.partial` path to write it to.
+    fn add(&mut self, dest: &Path) -> std::path::PathBuf {
+        let mut tmp = dest.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = std::path::PathBuf::from(tmp);
+        self.files.push((tmp.clone(), dest.to_path_buf()));
+        tmp
+    }
+
+    /// Renames every file into place. A rename that fails leaves it and the ones after it to the guard.
+    fn commit(mut self) -> Result<()> {
+        while let Some((tmp, dest)) = self.files.first() {
+            std::fs::rename(tmp, dest).map_err(|source| CageError::Io {
+                context: format!("renaming {} to {}", tmp.display(), dest.display()),
+                source,
+            })?;
+            self.files.remove(0);
+        }
+        self.created = None;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+        if let Some(dir) = &self.created {
+            // remove_dir only removes an empty folder: nothing of anyone else's is lost.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 mod tokenizer {

@@ -28,12 +28,29 @@ pub enum PromptFormat {
     Alpaca,
 }
 
+/// Instructions a chat template may execute per rendering: real templates need a few thousand per message; a
+/// hostile or broken one (nested loops) stops with an error after about a second instead of running for hours.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// A tokenizer with its special tokens and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     template: Option<String>,
     bos: Option<String>,
     eos: Option<String>,
+}
+
+/// Runs a call into the tokenizers crate with its panics turned into errors: it panics on some malformed
+/// `tokenizer.json` files (an `expect` in its decoder deserializer) where it should return an error, and a
+/// model folder is untrusted input.
+fn no_panic<R>(what: &str, f: impl FnOnce() -> std::result::Result<R, tokenizers::Error>) -> Result<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| CageError::Tokenizer(format!("{what}: {e}"))),
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+            Err(CageError::Tokenizer(format!("{what}: the tokenizers library failed: {}", msg.unwrap_or_default())))
+        }
+    }
 }
 
 fn token_str(v: Option<&Value>) -> Option<String> {
@@ -48,8 +65,7 @@ impl Tokenizer {
     /// Loads `dir/tokenizer.json` and, if present, `dir/tokenizer_config.json` (or `chat_template.jinja`).
     pub fn load(dir: &Path) -> Result<Self> {
         let tp = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tp)
-            .map_err(|e| CageError::Tokenizer(format!("loading {}: {e}", tp.display())))?;
+        let inner = no_panic(&format!("loading {}", tp.display()), || tokenizers::Tokenizer::from_file(&tp))?;
         let cp = dir.join("tokenizer_config.json");
         let (mut template, mut bos, mut eos) = (None, None, None);
         if cp.is_file() {
@@ -88,13 +104,13 @@ impl Tokenizer {
 
     /// Token ids of `text`; `special` adds the tokenizer's BOS/EOS the way `tokenizer(text)` does.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let e = self.inner.encode(text, special).map_err(|e| CageError::Tokenizer(format!("encoding: {e}")))?;
+        let e = no_panic("encoding", || self.inner.encode(text, special))?;
         Ok(e.get_ids().to_vec())
     }
 
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| CageError::Tokenizer(format!("decoding: {e}")))
+        no_panic("decoding", || self.inner.decode(ids, skip_special))
     }
 
     /// Id of a token string.
@@ -113,6 +129,8 @@ impl Tokenizer {
             CageError::Tokenizer("this model has no chat template; use the plain or alpaca prompt format".into())
         })?;
         let mut env = Environment::new();
+        // The template comes with the model files: a loop over range(100000) inside another must fail, not hang.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
         env.set_syntax(syntax.map_err(|e| CageError::Tokenizer(e.to_string()))?);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -195,8 +195,9 @@ fn solve_linear(a: &[f64], b: &[f64], lu: &mut [f64], x: &mut [f64]) -> bool {
     x.iter().all(|v| v.is_finite())
 }
 
+/// max |f_j|, NaN when any f_j is NaN (`f64::max` would drop it and call a NaN row converged).
 fn norm_inf(f: &[f64]) -> f64 {
-    f.iter().fold(0.0, |m, x| m.max(x.abs()))
+    f.iter().fold(0.0, |m, x| if x.abs() <= m { m } else { x.abs() })
 }
 
 /// ln(g / tau), the function Newton drives to 0; -inf where g underflowed.
@@ -382,7 +383,8 @@ fn row_dispatch<T: Real>(
 }
 
 /// Solves one row into caller-owned outputs, allocating nothing once `ws` has grown to the row's size:
-/// the low-latency path. `tol` is relative to max(max v, tau). Output lengths are checked.
+/// the low-latency path. `tol` is relative to max(max v, tau). Output lengths and the number of principals
+/// (at most [`super::MAX_PRINCIPALS`]) are checked.
 pub fn solve_row_into<T: Real>(
     row: &Row<'_, T>,
     ws: &mut Workspace<T>,
@@ -391,6 +393,7 @@ pub fn solve_row_into<T: Real>(
     out: RowOutput<'_, T>,
 ) -> Result<RowStats> {
     let (n, j) = (row.len(), row.principals);
+    super::check_principals(j, "exact")?;
     for (what, expected, got) in [
         ("policy output", n, out.policy.len()),
         ("incentives output", j * n, out.incentives.len()),
@@ -404,7 +407,9 @@ pub fn solve_row_into<T: Real>(
     Ok(row_dispatch(row, ws, tol, max_iter, out))
 }
 
-/// Solves every row of `batch`; rows run in parallel (rayon) when there are several.
+/// Solves every row of `batch`; rows run in parallel (rayon) when there are several. Does not check the
+/// number of principals: [`super::solve`] refuses more than [`super::MAX_PRINCIPALS`], above which this may run
+/// to `max_iter` passes of O(N J^2) each.
 pub fn solve<T: Real>(batch: &Batch<T>, tol: f64, max_iter: u32) -> Solution<T> {
     let (b, n, j) = (batch.rows(), batch.candidates(), batch.principals());
     let mut sol = Solution::zeros(b, n, j);

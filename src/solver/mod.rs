@@ -68,6 +68,24 @@ impl SolveOptions {
 /// Default pass limit of the exact solver (Newton needs < 20; the Picard fallback may need thousands).
 pub const EXACT_MAX_ITER: u32 = 20_000;
 
+/// The most principals a game may have for the iterative methods (`exact`, `jacobi`, `paper`). A pass of the
+/// exact solver costs O(N J^2) and a Newton step O(J^3), and above about 40 principals with a small tau
+/// (peaked policies) Newton's steps fail and the Picard fallback runs to the pass limit, unconverged: at N = 50,
+/// J = 64 and tau = 0.01 after 1.5 s, J = 256 after 30 to 50 s, J = 512 after 167 s. Up to 32 every measured game
+/// converged within 303 passes (docs/model.md, "Limits"). `base` and `linear` have no limit.
+pub const MAX_PRINCIPALS: usize = 32;
+
+/// The error for a game with more than [`MAX_PRINCIPALS`] principals.
+pub(crate) fn check_principals(j: usize, method: &str) -> Result<()> {
+    if j > MAX_PRINCIPALS {
+        return Err(CageError::InvalidArgument(format!(
+            "the game has {j} principals; the {method} solver supports at most {MAX_PRINCIPALS} (beyond that it does \
+             not converge reliably: see docs/model.md, \"Limits\"); combine principals or use method base or linear"
+        )));
+    }
+    Ok(())
+}
+
 /// Solves `batch` with `opts`.
 pub fn solve<T: Real>(batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
     let tol = opts.tol.unwrap_or(T::DEFAULT_TOL);
@@ -76,6 +94,9 @@ pub fn solve<T: Real>(batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<
     }
     if opts.max_iter == Some(0) {
         return Err(CageError::InvalidArgument("max_iter must be >= 1".into()));
+    }
+    if matches!(opts.method, Method::Exact | Method::Jacobi | Method::Paper) {
+        check_principals(batch.principals(), &opts.method.to_string())?;
     }
     Ok(match opts.method {
         Method::Exact => exact::solve(batch, tol, opts.max_iter.unwrap_or(EXACT_MAX_ITER)),
