@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpus of the fuzz targets into fuzz/corpus/<target>/ (small, valid inputs that reach deep
 into each parser; the fuzzer mutates from there). Standard library only; deterministic. Re-run after a format
-change: python3 fuzz/make_corpus.py"""
+change: python3 fuzz/make_corpus.py. Files named regression-* are inputs that once crashed a target, kept by
+hand so that every run replays them."""
 import json
 import math
 import os
