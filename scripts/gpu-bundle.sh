@@ -28,7 +28,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 '
 }
-cargo test --release --no-run --test gpu_kernels --test model_gpu --message-format=json 2>/dev/null | executables |
+cargo test --release --no-run --test gpu_kernels --test model_gpu --test ffi_device --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
 cargo bench --no-run --bench kernels --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/benches/$name"; done
@@ -52,9 +52,30 @@ here="$(mktemp -d)"
 (cd "$bundle" && find . -name '*.gz' | while read -r f; do mkdir -p "$here/$(dirname "$f")"; gunzip -c "$f" >"$here/${f%.gz}"; chmod +x "$here/${f%.gz}"; done)
 cp "$bundle/torch_peer.py" "$here/"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/card.txt"
+# A GPU test that finds no GPU fails here instead of printing SKIP and passing (tests/support/skip.rs).
+export CAGE_REQUIRE_GPU=1
+# cuBLAS is not carried: the image's PyTorch ships CUDA 13's. Fail loudly without it.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13'; then
+  cublas="$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+hits = [h for r in roots for h in glob.glob(os.path.join(r, "nvidia", "**", "libcublas.so.13*"), recursive=True)]
+print(os.path.dirname(sorted(hits)[0]) if hits else "")
+PY
+)"
+  if [[ -z "$cublas" ]]; then
+    echo "gpu-bundle: libcublas.so.13 not found (neither ldconfig nor the Python nvidia packages): the GPU decoder cannot run" | tee "$out/cublas_missing.txt"
+    exit 3
+  fi
+  export LD_LIBRARY_PATH="$cublas${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "cuBLAS from $cublas" | tee "$out/cublas.txt"
+fi
 status=0
-"$here/tests/gpu_kernels" --test-threads=1 2>&1 | tee "$out/gpu_tests.txt" || status=1
-"$here/tests/model_gpu" --test-threads=1 2>&1 | tee "$out/model_gpu_tests.txt" || status=1
+# Every test binary under a time limit: a mismatched cluster barrier hangs the GPU instead of failing.
+limit() { timeout --kill-after=10 "$1" "${@:2}"; }
+limit 240 "$here/tests/gpu_kernels" --test-threads=1 2>&1 | tee "$out/gpu_tests.txt" || status=1
+limit 240 "$here/tests/model_gpu" --test-threads=1 2>&1 | tee "$out/model_gpu_tests.txt" || status=1
+limit 120 "$here/tests/ffi_device" --test-threads=1 2>&1 | tee "$out/ffi_device_tests.txt" || status=1
 "$here/cage" bench solver --backend cuda --reps 50 2>&1 | tee "$out/bench_solver.txt" || status=1
 # The GPU forward pass on the tiny fixture (a smoke test of the bench wiring; real models are not carried).
 "$here/cage" bench forward --model tests/fixtures/tiny-llama 2>&1 | tee "$out/bench_forward_tiny.txt" || status=1

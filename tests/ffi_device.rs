@@ -7,6 +7,9 @@ use cage::solver::{Method, SolveOptions, solve};
 use cage::{Batch, BatchInput, Normalize};
 use std::ptr::{null, null_mut};
 
+#[path = "support/skip.rs"]
+mod support;
+
 fn solver(backend: CageBackend) -> (CageStatus, *mut CageSolver) {
     let mut o = cage_options_default();
     o.backend = backend as i32;
@@ -143,7 +146,7 @@ fn device_pointers_need_a_gpu_backend() {
         assert_eq!(st, CageStatus::CageErrNoGpu);
         let msg = unsafe { std::ffi::CStr::from_ptr(cage_last_error()) }.to_string_lossy().into_owned();
         assert!(msg.contains("no usable CUDA GPU"), "{msg}");
-        println!("SKIP the GPU half of device_pointers_need_a_gpu_backend: no GPU");
+        support::skip("the GPU half of device_pointers_need_a_gpu_backend: no GPU");
     } else {
         assert_eq!(st, CageStatus::CageOk);
         unsafe { cage_solver_destroy(s) };

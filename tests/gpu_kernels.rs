@@ -2,7 +2,7 @@
 //! full-vocabulary shapes of `full_vocabulary`), and the checks that need none: no GPU is an ordinary error,
 //! `auto` falls back to the CPU, and NVRTC compiles the embedded sources.
 //! Without a GPU each GPU test prints a `SKIP` line and passes: these run for real from the bundle of
-//! scripts/gpu-bundle.sh on the GPU machine.
+//! scripts/gpu-bundle.sh on the GPU machine, where `CAGE_REQUIRE_GPU=1` makes a skip a failure.
 
 #[macro_use]
 #[path = "kernels_bodies.rs"]
@@ -12,12 +12,9 @@ use cage::backend::{Backend, cuda_usable, solve_with};
 use cage::gpu::{EqOptions, Gpu, MODULES, ValueType};
 use cage::solver::{Method, SolveOptions};
 
-/// Prints a skip line past the test harness' output capture (which only captures the print macros), so that
-/// `cargo test` shows it even for a passing test.
-fn skip(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP {line}");
-}
+#[path = "support/skip.rs"]
+mod support;
+use support::skip;
 
 /// GPU 0, or None after printing why the test is skipped.
 fn gpu_or_skip(test: &str) -> Option<Gpu> {
@@ -77,6 +74,47 @@ mod full_vocabulary {
             bodies::candidates_match_cpu(&mut g, 152_064);
         }
     }
+}
+
+/// Staged launches whose dynamic shared memory stays under 48 KiB while dynamic plus static (ptxas: the J = 8
+/// kernels hold 12.5 KB of `__shared__`) crosses it: a launcher that opts in on the dynamic size alone has
+/// these rejected by the driver. The emulation has no shared-memory limit, so only a GPU can show it.
+mod shared_memory_windows {
+    use super::*;
+
+    #[test]
+    fn staged_rows_just_below_the_dynamic_limit() {
+        let Some(mut g) = gpu_or_skip("shared_memory_windows::staged_rows_just_below_the_dynamic_limit") else {
+            return;
+        };
+        for (n, j) in [(1017, 8), (1200, 8), (1365, 8), (3975, 2), (4096, 2)] {
+            let (b64, b32) = bodies::batch(bodies::Shape::new(2, n, j), 90 + n as u64);
+            let job = g.prepare_equilibrium(&b32, &bodies::eq_opts()).unwrap();
+            assert!(Gpu::equilibrium_launch(&job).0, "N = {n}, J = {j} f32 rows are no longer staged: move the window");
+            g.run_equilibrium(&job).unwrap_or_else(|e| panic!("N = {n}, J = {j}: {e}"));
+            let sol = g.fetch_equilibrium(&job).unwrap();
+            bodies::check_against_reference(&b64, &sol, &format!("staged N = {n}, J = {j}"));
+        }
+    }
+}
+
+/// The bundle's guard: with `CAGE_REQUIRE_GPU=1` a GPU test that would skip fails instead.
+#[test]
+fn a_required_gpu_turns_skips_into_failures() {
+    let run = |require: bool| {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args(["gpu::equilibrium_edge_cases", "--exact", "--test-threads=1"]).env_remove(support::REQUIRE_GPU);
+        if require {
+            c.env(support::REQUIRE_GPU, "1");
+        }
+        let out = c.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = run(true);
+    assert!(out.contains("1 passed") || out.contains("1 failed"), "the filter ran no test: {out}");
+    assert_eq!(ok, Gpu::cuda(0).is_ok(), "with {} set: {out}", support::REQUIRE_GPU);
+    let (ok, out) = run(false);
+    assert!(ok, "without it a missing GPU is a skip: {out}");
 }
 
 #[test]

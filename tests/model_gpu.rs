@@ -44,10 +44,9 @@ fn load(name: &str) -> Model {
     Model::load(&fixtures().join(name)).unwrap()
 }
 
-fn skip(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIP {line}");
-}
+#[path = "support/skip.rs"]
+mod support;
+use support::skip;
 
 /// Runs `body` on the emulation, then on GPU 0 when there is one.
 fn on_every_device(test: &str, body: impl Fn(&dyn Fn() -> Gpu, &str)) {

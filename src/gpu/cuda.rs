@@ -55,7 +55,7 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: HashMap<String, (CudaFunction, u32)>,
+    functions: HashMap<String, Kernel>,
     cc: (i32, i32),
     max_smem: usize,
     name: String,
@@ -65,6 +65,19 @@ pub struct Cuda {
     cluster_modules: Vec<&'static str>,
     blas: Option<cudarc::cublas::CudaBlas>,
 }
+
+/// A loaded kernel and what it may use of shared memory.
+#[derive(Clone)]
+struct Kernel {
+    f: CudaFunction,
+    /// Its static `__shared__` bytes (ptxas' figure, read from the driver).
+    static_smem: u32,
+    /// The dynamic shared memory it may take without (more) opt-in.
+    dynamic_limit: u32,
+}
+
+/// Without opting in, a block may use 48 KiB of shared memory, static and dynamic together.
+const DEFAULT_SMEM: u32 = 48 * 1024;
 
 /// An instantiated CUDA graph.
 struct Graph(CudaGraph);
@@ -124,7 +137,7 @@ impl Cuda {
         Ok(module)
     }
 
-    fn function(&mut self, name: &str) -> Result<(CudaFunction, u32)> {
+    fn function(&mut self, name: &str) -> Result<Kernel> {
         if let Some(f) = self.functions.get(name) {
             return Ok(f.clone());
         }
@@ -134,8 +147,11 @@ impl Cuda {
             .ok_or_else(|| CageError::InvalidArgument(format!("no kernel named {name}")))?;
         let module = self.load_module(m)?;
         let f = module.load_function(name).map_err(|e| gpu_err(&format!("function {name}"), e))?;
-        self.functions.insert(name.to_string(), (f.clone(), 48 * 1024));
-        Ok((f, 48 * 1024))
+        let static_smem =
+            f.shared_size_bytes().map_err(|e| gpu_err(&format!("{name}: static shared memory"), e))?.max(0) as u32;
+        let k = Kernel { f, static_smem, dynamic_limit: DEFAULT_SMEM.saturating_sub(static_smem) };
+        self.functions.insert(name.to_string(), k.clone());
+        Ok(k)
     }
 }
 
@@ -174,13 +190,22 @@ fn launch_config(
 impl Cuda {
     /// The function `name`, loaded, opted in to `smem` bytes of dynamic shared memory, with the context bound.
     fn prepare(&mut self, name: &str, smem: u32) -> Result<CudaFunction> {
-        let (f, smem_limit) = self.function(name)?;
-        if smem > smem_limit {
-            // Above 48 KiB a kernel must opt in to the larger dynamic shared memory.
-            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of shared memory"), e))?;
-            self.functions.insert(name.to_string(), (f.clone(), smem));
+        let k = self.function(name)?;
+        if smem > k.dynamic_limit {
+            // The 48 KiB default covers static and dynamic shared memory together; above it a kernel must opt in
+            // to the dynamic size, and static + dynamic must stay within the card's opt-in maximum.
+            let total = k.static_smem as usize + smem as usize;
+            if total > self.max_smem {
+                return Err(CageError::Cuda(format!(
+                    "{name}: {} static + {smem} dynamic bytes of shared memory exceed {}'s {} per block",
+                    k.static_smem, self.name, self.max_smem
+                )));
+            }
+            k.f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| gpu_err(&format!("{name}: {smem} bytes of dynamic shared memory"), e))?;
+            self.functions.insert(name.to_string(), Kernel { dynamic_limit: smem, ..k.clone() });
         }
+        let f = k.f;
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
         Ok(f)
     }
