@@ -662,8 +662,11 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
             .iter()
             .map(|(m, t)| {
                 let busy = t.forward_s + t.values_s + t.policy_s + t.sampling_s;
+                let per_step = |bytes: u64| bytes as f64 / t.transfer_steps.max(1) as f64;
                 serde_json::json!({"method": m, "tokens": t.tokens, "tok_s": t.tokens as f64 / busy,
-                    "step_ms": 1e3 * busy / t.steps.max(1) as f64, "timings": t})
+                    "step_ms": 1e3 * busy / t.steps.max(1) as f64,
+                    "d2h_bytes_per_step": per_step(t.step_transfers.device_to_host),
+                    "h2d_bytes_per_step": per_step(t.step_transfers.host_to_device), "timings": t})
             })
             .collect();
         crate::outln!("{}", serde_json::json!({"rows": a.rows, "tokens": a.tokens, "threads": threads, "methods": v}))?;
@@ -703,6 +706,21 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
             100.0 * t.policy_s / busy,
             1e3 * t.sampling_s / steps
         )?;
+    }
+    if table.iter().any(|(_, t)| t.step_transfers != Default::default()) {
+        crate::outln!("host-device traffic per decode step (prefill excluded), counted by the device:")?;
+        for (m, t) in &table {
+            let s = t.transfer_steps.max(1) as u64;
+            let x = &t.step_transfers;
+            crate::outln!(
+                "{:>11} device-to-host {:>10} B in {:>3} copies, host-to-device {:>10} B in {:>3} copies",
+                m,
+                x.device_to_host / s,
+                x.downloads / s,
+                x.host_to_device / s,
+                x.uploads / s
+            )?;
+        }
     }
     Ok(())
 }

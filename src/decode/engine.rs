@@ -13,6 +13,7 @@ use super::stages::{
 use crate::backend::Backend;
 use crate::candidates::Selection;
 use crate::error::{CageError, Result};
+use crate::gpu::device::Transfers;
 use crate::model::gpu::new_decoder;
 use crate::model::{Adapter, Decoder, Model, PromptFormat, Tokenizer};
 use crate::problem::Normalize;
@@ -190,6 +191,11 @@ pub struct Timings {
     pub steps: usize,
     /// Generated tokens over all rows.
     pub tokens: usize,
+    /// Host-device traffic of the decode steps after the first (the steady state; the first step's prefill is
+    /// left out), over the decoders' devices and the shared equilibrium device. Zero on the CPU.
+    pub step_transfers: Transfers,
+    /// The steps `step_transfers` covers.
+    pub transfer_steps: usize,
 }
 
 impl Timings {
@@ -201,6 +207,8 @@ impl Timings {
         self.prefill_s += o.prefill_s;
         self.steps += o.steps;
         self.tokens += o.tokens;
+        self.step_transfers = self.step_transfers.plus(o.step_transfers);
+        self.transfer_steps += o.transfer_steps;
     }
 }
 
@@ -511,6 +519,8 @@ impl Engine {
         let mut states: Vec<RowState> =
             room.iter().map(|&n| RowState::new(nj, opts.max_new_tokens.min(n).min(1 << 16))).collect();
         let mut live: Vec<usize> = (0..b).collect();
+        // Transfers at the start of step 1, once the prefill is done.
+        let mut counted = None;
         for step in 0..opts.max_new_tokens {
             if live.is_empty() {
                 break;
@@ -518,6 +528,9 @@ impl Engine {
             let nl = live.len();
             // Forward: one batch per model over every live row's streams.
             let t0 = Instant::now();
+            if step == 1 {
+                counted = Some(transfers(&decoders));
+            }
             forward(&mut decoders, &plan, &live, &inputs, prefill_cap, &mut logits)?;
             let fwd = t0.elapsed().as_secs_f64();
             tm.forward_s += fwd;
@@ -570,6 +583,10 @@ impl Engine {
             tm.sampling_s += t3.elapsed().as_secs_f64();
             tm.steps += 1;
         }
+        if let Some(start) = counted {
+            tm.step_transfers = transfers(&decoders).since(start);
+            tm.transfer_steps = tm.steps - 1;
+        }
         for &r in &live {
             states[r].stop = Some(StopReason::Length);
             sink(Event::RowDone { row: row0 + r, result: &row_result(&rows[r], &states[r]) })?;
@@ -602,6 +619,11 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// The host-device traffic so far of `decoders`' devices and of the shared equilibrium device.
+fn transfers(decoders: &[Option<Box<dyn Decoder>>]) -> Transfers {
+    decoders.iter().flatten().map(|d| d.transfers()).fold(crate::gpu::shared_transfers(), Transfers::plus)
 }
 
 /// The result of a row in state `st`.

@@ -5,7 +5,7 @@
 //! cudarc panics when libcuda is missing, so [`Cuda::open`] checks for the library and a device first: a
 //! machine without a GPU gets an ordinary error.
 
-use super::device::{DevPtr, Device, Release};
+use super::device::{DevPtr, Device, Release, Transfers};
 use super::{KernelModule, MODULES};
 use crate::error::{CageError, Result};
 use cudarc::driver::sys::{
@@ -64,6 +64,7 @@ pub struct Cuda {
     /// Modules whose image was built for sm_90 or later, so that their cluster kernels have a body.
     cluster_modules: Vec<&'static str>,
     blas: Option<cudarc::cublas::CudaBlas>,
+    transfers: Transfers,
 }
 
 /// A loaded kernel and what it may use of shared memory.
@@ -113,6 +114,7 @@ impl Cuda {
             graphs: Vec::new(),
             cluster_modules: Vec::new(),
             blas: None,
+            transfers: Transfers::default(),
         })
     }
 
@@ -268,6 +270,7 @@ impl Device for Cuda {
         // SAFETY: the caller passes a live allocation of at least src.len() bytes.
         unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
             .map_err(|e| gpu_err("copy to device", e))?;
+        self.transfers.upload(src.len());
         self.stream.synchronize().map_err(|e| gpu_err("copy to device", e))
     }
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
@@ -275,7 +278,11 @@ impl Device for Cuda {
         // SAFETY: as in upload; the stream is synchronised before `dst` is handed back.
         unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
             .map_err(|e| gpu_err("copy to host", e))?;
+        self.transfers.download(dst.len());
         self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))
+    }
+    fn transfers(&self) -> Transfers {
+        self.transfers
     }
     fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;

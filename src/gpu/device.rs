@@ -15,6 +15,51 @@ pub type DevPtr = u64;
 /// [`Device`] value it came from.
 pub type Release = Arc<dyn Fn(DevPtr) + Send + Sync>;
 
+/// Bytes copied between host and device, counted by each [`Device`] (the emulation too), so that a decoding
+/// step's traffic is measured where it happens rather than estimated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Transfers {
+    /// Bytes copied host to device.
+    pub host_to_device: u64,
+    /// Bytes copied device to host.
+    pub device_to_host: u64,
+    /// Number of host-to-device copies (each one a call, and on a GPU today a stream drain).
+    pub uploads: u64,
+    /// Number of device-to-host copies.
+    pub downloads: u64,
+}
+
+impl Transfers {
+    /// Counts one upload of `bytes`.
+    pub fn upload(&mut self, bytes: usize) {
+        self.host_to_device += bytes as u64;
+        self.uploads += 1;
+    }
+    /// Counts one download of `bytes`.
+    pub fn download(&mut self, bytes: usize) {
+        self.device_to_host += bytes as u64;
+        self.downloads += 1;
+    }
+    /// What was counted between `earlier` and `self` (a later reading of the same counters).
+    pub fn since(self, earlier: Transfers) -> Transfers {
+        Transfers {
+            host_to_device: self.host_to_device.saturating_sub(earlier.host_to_device),
+            device_to_host: self.device_to_host.saturating_sub(earlier.device_to_host),
+            uploads: self.uploads.saturating_sub(earlier.uploads),
+            downloads: self.downloads.saturating_sub(earlier.downloads),
+        }
+    }
+    /// The sum of two counts.
+    pub fn plus(self, o: Transfers) -> Transfers {
+        Transfers {
+            host_to_device: self.host_to_device + o.host_to_device,
+            device_to_host: self.device_to_host + o.device_to_host,
+            uploads: self.uploads + o.uploads,
+            downloads: self.downloads + o.downloads,
+        }
+    }
+}
+
 /// Device memory that frees itself when dropped, and that grows only when a call needs more than it holds
 /// ([`DevBuf::reserve`]): a decoding loop that calls the same shapes every step allocates nothing after its
 /// first. The default value is empty (address 0).
@@ -103,6 +148,8 @@ pub trait Device: Send {
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Copies device bytes to the host (waits for the stream).
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
+    /// The bytes [`Device::upload`] and [`Device::download`] have copied since the device was opened.
+    fn transfers(&self) -> Transfers;
     /// Device-to-device copy (the bandwidth yardstick of the benchmarks).
     fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
     /// Launches kernel `name` on the device's one stream.

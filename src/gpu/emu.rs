@@ -2,7 +2,7 @@
 //! kernels/emu/cuda_emu.h), "device" memory in host buffers. Slow (every CUDA thread is a fiber) but it runs the
 //! unchanged kernel sources, which is how CI tests them without a GPU.
 
-use super::device::{DevPtr, Device, Release};
+use super::device::{DevPtr, Device, Release, Transfers};
 use crate::error::{CageError, Result};
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_void};
@@ -32,6 +32,7 @@ pub struct Emulator {
     // release handles, which may outlive the device.
     buffers: Arc<Mutex<HashMap<DevPtr, Vec<u128>>>>,
     timer: Option<std::time::Instant>,
+    transfers: Transfers,
 }
 
 impl Emulator {
@@ -77,13 +78,18 @@ impl Device for Emulator {
         self.check(dst, src.len())?;
         // SAFETY: the range was checked to lie inside a live allocation of ours.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        self.transfers.upload(src.len());
         Ok(())
     }
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
         self.check(src, dst.len())?;
         // SAFETY: as in upload.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        self.transfers.download(dst.len());
         Ok(())
+    }
+    fn transfers(&self) -> Transfers {
+        self.transfers
     }
     fn copy(&mut self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         self.check(dst, bytes)?;

@@ -127,6 +127,11 @@ impl Gpu {
         self.dev.is_emulated()
     }
 
+    /// The bytes copied between host and device since this device was opened.
+    pub fn transfers(&self) -> device::Transfers {
+        self.dev.transfers()
+    }
+
     /// A new device buffer of at least `bytes`, freed when dropped.
     pub fn alloc(&mut self, bytes: usize) -> Result<DevBuf> {
         DevBuf::alloc(self.dev.as_mut(), bytes)
@@ -148,6 +153,17 @@ fn shared_gpu() -> &'static Mutex<Option<std::result::Result<Gpu, String>>> {
 fn shared_emulator() -> &'static Mutex<Option<Gpu>> {
     static EMU: OnceLock<Mutex<Option<Gpu>>> = OnceLock::new();
     EMU.get_or_init(|| Mutex::new(None))
+}
+
+/// The transfers of the process-wide GPU and emulation so far (those not opened count nothing; neither is opened
+/// here): the equilibrium of `backend: cuda | emulation` runs there, apart from the decoders' devices.
+pub fn shared_transfers() -> device::Transfers {
+    let gpu = match &*shared_gpu().lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(Ok(g)) => g.transfers(),
+        _ => device::Transfers::default(),
+    };
+    let emu = shared_emulator().lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Gpu::transfers);
+    gpu.plus(emu.unwrap_or_default())
 }
 
 /// Runs `f` on the process-wide GPU 0, opened on first use (the failure to open it is remembered).

@@ -44,6 +44,10 @@ pub trait Decoder {
     fn reset(&mut self, slot: usize);
     /// Runs the batch and returns its logits (see [`LogitsAt`]), row-major f32.
     fn forward(&mut self, seqs: &[Seq], at: LogitsAt) -> Result<&[f32]>;
+    /// Bytes this decoder's device copied to and from the host so far (none on the CPU).
+    fn transfers(&self) -> crate::gpu::device::Transfers {
+        crate::gpu::device::Transfers::default()
+    }
 }
 
 /// Flat KV cache: `[layer][slot][kv_head][position][head_dim]` for keys and for values (head-major, so that

@@ -474,6 +474,9 @@ impl Decoder for GpuDecoder {
     fn vocab_size(&self) -> usize {
         self.model.config.vocab_size
     }
+    fn transfers(&self) -> crate::gpu::device::Transfers {
+        self.gpu.transfers()
+    }
     fn slots(&self) -> usize {
         self.lens.len()
     }
