@@ -67,33 +67,47 @@ impl Real for f64 {
     }
     #[inline(always)]
     fn exp_nonpos(self) -> Self {
-        const LO: f64 = -708.0;
-        // 1.5 * 2^52: adding it rounds to an integer held in the low mantissa bits.
-        const ROUND: f64 = 6_755_399_441_055_744.0;
+        use exp64::*;
         let x = if self > LO { self } else { LO };
         let x = if x < 0.0 { x } else { 0.0 };
         let k = x * std::f64::consts::LOG2_E + ROUND;
         let n = k - ROUND;
-        let r = (x - n * 6.931_471_803_691_238e-1) - n * 1.908_214_929_270_587_7e-10;
-        // Taylor series to degree 12 on [-ln2/2, ln2/2]: truncation error < 2e-16 relative.
-        let mut p = 1.0 / 479_001_600.0;
-        for c in [
-            1.0 / 39_916_800.0,
-            1.0 / 3_628_800.0,
-            1.0 / 362_880.0,
-            1.0 / 40_320.0,
-            1.0 / 5_040.0,
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        let r = (x - n * LN2_HI) - n * LN2_LO;
+        let mut p = TAYLOR[0];
+        for c in &TAYLOR[1..] {
             p = p * r + c;
         }
         let scale = f64::from_bits(k.to_bits().wrapping_add(1023) << 52);
         if self > LO { p * scale } else { 0.0 }
     }
+}
+
+/// The constants of the f64 [`Real::exp_nonpos`], shared with the vectorised row sums of `softmax.rs`, which
+/// compute the same function lane by lane.
+pub(crate) mod exp64 {
+    /// Below this, `exp` is 0 (just above the f64 underflow threshold).
+    pub const LO: f64 = -708.0;
+    /// 1.5 * 2^52: adding it rounds to an integer held in the low mantissa bits.
+    pub const ROUND: f64 = 6_755_399_441_055_744.0;
+    /// ln 2 split in two (Cody-Waite): `LN2_HI` has trailing zero bits, so `n * LN2_HI` is exact.
+    pub const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    /// The rest of ln 2.
+    pub const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    /// Taylor series of exp to degree 12 on [-ln2/2, ln2/2], highest degree first (Horner): truncation error
+    /// < 2e-16 relative.
+    pub const TAYLOR: [f64; 13] = [
+        1.0 / 479_001_600.0,
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
 }

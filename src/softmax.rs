@@ -212,10 +212,8 @@ pub(crate) unsafe fn max_nan_avx2(z: &[f32]) -> (f32, bool) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn sum_exp_from_avx2(z: &[f32], m: f64) -> f64 {
+    use crate::real::exp64::*;
     use std::arch::x86_64::*;
-    const LO: f64 = -708.0;
-    // 1.5 * 2^52: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f64 = 6_755_399_441_055_744.0;
     #[inline(always)]
     unsafe fn exp4(d: __m256d) -> __m256d {
         // SAFETY: register arithmetic only; the caller enables AVX2 and FMA.
@@ -223,24 +221,11 @@ pub(crate) unsafe fn sum_exp_from_avx2(z: &[f32], m: f64) -> f64 {
             let x = _mm256_max_pd(d, _mm256_set1_pd(LO));
             let k = _mm256_fmadd_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E), _mm256_set1_pd(ROUND));
             let n = _mm256_sub_pd(k, _mm256_set1_pd(ROUND));
-            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.931_471_803_691_238e-1), x);
-            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.908_214_929_270_587_7e-10), r);
+            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_HI), x);
+            let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(LN2_LO), r);
             // Taylor series to degree 12 on [-ln2/2, ln2/2] (as `exp_nonpos`).
-            let mut p = _mm256_set1_pd(1.0 / 479_001_600.0);
-            for c in [
-                1.0 / 39_916_800.0,
-                1.0 / 3_628_800.0,
-                1.0 / 362_880.0,
-                1.0 / 40_320.0,
-                1.0 / 5_040.0,
-                1.0 / 720.0,
-                1.0 / 120.0,
-                1.0 / 24.0,
-                1.0 / 6.0,
-                0.5,
-                1.0,
-                1.0,
-            ] {
+            let mut p = _mm256_set1_pd(TAYLOR[0]);
+            for &c in &TAYLOR[1..] {
                 p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c));
             }
             let e = _mm256_slli_epi64::<52>(_mm256_add_epi64(_mm256_castpd_si256(k), _mm256_set1_epi64x(1023)));
@@ -280,9 +265,8 @@ pub(crate) unsafe fn sum_exp_from_avx2(z: &[f32], m: f64) -> f64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 pub(crate) unsafe fn sum_exp_from_avx512(z: &[f32], m: f64) -> f64 {
+    use crate::real::exp64::*;
     use std::arch::x86_64::*;
-    const LO: f64 = -708.0;
-    const ROUND: f64 = 6_755_399_441_055_744.0;
     #[inline(always)]
     unsafe fn exp8(d: __m512d) -> __m512d {
         // SAFETY: register arithmetic only; the caller enables AVX-512F and FMA.
@@ -290,23 +274,10 @@ pub(crate) unsafe fn sum_exp_from_avx512(z: &[f32], m: f64) -> f64 {
             let x = _mm512_max_pd(d, _mm512_set1_pd(LO));
             let k = _mm512_fmadd_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E), _mm512_set1_pd(ROUND));
             let n = _mm512_sub_pd(k, _mm512_set1_pd(ROUND));
-            let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.931_471_803_691_238e-1), x);
-            let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.908_214_929_270_587_7e-10), r);
-            let mut p = _mm512_set1_pd(1.0 / 479_001_600.0);
-            for c in [
-                1.0 / 39_916_800.0,
-                1.0 / 3_628_800.0,
-                1.0 / 362_880.0,
-                1.0 / 40_320.0,
-                1.0 / 5_040.0,
-                1.0 / 720.0,
-                1.0 / 120.0,
-                1.0 / 24.0,
-                1.0 / 6.0,
-                0.5,
-                1.0,
-                1.0,
-            ] {
+            let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), x);
+            let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
+            let mut p = _mm512_set1_pd(TAYLOR[0]);
+            for &c in &TAYLOR[1..] {
                 p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(c));
             }
             let e = _mm512_slli_epi64::<52>(_mm512_add_epi64(_mm512_castpd_si512(k), _mm512_set1_epi64(1023)));
