@@ -81,10 +81,11 @@ fn generate_writes_one_json_line_per_prompt_with_the_documented_fields() {
     }
     // --out writes the same lines to a file and nothing to standard output.
     let out = d.join("out.jsonl");
-    let again = generate_rows(&d, &tiny_config(json!({"method": "base", "max_new_tokens": 9})), &[
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let again = generate_rows(
+        &d,
+        &tiny_config(json!({"method": "base", "max_new_tokens": 9})),
+        &["--out", out.to_str().unwrap()],
+    );
     assert!(again.is_empty());
     assert_eq!(jsonl(&std::fs::read_to_string(&out).unwrap()), rows);
 }

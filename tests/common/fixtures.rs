@@ -122,3 +122,33 @@ pub fn ran(c: &mut Command) -> Ran {
         stderr: String::from_utf8_lossy(&out.stderr).into(),
     }
 }
+
+/// The run config `tiny_config(extra)` describes, parsed.
+pub fn tiny_run_config(extra: serde_json::Value) -> cage::decode::RunConfig {
+    cage::decode::RunConfig::parse(&tiny_config(extra).to_string()).unwrap()
+}
+
+/// Decodes `prompts` with the config's weights through the engine; the rows' results.
+pub fn decode(cfg: &cage::decode::RunConfig, prompts: &[&str]) -> cage::Result<Vec<cage::decode::RowResult>> {
+    use cage::decode::{DecodeOptions, Engine, RowRequest};
+    let e = Engine::from_config(cfg)?;
+    let opts = DecodeOptions::from_config(cfg)?;
+    let rows: Vec<RowRequest> =
+        prompts.iter().map(|p| RowRequest { prompt: p.to_string(), weights: cfg.weights() }).collect();
+    Ok(e.decode(&rows, &opts, &mut |_| {})?.0)
+}
+
+/// The generated tokens of each row.
+pub fn tokens(rows: &[cage::decode::RowResult]) -> Vec<Vec<u32>> {
+    rows.iter().map(|r| r.tokens.clone()).collect()
+}
+
+/// Next-token log-probabilities of tiny-llama after `seq` (f64 log-softmax of its f32 logits).
+pub fn next_logprobs(model: &Arc<Model>, seq: &[u32]) -> Vec<f64> {
+    use cage::model::{Decoder, LogitsAt, Seq};
+    let mut dec = CpuDecoder::new(model.clone(), 1, 64, 64);
+    let row = dec.forward(&[Seq { slot: 0, tokens: seq, adapter: None }], LogitsAt::Last).unwrap();
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+    row.iter().map(|&x| x as f64 - lse).collect()
+}

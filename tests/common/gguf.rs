@@ -171,7 +171,11 @@ pub fn write_gguf(path: &Path, types: &dyn Fn(&str) -> Q) -> Vec<(String, Vec<f3
 }
 
 /// Writes the tiny Llama fixture as a GGUF file with the given `tokenizer.*` metadata.
-pub fn write_gguf_with(path: &Path, types: &dyn Fn(&str) -> Q, tokenizer: Vec<(&str, Meta)>) -> Vec<(String, Vec<f32>)> {
+pub fn write_gguf_with(
+    path: &Path,
+    types: &dyn Fn(&str) -> Q,
+    tokenizer: Vec<(&str, Meta)>,
+) -> Vec<(String, Vec<f32>)> {
     let st = TensorStore::open(&super::fixtures::fixture("tiny-llama")).unwrap();
     let cfg = Model::load(&super::fixtures::fixture("tiny-llama")).unwrap().config;
     let mut meta: Vec<(&str, Meta)> = vec![
@@ -307,8 +311,7 @@ pub fn assert_golden_tiny_logits(dir: &Path) {
     use cage::model::forward::{CpuDecoder, Decoder, LogitsAt, Seq};
     let m = std::sync::Arc::new(Model::load(dir).unwrap());
     let g: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(super::fixtures::fixture("golden-tiny.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(super::fixtures::fixture("golden-tiny.json")).unwrap()).unwrap();
     let c = &g["models"]["tiny-llama"]["base"][0];
     let ids: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let mut dec = CpuDecoder::new(m, 1, 32, 32);
