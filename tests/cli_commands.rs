@@ -149,7 +149,7 @@ fn sweep_rows_equal_generate_at_each_grid_point() {
         "--prompts",
         prompts_file(&d).to_str().unwrap(),
         "--methods",
-        "cage,linear",
+        "cage,genarm",
         "--steps",
         "2",
         "--out",
@@ -169,6 +169,8 @@ fn sweep_rows_equal_generate_at_each_grid_point() {
         seen.insert(format!("{m} {w}"));
     }
     assert_eq!(seen.len(), 6, "{seen:?}");
+    // The two methods decode differently here, so a sweep that ran one method for both would be seen.
+    assert_ne!(texts(&rows[..6]), texts(&rows[6..]));
 }
 
 /// A models folder whose default model is the tiny Llama (with its word tokenizer), so that `demo` and
@@ -298,7 +300,22 @@ fn bench_decode_times_every_method_on_the_same_number_of_tokens() {
     let d = scratch("bench-decode");
     let cfg = write_json(&d, "run.json", &tiny_config(json!({})));
     let c = cfg.to_str().unwrap();
-    let args = ["bench", "decode", "--config", c, "--methods", "base,cage,genarm", "--rows", "2", "--tokens", "5"];
+    // The base model ends "t66" with EOS after 2 tokens: a benchmark row must go on to 5.
+    assert!(plain_greedy("t66", 5).len() < 5);
+    let args = [
+        "bench",
+        "decode",
+        "--config",
+        c,
+        "--prompt",
+        "t66",
+        "--methods",
+        "base,cage,genarm",
+        "--rows",
+        "2",
+        "--tokens",
+        "5",
+    ];
     let r = run_cage(args.iter().chain(&["--repeats", "1", "--json"])).ok();
     let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
     assert_eq!((v["rows"].as_u64(), v["tokens"].as_u64()), (Some(2), Some(5)), "{v}");
