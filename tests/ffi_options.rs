@@ -188,13 +188,13 @@ fn expected(m: Method, g: &Games, normalize: Normalize, tau: &[f64]) -> (Vec<f64
         }
         Method::Base | Method::Linear => {
             let mut pi = vec![];
-            for r in 0..g.rows {
+            for (r, &t) in tau.iter().enumerate().take(g.rows) {
                 let base = &g.base[r * g.n..(r + 1) * g.n];
                 let total: Vec<f64> = match m {
                     Method::Linear => (0..g.n).map(|a| g.v(r, normalize).iter().map(|v| v[a]).sum()).collect(),
                     _ => vec![0.0; g.n],
                 };
-                pi.extend(agent_policy(base, &total, tau[r]));
+                pi.extend(agent_policy(base, &total, t));
             }
             (pi, None)
         }
