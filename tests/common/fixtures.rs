@@ -7,9 +7,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// `tests/fixtures/<name>`.
+/// `tests/fixtures/<name>` of this checkout, or of the current directory: scripts/gpu-bundle.sh runs the test
+/// binaries from the root of a copy of the repository on the GPU machine, where the build's path does not exist.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    if built.is_dir() { built.join(name) } else { PathBuf::from("tests/fixtures").join(name) }
 }
 
 /// A fresh, empty scratch folder, unique per process and call.
