@@ -439,8 +439,8 @@ fn sampled_device_steps_match_the_cpu_choice() {
             }
         }
     }
-    // Sampling left the most likely candidate often enough for the comparison to mean something.
-    assert!(changed * 4 > checked / 3, "{changed} of {checked} choices off the top candidate");
+    // Most choices are off the base's top candidate, so a step that ignored the game or the draw would be seen.
+    assert!(changed * 2 > checked, "only {changed} of {checked} choices off the top candidate");
     // SAFETY: created above, destroyed once.
     unsafe { cage_solver_destroy(s) };
 }
