@@ -360,8 +360,24 @@ fn bench_forward_ffi_and_solver_run_or_refuse_clearly() {
     let r = run_cage(["bench", "forward", "--model", model.to_str().unwrap(), "--batches", "1", "--weights", "f32"]);
     let r = r.ok();
     assert!(r.stdout.contains("weights read by decode: f32") && !r.stdout.contains("packed"), "{}", r.stdout);
-    let r = run_cage(["bench", "ffi", "--calls", "500"]).ok();
-    assert!(!r.stdout.trim().is_empty());
+    // At least 5 batches of 100 calls each way, as documented, and a time for each.
+    let r = run_cage(["bench", "ffi", "--calls", "120"]).ok();
+    assert!(r.stdout.contains("(500 calls each)"), "{}", r.stdout);
+    for what in ["direct Rust call", "cage_solve_f32", "C boundary cost"] {
+        let line = r.stdout.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{what}"));
+        assert!(line.trim_end().ends_with(" ns"), "{line}");
+    }
+    // The kernels on the host emulation: a report that says so, a positive time for every kernel and state.
+    let r = run_cage(["bench", "solver", "--backend", "emulation", "--reps", "1"]).ok();
+    assert!(r.stdout.contains("HOST EMULATION"), "{}", r.stdout);
+    for kernel in ["equilibrium", "candidates", "choose"] {
+        let rows: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with(kernel)).collect();
+        assert!(rows.len() >= 2, "{kernel}: {}", r.stdout);
+        for row in rows {
+            let time: f64 = row.split_whitespace().rev().nth(2).and_then(|t| t.parse().ok()).unwrap_or(0.0);
+            assert!(time > 0.0, "{row}");
+        }
+    }
     let e = run_cage(["bench", "solver", "--backend", "cpu"]).failed();
     assert!(e.contains("backend cpu"), "{e}");
     if cage::backend::cuda_usable().is_err() {
