@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the GPU test and bench binaries here (the GPU machine has no Rust toolchain) and bundles them into the
 # git-ignored gpu-bundle/ with a runner. Pass gpu-bundle in the device tool's `carry`, then run there
-#   bash gpu-bundle/run.sh            # GPU tests (kernels, forward pass), compute-sanitizer (memcheck,
-#                                     # racecheck), cage bench solver / forward, criterion benches, PyTorch peer
+#   bash gpu-bundle/run.sh            # GPU tests (kernels, forward pass, C ABI backends, decoding backends),
+#                                     # compute-sanitizer (memcheck, racecheck), cage bench solver / forward,
+#                                     # criterion benches, PyTorch peer
 #   bash gpu-bundle/run.sh --quick    # the GPU tests and cage bench only
 # from the repository root. Results go to $OUT (or gpu-bundle/results) and name the card they ran on.
 set -euo pipefail
@@ -28,7 +29,8 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 '
 }
-cargo test --release --no-run --test gpu_kernels --test model_gpu --test ffi_device --message-format=json 2>/dev/null | executables |
+cargo test --release --no-run --test gpu_kernels --test model_gpu --test ffi_device --test ffi_options \
+  --test decode_backend --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
 cargo bench --no-run --bench kernels --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/benches/$name"; done
@@ -76,6 +78,9 @@ limit() { timeout --kill-after=10 "$1" "${@:2}"; }
 limit 240 "$here/tests/gpu_kernels" --test-threads=1 2>&1 | tee "$out/gpu_tests.txt" || status=1
 limit 240 "$here/tests/model_gpu" --test-threads=1 2>&1 | tee "$out/model_gpu_tests.txt" || status=1
 limit 120 "$here/tests/ffi_device" --test-threads=1 2>&1 | tee "$out/ffi_device_tests.txt" || status=1
+# The C ABI's host entry points on AUTO and CUDA, and decoding with the equilibrium on backend auto and cuda.
+limit 120 "$here/tests/ffi_options" 2>&1 | tee "$out/ffi_options_tests.txt" || status=1
+limit 120 "$here/tests/decode_backend" 2>&1 | tee "$out/decode_backend_tests.txt" || status=1
 "$here/cage" bench solver --backend cuda --reps 50 2>&1 | tee "$out/bench_solver.txt" || status=1
 # The GPU forward pass on the tiny fixture (a smoke test of the bench wiring; real models are not carried).
 "$here/cage" bench forward --model tests/fixtures/tiny-llama 2>&1 | tee "$out/bench_forward_tiny.txt" || status=1

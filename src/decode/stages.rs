@@ -406,7 +406,9 @@ pub fn policy(
                 normalize: rule.normalize,
                 names: rule.names.to_vec(),
             })?;
-            let sol = solve_with(rule.backend, &batch, &SolveOptions::new(method))?;
+            // `backend` says where the equilibrium runs; the linear tilt has none and runs on the CPU.
+            let backend = if crate::backend::runs_on_gpu(method) { rule.backend } else { Backend::Cpu };
+            let sol = solve_with(backend, &batch, &SolveOptions::new(method))?;
             for (i, info) in out.info.iter_mut().enumerate() {
                 info.iterations = sol.iterations[i];
                 info.residual = sol.residual[i];

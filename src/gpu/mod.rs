@@ -145,8 +145,12 @@ impl Gpu {
     }
 }
 
-fn shared_gpu() -> &'static Mutex<Option<std::result::Result<Gpu, String>>> {
-    static GPU: OnceLock<Mutex<Option<std::result::Result<Gpu, String>>>> = OnceLock::new();
+/// Why GPU 0 could not be opened: the error's kind (`NoGpu` stays `NoGpu`, so callers can fall back to the CPU)
+/// and its message, remembered so that every later call gets the same error.
+type OpenFailure = (fn(String) -> CageError, String);
+
+fn shared_gpu() -> &'static Mutex<Option<std::result::Result<Gpu, OpenFailure>>> {
+    static GPU: OnceLock<Mutex<Option<std::result::Result<Gpu, OpenFailure>>>> = OnceLock::new();
     GPU.get_or_init(|| Mutex::new(None))
 }
 
@@ -169,10 +173,18 @@ pub fn shared_transfers() -> device::Transfers {
 /// Runs `f` on the process-wide GPU 0, opened on first use (the failure to open it is remembered).
 pub fn with_shared_gpu<R>(f: impl FnOnce(&mut Gpu) -> Result<R>) -> Result<R> {
     let mut guard = shared_gpu().lock().unwrap_or_else(|e| e.into_inner());
-    let gpu = guard.get_or_insert_with(|| Gpu::cuda(0).map_err(|e| e.to_string()));
+    let gpu = guard.get_or_insert_with(|| {
+        Gpu::cuda(0).map_err(|e| -> OpenFailure {
+            match e {
+                CageError::NoGpu(m) => (CageError::NoGpu, m),
+                CageError::Cuda(m) => (CageError::Cuda, m),
+                e => (bad, e.to_string()),
+            }
+        })
+    });
     match gpu {
         Ok(gpu) => f(gpu),
-        Err(e) => Err(bad(e.clone())),
+        Err((kind, msg)) => Err(kind(msg.clone())),
     }
 }
 

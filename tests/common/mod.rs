@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: random games and an independent evaluation of a principal's payoff.
 #![allow(dead_code)]
 
+pub mod fixtures;
+pub mod gguf;
+
 use cage::{Batch, BatchInput, Normalize};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
