@@ -66,7 +66,7 @@ fn auto_is_the_cpu_without_a_gpu_and_cuda_needs_one() {
             Err(cage::CageError::NoGpu(_)) => {}
             other => panic!("backend cuda without a GPU must be a NoGpu error, got {other:?}"),
         }
-        println!("SKIP the GPU half of auto_is_the_cpu_without_a_gpu_and_cuda_needs_one: no GPU");
+        common::skip::skip("the GPU half of auto_is_the_cpu_without_a_gpu_and_cuda_needs_one: no GPU");
         return;
     }
     let cuda = run(&cfg, Backend::Cuda).unwrap();

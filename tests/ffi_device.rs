@@ -7,7 +7,7 @@ use cage::solver::{Method, SolveOptions, solve};
 use cage::{Batch, BatchInput, Normalize};
 use std::ptr::{null, null_mut};
 
-#[path = "support/skip.rs"]
+#[path = "common/skip.rs"]
 mod support;
 
 fn solver(backend: CageBackend) -> (CageStatus, *mut CageSolver) {

@@ -365,7 +365,7 @@ fn backends_on_the_host_entry_points() {
         let (st, _) = create(&o);
         assert_eq!(st, CageStatus::CageErrNoGpu);
         assert!(last_error().contains("GPU"), "{}", last_error());
-        println!("SKIP the GPU half of backends_on_the_host_entry_points: no GPU");
+        common::skip::skip("the GPU half of backends_on_the_host_entry_points: no GPU");
         return;
     }
     let cuda = solve_f32(&o, &g, Some(&g.tau));

@@ -12,7 +12,7 @@ use cage::backend::{Backend, cuda_usable, solve_with};
 use cage::gpu::{EqOptions, Gpu, MODULES, ValueType};
 use cage::solver::{Method, SolveOptions};
 
-#[path = "support/skip.rs"]
+#[path = "common/skip.rs"]
 mod support;
 use support::skip;
 

@@ -44,7 +44,7 @@ fn load(name: &str) -> Model {
     Model::load(&fixtures().join(name)).unwrap()
 }
 
-#[path = "support/skip.rs"]
+#[path = "common/skip.rs"]
 mod support;
 use support::skip;
 

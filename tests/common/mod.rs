@@ -3,6 +3,7 @@
 
 pub mod fixtures;
 pub mod gguf;
+pub mod skip;
 
 use cage::{Batch, BatchInput, Normalize};
 use rand::rngs::StdRng;
