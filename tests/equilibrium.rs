@@ -88,10 +88,9 @@ fn no_principal_gains_by_deviating() {
         let b = g.batch::<f64>();
         let sol = exact64(&b);
         let vs = g.values();
-        for p in 0..j {
+        for (p, v) in vs.iter().enumerate() {
             let y = sol.incentive_row(0, p).to_vec();
             let others: Vec<f64> = sol.aggregate.iter().zip(&y).map(|(t, a)| t - a).collect();
-            let v = &vs[p][..];
             let at_eq = payoff(&g.base, &others, v, &y, g.tau);
             assert!((at_eq - sol.payoffs[p]).abs() < 1e-10, "case {case}: reported payoff is not the payoff");
             let mut starts = vec![y.clone(), vec![0.0; n], v.to_vec()];

@@ -76,8 +76,8 @@ proptest! {
         let sol = exact(&b);
         prop_assert!(sol.converged[0], "not converged: residual {}", sol.residual[0]);
         let (s, tau, vs) = (scale(&b), g.tau, shift_min_values(&g.base, &g.q, &g.w));
-        for p in 0..g.j {
-            let (v, y, u) = (&vs[p], sol.incentive_row(0, p), sol.payoffs[p]);
+        for (p, v) in vs.iter().enumerate() {
+            let (y, u) = (sol.incentive_row(0, p), sol.payoffs[p]);
             for a in 0..g.n {
                 let want = if g.base[a] == f64::NEG_INFINITY { 0.0 } else { (v[a] - u - tau).max(0.0) };
                 prop_assert!((y[a] - want).abs() <= 1e-9 * s, "y[{p}][{a}] = {} but the threshold gives {want}", y[a]);
@@ -144,10 +144,9 @@ proptest! {
         let b = g.batch();
         let sol = exact(&b);
         let vs = shift_min_values(&g.base, &g.q, &g.w);
-        for p in 0..g.j {
+        for (p, v) in vs.iter().enumerate() {
             let y = sol.incentive_row(0, p).to_vec();
             let others: Vec<f64> = sol.aggregate.iter().zip(&y).map(|(t, a)| t - a).collect();
-            let v = &vs[p][..];
             let at_eq = payoff(&g.base, &others, v, &y, g.tau);
             prop_assert!((at_eq - sol.payoffs[p]).abs() <= 1e-9 * scale(&b), "principal {p}: reported payoff is not the payoff");
             let starts = vec![y.clone(), vec![0.0; g.n], v.to_vec(), v.iter().map(|x| x / 2.0).collect()];
