@@ -15,7 +15,8 @@ tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-wi
 tests/fixtures/golden-window.json (sliding attention windows shorter than the prompts); `spm` writes
 tests/fixtures/golden-spm-gguf.json (a SentencePiece vocabulary in llama.cpp's GGUF form and how transformers'
 GGUF tokenizer loader encodes and decodes test strings with it); `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
-own GGUF loader (independent of cage's importer).
+own GGUF loader (independent of cage's importer). The Llama 3.1 RoPE frequencies golden
+(tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch.
 """
 import argparse
 import json

@@ -59,8 +59,14 @@
 //! })?;
 //! let sol = solve_with(Backend::Auto, &batch, &SolveOptions::new(Method::Exact))?;
 //! let greedy = cand.ids[choose_row(sol.policy_row(0), Choice::Greedy, 0, 0, 0)?];
-//! let sampled = cand.ids[choose_row(sol.policy_row(0), Choice::Gumbel, 1234, 0, 0)?];
-//! assert!(cand.ids.contains(&greedy) && cand.ids.contains(&sampled));
+//! // The principal values token 5 most (v = 2, token 2 gets 1) and pays for it: the equilibrium moves the
+//! // greedy token off the base's favourite, token 0, onto token 5 with pi = 0.921 (by hand: the threshold
+//! // contract y = max(0, v - u - tau) with u = 1.494).
+//! assert_eq!((cand.ids[0], greedy), (0, 5));
+//! assert!((sol.policy_row(0)[2] - 0.921).abs() < 1e-3);
+//! // A draw is keyed by (seed, row, step): the same key gives the same token.
+//! let sampled = choose_row(sol.policy_row(0), Choice::Gumbel, 1234, 0, 0)?;
+//! assert_eq!(sampled, choose_row(sol.policy_row(0), Choice::Gumbel, 1234, 0, 0)?);
 //! match solve_with(Backend::Cuda, &batch, &SolveOptions::new(Method::Exact)) {
 //!     Ok(_) => println!("ran on the GPU"),
 //!     Err(e) => println!("no GPU here: {e}"),

@@ -17,7 +17,8 @@ fn linear_tilt_is_the_formula() {
     let g = RandomGame::new(&mut r, 30, 3);
     let b = g.batch::<f64>();
     let s = solve(&b, &SolveOptions::new(Method::Linear)).unwrap();
-    let z: Vec<f64> = (0..30).map(|a| g.base[a] + (0..3).map(|j| b.row(0).value(j)[a]).sum::<f64>() / g.tau).collect();
+    let v = g.values();
+    let z: Vec<f64> = (0..30).map(|a| g.base[a] + (0..3).map(|j| v[j][a]).sum::<f64>() / g.tau).collect();
     assert!(max_diff(&s.policy, &softmax(&z)) < 1e-12);
     assert!(s.payoffs.iter().all(|&p| p.abs() < 1e-15));
     let base = solve(&b, &SolveOptions::new(Method::Base)).unwrap();

@@ -121,6 +121,7 @@ fn every_method_is_deterministic_and_base_is_plain_greedy() {
 
 #[test]
 fn weights_matter_and_methods_differ() {
+    // Only that the principals change something; cage_follows_the_game_rebuilt_here checks what.
     let tok = tokenizer_dir();
     let base = tokens(&run(&config(&tok, "base", &[1.0, 1.0, 1.0], 0.1), &PROMPTS));
     let cage = tokens(&run(&config(&tok, "cage", &[1.0, 1.0, 1.0], 0.1), &PROMPTS));
@@ -265,15 +266,103 @@ fn stop_strings_eos_and_limits() {
     assert_eq!(short.tokens, full.tokens[..2]);
 }
 
-#[test]
-fn diagnostics_report_solver_payers_and_kl() {
-    let tok = tokenizer_dir();
-    let cfg = config(&tok, "cage", &[1.0, 1.0, 1.0], 0.1);
-    let e = Engine::from_config(&cfg).unwrap();
-    let mut opts = DecodeOptions::from_config(&cfg).unwrap();
+/// One `cage` step rebuilt here from the model alone: the candidates, the principals' raw values q there
+/// (ARM, prompted, lexicon), pi0 over the candidates, and the equilibrium policy of the f64 reference solver.
+struct RefStep {
+    /// The candidates' token ids.
+    ids: Vec<u32>,
+    /// J x N raw values, principal-major.
+    q: Vec<Vec<f64>>,
+    /// pi0 renormalised over the candidates.
+    pi0: Vec<f64>,
+    /// The equilibrium policy.
+    pi: Vec<f64>,
+    /// Per principal: its largest incentive.
+    max_incentive: Vec<f64>,
+}
+
+/// The `cage` game of [`config`]'s principals at the step after `seq` (prompt and tokens so far), built
+/// without the engine: separate full forwards (no cache) of the base, the base with LoRA a (the ARM; its
+/// reference is the base), and the base on the instruction's tokens put before the prompt; top-k of the base
+/// (ties to the lower id); the lexicon read off the token names; `v = (q - min q) w` by hand; the f64 reference
+/// solver on the game with `normalize: none`.
+fn cage_step_here(model: &Arc<Model>, arm: usize, seq: &[u32], w: &[f64], tau: f64) -> RefStep {
+    let k = 20;
+    let logp = |tokens: &[u32], adapter: Option<usize>| {
+        let mut dec = CpuDecoder::new(model.clone(), 1, 64, 64);
+        log_softmax(dec.forward(&[Seq { slot: 0, tokens, adapter }], LogitsAt::Last).unwrap())
+    };
+    let base = logp(seq, None);
+    let with_arm = logp(seq, Some(arm));
+    // The instruction goes before the user's prompt; the generated tokens follow the prompt.
+    let told: Vec<u32> = ids("t9 t10 t11").into_iter().chain(seq.iter().copied()).collect();
+    let instructed = logp(&told, None);
+    let mut order: Vec<usize> = (0..base.len()).collect();
+    order.sort_by(|a, b| base[*b].total_cmp(&base[*a]).then(a.cmp(b)));
+    let cands = &order[..k];
+    let lexicon = |a: usize| match a {
+        5 => 2.0,
+        17 => 1.0,
+        40 => -1.0,
+        _ => 0.0,
+    };
+    let q: Vec<Vec<f64>> = vec![
+        cands.iter().map(|&a| with_arm[a] - base[a]).collect(),
+        cands.iter().map(|&a| instructed[a] - base[a]).collect(),
+        cands.iter().map(|&a| lexicon(a)).collect(),
+    ];
+    let values: Vec<f64> = q
+        .iter()
+        .zip(w)
+        .flat_map(|(qj, wj)| {
+            let lo = qj.iter().copied().fold(f64::INFINITY, f64::min);
+            qj.iter().map(move |x| (x - lo) * wj)
+        })
+        .collect();
+    let base_c: Vec<f64> = cands.iter().map(|&a| base[a]).collect();
+    let game = cage::Batch::new(cage::BatchInput {
+        rows: 1,
+        candidates: k,
+        principals: 3,
+        base_logprobs: base_c.clone(),
+        values,
+        weights: vec![1.0; 3],
+        tau: vec![tau],
+        normalize: cage::Normalize::None,
+        names: vec![],
+    })
+    .unwrap();
+    let sol = cage::solver::reference::solve(&game, 1e-13, 1_000_000);
+    assert!(sol.converged[0], "the reference solver did not converge");
+    let lse = base_c.iter().map(|b| b.exp()).sum::<f64>().ln();
+    RefStep {
+        ids: cands.iter().map(|&a| a as u32).collect(),
+        pi0: base_c.iter().map(|b| (b - lse).exp()).collect(),
+        pi: sol.policy_row(0).to_vec(),
+        max_incentive: (0..3).map(|j| sol.incentive_row(0, j).iter().copied().fold(0.0, f64::max)).collect(),
+        q,
+    }
+}
+
+/// The model of [`config`] with its ARM adapter (LoRA a) attached, and the adapter's id.
+fn model_with_arm() -> (Arc<Model>, usize) {
+    let mut model = Model::load(&root().join(LLAMA)).unwrap();
+    let ad = Adapter::load(&root().join(LORA_A), &model).unwrap();
+    let id = model.attach_adapter(&ad).unwrap();
+    (Arc::new(model), id)
+}
+
+/// `cage` decodes with diagnostics: per row, the results and the step diagnostics.
+fn cage_with_diagnostics(
+    cfg: &RunConfig,
+    prompts: &[&str],
+) -> (Vec<cage::decode::RowResult>, Vec<cage::decode::StepDiag>) {
+    let e = Engine::from_config(cfg).unwrap();
+    let mut opts = DecodeOptions::from_config(cfg).unwrap();
     opts.diagnostics = true;
+    let rows: Vec<RowRequest> =
+        prompts.iter().map(|p| RowRequest { prompt: p.to_string(), weights: cfg.weights() }).collect();
     let mut diags = vec![];
-    let rows = vec![RowRequest { prompt: PROMPTS[0].into(), weights: vec![1.0, 1.0, 1.0] }];
     let (res, tm) = e
         .decode(&rows, &opts, &mut |ev| {
             if let Event::Step(d) = ev {
@@ -281,10 +370,75 @@ fn diagnostics_report_solver_payers_and_kl() {
             }
         })
         .unwrap();
+    assert_eq!(tm.tokens, res.iter().map(|r| r.tokens.len()).sum::<usize>());
+    (res, diags)
+}
+
+#[test]
+fn cage_follows_the_game_rebuilt_here() {
+    // Every step of `cage` greedy against the game built here (see cage_step_here), teacher-forced along the
+    // engine's tokens: the engine's token is the reference policy's most likely candidate, and each row's
+    // implicit rewards are the sums of the raw q at the tokens.
+    let tok = tokenizer_dir();
+    let (w, tau) = ([1.0, 0.5, 0.8], 0.2);
+    let cfg = config(&tok, "cage", &w, tau);
+    let (res, _) = cage_with_diagnostics(&cfg, &PROMPTS);
+    let (model, arm) = model_with_arm();
+    let (mut steered, mut varied) = (0, [false; 3]);
+    for (r, p) in PROMPTS.iter().enumerate() {
+        let mut seq = ids(p);
+        let mut scores = [0.0; 3];
+        for (step, &tok) in res[r].tokens.iter().enumerate() {
+            let g = cage_step_here(&model, arm, &seq, &w, tau);
+            let best = (0..g.pi.len()).fold(0, |b, a| if g.pi[a] > g.pi[b] { a } else { b });
+            assert_eq!(tok, g.ids[best], "row {r} step {step}: token (policy here {:?})", g.pi);
+            steered += usize::from(best != 0);
+            for (v, qj) in varied.iter_mut().zip(&g.q) {
+                *v |= qj.iter().any(|x| *x != qj[0]);
+            }
+            for (s, qj) in scores.iter_mut().zip(&g.q) {
+                *s += qj[best];
+            }
+            seq.push(tok);
+        }
+        for (j, (got, want)) in res[r].scores.iter().zip(scores).enumerate() {
+            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "row {r} principal {j}: score {got} vs {want}");
+        }
+    }
+    // Every principal had a say somewhere, or a dropped or misplaced one would go unnoticed.
+    assert_eq!(varied, [true; 3], "principals whose values differ between candidates at some step");
+    // The principals must have moved some tokens off the base's favourite, or the test would not test the game.
+    assert!(steered > 0, "no step left the base's most likely candidate");
+}
+
+#[test]
+fn diagnostics_report_solver_payers_and_kl() {
+    // KL(pi || pi0) over the candidates and the payers against the game rebuilt here.
+    let tok = tokenizer_dir();
+    let (w, tau) = ([1.0, 1.0, 1.0], 0.1);
+    let cfg = config(&tok, "cage", &w, tau);
+    let (res, diags) = cage_with_diagnostics(&cfg, &PROMPTS[..1]);
     assert_eq!(diags.len(), res[0].tokens.len());
-    assert!(diags.iter().all(|d| d.converged && d.iterations >= 1 && d.kl >= 0.0));
-    assert!(diags.iter().any(|d| !d.paid.is_empty() && d.kl > 0.0));
-    assert_eq!(tm.tokens, res[0].tokens.len());
+    let (model, arm) = model_with_arm();
+    let mut seq = ids(PROMPTS[0]);
+    for (step, d) in diags.iter().enumerate() {
+        assert_eq!((d.row, d.step, d.token), (0, step, res[0].tokens[step]));
+        assert!(d.converged && d.iterations >= 1, "step {step}: {d:?}");
+        let g = cage_step_here(&model, arm, &seq, &w, tau);
+        let kl: f64 = g.pi.iter().zip(&g.pi0).filter(|(p, _)| **p > 0.0).map(|(p, p0)| p * (p / p0).ln()).sum();
+        // The engine's log pi0 is computed in f32 (as the kernels do), this one in f64: a few 1e-6 apart.
+        assert!((d.kl - kl).abs() <= 2e-5 * (1.0 + kl), "step {step}: KL {} vs {kl} computed here", d.kl);
+        for (j, name) in ["arm", "prompted", "lexicon"].iter().enumerate() {
+            if g.max_incentive[j] > 1e-6 {
+                assert!(d.paid.iter().any(|p| p == name), "step {step}: {name} pays {} here", g.max_incentive[j]);
+            }
+            if g.max_incentive[j] == 0.0 {
+                assert!(!d.paid.iter().any(|p| p == name), "step {step}: {name} pays nothing here");
+            }
+        }
+        seq.push(d.token);
+    }
+    assert!(diags.iter().any(|d| !d.paid.is_empty() && d.kl > 1e-3), "no step moved pi off pi0");
     let line = serde_json::to_string(&diags[0]).unwrap();
     for key in ["\"iterations\"", "\"residual\"", "\"paid\"", "\"kl\"", "\"forward_ms\"", "\"policy_ms\""] {
         assert!(line.contains(key), "{key} in {line}");

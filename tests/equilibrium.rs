@@ -87,18 +87,17 @@ fn no_principal_gains_by_deviating() {
         let g = RandomGame::new(&mut r, n, j);
         let b = g.batch::<f64>();
         let sol = exact64(&b);
-        let row = b.row(0);
-        for p in 0..j {
+        let vs = g.values();
+        for (p, v) in vs.iter().enumerate() {
             let y = sol.incentive_row(0, p).to_vec();
             let others: Vec<f64> = sol.aggregate.iter().zip(&y).map(|(t, a)| t - a).collect();
-            let v = row.value(p);
-            let at_eq = payoff(row.base, &others, v, &y, row.tau);
+            let at_eq = payoff(&g.base, &others, v, &y, g.tau);
             assert!((at_eq - sol.payoffs[p]).abs() < 1e-10, "case {case}: reported payoff is not the payoff");
             let mut starts = vec![y.clone(), vec![0.0; n], v.to_vec()];
             for _ in 0..3 {
                 starts.push(v.iter().map(|x| x * r.random_range(0.0..1.0)).collect());
             }
-            let best = best_deviation(row.base, &others, v, row.tau, &starts);
+            let best = best_deviation(&g.base, &others, v, g.tau, &starts);
             assert!(best <= at_eq + 1e-9, "case {case} principal {p}: deviation gains {}", best - at_eq);
             for (a, (&ya, &va)) in y.iter().zip(v).enumerate() {
                 assert!((0.0..=va).contains(&ya), "case {case}: y[{a}] = {ya} outside [0, {va}]");
@@ -128,6 +127,7 @@ fn same_policy_from_several_starting_points() {
 #[test]
 fn residual_decreases_geometrically() {
     let mut r = rng(6);
+    let mut passes = (0, 0);
     for case in 0..30 {
         let (n, j) = (r.random_range(5..50), r.random_range(1..5));
         let b = RandomGame::new(&mut r, n, j).batch::<f64>();
@@ -147,10 +147,15 @@ fn residual_decreases_geometrically() {
                 );
             }
         }
-        // Newton needs far fewer passes than Picard.
+        // Newton needs far fewer passes than Picard (seen: 6 to 24 against 77 to 629, 14x in total), though
+        // the reference above iterates to 1e-13 and the fast solver to its default 1e-11.
         let fast = exact64(&b);
-        assert!(fast.iterations[0] as usize <= trace.len(), "case {case}");
+        let (newton, picard) = (fast.iterations[0] as usize, trace.len());
+        assert!(fast.converged[0] && 3 * newton <= picard, "case {case}: {newton} Newton passes, {picard} Picard");
+        passes.0 += newton;
+        passes.1 += picard;
     }
+    assert!(8 * passes.0 <= passes.1, "{} Newton passes in all against {} Picard", passes.0, passes.1);
 }
 
 #[test]
@@ -248,10 +253,11 @@ fn one_principal_is_its_threshold_contract() {
         let g = RandomGame::new(&mut r, 15, 1);
         let b = g.batch::<f64>();
         let s = exact64(&b);
-        let row = b.row(0);
+        let v = &g.values()[0];
         let y = s.incentive_row(0, 0);
-        let at = payoff(row.base, &[0.0; 15], row.value(0), y, row.tau);
-        let best = best_deviation(row.base, &[0.0; 15], row.value(0), row.tau, &[vec![0.0; 15], y.to_vec()]);
+        let at = payoff(&g.base, &[0.0; 15], v, y, g.tau);
+        assert!((at - s.payoffs[0]).abs() < 1e-10, "reported payoff {} is not the payoff {at}", s.payoffs[0]);
+        let best = best_deviation(&g.base, &[0.0; 15], v, g.tau, &[vec![0.0; 15], y.to_vec()]);
         assert!(best <= at + 1e-10);
         let jac = solve(&b, &SolveOptions::new(Method::Jacobi)).unwrap();
         assert!(max_diff(&jac.policy, &s.policy) < 1e-8);
@@ -374,8 +380,8 @@ fn paper_mode_is_the_truncated_algorithm() {
             differs += 1;
         }
         // The truncated solver starts from y = 0, so what it pays is bounded by the values.
-        for j in 0..2 {
-            for (y, v) in p.incentive_row(0, j).iter().zip(b.row(0).value(j)) {
+        for (j, vj) in g.values().iter().enumerate() {
+            for (y, v) in p.incentive_row(0, j).iter().zip(vj) {
                 assert!(*y >= 0.0 && y <= v);
             }
         }

@@ -7,7 +7,7 @@ mod common;
 
 use cage::solver::{Method, SolveOptions, solve};
 use cage::{Batch, BatchInput, Normalize, Solution};
-use common::{agent_policy, best_deviation, payoff};
+use common::{agent_policy, best_deviation, payoff, shift_min_values};
 use proptest::prelude::*;
 
 /// A game as proptest generates it (f64, one row).
@@ -75,9 +75,9 @@ proptest! {
         let b = g.batch();
         let sol = exact(&b);
         prop_assert!(sol.converged[0], "not converged: residual {}", sol.residual[0]);
-        let (row, s, tau) = (b.row(0), scale(&b), g.tau);
-        for p in 0..g.j {
-            let (v, y, u) = (row.value(p), sol.incentive_row(0, p), sol.payoffs[p]);
+        let (s, tau, vs) = (scale(&b), g.tau, shift_min_values(&g.base, &g.q, &g.w));
+        for (p, v) in vs.iter().enumerate() {
+            let (y, u) = (sol.incentive_row(0, p), sol.payoffs[p]);
             for a in 0..g.n {
                 let want = if g.base[a] == f64::NEG_INFINITY { 0.0 } else { (v[a] - u - tau).max(0.0) };
                 prop_assert!((y[a] - want).abs() <= 1e-9 * s, "y[{p}][{a}] = {} but the threshold gives {want}", y[a]);
@@ -85,7 +85,7 @@ proptest! {
             let identity: f64 = sol.policy.iter().zip(v).zip(y).map(|((pi, v), y)| pi * (v - y)).sum();
             prop_assert!((identity - u).abs() <= 1e-9 * s, "principal {p}: u = {u} but pi . (v - y) = {identity}");
         }
-        let pi = agent_policy(row.base, &sol.aggregate, tau);
+        let pi = agent_policy(&g.base, &sol.aggregate, tau);
         for (a, ((&want, &got), &base)) in pi.iter().zip(&sol.policy).zip(&g.base).enumerate() {
             prop_assert!((want - got).abs() <= 1e-9, "pi[{a}] = {got} is not the best response {want}");
             if base == f64::NEG_INFINITY {
@@ -143,14 +143,14 @@ proptest! {
     fn no_principal_gains_by_deviating(g in game(16, 3)) {
         let b = g.batch();
         let sol = exact(&b);
-        let row = b.row(0);
-        for p in 0..g.j {
+        let vs = shift_min_values(&g.base, &g.q, &g.w);
+        for (p, v) in vs.iter().enumerate() {
             let y = sol.incentive_row(0, p).to_vec();
             let others: Vec<f64> = sol.aggregate.iter().zip(&y).map(|(t, a)| t - a).collect();
-            let v = row.value(p);
-            let at_eq = payoff(row.base, &others, v, &y, row.tau);
+            let at_eq = payoff(&g.base, &others, v, &y, g.tau);
+            prop_assert!((at_eq - sol.payoffs[p]).abs() <= 1e-9 * scale(&b), "principal {p}: reported payoff is not the payoff");
             let starts = vec![y.clone(), vec![0.0; g.n], v.to_vec(), v.iter().map(|x| x / 2.0).collect()];
-            let best = best_deviation(row.base, &others, v, row.tau, &starts);
+            let best = best_deviation(&g.base, &others, v, g.tau, &starts);
             prop_assert!(best <= at_eq + 1e-9 * scale(&b), "principal {p} gains {}", best - at_eq);
         }
     }

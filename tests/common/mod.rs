@@ -41,6 +41,11 @@ impl RandomGame {
         Self { n, j, base, q, w, tau }
     }
 
+    /// The game values v_j by [`shift_min_values`].
+    pub fn values(&self) -> Vec<Vec<f64>> {
+        shift_min_values(&self.base, &self.q, &self.w)
+    }
+
     /// The game as a one-row batch in precision `T`.
     pub fn batch<T: cage::Real>(&self) -> Batch<T> {
         let c = |xs: &[f64]| xs.iter().map(|&x| T::of(x)).collect::<Vec<T>>();
@@ -74,6 +79,20 @@ pub fn random_batch(rng: &mut StdRng, rows: usize, n: usize, j: usize) -> Batch<
         names: vec![],
     })
     .expect("random batches are valid")
+}
+
+/// The values the game is played with under `shift_min`, built here rather than read back from the crate:
+/// v_j(a) = (q_j(a) - min over live candidates of q_j) * w_j, and 0 at excluded (-inf) candidates. `q` is J x N.
+pub fn shift_min_values(base: &[f64], q: &[f64], w: &[f64]) -> Vec<Vec<f64>> {
+    let n = base.len();
+    let live = |a: &usize| base[*a] != f64::NEG_INFINITY;
+    q.chunks_exact(n)
+        .zip(w)
+        .map(|(qj, wj)| {
+            let lo = (0..n).filter(live).map(|a| qj[a]).fold(f64::INFINITY, f64::min);
+            (0..n).map(|a| if live(&a) { (qj[a] - lo) * wj } else { 0.0 }).collect()
+        })
+        .collect()
 }
 
 /// pi = softmax(base + Y / tau), computed here independently of the crate.
