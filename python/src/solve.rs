@@ -73,7 +73,11 @@ fn dtype_name(x: &Bound<'_, PyAny>) -> String {
 }
 
 /// `x` as an array of `T`; the error names the argument, its type or dtype, and the precision asked for.
-fn array_of<'py, T: Precision>(x: &Bound<'py, PyAny>, what: &str, base_dtype: &str) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+fn array_of<'py, T: Precision>(
+    x: &Bound<'py, PyAny>,
+    what: &str,
+    base_dtype: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     match x.cast::<PyArrayDyn<T>>() {
         Ok(a) => Ok(a.clone()),
         Err(_) if x.cast::<numpy::PyUntypedArray>().is_ok() => Err(value_error(format!(
@@ -130,7 +134,13 @@ fn shape_of(base: &[usize], values: &[usize], weights: &[usize]) -> PyResult<(bo
 }
 
 /// Solver options and backend from the Python strings, spelled as on the command line.
-fn options(method: &str, normalize: &str, backend: &str, tol: Option<f64>, max_iter: Option<u32>) -> PyResult<(SolveOptions, Normalize, Backend)> {
+fn options(
+    method: &str,
+    normalize: &str,
+    backend: &str,
+    tol: Option<f64>,
+    max_iter: Option<u32>,
+) -> PyResult<(SolveOptions, Normalize, Backend)> {
     let method: Method = parse(method).map_err(to_py)?;
     let normalize: Normalize = parse(normalize).map_err(to_py)?;
     let backend: Backend = parse(backend).map_err(to_py)?;
@@ -150,11 +160,13 @@ fn with_batch<T: Precision, R>(
     run: impl FnOnce(&Batch<T>, bool) -> PyResult<R>,
 ) -> PyResult<R> {
     let base_dtype = if std::mem::size_of::<T>() == 4 { "float32" } else { "float64" };
-    let base = base.cast::<PyArrayDyn<T>>().map_err(|_| value_error("base_logprobs: internal dtype mismatch"))?.readonly();
+    let base =
+        base.cast::<PyArrayDyn<T>>().map_err(|_| value_error("base_logprobs: internal dtype mismatch"))?.readonly();
     let values = array_of::<T>(values, "values", base_dtype)?.readonly();
     let weights = array_of::<T>(weights, "weights", base_dtype)?.readonly();
     let (batched, rows, n, j) = shape_of(base.shape(), values.shape(), weights.shape())?;
-    let (bs, vs, ws) = (contiguous(&base, "base_logprobs")?, contiguous(&values, "values")?, contiguous(&weights, "weights")?);
+    let (bs, vs, ws) =
+        (contiguous(&base, "base_logprobs")?, contiguous(&values, "values")?, contiguous(&weights, "weights")?);
     let tau_arr;
     let tau_scalar: [T; 1];
     let ts: &[T] = if let Ok(t) = tau.cast::<PyFloat>() {
@@ -173,13 +185,17 @@ fn with_batch<T: Precision, R>(
         contiguous(&tau_arr, "tau")?
     } else {
         tau_scalar = [T::of(tau.extract::<f64>().map_err(|_| {
-            value_error(format!("tau must be a number or an array of one per row, got {}", tau.get_type().name().map(|n| n.to_string()).unwrap_or_default()))
+            value_error(format!(
+                "tau must be a number or an array of one per row, got {}",
+                tau.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            ))
         })?)];
         &tau_scalar
     };
     let mut inp = T::with_scratch(std::mem::take);
     (inp.rows, inp.candidates, inp.principals) = (rows, n, j);
-    for (dst, src) in [(&mut inp.base_logprobs, bs), (&mut inp.values, vs), (&mut inp.weights, ws), (&mut inp.tau, ts)] {
+    for (dst, src) in [(&mut inp.base_logprobs, bs), (&mut inp.values, vs), (&mut inp.weights, ws), (&mut inp.tau, ts)]
+    {
         dst.clear();
         dst.extend_from_slice(src);
     }
@@ -301,7 +317,8 @@ pub fn rust_call_seconds(
             array_of::<T>(a.2, "weights", "")?.readonly(),
         );
         let (_, rows, n, j) = shape_of(base.shape(), values.shape(), weights.shape())?;
-        let (bs, vs, ws) = (contiguous(&base, "base_logprobs")?, contiguous(&values, "values")?, contiguous(&weights, "weights")?);
+        let (bs, vs, ws) =
+            (contiguous(&base, "base_logprobs")?, contiguous(&values, "values")?, contiguous(&weights, "weights")?);
         let call = || -> cage::Result<()> {
             let batch = Batch::new(BatchInput {
                 rows,
