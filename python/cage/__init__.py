@@ -8,6 +8,7 @@ of a run config. Bad input raises ``ValueError`` with the message the ``cage`` c
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -116,7 +117,7 @@ class Engine:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if weights is None:
             rows = [self._engine.default_weights()] * len(prompts)
-        elif len(weights) > 0 and all(isinstance(w, (int, float)) for w in weights):
+        elif len(weights) == 0 or all(isinstance(w, numbers.Real) for w in weights):
             rows = [[float(w) for w in weights]] * len(prompts)
         else:
             rows = [[float(x) for x in w] for w in weights]

@@ -176,6 +176,8 @@ def solve_cuda(base: Any, values: Any, weights: Any, tau: Any, method: str, norm
     if backend not in ("auto", "cuda"):
         raise ValueError(f'base_logprobs is a CUDA tensor but backend is "{backend}": use "auto" or "cuda", '
                          "or move the tensors to the host")
+    if base.device.index not in (None, 0):
+        raise ValueError(f"base_logprobs is on {base.device}; cage solves on CUDA device 0 only")
     if not _cage.cuda_available():
         raise RuntimeError("no usable CUDA GPU for cage in this process (its driver or device is missing), "
                            f"but base_logprobs is on {base.device}")

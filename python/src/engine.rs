@@ -13,8 +13,9 @@ use cage::{CageError, Result};
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// A loaded engine and the config it was built from.
 #[pyclass(frozen, module = "cage._cage", name = "_Engine")]
@@ -36,13 +37,18 @@ impl Results {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<String> {
-        // Locked and waited on without the GIL: a thread holding the GIL never waits for one that needs it.
-        let next = py.detach(|| self.rx.lock().map(|rx| rx.recv()).map_err(|_| ()));
-        match next {
-            Ok(Ok(Ok(line))) => Ok(line),
-            Ok(Ok(Err(e))) => Err(to_py(e)),
-            Ok(Err(_)) => Err(PyStopIteration::new_err(())),
-            Err(_) => Err(value_error("the results iterator is broken (a reader panicked)")),
+        loop {
+            // Locked and waited on without the GIL: a thread holding the GIL never waits for one that needs it.
+            // The wait wakes up every 100 ms so that Ctrl-C (a pending signal) interrupts it.
+            let next =
+                py.detach(|| self.rx.lock().map(|rx| rx.recv_timeout(Duration::from_millis(100))).map_err(|_| ()));
+            match next {
+                Ok(Ok(Ok(line))) => return Ok(line),
+                Ok(Ok(Err(e))) => return Err(to_py(e)),
+                Ok(Err(RecvTimeoutError::Timeout)) => py.check_signals()?,
+                Ok(Err(RecvTimeoutError::Disconnected)) => return Err(PyStopIteration::new_err(())),
+                Err(()) => return Err(value_error("the results iterator is broken (a reader panicked)")),
+            }
         }
     }
 }

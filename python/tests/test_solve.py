@@ -30,9 +30,9 @@ def game_json(base, values, weights, tau, names=None):
     }
 
 
-def run_cli(cli, games, method="exact", precision="f64"):
+def run_cli(cli, games, method="exact", precision="f64", backend="cpu"):
     out = subprocess.run(
-        [cli, "solve", "-i", "-", "--method", method, "--precision", precision, "--backend", "cpu"],
+        [cli, "solve", "-i", "-", "--method", method, "--precision", precision, "--backend", backend],
         input=json.dumps(games), capture_output=True, text=True,
     )
     return out
@@ -158,8 +158,8 @@ class FakeCudaArray(Foreign):
         return (2, 0)
 
 
-def cli_error(cli, game):
-    out = run_cli(cli, game)
+def cli_error(cli, game, backend="cpu"):
+    out = run_cli(cli, game, backend=backend)
     assert out.returncode != 0
     return out.stderr
 
@@ -218,3 +218,16 @@ def test_a_bad_tau_array_is_a_value_error():
         cage.solve(np.zeros((2, 3)), np.zeros((2, 1, 3)), np.ones((2, 1)), tau=np.ones(3))
     with pytest.raises(ValueError, match="tau must be a number"):
         cage.solve(np.zeros(3), np.zeros((1, 3)), np.ones(1), tau="warm")
+
+
+def test_backend_cuda_without_a_gpu_is_the_command_lines_error_and_emulation_runs_the_kernels(cli):
+    rng = np.random.default_rng(12)
+    base, values, weights = random_game(rng, 20, 2)
+    if not cage.cuda_available():
+        with pytest.raises(ValueError) as e:
+            cage.solve(base, values, weights, backend="cuda")
+        assert str(e.value) in cli_error(cli, game_json(base, values, weights, 0.1), backend="cuda")
+    emu = cage.solve(base, values, weights, backend="emulation")
+    cpu = cage.solve(base, values, weights, backend="cpu")
+    np.testing.assert_allclose(emu.policy, cpu.policy, atol=3e-4)
+    assert emu.converged
