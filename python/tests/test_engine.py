@@ -119,3 +119,12 @@ def test_bad_configs_and_requests_are_clear_errors(tmp_path, engine):
         engine.generate("t1", method="best")
     with pytest.raises(ValueError, match="weight of principal words must be a finite number >= 0"):
         list(engine.generate("t1", weights=[0.5, -1.0]))
+
+
+def test_dropping_the_iterator_early_stops_the_decoding(engine):
+    """The decoding thread ends at its next row once nobody reads (no hang, the engine stays usable)."""
+    it = engine.generate(PROMPTS * 20, weights=[0.5, 0.5], max_new_tokens=16)
+    first = next(it)
+    del it
+    again = next(iter(engine.generate(first["prompt"], weights=[0.5, 0.5], max_new_tokens=16)))
+    assert again["text"] == first["text"]
