@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as the README states it and CI runs it: installs what the tests need, then checks formatting and lints and runs
-# `cargo test --release`. No GPU is needed: GPU test bodies skip with a message, kernels run through host
-# emulation. Needs network access to PyPI the first time (nvcc; the default model for the SmolLM2 tests).
+# `cargo test --release`, then fuzzes each parser for 30 s. No GPU is needed: GPU test bodies skip with a message, kernels run through host
+# emulation. Needs network access the first time: PyPI (nvcc; the default model for the SmolLM2 tests) and
+# crates.io (cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Formatting and lints first: they fail in seconds, before the long build.
@@ -22,3 +23,6 @@ cargo build --release
 cargo test --release "$@"
 # The Python package: pip install . into a cached venv, then its pytest suite (python/tests).
 bash scripts/test-python.sh
+# The parsers of untrusted input under libFuzzer, 30 seconds per target (fuzz/, scripts/fuzz.sh): a crash,
+# hang or runaway allocation on any input fails CI with the reproducer under fuzz/artifacts/.
+bash scripts/fuzz.sh 30

@@ -293,3 +293,59 @@ fn generation_stops_at_the_context_with_its_reason() {
     let r = &e.decode(&rows, &opts, &mut |_| {}).unwrap().0[0];
     assert_eq!((r.stop_reason, r.tokens.len()), (StopReason::Context, 64 - n));
 }
+
+/// A copy of tiny-llama whose vocabulary is cut to `vocab` tokens (embedding and head rows dropped).
+fn tiny_llama_with_vocab(vocab: usize, tag: &str) -> PathBuf {
+    let d = scratch(tag);
+    let src = Path::new(ROOT).join("tests/fixtures/tiny-llama");
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = vocab.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            if name == "lm_head.weight" || name == "model.embed_tokens.weight" {
+                let row = t.shape()[1] * 4;
+                let cut = safetensors::tensor::TensorView::new(
+                    t.dtype(),
+                    vec![vocab, t.shape()[1]],
+                    &t.data()[..vocab * row],
+                )
+                .unwrap();
+                (name, cut)
+            } else {
+                (name, t)
+            }
+        })
+        .collect();
+    std::fs::write(d.join("model.safetensors"), safetensors::tensor::serialize(tensors, None).unwrap()).unwrap();
+    d
+}
+
+#[test]
+fn a_principal_model_with_a_smaller_vocabulary_is_named_before_decoding() {
+    let small = tiny_llama_with_vocab(100, "small-vocab");
+    let mut v = config_json(serde_json::json!({}));
+    v["principals"][1] = serde_json::json!({"name": "short", "kind": "prompted", "model": small, "instruction": "t9"});
+    let cfg = RunConfig::parse(&v.to_string()).unwrap();
+    let err = Engine::from_config(&cfg).err().expect("a principal with 100 of the base's 128 tokens").to_string();
+    assert!(err.contains(&small.display().to_string()) && err.contains("100") && err.contains("128"), "{err}");
+}
+
+#[test]
+fn more_principals_than_the_solvers_support_is_a_config_error() {
+    let lexicon = |i: usize| serde_json::json!({"name": format!("p{i}"), "kind": "lexicon", "words": {"t5": 1.0}});
+    let mut v = config_json(serde_json::json!({}));
+    v["principals"] = (0..33).map(lexicon).collect();
+    let e = RunConfig::parse(&v.to_string()).unwrap_err().to_string();
+    assert!(e.contains("33") && e.contains("at most 32"), "{e}");
+    v["principals"] = (0..32).map(lexicon).collect();
+    RunConfig::parse(&v.to_string()).unwrap();
+}

@@ -263,6 +263,15 @@ impl RunConfig {
             let names: Vec<String> = self.principals.iter().map(|p| p.name.clone()).collect();
             check_weights(w, &names)?;
         }
+        // The solvers' documented limit (docs/model.md, Limits), checked here so that a run fails before any
+        // model loads rather than at its first equilibrium.
+        if self.principals.len() > crate::solver::MAX_PRINCIPALS {
+            return bad(format!(
+                "principals: {} given; at most {} are supported (the equilibrium solvers' limit)",
+                self.principals.len(),
+                crate::solver::MAX_PRINCIPALS
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for p in &self.principals {
             if p.name.is_empty() || !seen.insert(p.name.as_str()) {
