@@ -30,12 +30,17 @@ def cuda_available() -> bool:
     return _cage.cuda_available()
 
 
-def _host(x: Any) -> Any:
+def _host(x: Any, what: str = "array") -> Any:
     """A numpy view of ``x`` where it is a CPU array from another library (DLPack, no copy), or a list."""
     if isinstance(x, np.ndarray) or isinstance(x, (float, int)):
         return x
     if hasattr(x, "__dlpack__"):
-        return np.from_dlpack(x)
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError, ValueError) as e:
+            # A tensor that requires grad, an unsupported dtype (bfloat16), ...
+            raise ValueError(f"{what} cannot be read through DLPack ({e}); pass a float32 or float64 array "
+                             "(for torch: x.detach().float())") from None
     if isinstance(x, (list, tuple)):
         return np.asarray(x, dtype=np.float64)
     return x
@@ -74,7 +79,8 @@ def solve(
         if _on_cuda(x):
             raise ValueError(f"{what} is on a GPU but base_logprobs is not: pass all arrays on one device")
     return _cage.solve(
-        _host(base_logprobs), _host(values), _host(weights), _host(tau), method, normalize, backend, tol, max_iter, names
+        _host(base_logprobs, "base_logprobs"), _host(values, "values"), _host(weights, "weights"), _host(tau, "tau"),
+        method, normalize, backend, tol, max_iter, names,
     )
 
 
