@@ -3,6 +3,7 @@ conditions of docs/model.md checked in numpy; bad inputs raise ValueError with t
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -237,3 +238,9 @@ def test_backend_cuda_without_a_gpu_is_the_command_lines_error_and_emulation_run
     cpu = cage.solve(base, values, weights, backend="cpu")
     np.testing.assert_allclose(emu.policy, cpu.policy, atol=3e-4)
     assert emu.converged
+
+
+def test_importing_cage_loads_neither_torch_nor_transformers():
+    code = "import sys, cage; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
