@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Formatting and lints first: they fail in seconds, before the long build.
-cargo fmt --check
+cargo fmt --all --check
 # The pinned CUDA 13.0 compiler from PyPI, into .cuda/ (idempotent): build.rs compiles every kernel with it,
 # so a kernel that does not compile fails the build.
 NVCC="$(bash scripts/install-cuda.sh | tail -n 1)"
@@ -15,10 +15,14 @@ export NVCC
 export LD_LIBRARY_PATH="$(dirname "$(dirname "$NVCC")")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Lints on every target (the kernels must compile for that too, hence after the CUDA install).
 cargo clippy --release --all-targets -- -D warnings
+# The Python binding (workspace member python/, pyo3): the root's cargo commands do not build it.
+cargo clippy --release -p cage-python --all-targets -- -D warnings
 # cargo test builds only the rlib of the library: build the cdylib (and the binary) that the C and Python
 # examples link against first.
 cargo build --release
 cargo test --release "$@"
+# The Python package: pip install . into a cached venv, then its pytest suite (python/tests).
+bash scripts/test-python.sh
 # The parsers of untrusted input under libFuzzer, 30 seconds per target (fuzz/, scripts/fuzz.sh): a crash,
 # hang or runaway allocation on any input fails CI with the reproducer under fuzz/artifacts/.
 bash scripts/fuzz.sh 30
