@@ -54,7 +54,7 @@ here="$(mktemp -d)"
 (cd "$bundle" && find . -name '*.gz' | while read -r f; do mkdir -p "$here/$(dirname "$f")"; gunzip -c "$f" >"$here/${f%.gz}"; chmod +x "$here/${f%.gz}"; done)
 cp "$bundle/torch_peer.py" "$here/"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/card.txt"
-# A GPU test that finds no GPU fails here instead of printing SKIP and passing (tests/support/skip.rs).
+# A GPU test that finds no GPU fails here instead of printing SKIP and passing (tests/common/skip.rs).
 export CAGE_REQUIRE_GPU=1
 # cuBLAS is not carried: the image's PyTorch ships CUDA 13's. Fail loudly without it.
 if ! ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13'; then

@@ -231,7 +231,7 @@ def test_backend_cuda_without_a_gpu_is_the_command_lines_error_and_emulation_run
     rng = np.random.default_rng(12)
     base, values, weights = random_game(rng, 20, 2)
     if not cage.cuda_available():
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(RuntimeError) as e:
             cage.solve(base, values, weights, backend="cuda")
         assert str(e.value) in cli_error(cli, game_json(base, values, weights, 0.1), backend="cuda")
     emu = cage.solve(base, values, weights, backend="emulation")
