@@ -5,6 +5,7 @@
 //! forwards, so their costs and outputs compare fairly.
 
 use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
+use super::pool::{DecoderPool, Lease, Room};
 use super::principal::{ArmSource, LexiconSource, PromptedSource, StreamSpec, ValueSource};
 use super::stages::{
     PolicyRule, RowCandidates, RowContext, RowState, RowValues, SolveInfo, StepLogits, StepPolicy, StopReason,
@@ -14,7 +15,6 @@ use crate::backend::Backend;
 use crate::candidates::Selection;
 use crate::error::{CageError, Result};
 use crate::gpu::device::Transfers;
-use crate::model::gpu::new_decoder;
 use crate::model::{Adapter, Decoder, Model, PromptFormat, Tokenizer};
 use crate::problem::Normalize;
 use crate::sampling::Choice;
@@ -221,6 +221,8 @@ pub struct Engine {
     sources: Vec<Box<dyn ValueSource>>,
     format: PromptFormat,
     eos: Vec<u32>,
+    /// The decoders, kept from call to call.
+    pool: DecoderPool,
 }
 
 fn tokenizer_model(dir: &Path) -> Result<Option<serde_json::Value>> {
@@ -264,6 +266,7 @@ impl Engine {
             sources: vec![],
             format,
             eos,
+            pool: DecoderPool::default(),
         })
     }
 
@@ -351,6 +354,8 @@ impl Engine {
 
     /// Loads a LoRA adapter onto model `model` (unmerged) and returns its adapter id.
     pub fn attach_adapter(&mut self, model: usize, dir: &Path) -> Result<usize> {
+        // Pooled decoders hold the model without the adapter (and share it): built anew at the next call.
+        self.pool.clear();
         let (path, m) = self
             .models
             .get_mut(model)
@@ -490,7 +495,8 @@ impl Engine {
         // Positions per KV slot: never more than the longest context (a huge max_new_tokens must not allocate).
         let max_ctx = self.models.iter().map(|(_, m)| m.config.max_position_embeddings).max().unwrap_or(0);
         let positions = (longest + opts.max_new_tokens.min(max_ctx) + 1).min(max_ctx + 1);
-        let mut decoders = self.decoders(&plan, &inputs, positions, prefill_cap, opts)?;
+        let mut lease = self.decoders(&plan, &inputs, positions, prefill_cap, opts)?;
+        let decoders = &mut lease.decoders;
         let names = self.principal_names();
         let selection = if opts.k == 0 { Selection::All } else { Selection::TopK(opts.k) };
         let own_policies = matches!(opts.method, DecodeMethod::Genarm | DecodeMethod::Mod);
@@ -529,9 +535,9 @@ impl Engine {
             // Forward: one batch per model over every live row's streams.
             let t0 = Instant::now();
             if step == 1 {
-                counted = Some(transfers(&decoders));
+                counted = Some(transfers(decoders));
             }
-            forward(&mut decoders, &plan, &live, &inputs, prefill_cap, &mut logits)?;
+            forward(decoders, &plan, &live, &inputs, prefill_cap, &mut logits)?;
             let fwd = t0.elapsed().as_secs_f64();
             tm.forward_s += fwd;
             if step == 0 {
@@ -584,7 +590,7 @@ impl Engine {
             tm.steps += 1;
         }
         if let Some(start) = counted {
-            tm.step_transfers = transfers(&decoders).since(start);
+            tm.step_transfers = transfers(decoders).since(start);
             tm.transfer_steps = tm.steps - 1;
         }
         for &r in &live {
@@ -594,8 +600,9 @@ impl Engine {
         Ok((rows.iter().zip(&states).map(|(req, st)| row_result(req, st)).collect(), tm))
     }
 
-    /// One decoder per model that runs a stream: a KV-cache slot per row and stream, room for `positions`
-    /// tokens per slot and for the chunk's prompts (at most `prefill_cap` tokens) in one call.
+    /// One decoder per model that runs a stream, from the engine's pool: a KV-cache slot per row and stream,
+    /// room for `positions` tokens per slot and for the chunk's prompts (at most `prefill_cap` tokens) in one
+    /// call. Given back to the pool when the lease drops.
     fn decoders(
         &self,
         plan: &StreamPlan,
@@ -603,26 +610,34 @@ impl Engine {
         positions: usize,
         prefill_cap: usize,
         opts: &DecodeOptions,
-    ) -> Result<Vec<Option<Box<dyn Decoder>>>> {
+    ) -> Result<Lease<'_>> {
         let b = inputs.len();
-        plan.on_model
+        let device = opts.model_device.resolve();
+        let need: Vec<Option<Room>> = plan
+            .on_model
             .iter()
-            .zip(&self.models)
-            .map(|(on, (_, model))| {
+            .map(|on| {
                 if on.is_empty() {
-                    return Ok(None);
+                    return None;
                 }
                 let tokens: usize = inputs.iter().map(|p| on.iter().map(|&s| p[s].len()).sum::<usize>()).sum();
                 let slots = b * on.len();
-                new_decoder(opts.model_device, model.clone(), slots, positions, tokens.min(prefill_cap).max(slots))
-                    .map(Some)
+                Some(Room { device, slots, positions, tokens: tokens.min(prefill_cap).max(slots) })
             })
-            .collect()
+            .collect();
+        let models: Vec<&Arc<Model>> = self.models.iter().map(|(_, m)| m).collect();
+        self.pool.lease(&models, &need)
+    }
+
+    /// How many decoders this engine has built (each one a weight upload on a GPU): one per model in use while
+    /// requests keep within the largest shape seen.
+    pub fn decoders_built(&self) -> usize {
+        self.pool.built()
     }
 }
 
 /// The host-device traffic so far of `decoders`' devices and of the shared equilibrium device.
-fn transfers(decoders: &[Option<Box<dyn Decoder>>]) -> Transfers {
+fn transfers(decoders: &[Option<Box<dyn Decoder + Send>>]) -> Transfers {
     decoders.iter().flatten().map(|d| d.transfers()).fold(crate::gpu::shared_transfers(), Transfers::plus)
 }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod plot;
+pub mod pool;
 pub mod principal;
 pub mod stages;
 pub mod sweep;

@@ -153,7 +153,7 @@ pub fn calls_within(lens: &[usize], cap: usize) -> Vec<Range<usize>> {
 /// `inputs[row][stream]` (the prompts at the first step, then the row's last token); at most `prefill_cap`
 /// tokens go into one call. Fills `out` with the last position's logits.
 pub fn forward(
-    decoders: &mut [Option<Box<dyn Decoder>>],
+    decoders: &mut [Option<Box<dyn Decoder + Send>>],
     plan: &StreamPlan,
     live: &[usize],
     inputs: &[Vec<Vec<u32>>],

@@ -67,7 +67,7 @@ pub fn new_decoder(
     slots: usize,
     max_seq: usize,
     max_tokens: usize,
-) -> Result<Box<dyn Decoder>> {
+) -> Result<Box<dyn Decoder + Send>> {
     Ok(match device {
         Backend::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
         Backend::Cuda => Box::new(GpuDecoder::new(Gpu::cuda(0)?, model, slots, max_seq, max_tokens)?),
