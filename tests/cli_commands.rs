@@ -360,6 +360,10 @@ fn bench_forward_ffi_and_solver_run_or_refuse_clearly() {
     let r = run_cage(["bench", "forward", "--model", model.to_str().unwrap(), "--batches", "1", "--weights", "f32"]);
     let r = r.ok();
     assert!(r.stdout.contains("weights read by decode: f32") && !r.stdout.contains("packed"), "{}", r.stdout);
+    // A model with f32 weights only: packed is refused, not measured as f32 under its name.
+    let f32_only = fixture("tiny-llama");
+    let e = run_cage(["bench", "forward", "--model", f32_only.to_str().unwrap(), "--weights", "packed"]).failed();
+    assert!(e.contains("--weights packed") && e.contains("tiny-llama") && e.contains("no packed"), "{e}");
     // At least 5 batches of 100 calls each way, as documented, and a time for each.
     let r = run_cage(["bench", "ffi", "--calls", "120"]).ok();
     assert!(r.stdout.contains("(500 calls each)"), "{}", r.stdout);

@@ -266,6 +266,6 @@ pub fn cli(backend: crate::Backend, reps: usize) -> Result<()> {
             ));
         }
     };
-    print!("{}", solver_report(&mut gpu, reps.max(1))?);
+    crate::out!("{}", solver_report(&mut gpu, reps.max(1))?)?;
     Ok(())
 }

@@ -155,6 +155,12 @@ pub fn bench_forward_cmd(
     let mut m = Model::load(&dir)?;
     let threads = rayon::current_num_threads();
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
+    if weights == ForwardWeights::Packed && !packed {
+        return Err(CageError::InvalidArgument(format!(
+            "--weights packed: model {} has no packed (Q4_1 / Q8_0) copies, only f32 weights; use --weights f32",
+            dir.display()
+        )));
+    }
     let mut variants = vec![];
     if packed && weights != ForwardWeights::F32 {
         variants
