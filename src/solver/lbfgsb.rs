@@ -96,6 +96,8 @@ struct ForwardDifference<'a, F> {
     f: F,
     free: &'a [usize],
     full: Vec<f64>,
+    /// The shifted point of the differences (kept to avoid an allocation per gradient).
+    shifted: Vec<f64>,
     lower: &'a [f64],
     upper: &'a [f64],
     step: f64,
@@ -120,7 +122,9 @@ impl<F: FnMut(&[f64]) -> f64> Objective for ForwardDifference<'_, F> {
             return None;
         }
         let unbounded = lb.iter().zip(ub).all(|(l, u)| *l == f64::NEG_INFINITY && *u == f64::INFINITY);
-        let mut xs = x.to_vec();
+        let mut xs = std::mem::take(&mut self.shifted);
+        xs.clear();
+        xs.extend_from_slice(x);
         for i in 0..x.len() {
             let x0 = x[i];
             let mut h = self.step;
@@ -146,6 +150,7 @@ impl<F: FnMut(&[f64]) -> f64> Objective for ForwardDifference<'_, F> {
             xs[i] = x0;
             g[i] = (fi - f0) / ((x0 + h) - x0);
         }
+        self.shifted = xs;
         Some(f0)
     }
 
@@ -198,7 +203,16 @@ pub fn minimize<F: FnMut(&[f64]) -> f64>(
     let u: Vec<f64> = free.iter().map(|&k| upper[k]).collect();
     let mut x: Vec<f64> = free.iter().map(|&k| full[k]).collect();
     let start = full.clone();
-    let mut obj = ForwardDifference { f, free: &free, full, lower: &l, upper: &u, step: opts.fd_step, nfev: 0 };
+    let mut obj = ForwardDifference {
+        f,
+        free: &free,
+        full,
+        shifted: Vec::new(),
+        lower: &l,
+        upper: &u,
+        step: opts.fd_step,
+        nfev: 0,
+    };
     let (fx, nit, status) = setulb(&mut obj, &mut x, &l, &u, opts);
     let nfev = obj.evaluations();
     if status == Status::OutsideBounds {
