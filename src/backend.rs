@@ -67,7 +67,8 @@ pub fn runs_on_gpu(method: Method) -> bool {
 
 /// Solves `batch` on `backend`. The CUDA backend (and its emulation) computes in f32 (default tolerance that
 /// of f32, 1e-5) and runs `exact` (J <= [`MAX_PRINCIPALS`]), `jacobi` and `paper`; `auto` uses it when a GPU is
-/// usable and the method runs there, and the CPU otherwise.
+/// usable and the method runs there, and the CPU otherwise. On the device `paper` is the Jacobi kernel's
+/// look-alike truncation ([`JacobiOptions::truncated`]), not the CPU's port of the authors' L-BFGS-B.
 pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
     let on_device = |emulated: bool| -> Result<Solution<T>> {
         let tol = opts.tol.unwrap_or(<f32 as Real>::DEFAULT_TOL);
@@ -90,7 +91,7 @@ pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptio
                 let mut o = if opts.method == Method::Jacobi {
                     JacobiOptions::converged(tol.max(1e-12))
                 } else {
-                    JacobiOptions::paper()
+                    JacobiOptions::truncated()
                 };
                 if let Some(m) = opts.max_iter {
                     o.max_rounds = m;

@@ -57,7 +57,7 @@ pub enum CageMethod {
     CageMethodExact = 0,
     /// The paper's Algorithm 1 run to convergence.
     CageMethodJacobi = 1,
-    /// The paper's Algorithm 1 truncated like the authors' code (an approximation).
+    /// The authors' truncated solver (an approximation; on the CUDA backend a look-alike truncation).
     CageMethodPaper = 2,
     /// The base policy pi0.
     CageMethodBase = 3,

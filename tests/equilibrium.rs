@@ -388,7 +388,7 @@ fn paper_mode_is_the_truncated_algorithm() {
     }
     // The point of the mode: it is an approximation, visibly different from the exact equilibrium.
     assert!(differs > 0);
-    let _ = jacobi::JacobiOptions::paper();
+    let _ = jacobi::JacobiOptions::truncated();
 }
 
 #[test]

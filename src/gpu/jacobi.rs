@@ -25,7 +25,7 @@ pub(super) struct JacobiBuffers {
 
 impl Gpu {
     /// The paper's Algorithm 1 (nonlinear Jacobi) on every row with options `o` (see
-    /// [`crate::solver::jacobi`]): `JacobiOptions::converged` for the `jacobi` method, `JacobiOptions::paper`
+    /// [`crate::solver::jacobi`]): `JacobiOptions::converged` for the `jacobi` method, `JacobiOptions::truncated`
     /// for the truncated `paper` mode. f32 on the device, where the CPU version runs in f64.
     pub fn jacobi(&mut self, batch: &Batch<f32>, o: &JacobiOptions) -> Result<Solution<f32>> {
         let (rows, n, j) = (batch.rows(), batch.candidates(), batch.principals());

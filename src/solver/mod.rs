@@ -4,12 +4,14 @@
 //! |----------|---------------------------------------------------------------------------------|
 //! | `exact`  | the equilibrium via the reduced fixed point on the payoffs u (Newton + Picard)   |
 //! | `jacobi` | the paper's Algorithm 1 run to convergence (independent check of `exact`)       |
-//! | `paper`  | Algorithm 1 truncated as in the authors' code: an approximate equilibrium        |
+//! | `paper`  | the authors' solver (5 rounds of SciPy L-BFGS-B, ported): approximate equilibrium |
 //! | `base`   | pi0                                                                              |
 //! | `linear` | softmax(log pi0 + sum_j v_j / tau)                                               |
 
 pub mod exact;
 pub mod jacobi;
+pub mod lbfgsb;
+pub mod paper;
 pub mod reference;
 
 use crate::error::{CageError, Result};
@@ -25,7 +27,7 @@ pub enum Method {
     Exact,
     /// Algorithm 1 (nonlinear Jacobi) to convergence.
     Jacobi,
-    /// Algorithm 1 truncated like the authors' code (approximate).
+    /// The authors' truncated solver, token for token (approximate; [`paper`]).
     Paper,
     /// The base policy.
     Base,
@@ -107,13 +109,7 @@ pub fn solve<T: Real>(batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<
             }
             jacobi::solve(batch, &o)
         }
-        Method::Paper => {
-            let mut o = jacobi::JacobiOptions::paper();
-            if let Some(m) = opts.max_iter {
-                o.max_rounds = m;
-            }
-            jacobi::solve(batch, &o)
-        }
+        Method::Paper => paper::solve(batch, opts.max_iter.unwrap_or(paper::ROUNDS)),
         Method::Base => crate::baselines::base(batch),
         Method::Linear => crate::baselines::linear(batch),
     })
