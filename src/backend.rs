@@ -68,7 +68,8 @@ pub fn runs_on_gpu(method: Method) -> bool {
 /// Solves `batch` on `backend`. The CUDA backend (and its emulation) computes in f32 (default tolerance that
 /// of f32, 1e-5) and runs `exact` (J <= [`MAX_PRINCIPALS`]), `jacobi` and `paper`; `auto` uses it when a GPU is
 /// usable and the method runs there, and the CPU otherwise. On the device `paper` is the Jacobi kernel's
-/// look-alike truncation ([`JacobiOptions::truncated`]), not the CPU's port of the authors' L-BFGS-B.
+/// look-alike truncation ([`JacobiOptions::truncated`]), not the CPU's port of the authors' L-BFGS-B, so `auto`
+/// always solves `paper` on the CPU; only an explicit `cuda` or `emulation` runs the look-alike.
 pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptions) -> Result<Solution<T>> {
     let on_device = |emulated: bool| -> Result<Solution<T>> {
         let tol = opts.tol.unwrap_or(<f32 as Real>::DEFAULT_TOL);
@@ -110,8 +111,10 @@ pub fn solve_with<T: Real>(backend: Backend, batch: &Batch<T>, opts: &SolveOptio
         Backend::Cuda => on_device(false),
         Backend::Emulation => on_device(true),
         Backend::Auto => {
-            let fits =
-                runs_on_gpu(opts.method) && (opts.method != Method::Exact || batch.principals() <= MAX_PRINCIPALS);
+            // `paper` stays on the CPU: the device's truncation is another approximation, and `auto` must not
+            // change which method runs.
+            let fits = matches!(opts.method, Method::Exact | Method::Jacobi)
+                && (opts.method != Method::Exact || batch.principals() <= MAX_PRINCIPALS);
             if fits && cuda_usable().is_ok() && with_shared_gpu(|_| Ok(())).is_ok() {
                 on_device(false)
             } else {
