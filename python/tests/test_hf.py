@@ -179,3 +179,39 @@ def test_the_readme_example_runs(capsys):
         os.chdir(cwd)
     texts = ast.literal_eval(capsys.readouterr().out.strip())
     assert len(texts) == 2 and all(isinstance(t, str) and t.strip() for t in texts), texts
+
+
+FIX = ROOT / "tests" / "fixtures"
+
+
+def test_arm_principals_as_peft_models_give_the_tokens_of_the_engine():
+    """ARM principals as separate models (the tiny backbone with each LoRA adapter, through peft) against the
+    base stream: the Rust engine's tokens for the same config (its unmerged adapters on the shared backbone)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (CAGE_TEST_HF=1 installs it)")
+    prompts, new = ["t7 t8 t9", "t1 t2", "t3 t4 t5 t6"], 8
+    tok = transformers.AutoTokenizer.from_pretrained(FIX / "tiny-word-tokenizer")
+
+    def backbone():
+        return transformers.AutoModelForCausalLM.from_pretrained(FIX / "tiny-llama", dtype=torch.float32).eval()
+
+    arms = {n: peft.PeftModel.from_pretrained(backbone(), FIX / f"tiny-lora-{n}").eval() for n in ("a", "b")}
+    base = backbone()
+    cfg = {"base": str(FIX / "tiny-llama"), "tokenizer": str(FIX / "tiny-word-tokenizer"),
+           "principals": [{"name": n, "kind": "arm", "adapter": str(FIX / f"tiny-lora-{n}")} for n in arms],
+           "tau": 0.1, "k": 20, "max_new_tokens": new, "backend": "cpu"}
+    engine = cage.Engine(cfg)
+    for weights in ([0.5, 0.5], [0.9, 0.1]):
+        proc = CageLogitsProcessor(base, tok, principals=[{"name": n, "kind": "arm", "model": m}
+                                                          for n, m in arms.items()],
+                                   weights=weights, tau=0.1, k=20)
+        inputs = proc.encode(prompts)
+        out = base.generate(**inputs, logits_processor=[proc], do_sample=False, max_new_tokens=new,
+                            pad_token_id=proc.pad_token_id, top_k=None, top_p=None, temperature=None)
+        ours = [r[: next((i + 1 for i, t in enumerate(r) if t == 2), len(r))]
+                for r in out[:, inputs["input_ids"].shape[1]:].tolist()]
+        theirs = [r["token_ids"] for r in sorted(engine.generate(prompts, weights=weights), key=lambda r: r["row"])]
+        report, exact = compare(ours, theirs, proc)
+        for line in report:
+            print(f"arm weights {weights}: {line}")
+        assert exact >= len(prompts) - 1, report
+        assert all(len(t) > 0 for t in theirs)
