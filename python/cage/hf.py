@@ -14,6 +14,10 @@ streams at the candidates), and solves the game with ``cage.solve`` (the Rust so
 draws from ``pi`` — with torch's random generator, not the keyed draw of ``cage generate``. Pass ``top_k=0,
 top_p=1.0, temperature=1.0`` when sampling so that no warper changes the base logits first.
 
+Cost: the streams run in a forward of their own beside generate's at every step. Where a forward costs about the
+same for any small batch (a CPU streaming the weights) that about doubles a plain generate over the same streams
+(scripts/bench-hf.py); the processor's own work (top-k, values, the solve) is about 2% of it.
+
 Needs torch and transformers (``import cage`` does not import them).
 """
 
