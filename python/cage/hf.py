@@ -14,9 +14,10 @@ streams at the candidates), and solves the game with ``cage.solve`` (the Rust so
 draws from ``pi`` — with torch's random generator, not the keyed draw of ``cage generate``. Pass ``top_k=0,
 top_p=1.0, temperature=1.0`` when sampling so that no warper changes the base logits first.
 
-Cost: the streams run in a forward of their own beside generate's at every step. Where a forward costs about the
-same for any small batch (a CPU streaming the weights) that about doubles a plain generate over the same streams
-(scripts/bench-hf.py); the processor's own work (top-k, values, the solve) is about 2% of it.
+Cost: by default the streams run in a forward of their own beside generate's at every step. Where a forward costs
+about the same for any small batch (a CPU streaming the weights) that about doubles a plain generate over the same
+streams. ``encode(prompts, fused=True)`` puts the base model's streams in generate's own batch instead (one forward
+per step) and the processor makes the choice itself; scripts/bench-hf.py measures both.
 
 Needs torch and transformers (``import cage`` does not import them).
 """
@@ -138,6 +139,9 @@ class CageLogitsProcessor:
             g.streams.append(s)
         self.weights = weights
         self._prompts: Optional[List[str]] = None
+        # encode(fused=True): the base model's streams ride in generate's batch; the processor then chooses.
+        self._fused: Optional[_Group] = None
+        self._sample = False
         self._step = 0
         # Per step of the last generate: each row's margin pi(best) - pi(second best), to report near ties.
         self.margins: List[np.ndarray] = []
@@ -181,16 +185,27 @@ class CageLogitsProcessor:
             mask[i, width - len(r):] = 1
         return ids.to(device), mask.to(device)
 
-    def encode(self, prompts: Union[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
+    def encode(self, prompts: Union[str, Sequence[str]], fused: bool = False,
+               sample: bool = False) -> Dict[str, torch.Tensor]:
         """The base stream's ``input_ids`` and ``attention_mask`` for ``generate`` (left padded); starts a new
-        decoding of these prompts (the other streams are prefilled at the first step)."""
+        decoding of these prompts (the other streams are prefilled at the first step).
+
+        ``fused``: the base model's other streams join generate's batch (rows ``len(prompts)`` and on are theirs;
+        read the first ``len(prompts)``), one forward per step as a plain generate over the same streams. The
+        processor then takes the choice itself (argmax of pi, or with ``sample`` a draw from pi with torch's
+        generator) and returns it as the only finite logit of every row of the prompt."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompt given")
         self._prompts = prompts
         self._step = 0
         self.margins = []
-        ids, mask = self._left_pad([self.prompt_ids(p) for p in prompts], self.model.device)
+        self._sample = sample
+        self._fused = next((g for g in self._groups if g.model is self.model), None) if fused else None
+        seqs = [self.prompt_ids(p) for p in prompts]
+        if self._fused is not None:
+            seqs += [self.prompt_ids(p, st.instruction) for st in self._fused.streams for p in prompts]
+        ids, mask = self._left_pad(seqs, self.model.device)
         return {"input_ids": ids, "attention_mask": mask}
 
     # ---- streams ----------------------------------------------------------------------------------------------
@@ -245,12 +260,20 @@ class CageLogitsProcessor:
             raise ValueError("call encode(prompts) first: it gives generate its inputs and the processor the "
                              "prompts of the other streams")
         rows = len(self._prompts)
-        if scores.shape[0] != rows:
-            raise ValueError(f"generate runs {scores.shape[0]} sequences for {rows} prompts: the processor "
-                             "supports neither beams nor num_return_sequences > 1")
-        last = None if self._step == 0 else input_ids[:, -1]
+        fused = self._fused
+        total = rows * (1 + (len(fused.streams) if fused is not None else 0))
+        if scores.shape[0] != total:
+            raise ValueError(f"generate runs {scores.shape[0]} sequences where encode gave {total}: the "
+                             "processor supports neither beams nor num_return_sequences > 1")
+        all_scores = scores
+        if fused is not None:
+            z = scores[rows:].double()
+            fused.logprobs = (z - z.logsumexp(-1, keepdim=True)).view(len(fused.streams), rows, -1)
+            scores = scores[:rows]
+        last = None if self._step == 0 else input_ids[:rows, -1]
         for g in self._groups:
-            self._forward(g, last)
+            if g is not fused:
+                self._forward(g, last)
         # Base log-probs over the full row (f64 log-normaliser, then f32 as the engine's kernels keep them).
         z = scores.double()
         base = z - z.logsumexp(-1, keepdim=True)
@@ -266,9 +289,16 @@ class CageLogitsProcessor:
         pi = np.asarray(sol.policy, dtype=np.float64).reshape(rows, n)
         top2 = np.sort(pi, axis=-1)[:, -2:] if n > 1 else np.ones((rows, 2))
         self.margins.append(top2[:, 1] - top2[:, 0])
+        self._step += 1
+        if fused is not None:
+            p = torch.from_numpy(pi)
+            # Greedy: the first best candidate (the most likely under the base on a tie), as the engine picks.
+            a = torch.multinomial(p, 1) if self._sample else p.float().argmax(-1, keepdim=True)
+            chosen = ids.gather(-1, a.to(ids.device)).repeat(total // rows, 1)
+            out = torch.full_like(all_scores, float("-inf"))
+            return out.scatter_(-1, chosen, 0.0)
         with np.errstate(divide="ignore"):
             logpi = torch.from_numpy(np.log(pi))
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, ids, logpi.to(device=scores.device, dtype=scores.dtype))
-        self._step += 1
         return out

@@ -47,15 +47,15 @@ def engine():
     return cage.Engine({**demo(), "max_new_tokens": NEW, "backend": "cpu"})
 
 
-def hf_generate(model, tok, proc, prompts):
-    inputs = proc.encode(prompts)
+def hf_generate(model, tok, proc, prompts, fused=False):
+    inputs = proc.encode(prompts, fused=fused)
     out = model.generate(**inputs, logits_processor=[proc], do_sample=False, max_new_tokens=NEW,
                          pad_token_id=proc.pad_token_id, top_k=None, top_p=None, temperature=None)
     width = inputs["input_ids"].shape[1]
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id])
     rows = []
-    for r in out[:, width:].tolist():
+    for r in out[: len(prompts), width:].tolist():
         cut = next((i + 1 for i, t in enumerate(r) if t in eos), len(r))
         rows.append(r[:cut])
     return rows
@@ -76,13 +76,14 @@ def compare(ours, theirs, proc):
     return report, exact
 
 
-@pytest.mark.parametrize("weights", [[0.5, 0.5], [1.0, 0.0], [0.2, 0.8]])
-def test_greedy_gives_the_tokens_of_the_engine(hf, engine, weights):
+@pytest.mark.parametrize("weights, fused", [([0.5, 0.5], False), ([1.0, 0.0], False), ([0.2, 0.8], False),
+                                            ([0.2, 0.8], True)])
+def test_greedy_gives_the_tokens_of_the_engine(hf, engine, weights, fused):
     model, tok = hf
     cfg = demo()
     proc = CageLogitsProcessor(model, tok, principals=cfg["principals"], weights=weights, tau=cfg["tau"],
                                k=cfg["k"], method="cage")
-    ours = hf_generate(model, tok, proc, PROMPTS)
+    ours = hf_generate(model, tok, proc, PROMPTS, fused)
     theirs = [r["token_ids"] for r in sorted(engine.generate(PROMPTS, weights=weights), key=lambda r: r["row"])]
     report, exact = compare(ours, theirs, proc)
     for line in report:
