@@ -1,7 +1,7 @@
 """What cage.hf.CageLogitsProcessor adds to transformers' generate: the same prompts decoded greedily (a) by a
 plain generate over every stream CAGE runs (each prompt alone and with each instruction, one batch) and (b) by
 generate with the processor (the base stream in generate, the instruction streams in the processor, the game
-solved at every step). Both decode the same number of tokens per row; the median of --repeat runs is printed.
+solved at every step), and (c) the same with encode(fused=True) (every stream in generate's batch). Both decode the same number of tokens per row; the median of --repeat runs is printed.
 
     target/pyenv/bin/python scripts/bench-hf.py [--rows 4] [--new 32] [--repeat 3]
 """
@@ -48,12 +48,16 @@ def main() -> None:
     def with_cage() -> None:
         model.generate(**proc.encode(prompts), logits_processor=[proc], **fixed)
 
+    def fused() -> None:
+        model.generate(**proc.encode(prompts, fused=True), logits_processor=[proc], **fixed)
+
     # Interleaved, so that a load that comes and goes (a shared machine) weighs on both alike.
-    plain()
-    with_cage()
-    runs: dict = {"plain": [], "cage": []}
+    variants = (("plain", plain), ("cage", with_cage), ("fused", fused))
+    for _, fn in variants:
+        fn()
+    runs: dict = {name: [] for name, _ in variants}
     for _ in range(args.repeat):
-        for name, fn in (("plain", plain), ("cage", with_cage)):
+        for name, fn in variants:
             t = time.perf_counter()
             fn()
             runs[name].append(time.perf_counter() - t)
@@ -64,6 +68,7 @@ def main() -> None:
     print(f"plain generate over the {streams} streams: {times['plain']:.3f} s")
     print(f"generate with CageLogitsProcessor: {times['cage']:.3f} s "
           f"({100 * (times['cage'] / times['plain'] - 1):+.1f}%)")
+    print(f"the same, encode(fused=True): {times['fused']:.3f} s ({100 * (times['fused'] / times['plain'] - 1):+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,25 @@ def test_sampling_draws_from_pi(hf):
     assert draw() == draw()
 
 
+def test_fused_sampling_gives_every_stream_of_a_prompt_the_drawn_token(hf):
+    """encode(fused=True, sample=True): the processor draws (seeded by torch) and every row of a prompt (its base
+    and instruction streams in generate's batch) continues with that token."""
+    model, tok = hf
+    cfg = demo()
+    proc = CageLogitsProcessor(model, tok, principals=cfg["principals"], weights=[0.5, 0.5], tau=0.3, k=5)
+
+    def draw():
+        torch.manual_seed(7)
+        inputs = proc.encode(PROMPTS[:2], fused=True, sample=True)
+        out = model.generate(**inputs, logits_processor=[proc], do_sample=False, max_new_tokens=6,
+                             pad_token_id=proc.pad_token_id, top_k=None, top_p=None, temperature=None)
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+    rows = draw()
+    assert len(rows) == 2 * 3 and rows == draw()
+    assert rows[0::2] == [rows[0]] * 3 and rows[1::2] == [rows[1]] * 3
+
+
 def test_bad_arguments_are_clear_errors(hf):
     model, tok = hf
     p = demo()["principals"]
