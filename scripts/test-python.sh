@@ -3,8 +3,9 @@
 # cached virtual environment (target/pyenv, made once, reused by later runs), then runs python/tests with pytest
 # against the release binary (`cargo build --release` first; scripts/test.sh does). Needs python3 >= 3.9 with
 # venv, and PyPI the first time. Extra arguments go to pytest.
-# With CAGE_TEST_HF=1 (the default in CI) it also installs torch, transformers and peft into that venv (once,
-# ~3.5 GB) and fetches SmolLM2-135M-Instruct, so that the tests of cage.hf run instead of skipping.
+# It also installs torch, transformers and peft into that venv (once, ~3.5 GB) and fetches SmolLM2-135M-Instruct,
+# so that the tests of cage.hf run against real transformers, as CI requires; CAGE_TEST_HF=0 leaves them out
+# (they then skip, saying why).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
@@ -14,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Pinned as in pyproject.toml; torch and transformers only for the tests of cage.hf (they skip without them).
 "$VENV/bin/pip" install --quiet --disable-pip-version-check "maturin>=1.16,<2" "numpy>=2,<3" "pytest>=8,<10"
-if [ "${CAGE_TEST_HF:-${CI:+1}}" = "1" ]; then
+if [ "${CAGE_TEST_HF:-1}" != "0" ]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.15.0" "transformers==5.23.0" "peft==0.21.2"
     "${CAGE_BIN:-target/release/cage}" fetch-model --models models
 fi

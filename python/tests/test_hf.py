@@ -10,9 +10,9 @@ import pytest
 import cage
 from conftest import ROOT
 
-torch = pytest.importorskip("torch", reason="torch is not installed (scripts/test-python.sh installs it with "
-                                            "CAGE_TEST_HF=1, as CI does)")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (CAGE_TEST_HF=1)")
+torch = pytest.importorskip("torch", reason="torch is not installed (scripts/test-python.sh installs it unless "
+                                            "CAGE_TEST_HF=0)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (scripts/test-python.sh)")
 
 from cage.hf import CageLogitsProcessor  # noqa: E402
 
@@ -207,7 +207,7 @@ FIX = ROOT / "tests" / "fixtures"
 def test_arm_principals_as_peft_models_give_the_tokens_of_the_engine():
     """ARM principals as separate models (the tiny backbone with each LoRA adapter, through peft) against the
     base stream: the Rust engine's tokens for the same config (its unmerged adapters on the shared backbone)."""
-    peft = pytest.importorskip("peft", reason="peft is not installed (CAGE_TEST_HF=1 installs it)")
+    peft = pytest.importorskip("peft", reason="peft is not installed (scripts/test-python.sh installs it)")
     prompts, new = ["t7 t8 t9", "t1 t2", "t3 t4 t5 t6"], 8
     tok = transformers.AutoTokenizer.from_pretrained(FIX / "tiny-word-tokenizer")
 
