@@ -49,7 +49,7 @@ typedef enum {
   CAGE_METHOD_EXACT = 0,
   // The paper's Algorithm 1 run to convergence.
   CAGE_METHOD_JACOBI = 1,
-  // The paper's Algorithm 1 truncated like the authors' code (an approximation).
+  // The authors' truncated solver (an approximation; on the CUDA backend a look-alike truncation).
   CAGE_METHOD_PAPER = 2,
   // The base policy pi0.
   CAGE_METHOD_BASE = 3,
