@@ -34,8 +34,9 @@ pub enum CageError {
         /// The weight as given.
         value: f64,
     },
-    /// The temperature tau must be a finite number > 0.
-    #[error("tau must be a finite number > 0, got {0}")]
+    /// The temperature tau must be a finite number > 0 whose reciprocal is finite: the solvers scale by 1 / tau,
+    /// which overflows for a subnormal tau.
+    #[error("tau must be a finite number > 0 with a finite 1/tau (not subnormal), got {0}")]
     BadTau(f64),
     /// A row in which no candidate has a finite base log-probability.
     #[error("empty candidate set in row {row}: no candidate has a finite base log-probability")]

@@ -282,7 +282,7 @@ pub unsafe extern "C" fn cage_solver_create(options: *const CageOptions, out: *m
             3 => (Backend::Cpu, true),
             v => return Err(bad("backend", v)),
         };
-        if !(o.tau.is_finite() && o.tau > 0.0) {
+        if !crate::problem::valid_tau(o.tau) {
             return Err(err(CageError::BadTau(o.tau)));
         }
         if !(o.tol.is_finite() && o.tol >= 0.0) {

@@ -125,7 +125,7 @@ impl<T: Real> Batch<T> {
             shape("tau (one per batch or one per row)", rows, tau.len())?;
         }
         for &t in &tau {
-            if !(t.is_finite() && t > T::zero()) {
+            if !valid_tau(t) {
                 return Err(CageError::BadTau(t.f64()));
             }
         }
@@ -268,4 +268,10 @@ impl<T: Real> Batch<T> {
             b
         })
     }
+}
+
+/// Whether `tau` is a usable temperature: finite, > 0, and with a finite reciprocal in its precision (a
+/// subnormal tau passes the first two, and `x / tau` then overflows to a NaN policy).
+pub fn valid_tau<T: num_traits::Float>(tau: T) -> bool {
+    tau.is_finite() && tau > T::zero() && tau.recip().is_finite()
 }

@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
         // A valid batch solves, unless it has more principals than the iterative methods take.
         let solves = |j: usize, method: Method| j <= MAX_PRINCIPALS || method == Method::Linear;
         if let Ok(b) = g.to_batch::<f64>() {
-            for method in [Method::Exact, Method::Linear] {
+            // `paper` differentiates by finite differences (N evaluations of an O(N) payoff per gradient): fuzzed
+            // at the paper's sizes only, so that one input stays well inside the time limit.
+            let paper = (b.candidates() <= 256).then_some(Method::Paper);
+            for method in [Method::Exact, Method::Linear].into_iter().chain(paper) {
                 match solve(&b, &SolveOptions::new(method)) {
                     Ok(sol) => {
                         let s: f64 = sol.policy.iter().sum();

@@ -283,7 +283,7 @@ impl RunConfig {
                 return bad(format!("prompted principal {:?} has an empty instruction", p.name));
             }
         }
-        if !(self.tau.is_finite() && self.tau > 0.0) {
+        if !crate::problem::valid_tau(self.tau) {
             return Err(CageError::BadTau(self.tau));
         }
         if self.batch_size == 0 {

@@ -423,7 +423,7 @@ impl Engine {
         for r in rows {
             check_weights(&r.weights, &names)?;
         }
-        if !(opts.tau.is_finite() && opts.tau > 0.0) {
+        if !crate::problem::valid_tau(opts.tau) {
             return Err(CageError::BadTau(opts.tau));
         }
         if opts.batch_size == 0 {

@@ -95,7 +95,7 @@ impl Gpu {
         if s.tau.len() != b {
             return Err(CageError::Shape { what: "tau".into(), expected: b, got: s.tau.len() });
         }
-        if let Some(&t) = s.tau.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
+        if let Some(&t) = s.tau.iter().find(|t| !crate::problem::valid_tau(**t)) {
             return Err(CageError::BadTau(t as f64));
         }
         for (what, p) in [("ARM logits", s.arm), ("reference logits", s.reference)] {
