@@ -64,6 +64,25 @@ impl<T: Real> Solution<T> {
         }
     }
 
+    /// Row `r` of a solver that keeps per-principal incentives `y` (J x N) and the policy `pi` in f64 (the
+    /// Jacobi iteration and the authors' solver): policy, aggregate incentive, incentives and each principal's
+    /// payoff pi . (v_j - y_j) on its values `values` (J x N).
+    #[allow(clippy::needless_range_loop)] // index loops mirror the formulas
+    pub(crate) fn set_row_from_incentives(&mut self, r: usize, y: &[Vec<f64>], pi: &[f64], values: &[Vec<f64>]) {
+        let (n, jn) = (self.candidates, self.principals);
+        for a in 0..n {
+            self.policy[r * n + a] = T::of(pi[a]);
+            self.aggregate[r * n + a] = T::of(y.iter().map(|yj| yj[a]).sum());
+        }
+        for (j, yj) in y.iter().enumerate() {
+            for a in 0..n {
+                self.incentives[(r * jn + j) * n + a] = T::of(yj[a]);
+            }
+            let f: f64 = (0..n).map(|a| pi[a] * (values[j][a] - yj[a])).sum();
+            self.payoffs[r * jn + j] = T::of(f);
+        }
+    }
+
     /// Policy of row `r`.
     pub fn policy_row(&self, r: usize) -> &[T] {
         &self.policy[r * self.candidates..(r + 1) * self.candidates]

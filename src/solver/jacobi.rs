@@ -223,24 +223,12 @@ fn solve_row(game: &Game, o: &JacobiOptions) -> (Vec<Vec<f64>>, Vec<f64>, u32, f
 }
 
 /// Solves every row of `batch` with Algorithm 1 under options `o`.
-#[allow(clippy::needless_range_loop)] // index loops mirror the formulas
 pub fn solve<T: Real>(batch: &Batch<T>, o: &JacobiOptions) -> Solution<T> {
-    let (n, jn) = (batch.candidates(), batch.principals());
-    let mut sol = Solution::zeros(batch.rows(), n, jn);
+    let mut sol = Solution::zeros(batch.rows(), batch.candidates(), batch.principals());
     for r in 0..batch.rows() {
         let game = Game::of(&batch.row(r));
         let (y, pi, rounds, residual, converged) = solve_row(&game, o);
-        for a in 0..n {
-            sol.policy[r * n + a] = T::of(pi[a]);
-            sol.aggregate[r * n + a] = T::of(y.iter().map(|yj| yj[a]).sum());
-        }
-        for (j, yj) in y.iter().enumerate() {
-            for a in 0..n {
-                sol.incentives[(r * jn + j) * n + a] = T::of(yj[a]);
-            }
-            let f: f64 = (0..n).map(|a| pi[a] * (game.values[j][a] - yj[a])).sum();
-            sol.payoffs[r * jn + j] = T::of(f);
-        }
+        sol.set_row_from_incentives(r, &y, &pi, &game.values);
         (sol.iterations[r], sol.residual[r], sol.converged[r]) = (rounds, residual, converged);
     }
     sol
