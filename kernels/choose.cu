@@ -26,14 +26,18 @@ __device__ __forceinline__ void warp_argmax(float& s, int& i) {
   }
 }
 
-// pi: B x n; ids: B x n candidate token ids or null (then the token is the index); outputs one token per row
-// (0xffffffff when the row has no candidate of positive probability).
+// pi: B x n; ids: B x n candidate token ids or null (then the token is the index); keys: B row numbers of the
+// draws' key or null (then the block's row); outputs one token per row (0xffffffff when the row has no candidate
+// of positive probability).
 extern "C" __global__ void __launch_bounds__(1024)
     cage_choose(const float* __restrict__ pi, int n, const unsigned* __restrict__ ids, int mode,
-                unsigned long long seed, unsigned step, unsigned* __restrict__ token_out) {
+                unsigned long long seed, unsigned step, const unsigned* __restrict__ keys,
+                unsigned* __restrict__ token_out) {
   __shared__ float rs[32];
   __shared__ int ri[32];
-  const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
+  const int row = blockIdx.x;
+  const unsigned key = keys ? keys[row] : (unsigned)row;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
   const float* p = pi + (size_t)row * n;
   float best = cage_neg_inf();
   int best_i = n;
@@ -42,9 +46,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (!(pa > 0.0f)) continue;
     float score = pa;
     if (mode == CHOOSE_GUMBEL) {
-      score = logf(pa) - logf(-logf(cage_uniform(seed, (unsigned)row, step, (unsigned)a)));
+      score = logf(pa) - logf(-logf(cage_uniform(seed, key, step, (unsigned)a)));
     } else if (mode == CHOOSE_RACE) {
-      score = logf(cage_uniform(seed, (unsigned)row, step, (unsigned)a)) / pa;
+      score = logf(cage_uniform(seed, key, step, (unsigned)a)) / pa;
     }
     argmax_merge(best, best_i, score, a);
   }

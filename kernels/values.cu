@@ -46,3 +46,40 @@ __device__ __forceinline__ void values_block(const T* __restrict__ arm, const T*
 extern "C" __global__ void __launch_bounds__(1024) cage_values_f32(VALUES_PARAMS(float)) { values_block(VALUES_ARGS); }
 extern "C" __global__ void __launch_bounds__(1024) cage_values_bf16(VALUES_PARAMS(__nv_bfloat16)) { values_block(VALUES_ARGS); }
 extern "C" __global__ void __launch_bounds__(1024) cage_values_f16(VALUES_PARAMS(__half)) { values_block(VALUES_ARGS); }
+
+// The values of the resident decoding step (src/gpu/resident.rs), one block per (row, principal), with every
+// stream's logits wherever its forward left them: `rows` is a B x S table of row addresses (f32 logits, V wide),
+// and principal p reads pairs[2p] and pairs[2p + 1]: q = log pi(stream a) - log pi(stream b) (an ARM against its
+// reference, a prompted stream against its plain one), or, when a < 0, q = lex[b * V + id] (a lexicon's score
+// vector). Writes the raw q (B x J x k, for the scores), the values the game is played with (`shift_min` or
+// `none`, then the weight; 0 at excluded candidates) and, when `own` is not null, the principal's own
+// log-probabilities at the candidates (its first stream's; a lexicon's q), which `genarm` and `mod` combine.
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_values_streams(const unsigned long long* __restrict__ rows, int S, const int* __restrict__ pairs,
+                        const float* __restrict__ lex, int J, int V, const unsigned* __restrict__ ids, int k,
+                        const float* __restrict__ base, const float* __restrict__ weights, int shift_min,
+                        float* __restrict__ raw, float* __restrict__ out, float* __restrict__ own) {
+  __shared__ float red[32];
+  const int r = blockIdx.x / J, p = blockIdx.x % J;
+  const int sa = pairs[2 * p], sb = pairs[2 * p + 1];
+  const float* a = sa < 0 ? nullptr : (const float*)rows[(size_t)r * S + sa];
+  const float* b = sa < 0 ? lex + (size_t)sb * V : (const float*)rows[(size_t)r * S + sb];
+  // Block-uniform branch: every thread of the block takes the same one.
+  const float lse_a = a ? row_lse(a, V, red) : 0.0f;
+  const float lse_b = a ? row_lse(b, V, red) : 0.0f;
+  const size_t at = ((size_t)r * J + p) * k;
+  float local_min = __int_as_float(0x7f800000);
+  for (int c = threadIdx.x; c < k; c += blockDim.x) {
+    const unsigned id = ids[(size_t)r * k + c];
+    const float q = a ? (a[id] - lse_a) - (b[id] - lse_b) : b[id];
+    raw[at + c] = q;
+    if (own) own[at + c] = a ? a[id] - lse_a : q;
+    if (base[(size_t)r * k + c] != cage_neg_inf()) local_min = fminf(local_min, q);
+  }
+  const float shift = shift_min ? -block_max(-local_min, red) : 0.0f;
+  const float w = weights[(size_t)r * J + p];
+  // Each thread reads back only the raw values it wrote itself.
+  for (int c = threadIdx.x; c < k; c += blockDim.x) {
+    out[at + c] = base[(size_t)r * k + c] != cage_neg_inf() ? (raw[at + c] - shift) * w : 0.0f;
+  }
+}

@@ -7,6 +7,7 @@
 use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
 use super::pool::{DecoderPool, Lease, Room};
 use super::principal::{ArmSource, LexiconSource, PromptedSource, StreamSpec, ValueSource};
+use super::resident::ResidentPlan;
 use super::stages::{
     PolicyRule, RowCandidates, RowContext, RowState, RowValues, SolveInfo, StepLogits, StepPolicy, StopReason,
     StopRule, StreamPlan, choose, forward, kl_to_base, policy, values,
@@ -525,6 +526,8 @@ impl Engine {
         let mut states: Vec<RowState> =
             room.iter().map(|&n| RowState::new(nj, opts.max_new_tokens.min(n).min(1 << 16))).collect();
         let mut live: Vec<usize> = (0..b).collect();
+        let vocabs: Vec<usize> = self.models.iter().map(|(_, m)| m.config.vocab_size).collect();
+        let mut resident = ResidentPlan::new(&self.sources, &plan, &vocabs, opts);
         // Transfers at the start of step 1, once the prefill is done.
         let mut counted = None;
         for step in 0..opts.max_new_tokens {
@@ -532,56 +535,74 @@ impl Engine {
                 break;
             }
             let nl = live.len();
-            // Forward: one batch per model over every live row's streams.
-            let t0 = Instant::now();
             if step == 1 {
                 counted = Some(transfers(decoders));
             }
-            forward(decoders, &plan, &live, &inputs, prefill_cap, &mut logits)?;
-            let fwd = t0.elapsed().as_secs_f64();
-            tm.forward_s += fwd;
-            if step == 0 {
-                tm.prefill_s += fwd;
+            if let Some(rp) = resident.as_mut().filter(|_| ResidentPlan::fits(&plan, &live, &inputs, prefill_cap)) {
+                // The step on the device: only the tokens and the principals' values there come back.
+                let t0 = Instant::now();
+                rp.forward(decoders, &plan, &live, &inputs)?;
+                let fwd = t0.elapsed().as_secs_f64();
+                tm.forward_s += fwd;
+                if step == 0 {
+                    tm.prefill_s += fwd;
+                }
+                let t2 = Instant::now();
+                rp.step(decoders, &plan, &live, row0, rows, opts, step)?;
+                tm.policy_s += t2.elapsed().as_secs_f64();
+                let t3 = Instant::now();
+                for (i, &r) in live.iter().enumerate() {
+                    let tok = rp.report.tokens[i];
+                    states[r].push_values(tok, &rp.report.values[i * nj..(i + 1) * nj]);
+                    let rule = StopRule { context: room[r], ..stop };
+                    self.after_token(row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
+                }
+                tm.tokens += nl;
+                tm.sampling_s += t3.elapsed().as_secs_f64();
+            } else {
+                // The step on the host: every stream's logits come back (from a device decoder, a download).
+                let t0 = Instant::now();
+                forward(decoders, &plan, &live, &inputs, prefill_cap, &mut logits)?;
+                let fwd = t0.elapsed().as_secs_f64();
+                tm.forward_s += fwd;
+                if step == 0 {
+                    tm.prefill_s += fwd;
+                }
+                // Candidates and values.
+                let t1 = Instant::now();
+                logits.normalise(&plan, nl);
+                for (i, c) in cands[..nl].iter_mut().enumerate() {
+                    c.select(logits.logits(&plan, i, 0), selection)?;
+                }
+                let ctx: Vec<RowContext> =
+                    live.iter().map(|&r| RowContext { row: row0 + r, generated: &states[r].generated }).collect();
+                values(&self.sources, &plan, &logits, &ctx, &cands[..nl], own_policies, &mut vals[..nl])?;
+                tm.values_s += t1.elapsed().as_secs_f64();
+                // The method's policy.
+                let t2 = Instant::now();
+                weights.clear();
+                weights.extend(live.iter().flat_map(|&r| rows[r].weights.iter().copied()));
+                policy(&rule, &cands[..nl], &vals[..nl], &weights, &mut pol)?;
+                let pol_s = t2.elapsed().as_secs_f64();
+                tm.policy_s += pol_s;
+                // Token choice and stop checks.
+                let t3 = Instant::now();
+                for (i, &r) in live.iter().enumerate() {
+                    let a = choose(pol.row(i), opts.choice, opts.seed, row0 + r, step, &mut scratch)?;
+                    let tok = cands[i].ids[a];
+                    states[r].push(tok, &vals[i], a, pol.candidates);
+                    if opts.diagnostics {
+                        let kl = kl_to_base(pol.row(i), &cands[i].base_logprobs);
+                        let d = StepDiag::new(row0 + r, step, tok, &pol.info[i], &names, kl, (fwd, pol_s));
+                        sink(Event::Step(&d))?;
+                    }
+                    let rule = StopRule { context: room[r], ..stop };
+                    self.after_token(row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
+                }
+                tm.tokens += nl;
+                tm.sampling_s += t3.elapsed().as_secs_f64();
             }
-            // Candidates and values.
-            let t1 = Instant::now();
-            logits.normalise(&plan, nl);
-            for (i, c) in cands[..nl].iter_mut().enumerate() {
-                c.select(logits.logits(&plan, i, 0), selection)?;
-            }
-            let ctx: Vec<RowContext> =
-                live.iter().map(|&r| RowContext { row: row0 + r, generated: &states[r].generated }).collect();
-            values(&self.sources, &plan, &logits, &ctx, &cands[..nl], own_policies, &mut vals[..nl])?;
-            tm.values_s += t1.elapsed().as_secs_f64();
-            // The method's policy.
-            let t2 = Instant::now();
-            weights.clear();
-            weights.extend(live.iter().flat_map(|&r| rows[r].weights.iter().copied()));
-            policy(&rule, &cands[..nl], &vals[..nl], &weights, &mut pol)?;
-            let pol_s = t2.elapsed().as_secs_f64();
-            tm.policy_s += pol_s;
-            // Token choice and stop checks.
             let t3 = Instant::now();
-            for (i, &r) in live.iter().enumerate() {
-                let a = choose(pol.row(i), opts.choice, opts.seed, row0 + r, step, &mut scratch)?;
-                let tok = cands[i].ids[a];
-                let st = &mut states[r];
-                st.push(tok, &vals[i], a, pol.candidates);
-                tm.tokens += 1;
-                for p in inputs[r].iter_mut() {
-                    p.clear();
-                    p.push(tok);
-                }
-                if opts.diagnostics {
-                    let kl = kl_to_base(pol.row(i), &cands[i].base_logprobs);
-                    let d = StepDiag::new(row0 + r, step, tok, &pol.info[i], &names, kl, (fwd, pol_s));
-                    sink(Event::Step(&d))?;
-                }
-                let text = self.tokenizer.decode(&st.generated, true)?;
-                if let Some(shown) = st.stop_check(tok, text, &StopRule { context: room[r], ..stop }) {
-                    sink(Event::Text { row: row0 + r, text: &st.text[shown] })?;
-                }
-            }
             for &r in live.iter().filter(|&&r| states[r].stop.is_some()) {
                 sink(Event::RowDone { row: row0 + r, result: &row_result(&rows[r], &states[r]) })?;
             }
@@ -598,6 +619,28 @@ impl Engine {
             sink(Event::RowDone { row: row0 + r, result: &row_result(&rows[r], &states[r]) })?;
         }
         Ok((rows.iter().zip(&states).map(|(req, st)| row_result(req, st)).collect(), tm))
+    }
+
+    /// The stop stage of row `row` (of the decode call) after its new token was pushed: the token becomes the
+    /// row's next input on every stream, its text is shown as far as it can be.
+    fn after_token(
+        &self,
+        row: usize,
+        st: &mut RowState,
+        inputs: &mut [Vec<u32>],
+        rule: &StopRule,
+        sink: &mut dyn FnMut(Event) -> Result<()>,
+    ) -> Result<()> {
+        let tok = *st.generated.last().ok_or_else(|| CageError::InvalidArgument("no token pushed".into()))?;
+        for p in inputs.iter_mut() {
+            p.clear();
+            p.push(tok);
+        }
+        let text = self.tokenizer.decode(&st.generated, true)?;
+        if let Some(shown) = st.stop_check(tok, text, rule) {
+            sink(Event::Text { row, text: &st.text[shown] })?;
+        }
+        Ok(())
     }
 
     /// One decoder per model that runs a stream, from the engine's pool: a KV-cache slot per row and stream,

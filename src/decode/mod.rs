@@ -9,10 +9,11 @@ pub mod engine;
 pub mod plot;
 pub mod pool;
 pub mod principal;
+pub mod resident;
 pub mod stages;
 pub mod sweep;
 
 pub use config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
 pub use engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, StepDiag, Timings};
-pub use principal::{StepView, StreamLogits, StreamSpec, ValueSource};
+pub use principal::{DeviceForm, StepView, StreamLogits, StreamSpec, ValueSource};
 pub use stages::StopReason;

@@ -52,6 +52,18 @@ pub struct StepView<'a> {
     pub streams: &'a [StreamLogits<'a>],
 }
 
+/// How the decoding step resident on the device computes a principal's values (see
+/// [`ValueSource::device_form`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DeviceForm<'a> {
+    /// q = log pi(first stream) - log pi(second stream), and the first stream's log-probabilities as the
+    /// principal's own policy: [`ArmSource`] and [`PromptedSource`].
+    StreamRatio,
+    /// q = the table's entry at the token (one per vocabulary id), the values as the own policy:
+    /// [`LexiconSource`]; uploaded once per run.
+    Table(&'a [f64]),
+}
+
 /// A principal's token values. Implement it to plug a custom objective into the decoding loop.
 pub trait ValueSource: Send + Sync {
     /// The principal's name.
@@ -66,6 +78,13 @@ pub trait ValueSource: Send + Sync {
     /// and returns true, or returns false when it has none (those methods then use the values).
     fn policy(&self, _view: &StepView, _out: &mut [f64]) -> Result<bool> {
         Ok(false)
+    }
+    /// The same values (and own policy) as [`ValueSource::values`] and [`ValueSource::policy`] in a form the
+    /// device computes, or None (the default): a source that only exists on the host. A run with such a source
+    /// keeps its steps on the host: each stream's logits are downloaded at every step (see
+    /// docs/architecture.md).
+    fn device_form(&self) -> Option<DeviceForm<'_>> {
+        None
     }
 }
 
@@ -114,6 +133,9 @@ impl ValueSource for ArmSource {
     fn policy(&self, view: &StepView, out: &mut [f64]) -> Result<bool> {
         first_stream(view, out)
     }
+    fn device_form(&self) -> Option<DeviceForm<'_>> {
+        Some(DeviceForm::StreamRatio)
+    }
 }
 
 /// A training-free principal: q = log pi(a | instruction, context) - log pi(a | context) on one model.
@@ -142,6 +164,9 @@ impl ValueSource for PromptedSource {
     }
     fn policy(&self, view: &StepView, out: &mut [f64]) -> Result<bool> {
         first_stream(view, out)
+    }
+    fn device_form(&self) -> Option<DeviceForm<'_>> {
+        Some(DeviceForm::StreamRatio)
     }
 }
 
@@ -185,5 +210,8 @@ impl ValueSource for LexiconSource {
             *o = self.table.get(id as usize).copied().unwrap_or(0.0);
         }
         Ok(())
+    }
+    fn device_form(&self) -> Option<DeviceForm<'_>> {
+        Some(DeviceForm::Table(&self.table))
     }
 }

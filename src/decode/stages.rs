@@ -499,6 +499,15 @@ impl RowState {
         RowState { generated: Vec::with_capacity(max_new_tokens), scores: vec![0.0; principals], ..RowState::default() }
     }
 
+    /// Appends `token`, adding each principal's value there (`values`, one per principal) to its score: the
+    /// resident step's report.
+    pub fn push_values(&mut self, token: u32, values: &[f32]) {
+        for (s, &v) in self.scores.iter_mut().zip(values) {
+            *s += v as f64;
+        }
+        self.generated.push(token);
+    }
+
     /// Appends the token at candidate `a`, adding each principal's value there to its score.
     pub fn push(&mut self, token: u32, values: &RowValues, a: usize, candidates: usize) {
         for (j, s) in self.scores.iter_mut().enumerate() {

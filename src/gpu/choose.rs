@@ -26,6 +26,8 @@ pub(super) struct ChooseArgs {
     pub(super) choice: Choice,
     pub(super) seed: u64,
     pub(super) step: u32,
+    /// B row numbers keying the draws, or 0: the row's index in the batch.
+    pub(super) keys: DevPtr,
     /// B tokens out.
     pub(super) tokens: DevPtr,
 }
@@ -86,6 +88,7 @@ impl Gpu {
             choice,
             seed,
             step,
+            keys: 0,
             tokens: b.tokens.reserve(dev, rows * 4)?,
         };
         // SAFETY: the buffers were sized above on this device.
@@ -107,6 +110,7 @@ impl Gpu {
             .i32(choice_code(a.choice))
             .u64(a.seed)
             .u32(a.step)
+            .ptr(a.keys)
             .ptr(a.tokens);
         // SAFETY: the arguments follow cage_choose in kernels/choose.cu; the caller vouches for the buffers.
         unsafe { launch.run(self.dev.as_mut()) }

@@ -13,11 +13,14 @@
 //! - `values.rs` (values.cu): [`Gpu::principal_values`], ARM values at the candidates with the preprocessing;
 //!   the implicit reward of `decode::principal::ArmSource`.
 //! - `choose.rs` (choose.cu): [`Gpu::choose`], greedy or sampled token choice (Philox); `crate::sampling`.
+//! - `policy.rs` (policy.cu): [`Gpu::policy`], the policies of `base`, `linear`, `genarm` and `mod`; the host
+//!   policy stage (`crate::baselines`).
 //! - `transformer.rs` (transformer.cu): the forward pass' kernels for [`crate::model::gpu::GpuDecoder`];
 //!   `model::forward`.
 //!
-//! [`Gpu::decode_step_device`] (`step.rs`) chains candidates, values, equilibrium and choice on
-//! device-resident logits. The core here: [`Gpu`] (one device, each kernel family's named buffers, grown only
+//! [`Gpu::decode_step_device`] (`step.rs`, the C ABI's) chains candidates, values, equilibrium and choice on
+//! device-resident logits; [`Gpu::resident_step`] (`resident.rs`, the engine's) does it for every method and
+//! principal kind, on streams wherever their forwards left them. The core here: [`Gpu`] (one device, each kernel family's named buffers, grown only
 //! when a shape grows, so a decoding loop allocates nothing in steady state), the embedded modules and the
 //! process-wide GPU and emulator of [`crate::backend::solve_with`]. No GPU, no driver or a failed context is an
 //! ordinary [`CageError`], never a panic. See docs/architecture.md.
@@ -31,12 +34,16 @@ pub mod emu;
 mod equilibrium;
 mod jacobi;
 mod launch;
+mod policy;
+mod resident;
 mod step;
 pub(crate) mod transformer;
 mod values;
 
 pub use candidates::{CandJob, Candidates, Logits, MAX_TOP_K};
 pub use equilibrium::{DeviceEquilibrium, EqJob, EqOptions, MAX_CLUSTER_PRINCIPALS, MAX_PRINCIPALS, ValueType};
+pub use policy::DevicePolicy;
+pub use resident::{PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep};
 pub use step::{DeviceStep, StepOutput};
 
 use crate::error::{CageError, Result};
@@ -76,6 +83,8 @@ pub struct Gpu {
     values: values::ValueBuffers,
     choose: choose::ChooseBuffers,
     step: step::StepBuffers,
+    policy: policy::PolicyBuffers,
+    resident: resident::ResidentBuffers,
     dev: Box<dyn Device>,
 }
 
@@ -98,6 +107,8 @@ impl Gpu {
             values: Default::default(),
             choose: Default::default(),
             step: Default::default(),
+            policy: Default::default(),
+            resident: Default::default(),
             dev,
         }
     }

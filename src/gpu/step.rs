@@ -171,6 +171,7 @@ impl Gpu {
             choice: s.choice,
             seed: s.seed,
             step: s.step,
+            keys: 0,
             tokens,
         };
         // SAFETY: buffers sized above on this device.

@@ -48,6 +48,11 @@ pub trait Decoder {
     fn transfers(&self) -> crate::gpu::device::Transfers {
         crate::gpu::device::Transfers::default()
     }
+    /// The GPU decoder behind this one, for a decoding step that keeps the logits on its device (None: the
+    /// logits live on the host).
+    fn as_gpu(&mut self) -> Option<&mut super::gpu::GpuDecoder> {
+        None
+    }
 }
 
 /// Flat KV cache: `[layer][slot][kv_head][position][head_dim]` for keys and for values (head-major, so that

@@ -477,6 +477,9 @@ impl Decoder for GpuDecoder {
     fn transfers(&self) -> crate::gpu::device::Transfers {
         self.gpu.transfers()
     }
+    fn as_gpu(&mut self) -> Option<&mut GpuDecoder> {
+        Some(self)
+    }
     fn slots(&self) -> usize {
         self.lens.len()
     }

@@ -1,0 +1,190 @@
+//! The decoding step resident on the device ([`crate::gpu::Gpu::resident_step`]) for the engine's loop: when
+//! every model of a run decodes on the device (`model_device: emulation | cuda`), each step runs the forwards
+//! with [`GpuDecoder::forward_device`] (the logits stay where they are), then candidates, values, the policy
+//! and the choice on the base model's device; only token ids and each principal's value at them come back.
+//!
+//! The host stages ([`super::stages`]) remain for what has no device form, each a documented host round trip
+//! of every stream's logits: a step whose prompts need more than one forward call (a long prefill), a run with
+//! `--diagnostics` (they read the whole policy), a principal that only exists on the host (a user
+//! [`ValueSource`] without [`ValueSource::device_form`]), `cage-paper` (the authors' L-BFGS-B solver), `k = 0`
+//! or above [`MAX_TOP_K`], `normalize: none` with `linear` or `cage`, more than [`MAX_PRINCIPALS`] principals,
+//! and principal models of another vocabulary size than the base's.
+
+use super::config::DecodeMethod;
+use super::engine::{DecodeOptions, RowRequest};
+use super::principal::{DeviceForm, ValueSource};
+use super::stages::{StreamPlan, calls_within};
+use crate::backend::Backend;
+use crate::error::{CageError, Result};
+use crate::gpu::device::DevPtr;
+use crate::gpu::{
+    DevicePolicy, MAX_PRINCIPALS, MAX_TOP_K, PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep,
+};
+use crate::model::{Decoder, LogitsAt, Seq};
+use crate::problem::Normalize;
+
+/// What a run's resident steps need besides the rows: each principal's device form, the lexicon table and
+/// the method; built once per chunk.
+pub struct ResidentPlan {
+    principals: Vec<PrincipalStreams>,
+    lexicon: Vec<f32>,
+    method: ResidentMethod,
+    shift_min: bool,
+    vocab: usize,
+    /// B x S row addresses, J weights per row and the row keys of the current step (reused).
+    table: Vec<DevPtr>,
+    weights: Vec<f32>,
+    keys: Vec<u32>,
+    /// The last step's tokens and the principals' raw values at them.
+    pub report: ResidentReport,
+}
+
+impl ResidentPlan {
+    /// The plan of a run, or None when some part of it has no device form (see the module documentation).
+    pub fn new(
+        sources: &[Box<dyn ValueSource>],
+        plan: &StreamPlan,
+        vocab: &[usize],
+        opts: &DecodeOptions,
+    ) -> Option<Self> {
+        let on_device = matches!(opts.model_device.resolve(), Backend::Emulation | Backend::Cuda);
+        let v = vocab[0];
+        let method = match opts.method {
+            DecodeMethod::Base => ResidentMethod::Policy(DevicePolicy::Base),
+            DecodeMethod::Linear => ResidentMethod::Policy(DevicePolicy::Linear),
+            DecodeMethod::Genarm => ResidentMethod::Policy(DevicePolicy::Genarm),
+            DecodeMethod::Mod => ResidentMethod::Policy(DevicePolicy::Mod),
+            DecodeMethod::Cage => ResidentMethod::Equilibrium,
+            DecodeMethod::CagePaper => return None,
+        };
+        let uses_values = matches!(opts.method, DecodeMethod::Linear | DecodeMethod::Cage);
+        if !on_device
+            || opts.diagnostics
+            || !(1..=MAX_TOP_K.min(v)).contains(&opts.k)
+            || sources.len() > MAX_PRINCIPALS
+            || (uses_values && opts.normalize != Normalize::ShiftMin)
+            || vocab.iter().any(|&x| x != v)
+        {
+            return None;
+        }
+        let mut principals = Vec::with_capacity(sources.len());
+        let mut lexicon = vec![];
+        for (j, src) in sources.iter().enumerate() {
+            principals.push(match src.device_form()? {
+                DeviceForm::StreamRatio => match plan.of_source[j][..] {
+                    [of, against] => PrincipalStreams::Ratio { of, against },
+                    _ => return None,
+                },
+                DeviceForm::Table(t) if t.len() == v => {
+                    lexicon.extend(t.iter().map(|&x| x as f32));
+                    PrincipalStreams::Lexicon { row: lexicon.len() / v - 1 }
+                }
+                DeviceForm::Table(_) => return None,
+            });
+        }
+        Some(ResidentPlan {
+            principals,
+            lexicon,
+            method,
+            shift_min: opts.normalize == Normalize::ShiftMin,
+            vocab: v,
+            table: vec![],
+            weights: vec![],
+            keys: vec![],
+            report: ResidentReport::default(),
+        })
+    }
+
+    /// Whether this step's forwards fit one call per model (a long prefill does not): else it runs on the host.
+    pub fn fits(plan: &StreamPlan, live: &[usize], inputs: &[Vec<Vec<u32>>], prefill_cap: usize) -> bool {
+        plan.on_model.iter().all(|on| {
+            let lens: Vec<usize> = live.iter().flat_map(|&r| on.iter().map(move |&s| inputs[r][s].len())).collect();
+            calls_within(&lens, prefill_cap).len() <= 1
+        })
+    }
+
+    /// The forwards of one step, logits left on each decoder's device, and the addresses of every live row's
+    /// streams in the table.
+    pub fn forward(
+        &mut self,
+        decoders: &mut [Option<Box<dyn Decoder + Send>>],
+        plan: &StreamPlan,
+        live: &[usize],
+        inputs: &[Vec<Vec<u32>>],
+    ) -> Result<()> {
+        let ns = plan.streams.len();
+        self.table.clear();
+        self.table.resize(live.len() * ns, 0);
+        let row_bytes = (self.vocab * 4) as DevPtr;
+        for (m, dec) in decoders.iter_mut().enumerate() {
+            let Some(dec) = dec.as_mut() else { continue };
+            let gpu_dec = dec.as_gpu().ok_or_else(|| not_on_device(m))?;
+            let on = &plan.on_model[m];
+            let seqs: Vec<Seq> = live
+                .iter()
+                .flat_map(|&r| {
+                    on.iter().map(move |&s| Seq {
+                        slot: plan.position(r, s),
+                        tokens: &inputs[r][s],
+                        adapter: plan.streams[s].adapter,
+                    })
+                })
+                .collect();
+            let out = gpu_dec.forward_device(&seqs, LogitsAt::Last)?;
+            if m != 0 {
+                // The step runs on the base model's device and stream: this decoder's forward must be done.
+                gpu_dec.gpu().device().synchronize()?;
+            }
+            for i in 0..live.len() {
+                for &s in on {
+                    self.table[i * ns + s] = out.ptr + plan.position(i, s) as DevPtr * row_bytes;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device step after [`ResidentPlan::forward`] for the chunk's `rows` (the first is row `row0` of the
+    /// decode call): fills [`ResidentPlan::report`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        decoders: &mut [Option<Box<dyn Decoder + Send>>],
+        plan: &StreamPlan,
+        live: &[usize],
+        row0: usize,
+        rows: &[RowRequest],
+        opts: &DecodeOptions,
+        step: usize,
+    ) -> Result<()> {
+        self.weights.clear();
+        self.weights.extend(live.iter().flat_map(|&r| rows[r].weights.iter().map(|&w| w as f32)));
+        self.keys.clear();
+        self.keys.extend(live.iter().map(|&r| (row0 + r) as u32));
+        let gpu = decoders[0].as_mut().and_then(|d| d.as_gpu()).ok_or_else(|| not_on_device(0))?.gpu();
+        let s = ResidentStep {
+            rows: live.len(),
+            streams: plan.streams.len(),
+            vocab: self.vocab,
+            k: opts.k,
+            table: &self.table,
+            principals: &self.principals,
+            lexicon: &self.lexicon,
+            weights: &self.weights,
+            tau: opts.tau as f32,
+            shift_min: self.shift_min,
+            method: self.method,
+            choice: opts.choice,
+            keys: &self.keys,
+            seed: opts.seed,
+            step: step as u32,
+        };
+        // SAFETY: the table holds the addresses `forward` computed from this step's forwards: f32 rows of V
+        // logits in the decoders' buffers, untouched until their next forward call.
+        unsafe { gpu.resident_step(&s, &mut self.report) }
+    }
+}
+
+fn not_on_device(m: usize) -> CageError {
+    CageError::InvalidArgument(format!("model {m}'s decoder is not on a device: the resident step needs it there"))
+}
