@@ -32,6 +32,7 @@ macro_rules! kernel_tests {
             device_step_matches_host_chain: bodies::device_step_matches_host_chain,
             choose_is_reproducible_and_follows_pi: bodies::choose_is_reproducible_and_follows_pi,
             principal_values_match_cpu: bodies::principal_values_match_cpu,
+            policy_matches_host_stage: bodies::policy_matches_host_stage,
             jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
             graph_replays_equilibrium: bodies::graph_replays_equilibrium,
             stale_jobs_are_refused: bodies::stale_jobs_are_refused,
@@ -53,7 +54,7 @@ macro_rules! kernel_tests {
 }
 
 use cage::candidates::{Selection, select};
-use cage::gpu::{DeviceStep, EqOptions, Gpu, Logits, ValueType};
+use cage::gpu::{DevicePolicy, DeviceStep, EqOptions, Gpu, Logits, ValueType};
 use cage::sampling::Choice;
 use cage::solver::{exact, reference};
 use cage::{Batch, BatchInput, Normalize, Solution};
@@ -841,4 +842,64 @@ pub fn stale_jobs_are_refused(gpu: &mut Gpu) {
     gpu.prepare_candidates(Logits::F32(&big), 8, 3000, Some(10)).unwrap();
     let e = gpu.run_candidates(&cand).unwrap_err();
     assert!(e.to_string().contains("prepare it again"), "{e}");
+}
+
+/// The policies of kernels/policy.cu against the host policy stage's formulas in f64 (`cage::baselines`:
+/// `linear`, `genarm`, reverse-KL `mod_policy`, and the softmax of `base`), with excluded candidates, a weight
+/// of 0 and own policies holding -inf; MOD without principals is refused.
+pub fn policy_matches_host_stage(gpu: &mut Gpu) {
+    use cage::baselines::{ModDivergence, genarm, linear, mod_policy};
+    let (rows, j, k, tau) = (3, 3, 37, 0.3f32);
+    let mut rng = StdRng::seed_from_u64(41);
+    let mut logp: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-9.0f32..-0.1)).collect();
+    logp[4] = f32::NEG_INFINITY;
+    logp[k + 9] = f32::NEG_INFINITY;
+    let values: Vec<f32> = (0..rows * j * k).map(|_| rng.random_range(0.0f32..2.0)).collect();
+    let mut own: Vec<f32> = (0..rows * j * k).map(|_| rng.random_range(-8.0f32..0.0)).collect();
+    own[2 * k + 5] = f32::NEG_INFINITY;
+    // Row 1 weighs its second principal 0: it must not count, -inf or not.
+    let weights: Vec<f32> = (0..rows * j).map(|i| if i == j + 1 { 0.0 } else { 0.2 + 0.3 * (i % 3) as f32 }).collect();
+    let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    for policy in [DevicePolicy::Base, DevicePolicy::Linear, DevicePolicy::Genarm, DevicePolicy::Mod] {
+        let got = gpu.policy(policy, rows, j, k, &logp, &values, &own, &weights, tau).unwrap();
+        for r in 0..rows {
+            let lp = f(&logp[r * k..(r + 1) * k]);
+            let w = f(&weights[r * j..(r + 1) * j]);
+            let own_r: Vec<Vec<f64>> = (0..j).map(|p| f(&own[(r * j + p) * k..(r * j + p + 1) * k])).collect();
+            let own_refs: Vec<&[f64]> = own_r.iter().map(Vec::as_slice).collect();
+            let want: Vec<f64> = match policy {
+                DevicePolicy::Base => {
+                    let mut z = lp.clone();
+                    cage::softmax::softmax_in_place(&mut z);
+                    z
+                }
+                DevicePolicy::Linear => {
+                    // The values given are already preprocessed: `none` and the weight 1 hand them over as they are.
+                    let b = Batch::new(BatchInput {
+                        rows: 1,
+                        candidates: k,
+                        principals: j,
+                        base_logprobs: lp.clone(),
+                        values: f(&values[r * j * k..(r + 1) * j * k]),
+                        weights: vec![1.0; j],
+                        tau: vec![tau as f64],
+                        normalize: Normalize::None,
+                        names: vec![],
+                    })
+                    .unwrap();
+                    linear(&b).policy
+                }
+                DevicePolicy::Genarm => genarm(&lp, &own_refs, &w).unwrap(),
+                DevicePolicy::Mod => mod_policy(&own_refs, &w, ModDivergence::Reverse).unwrap(),
+            };
+            for c in 0..k {
+                let g = got[r * k + c] as f64;
+                assert!((g - want[c]).abs() <= 2e-6, "{policy:?} row {r} candidate {c}: {g} vs {}", want[c]);
+            }
+        }
+        if policy != DevicePolicy::Mod {
+            assert_eq!((got[4], got[k + 9]), (0.0, 0.0), "{policy:?}: an excluded candidate has probability 0");
+        }
+    }
+    assert!(gpu.policy(DevicePolicy::Mod, 1, 0, k, &logp[..k], &[], &[], &[], tau).is_err());
 }
