@@ -549,11 +549,31 @@ impl Engine {
                 }
                 let t2 = Instant::now();
                 rp.step(decoders, &plan, &live, row0, rows, opts, step)?;
+                if rp.host_policy() {
+                    // The candidates and their values came back: the host's policy and choice.
+                    let (rep, k) = (&rp.report, opts.k);
+                    for i in 0..nl {
+                        cands[i].ids.clear();
+                        cands[i].ids.extend_from_slice(&rep.ids[i * k..(i + 1) * k]);
+                        cands[i].base_logprobs.clear();
+                        cands[i].base_logprobs.extend(rep.logp[i * k..(i + 1) * k].iter().map(|&x| x as f64));
+                        vals[i].q.clear();
+                        vals[i].q.extend(rep.raw[i * nj * k..(i + 1) * nj * k].iter().map(|&x| x as f64));
+                        vals[i].own.clear();
+                    }
+                    weights.clear();
+                    weights.extend(live.iter().flat_map(|&r| rows[r].weights.iter().copied()));
+                    policy(&rule, &cands[..nl], &vals[..nl], &weights, &mut pol)?;
+                }
                 tm.policy_s += t2.elapsed().as_secs_f64();
                 let t3 = Instant::now();
                 for (i, &r) in live.iter().enumerate() {
-                    let tok = rp.report.tokens[i];
-                    states[r].push_values(tok, &rp.report.values[i * nj..(i + 1) * nj]);
+                    if rp.host_policy() {
+                        let a = choose(pol.row(i), opts.choice, opts.seed, row0 + r, step, &mut scratch)?;
+                        states[r].push(cands[i].ids[a], &vals[i], a, pol.candidates);
+                    } else {
+                        states[r].push_values(rp.report.tokens[i], &rp.report.values[i * nj..(i + 1) * nj]);
+                    }
                     let rule = StopRule { context: room[r], ..stop };
                     self.after_token(row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
                 }

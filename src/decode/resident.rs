@@ -6,9 +6,11 @@
 //! The host stages ([`super::stages`]) remain for what has no device form, each a documented host round trip
 //! of every stream's logits: a step whose prompts need more than one forward call (a long prefill), a run with
 //! `--diagnostics` (they read the whole policy), a principal that only exists on the host (a user
-//! [`ValueSource`] without [`ValueSource::device_form`]), `cage-paper` (the authors' L-BFGS-B solver), `k = 0`
+//! [`ValueSource`] without [`ValueSource::device_form`]), `k = 0`
 //! or above [`MAX_TOP_K`], `normalize: none` with `linear` or `cage`, more than [`MAX_PRINCIPALS`] principals,
-//! and principal models of another vocabulary size than the base's.
+//! and principal models of another vocabulary size than the base's. `cage-paper` (the authors' L-BFGS-B solver,
+//! which has no device version) keeps a smaller round trip: the device hands back the k candidates, log pi0 and
+//! the principals' values (k x (2 + J) numbers a row, not V), the host forms the policy and chooses.
 
 use super::config::DecodeMethod;
 use super::engine::{DecodeOptions, RowRequest};
@@ -35,7 +37,8 @@ pub struct ResidentPlan {
     table: Vec<DevPtr>,
     weights: Vec<f32>,
     keys: Vec<u32>,
-    /// The last step's tokens and the principals' raw values at them.
+    /// The last step's tokens and the principals' raw values at them (or, for a policy of the host, the
+    /// candidates and their values).
     pub report: ResidentReport,
 }
 
@@ -55,9 +58,9 @@ impl ResidentPlan {
             DecodeMethod::Genarm => ResidentMethod::Policy(DevicePolicy::Genarm),
             DecodeMethod::Mod => ResidentMethod::Policy(DevicePolicy::Mod),
             DecodeMethod::Cage => ResidentMethod::Equilibrium,
-            DecodeMethod::CagePaper => return None,
+            DecodeMethod::CagePaper => ResidentMethod::Host,
         };
-        let uses_values = matches!(opts.method, DecodeMethod::Linear | DecodeMethod::Cage);
+        let uses_values = matches!(opts.method, DecodeMethod::Linear | DecodeMethod::Cage | DecodeMethod::CagePaper);
         if !on_device
             || opts.diagnostics
             || !(1..=MAX_TOP_K.min(v)).contains(&opts.k)
@@ -93,6 +96,12 @@ impl ResidentPlan {
             keys: vec![],
             report: ResidentReport::default(),
         })
+    }
+
+    /// Whether the policy is the host's ([`ResidentMethod::Host`]): the report then holds the candidates and
+    /// their values, not tokens.
+    pub fn host_policy(&self) -> bool {
+        self.method == ResidentMethod::Host
     }
 
     /// Whether this step's forwards fit one call per model (a long prefill does not): else it runs on the host.

@@ -40,6 +40,10 @@ pub enum ResidentMethod {
     Equilibrium,
     /// A policy of kernels/policy.cu.
     Policy(DevicePolicy),
+    /// A policy only the host computes (`cage-paper`, the authors' L-BFGS-B solver): the step stops after the
+    /// values and hands back the candidates, log pi0 and the raw values, k x (2 + J) numbers per row, for the
+    /// host's policy and choice.
+    Host,
 }
 
 /// Inputs of [`Gpu::resident_step`].
@@ -140,6 +144,13 @@ pub struct ResidentReport {
     pub tokens: Vec<u32>,
     /// B x J raw values q_j at the chosen tokens.
     pub values: Vec<f32>,
+    /// With [`ResidentMethod::Host`] (and then no tokens): B x k candidate ids, B x k log pi0 and B x J x k raw
+    /// values.
+    pub ids: Vec<u32>,
+    /// See `ids`.
+    pub logp: Vec<f32>,
+    /// See `ids`.
+    pub raw: Vec<f32>,
 }
 
 impl Gpu {
@@ -246,6 +257,12 @@ impl Gpu {
             unsafe { launch.run(dev) }?;
         }
 
+        out.tokens.clear();
+        out.values.clear();
+        out.ids.clear();
+        out.logp.clear();
+        out.raw.clear();
+
         // The policy.
         let (dev, bufs) = (self.dev.as_mut(), &mut self.resident);
         let pi = bufs.pi.reserve(dev, b * k * 4)?;
@@ -268,6 +285,16 @@ impl Gpu {
                 // SAFETY: buffers sized above on this device.
                 unsafe { self.launch_policy(&args)? };
                 0
+            }
+            ResidentMethod::Host => {
+                // Three downloads of k x (2 + J) numbers per row in all; the host forms the policy.
+                out.ids.resize(b * k, 0);
+                self.dev.download(cands.ids, bytemuck::cast_slice_mut(&mut out.ids))?;
+                out.logp.resize(b * k, 0.0);
+                self.dev.download(cands.logp, bytemuck::cast_slice_mut(&mut out.logp))?;
+                out.raw.resize(b * j * k, 0.0);
+                self.dev.download(raw, bytemuck::cast_slice_mut(&mut out.raw))?;
+                return Ok(());
             }
             ResidentMethod::Equilibrium => {
                 let j_eff = j.max(1);
@@ -324,8 +351,6 @@ impl Gpu {
         bufs.host_report.resize(words, 0);
         self.dev.download(report, bytemuck::cast_slice_mut(&mut bufs.host_report))?;
 
-        out.tokens.clear();
-        out.values.clear();
         for (r, w) in bufs.host_report.chunks_exact(1 + j).enumerate() {
             match w[0] {
                 REPORT_NO_CANDIDATE => return Err(CageError::EmptyCandidates { row: r }),
