@@ -1,7 +1,8 @@
 //! The decoding loop, over the stages of [`super::stages`]. Per step: one forward per model covering every
 //! stream of every live row (base, ARMs with their adapters, references, instructed prompts), candidate
 //! selection on the base, the principals' values, the method's policy (the equilibrium on the chosen backend
-//! for `cage`), the token choice, and the stop checks. Every method runs in this same loop with the same
+//! for `cage`), the token choice, and the stop checks. With every model on a device the step between the
+//! forwards and the stop checks runs there ([`super::resident`]); the stop checks and row state stay here. Every method runs in this same loop with the same
 //! forwards, so their costs and outputs compare fairly.
 
 use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
@@ -180,9 +181,11 @@ pub enum Event<'a> {
 pub struct Timings {
     /// Model forwards (prefill and decode).
     pub forward_s: f64,
-    /// Candidate selection and the principals' values.
+    /// Candidate selection and the principals' values (host stages only: on the device they are part of
+    /// `policy_s`).
     pub values_s: f64,
-    /// The method's policy (the equilibrium for `cage`).
+    /// The method's policy (the equilibrium for `cage`); on the device, the whole step after the forwards
+    /// (candidates, values, policy, choice and the report's download).
     pub policy_s: f64,
     /// Token choice, detokenisation and stop checks.
     pub sampling_s: f64,

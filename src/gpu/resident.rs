@@ -11,7 +11,8 @@ use super::choose::ChooseArgs;
 use super::device::{DevBuf, DevPtr, Device};
 use super::equilibrium::{EqJob, EqOptions, MAX_PRINCIPALS, SolutionAt, ValueType};
 use super::policy::{DevicePolicy, REPORT_NO_CANDIDATE, REPORT_NOT_FINITE, ReportArgs};
-use super::{Gpu, Launch, bad, check_i32};
+use super::values::StreamValuesArgs;
+use super::{Gpu, bad, check_i32};
 use crate::error::{CageError, Result};
 use crate::sampling::Choice;
 
@@ -235,26 +236,26 @@ impl Gpu {
             _ => 0,
         };
         if j > 0 {
-            let launch = Launch::new("cage_values_streams")
-                .grid((b * j) as u32)
-                .block(v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
-                .ptr(table)
-                .i32(ns as i32)
-                .ptr(pairs)
-                .ptr(lexicon)
-                .i32(j as i32)
-                .i32(v as i32)
-                .ptr(cands.ids)
-                .i32(k as i32)
-                .ptr(cands.logp)
-                .ptr(weights)
-                .i32(i32::from(s.shift_min))
-                .ptr(raw)
-                .ptr(values)
-                .ptr(own);
-            // SAFETY: the arguments follow cage_values_streams in kernels/values.cu; the table's rows are the
-            // caller's, the pairs were checked against S and the lexicon's rows, the outputs sized above.
-            unsafe { launch.run(dev) }?;
+            let args = StreamValuesArgs {
+                rows: b,
+                table,
+                streams: ns,
+                pairs,
+                lexicon,
+                j,
+                v,
+                ids: cands.ids,
+                k,
+                base: cands.logp,
+                weights,
+                shift_min: s.shift_min,
+                raw,
+                values,
+                own,
+            };
+            // SAFETY: the table's rows are the caller's, the pairs were checked against S and the lexicon's rows,
+            // the other buffers sized above on this device.
+            unsafe { self.launch_values_streams(&args) }?;
         }
 
         out.tokens.clear();

@@ -45,6 +45,33 @@ pub(super) struct ValuesArgs {
     pub(super) out: DevPtr,
 }
 
+/// What `cage_values_streams` reads and writes (the resident step's values), all on the device.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StreamValuesArgs {
+    /// B rows.
+    pub(super) rows: usize,
+    /// B x S row addresses of f32 logits (V each).
+    pub(super) table: DevPtr,
+    pub(super) streams: usize,
+    /// J pairs of ints: (stream, reference stream), or (-1, lexicon row).
+    pub(super) pairs: DevPtr,
+    /// L x V lexicon scores, or 0.
+    pub(super) lexicon: DevPtr,
+    pub(super) j: usize,
+    pub(super) v: usize,
+    /// B x k candidate ids and log pi0.
+    pub(super) ids: DevPtr,
+    pub(super) k: usize,
+    pub(super) base: DevPtr,
+    /// B x J weights.
+    pub(super) weights: DevPtr,
+    pub(super) shift_min: bool,
+    /// B x J x k raw values, preprocessed values and (or 0) own log-probabilities out.
+    pub(super) raw: DevPtr,
+    pub(super) values: DevPtr,
+    pub(super) own: DevPtr,
+}
+
 impl Gpu {
     /// Principal values at the candidates, preprocessed as the batch expects: for each row r and principal j,
     /// q = (arm_j - lse(arm_j)) - (ref_j - lse(ref_j)) gathered at `ids`, then `shift_min` over the candidates
@@ -157,6 +184,33 @@ impl Gpu {
             .i32(i32::from(a.shift_min))
             .ptr(a.out);
         // SAFETY: the arguments follow VALUES_PARAMS in kernels/values.cu; the caller vouches for the buffers.
+        unsafe { launch.run(self.dev.as_mut()) }
+    }
+
+    /// Launches `cage_values_streams` (kernels/values.cu): one block per (row, principal).
+    ///
+    /// # Safety
+    /// Every pointer of `a` must be device memory this `Gpu` can read or write holding the stated number of
+    /// elements, the table's addresses included; the pairs must name streams below S and lexicon rows present.
+    pub(super) unsafe fn launch_values_streams(&mut self, a: &StreamValuesArgs) -> Result<()> {
+        let launch = Launch::new("cage_values_streams")
+            .grid((a.rows * a.j) as u32)
+            .block(a.v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
+            .ptr(a.table)
+            .i32(a.streams as i32)
+            .ptr(a.pairs)
+            .ptr(a.lexicon)
+            .i32(a.j as i32)
+            .i32(a.v as i32)
+            .ptr(a.ids)
+            .i32(a.k as i32)
+            .ptr(a.base)
+            .ptr(a.weights)
+            .i32(i32::from(a.shift_min))
+            .ptr(a.raw)
+            .ptr(a.values)
+            .ptr(a.own);
+        // SAFETY: the arguments follow cage_values_streams in kernels/values.cu; the caller vouches for the buffers.
         unsafe { launch.run(self.dev.as_mut()) }
     }
 }
