@@ -136,3 +136,34 @@ fn what_has_no_device_form_keeps_working_on_the_host() {
     assert_eq!(per_step(&th), 2 * 2 * 128 * 4, "the host round trip: 2 rows x 2 streams of logits");
     assert_eq!(per_step(&td), 2 * 3 * 4, "the device twin: tokens and 2 values per row");
 }
+
+#[test]
+fn rows_that_stop_early_and_later_chunks_keep_their_draws() {
+    // Row 0 fills the 64-token context after a few tokens and stops while row 1 goes on (the live rows shrink
+    // mid-chunk); row 2 is a second chunk of one row (its draws keyed by its index in the call, 2).
+    let long: Vec<String> = (3..61).map(|i| format!("t{i}")).collect();
+    let prompts = [long.join(" "), "t20 t21".to_string(), "t8 t9 t10".to_string()];
+    for m in [DecodeMethod::Cage, DecodeMethod::Genarm, DecodeMethod::CagePaper] {
+        let mut cfg = config("mixed", m, "sample");
+        cfg.max_new_tokens = 6;
+        let e = Engine::from_config(&cfg).unwrap();
+        let rows: Vec<RowRequest> =
+            prompts.iter().map(|p| RowRequest { prompt: p.clone(), weights: cfg.weights() }).collect();
+        let go = |diagnostics: bool| {
+            let mut opts = DecodeOptions::from_config(&cfg).unwrap();
+            opts.ignore_eos = true;
+            opts.diagnostics = diagnostics;
+            e.decode(&rows, &opts, &mut |_| {}).unwrap()
+        };
+        let ((dev, td), (host, _)) = (go(false), go(true));
+        let toks = |r: &[cage::decode::RowResult]| r.iter().map(|x| x.tokens.clone()).collect::<Vec<_>>();
+        assert_eq!(toks(&dev), toks(&host), "{m}");
+        assert_eq!(dev[0].stop_reason, cage::decode::StopReason::Context, "{m}: row 0 fills its context");
+        assert!(dev[0].tokens.len() < dev[1].tokens.len(), "{m}: row 0 stops first: {:?}", toks(&dev));
+        // One report per live row and counted step (the first step of each chunk is not counted).
+        let j = cfg.principals.len();
+        let counted = td.tokens - 3;
+        let per_row = if m == DecodeMethod::CagePaper { 16 * (2 + j) * 4 } else { (1 + j) * 4 };
+        assert_eq!(td.step_transfers.device_to_host as usize, counted * per_row, "{m}: {td:?}");
+    }
+}

@@ -215,10 +215,14 @@ pub struct RunConfig {
     #[serde(default)]
     pub prompt_format: FormatSetting,
     /// Where the equilibrium runs: `cpu`, `cuda`, `emulation` or `auto` (the default: the GPU when usable).
+    /// When the forwards run on a device and the step stays there (see `model_device`), the equilibrium runs
+    /// on that device whatever this says: the logits are there.
     #[serde(default)]
     pub backend: Backend,
     /// Where the forward passes run: `cpu` (the default), `cuda` (bf16 weights, cuBLAS), `emulation` (the GPU
-    /// code path on the host emulation: tiny models and tests only) or `auto` (the GPU when usable).
+    /// code path on the host emulation: tiny models and tests only) or `auto` (the GPU when usable). On a
+    /// device the whole decoding step stays there (candidates, values, policy, choice; see
+    /// src/decode/resident.rs), apart from the documented host round trips.
     #[serde(default = "default_cpu")]
     pub model_device: Backend,
     /// Prompts (rows) decoded together.

@@ -2,6 +2,7 @@
 //! every model of a run decodes on the device (`model_device: emulation | cuda`), each step runs the forwards
 //! with [`GpuDecoder::forward_device`] (the logits stay where they are), then candidates, values, the policy
 //! and the choice on the base model's device; only token ids and each principal's value at them come back.
+//! The equilibrium of `cage` then runs on that device whatever the run's `backend` says (the logits are there).
 //!
 //! The host stages ([`super::stages`]) remain for what has no device form, each a documented host round trip
 //! of every stream's logits: a step whose prompts need more than one forward call (a long prefill), a run with
@@ -15,7 +16,7 @@
 use super::config::DecodeMethod;
 use super::engine::{DecodeOptions, RowRequest};
 use super::principal::{DeviceForm, ValueSource};
-use super::stages::{StreamPlan, calls_within};
+use super::stages::StreamPlan;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::gpu::device::DevPtr;
@@ -104,11 +105,14 @@ impl ResidentPlan {
         self.method == ResidentMethod::Host
     }
 
-    /// Whether this step's forwards fit one call per model (a long prefill does not): else it runs on the host.
+    /// Whether this step's forwards fit one call per model (a long prefill may not: the calls of
+    /// [`super::stages::calls_within`] would overwrite each other's logits on the device); else it runs on the host.
     pub fn fits(plan: &StreamPlan, live: &[usize], inputs: &[Vec<Vec<u32>>], prefill_cap: usize) -> bool {
+        // One call of `calls_within` holds every sequence when they are one, or all fit under the cap.
         plan.on_model.iter().all(|on| {
-            let lens: Vec<usize> = live.iter().flat_map(|&r| on.iter().map(move |&s| inputs[r][s].len())).collect();
-            calls_within(&lens, prefill_cap).len() <= 1
+            let lens = live.iter().flat_map(|&r| on.iter().map(move |&s| inputs[r][s].len()));
+            let (n, tokens) = lens.fold((0, 0), |(n, t), l| (n + 1, t + l));
+            n <= 1 || tokens <= prefill_cap
         })
     }
 
@@ -196,4 +200,30 @@ impl ResidentPlan {
 
 fn not_on_device(m: usize) -> CageError {
     CageError::InvalidArgument(format!("model {m}'s decoder is not on a device: the resident step needs it there"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::principal::StreamSpec;
+    use crate::decode::stages::calls_within;
+
+    #[test]
+    fn a_step_fits_when_the_forward_stage_would_make_one_call_per_model() {
+        let told = StreamSpec { model: 0, adapter: None, instruction: Some("x".into()) };
+        let base = StreamSpec { model: 0, adapter: None, instruction: None };
+        let plan = StreamPlan::new(&[vec![told, base]], 1).unwrap();
+        for (lens, cap) in
+            [(vec![[3, 4], [5, 6]], 18), (vec![[3, 4], [5, 6]], 17), (vec![[30, 1]], 8), (vec![[1, 1]], 1)]
+        {
+            let inputs: Vec<Vec<Vec<u32>>> = lens.iter().map(|r| r.iter().map(|&n| vec![7; n]).collect()).collect();
+            let live: Vec<usize> = (0..inputs.len()).collect();
+            let flat: Vec<usize> = lens.iter().flatten().copied().collect();
+            let want = calls_within(&flat, cap).len() <= 1;
+            assert_eq!(ResidentPlan::fits(&plan, &live, &inputs, cap), want, "{lens:?} cap {cap}");
+        }
+        // The first two cases straddle the cap: one fits, one does not.
+        let inputs: Vec<Vec<Vec<u32>>> = vec![vec![vec![7; 3], vec![7; 4]], vec![vec![7; 5], vec![7; 6]]];
+        assert!(ResidentPlan::fits(&plan, &[0, 1], &inputs, 18) && !ResidentPlan::fits(&plan, &[0, 1], &inputs, 17));
+    }
 }
