@@ -173,6 +173,59 @@ fn sweep_rows_equal_generate_at_each_grid_point() {
     assert_ne!(texts(&rows[..6]), texts(&rows[6..]));
 }
 
+/// With `"model_device": "emulation"` the step stays on the (emulated) device; `--diagnostics` keeps the host
+/// stages on the same forwards. `generate` and `sweep` decode the same tokens either way, for every method.
+#[test]
+fn generate_and_sweep_on_the_emulated_device_decode_as_the_host_stages() {
+    let d = scratch("resident");
+    let config = tiny_config(json!({"tau": 0.2, "max_new_tokens": 5, "model_device": "emulation",
+                                    "sampling": "sample", "seed": 3}));
+    // The word tokenizer's text spells every token: the texts and token counts pin the tokens.
+    let tokens = |rows: &[Value]| rows.iter().map(|r| (r["text"].clone(), r["tokens"].clone())).collect::<Vec<_>>();
+    let host = |extra: &[&str]| {
+        let diag = d.join("diagnostics.jsonl");
+        let mut args = extra.to_vec();
+        args.extend(["--diagnostics", diag.to_str().unwrap()]);
+        generate_rows(&d, &config, &args)
+    };
+    for m in ["base", "linear", "genarm", "mod", "cage", "cage-paper"] {
+        let dev = generate_rows(&d, &config, &["--method", m]);
+        assert_eq!(tokens(&dev), tokens(&host(&["--method", m])), "generate {m}");
+        assert!(dev.iter().all(|r| r["tokens"].as_u64().is_some_and(|n| n > 0)), "{m}: no tokens");
+    }
+    // A sweep decodes every grid point in one call, so its sampled rows are keyed by their index there, not as
+    // `generate` keys them: greedy here.
+    let config = tiny_config(json!({"tau": 0.2, "max_new_tokens": 5, "model_device": "emulation"}));
+    let host = |extra: &[&str]| {
+        let diag = d.join("diagnostics.jsonl");
+        let mut args = extra.to_vec();
+        args.extend(["--diagnostics", diag.to_str().unwrap()]);
+        generate_rows(&d, &config, &args)
+    };
+    let cfg = write_json(&d, "sweep.json", &config);
+    let out = d.join("out");
+    let (c, p, o) = (cfg.to_str().unwrap(), prompts_file(&d), out.to_str().unwrap());
+    run_cage(["sweep", "-c", c, "--prompts", p.to_str().unwrap(), "--methods", "cage", "--steps", "1", "--out", o])
+        .ok();
+    let rows = jsonl(&std::fs::read_to_string(out.join("results.jsonl")).unwrap());
+    assert_eq!(rows.len(), 2 * 2, "grid points x prompts");
+    for chunk in rows.chunks(2) {
+        let ws: Vec<String> = chunk[0]["weights"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
+        assert_eq!(tokens(chunk), tokens(&host(&["--method", "cage", "--weights", &ws.join(",")])), "sweep at {ws:?}");
+    }
+    // `bench decode --json` reports the resident step's traffic: per row the token and the 2 principals' values.
+    let methods = "base,linear,genarm,mod,cage";
+    let args =
+        ["bench", "decode", "--config", c, "--methods", methods, "--rows", "2", "--tokens", "3", "--repeats", "1"];
+    let r = run_cage(args.iter().copied().chain(["--json"])).ok();
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    for m in v["methods"].as_array().unwrap() {
+        let (d2h, h2d) = (m["d2h_bytes_per_step"].as_f64().unwrap(), m["h2d_bytes_per_step"].as_f64().unwrap());
+        assert_eq!(d2h, (2 * (1 + 2) * 4) as f64, "{}: {m}", m["method"]);
+        assert!(d2h <= (2 * (4 + 64)) as f64 && h2d < (2 * 128 * 4) as f64, "{}: {m}", m["method"]);
+    }
+}
+
 /// A models folder whose default model is the tiny Llama (with its word tokenizer), so that `demo` and
 /// `fetch-model` find it complete and need no network.
 fn tiny_models_dir() -> PathBuf {
