@@ -167,3 +167,32 @@ fn rows_that_stop_early_and_later_chunks_keep_their_draws() {
         assert_eq!(td.step_transfers.device_to_host as usize, counted * per_row, "{m}: {td:?}");
     }
 }
+
+#[test]
+fn without_principals_the_resident_step_is_the_base_policy() {
+    for m in DecodeMethod::ALL {
+        let mut cfg = config("arm", m, "sample");
+        cfg.principals.clear();
+        cfg.weights = Some(vec![]);
+        let e = Engine::from_config(&cfg).unwrap();
+        let go = |diagnostics: bool| {
+            let mut opts = DecodeOptions::from_config(&cfg).unwrap();
+            opts.ignore_eos = true;
+            opts.diagnostics = diagnostics;
+            let rows: Vec<RowRequest> =
+                PROMPTS.iter().map(|p| RowRequest { prompt: p.to_string(), weights: vec![] }).collect();
+            e.decode(&rows, &opts, &mut |_| {})
+                .map(|(r, t)| (r.iter().map(|x| x.tokens.clone()).collect::<Vec<_>>(), t))
+        };
+        match (go(false), go(true)) {
+            ((Ok((dev, t)), Ok((host, _)))) => {
+                assert_eq!(dev, host, "{m}");
+                let per_row = if m == DecodeMethod::CagePaper { 16 * 2 * 4 } else { 4 };
+                assert_eq!(t.step_transfers.device_to_host, (t.tokens as u64 - 2) * per_row, "{m}: {t:?}");
+            }
+            // MOD combines the principals' policies: without any, both paths refuse.
+            (Err(a), Err(b)) => assert!(m == DecodeMethod::Mod, "{m}: {a} / {b}"),
+            (a, b) => panic!("{m}: the paths disagree: {:?} vs {:?}", a.map(|x| x.0), b.map(|x| x.0)),
+        }
+    }
+}
