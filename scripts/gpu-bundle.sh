@@ -43,7 +43,7 @@ fi
 cargo build --release --bin cage
 cp target/release/cage "$bundle/cage"
 cp benches/torch_peer.py "$bundle/"
-# The device tool carries at most 64 MiB: strip the debug line tables and compress (about 15 MB in all).
+# The device tool carries at most 64 MiB: strip the debug line tables and compress (about 35 MB in all).
 for exe in "$bundle"/cage "$bundle"/tests/* "$bundle"/benches/*; do
   strip "$exe"
   gzip -9 "$exe"
