@@ -4,9 +4,10 @@
 //! for `cage`), the token choice, and the stop checks. Every method runs in this same loop with the same
 //! forwards, so their costs and outputs compare fairly.
 
-use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, TokenizerMismatch, check_weights};
 use super::pool::{DecoderPool, Lease, Room};
 use super::principal::{ArmSource, LexiconSource, PromptedSource, StreamSpec, ValueSource};
+use super::prompts::PromptTemplate;
 use super::stages::{
     PolicyRule, RowCandidates, RowContext, RowState, RowValues, SolveInfo, StepLogits, StepPolicy, StopReason,
     StopRule, StreamPlan, choose, forward, kl_to_base, policy, values,
@@ -217,9 +218,11 @@ pub struct Engine {
     models: Vec<(PathBuf, Arc<Model>)>,
     tokenizer: Tokenizer,
     tokenizer_model: Option<serde_json::Value>,
-    tokenizer_override: bool,
+    tokenizer_mismatch: TokenizerMismatch,
     sources: Vec<Box<dyn ValueSource>>,
     format: PromptFormat,
+    /// A prompt template, rendered and then encoded as plain text (instead of `format`).
+    template: Option<PromptTemplate>,
     eos: Vec<u32>,
     /// The decoders, kept from call to call.
     pool: DecoderPool,
@@ -262,9 +265,10 @@ impl Engine {
             models: vec![(base.to_path_buf(), Arc::new(model))],
             tokenizer_model: tokenizer_model(tdir)?,
             tokenizer: tok,
-            tokenizer_override: tokenizer.is_some(),
+            tokenizer_mismatch: TokenizerMismatch::Error,
             sources: vec![],
             format,
+            template: None,
             eos,
             pool: DecoderPool::default(),
         })
@@ -274,6 +278,10 @@ impl Engine {
     pub fn from_config(cfg: &RunConfig) -> Result<Self> {
         cfg.check()?;
         let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), cfg.prompt_format)?;
+        e.template = cfg.prompt_template.clone();
+        e.tokenizer_mismatch = cfg.tokenizer_mismatch;
+        // A `tokenizer` override is checked against the base's own tokenizer.json too.
+        e.check_tokenizer(&cfg.base)?;
         for p in &cfg.principals {
             let src: Box<dyn ValueSource> = match &p.kind {
                 PrincipalKind::Arm { model, adapter, reference } => {
@@ -324,18 +332,7 @@ impl Engine {
             return Ok(i);
         }
         let model = load_model(dir)?;
-        if !self.tokenizer_override
-            && let (Some(mine), Some(theirs)) = (&self.tokenizer_model, tokenizer_model(dir)?)
-            && *mine != theirs
-        {
-            return Err(CageError::Model {
-                model: dir.display().to_string(),
-                msg: format!(
-                    "its tokenizer differs from the base model's ({}); base and principals must share a tokenizer",
-                    self.models[0].0.display()
-                ),
-            });
-        }
+        self.check_tokenizer(dir)?;
         // The principals score the base's candidate ids: a smaller vocabulary would fail at the first step.
         let base_vocab = self.models[0].1.config.vocab_size;
         if model.config.vocab_size < base_vocab {
@@ -350,6 +347,23 @@ impl Engine {
         }
         self.models.push((dir.to_path_buf(), Arc::new(model)));
         Ok(self.models.len() - 1)
+    }
+
+    /// A model folder with its own `tokenizer.json` must hold the run's tokenizer (the base's, or the
+    /// `tokenizer` override's), unless the config opted in with `tokenizer_mismatch: allow`.
+    fn check_tokenizer(&self, dir: &Path) -> Result<()> {
+        if self.tokenizer_mismatch == TokenizerMismatch::Allow {
+            return Ok(());
+        }
+        if let (Some(mine), Some(theirs)) = (&self.tokenizer_model, tokenizer_model(dir)?)
+            && *mine != theirs
+        {
+            return Err(CageError::Model {
+                model: dir.display().to_string(),
+                msg: "its tokenizer.json differs from the run's tokenizer (the base model's, or the config's `tokenizer`); base and principals must share a tokenizer, or the config must opt in with \"tokenizer_mismatch\": \"allow\" (ids are then read as the same tokens)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Loads a LoRA adapter onto model `model` (unmerged) and returns its adapter id.
@@ -389,7 +403,10 @@ impl Engine {
             Some(i) => format!("{i}\n\n{prompt}"),
             None => prompt.to_string(),
         };
-        let ids = self.tokenizer.prompt_ids(&text, self.format)?;
+        let ids = match &self.template {
+            Some(t) => self.tokenizer.prompt_ids(&t.render(&text), PromptFormat::Plain)?,
+            None => self.tokenizer.prompt_ids(&text, self.format)?,
+        };
         if ids.is_empty() {
             return Err(CageError::InvalidArgument(format!("prompt {prompt:?} encodes to no tokens")));
         }
