@@ -1,0 +1,320 @@
+//! The experiment protocol on the tiny fixtures: examples/paper/run.sh end to end (five per-method sweeps and
+//! one `cage report`), the report's HV and MIP against a 2-D staircase and the MIP formula computed here from
+//! the sweeps' CSVs, prompt templates and prompt-file shapes against the same prompts written out by hand,
+//! the tokenizer check under a `tokenizer` override, and the errors raised before any decoding.
+
+use cage::decode::prompts::{hh_prompt, read_prompts};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(ROOT).join("tests/fixtures").join(p)
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cage-protocol-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cage(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cage")).current_dir(ROOT).args(args).output().unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn err(o: Output) -> String {
+    assert!(!o.status.success(), "expected a failure, got {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8(o.stderr).unwrap()
+}
+
+/// The tiny variant of a paper config, with `extra` fields merged in, written to `dir/name`.
+fn tiny_config(dir: &Path, name: &str, method: &str, extra: serde_json::Value) -> String {
+    let text = std::fs::read_to_string(Path::new(ROOT).join(format!("examples/paper/tiny/{method}.json"))).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["base", "tokenizer"] {
+        v[key] = Path::new(ROOT).join(v[key].as_str().unwrap()).display().to_string().into();
+    }
+    for p in v["principals"].as_array_mut().unwrap() {
+        p["adapter"] = Path::new(ROOT).join(p["adapter"].as_str().unwrap()).display().to_string().into();
+    }
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    let p = dir.join(name);
+    std::fs::write(&p, v.to_string()).unwrap();
+    p.display().to_string()
+}
+
+/// sweep.csv of a run folder: (method, weights, scores) per line, with `j` weight columns.
+fn points(dir: &Path, j: usize) -> Vec<(String, Vec<f64>, Vec<f64>)> {
+    let text = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let x: Vec<f64> = f[1..].iter().map(|x| x.parse().unwrap()).collect();
+            (f[0].to_string(), x[..j].to_vec(), x[j..].to_vec())
+        })
+        .collect()
+}
+
+/// 2-D hypervolume (maximisation) by the staircase: points by x descending, each adds the strip between its x
+/// and the next one's, as high as the best y so far.
+fn staircase_hv(pts: &[Vec<f64>], r: &[f64]) -> f64 {
+    let mut p: Vec<&Vec<f64>> = pts.iter().filter(|p| p[0] > r[0] && p[1] > r[1]).collect();
+    p.sort_by(|a, b| b[0].total_cmp(&a[0]));
+    let (mut hv, mut best_y) = (0.0, r[1]);
+    for (i, q) in p.iter().enumerate() {
+        best_y = best_y.max(q[1]);
+        let next_x = p.get(i + 1).map_or(r[0], |n| n[0]);
+        hv += (q[0] - next_x) * (best_y - r[1]);
+    }
+    hv
+}
+
+/// report.csv as (method, points, hv, mip).
+fn report_rows(dir: &Path) -> Vec<(String, usize, f64, f64)> {
+    let text = std::fs::read_to_string(dir.join("report.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("method,points,hv,mip,run"));
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap())
+        })
+        .collect()
+}
+
+/// The report's numbers recomputed here from the sweeps' points: reference = per-axis minimum over every
+/// method minus `margin`, in min-max-scaled axes when `minmax`; MIP = mean of w . (s - lo) / (hi - lo).
+fn check_report(report: &Path, runs: &[PathBuf], margin: [f64; 2], minmax: bool) {
+    let all: Vec<(String, Vec<f64>, Vec<f64>)> = runs.iter().flat_map(|d| points(d, 2)).collect();
+    let lo: Vec<f64> = (0..2).map(|a| all.iter().map(|p| p.2[a]).fold(f64::INFINITY, f64::min)).collect();
+    let hi: Vec<f64> = (0..2).map(|a| all.iter().map(|p| p.2[a]).fold(f64::NEG_INFINITY, f64::max)).collect();
+    let scale = |s: &Vec<f64>| -> Vec<f64> {
+        if minmax { (0..2).map(|a| (s[a] - lo[a]) / (hi[a] - lo[a])).collect() } else { s.clone() }
+    };
+    let scaled_lo: Vec<f64> = if minmax { vec![0.0, 0.0] } else { lo.clone() };
+    let r = [scaled_lo[0] - margin[0], scaled_lo[1] - margin[1]];
+    let rows = report_rows(report);
+    let methods: std::collections::BTreeSet<&str> = all.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(rows.len(), methods.len());
+    for (m, n, hv, mip) in rows {
+        let mine: Vec<&(String, Vec<f64>, Vec<f64>)> = all.iter().filter(|p| p.0 == m).collect();
+        assert_eq!(n, mine.len(), "{m}");
+        let want_hv = staircase_hv(&mine.iter().map(|p| scale(&p.2)).collect::<Vec<_>>(), &r);
+        assert!((hv - want_hv).abs() <= 1e-9 * want_hv.abs().max(1.0), "{m}: HV {hv}, staircase {want_hv}");
+        let want_mip =
+            mine.iter().map(|p| (0..2).map(|a| p.1[a] * (p.2[a] - lo[a]) / (hi[a] - lo[a])).sum::<f64>()).sum::<f64>()
+                / mine.len() as f64;
+        assert!((mip - want_mip).abs() <= 1e-9, "{m}: MIP {mip}, formula {want_mip}");
+    }
+}
+
+#[test]
+fn the_paper_example_runs_end_to_end_on_the_fixtures() {
+    let out = scratch("paper");
+    let status = Command::new("sh")
+        .current_dir(ROOT)
+        .arg("examples/paper/run.sh")
+        .arg("examples/paper/tiny")
+        .arg(&out)
+        .env("CAGE", env!("CARGO_BIN_EXE_cage"))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let methods = ["base", "genarm", "mod", "cage", "cage-paper"];
+    let runs: Vec<PathBuf> = methods.iter().map(|m| out.join(m)).collect();
+    for (m, d) in methods.iter().zip(&runs) {
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
+        assert_eq!(manifest["methods"], serde_json::json!([m]), "each config sweeps its own method");
+        assert_eq!(manifest["scores"], serde_json::json!(["helpful", "harmless"]));
+        let pts = points(d, 2);
+        assert_eq!(pts.len(), 11, "{m}: the 11 vectors of run.sh's weights list");
+        assert_eq!(pts[1].1, vec![0.1, 0.9]);
+    }
+    check_report(&out.join("report"), &runs, [1.0, 1.0], false);
+    let md = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(methods.iter().all(|m| md.contains(&format!("| {m} |"))), "{md}");
+    let svg = std::fs::read_to_string(out.join("report/pareto.svg")).unwrap();
+    assert!(methods.iter().all(|m| svg.contains(&format!(">{m}</text>"))), "one legend entry per method");
+    assert!(out.join("report/pareto.png").is_file());
+}
+
+/// Three methods in two run folders, with a margin per axis and min-max scaling; and the folders a report
+/// refuses.
+#[test]
+fn report_merges_run_folders_with_one_reference_point() {
+    let d = scratch("report");
+    let prompts = Path::new(ROOT).join("examples/paper/tiny/prompts.jsonl").display().to_string();
+    let cfg = tiny_config(&d, "genarm.json", "genarm", serde_json::json!({"max_new_tokens": 5}));
+    let sweep = |cfg: &str, extra: &[&str], out: &Path| {
+        let mut a = vec!["sweep", "-c", cfg, "--prompts", &prompts, "--steps", "4", "--out"];
+        let o = out.display().to_string();
+        a.push(&o);
+        a.extend_from_slice(extra);
+        ok(cage(&a));
+    };
+    let (a, b) = (d.join("a"), d.join("b"));
+    sweep(&cfg, &[], &a);
+    sweep(&cfg, &["--methods", "cage,mod"], &b);
+    let runs = [a.display().to_string(), b.display().to_string()];
+    for (margin, minmax) in [([1.0, 1.0], false), ([0.5, 2.0], false), ([0.0, 0.0], true), ([0.1, 0.2], true)] {
+        let rep = d.join(format!("rep-{}-{}-{minmax}", margin[0], margin[1]));
+        let m = format!("{},{}", margin[0], margin[1]);
+        let norm = if minmax { "minmax" } else { "none" };
+        let r = rep.display().to_string();
+        ok(cage(&["report", &runs[0], &runs[1], "--margin", &m, "--normalize", norm, "--out", &r]));
+        check_report(&rep, &[a.clone(), b.clone()], margin, minmax);
+        assert_eq!(report_rows(&rep).iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["genarm", "cage", "mod"]);
+    }
+    // A folder scoring other axes (principals under other names) is refused, naming both folders.
+    let renamed = std::fs::read_to_string(&cfg).unwrap().replace("\"helpful\"", "\"useful\"");
+    std::fs::write(d.join("renamed.json"), renamed).unwrap();
+    let c = d.join("c");
+    sweep(&d.join("renamed.json").display().to_string(), &["--methods", "linear"], &c);
+    let e = err(cage(&["report", &runs[0], &c.display().to_string(), "--out", &d.join("x").display().to_string()]));
+    assert!(e.contains("different axes") && e.contains(&runs[0]) && e.contains(&c.display().to_string()), "{e}");
+    // The same method twice, a folder that is no run folder, a margin per axis of the wrong arity.
+    let e = err(cage(&["report", &runs[0], &runs[0]]));
+    assert!(e.contains("method genarm is in both"), "{e}");
+    let e = err(cage(&["report", &d.display().to_string()]));
+    assert!(e.contains("no run.json"), "{e}");
+    let e = err(cage(&["report", &runs[0], "--margin", "1,2,3"]));
+    assert!(e.contains("margin") && e.contains("one per score axis (2)"), "{e}");
+}
+
+#[test]
+fn a_prompt_template_is_the_prompt_written_out() {
+    let d = scratch("template");
+    let templated = tiny_config(&d, "t.json", "cage", serde_json::json!({"max_new_tokens": 6}));
+    let plain = tiny_config(
+        &d,
+        "p.json",
+        "cage",
+        serde_json::json!({"max_new_tokens": 6, "prompt_template": null, "prompt_format": "plain"}),
+    );
+    let out = d.join("out.jsonl");
+    let text = |cfg: &str, prompt: &str| -> String {
+        ok(cage(&["generate", "-c", cfg, "--prompts", prompt, "--weights", "0.3,0.7", "--out", out.to_str().unwrap()]));
+        let line = std::fs::read_to_string(&out).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    let one = d.join("one.jsonl");
+    std::fs::write(&one, "{\"prompt\": \"t20 t21\"}\n").unwrap();
+    let written = d.join("written.jsonl");
+    std::fs::write(&written, "\"t9 t10 t20 t21 t11\"\n").unwrap();
+    let (a, b) = (text(&templated, one.to_str().unwrap()), text(&plain, written.to_str().unwrap()));
+    assert_eq!(a, b);
+    // The template changes what is decoded (else the comparison above shows nothing).
+    assert_ne!(a, text(&plain, one.to_str().unwrap()));
+}
+
+#[test]
+fn prompt_files_in_the_datasets_shapes() {
+    let d = scratch("shapes");
+    let f = d.join("p.jsonl");
+    let hh = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How do I bake bread?\n\nAssistant: Knead it.";
+    let lines = [
+        serde_json::json!({"prompt": "How do I stay safe?", "uid": 3, "category": "x"}),
+        serde_json::json!({"chosen": hh, "rejected": "\n\nHuman: Hi\n\nAssistant: No."}),
+        serde_json::json!("plain text"),
+    ];
+    std::fs::write(&f, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let got = read_prompts(&f).unwrap();
+    let want_hh = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How do I bake bread?\n\nAssistant:";
+    assert_eq!(got, ["How do I stay safe?", want_hh, "plain text"]);
+    assert_eq!(hh_prompt("\n\nHuman: x"), None);
+    for (bad, says) in [
+        (serde_json::json!({"chosen": "\n\nHuman: no answer turn"}), "no \"\\n\\nAssistant:\" turn"),
+        (serde_json::json!({"prompt": 3}), "\"prompt\" is not a string"),
+        (serde_json::json!({"text": "x"}), "expected a string"),
+    ] {
+        std::fs::write(&f, format!("\"ok\"\n{bad}\n")).unwrap();
+        let e = read_prompts(&f).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains(says), "{e}");
+    }
+}
+
+/// Bad protocol inputs fail before any model loads: the config names a base that does not exist, so an error
+/// that reached model loading would say so instead.
+#[test]
+fn bad_templates_and_weight_lists_are_errors_before_decoding() {
+    let d = scratch("bad");
+    let missing = d.join("no-such-model").display().to_string();
+    let cfg = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"base": missing, "principals": [
+            {"name": "a", "kind": "lexicon", "words": {"t5": 1.0}},
+            {"name": "b", "kind": "lexicon", "words": {"t6": 1.0}}]});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let p = d.join("c.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        p.display().to_string()
+    };
+    for t in ["USER: ASSISTANT:", "{prompt} and {prompt}"] {
+        let c = cfg(serde_json::json!({"prompt_template": t}));
+        let e = err(cage(&["generate", "-c", &c, "--prompt", "x"]));
+        assert!(e.contains("prompt_template") && e.contains("{prompt} exactly once"), "{e}");
+    }
+    let c = cfg(serde_json::json!({"prompt_template": "Q: {prompt} A:", "prompt_format": "chat"}));
+    let e = err(cage(&["generate", "-c", &c, "--prompt", "x"]));
+    assert!(e.contains("prompt_template and prompt_format chat"), "{e}");
+    let c = cfg(serde_json::json!({}));
+    let out = d.join("out").display().to_string();
+    let e = err(cage(&["sweep", "-c", &c, "--prompt", "x", "--weights-list", "0.5,0.5;0.2,0.3,0.5", "--out", &out]));
+    assert!(e.contains("--weights-list vector 2") && e.contains("3 weights given for 2 principals (a, b)"), "{e}");
+    let e = err(cage(&["sweep", "-c", &c, "--prompt", "x", "--weights-list", "0.5,x", "--out", &out]));
+    assert!(e.contains("weight \"x\""), "{e}");
+    let e = err(cage(&["sweep", "-c", &c, "--prompt", "x", "--weights-list", "1,0", "--steps", "3"]));
+    assert!(e.contains("--steps") && e.contains("--weights-list"), "{e}");
+    // A good list gets as far as loading the model.
+    let e = err(cage(&["sweep", "-c", &c, "--prompt", "x", "--weights-list", "1,0;0,1", "--out", &out]));
+    assert!(e.contains("no-such-model"), "{e}");
+}
+
+/// A `tokenizer` override is compared with every model folder's own tokenizer.json, the base's included; a
+/// mismatch is an error unless the config opts in.
+#[test]
+fn a_tokenizer_override_keeps_the_tokenizer_check() {
+    let d = scratch("tok");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    // The fixture tokenizer with every `tN` renamed `uN`: the same ids, other tokens.
+    let tok = std::fs::read_to_string(fixture("tiny-word-tokenizer/tokenizer.json")).unwrap();
+    std::fs::write(model.join("tokenizer.json"), tok.replace("\"t", "\"u")).unwrap();
+    std::fs::copy(fixture("tiny-word-tokenizer/tokenizer_config.json"), model.join("tokenizer_config.json")).unwrap();
+    let write = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"base": model, "tokenizer": fixture("tiny-word-tokenizer"),
+            "principals": [{"name": "p", "kind": "prompted", "instruction": "t9"}], "max_new_tokens": 3});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let p = d.join("c.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        p.display().to_string()
+    };
+    let e = err(cage(&["generate", "-c", &write(serde_json::json!({})), "--prompt", "t3 t4"]));
+    assert!(e.contains(&model.display().to_string()) && e.contains("tokenizer_mismatch"), "{e}");
+    let out = ok(cage(&[
+        "generate",
+        "-c",
+        &write(serde_json::json!({"tokenizer_mismatch": "allow"})),
+        "--prompts",
+        Path::new(ROOT).join("examples/paper/tiny/prompts.jsonl").to_str().unwrap(),
+    ]));
+    assert_eq!(out.lines().count(), 3);
+}
