@@ -176,6 +176,20 @@ fn report_merges_run_folders_with_one_reference_point() {
         check_report(&rep, &[a.clone(), b.clone()], margin, minmax);
         assert_eq!(report_rows(&rep).iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["genarm", "cage", "mod"]);
     }
+    // A report over one folder is that sweep's own summary (the same points, reference and bounds).
+    let one = d.join("rep-one");
+    ok(cage(&["report", &runs[1], "--out", one.to_str().unwrap()]));
+    let summary = std::fs::read_to_string(b.join("summary.csv")).unwrap();
+    let own: Vec<(String, f64, f64)> = summary
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    let rep: Vec<(String, f64, f64)> = report_rows(&one).into_iter().map(|(m, _, hv, mip)| (m, hv, mip)).collect();
+    assert_eq!(rep, own);
     // A folder scoring other axes (principals under other names) is refused, naming both folders.
     let renamed = std::fs::read_to_string(&cfg).unwrap().replace("\"helpful\"", "\"useful\"");
     std::fs::write(d.join("renamed.json"), renamed).unwrap();
