@@ -332,3 +332,32 @@ fn a_tokenizer_override_keeps_the_tokenizer_check() {
     ]));
     assert_eq!(out.lines().count(), 3);
 }
+
+/// The paper configs are valid run configs, one per method, that differ only in `method`; the tiny variant has
+/// the same methods, principals, tau, k and sampling.
+#[test]
+fn the_paper_configs_differ_only_in_their_method() {
+    let read = |set: &str, m: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(format!("examples/paper/{set}/{m}.json"))).unwrap();
+        let cfg = cage::decode::RunConfig::parse(&text).unwrap_or_else(|e| panic!("{set}/{m}.json: {e}"));
+        assert_eq!(cfg.method.to_string(), m);
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v.as_object_mut().unwrap().remove("method");
+        v
+    };
+    let methods = ["base", "genarm", "mod", "cage", "cage-paper"];
+    for set in ["pku", "tiny"] {
+        for m in methods {
+            assert_eq!(read(set, m), read(set, "cage"), "{set}/{m}.json differs from {set}/cage.json beyond method");
+        }
+    }
+    let (pku, tiny) = (read("pku", "cage"), read("tiny", "cage"));
+    for k in ["tau", "k", "sampling"] {
+        assert_eq!(pku[k], tiny[k], "{k}");
+    }
+    let names = |v: &serde_json::Value| {
+        v["principals"].as_array().unwrap().iter().map(|p| p["name"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&pku), names(&tiny));
+    assert_eq!(pku["prompt_template"], "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:");
+}
