@@ -161,7 +161,7 @@ mod tests {
         round_trips::<Choice>(&["greedy", "gumbel", "race"]);
         round_trips::<FormatSetting>(&["auto", "chat", "plain", "alpaca"]);
         round_trips::<StopReason>(&["eos", "stop", "length", "context"]);
-        round_trips::<TokenizerMismatch>(&["error", "allow"]);
+        round_trips::<TokenizerMismatch>(&["error", "allow", "retokenize"]);
         round_trips::<ScoreScale>(&["none", "minmax"]);
     }
 

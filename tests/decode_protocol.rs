@@ -361,3 +361,86 @@ fn the_paper_configs_differ_only_in_their_method() {
     assert_eq!(names(&pku), names(&tiny));
     assert_eq!(pku["prompt_template"], "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:");
 }
+
+/// sigma(n): the fixture ids 3..127 shuffled (n -> 3 + 2 (n - 3) mod 125), the special ids 0, 1, 2 kept.
+fn sigma(n: usize) -> usize {
+    if n < 3 { n } else { 3 + (2 * (n - 3)) % 125 }
+}
+
+/// A copy of tiny-llama that speaks another tokenizer: the fixture word `tN` is its id sigma(N), and its
+/// embedding and output rows are permuted to match, so that it computes on text exactly what tiny-llama does.
+fn shuffled_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(fixture("tiny-llama/config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
+    for (name, t) in st.tensors() {
+        let mut data = t.data().to_vec();
+        if name == "lm_head.weight" || name == "model.embed_tokens.weight" {
+            let row = t.shape()[1] * 4;
+            for n in 0..t.shape()[0] {
+                data[sigma(n) * row..(sigma(n) + 1) * row].copy_from_slice(&t.data()[n * row..(n + 1) * row]);
+            }
+        }
+        owned.push((name, t.dtype(), t.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let tok = std::fs::read_to_string(fixture("tiny-word-tokenizer/tokenizer.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&tok).unwrap();
+    let vocab = v["model"]["vocab"].as_object_mut().unwrap();
+    for (word, id) in vocab.iter_mut() {
+        if word.starts_with('t') {
+            *id = sigma(id.as_u64().unwrap() as usize).into();
+        }
+    }
+    std::fs::write(dir.join("tokenizer.json"), v.to_string()).unwrap();
+    std::fs::copy(fixture("tiny-word-tokenizer/tokenizer_config.json"), dir.join("tokenizer_config.json")).unwrap();
+}
+
+/// `tokenizer_mismatch: retokenize`: a principal on a model with its own tokenizer reads the prompt, the chosen
+/// tokens and the candidates as text. On the shuffled copy of tiny-llama it must decode what the same
+/// principal on tiny-llama itself decodes; read by ids (`allow`) it scores other tokens.
+#[test]
+fn a_retokenized_principal_reads_text() {
+    let d = scratch("retok");
+    let shuffled = d.join("shuffled");
+    shuffled_model(&shuffled);
+    let run = |model: &Path, mismatch: &str| -> Vec<serde_json::Value> {
+        let cfg = serde_json::json!({"base": fixture("tiny-llama"), "tokenizer": fixture("tiny-word-tokenizer"),
+            "principals": [{"name": "p", "kind": "prompted", "model": model, "instruction": "t9 t10 t11"},
+                           {"name": "a", "kind": "arm", "adapter": fixture("tiny-lora-a")}],
+            "tokenizer_mismatch": mismatch, "tau": 0.2, "k": 20, "max_new_tokens": 10, "method": "cage"});
+        let c = d.join("c.json");
+        std::fs::write(&c, cfg.to_string()).unwrap();
+        let out = d.join("out.jsonl");
+        let prompts = Path::new(ROOT).join("examples/paper/tiny/prompts.jsonl");
+        ok(cage(&[
+            "generate",
+            "-c",
+            c.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--weights",
+            "0.7,0.3",
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let same = run(&fixture("tiny-llama"), "error");
+    let retok = run(&shuffled, "retokenize");
+    for (a, b) in same.iter().zip(&retok) {
+        assert_eq!(a["text"], b["text"], "prompt {}", a["prompt"]);
+        for p in ["p", "a"] {
+            let (x, y) = (a["scores"][p].as_f64().unwrap(), b["scores"][p].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{p}: {x} vs {y}");
+        }
+    }
+    let by_ids = run(&shuffled, "allow");
+    assert!(same.iter().zip(&by_ids).any(|(a, b)| a["scores"]["p"] != b["scores"]["p"]), "the shuffle shows nothing");
+}

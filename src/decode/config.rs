@@ -62,8 +62,11 @@ pub enum TokenizerMismatch {
     #[default]
     Error,
     /// Opted in: the models read the run tokenizer's ids as their own (the same vocabulary saved differently).
-    /// Re-tokenising by text, as the authors' HH setting does, is not implemented.
     Allow,
+    /// Opted in: a principal model with its own tokenizer reads text, as the authors' HH setting does: its
+    /// prompt is encoded with its tokenizer, each chosen token's text is re-encoded for it, and a candidate's
+    /// value is read at the first of its text's ids.
+    Retokenize,
 }
 
 crate::spelled!(TokenizerMismatch, "tokenizer_mismatch");
@@ -195,7 +198,8 @@ pub struct RunConfig {
     /// Folder with `tokenizer.json` (default: the base model's folder). Every model must use this tokenizer.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
-    /// `error` (the default) or `allow`: a model folder whose own `tokenizer.json` differs from the run's.
+    /// `error` (the default), `allow` or `retokenize`: a model folder whose own `tokenizer.json` differs from
+    /// the run's.
     #[serde(default)]
     pub tokenizer_mismatch: TokenizerMismatch,
     /// The principals (objectives).
