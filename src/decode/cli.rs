@@ -1,7 +1,6 @@
 //! Bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo`; `main.rs` only parses.
 
-use super::config::check_weights;
-use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig, check_weights};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
 use super::plot::{pareto_png, pareto_svg};
 use super::report::{MANIFEST, RunManifest};
