@@ -445,11 +445,14 @@ fn a_retokenized_principal_reads_text() {
     assert!(same.iter().zip(&by_ids).any(|(a, b)| a["scores"]["p"] != b["scores"]["p"]), "the shuffle shows nothing");
 }
 
-/// f64 log-softmax of `model`'s next-token logits after `seq`, by a fresh CPU decoder (no KV cache carried
-/// over from the engine).
-fn next_logprobs(model: &std::sync::Arc<cage::model::Model>, seq: &[u32]) -> Vec<f64> {
+/// f64 log-softmax of `model`'s next-token logits after `seq`, by a fresh decoder of `device` (`cpu`, or the
+/// GPU decoder on the host emulation), so no KV cache is carried over from the engine.
+fn next_logprobs(model: &std::sync::Arc<cage::model::Model>, seq: &[u32], device: &str) -> Vec<f64> {
     use cage::model::{CpuDecoder, Decoder, LogitsAt, Seq};
-    let mut dec = CpuDecoder::new(model.clone(), 1, 64, 64);
+    let mut dec: Box<dyn Decoder> = match device {
+        "cpu" => Box::new(CpuDecoder::new(model.clone(), 1, 64, 64)),
+        _ => Box::new(cage::model::gpu::GpuDecoder::new(cage::gpu::Gpu::emulated(), model.clone(), 1, 64, 64).unwrap()),
+    };
     let row = dec.forward(&[Seq { slot: 0, tokens: seq, adapter: None }], LogitsAt::Last).unwrap();
     let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
@@ -473,34 +476,42 @@ fn a_retokenized_principal_is_fed_every_id_of_a_token() {
     std::fs::copy(fixture("tiny-word-tokenizer/tokenizer_config.json"), base_tok.join("tokenizer_config.json"))
         .unwrap();
     let instruction = "t9 t10 t11";
-    let cfg = RunConfig::parse(
-        &serde_json::json!({"base": fixture("tiny-llama"), "tokenizer": base_tok,
+    // On the CPU decoder and on the GPU decoder's code path (the host emulation of its kernels).
+    for device in ["cpu", "emulation"] {
+        let cfg = RunConfig::parse(
+            &serde_json::json!({"base": fixture("tiny-llama"), "tokenizer": base_tok, "model_device": device,
             "principals": [{"name": "p", "kind": "prompted", "model": shuffled, "instruction": instruction},
                            {"name": "l", "kind": "lexicon", "words": {"t5 t6": 1.0}}],
             "tokenizer_mismatch": "retokenize", "method": "linear", "tau": 0.5, "k": 0, "max_new_tokens": 8})
-        .to_string(),
-    )
-    .unwrap();
-    let engine = Engine::from_config(&cfg).unwrap();
-    let opts = DecodeOptions::from_config(&cfg).unwrap();
-    let prompts = ["t3 t4 t5", "t20 t21 t22 t23", "t7"];
-    let rows: Vec<RowRequest> =
-        prompts.iter().map(|p| RowRequest { prompt: p.to_string(), weights: vec![0.3, 1.0] }).collect();
-    let got = engine.decode(&rows, &opts, &mut |_| {}).unwrap().0;
-    assert!(got.iter().flat_map(|r| &r.tokens).any(|&t| t == 127), "the two-word token is never chosen");
-    let model = std::sync::Arc::new(cage::model::Model::load(&shuffled).unwrap());
-    let own =
-        |text: &str| -> Vec<u32> { text.split_whitespace().map(|w| sigma(w[1..].parse().unwrap()) as u32).collect() };
-    for (r, p) in got.iter().zip(prompts) {
-        let (mut with, mut without) = (own(&format!("{instruction} {p}")), own(p));
-        let mut score = 0.0;
-        for &t in &r.tokens {
-            let piece: Vec<u32> = if t == 127 { own("t5 t6") } else { vec![sigma(t as usize) as u32] };
-            score +=
-                next_logprobs(&model, &with)[piece[0] as usize] - next_logprobs(&model, &without)[piece[0] as usize];
-            with.extend(&piece);
-            without.extend(&piece);
+            .to_string(),
+        )
+        .unwrap();
+        let engine = Engine::from_config(&cfg).unwrap();
+        let opts = DecodeOptions::from_config(&cfg).unwrap();
+        let prompts = ["t3 t4 t5", "t20 t21 t22 t23", "t7"];
+        let rows: Vec<RowRequest> =
+            prompts.iter().map(|p| RowRequest { prompt: p.to_string(), weights: vec![0.3, 1.0] }).collect();
+        let got = engine.decode(&rows, &opts, &mut |_| {}).unwrap().0;
+        assert!(got.iter().flat_map(|r| &r.tokens).any(|&t| t == 127), "the two-word token is never chosen");
+        let model = std::sync::Arc::new(cage::model::Model::load(&shuffled).unwrap());
+        let own = |text: &str| -> Vec<u32> {
+            text.split_whitespace().map(|w| sigma(w[1..].parse().unwrap()) as u32).collect()
+        };
+        for (r, p) in got.iter().zip(prompts) {
+            let (mut with, mut without) = (own(&format!("{instruction} {p}")), own(p));
+            let mut score = 0.0;
+            for &t in &r.tokens {
+                let piece: Vec<u32> = if t == 127 { own("t5 t6") } else { vec![sigma(t as usize) as u32] };
+                score += next_logprobs(&model, &with, device)[piece[0] as usize]
+                    - next_logprobs(&model, &without, device)[piece[0] as usize];
+                with.extend(&piece);
+                without.extend(&piece);
+            }
+            assert!(
+                (r.scores[0] - score).abs() <= 1e-4 * score.abs().max(1.0),
+                "{device} {p}: {} vs {score}",
+                r.scores[0]
+            );
         }
-        assert!((r.scores[0] - score).abs() <= 1e-4 * score.abs().max(1.0), "{p}: {} vs {score}", r.scores[0]);
     }
 }
