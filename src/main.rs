@@ -73,6 +73,9 @@ enum Command {
     Generate(cage::decode::cli::GenerateArgs),
     /// Sweep the principals' weights over the simplex for several methods: CSV, hypervolume, MIP, Pareto plot.
     Sweep(cage::decode::cli::SweepArgs),
+    /// Merge the run folders of `cage sweep` into one table (HV and MIP with one shared reference point, Markdown
+    /// and CSV) and one Pareto plot.
+    Report(cage::decode::report::ReportArgs),
     /// Fetch SmolLM2-135M-Instruct if needed and decode one prompt under several weightings of two principals.
     Demo(cage::decode::cli::DemoArgs),
     /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
@@ -218,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => cage::decode::cli::generate_cmd(&a),
         Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
+        Command::Report(a) => cage::decode::report::report_cmd(&a),
         Command::Demo(a) => cage::decode::cli::demo_cmd(&a),
         Command::Solve { input, method, precision, tol, max_iter, backend, pretty } => {
             let games = game_json::parse(&read_input(&input)?)?;
