@@ -23,6 +23,13 @@ cargo build --release
 cargo test --release "$@"
 # The Python package: pip install . into a cached venv, then its pytest suite (python/tests).
 bash scripts/test-python.sh
+# The GPU proof run's logic on the host emulation (tiny models built by transformers, checked against it): the
+# bundle a lent GPU runs must not first fail there. Needs the test venv's torch / transformers / peft.
+if [[ "${CAGE_TEST_HF:-1}" != 0 ]]; then
+  bash scripts/gpu-bundle.sh --dry-run
+else
+  echo "scripts/test.sh: CAGE_TEST_HF=0: the GPU bundle's dry run is skipped (it needs transformers)"
+fi
 # The parsers of untrusted input under libFuzzer, 30 seconds per target (fuzz/, scripts/fuzz.sh): a crash,
 # hang or runaway allocation on any input fails CI with the reproducer under fuzz/artifacts/.
 bash scripts/fuzz.sh 30

@@ -40,8 +40,16 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Prompt text.
-        #[arg(long)]
-        prompt: String,
+        #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+        prompt: Option<String>,
+        /// The input as token ids, comma-separated, instead of a prompt (no tokenizer involved: comparisons
+        /// with another implementation on the same ids). Repeatable: one output line per sequence, the model
+        /// loaded once.
+        #[arg(long, value_parser = parse_ids)]
+        ids: Vec<Vec<u32>>,
+        /// Where the forward pass runs: `cpu` (f32), `cuda` (bf16 weights, cuBLAS) or `emulation`.
+        #[arg(long, default_value_t = Backend::Cpu, value_parser = NameParser::<Backend>::new())]
+        device: Backend,
         /// Render the prompt as one user message with the model's chat template.
         #[arg(long)]
         chat: bool,
@@ -65,6 +73,9 @@ enum Command {
     Generate(cage::decode::cli::GenerateArgs),
     /// Sweep the principals' weights over the simplex for several methods: CSV, hypervolume, MIP, Pareto plot.
     Sweep(cage::decode::cli::SweepArgs),
+    /// Merge the run folders of `cage sweep` into one table (HV and MIP with one shared reference point, Markdown
+    /// and CSV) and one Pareto plot.
+    Report(cage::decode::report::ReportArgs),
     /// Fetch SmolLM2-135M-Instruct if needed and decode one prompt under several weightings of two principals.
     Demo(cage::decode::cli::DemoArgs),
     /// Solve single-step games given as JSON (one object or an array) and print the solutions as JSON.
@@ -119,6 +130,19 @@ enum BenchCommand {
         /// Which weights decode reads: `packed` (the lossless Q4_1 / Q8_0 copies), `f32`, or `both`.
         #[arg(long, default_value_t = ForwardWeights::Both, value_parser = NameParser::<ForwardWeights>::new())]
         weights: ForwardWeights,
+        /// Where to measure: `cpu`, `cuda`, `emulation`, or `auto` (the default: the CPU, and the GPU when one
+        /// is usable). A big model on a GPU machine is measured with `cuda` alone.
+        #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
+        device: Backend,
+        /// Prompt tokens per row.
+        #[arg(long, default_value_t = 64)]
+        prompt_len: usize,
+        /// Decode steps per repeat.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Repeats (the best counts; the first warms caches).
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
     },
     /// Tokens per second of every decoding method with the same forwards, and a decode step split into
     /// forwards, values, equilibrium and sampling.
@@ -129,6 +153,11 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20_000)]
         calls: usize,
     },
+}
+
+/// One `--ids` value: token ids, comma-separated.
+fn parse_ids(s: &str) -> std::result::Result<Vec<u32>, String> {
+    s.split(',').map(|t| t.trim().parse::<u32>().map_err(|e| format!("token id {t:?}: {e}"))).collect()
 }
 
 /// The working precision of `cage solve`.
@@ -157,10 +186,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::ImportGguf { file, out } => cage::model::cli::import_cmd(&file, &out),
         Command::FetchModel { models } => cage::model::cli::fetch_cmd(models),
-        Command::Logits { model, prompt, chat, alpaca, top, adapter, json } => {
+        Command::Logits { model, prompt, ids, device, chat, alpaca, top, adapter, json } => {
             cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs {
                 model,
-                prompt,
+                input: match prompt {
+                    _ if !ids.is_empty() => cage::model::cli::LogitsInput::Ids(ids),
+                    Some(p) => cage::model::cli::LogitsInput::Prompt(p),
+                    None => return Err(CageError::InvalidArgument("give --prompt or --ids".into())),
+                },
+                device,
                 chat,
                 alpaca,
                 top,
@@ -169,8 +203,17 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
-        Command::Bench(BenchCommand::Forward { model, json, batches, weights }) => {
-            cage::model::cli::bench_forward_cmd(model, &batches, weights, 64, 32, 2, json)
+        Command::Bench(BenchCommand::Forward { model, json, batches, weights, device, prompt_len, steps, repeats }) => {
+            cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
+                model,
+                batches,
+                weights,
+                device,
+                prompt_len,
+                steps,
+                repeats,
+                json,
+            })
         }
         Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
         Command::Bench(BenchCommand::Ffi { calls }) => {
@@ -178,6 +221,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => cage::decode::cli::generate_cmd(&a),
         Command::Sweep(a) => cage::decode::cli::sweep_cmd(&a),
+        Command::Report(a) => cage::decode::report::report_cmd(&a),
         Command::Demo(a) => cage::decode::cli::demo_cmd(&a),
         Command::Solve { input, method, precision, tol, max_iter, backend, pretty } => {
             let games = game_json::parse(&read_input(&input)?)?;

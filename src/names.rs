@@ -125,7 +125,8 @@ macro_rules! spelled {
 mod tests {
     use super::*;
     use crate::backend::Backend;
-    use crate::decode::{DecodeMethod, FormatSetting, StopReason};
+    use crate::decode::sweep::ScoreScale;
+    use crate::decode::{DecodeMethod, FormatSetting, StopReason, TokenizerMismatch};
     use crate::problem::Normalize;
     use crate::sampling::Choice;
     use crate::solver::Method;
@@ -160,6 +161,8 @@ mod tests {
         round_trips::<Choice>(&["greedy", "gumbel", "race"]);
         round_trips::<FormatSetting>(&["auto", "chat", "plain", "alpaca"]);
         round_trips::<StopReason>(&["eos", "stop", "length", "context"]);
+        round_trips::<TokenizerMismatch>(&["error", "allow", "retokenize"]);
+        round_trips::<ScoreScale>(&["none", "minmax"]);
     }
 
     #[test]

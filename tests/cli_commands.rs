@@ -444,3 +444,93 @@ fn bench_forward_ffi_and_solver_run_or_refuse_clearly() {
     let e = run_cage(["bench", "forward", "--model", "no/such/model"]).failed();
     assert!(e.contains("no/such/model"), "{e}");
 }
+
+#[test]
+fn logits_on_token_ids_match_the_transformers_golden_on_cpu_and_emulation() {
+    // Several `--ids` in one call: one JSON line each, in order, the model loaded once. The GPU code path (on
+    // the host emulation) rounds the weights to bf16, so it is held to a looser bound than the f32 CPU path.
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixture("golden-tiny.json")).unwrap()).unwrap();
+    let cases = golden["models"]["tiny-llama"]["base"].as_array().unwrap();
+    let model = fixture("tiny-llama");
+    for (device, tol) in [("cpu", 1e-4), ("emulation", 0.05)] {
+        let mut args = vec!["logits".to_string(), "--model".into(), model.display().to_string()];
+        args.extend(["--device", device, "--top", "128", "--json"].map(String::from));
+        for c in cases {
+            let ids: Vec<String> = c["input_ids"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
+            args.extend(["--ids".to_string(), ids.join(",")]);
+        }
+        let rows = jsonl(&run_cage(&args).ok().stdout);
+        assert_eq!(rows.len(), cases.len());
+        for (r, c) in rows.iter().zip(cases) {
+            assert_eq!(r["input_ids"], c["input_ids"]);
+            assert_eq!(r["device"], device);
+            let want: Vec<f64> = c["logits"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            let top = r["top"].as_array().unwrap();
+            assert_eq!(top.len(), want.len(), "--top 128 lists the whole vocabulary");
+            for t in top {
+                let (id, got) = (t["id"].as_u64().unwrap() as usize, t["logit"].as_f64().unwrap());
+                assert!((got - want[id]).abs() < tol, "{device} token {id}: {got} vs {}", want[id]);
+            }
+            let lse = want.iter().map(|x| x.exp()).sum::<f64>().ln();
+            assert!((r["logsumexp"].as_f64().unwrap() - lse).abs() < tol, "{device}: {r}");
+        }
+    }
+    // Bad ids name the model and its vocabulary; adapters are CPU-only here (the GPU decoder takes them
+    // unmerged, through a run config).
+    let e = run_cage(["logits", "--model", model.to_str().unwrap(), "--ids", "1,128"]).failed();
+    assert!(e.contains("token 128") && e.contains("tiny-llama") && e.contains("128 tokens"), "{e}");
+    // A malformed id is clap's usage error (exit 2), naming the value.
+    let r = run_cage(["logits", "--model", model.to_str().unwrap(), "--ids", "1,x"]);
+    assert!(r.code == Some(2) && r.stderr.contains("token id \"x\""), "{}", r.stderr);
+    let lora = fixture("tiny-lora-a");
+    let e = run_cage([
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "--device",
+        "emulation",
+        "--adapter",
+        lora.to_str().unwrap(),
+    ])
+    .failed();
+    assert!(e.contains("--adapter") && e.contains("--device cpu"), "{e}");
+}
+
+#[test]
+fn bench_forward_measures_the_device_it_is_given() {
+    let model = fixture("tiny-llama");
+    let run = |device: &str| -> Value {
+        let args = ["bench", "forward", "--model", model.to_str().unwrap(), "--json", "--batches", "1,2"];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["--device", device, "--prompt-len", "4", "--steps", "2", "--repeats", "1"]);
+        serde_json::from_str(run_cage(&args).ok().stdout.trim()).unwrap()
+    };
+    // The GPU decoder alone, on the emulation, at the batch sizes given; no CPU measurement.
+    let v = run("emulation");
+    assert_eq!(v["gpu"]["device"], "host emulation", "{v}");
+    let batches: Vec<u64> =
+        v["gpu"]["results"].as_array().unwrap().iter().map(|r| r["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 2]);
+    assert!(v["gpu"]["results"].as_array().unwrap().iter().all(|r| r["decode_tok_s"].as_f64().unwrap() > 0.0));
+    assert!(v["weights"].as_object().unwrap().is_empty(), "{v}");
+    assert_eq!(v["prompt_len"], 4);
+    // The CPU alone: the GPU is not asked, and says so.
+    let v = run("cpu");
+    assert!(v["gpu"]["skipped"].as_str().unwrap().contains("not asked"), "{v}");
+    assert_eq!(v["weights"].as_object().unwrap().keys().collect::<Vec<_>>(), ["f32"]);
+    if cage::backend::cuda_usable().is_err() {
+        let e = run_cage(["bench", "forward", "--model", model.to_str().unwrap(), "--device", "cuda"]).failed();
+        assert!(e.contains("GPU"), "{e}");
+    }
+}

@@ -1,9 +1,10 @@
 //! Bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo`; `main.rs` only parses.
 
-use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig, check_weights};
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
 use super::plot::{pareto_png, pareto_svg};
-use super::sweep::{MethodCurve, points_csv, simplex_grid, summarize, summary_csv};
+use super::report::{MANIFEST, RunManifest};
+use super::sweep::{MethodCurve, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
 use crate::names::NameParser;
 use crate::progress::Progress;
@@ -31,6 +32,9 @@ pub struct RunArgs {
     /// tau (overrides the config).
     #[arg(long)]
     pub tau: Option<f64>,
+    /// Candidates per step, the base's top-k; 0 = the whole vocabulary (overrides the config).
+    #[arg(long)]
+    pub k: Option<usize>,
 }
 
 impl RunArgs {
@@ -49,36 +53,15 @@ impl RunArgs {
         if let Some(t) = self.tau {
             cfg.tau = t;
         }
+        if let Some(k) = self.k {
+            cfg.k = k;
+        }
         cfg.check()?;
         Ok(cfg)
     }
 }
 
-/// Prompts from a JSONL file: each line a JSON string or an object with a `prompt` field.
-pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CageError::Io { context: format!("reading prompts {}", path.display()), source })?;
-    let mut out = vec![];
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| CageError::InvalidArgument(format!("{} line {}: {e}", path.display(), i + 1)))?;
-        let p = match &v {
-            serde_json::Value::String(s) => s.clone(),
-            _ => v.get("prompt").and_then(|p| p.as_str()).map(str::to_string).ok_or_else(|| {
-                CageError::InvalidArgument(format!(
-                    "{} line {}: expected a string or {{\"prompt\": ...}}",
-                    path.display(),
-                    i + 1
-                ))
-            })?,
-        };
-        out.push(p);
-    }
-    if out.is_empty() {
-        return Err(CageError::InvalidArgument(format!("{} holds no prompts", path.display())));
-    }
-    Ok(out)
-}
+pub use super::prompts::read_prompts;
 
 fn prompts_of(prompt: &Option<String>, prompts: &Option<PathBuf>) -> Result<Vec<String>> {
     match (prompt, prompts) {
@@ -367,18 +350,17 @@ pub struct SweepArgs {
     /// A JSONL file of prompts.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Methods, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "cage,genarm,linear",
-        value_parser = NameParser::<DecodeMethod>::new()
-    )]
-    pub methods: Vec<DecodeMethod>,
+    /// Methods, comma-separated (default: the config's method, so that one config per method serves
+    /// `cage report`).
+    #[arg(long, value_delimiter = ',', value_parser = NameParser::<DecodeMethod>::new())]
+    pub methods: Option<Vec<DecodeMethod>>,
     /// Grid resolution: weights are multiples of 1 / steps (default 10 for 2 principals, 4 for 3).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "weights_list")]
     pub steps: Option<usize>,
-    /// Output folder for sweep.csv, summary.csv, results.jsonl, pareto.svg and pareto.png.
+    /// Explicit weight vectors instead of the grid: `"0.1,0.9;0.5,0.5;0.9,0.1"`, one weight per principal each.
+    #[arg(long, value_parser = parse_weights_list)]
+    pub weights_list: Option<WeightsList>,
+    /// Output folder for run.json, sweep.csv, summary.csv, results.jsonl, pareto.svg and pareto.png.
     #[arg(long, default_value = "sweep-out")]
     pub out: PathBuf,
     /// External scorer command (see `cage generate --scorer`); its scores replace the implicit rewards.
@@ -391,10 +373,26 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     let cfg = a.run.resolve()?;
     let prompts = prompts_of(&a.prompt, &a.prompts)?;
     let j = cfg.principals.len();
-    if !(2..=3).contains(&j) {
-        return Err(CageError::InvalidArgument(format!("a sweep needs 2 or 3 principals, the config has {j}")));
+    let grid = match &a.weights_list {
+        Some(WeightsList(list)) => {
+            let names: Vec<String> = cfg.principals.iter().map(|p| p.name.clone()).collect();
+            for (i, w) in list.iter().enumerate() {
+                check_weights(w, &names)
+                    .map_err(|e| CageError::InvalidArgument(format!("--weights-list vector {} ({w:?}): {e}", i + 1)))?;
+            }
+            list.clone()
+        }
+        None if !(2..=3).contains(&j) => {
+            return Err(CageError::InvalidArgument(format!(
+                "a grid sweep needs 2 or 3 principals, the config has {j} (--weights-list takes any number)"
+            )));
+        }
+        None => simplex_grid(j, a.steps.unwrap_or(if j == 2 { 10 } else { 4 }))?,
+    };
+    let methods = a.methods.clone().unwrap_or_else(|| vec![cfg.method]);
+    if methods.is_empty() {
+        return Err(CageError::InvalidArgument("--methods names no method".into()));
     }
-    let grid = simplex_grid(j, a.steps.unwrap_or(if j == 2 { 10 } else { 4 }))?;
     // The output folder and results.jsonl first: an unwritable --out fails before models load.
     std::fs::create_dir_all(&a.out).map_err(io_err(format!("creating {}", a.out.display())))?;
     let mut writer = RowWriter::create(&a.out.join("results.jsonl"))?;
@@ -406,7 +404,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         .collect();
     // results.jsonl grows row by row; with a scorer it is rewritten with the scores after each method.
     let (mut curves, mut scored) = (vec![], vec![]);
-    for &m in &a.methods {
+    for &m in &methods {
         let mut opts = DecodeOptions::from_config(&cfg)?;
         opts.method = m;
         let mut progress = Progress::new(&format!("cage sweep {m:>10}"), rows.len());
@@ -452,6 +450,16 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         _ => names.clone(),
     };
     let (sums, reference) = summarize(&curves)?;
+    let manifest = RunManifest {
+        principals: names.clone(),
+        scores: score_names.clone(),
+        methods: methods.clone(),
+        prompts: prompts.len(),
+        tau: cfg.tau,
+        k: cfg.k,
+        config: a.run.config.clone(),
+    };
+    write_file(&a.out.join(MANIFEST), &serde_json::to_string_pretty(&manifest)?)?;
     write_file(&a.out.join("sweep.csv"), &points_csv(&names, &score_names, &curves))?;
     write_file(&a.out.join("summary.csv"), &summary_csv(&sums))?;
     let title = format!("{} prompt(s), tau {}, k {}", prompts.len(), cfg.tau, cfg.k);
@@ -464,7 +472,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     for s in &sums {
         crate::outln!("{:>12} {:>12.4} {:>8.4}", s.method, s.hv, s.mip)?;
     }
-    eprintln!("wrote {}/{{sweep.csv, summary.csv, results.jsonl, pareto.svg, pareto.png}}", a.out.display());
+    eprintln!("wrote {}/{{run.json, sweep.csv, summary.csv, results.jsonl, pareto.svg, pareto.png}}", a.out.display());
     Ok(())
 }
 
@@ -491,6 +499,8 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         max_new_tokens,
         stop: vec![],
         prompt_format: FormatSetting::Auto,
+        prompt_template: None,
+        tokenizer_mismatch: Default::default(),
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
         batch_size: 8,

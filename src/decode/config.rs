@@ -2,6 +2,7 @@
 //! model, the principals, their weights, the method and the decoding limits; command-line flags override the
 //! weights and the method so that one file serves a whole sweep.
 
+use super::prompts::PromptTemplate;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::model::{PromptFormat, Tokenizer};
@@ -52,6 +53,23 @@ pub enum FormatSetting {
 }
 
 crate::spelled!(FormatSetting, "prompt format");
+
+/// What a principal model whose `tokenizer.json` differs from the run's tokenizer means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenizerMismatch {
+    /// An error naming the model: the principals score the run tokenizer's ids, which another tokenizer reads
+    /// as other tokens.
+    #[default]
+    Error,
+    /// Opted in: the models read the run tokenizer's ids as their own (the same vocabulary saved differently).
+    Allow,
+    /// Opted in: a principal model with its own tokenizer reads text, as the authors' HH setting does: its
+    /// prompt is encoded with its tokenizer, each chosen token's text is re-encoded for it, and a candidate's
+    /// value is read at the first of its text's ids.
+    Retokenize,
+}
+
+crate::spelled!(TokenizerMismatch, "tokenizer_mismatch");
 
 impl FormatSetting {
     /// The format prompts are rendered in with `tokenizer`.
@@ -180,6 +198,10 @@ pub struct RunConfig {
     /// Folder with `tokenizer.json` (default: the base model's folder). Every model must use this tokenizer.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// `error` (the default), `allow` or `retokenize`: a model folder whose own `tokenizer.json` differs from
+    /// the run's.
+    #[serde(default)]
+    pub tokenizer_mismatch: TokenizerMismatch,
     /// The principals (objectives).
     #[serde(default)]
     pub principals: Vec<PrincipalSpec>,
@@ -214,6 +236,10 @@ pub struct RunConfig {
     /// `auto` (chat template when the tokenizer has one), `chat`, `plain` or `alpaca`.
     #[serde(default)]
     pub prompt_format: FormatSetting,
+    /// A template with one `{prompt}` (Beaver's `"BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"`),
+    /// encoded as plain text; instead of `prompt_format`.
+    #[serde(default)]
+    pub prompt_template: Option<PromptTemplate>,
     /// Where the equilibrium runs: `cpu`, `cuda`, `emulation` or `auto` (the default: the GPU when usable).
     /// When the forwards run on a device and the step stays there (see `model_device`), the equilibrium runs
     /// on that device whatever this says: the logits are there.
@@ -292,6 +318,12 @@ impl RunConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size must be >= 1".into());
+        }
+        if self.prompt_template.is_some() && self.prompt_format != FormatSetting::Auto {
+            return bad(format!(
+                "prompt_template and prompt_format {} are two formats: give one (the template is encoded as plain text)",
+                self.prompt_format
+            ));
         }
         Ok(())
     }

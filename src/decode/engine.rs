@@ -5,9 +5,10 @@
 //! forwards and the stop checks runs there ([`super::resident`]); the stop checks and row state stay here. Every method runs in this same loop with the same
 //! forwards, so their costs and outputs compare fairly.
 
-use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, check_weights};
+use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, TokenizerMismatch, check_weights};
 use super::pool::{DecoderPool, Lease, Room};
 use super::principal::{ArmSource, LexiconSource, PromptedSource, StreamSpec, ValueSource};
+use super::prompts::PromptTemplate;
 use super::resident::ResidentPlan;
 use super::stages::{
     PolicyRule, RowCandidates, RowContext, RowState, RowValues, SolveInfo, StepLogits, StepPolicy, StopReason,
@@ -221,9 +222,13 @@ pub struct Engine {
     models: Vec<(PathBuf, Arc<Model>)>,
     tokenizer: Tokenizer,
     tokenizer_model: Option<serde_json::Value>,
-    tokenizer_override: bool,
+    tokenizer_mismatch: TokenizerMismatch,
     sources: Vec<Box<dyn ValueSource>>,
     format: PromptFormat,
+    /// A prompt template, rendered and then encoded as plain text (instead of `format`).
+    template: Option<PromptTemplate>,
+    /// Per model, its own tokenizer when it reads text (`tokenizer_mismatch: retokenize`); `None`: the run's.
+    retokenized: Vec<Option<Retokenized>>,
     eos: Vec<u32>,
     /// The decoders, kept from call to call.
     pool: DecoderPool,
@@ -252,7 +257,51 @@ fn load_model(dir: &Path) -> Result<Model> {
     Model::load(dir)
 }
 
+/// The error of a model folder whose tokenizer differs from the run's.
+fn tokenizer_error(dir: &Path) -> CageError {
+    CageError::Model {
+        model: dir.display().to_string(),
+        msg: "its tokenizer.json differs from the run's tokenizer (the base model's, or the config's `tokenizer`); base and principals must share a tokenizer, or the config must opt in with \"tokenizer_mismatch\": \"retokenize\" (a principal model reads text) or \"allow\" (ids are read as the same tokens)".into(),
+    }
+}
+
+/// A principal model with its own tokenizer (`tokenizer_mismatch: retokenize`), as the authors' HH setting
+/// runs TinyLlama ARMs under a Llama-2 base: the text of every base token in the model's ids, computed once.
+struct Retokenized {
+    tokenizer: Tokenizer,
+    /// Per base id, what the model is fed when that token is chosen: its text encoded by the model's tokenizer
+    /// (never empty: a token without text there is fed the model's id 0).
+    pieces: Vec<Vec<u32>>,
+    /// Per base id, the first of its pieces: where the model's distribution is read for that candidate.
+    first: Arc<[u32]>,
+    /// The longest piece.
+    longest: usize,
+}
+
+impl Retokenized {
+    fn new(base: &Tokenizer, dir: &Path, base_vocab: usize) -> Result<Self> {
+        let tokenizer = Tokenizer::load(dir)?;
+        let mut pieces = Vec::with_capacity(base_vocab);
+        for id in 0..base_vocab as u32 {
+            let text = base.decode(&[id], false)?;
+            let mut ids = if text.is_empty() { vec![] } else { tokenizer.encode(&text, false)? };
+            if ids.is_empty() {
+                ids.push(0);
+            }
+            pieces.push(ids);
+        }
+        let first: Arc<[u32]> = pieces.iter().map(|p| p[0]).collect();
+        let longest = pieces.iter().map(Vec::len).max().unwrap_or(1);
+        Ok(Retokenized { tokenizer, pieces, first, longest })
+    }
+}
+
 impl Engine {
+    /// The most ids model `m` is fed per generated token (1 unless it reads text with its own tokenizer).
+    fn piece_max(&self, m: usize) -> usize {
+        self.retokenized[m].as_ref().map_or(1, |r| r.longest)
+    }
+
     /// An engine with the base model in `base` (model 0) and no principals. `tokenizer` overrides the folder
     /// holding `tokenizer.json`.
     pub fn new(base: &Path, tokenizer: Option<&Path>, prompt_format: FormatSetting) -> Result<Self> {
@@ -266,9 +315,11 @@ impl Engine {
             models: vec![(base.to_path_buf(), Arc::new(model))],
             tokenizer_model: tokenizer_model(tdir)?,
             tokenizer: tok,
-            tokenizer_override: tokenizer.is_some(),
+            tokenizer_mismatch: TokenizerMismatch::Error,
             sources: vec![],
             format,
+            template: None,
+            retokenized: vec![None],
             eos,
             pool: DecoderPool::default(),
         })
@@ -278,6 +329,13 @@ impl Engine {
     pub fn from_config(cfg: &RunConfig) -> Result<Self> {
         cfg.check()?;
         let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), cfg.prompt_format)?;
+        e.template = cfg.prompt_template.clone();
+        e.tokenizer_mismatch = cfg.tokenizer_mismatch;
+        // A `tokenizer` override is checked against the base's own tokenizer.json too; the base always reads the
+        // run's tokenizer's ids.
+        if e.tokenizer_mismatch != TokenizerMismatch::Allow && e.tokenizer_differs(&cfg.base)? {
+            return Err(tokenizer_error(&cfg.base));
+        }
         for p in &cfg.principals {
             let src: Box<dyn ValueSource> = match &p.kind {
                 PrincipalKind::Arm { model, adapter, reference } => {
@@ -328,21 +386,17 @@ impl Engine {
             return Ok(i);
         }
         let model = load_model(dir)?;
-        if !self.tokenizer_override
-            && let (Some(mine), Some(theirs)) = (&self.tokenizer_model, tokenizer_model(dir)?)
-            && *mine != theirs
-        {
-            return Err(CageError::Model {
-                model: dir.display().to_string(),
-                msg: format!(
-                    "its tokenizer differs from the base model's ({}); base and principals must share a tokenizer",
-                    self.models[0].0.display()
-                ),
-            });
-        }
+        let retokenized = match self.tokenizer_mismatch {
+            _ if !self.tokenizer_differs(dir)? => None,
+            TokenizerMismatch::Error => return Err(tokenizer_error(dir)),
+            TokenizerMismatch::Allow => None,
+            TokenizerMismatch::Retokenize => {
+                Some(Retokenized::new(&self.tokenizer, dir, self.models[0].1.config.vocab_size)?)
+            }
+        };
         // The principals score the base's candidate ids: a smaller vocabulary would fail at the first step.
         let base_vocab = self.models[0].1.config.vocab_size;
-        if model.config.vocab_size < base_vocab {
+        if retokenized.is_none() && model.config.vocab_size < base_vocab {
             return Err(CageError::Model {
                 model: dir.display().to_string(),
                 msg: format!(
@@ -353,7 +407,14 @@ impl Engine {
             });
         }
         self.models.push((dir.to_path_buf(), Arc::new(model)));
+        self.retokenized.push(retokenized);
         Ok(self.models.len() - 1)
+    }
+
+    /// Whether a model folder has its own `tokenizer.json` and it differs from the run's tokenizer (the base's,
+    /// or the `tokenizer` override's).
+    fn tokenizer_differs(&self, dir: &Path) -> Result<bool> {
+        Ok(matches!((&self.tokenizer_model, tokenizer_model(dir)?), (Some(mine), Some(theirs)) if *mine != theirs))
     }
 
     /// Loads a LoRA adapter onto model `model` (unmerged) and returns its adapter id.
@@ -387,13 +448,18 @@ impl Engine {
         self.sources.iter().map(|s| s.name().to_string()).collect()
     }
 
-    /// Prompt ids of a stream: the instruction, if any, goes before the user's prompt inside the same format.
-    fn stream_prompt(&self, prompt: &str, instruction: Option<&str>) -> Result<Vec<u32>> {
+    /// Prompt ids of a stream on model `model`: the instruction, if any, goes before the user's prompt inside
+    /// the same format; a model with its own tokenizer encodes the text with it.
+    fn stream_prompt(&self, prompt: &str, instruction: Option<&str>, model: usize) -> Result<Vec<u32>> {
         let text = match instruction {
             Some(i) => format!("{i}\n\n{prompt}"),
             None => prompt.to_string(),
         };
-        let ids = self.tokenizer.prompt_ids(&text, self.format)?;
+        let tok = self.retokenized[model].as_ref().map_or(&self.tokenizer, |r| &r.tokenizer);
+        let ids = match &self.template {
+            Some(t) => tok.prompt_ids(&t.render(&text), PromptFormat::Plain)?,
+            None => tok.prompt_ids(&text, self.format)?,
+        };
         if ids.is_empty() {
             return Err(CageError::InvalidArgument(format!("prompt {prompt:?} encodes to no tokens")));
         }
@@ -453,7 +519,7 @@ impl Engine {
     fn room(&self, plan: &StreamPlan, row: usize, prompt: &str) -> Result<usize> {
         let mut room = usize::MAX;
         for sp in &plan.streams {
-            let n = self.stream_prompt(prompt, sp.instruction.as_deref())?.len();
+            let n = self.stream_prompt(prompt, sp.instruction.as_deref(), sp.model)?.len();
             let (dir, model) = &self.models[sp.model];
             let ctx = model.config.max_position_embeddings;
             if n >= ctx {
@@ -465,7 +531,8 @@ impl Engine {
                     dir.display()
                 )));
             }
-            room = room.min(ctx - n);
+            // A model with its own tokenizer may take several ids per generated token.
+            room = room.min((ctx - n) / self.piece_max(sp.model));
         }
         Ok(room)
     }
@@ -490,7 +557,7 @@ impl Engine {
             inputs.push(
                 plan.streams
                     .iter()
-                    .map(|sp| self.stream_prompt(&r.prompt, sp.instruction.as_deref()))
+                    .map(|sp| self.stream_prompt(&r.prompt, sp.instruction.as_deref(), sp.model))
                     .collect::<Result<_>>()?,
             );
         }
@@ -498,7 +565,8 @@ impl Engine {
         let prefill_cap = longest.max(1024);
         // Positions per KV slot: never more than the longest context (a huge max_new_tokens must not allocate).
         let max_ctx = self.models.iter().map(|(_, m)| m.config.max_position_embeddings).max().unwrap_or(0);
-        let positions = (longest + opts.max_new_tokens.min(max_ctx) + 1).min(max_ctx + 1);
+        let per_token = (0..self.models.len()).map(|m| self.piece_max(m)).max().unwrap_or(1);
+        let positions = (longest + opts.max_new_tokens.min(max_ctx) * per_token + 1).min(max_ctx + 1);
         let mut lease = self.decoders(&plan, &inputs, positions, prefill_cap, opts)?;
         let decoders = &mut lease.decoders;
         let names = self.principal_names();
@@ -520,7 +588,8 @@ impl Engine {
         };
         // The step's buffers, refilled at every step for the live rows (the first `live.len()` entries).
         let mut logits =
-            StepLogits::new(self.models.iter().map(|(_, m)| m.config.vocab_size).collect(), plan.streams.len());
+            StepLogits::new(self.models.iter().map(|(_, m)| m.config.vocab_size).collect(), plan.streams.len())
+                .with_ids(self.retokenized.iter().map(|r| r.as_ref().map(|r| r.first.clone())).collect());
         let mut cands = vec![RowCandidates::default(); b];
         let mut vals = vec![RowValues::default(); b];
         let mut weights: Vec<f64> = Vec::with_capacity(b * nj);
@@ -530,7 +599,9 @@ impl Engine {
             room.iter().map(|&n| RowState::new(nj, opts.max_new_tokens.min(n).min(1 << 16))).collect();
         let mut live: Vec<usize> = (0..b).collect();
         let vocabs: Vec<usize> = self.models.iter().map(|(_, m)| m.config.vocab_size).collect();
-        let mut resident = ResidentPlan::new(&self.sources, &plan, &vocabs, opts);
+        // A model with its own tokenizer reads each candidate at another id: the host stages map it.
+        let retokenized = self.retokenized.iter().any(Option::is_some);
+        let mut resident = ResidentPlan::new(&self.sources, &plan, &vocabs, opts).filter(|_| !retokenized);
         // Transfers at the start of step 1, once the prefill is done.
         let mut counted = None;
         for step in 0..opts.max_new_tokens {
@@ -578,7 +649,7 @@ impl Engine {
                         states[r].push_values(rp.report.tokens[i], &rp.report.values[i * nj..(i + 1) * nj]);
                     }
                     let rule = StopRule { context: room[r], ..stop };
-                    self.after_token(row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
+                    self.after_token(&plan, row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
                 }
                 tm.tokens += nl;
                 tm.sampling_s += t3.elapsed().as_secs_f64();
@@ -620,7 +691,7 @@ impl Engine {
                         sink(Event::Step(&d))?;
                     }
                     let rule = StopRule { context: room[r], ..stop };
-                    self.after_token(row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
+                    self.after_token(&plan, row0 + r, &mut states[r], &mut inputs[r], &rule, sink)?;
                 }
                 tm.tokens += nl;
                 tm.sampling_s += t3.elapsed().as_secs_f64();
@@ -645,9 +716,11 @@ impl Engine {
     }
 
     /// The stop stage of row `row` (of the decode call) after its new token was pushed: the token becomes the
-    /// row's next input on every stream, its text is shown as far as it can be.
+    /// row's next input on every stream of `plan` (re-encoded for a model with its own tokenizer), its text is
+    /// shown as far as it can be.
     fn after_token(
         &self,
+        plan: &StreamPlan,
         row: usize,
         st: &mut RowState,
         inputs: &mut [Vec<u32>],
@@ -655,9 +728,12 @@ impl Engine {
         sink: &mut dyn FnMut(Event) -> Result<()>,
     ) -> Result<()> {
         let tok = *st.generated.last().ok_or_else(|| CageError::InvalidArgument("no token pushed".into()))?;
-        for p in inputs.iter_mut() {
+        for (s, p) in inputs.iter_mut().enumerate() {
             p.clear();
-            p.push(tok);
+            match &self.retokenized[plan.model_of(s)] {
+                Some(rt) => p.extend_from_slice(&rt.pieces[tok as usize]),
+                None => p.push(tok),
+            }
         }
         let text = self.tokenizer.decode(&st.generated, true)?;
         if let Some(shown) = st.stop_check(tok, text, rule) {

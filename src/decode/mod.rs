@@ -1,7 +1,8 @@
 //! CAGE decoding end to end: principals as value sources ([`principal`]), a run configuration ([`config`]),
 //! the batched decoding loop shared by every method ([`engine`]) over the stages of a step ([`stages`]),
-//! preference sweeps with hypervolume and MIP ([`sweep`]) and their Pareto plot in SVG and PNG ([`plot`]), and
-//! the bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo` ([`cli`]).
+//! prompt files and templates ([`prompts`]), preference sweeps with hypervolume and MIP ([`sweep`]), their
+//! Pareto plot in SVG and PNG ([`plot`]), the report merging sweeps ([`report`]), and the bodies of
+//! `cage generate`, `cage sweep`, `cage bench decode` and `cage demo` ([`cli`]).
 
 pub mod cli;
 pub mod config;
@@ -9,11 +10,14 @@ pub mod engine;
 pub mod plot;
 pub mod pool;
 pub mod principal;
+pub mod prompts;
+pub mod report;
 pub mod resident;
 pub mod stages;
 pub mod sweep;
 
-pub use config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
+pub use config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig, TokenizerMismatch};
 pub use engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, StepDiag, Timings};
 pub use principal::{DeviceForm, StepView, StreamLogits, StreamSpec, ValueSource};
+pub use prompts::PromptTemplate;
 pub use stages::StopReason;

@@ -25,12 +25,20 @@ pub struct StreamLogits<'a> {
     pub logits: &'a [f32],
     /// log sum exp of `logits`.
     pub lse: f64,
+    /// For a model with its own tokenizer (`tokenizer_mismatch: retokenize`): the model's id for each base id,
+    /// the first of the base token's text in its tokenizer. `None`: the ids are the base's.
+    pub ids: Option<&'a [u32]>,
 }
 
 impl StreamLogits<'_> {
-    /// log pi(id | context); a candidate outside this model's vocabulary is an error (mismatched models).
+    /// log pi(id | context) of a base token id; a candidate outside this model's vocabulary is an error
+    /// (mismatched models).
     pub fn logprob(&self, id: u32) -> Result<f64> {
-        self.logits.get(id as usize).map(|&x| x as f64 - self.lse).ok_or_else(|| {
+        let own = match self.ids {
+            Some(map) => map.get(id as usize).copied().unwrap_or(u32::MAX),
+            None => id,
+        };
+        self.logits.get(own as usize).map(|&x| x as f64 - self.lse).ok_or_else(|| {
             CageError::InvalidArgument(format!(
                 "candidate token {id} is outside a principal model's vocabulary of {}",
                 self.logits.len()

@@ -9,7 +9,8 @@
 //! `--diagnostics` (they read the whole policy), a principal that only exists on the host (a user
 //! [`ValueSource`] without [`ValueSource::device_form`]), `k = 0`
 //! or above [`MAX_TOP_K`], `normalize: none` with `linear` or `cage`, more than [`MAX_PRINCIPALS`] principals,
-//! and principal models of another vocabulary size than the base's. `cage-paper` (the authors' L-BFGS-B solver,
+//! principal models of another vocabulary size than the base's, and principal models with their own tokenizer
+//! (`tokenizer_mismatch: retokenize`: each candidate is read at another id there). `cage-paper` (the authors' L-BFGS-B solver,
 //! which has no device version) keeps a smaller round trip: the device hands back the k candidates, log pi0 and
 //! the principals' values (k x (2 + J) numbers a row, not V), the host forms the policy and chooses.
 

@@ -23,6 +23,7 @@ use crate::sampling::{Choice, choose_row};
 use crate::solver::{Method, SolveOptions};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::Arc;
 
 // ---- streams ----------------------------------------------------------------------------------------------
 
@@ -95,12 +96,20 @@ pub struct StepLogits {
     vocab: Vec<usize>,
     lse: Vec<f64>,
     streams: usize,
+    /// Per model, its id of each base id when it has its own tokenizer (see [`StreamLogits::ids`]).
+    ids: Vec<Option<Arc<[u32]>>>,
 }
 
 impl StepLogits {
     /// Empty buffers for models of vocabularies `vocab`, `streams` streams.
     pub fn new(vocab: Vec<usize>, streams: usize) -> Self {
-        StepLogits { per_model: vec![vec![]; vocab.len()], vocab, lse: vec![], streams }
+        StepLogits { per_model: vec![vec![]; vocab.len()], ids: vec![None; vocab.len()], vocab, lse: vec![], streams }
+    }
+
+    /// The same, with `ids[m]` the id map of model `m` when it reads text with its own tokenizer.
+    pub fn with_ids(mut self, ids: Vec<Option<Arc<[u32]>>>) -> Self {
+        self.ids = ids;
+        self
     }
 
     /// The full-vocabulary logits of live row `i`'s stream `s`.
@@ -110,7 +119,11 @@ impl StepLogits {
 
     /// Live row `i`'s stream `s` with its log-normaliser (after [`StepLogits::normalise`]).
     pub fn stream(&self, plan: &StreamPlan, i: usize, s: usize) -> StreamLogits<'_> {
-        StreamLogits { logits: self.logits(plan, i, s), lse: self.lse[i * self.streams + s] }
+        StreamLogits {
+            logits: self.logits(plan, i, s),
+            lse: self.lse[i * self.streams + s],
+            ids: self.ids[plan.model_of(s)].as_deref(),
+        }
     }
 
     /// The log-normalisers over the full vocabulary of `live` rows' streams: most of the values phase, so one

@@ -28,13 +28,48 @@ pub fn simplex_grid(j: usize, steps: usize) -> Result<Vec<Vec<f64>>> {
     Ok(out)
 }
 
+/// An explicit list of weight vectors, `"0.1,0.9;0.2,0.8"` on the command line: the authors' sweeps list their
+/// preference vectors rather than a regular grid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightsList(pub Vec<Vec<f64>>);
+
+/// Parses a [`WeightsList`]: vectors separated by `;`, weights by `,`. The arity is checked against the
+/// principals later, before any model loads.
+pub fn parse_weights_list(s: &str) -> std::result::Result<WeightsList, String> {
+    let out: Vec<Vec<f64>> = s
+        .split(';')
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.split(',')
+                .map(|x| x.trim().parse::<f64>().map_err(|e| format!("weight {:?} in {:?}: {e}", x.trim(), v.trim())))
+                .collect()
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    if out.is_empty() {
+        return Err("a weights list needs at least one vector (\"0.2,0.8;0.5,0.5\")".into());
+    }
+    Ok(WeightsList(out))
+}
+
 /// The reference point of the paper: per axis, the minimum over every point of every method, minus 1.
 pub fn reference_point(all_points: &[Vec<f64>]) -> Result<Vec<f64>> {
+    reference_point_with(all_points, &[1.0])
+}
+
+/// The reference point with a margin per axis: the minimum over every point of every method minus `margin[a]`
+/// (one margin serves every axis).
+pub fn reference_point_with(all_points: &[Vec<f64>], margin: &[f64]) -> Result<Vec<f64>> {
     let d = all_points.first().map(Vec::len).ok_or_else(|| CageError::InvalidArgument("no points".into()))?;
     if all_points.iter().any(|p| p.len() != d || p.iter().any(|x| !x.is_finite())) {
         return Err(CageError::InvalidArgument("points must all have the same dimension and be finite".into()));
     }
-    Ok((0..d).map(|a| all_points.iter().map(|p| p[a]).fold(f64::INFINITY, f64::min) - 1.0).collect())
+    if !(margin.len() == 1 || margin.len() == d) || margin.iter().any(|m| !(m.is_finite() && *m >= 0.0)) {
+        return Err(CageError::InvalidArgument(format!(
+            "margin {margin:?}: give one finite margin >= 0, or one per score axis ({d})"
+        )));
+    }
+    let m = |a: usize| if margin.len() == 1 { margin[0] } else { margin[a] };
+    Ok((0..d).map(|a| all_points.iter().map(|p| p[a]).fold(f64::INFINITY, f64::min) - m(a)).collect())
 }
 
 /// Exact hypervolume (maximisation) of `points` above `reference`: the volume of the union of the boxes
@@ -118,19 +153,48 @@ pub struct Summary {
     pub mip: f64,
 }
 
-/// HV and MIP of every method, with the paper's shared reference point and normalisation bounds.
+/// The score axes the hypervolume is measured in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScoreScale {
+    /// The scores as they are (the paper's tables): an axis with a wider range weighs more.
+    #[default]
+    None,
+    /// Each axis mapped to [0, 1] by its minimum and maximum over every method (the authors' normalised HV,
+    /// which takes margin 0: the reference point is the origin).
+    Minmax,
+}
+
+crate::spelled!(ScoreScale, "normalisation");
+
+/// HV and MIP of every method, with the paper's shared reference point (margin 1) on the raw scores.
 pub fn summarize(curves: &[MethodCurve]) -> Result<(Vec<Summary>, Vec<f64>)> {
+    summarize_with(curves, &[1.0], ScoreScale::None)
+}
+
+/// HV and MIP of every method with one shared reference point: per axis the minimum over every method's points
+/// minus `margin` (one, or one per axis), in the axes `scale` gives. MIP always normalises by every method's
+/// per-axis minimum and maximum. Returns the reference point in the scaled axes.
+pub fn summarize_with(curves: &[MethodCurve], margin: &[f64], scale: ScoreScale) -> Result<(Vec<Summary>, Vec<f64>)> {
     let all: Vec<Vec<f64>> = curves.iter().flat_map(|c| c.scores.iter().cloned()).collect();
-    let r = reference_point(&all)?;
-    let d = r.len();
+    reference_point_with(&all, margin)?;
+    let d = all[0].len();
     let lo: Vec<f64> = (0..d).map(|a| all.iter().map(|p| p[a]).fold(f64::INFINITY, f64::min)).collect();
     let hi: Vec<f64> = (0..d).map(|a| all.iter().map(|p| p[a]).fold(f64::NEG_INFINITY, f64::max)).collect();
+    let scaled = |p: &Vec<f64>| -> Vec<f64> {
+        match scale {
+            ScoreScale::None => p.clone(),
+            ScoreScale::Minmax => {
+                (0..d).map(|a| if hi[a] > lo[a] { (p[a] - lo[a]) / (hi[a] - lo[a]) } else { 0.0 }).collect()
+            }
+        }
+    };
+    let r = reference_point_with(&all.iter().map(scaled).collect::<Vec<_>>(), margin)?;
     let out = curves
         .iter()
         .map(|c| {
             Ok(Summary {
                 method: c.method.clone(),
-                hv: hypervolume(&c.scores, &r)?,
+                hv: hypervolume(&c.scores.iter().map(scaled).collect::<Vec<_>>(), &r)?,
                 mip: mip(&c.weights, &c.scores, &lo, &hi)?,
             })
         })

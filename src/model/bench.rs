@@ -51,8 +51,24 @@ pub fn bench_forward_gpu(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    crate::backend::cuda_usable()?;
-    bench_decoder(Backend::Cuda, model, batches, prompt_len, steps, repeats)
+    bench_forward_on(Backend::Cuda, model, batches, prompt_len, steps, repeats)
+}
+
+/// [`bench_forward`] on `device` (`auto` resolved first): the CPU decoder, the GPU decoder on GPU 0 (no usable
+/// GPU is [`CageError::NoGpu`]) or on the host emulation (tiny models: the GPU code path's dry run).
+pub fn bench_forward_on(
+    device: Backend,
+    model: Arc<Model>,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    repeats: usize,
+) -> Result<Vec<ForwardBench>> {
+    let device = device.resolve();
+    if device == Backend::Cuda {
+        crate::backend::cuda_usable()?;
+    }
+    bench_decoder(device, model, batches, prompt_len, steps, repeats)
 }
 
 /// The measurement loop shared by every backend: a decoder on `device` per batch size. Repeats are

@@ -2,11 +2,12 @@
 //! so that `main.rs` only parses arguments.
 
 use super::fetch::{fetch_default_model, models_dir};
-use super::forward::{CpuDecoder, Decoder, LogitsAt, Seq};
+use super::forward::{LogitsAt, Seq};
 use super::import::import_gguf_with_progress;
 use super::llama::Model;
 use super::lora::Adapter;
 use super::tokenizer::{PromptFormat, Tokenizer};
+use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::progress::Progress;
 use serde_json::json;
@@ -61,12 +62,22 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// What `cage logits` reads: a prompt for the tokenizer, or token ids.
+pub enum LogitsInput {
+    /// Text, rendered in the chosen format and tokenized.
+    Prompt(String),
+    /// Sequences of token ids as given (checked against the vocabulary), each scored on its own.
+    Ids(Vec<Vec<u32>>),
+}
+
 /// Options of `cage logits`.
 pub struct LogitsArgs {
     /// Model folder.
     pub model: PathBuf,
-    /// Prompt text.
-    pub prompt: String,
+    /// The input.
+    pub input: LogitsInput,
+    /// Where the forward pass runs.
+    pub device: Backend,
     /// Render the prompt with the chat template.
     pub chat: bool,
     /// Alpaca format instead of plain.
@@ -84,31 +95,54 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
     if a.top == 0 {
         return Err(CageError::InvalidArgument("--top must be at least 1".into()));
     }
-    let tok = Tokenizer::load(&a.model)?;
+    // Token ids need no tokenizer; one that is present still names the top tokens.
+    let tok = match &a.input {
+        LogitsInput::Prompt(_) => Some(Tokenizer::load(&a.model)?),
+        LogitsInput::Ids(_) => Tokenizer::load(&a.model).ok(),
+    };
     let format = match (a.chat, a.alpaca) {
         (true, true) => return Err(CageError::InvalidArgument("--chat and --alpaca exclude each other".into())),
         (true, false) => PromptFormat::Chat,
         (false, true) => PromptFormat::Alpaca,
         _ => PromptFormat::Plain,
     };
-    let ids = tok.prompt_ids(&a.prompt, format)?;
-    if ids.is_empty() {
-        return Err(CageError::InvalidArgument("the prompt encodes to no tokens".into()));
+    let seqs: Vec<Vec<u32>> = match &a.input {
+        LogitsInput::Prompt(p) => vec![tok.as_ref().map_or(Ok(vec![]), |t| t.prompt_ids(p, format))?],
+        LogitsInput::Ids(ids) => ids.clone(),
+    };
+    if seqs.iter().any(Vec::is_empty) {
+        return Err(CageError::InvalidArgument("the input holds no tokens".into()));
     }
     let model = Arc::new(load_model(&a.model, &a.adapters)?);
-    let mut dec = CpuDecoder::new(model, 1, ids.len(), ids.len());
-    let logits = dec.forward(&[Seq { slot: 0, tokens: &ids, adapter: None }], LogitsAt::Last)?;
-    let lse = crate::softmax::logsumexp(logits);
-    let top: Vec<_> = top_k(logits, a.top)
-        .into_iter()
-        .map(|i| {
-            let text = tok.decode(&[i as u32], false).unwrap_or_default();
-            json!({"id": i, "token": text, "logit": logits[i]})
-        })
-        .collect();
-    if a.json {
-        crate::outln!("{}", json!({"input_ids": ids, "top": top, "logsumexp": lse}))?;
-    } else {
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = seqs.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(CageError::InvalidArgument(format!(
+            "--ids: token {bad} is outside the vocabulary of model {} ({vocab} tokens)",
+            a.model.display()
+        )));
+    }
+    if a.device != Backend::Cpu && !a.adapters.is_empty() {
+        // The GPU decoder takes adapters unmerged; merging them into f32 weights and then rounding to bf16 is
+        // another model than the one a user would compare with.
+        return Err(CageError::InvalidArgument("--adapter is supported with --device cpu only".into()));
+    }
+    let longest = seqs.iter().map(Vec::len).max().unwrap_or(1);
+    let mut dec = super::gpu::new_decoder(a.device, model, 1, longest, longest)?;
+    for ids in &seqs {
+        dec.reset(0);
+        let logits = dec.forward(&[Seq { slot: 0, tokens: ids, adapter: None }], LogitsAt::Last)?;
+        let lse = crate::softmax::logsumexp(logits);
+        let top: Vec<_> = top_k(logits, a.top)
+            .into_iter()
+            .map(|i| {
+                let text = tok.as_ref().and_then(|t| t.decode(&[i as u32], false).ok()).unwrap_or_default();
+                json!({"id": i, "token": text, "logit": logits[i]})
+            })
+            .collect();
+        if a.json {
+            crate::outln!("{}", json!({"input_ids": ids, "device": a.device, "top": top, "logsumexp": lse}))?;
+            continue;
+        }
         crate::outln!("{} input tokens; logsumexp {lse:.4}", ids.len())?;
         for t in &top {
             let l = t["logit"].as_f64().unwrap_or(0.0);
@@ -137,53 +171,81 @@ pub enum ForwardWeights {
 
 crate::spelled!(ForwardWeights, "weights");
 
+/// Options of `cage bench forward`.
+pub struct BenchForwardArgs {
+    /// Model folder (default: the fetched SmolLM2-135M-Instruct).
+    pub model: Option<PathBuf>,
+    /// Batch sizes.
+    pub batches: Vec<usize>,
+    /// Which CPU weights decode reads.
+    pub weights: ForwardWeights,
+    /// `auto`: the CPU, and the GPU at [`GPU_BATCHES`] when one is usable; otherwise that one device at
+    /// `batches`.
+    pub device: Backend,
+    /// Prompt tokens per row.
+    pub prompt_len: usize,
+    /// Decode steps per repeat.
+    pub steps: usize,
+    /// Repeats; the best counts.
+    pub repeats: usize,
+    /// JSON output.
+    pub json: bool,
+}
+
+fn print_rows(rows: &[super::bench::ForwardBench]) -> Result<()> {
+    crate::outln!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step")?;
+    for r in rows {
+        crate::outln!("{:>6} {:>14.1} {:>14.1} {:>16.2}", r.batch, r.prefill_tok_s, r.decode_tok_s, r.decode_step_ms)?;
+    }
+    Ok(())
+}
+
 /// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_forward_cmd(
-    model: Option<PathBuf>,
-    batches: &[usize],
-    weights: ForwardWeights,
-    prompt_len: usize,
-    steps: usize,
-    repeats: usize,
-    json_out: bool,
-) -> Result<()> {
-    let dir = match model {
-        Some(d) => d,
+pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
+    let (batches, prompt_len, steps, repeats) = (&a.batches[..], a.prompt_len, a.steps, a.repeats);
+    let dir = match &a.model {
+        Some(d) => d.clone(),
         None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
     };
     let mut m = Model::load(&dir)?;
     let threads = rayon::current_num_threads();
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
-    if weights == ForwardWeights::Packed && !packed {
+    let on_cpu = matches!(a.device, Backend::Auto | Backend::Cpu);
+    if on_cpu && a.weights == ForwardWeights::Packed && !packed {
         return Err(CageError::InvalidArgument(format!(
             "--weights packed: model {} has no packed (Q4_1 / Q8_0) copies, only f32 weights; use --weights f32",
             dir.display()
         )));
     }
     let mut variants = vec![];
-    if packed && weights != ForwardWeights::F32 {
+    if on_cpu && packed && a.weights != ForwardWeights::F32 {
         variants
             .push(("packed", super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?));
-        m.unpack_weights();
     }
+    m.unpack_weights();
     let m = Arc::new(m);
-    if weights != ForwardWeights::Packed || !packed {
+    if on_cpu && (a.weights != ForwardWeights::Packed || !packed) {
         variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
     }
-    // The GPU decoder when a GPU is usable; no GPU is a line in the report, not a failure (a GPU that is
-    // present but fails is an error).
-    let gpu = match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {
-        Ok(rows) => Ok(rows),
-        Err(CageError::NoGpu(why)) => Err(why),
-        Err(e) => return Err(e),
+    // The GPU decoder: with `auto` when a GPU is usable (no GPU is a line in the report, not a failure; a GPU
+    // that is present but fails is an error); with `cuda` or `emulation` always, at the batch sizes given.
+    let gpu = match a.device {
+        Backend::Cpu => None,
+        Backend::Auto => Some(match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {
+            Ok(rows) => Ok((Backend::Cuda, rows)),
+            Err(CageError::NoGpu(why)) => Err(why),
+            Err(e) => return Err(e),
+        }),
+        d => Some(Ok((d, super::bench::bench_forward_on(d, m, batches, prompt_len, steps, repeats)?))),
     };
-    if json_out {
+    let device_name = |d: Backend| if d == Backend::Cuda { gpu_name() } else { "host emulation".to_string() };
+    if a.json {
         let v: serde_json::Map<String, serde_json::Value> =
             variants.iter().map(|(k, r)| (k.to_string(), serde_json::to_value(r).unwrap_or_default())).collect();
         let g = match &gpu {
-            Ok(rows) => json!({"device": gpu_name(), "results": rows}),
-            Err(why) => json!({"skipped": format!("no GPU: {why}")}),
+            None => json!({"skipped": "not asked (--device cpu)"}),
+            Some(Ok((d, rows))) => json!({"device": device_name(*d), "results": rows}),
+            Some(Err(why)) => json!({"skipped": format!("no GPU: {why}")}),
         };
         crate::outln!(
             "{}",
@@ -191,38 +253,21 @@ pub fn bench_forward_cmd(
         )?;
         return Ok(());
     }
-    crate::outln!(
-        "model {} (f32 compute, CPU, {threads} threads), prompt {prompt_len} tokens per row, {steps} decode steps",
-        dir.display()
-    )?;
+    crate::outln!("model {}, prompt {prompt_len} tokens per row, {steps} decode steps", dir.display())?;
     for (name, rows) in &variants {
-        crate::outln!("weights read by decode: {name}")?;
-        crate::outln!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step")?;
-        for r in rows {
-            crate::outln!(
-                "{:>6} {:>14.1} {:>14.1} {:>16.2}",
-                r.batch,
-                r.prefill_tok_s,
-                r.decode_tok_s,
-                r.decode_step_ms
-            )?;
-        }
+        crate::outln!("CPU decoder ({threads} threads, f32 compute), weights read by decode: {name}")?;
+        print_rows(rows)?;
     }
     match &gpu {
-        Ok(rows) => {
-            crate::outln!("GPU decoder on {} (bf16 weights, cuBLAS, f32 KV cache; logits copied back)", gpu_name())?;
-            crate::outln!("{:>6} {:>14} {:>14} {:>16}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step")?;
-            for r in rows {
-                crate::outln!(
-                    "{:>6} {:>14.1} {:>14.1} {:>16.2}",
-                    r.batch,
-                    r.prefill_tok_s,
-                    r.decode_tok_s,
-                    r.decode_step_ms
-                )?;
-            }
+        None => {}
+        Some(Ok((d, rows))) => {
+            crate::outln!(
+                "GPU decoder on {} (bf16 weights, cuBLAS, f32 KV cache; logits copied back)",
+                device_name(*d)
+            )?;
+            print_rows(rows)?;
         }
-        Err(why) => crate::outln!("GPU decoder: not measured, no GPU ({why})")?,
+        Some(Err(why)) => crate::outln!("GPU decoder: not measured, no GPU ({why})")?,
     }
     Ok(())
 }
