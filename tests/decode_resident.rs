@@ -185,7 +185,7 @@ fn without_principals_the_resident_step_is_the_base_policy() {
                 .map(|(r, t)| (r.iter().map(|x| x.tokens.clone()).collect::<Vec<_>>(), t))
         };
         match (go(false), go(true)) {
-            ((Ok((dev, t)), Ok((host, _)))) => {
+            (Ok((dev, t)), Ok((host, _))) => {
                 assert_eq!(dev, host, "{m}");
                 let per_row = if m == DecodeMethod::CagePaper { 16 * 2 * 4 } else { 4 };
                 assert_eq!(t.step_transfers.device_to_host, (t.tokens as u64 - 2) * per_row, "{m}: {t:?}");
