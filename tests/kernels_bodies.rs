@@ -33,6 +33,7 @@ macro_rules! kernel_tests {
             choose_is_reproducible_and_follows_pi: bodies::choose_is_reproducible_and_follows_pi,
             principal_values_match_cpu: bodies::principal_values_match_cpu,
             policy_matches_host_stage: bodies::policy_matches_host_stage,
+            resident_step_reports_tokens_and_values: bodies::resident_step_reports_tokens_and_values,
             jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
             graph_replays_equilibrium: bodies::graph_replays_equilibrium,
             stale_jobs_are_refused: bodies::stale_jobs_are_refused,
@@ -902,4 +903,71 @@ pub fn policy_matches_host_stage(gpu: &mut Gpu) {
         }
     }
     assert!(gpu.policy(DevicePolicy::Mod, 1, 0, k, &logp[..k], &[], &[], &[], tau).is_err());
+}
+
+/// The resident step on streams interleaved in one buffer (row r's stream s at row 2r + s, so the base rows
+/// are gathered): greedy `base` picks each row's largest base logit, and the report carries each principal's
+/// raw value there (a log-ratio of the two streams, a lexicon entry) against a CPU computation; malformed
+/// requests are refused by name before any launch.
+pub fn resident_step_reports_tokens_and_values(gpu: &mut Gpu) {
+    use cage::gpu::{PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep};
+    let (rows, v, k) = (3, 300, 8);
+    let x: Vec<f32> =
+        logits(rows * 2, v, 5).into_iter().map(|x| if x == f32::NEG_INFINITY { -30.0 } else { x }).collect();
+    let mut buf = gpu.alloc(x.len() * 4).unwrap();
+    buf.upload(gpu.device(), &x).unwrap();
+    let table: Vec<u64> = (0..rows * 2).map(|i| buf.ptr() + (i * v * 4) as u64).collect();
+    let lexicon: Vec<f32> = (0..v).map(|id| (id % 7) as f32 * 0.5).collect();
+    let principals = [PrincipalStreams::Ratio { of: 1, against: 0 }, PrincipalStreams::Lexicon { row: 0 }];
+    let (weights, keys) = (vec![0.5f32; rows * 2], (0..rows as u32).collect::<Vec<_>>());
+    let step = ResidentStep {
+        rows,
+        streams: 2,
+        vocab: v,
+        k,
+        table: &table,
+        principals: &principals,
+        lexicon: &lexicon,
+        weights: &weights,
+        tau: 0.5,
+        shift_min: true,
+        method: ResidentMethod::Policy(DevicePolicy::Base),
+        choice: Choice::Greedy,
+        keys: &keys,
+        seed: 1,
+        step: 0,
+    };
+    let mut out = ResidentReport::default();
+    // SAFETY: the table points into `buf`, 2 x rows rows of V f32 logits.
+    unsafe { gpu.resident_step(&step, &mut out) }.unwrap();
+    let lse = |x: &[f32]| {
+        let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    for r in 0..rows {
+        let (b, a) = (&x[2 * r * v..(2 * r + 1) * v], &x[(2 * r + 1) * v..(2 * r + 2) * v]);
+        let best = (0..v).fold(0, |i, j| if b[j] > b[i] { j } else { i });
+        assert_eq!(out.tokens[r] as usize, best, "row {r}: greedy base takes the largest logit");
+        let q = (a[best] as f64 - lse(a)) - (b[best] as f64 - lse(b));
+        assert!((out.values[2 * r] as f64 - q).abs() < 1e-4, "row {r}: {} vs {q}", out.values[2 * r]);
+        assert_eq!(out.values[2 * r + 1], lexicon[best], "row {r}: the lexicon's score at the token");
+    }
+    let mut refused = |s: ResidentStep, what: &str| {
+        let mut out = ResidentReport::default();
+        // SAFETY: refused before any launch (and the table still points into `buf`).
+        let e = unsafe { gpu.resident_step(&s, &mut out) }.unwrap_err().to_string();
+        assert!(e.contains(what), "{what}: {e}");
+    };
+    let mut holed = table.clone();
+    holed[3] = 0;
+    refused(ResidentStep { table: &holed, ..step }, "null");
+    let stream_2 = [PrincipalStreams::Ratio { of: 2, against: 0 }, principals[1]];
+    refused(ResidentStep { principals: &stream_2, ..step }, "outside");
+    let lexicon_row_1 = [principals[0], PrincipalStreams::Lexicon { row: 1 }];
+    refused(ResidentStep { principals: &lexicon_row_1, ..step }, "outside");
+    refused(ResidentStep { weights: &weights[1..], ..step }, "weights");
+    refused(ResidentStep { keys: &keys[1..], ..step }, "row keys");
+    let mod_alone =
+        ResidentStep { principals: &[], weights: &[], method: ResidentMethod::Policy(DevicePolicy::Mod), ..step };
+    refused(mod_alone, "MOD");
 }
