@@ -2,8 +2,8 @@
 //! stream of every live row (base, ARMs with their adapters, references, instructed prompts), candidate
 //! selection on the base, the principals' values, the method's policy (the equilibrium on the chosen backend
 //! for `cage`), the token choice, and the stop checks. With every model on a device the step between the
-//! forwards and the stop checks runs there ([`super::resident`]); the stop checks and row state stay here. Every method runs in this same loop with the same
-//! forwards, so their costs and outputs compare fairly.
+//! forwards and the stop checks runs there ([`super::resident`]); the stop checks and row state stay here.
+//! Every method runs in this same loop with the same forwards, so their costs and outputs compare fairly.
 
 use super::config::{DecodeMethod, FormatSetting, PrincipalKind, RunConfig, TokenizerMismatch, check_weights};
 use super::pool::{DecoderPool, Lease, Room};

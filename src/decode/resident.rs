@@ -1,18 +1,19 @@
 //! The decoding step resident on the device ([`crate::gpu::Gpu::resident_step`]) for the engine's loop: when
 //! every model of a run decodes on the device (`model_device: emulation | cuda`), each step runs the forwards
-//! with [`GpuDecoder::forward_device`] (the logits stay where they are), then candidates, values, the policy
-//! and the choice on the base model's device; only token ids and each principal's value at them come back.
-//! The equilibrium of `cage` then runs on that device whatever the run's `backend` says (the logits are there).
+//! with [`crate::model::GpuDecoder::forward_device`] (the logits stay where they are), then candidates, values,
+//! the policy and the choice on the base model's device; only token ids and each principal's value at them come
+//! back. The equilibrium of `cage` then runs on that device whatever the run's `backend` says (the logits are
+//! there).
 //!
 //! The host stages ([`super::stages`]) remain for what has no device form, each a documented host round trip
 //! of every stream's logits: a step whose prompts need more than one forward call (a long prefill), a run with
 //! `--diagnostics` (they read the whole policy), a principal that only exists on the host (a user
-//! [`ValueSource`] without [`ValueSource::device_form`]), `k = 0`
-//! or above [`MAX_TOP_K`], `normalize: none` with `linear` or `cage`, more than [`MAX_PRINCIPALS`] principals,
-//! principal models of another vocabulary size than the base's, and principal models with their own tokenizer
-//! (`tokenizer_mismatch: retokenize`: each candidate is read at another id there). `cage-paper` (the authors' L-BFGS-B solver,
-//! which has no device version) keeps a smaller round trip: the device hands back the k candidates, log pi0 and
-//! the principals' values (k x (2 + J) numbers a row, not V), the host forms the policy and chooses.
+//! [`ValueSource`] without [`ValueSource::device_form`]), `k = 0` or above [`MAX_TOP_K`], `normalize: none`
+//! with `linear`, `cage` or `cage-paper`, more than [`MAX_PRINCIPALS`] principals, principal models of another
+//! vocabulary size than the base's, and principal models with their own tokenizer (`tokenizer_mismatch:
+//! retokenize`: each candidate is read at another id there). `cage-paper` (the authors' L-BFGS-B solver, which
+//! has no device version) keeps a smaller round trip: the device hands back the k candidates, log pi0 and the
+//! principals' values (k x (2 + J) numbers a row, not V), the host forms the policy and chooses.
 
 use super::config::DecodeMethod;
 use super::engine::{DecodeOptions, RowRequest};
