@@ -1,6 +1,6 @@
 //! CAGE decoding end to end: principals as value sources ([`principal`]), a run configuration ([`config`]),
 //! the batched decoding loop shared by every method ([`engine`]) over the stages of a step ([`stages`]),
-//! preference sweeps with hypervolume and MIP ([`sweep`]) and their Pareto plot in SVG and PNG ([`plot`]), and
+//! reward-model scorers of the results ([`scorers`]), preference sweeps with hypervolume and MIP ([`sweep`]) and their Pareto plot in SVG and PNG ([`plot`]), and
 //! the bodies of `cage generate`, `cage sweep`, `cage bench decode` and `cage demo` ([`cli`]).
 
 pub mod cli;
@@ -9,10 +9,12 @@ pub mod engine;
 pub mod plot;
 pub mod pool;
 pub mod principal;
+pub mod scorers;
 pub mod stages;
 pub mod sweep;
 
 pub use config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, RunConfig};
 pub use engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, StepDiag, Timings};
 pub use principal::{StepView, StreamLogits, StreamSpec, ValueSource};
+pub use scorers::{ScorerSpec, Scorers};
 pub use stages::StopReason;
