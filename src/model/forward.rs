@@ -521,7 +521,7 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
         cache.lens[st.slot[r.start]] += r.len;
     }
     // Final norm only on the rows that get logits.
-    let rows = match at {
+    match at {
         LogitsAt::All => {
             rms_norm(&st.x[..t * h], &model.norm, c.rms_norm_eps, &mut st.xn[..t * h]);
             t
@@ -533,8 +533,7 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
             }
             runs.len()
         }
-    };
-    rows
+    }
 }
 
 /// The output projection of the `rows` normed hidden states in `xn` into the logits.
