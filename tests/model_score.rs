@@ -144,3 +144,55 @@ fn folders_that_are_not_usable_reward_models_are_refused_with_the_reason() {
     let e = run_cage(["score", "--model", fixture("tiny-reward-seqcls").to_str().unwrap()]).failed();
     assert!(e.contains("--text") && e.contains("--input"), "{e}");
 }
+
+#[test]
+fn the_emulated_gpu_decoder_scores_as_the_cpu_on_the_same_bf16_weights() {
+    use cage::Backend;
+    use cage::model::gpu::bf16_weights;
+    let texts: Vec<Vec<u32>> = cases("tiny-reward-seqcls").into_iter().map(|(_, ids, _)| ids).collect();
+    let seqs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+    let mut devices = vec![Backend::Emulation];
+    if cage::gpu::Gpu::cuda(0).is_ok() {
+        devices.push(Backend::Cuda);
+    }
+    for m in MODELS {
+        // The CPU on the weights the device holds (bf16-rounded matrices): only the bf16 rounding of the GEMM
+        // inputs differs, as in tests/model_gpu.rs. Each activation rounds by up to 2^-9 relative, which moves a
+        // score (a 64-term dot product of 0.15-sized head weights with a normed state) by ~1e-2 after two
+        // layers: hence 2e-2 at most and 8e-3 on average. The scores of different texts differ by 0.3 or more
+        // (golden-score.json), so a row read at the wrong token fails.
+        let mut cpu = RewardModel::load(&fixture(m)).unwrap();
+        cpu.model = std::sync::Arc::new(bf16_weights(&cpu.model));
+        let want: Vec<f32> = cpu.scores(&seqs).unwrap().concat();
+        for d in &devices {
+            let mut rm = RewardModel::load(&fixture(m)).unwrap().on(*d);
+            // Twice: the second batch reuses the decoder of the first.
+            for round in 0..2 {
+                let got: Vec<f32> = rm.scores(&seqs).unwrap().concat();
+                let diffs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+                let (max, mean) =
+                    (diffs.iter().fold(0f32, |a, &b| a.max(b)), diffs.iter().sum::<f32>() / diffs.len() as f32);
+                assert!(
+                    max <= 2e-2 && mean <= 8e-3,
+                    "{m} on {d:?} round {round}: max {max} mean {mean}: {got:?} vs cpu {want:?}"
+                );
+            }
+        }
+        // And through the command line.
+        let (text, _, _) = cases(m).remove(0);
+        let out = run_cage([
+            "score",
+            "--model",
+            fixture(m).to_str().unwrap(),
+            "--text",
+            &text,
+            "--json",
+            "--device",
+            "emulation",
+        ])
+        .ok();
+        let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        let s = v["scores"].as_array().unwrap()[0].as_f64().unwrap() as f32;
+        assert!((s - want[0]).abs() <= 2e-2, "{m} cage score --device emulation: {s} vs {}", want[0]);
+    }
+}

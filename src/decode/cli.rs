@@ -236,7 +236,7 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         None => None,
     };
     // Reward models before the decoder: a bad scorer fails before decoding.
-    let mut scorers = Scorers::load(&cfg.scorers)?;
+    let mut scorers = Scorers::load(&cfg.scorers, cfg.model_device)?;
     let scorer_names = scorers.names();
     let mut scored = std::collections::BTreeMap::new();
     let engine = Engine::from_config(&cfg)?;
@@ -423,7 +423,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).map_err(io_err(format!("creating {}", a.out.display())))?;
     let mut writer = RowWriter::create(&a.out.join("results.jsonl"))?;
     // Reward models before the decoder: a bad scorer fails before decoding.
-    let mut scorers = Scorers::load(&cfg.scorers)?;
+    let mut scorers = Scorers::load(&cfg.scorers, cfg.model_device)?;
     let scorer_names = scorers.names();
     let engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();

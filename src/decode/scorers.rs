@@ -119,12 +119,12 @@ pub struct Scorers {
 
 impl Scorers {
     /// Loads every scorer's model and tokenizer and checks its label against the model's head, so that a bad
-    /// scorer fails before any decoding.
-    pub fn load(specs: &[ScorerSpec]) -> Result<Self> {
+    /// scorer fails before any decoding; their forward passes run on `device` (the run's `model_device`).
+    pub fn load(specs: &[ScorerSpec], device: crate::Backend) -> Result<Self> {
         let mut items = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
             let at = |e: CageError| CageError::InvalidArgument(format!("scorers[{i}] ({:?}): {e}", spec.name));
-            let model = RewardModel::load(&spec.model).map_err(at)?;
+            let model = RewardModel::load(&spec.model).map_err(at)?.on(device);
             if spec.label >= model.labels() {
                 return Err(CageError::InvalidArgument(format!(
                     "scorers[{i}].label: {} is out of range: model {} has {} score(s), labels 0 to {}",

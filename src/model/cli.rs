@@ -177,6 +177,10 @@ pub struct ScoreArgs {
     /// JSON output for --text.
     #[arg(long)]
     pub json: bool,
+    /// Where the forward passes run: `cpu`, `cuda` (bf16 weights), `emulation` (the GPU code on the host
+    /// emulation: tiny models and tests) or `auto` (the GPU when usable).
+    #[arg(long, default_value_t = crate::Backend::Cpu, value_parser = crate::names::NameParser::<crate::Backend>::new())]
+    pub device: crate::Backend,
 }
 
 /// Texts of a JSONL file of `{"text": ...}` objects.
@@ -205,7 +209,7 @@ pub fn score_cmd(a: &ScoreArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(CageError::InvalidArgument("--batch-size must be at least 1".into()));
     }
-    let mut rm = RewardModel::load(&a.model)?;
+    let mut rm = RewardModel::load(&a.model)?.on(a.device);
     let tok = Tokenizer::load(&a.model)?;
     let ids = texts
         .iter()

@@ -8,14 +8,17 @@
 //!   config's `bias` is true, applied at every position; its end score is the one at the last attended token,
 //!   which is the last token here because sequences are never padded.
 //!
-//! Both read the backbone's final hidden state after the final norm ([`CpuDecoder::forward_hidden`]), so the
-//! forward pass is the decoders' own.
+//! Both read the backbone's final hidden state after the final norm ([`CpuDecoder::forward_hidden`], or
+//! [`GpuDecoder::forward_hidden`] with bf16 weights on a device), so the forward pass is the decoders' own.
 
 use super::config::ModelConfig;
 use super::forward::{CpuDecoder, Decoder, Seq};
+use super::gpu::GpuDecoder;
 use super::llama::Model;
 use super::weights::TensorStore;
+use crate::backend::Backend;
 use crate::error::{CageError, Result};
+use crate::gpu::Gpu;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -64,8 +67,45 @@ pub struct RewardModel {
     pub head: ScoreHead,
     /// transformers' padding token: the score is read before trailing ones (sequence classification only).
     pub pad_token_id: Option<u32>,
-    /// The CPU decoder of the largest batch so far, reused while batches fit in it.
-    dec: Option<(CpuDecoder, usize, usize)>,
+    /// Where the forward passes run (`cpu` unless [`RewardModel::on`] says otherwise).
+    device: Backend,
+    /// The decoder of the largest batch so far (with its max_seq and max_tokens), reused while batches fit.
+    dec: Option<(Dec, usize, usize)>,
+}
+
+/// The decoder a reward model runs on.
+enum Dec {
+    Cpu(CpuDecoder),
+    Gpu(Box<GpuDecoder>),
+}
+
+impl Dec {
+    fn new(device: Backend, model: &Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Result<Self> {
+        let gpu = |g: Gpu| GpuDecoder::new(g, model.clone(), slots, max_seq, max_tokens).map(|d| Dec::Gpu(Box::new(d)));
+        match device.resolve() {
+            Backend::Cuda => gpu(Gpu::cuda(0)?),
+            Backend::Emulation => gpu(Gpu::emulated()),
+            _ => Ok(Dec::Cpu(CpuDecoder::new(model.clone(), slots, max_seq, max_tokens))),
+        }
+    }
+    fn slots(&self) -> usize {
+        match self {
+            Dec::Cpu(d) => d.slots(),
+            Dec::Gpu(d) => d.slots(),
+        }
+    }
+    fn dec(&mut self) -> &mut dyn Decoder {
+        match self {
+            Dec::Cpu(d) => d,
+            Dec::Gpu(d) => d.as_mut(),
+        }
+    }
+    fn forward_hidden(&mut self, seqs: &[Seq]) -> Result<&[f32]> {
+        match self {
+            Dec::Cpu(d) => d.forward_hidden(seqs),
+            Dec::Gpu(d) => d.forward_hidden(seqs),
+        }
+    }
 }
 
 fn bad(dir: &Path, msg: String) -> CageError {
@@ -155,7 +195,15 @@ impl RewardModel {
             ),
         };
         let model = Model::backbone_from_store(config, &st, &dir.display().to_string())?;
-        Ok(RewardModel { model: Arc::new(model), head, pad_token_id, dec: None })
+        Ok(RewardModel { model: Arc::new(model), head, pad_token_id, device: Backend::Cpu, dec: None })
+    }
+
+    /// The model with its forward passes on `device` (`cuda`: bf16 weights on the GPU; `emulation`: the same
+    /// code on the host emulation, for tests; `auto`: the GPU when usable).
+    pub fn on(mut self, device: Backend) -> Self {
+        self.device = device;
+        self.dec = None;
+        self
     }
 
     /// Number of scores per sequence.
@@ -184,13 +232,13 @@ impl RewardModel {
         let (longest, total) = (cut.iter().map(|s| s.len()).max().unwrap_or(1), cut.iter().map(|s| s.len()).sum());
         // A new decoder only when this batch does not fit the last one: a sweep scores row after row.
         if !matches!(&self.dec, Some((d, seq, tok)) if d.slots() >= cut.len() && *seq >= longest && *tok >= total) {
-            self.dec = None;
+            self.dec = Some((Dec::new(self.device, &self.model, cut.len(), longest, total)?, longest, total));
         }
-        let model = &self.model;
-        let (dec, _, _) =
-            self.dec.get_or_insert_with(|| (CpuDecoder::new(model.clone(), cut.len(), longest, total), longest, total));
+        let Some((dec, _, _)) = self.dec.as_mut() else {
+            return Err(CageError::InvalidArgument("reward model without a decoder".into()));
+        };
         for i in 0..cut.len() {
-            dec.reset(i);
+            dec.dec().reset(i);
         }
         let batch: Vec<Seq> = cut.iter().enumerate().map(|(i, s)| Seq { slot: i, tokens: s, adapter: None }).collect();
         let hidden = dec.forward_hidden(&batch)?;
