@@ -75,7 +75,7 @@ pub struct RewardModel {
 
 /// The decoder a reward model runs on.
 enum Dec {
-    Cpu(CpuDecoder),
+    Cpu(Box<CpuDecoder>),
     Gpu(Box<GpuDecoder>),
 }
 
@@ -85,7 +85,7 @@ impl Dec {
         match device.resolve() {
             Backend::Cuda => gpu(Gpu::cuda(0)?),
             Backend::Emulation => gpu(Gpu::emulated()),
-            _ => Ok(Dec::Cpu(CpuDecoder::new(model.clone(), slots, max_seq, max_tokens))),
+            _ => Ok(Dec::Cpu(Box::new(CpuDecoder::new(model.clone(), slots, max_seq, max_tokens)))),
         }
     }
     fn slots(&self) -> usize {
@@ -96,7 +96,7 @@ impl Dec {
     }
     fn dec(&mut self) -> &mut dyn Decoder {
         match self {
-            Dec::Cpu(d) => d,
+            Dec::Cpu(d) => d.as_mut(),
             Dec::Gpu(d) => d.as_mut(),
         }
     }
