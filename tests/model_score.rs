@@ -146,21 +146,21 @@ fn folders_that_are_not_usable_reward_models_are_refused_with_the_reason() {
 }
 
 #[test]
-fn the_emulated_gpu_decoder_scores_as_the_cpu_on_the_same_bf16_weights() {
+fn the_gpu_decoder_scores_as_the_cpu_on_the_same_bf16_weights() {
     use cage::Backend;
     use cage::model::gpu::bf16_weights;
     let texts: Vec<Vec<u32>> = cases("tiny-reward-seqcls").into_iter().map(|(_, ids, _)| ids).collect();
     let seqs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
     let mut devices = vec![Backend::Emulation];
-    if cage::gpu::Gpu::cuda(0).is_ok() {
-        devices.push(Backend::Cuda);
+    match cage::gpu::Gpu::cuda(0) {
+        Ok(_) => devices.push(Backend::Cuda),
+        Err(e) => common::skip::skip(&format!("reward model on the GPU decoder: no CUDA GPU ({e}); emulation only")),
     }
     for m in MODELS {
         // The CPU on the weights the device holds (bf16-rounded matrices): only the bf16 rounding of the GEMM
         // inputs differs, as in tests/model_gpu.rs. Each activation rounds by up to 2^-9 relative, which moves a
         // score (a 64-term dot product of 0.15-sized head weights with a normed state) by ~1e-2 after two
-        // layers: hence 2e-2 at most and 8e-3 on average. The scores of different texts differ by 0.3 or more
-        // (golden-score.json), so a row read at the wrong token fails.
+        // layers: hence 2e-2 at most and 8e-3 on average.
         let mut cpu = RewardModel::load(&fixture(m)).unwrap();
         cpu.model = std::sync::Arc::new(bf16_weights(&cpu.model));
         let want: Vec<f32> = cpu.scores(&seqs).unwrap().concat();
@@ -178,8 +178,13 @@ fn the_emulated_gpu_decoder_scores_as_the_cpu_on_the_same_bf16_weights() {
                 );
             }
         }
-        // And through the command line.
-        let (text, _, _) = cases(m).remove(0);
+    }
+}
+
+#[test]
+fn cage_score_runs_on_the_emulated_device() {
+    for m in MODELS {
+        let (text, _, want) = cases(m).remove(0);
         let out = run_cage([
             "score",
             "--model",
@@ -192,7 +197,8 @@ fn the_emulated_gpu_decoder_scores_as_the_cpu_on_the_same_bf16_weights() {
         ])
         .ok();
         let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
-        let s = v["scores"].as_array().unwrap()[0].as_f64().unwrap() as f32;
-        assert!((s - want[0]).abs() <= 2e-2, "{m} cage score --device emulation: {s} vs {}", want[0]);
+        let s = v["scores"].as_array().unwrap()[0].as_f64().unwrap();
+        // bf16 weights and activations against transformers' f32: see the test above for the size.
+        assert!((s - want[0]).abs() <= 5e-2, "{m} cage score --device emulation: {s} vs transformers {}", want[0]);
     }
 }
