@@ -9,13 +9,15 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     /root/venv-golden/bin/python scripts/make_fixtures.py window
     /root/venv-golden/bin/python scripts/make_fixtures.py spm
     /root/venv-golden/bin/python scripts/make_fixtures.py smollm2 --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+    /root/venv-golden/bin/python scripts/make_fixtures.py score
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
 tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
 tests/fixtures/golden-window.json (sliding attention windows shorter than the prompts); `spm` writes
 tests/fixtures/golden-spm-gguf.json (a SentencePiece vocabulary in llama.cpp's GGUF form and how transformers'
 GGUF tokenizer loader encodes and decodes test strings with it); `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
-own GGUF loader (independent of cage's importer). The Llama 3.1 RoPE frequencies golden
+own GGUF loader (independent of cage's importer); `score` writes tests/fixtures/{tiny-reward-seqcls,tiny-reward-beaver}
+(reward models on tiny-llama's shapes and word tokenizer) and tests/fixtures/golden-score.json. The Llama 3.1 RoPE frequencies golden
 (tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch.
 """
 import argparse
@@ -303,15 +305,111 @@ def smollm2(gguf):
     json.dump(res, open(os.path.join(FIX, "golden-smollm2.json"), "w"), indent=1)
 
 
+# Texts in the word tokenizer's vocabulary; the fourth ends in </s>, the sequence-classification fixture's pad
+# token, so that its score is read before them (transformers' last non-pad token rule).
+SCORE_TEXTS = ["t5 t9 t33 t77 t100", "t7 t7 t120 t45", "t90 t11 t3 t4 t5 t6 t8 t12 t50 t51 t99 t127", "t40 t41 </s> </s>",
+               "t64"]
+
+
+def score():
+    """Two reward models on tiny-llama's shapes and the word tokenizer: transformers' LlamaForSequenceClassification
+    (2 labels, pad token </s>, `score.weight` without bias) and the Beaver (safe-rlhf) `LlamaForScore` layout, built
+    here as a LlamaModel plus a `score_head` Linear with bias and saved under the names and config keys safe-rlhf
+    uses (`score_dim`, `bias`). Goldens: the ids transformers' tokenizer gives each text and the scores of the two
+    models, the Beaver one at the last attended token, also checked against a right-padded batch."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, LlamaModel
+
+    tok_dir = os.path.join(FIX, "tiny-word-tokenizer")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    def with_tokenizer(d):
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(tok_dir, f), os.path.join(d, f))
+
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2)
+    result = {"texts": SCORE_TEXTS, "models": {}}
+    ids = [tok(t)["input_ids"] for t in SCORE_TEXTS]
+
+    cfg = LlamaConfig(num_labels=2, pad_token_id=2, **base)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+    torch.manual_seed(0)
+    seq = LlamaForSequenceClassification(cfg).float().eval()
+    seq.config._attn_implementation = "eager"
+    rnd(seq, 11)
+    d = os.path.join(FIX, "tiny-reward-seqcls")
+    seq.save_pretrained(d, safe_serialization=True)
+    with_tokenizer(d)
+    seq = LlamaForSequenceClassification.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    cases = []
+    for t, i in zip(SCORE_TEXTS, ids):
+        with torch.no_grad():
+            s = seq(torch.tensor([i])).logits[0]
+        cases.append({"text": t, "input_ids": i, "scores": [round(float(x), 6) for x in s]})
+    result["models"]["tiny-reward-seqcls"] = {"layout": "LlamaForSequenceClassification", "cases": cases}
+
+    bcfg = LlamaConfig(**base)
+    bcfg.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+    bcfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    backbone = LlamaModel(bcfg).float().eval()
+    head = torch.nn.Linear(64, 1, bias=True)
+    g = torch.Generator().manual_seed(12)
+    rnd(backbone, 13)
+    with torch.no_grad():
+        head.weight.copy_(0.15 * torch.randn(head.weight.shape, generator=g))
+        head.bias.copy_(0.5 * torch.randn(head.bias.shape, generator=g))
+    d = os.path.join(FIX, "tiny-reward-beaver")
+    os.makedirs(d, exist_ok=True)
+    tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    tensors["score_head.weight"] = head.weight.detach().contiguous()
+    tensors["score_head.bias"] = head.bias.detach().contiguous()
+    save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    c = bcfg.to_dict()
+    c.pop("_attn_implementation_autoset", None)
+    c.update({"architectures": ["LlamaForScore"], "model_type": "llama", "score_dim": 1, "bias": True,
+              "score_type": "reward", "do_normalize": False})
+    json.dump(c, open(os.path.join(d, "config.json"), "w"), indent=2)
+    with_tokenizer(d)
+
+    def beaver(batch, mask):
+        with torch.no_grad():
+            h = backbone(input_ids=batch, attention_mask=mask).last_hidden_state
+            s = head(h).float()
+        end = [int(m.nonzero()[-1]) for m in mask]
+        return torch.stack([s[b, e] for b, e in enumerate(end)])
+
+    cases = []
+    for t, i in zip(SCORE_TEXTS, ids):
+        s = beaver(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long))[0]
+        cases.append({"text": t, "input_ids": i, "scores": [round(float(x), 6) for x in s]})
+    n = max(len(i) for i in ids)
+    padded = torch.tensor([i + [2] * (n - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])
+    batch = beaver(padded, mask)
+    for c_, s in zip(cases, batch):
+        assert abs(c_["scores"][0] - float(s[0])) < 1e-4, (c_, s)
+    result["models"]["tiny-reward-beaver"] = {"layout": "LlamaForScore", "cases": cases}
+    result["generator"] = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, f32 eager attention on CPU"
+    json.dump(result, open(os.path.join(FIX, "golden-score.json"), "w"), indent=1)
+    print("wrote score fixtures")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2"])
+    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score"])
     ap.add_argument("--gguf")
     a = ap.parse_args()
     if a.what == "tiny":
         tiny()
     elif a.what == "window":
         window()
+    elif a.what == "score":
+        score()
     elif a.what == "spm":
         spm()
     else:

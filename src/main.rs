@@ -34,6 +34,9 @@ enum Command {
         #[arg(long)]
         models: Option<PathBuf>,
     },
+    /// Score texts with a reward model (LlamaForSequenceClassification or Beaver LlamaForScore): one score per
+    /// label.
+    Score(cage::model::cli::ScoreArgs),
     /// Print the next-token distribution at the last position of a prompt.
     Logits {
         /// Model folder.
@@ -186,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::ImportGguf { file, out } => cage::model::cli::import_cmd(&file, &out),
         Command::FetchModel { models } => cage::model::cli::fetch_cmd(models),
+        Command::Score(a) => cage::model::cli::score_cmd(&a),
         Command::Logits { model, prompt, ids, device, chat, alpaca, top, adapter, json } => {
             cage::model::cli::logits_cmd(&cage::model::cli::LogitsArgs {
                 model,

@@ -136,7 +136,8 @@ fn the_paper_example_runs_end_to_end_on_the_fixtures() {
         let manifest: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(d.join("run.json")).unwrap()).unwrap();
         assert_eq!(manifest["methods"], serde_json::json!([m]), "each config sweeps its own method");
-        assert_eq!(manifest["scores"], serde_json::json!(["helpful", "harmless"]));
+        // The scorers' axes, the cost's sign in its name.
+        assert_eq!(manifest["scores"], serde_json::json!(["reward", "-cost"]));
         let pts = points(d, 2);
         assert_eq!(pts.len(), 11, "{m}: the 11 vectors of run.sh's weights list");
         assert_eq!(pts[1].1, vec![0.1, 0.9]);
@@ -190,8 +191,8 @@ fn report_merges_run_folders_with_one_reference_point() {
         .collect();
     let rep: Vec<(String, f64, f64)> = report_rows(&one).into_iter().map(|(m, _, hv, mip)| (m, hv, mip)).collect();
     assert_eq!(rep, own);
-    // A folder scoring other axes (principals under other names) is refused, naming both folders.
-    let renamed = std::fs::read_to_string(&cfg).unwrap().replace("\"helpful\"", "\"useful\"");
+    // A folder scoring other axes (a scorer under another name) is refused, naming both folders.
+    let renamed = std::fs::read_to_string(&cfg).unwrap().replace("\"reward\"", "\"other\"");
     std::fs::write(d.join("renamed.json"), renamed).unwrap();
     let c = d.join("c");
     sweep(&d.join("renamed.json").display().to_string(), &["--methods", "linear"], &c);

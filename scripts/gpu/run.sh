@@ -101,6 +101,8 @@ tests() {
   done
   # The C ABI's host entry points on AUTO and CUDA, and decoding with the equilibrium on backend auto and cuda.
   for t in ffi_options decode_backend; do timeout --kill-after=10 120 "$here/tests/$t" || rc=1; done
+  # Reward models on the GPU decoder (the library test only: the others run the build machine's cage binary).
+  timeout --kill-after=10 120 "$here/tests/model_score" gpu_decoder || rc=1
   return $rc
 }
 realistic() {

@@ -4,6 +4,7 @@ use super::config::{DecodeMethod, FormatSetting, PrincipalKind, PrincipalSpec, R
 use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings};
 use super::plot::{pareto_png, pareto_svg};
 use super::report::{MANIFEST, RunManifest};
+use super::scorers::{Scorers, with_scores};
 use super::sweep::{MethodCurve, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
 use crate::names::NameParser;
@@ -217,6 +218,10 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         )),
         None => None,
     };
+    // Reward models before the decoder: a bad scorer fails before decoding.
+    let mut scorers = Scorers::load(&cfg.scorers, cfg.model_device)?;
+    let scorer_names = scorers.names();
+    let mut scored = std::collections::BTreeMap::new();
     let engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
     let mut opts = DecodeOptions::from_config(&cfg)?;
@@ -238,8 +243,14 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
                 }
             }
             Event::RowDone { row, result } => {
+                let mut line = result_json(result, &names, cfg.method, None);
+                if !scorers.is_empty() {
+                    let s = scorers.score(&result.prompt, &result.text)?;
+                    line = with_scores(line, &scorer_names, &s);
+                    scored.insert(row, s);
+                }
                 if let Some(w) = writer.as_mut() {
-                    w.row_done(row, result_json(result, &names, cfg.method, None).to_string())?;
+                    w.row_done(row, line.to_string())?;
                 }
                 if let Some(p) = progress.as_mut() {
                     p.tick();
@@ -267,13 +278,20 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             tm.tokens as f64 / t0.elapsed().as_secs_f64(),
             sc.join(", ")
         );
+        if let Some(s) = scored.get(&0) {
+            let sc: Vec<String> = scorer_names.iter().zip(s).map(|(n, s)| format!("{n} {s:.4}")).collect();
+            eprintln!("[reward models: {}]", sc.join(", "));
+        }
     }
     let Some(cmd) = &a.scorer else { return Ok(()) };
     let lines = |extra: Option<&[Vec<f64>]>| -> Vec<String> {
         results
             .iter()
             .enumerate()
-            .map(|(i, r)| result_json(r, &names, cfg.method, extra.map(|e| e[i].as_slice())).to_string())
+            .map(|(i, r)| {
+                let line = result_json(r, &names, cfg.method, extra.map(|e| e[i].as_slice()));
+                scored.get(&i).map_or(line.clone(), |s| with_scores(line, &scorer_names, s)).to_string()
+            })
             .collect()
     };
     match (external_scores(cmd, &results), writer.as_mut()) {
@@ -363,7 +381,8 @@ pub struct SweepArgs {
     /// Output folder for run.json, sweep.csv, summary.csv, results.jsonl, pareto.svg and pareto.png.
     #[arg(long, default_value = "sweep-out")]
     pub out: PathBuf,
-    /// External scorer command (see `cage generate --scorer`); its scores replace the implicit rewards.
+    /// External scorer command (see `cage generate --scorer`); its scores replace the implicit rewards (not
+    /// together with the config's `scorers`).
     #[arg(long)]
     pub scorer: Option<String>,
 }
@@ -393,9 +412,17 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     if methods.is_empty() {
         return Err(CageError::InvalidArgument("--methods names no method".into()));
     }
+    if a.scorer.is_some() && !cfg.scorers.is_empty() {
+        return Err(CageError::InvalidArgument(
+            "give either --scorer or scorers in the config: HV and MIP are computed on one set of scores".into(),
+        ));
+    }
     // The output folder and results.jsonl first: an unwritable --out fails before models load.
     std::fs::create_dir_all(&a.out).map_err(io_err(format!("creating {}", a.out.display())))?;
     let mut writer = RowWriter::create(&a.out.join("results.jsonl"))?;
+    // Reward models before the decoder: a bad scorer fails before decoding.
+    let mut scorers = Scorers::load(&cfg.scorers, cfg.model_device)?;
+    let scorer_names = scorers.names();
     let engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
     let rows: Vec<RowRequest> = grid
@@ -410,9 +437,15 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         let mut progress = Progress::new(&format!("cage sweep {m:>10}"), rows.len());
         let first = writer.written;
         writer.next = 0;
+        let mut raw = vec![vec![]; rows.len()];
         let (res, _) = engine.decode_with(&rows, &opts, &mut |ev| {
             if let Event::RowDone { row, result } = ev {
-                writer.row_done(row, result_json(result, &names, m, None).to_string())?;
+                let mut line = result_json(result, &names, m, None);
+                if !scorers.is_empty() {
+                    raw[row] = scorers.score(&result.prompt, &result.text)?;
+                    line = with_scores(line, &scorer_names, &raw[row]);
+                }
+                writer.row_done(row, line.to_string())?;
                 progress.tick();
             }
             Ok(())
@@ -431,6 +464,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         }
         let per_row: Vec<Vec<f64>> = match &extra {
             Some(e) => e.clone(),
+            None if !scorers.is_empty() => raw.iter().map(|s| scorers.oriented(s)).collect(),
             None => res.iter().map(|r| r.scores.clone()).collect(),
         };
         let d = per_row[0].len();
@@ -447,6 +481,7 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     }
     let score_names: Vec<String> = match (a.scorer.is_some(), curves.first().and_then(|c| c.scores.first())) {
         (true, Some(e)) => (1..=e.len()).map(|i| format!("external_{i}")).collect(),
+        _ if !scorers.is_empty() => scorers.oriented_names(),
         _ => names.clone(),
     };
     let (sums, reference) = summarize(&curves)?;
@@ -504,6 +539,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
         batch_size: 8,
+        scorers: vec![],
     }
 }
 

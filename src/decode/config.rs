@@ -254,6 +254,9 @@ pub struct RunConfig {
     /// Prompts (rows) decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Reward models that score every result; sweeps then compute HV and MIP on their scores.
+    #[serde(default)]
+    pub scorers: Vec<super::scorers::ScorerSpec>,
 }
 
 impl RunConfig {
@@ -313,6 +316,8 @@ impl RunConfig {
                 return bad(format!("prompted principal {:?} has an empty instruction", p.name));
             }
         }
+        let names: Vec<&str> = self.principals.iter().map(|p| p.name.as_str()).collect();
+        super::scorers::check_specs(&self.scorers, &names)?;
         if !crate::problem::valid_tau(self.tau) {
             return Err(CageError::BadTau(self.tau));
         }

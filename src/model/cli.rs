@@ -1,4 +1,4 @@
-//! Bodies of the model subcommands of the `cage` binary (`import-gguf`, `fetch-model`, `logits`), kept here
+//! Bodies of the model subcommands of the `cage` binary (`import-gguf`, `fetch-model`, `logits`, `score`), kept here
 //! so that `main.rs` only parses arguments.
 
 use super::fetch::{fetch_default_model, models_dir};
@@ -6,6 +6,7 @@ use super::forward::{LogitsAt, Seq};
 use super::import::import_gguf_with_progress;
 use super::llama::Model;
 use super::lora::Adapter;
+use super::score::RewardModel;
 use super::tokenizer::{PromptFormat, Tokenizer};
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
@@ -153,6 +154,80 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
                 (l - lse).exp(),
                 t["token"].as_str().unwrap_or("")
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// Options of `cage score`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScoreArgs {
+    /// Reward model folder (config.json, safetensors weights with a score head, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// One text, scored as given (tokenized with the tokenizer's special tokens, as `tokenizer(text)` does).
+    #[arg(long)]
+    pub text: Option<String>,
+    /// A JSONL file of texts (`{"text": ...}` per line); one JSON line of scores per text on standard output.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Texts scored together in one forward call (with --input).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// JSON output for --text.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the forward passes run: `cpu`, `cuda` (bf16 weights), `emulation` (the GPU code on the host
+    /// emulation: tiny models and tests) or `auto` (the GPU when usable).
+    #[arg(long, default_value_t = crate::Backend::Cpu, value_parser = crate::names::NameParser::<crate::Backend>::new())]
+    pub device: crate::Backend,
+}
+
+/// Texts of a JSONL file of `{"text": ...}` objects.
+fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CageError::Io { context: format!("reading {}", path.display()), source })?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| CageError::InvalidArgument(format!("{} line {}: {e}", path.display(), i + 1)))?;
+        let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+            CageError::InvalidArgument(format!("{} line {}: expected {{\"text\": \"...\"}}", path.display(), i + 1))
+        })?;
+        out.push(t.to_string());
+    }
+    Ok(out)
+}
+
+/// `cage score`: the reward model's scores of raw texts.
+pub fn score_cmd(a: &ScoreArgs) -> Result<()> {
+    let texts = match (&a.text, &a.input) {
+        (Some(t), None) => vec![t.clone()],
+        (None, Some(f)) => read_texts(f)?,
+        _ => return Err(CageError::InvalidArgument("give exactly one of --text and --input".into())),
+    };
+    if a.batch_size == 0 {
+        return Err(CageError::InvalidArgument("--batch-size must be at least 1".into()));
+    }
+    let mut rm = RewardModel::load(&a.model)?.on(a.device);
+    let tok = Tokenizer::load(&a.model)?;
+    let ids = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match tok.encode(t, true)? {
+            v if v.is_empty() => Err(CageError::InvalidArgument(format!("text {} encodes to no tokens", i + 1))),
+            v => Ok(v),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for chunk in ids.chunks(a.batch_size) {
+        let seqs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        for (i, s) in chunk.iter().zip(rm.scores(&seqs)?) {
+            if a.json || a.input.is_some() {
+                crate::outln!("{}", json!({"input_ids": i, "scores": s}))?;
+            } else {
+                let s: Vec<String> = s.iter().map(|x| format!("{x:.6}")).collect();
+                crate::outln!("{} input tokens; scores: {}", i.len(), s.join(", "))?;
+            }
         }
     }
     Ok(())

@@ -437,16 +437,33 @@ pub fn forward<'s>(
     // The whole pass runs on a pool thread: called from outside the pool, each of the ~250 parallel loops of a
     // decode step would otherwise hand its work over and block the caller on a latch (two context switches per
     // loop, about a tenth of a batch-1 step); inside, the loops fork and join by work stealing.
-    let rows = rayon::scope(|_| layers(model, cache, state, &runs, at));
+    let rows = rayon::scope(|_| {
+        let rows = layers(model, cache, state, &runs, at);
+        project(model, state, rows);
+        rows
+    });
     Ok(&state.logits[..rows * model.config.vocab_size])
 }
 
-/// The body of [`forward`] after validation: the layers, the final norm and the logits; returns the number of
-/// logit rows written.
+/// Runs `seqs` through `model` like [`forward`], but stops after the final norm: returns the final hidden state
+/// of the last new token of each sequence (`[seqs, hidden]`), which score heads read instead of logits.
+pub fn forward_hidden<'s>(
+    model: &Model,
+    cache: &mut KvCache,
+    state: &'s mut ForwardState,
+    seqs: &[Seq],
+) -> Result<&'s [f32]> {
+    let runs = prepare(model, cache, state, seqs, LogitsAt::Last)?;
+    let rows = rayon::scope(|_| layers(model, cache, state, &runs, LogitsAt::Last));
+    Ok(&state.xn[..rows * model.config.hidden_size])
+}
+
+/// The body of [`forward`] after validation: the layers and the final norm (into `xn`, one row per logit row);
+/// returns the number of rows.
 fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[Run], at: LogitsAt) -> usize {
     let c = &model.config;
     let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
-    let (qd, kvd, ffn, vocab) = (nh * hd, nkv * hd, c.intermediate_size, c.vocab_size);
+    let (qd, kvd, ffn) = (nh * hd, nkv * hd, c.intermediate_size);
     let t: usize = runs.iter().map(|r| r.len).sum();
     let half = hd / 2;
     let st = state;
@@ -509,7 +526,7 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
         cache.lens[st.slot[r.start]] += r.len;
     }
     // Final norm only on the rows that get logits.
-    let rows = match at {
+    match at {
         LogitsAt::All => {
             rms_norm(&st.x[..t * h], &model.norm, c.rms_norm_eps, &mut st.xn[..t * h]);
             t
@@ -521,7 +538,12 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
             }
             runs.len()
         }
-    };
+    }
+}
+
+/// The output projection of the `rows` normed hidden states in `xn` into the logits.
+fn project(model: &Model, st: &mut ForwardState, rows: usize) {
+    let (h, vocab) = (model.config.hidden_size, model.config.vocab_size);
     let logits = &mut st.logits[..rows * vocab];
     let (w, packed) = match &model.lm_head {
         Some(l) => (l.w.as_slice(), l.packed.as_ref()),
@@ -531,7 +553,6 @@ fn layers(model: &Model, cache: &mut KvCache, state: &mut ForwardState, runs: &[
         Some(p) if rows <= PACKED_MAX_M => p.matmul_t(&st.xn, rows, h, vocab, logits, false, 1.0),
         _ => matmul_t(&st.xn, rows, h, w, vocab, logits, false, 1.0),
     }
-    rows
 }
 
 /// The CPU [`Decoder`]: a shared model, its KV cache and its scratch state.
@@ -548,6 +569,14 @@ impl CpuDecoder {
         let cache = KvCache::new(&model, slots, max_seq);
         let state = ForwardState::new(&model, max_tokens, max_tokens.max(slots));
         CpuDecoder { model, cache, state }
+    }
+}
+
+impl CpuDecoder {
+    /// Runs the batch and returns the final hidden state (after the final norm) of the last new token of each
+    /// sequence, `[seqs, hidden]` row-major: what a score head reads (see [`super::score`]).
+    pub fn forward_hidden(&mut self, seqs: &[Seq]) -> Result<&[f32]> {
+        forward_hidden(&self.model, &mut self.cache, &mut self.state, seqs)
     }
 }
 

@@ -175,6 +175,8 @@ pub struct GpuDecoder {
     seen: Vec<bool>,
     runs: Vec<Run>,
     host_logits: Vec<f32>,
+    /// Final hidden states copied back, then normed: `[max_rows, hidden]` each.
+    host_hidden: Vec<f32>,
 }
 
 fn bad(msg: String) -> CageError {
@@ -322,6 +324,7 @@ impl GpuDecoder {
             seen: vec![false; slots],
             runs: Vec::with_capacity(slots),
             host_logits: vec![0.0; max_rows * vocab],
+            host_hidden: vec![0.0; 2 * max_rows * h],
             model,
         })
     }
@@ -409,6 +412,30 @@ impl GpuDecoder {
     /// loops whose next kernels (top-k, equilibrium) run on the same device. The work is queued on the device's
     /// stream; kernels launched next on that stream see the logits.
     pub fn forward_device(&mut self, seqs: &[Seq], at: LogitsAt) -> Result<DeviceLogits> {
+        let rows = self.run(seqs, at, true)?;
+        Ok(DeviceLogits { ptr: self.acts.logits.ptr(), rows, vocab: self.model.config.vocab_size })
+    }
+
+    /// Runs the batch and returns the final hidden state (after the final norm) of the last new token of each
+    /// sequence, `[seqs, hidden]` f32 on the host: what a score head reads (see [`super::score`]). The f32
+    /// residual rows come back and are normed on the host, because the device's final norm writes the bf16
+    /// input of the LM-head GEMM.
+    pub fn forward_hidden(&mut self, seqs: &[Seq]) -> Result<&[f32]> {
+        let rows = self.run(seqs, LogitsAt::Last, false)?;
+        let h = self.model.config.hidden_size;
+        let (x, dev) = (self.acts.x.ptr(), self.gpu.device());
+        let (raw, normed) = self.host_hidden.split_at_mut(self.max_rows * h);
+        for (i, &row) in self.h_rows.iter().enumerate() {
+            let dst = bytemuck::cast_slice_mut(&mut raw[i * h..(i + 1) * h]);
+            dev.download(x + (row as usize * h * 4) as DevPtr, dst)?;
+        }
+        let eps = self.model.config.rms_norm_eps;
+        super::linalg::rms_norm(&raw[..rows * h], &self.model.norm, eps, &mut normed[..rows * h]);
+        Ok(&normed[..rows * h])
+    }
+
+    /// The layers of one batch, and with `logits` the final norm and the LM head; returns the rows.
+    fn run(&mut self, seqs: &[Seq], at: LogitsAt, logits: bool) -> Result<usize> {
         let rows = self.prepare(seqs, at)?;
         let Self { model, gpu, layers, acts: a, runs, lens, .. } = self;
         let c = &model.config;
@@ -459,14 +486,16 @@ impl GpuDecoder {
                 apply(dev, &l.down, act, t, tmp, runs, a)?;
                 tf::add(dev, x, tmp, t * h)?;
             }
-            // Final norm only on the rows that get logits.
-            tf::rmsnorm(dev, x, rows_ptr, self.norm.ptr(), eps, h, rows, act)?;
-            dev.gemm_bf16(rows, vocab, h, act, lm_head, a.logits.ptr(), 1.0, 0.0)?;
+            if logits {
+                // Final norm only on the rows that get logits.
+                tf::rmsnorm(dev, x, rows_ptr, self.norm.ptr(), eps, h, rows, act)?;
+                dev.gemm_bf16(rows, vocab, h, act, lm_head, a.logits.ptr(), 1.0, 0.0)?;
+            }
         }
         for r in runs.iter() {
             lens[self.h_slot[r.start] as usize] += r.len;
         }
-        Ok(DeviceLogits { ptr: a.logits.ptr(), rows, vocab })
+        Ok(rows)
     }
 }
 

@@ -121,6 +121,15 @@ impl Model {
         Ok(m)
     }
 
+    /// The decoder stack of an opened model folder without its output projection: reward models replace
+    /// `lm_head` by a score head (see [`super::score`]), so a missing `lm_head` is not an error there. Its
+    /// `lm_head` is `None`; only the final hidden states of such a model are meaningful.
+    pub fn backbone_from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
+        let mut m = Self::build(config, st, source, false)?;
+        m.pack_weights();
+        Ok(m)
+    }
+
     /// Adds lossless packed copies of every matrix whose f32 values are exactly Q4_1 / Q8_0 blocks (models
     /// imported from quantized GGUF files): decode then reads 4 to 5 times fewer bytes, with bit-identical
     /// weights. Returns the number of matrices packed.
@@ -153,6 +162,10 @@ impl Model {
 
     /// Builds the model from a config and an opened tensor store, checking every shape against the config.
     pub fn from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
+        Self::build(config, st, source, true)
+    }
+
+    fn build(config: ModelConfig, st: &TensorStore, source: &str, with_lm_head: bool) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
@@ -177,7 +190,8 @@ impl Model {
         }
         let embed = st.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         // Some checkpoints with tied embeddings still store lm_head; the config decides, as in transformers.
-        let lm_head = if c.tie_word_embeddings { None } else { Some(lin("lm_head", c.vocab_size, h, false)?) };
+        let lm_head =
+            if c.tie_word_embeddings || !with_lm_head { None } else { Some(lin("lm_head", c.vocab_size, h, false)?) };
         let norm = st.get("model.norm.weight", &[h])?;
         Ok(Model {
             config,

@@ -3,7 +3,7 @@
 //!
 //! Layout: [`config`] reads `config.json`, [`weights`] memory-maps safetensors, [`llama`] holds the weights,
 //! [`lora`] loads adapters, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
-//! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
+//! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
 //! turn llama.cpp files into model folders, [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
 
@@ -19,6 +19,7 @@ pub mod linalg;
 pub mod llama;
 pub mod lora;
 pub mod packed;
+pub mod score;
 pub mod tokenizer;
 pub mod weights;
 
@@ -27,4 +28,5 @@ pub use forward::{CpuDecoder, Decoder, LogitsAt, Seq, greedy};
 pub use gpu::GpuDecoder;
 pub use llama::Model;
 pub use lora::Adapter;
+pub use score::RewardModel;
 pub use tokenizer::{PromptFormat, Tokenizer};
