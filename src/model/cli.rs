@@ -254,7 +254,7 @@ pub struct BenchForwardArgs {
     pub batches: Vec<usize>,
     /// Which CPU weights decode reads.
     pub weights: ForwardWeights,
-    /// `auto`: the CPU, and the GPU at [`GPU_BATCHES`] when one is usable; otherwise that one device at
+    /// `auto`: the CPU, and the GPU at batch 1, 8 and 32 when one is usable; otherwise that one device at
     /// `batches`.
     pub device: Backend,
     /// Prompt tokens per row.
