@@ -35,6 +35,12 @@ fn principals(kind: &str) -> Value {
     }
 }
 
+/// Where the models run: the emulation, or `CAGE_TEST_MODEL_DEVICE=cuda` (the GPU bundle's run, where the same
+/// bodies check the resident step on a real GPU against the host stages on the same GPU forwards).
+fn model_device() -> String {
+    std::env::var("CAGE_TEST_MODEL_DEVICE").unwrap_or_else(|_| "emulation".into())
+}
+
 fn config(kind: &str, method: DecodeMethod, sampling: &str) -> RunConfig {
     let p = principals(kind);
     let n = p.as_array().unwrap().len();
@@ -42,7 +48,7 @@ fn config(kind: &str, method: DecodeMethod, sampling: &str) -> RunConfig {
     RunConfig::parse(
         &json!({"base": fixture("tiny-llama"), "tokenizer": fixture("tiny-word-tokenizer"), "principals": p,
                 "weights": weights, "method": method.to_string(), "tau": 0.3, "k": 16, "sampling": sampling,
-                "seed": 5, "max_new_tokens": 4, "model_device": "emulation", "batch_size": 2})
+                "seed": 5, "max_new_tokens": 4, "model_device": model_device(), "batch_size": 2})
         .to_string(),
     )
     .unwrap()

@@ -103,6 +103,8 @@ tests() {
   for t in ffi_options decode_backend; do timeout --kill-after=10 120 "$here/tests/$t" || rc=1; done
   # Reward models on the GPU decoder (the library test only: the others run the build machine's cage binary).
   timeout --kill-after=10 120 "$here/tests/model_score" gpu_decoder || rc=1
+  # The resident decoding step on the GPU against the host stages on the same GPU forwards.
+  CAGE_TEST_MODEL_DEVICE=cuda timeout --kill-after=10 180 "$here/tests/decode_resident" || rc=1
   return $rc
 }
 realistic() {
