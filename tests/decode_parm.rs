@@ -228,3 +228,37 @@ fn bad_adapters_are_clear_errors_before_decoding() {
     let e = RunConfig::parse(&bad.to_string()).unwrap_err().to_string();
     assert!(e.contains("parm_beta"), "{e}");
 }
+
+/// `cage sweep` on the tiny PARM configs (examples/paper/tiny-parm): the `parm` method over a weight list
+/// materialises one adapter per vector, and CAGE+ (`cage` on the PARM principals) runs beside it; the `parm`
+/// rows equal the engine's decoding of the same rows.
+#[test]
+fn sweep_runs_parm_and_cage_plus_from_the_example_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = scratch("parm-sweep");
+    common::fixtures::ran(
+        common::fixtures::cage()
+            .current_dir(root)
+            .args(["sweep", "-c", "examples/paper/tiny-parm/parm.json", "--prompts"])
+            .arg("examples/paper/tiny/prompts.jsonl")
+            .args(["--weights-list", "0,1;0.3,0.7;1,0", "--methods", "parm,cage", "--out"])
+            .arg(&out),
+    )
+    .ok();
+    let text = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let prompts = std::fs::read_to_string(root.join("examples/paper/tiny/prompts.jsonl")).unwrap().lines().count();
+    assert_eq!(lines.len(), 2 * 3 * prompts);
+    // The first prompt at (0.3, 0.7) with `parm`, decoded here by the engine.
+    let cfg = RunConfig::load(&root.join("examples/paper/tiny-parm/parm.json")).unwrap();
+    let cfg = RunConfig { weights: Some(vec![0.3, 0.7]), ..cfg };
+    let row = lines
+        .iter()
+        .find(|l| l["method"] == "parm" && l["weights"] == json!([0.3, 0.7]) && l["prompt"] == "t3 t4 t5")
+        .unwrap_or_else(|| panic!("no parm row at (0.3, 0.7): {text}"));
+    // The config's paths are relative to the repository root (every other test here uses absolute paths).
+    std::env::set_current_dir(root).unwrap();
+    let want = decode(&cfg, &["t3 t4 t5"]).unwrap();
+    assert_eq!(row["text"], json!(want[0].text));
+    assert_eq!(row["tokens"], json!(want[0].tokens.len()));
+}
