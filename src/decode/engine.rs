@@ -549,22 +549,15 @@ impl Engine {
 
     /// Loads a LoRA adapter onto model `model` (unmerged) and returns its adapter id.
     pub fn attach_adapter(&mut self, model: usize, dir: &Path) -> Result<usize> {
-        // Pooled decoders hold the model without the adapter (and share it): built anew at the next call.
-        self.pool.clear();
-        let (path, m) = self
-            .models
-            .get_mut(model)
-            .ok_or_else(|| CageError::InvalidArgument(format!("no model with index {model}")))?;
-        let m = Arc::get_mut(m).ok_or_else(|| CageError::Model {
-            model: path.display().to_string(),
-            msg: "adapters must be attached before decoding starts".into(),
-        })?;
+        let (_, m) =
+            self.models.get(model).ok_or_else(|| CageError::InvalidArgument(format!("no model with index {model}")))?;
         let ad = Adapter::load(dir, m)?;
-        m.attach_adapter(&ad)
+        self.attach(model, &ad)
     }
 
     /// Attaches a loaded adapter to model `model` (unmerged) and returns its adapter id.
     fn attach(&mut self, model: usize, ad: &Adapter) -> Result<usize> {
+        // Pooled decoders hold the model without the adapter (and share it): built anew at the next call.
         self.pool.clear();
         let (path, m) = &mut self.models[model];
         let m = Arc::get_mut(m).ok_or_else(|| CageError::Model {
