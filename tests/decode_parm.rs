@@ -165,7 +165,7 @@ fn cage_plus_principals_are_arms_on_the_materialised_lora() {
     }
 }
 
-/// A copy of the tiny PBLoRA whose config and tensors `edit` may change.
+/// A copy of the tiny PBLoRA with its config edited by `cfg` and only the tensors `keep` accepts.
 fn broken(tag: &str, cfg: impl Fn(&mut Value), keep: impl Fn(&str) -> bool) -> std::path::PathBuf {
     use safetensors::tensor::TensorView;
     let d = scratch(tag);
@@ -217,9 +217,7 @@ fn bad_adapters_are_clear_errors_before_decoding() {
     let e = decode(&cfg, &["t5 t9"]).unwrap_err().to_string();
     assert!(e.contains("method parm") && e.contains("\"parm\""), "{e}");
 
-    // Config checks: a non-finite preference, beta <= 0.
-    let text = parm_config(&fixture("tiny-pblora"), json!({})).principals.len();
-    assert_eq!(text, 2);
+    // Config checks: an empty preference, beta <= 0.
     let bad = json!({"base": fixture("tiny-llama"), "principals": [
         {"name": "a", "kind": "parm", "adapter": fixture("tiny-pblora"), "preference": []}]});
     let e = RunConfig::parse(&bad.to_string()).unwrap_err().to_string();
