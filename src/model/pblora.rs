@@ -9,7 +9,7 @@
 //! ```
 //!
 //! A is `(r1 + r2) x in`, B is `out x (r1 + r2)`, W1 is `r1 x r1` (preference-agnostic), W2 is
-//! `obj_num x r2^2` (read row-major into M). The materialised pair is A' = [W1 A[:r1]; M(alpha) A[r1:]], B' = B.
+//! `obj_num x r2^2` (read row-major into M). The materialised pair is `A' = [W1 A[:r1]; M(alpha) A[r1:]]`, `B' = B`.
 
 use super::llama::{LoraPair, Model};
 use super::lora::{Adapter, decoder_target};
