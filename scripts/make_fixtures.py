@@ -10,6 +10,7 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     /root/venv-golden/bin/python scripts/make_fixtures.py spm
     /root/venv-golden/bin/python scripts/make_fixtures.py smollm2 --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
     /root/venv-golden/bin/python scripts/make_fixtures.py score
+    /root/venv-golden/bin/python scripts/make_fixtures.py parm
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
 tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
@@ -17,7 +18,10 @@ tests/fixtures/golden-window.json (sliding attention windows shorter than the pr
 tests/fixtures/golden-spm-gguf.json (a SentencePiece vocabulary in llama.cpp's GGUF form and how transformers'
 GGUF tokenizer loader encodes and decodes test strings with it); `smollm2` writes tests/fixtures/golden-smollm2.json, computed by transformers'
 own GGUF loader (independent of cage's importer); `score` writes tests/fixtures/{tiny-reward-seqcls,tiny-reward-beaver}
-(reward models on tiny-llama's shapes and word tokenizer) and tests/fixtures/golden-score.json. The Llama 3.1 RoPE frequencies golden
+(reward models on tiny-llama's shapes and word tokenizer) and tests/fixtures/golden-score.json; `parm` writes
+tests/fixtures/tiny-pblora (a PARM PBLoRA adapter on tiny-llama in the files and tensor names PARM's peft fork
+saves) and tests/fixtures/golden-parm.json (logits at two preference vectors and greedy `parm` decoding, from the
+small PyTorch PBLoRA reference below, written from PARM's equations). The Llama 3.1 RoPE frequencies golden
 (tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch.
 """
 import argparse
@@ -399,9 +403,100 @@ def score():
     print("wrote score fixtures")
 
 
+# ---- PARM (PBLoRA) -------------------------------------------------------------------------------------------
+# PBLoRA (Lin et al. 2025, "PARM"): a linear layer W gets W + s * (B1 W1 A1 + B2 M(alpha) A2), where A = [A1; A2]
+# is (r1 + r2) x in, B = [B1 B2] is out x (r1 + r2), W1 is r1 x r1 (preference-agnostic), W2 is obj_num x r2^2
+# and M(alpha) = (alpha @ W2) read as an r2 x r2 matrix, row-major; s = lora_alpha / r2.
+
+PBLORA_TARGETS = ["q_proj", "k_proj", "v_proj"]
+PARM_PREFS = [[1.0, 0.0], [0.3, 0.7]]
+# Word-tokenizer prompts: ids 3 and up (t0 ... t2 are not words of tests/fixtures/tiny-word-tokenizer).
+PARM_GREEDY = [{"prompt": "t5 t9 t33 t4 t77", "preference": [0.3, 0.7], "beta": 1.0},
+               {"prompt": "t7 t7 t120 t45", "preference": [1.0, 0.0], "beta": 0.5},
+               {"prompt": "t90 t11 t3", "preference": [0.0, 1.0], "beta": 2.0}]
+
+
+class PBLoRALinear(torch.nn.Module):
+    """The reference: a frozen linear layer plus the preference-conditioned low-rank term, applied unmerged."""
+
+    def __init__(self, base, r1, r2, k, alpha, g):
+        super().__init__()
+        self.base, self.r1, self.r2, self.s = base, r1, r2, alpha / r2
+        self.A = 0.3 * torch.randn(r1 + r2, base.in_features, generator=g)
+        self.B = 0.3 * torch.randn(base.out_features, r1 + r2, generator=g)
+        self.W1 = 0.5 * torch.randn(r1, r1, generator=g)
+        self.W2 = 0.5 * torch.randn(k, r2 * r2, generator=g)
+        self.pref = torch.zeros(k)
+
+    def forward(self, x):
+        r1, r2 = self.r1, self.r2
+        m = (self.pref @ self.W2).reshape(r2, r2)
+        h1 = x @ self.A[:r1].T @ self.W1.T @ self.B[:, :r1].T
+        h2 = x @ self.A[r1:].T @ m.T @ self.B[:, r1:].T
+        return self.base(x) + self.s * (h1 + h2)
+
+
+def parm():
+    from transformers import LlamaForCausalLM
+    from safetensors.torch import save_file
+
+    d = os.path.join(FIX, "tiny-llama")
+    base = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    arm = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    r1, r2, k, alpha = 2, 3, 2, 6
+    g = torch.Generator().manual_seed(7)
+    tensors, layers = {}, []
+    for i, layer in enumerate(arm.model.layers):
+        for mod in PBLORA_TARGETS:
+            lin = PBLoRALinear(getattr(layer.self_attn, mod), r1, r2, k, alpha, g)
+            setattr(layer.self_attn, mod, lin)
+            layers.append(lin)
+            # The names PARM's peft fork saves: the module path under base_model.model, then pblora_{A,B,W1,W2}
+            # (the ParameterDict's adapter name removed); pref_vec is not saved (adapter_config's pref_vec_init).
+            pre = f"base_model.model.model.layers.{i}.self_attn.{mod}."
+            for n in ["A", "B", "W1", "W2"]:
+                tensors[pre + "pblora_" + n] = getattr(lin, n).contiguous()
+    out = os.path.join(FIX, "tiny-pblora")
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "PBLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "tests/fixtures/tiny-llama",
+           "r1": r1, "r2": r2, "obj_num": k, "lora_alpha": alpha, "lora_dropout": 0.0, "pref_vec_init": None,
+           "target_modules": PBLORA_TARGETS, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+           "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "revision": None}
+    json.dump(cfg, open(os.path.join(out, "adapter_config.json"), "w"), indent=2)
+
+    def set_pref(p):
+        for lin in layers:
+            lin.pref = torch.tensor(p, dtype=torch.float32)
+
+    result = {"r1": r1, "r2": r2, "obj_num": k, "lora_alpha": alpha, "logits": [], "greedy": []}
+    for p in PARM_PREFS:
+        set_pref(p)
+        for ids in PROMPTS[:2]:
+            lg = logits_all(arm, ids)
+            result["logits"].append({"preference": p, "input_ids": ids,
+                                     "logits": [[round(float(x), 6) for x in row] for row in lg]})
+    for case in PARM_GREEDY:
+        set_pref(case["preference"])
+        ids = [int(t[1:]) for t in case["prompt"].split()]
+        new = []
+        for _ in range(NEW):
+            lb = torch.log_softmax(logits_all(base, ids)[-1], -1)
+            la = torch.log_softmax(logits_all(arm, ids)[-1], -1)
+            nxt = int(torch.argmax(lb + la / case["beta"]))
+            new.append(nxt)
+            ids.append(nxt)
+            if nxt == 2:
+                break
+        result["greedy"].append(dict(case, tokens=new))
+    result["generator"] = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, f32 eager attention on CPU"
+    json.dump(result, open(os.path.join(FIX, "golden-parm.json"), "w"), separators=(",", ":"))
+    print("wrote parm fixtures")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score"])
+    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score", "parm"])
     ap.add_argument("--gguf")
     a = ap.parse_args()
     if a.what == "tiny":
@@ -410,6 +505,8 @@ if __name__ == "__main__":
         window()
     elif a.what == "score":
         score()
+    elif a.what == "parm":
+        parm()
     elif a.what == "spm":
         spm()
     else:

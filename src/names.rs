@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn every_enum_is_spelled_once() {
         round_trips::<Method>(&["exact", "jacobi", "paper", "base", "linear"]);
-        round_trips::<DecodeMethod>(&["base", "linear", "genarm", "mod", "cage", "cage-paper"]);
+        round_trips::<DecodeMethod>(&["base", "linear", "genarm", "mod", "cage", "cage-paper", "parm"]);
         round_trips::<Backend>(&["cpu", "cuda", "emulation", "auto"]);
         round_trips::<Normalize>(&["shift_min", "none"]);
         round_trips::<Choice>(&["greedy", "gumbel", "race"]);

@@ -17,10 +17,11 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A loaded engine and the config it was built from.
+/// A loaded engine and the config it was built from. The engine sits behind a lock only so that the `parm`
+/// method can materialise adapters on it between runs (decoding threads share it read-only).
 #[pyclass(frozen, module = "cage._cage", name = "_Engine")]
 pub struct Engine {
-    engine: Arc<RustEngine>,
+    engine: Mutex<Arc<RustEngine>>,
     config: RunConfig,
 }
 
@@ -93,7 +94,7 @@ impl Engine {
     /// Loads the models with the GIL released.
     fn build(py: Python<'_>, config: RunConfig) -> PyResult<Self> {
         let engine = py.detach(|| RustEngine::from_config(&config)).map_err(to_py)?;
-        Ok(Engine { engine: Arc::new(engine), config })
+        Ok(Engine { engine: Mutex::new(Arc::new(engine)), config })
     }
 
     fn options(
@@ -122,6 +123,24 @@ impl Engine {
         }
         Ok(o)
     }
+
+    /// The engine, shared with a decoding thread.
+    fn shared(&self) -> PyResult<Arc<RustEngine>> {
+        self.engine.lock().map(|e| e.clone()).map_err(|_| value_error("the engine is broken (a thread panicked)"))
+    }
+
+    /// Decodes `job` on a thread of its own after materialising what its passes need: for `parm`, PARM's
+    /// adapter at every row's preference (the engine must not be shared with a running decode then).
+    fn start(&self, job: Job) -> PyResult<Results> {
+        let mut guard = self.engine.lock().map_err(|_| value_error("the engine is broken (a thread panicked)"))?;
+        for o in job.passes.iter().filter(|o| o.method == DecodeMethod::Parm) {
+            let e = Arc::get_mut(&mut guard).ok_or_else(|| {
+                value_error("method parm materialises adapters: finish (or drop) the previous results iterator first")
+            })?;
+            e.prepare(&job.rows, o.method).map_err(to_py)?;
+        }
+        Ok(spawn(guard.clone(), job))
+    }
 }
 
 #[pymethods]
@@ -141,8 +160,8 @@ impl Engine {
     }
 
     /// The principals' names, in the config's order.
-    fn principal_names(&self) -> Vec<String> {
-        self.engine.principal_names()
+    fn principal_names(&self) -> PyResult<Vec<String>> {
+        self.shared().map(|e| e.principal_names())
     }
 
     /// The config's weights (1 / J each when it has none).
@@ -167,8 +186,9 @@ impl Engine {
             return Err(value_error(format!("{} prompts but {} weight vectors", prompts.len(), weights.len())));
         }
         let opts = self.options(method, max_new_tokens, tau, sampling, seed)?;
-        let rows = prompts.into_iter().zip(weights).map(|(prompt, weights)| RowRequest { prompt, weights }).collect();
-        Ok(spawn(self.engine.clone(), Job { rows, passes: vec![opts] }))
+        let rows: Vec<RowRequest> =
+            prompts.into_iter().zip(weights).map(|(prompt, weights)| RowRequest { prompt, weights }).collect();
+        self.start(Job { rows, passes: vec![opts] })
     }
 
     /// The weight grid of a sweep over the simplex (as `cage sweep`: multiples of 1 / steps).
@@ -189,12 +209,12 @@ impl Engine {
         if methods.is_empty() {
             return Err(value_error("a sweep needs at least one method"));
         }
-        let passes =
+        let passes: Vec<DecodeOptions> =
             methods.iter().map(|m| self.options(Some(m), max_new_tokens, None, None, None)).collect::<PyResult<_>>()?;
-        let rows = grid
+        let rows: Vec<RowRequest> = grid
             .iter()
             .flat_map(|w| prompts.iter().map(move |p| RowRequest { prompt: p.clone(), weights: w.clone() }))
             .collect();
-        Ok(spawn(self.engine.clone(), Job { rows, passes }))
+        self.start(Job { rows, passes })
     }
 }

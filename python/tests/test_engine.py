@@ -129,3 +129,18 @@ def test_dropping_the_iterator_early_stops_the_decoding(engine):
     del it
     again = next(iter(engine.generate(first["prompt"], weights=[0.5, 0.5], max_new_tokens=16)))
     assert again["text"] == first["text"]
+
+
+def test_parm_decodes_the_reference_tokens_and_sweeps_cage_plus():
+    """The `parm` method through the binding: each preference's PBLoRA adapter is materialised before the decoding
+    thread starts, and the tokens are the PyTorch reference's (tests/fixtures/golden-parm.json)."""
+    golden = json.loads((FIX / "golden-parm.json").read_text())
+    pb = str(FIX / "tiny-pblora")
+    parm = cage.Engine({**config("parm"), "k": 0, "principals": [
+        {"name": "first", "kind": "parm", "adapter": pb, "preference": [1.0, 0.0]},
+        {"name": "second", "kind": "parm", "adapter": pb, "preference": [0.0, 1.0]}]})
+    case = next(c for c in golden["greedy"] if c["beta"] == 1.0)
+    rows = list(parm.generate([case["prompt"]], weights=[case["preference"]]))
+    assert rows[0]["token_ids"] == case["tokens"]
+    rows = list(parm.sweep(PROMPTS[:1], methods=["parm", "cage"], steps=2))
+    assert {r["method"] for r in rows} == {"parm", "cage"} and len(rows) == 2 * 3

@@ -222,12 +222,13 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let mut scorers = Scorers::load(&cfg.scorers, cfg.model_device)?;
     let scorer_names = scorers.names();
     let mut scored = std::collections::BTreeMap::new();
-    let engine = Engine::from_config(&cfg)?;
+    let mut engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
     let mut opts = DecodeOptions::from_config(&cfg)?;
     opts.diagnostics = a.diagnostics.is_some();
     let rows: Vec<RowRequest> =
         prompts.iter().map(|p| RowRequest { prompt: p.clone(), weights: cfg.weights() }).collect();
+    engine.prepare(&rows, opts.method)?;
     let mut progress = (!single).then(|| Progress::new("cage generate", rows.len()));
     let diag_ctx = || format!("writing diagnostics {}", a.diagnostics.as_deref().unwrap_or(Path::new("")).display());
     let t0 = Instant::now();
@@ -423,12 +424,15 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     // Reward models before the decoder: a bad scorer fails before decoding.
     let mut scorers = Scorers::load(&cfg.scorers, cfg.model_device)?;
     let scorer_names = scorers.names();
-    let engine = Engine::from_config(&cfg)?;
+    let mut engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
     let rows: Vec<RowRequest> = grid
         .iter()
         .flat_map(|w| prompts.iter().map(move |p| RowRequest { prompt: p.clone(), weights: w.clone() }))
         .collect();
+    for &m in &methods {
+        engine.prepare(&rows, m)?;
+    }
     // results.jsonl grows row by row; with a scorer it is rewritten with the scores after each method.
     let (mut curves, mut scored) = (vec![], vec![]);
     for &m in &methods {
@@ -527,6 +531,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         weights: None,
         method: DecodeMethod::Cage,
         tau: 0.3,
+        parm_beta: 1.0,
         k: 50,
         normalize: Default::default(),
         sampling: Choice::Greedy,
@@ -572,12 +577,13 @@ pub fn demo_cmd(a: &DemoArgs) -> Result<()> {
     cfg.method = a.method;
     cfg.tau = a.tau;
     cfg.check()?;
-    let engine = Engine::from_config(&cfg)?;
+    let mut engine = Engine::from_config(&cfg)?;
     let names = engine.principal_names();
     let weights = [vec![0.0, 0.0], vec![1.0, 0.0], vec![0.5, 0.5], vec![0.0, 1.0]];
     let rows: Vec<RowRequest> =
         weights.iter().map(|w| RowRequest { prompt: a.prompt.clone(), weights: w.clone() }).collect();
     let opts = DecodeOptions::from_config(&cfg)?;
+    engine.prepare(&rows, opts.method)?;
     crate::outln!("prompt: {}", a.prompt)?;
     crate::outln!("principals (prompted, on the same model):")?;
     for p in &cfg.principals {
@@ -680,13 +686,16 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
     cfg.max_new_tokens = a.tokens;
     cfg.batch_size = a.rows;
     let methods = &a.methods;
-    let engine = Engine::from_config(&cfg)?;
+    let mut engine = Engine::from_config(&cfg)?;
     // Rows never stop early, so every method decodes the same number of steps.
     let mut opts = DecodeOptions::from_config(&cfg)?;
     opts.stop.clear();
     opts.ignore_eos = true;
     let rows: Vec<RowRequest> =
         (0..a.rows).map(|_| RowRequest { prompt: a.prompt.clone(), weights: cfg.weights() }).collect();
+    for &m in methods {
+        engine.prepare(&rows, m)?;
+    }
     let mut table: Vec<(DecodeMethod, Option<Timings>)> = methods.iter().map(|&m| (m, None)).collect();
     let mut progress = Progress::new("cage bench decode", methods.len() * a.repeats.max(1));
     for _ in 0..a.repeats.max(1) {

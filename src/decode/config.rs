@@ -28,12 +28,15 @@ pub enum DecodeMethod {
     Cage,
     /// The authors' truncated Algorithm 1: an approximate equilibrium.
     CagePaper,
+    /// PARM: pi ~ pi_base * pi_PARM(. | alpha)^(1 / parm_beta), the PBLoRA ARM of the `parm` principals at the
+    /// row's preference alpha = sum_j w_j preference_j.
+    Parm,
 }
 
 crate::spelled!(DecodeMethod, "decoding method");
 
 impl DecodeMethod {
-    /// Every method, in the order tables list them.
+    /// Every method that runs on any principals, in the order tables list them (`parm` needs `parm` principals).
     pub const ALL: [DecodeMethod; 6] = [Self::Base, Self::Linear, Self::Genarm, Self::Mod, Self::Cage, Self::CagePaper];
 }
 
@@ -116,6 +119,17 @@ pub enum PrincipalKind {
         #[serde(default)]
         default: f64,
     },
+    /// PARM's preference-aware ARM at a fixed preference (CAGE+ takes the unit vectors): valued as an ARM,
+    /// q = log pi_PARM(. | preference) - log pi_backbone.
+    Parm {
+        /// The backbone folder (default: the base model).
+        #[serde(default)]
+        model: Option<PathBuf>,
+        /// The PBLoRA adapter folder, as PARM saves it.
+        adapter: PathBuf,
+        /// The preference vector, one entry per objective of the adapter (`[1, 0]`: the first objective).
+        preference: Vec<f64>,
+    },
 }
 
 /// One principal of a run.
@@ -156,6 +170,13 @@ enum RawPrincipal {
         #[serde(default)]
         default: f64,
     },
+    Parm {
+        name: String,
+        #[serde(default)]
+        model: Option<PathBuf>,
+        adapter: PathBuf,
+        preference: Vec<f64>,
+    },
 }
 
 impl From<RawPrincipal> for PrincipalSpec {
@@ -168,6 +189,9 @@ impl From<RawPrincipal> for PrincipalSpec {
                 (name, PrincipalKind::Prompted { model, instruction })
             }
             RawPrincipal::Lexicon { name, words, default } => (name, PrincipalKind::Lexicon { words, default }),
+            RawPrincipal::Parm { name, model, adapter, preference } => {
+                (name, PrincipalKind::Parm { model, adapter, preference })
+            }
         };
         PrincipalSpec { name, kind }
     }
@@ -187,6 +211,9 @@ fn default_batch() -> usize {
 }
 fn default_cpu() -> Backend {
     Backend::Cpu
+}
+fn default_parm_beta() -> f64 {
+    1.0
 }
 
 /// A decoding run, as read from a JSON config file.
@@ -214,6 +241,9 @@ pub struct RunConfig {
     /// The agent's temperature.
     #[serde(default = "default_tau")]
     pub tau: f64,
+    /// The `parm` method's beta: pi ~ pi_base * pi_PARM^(1 / beta) (1, PARM's own setting, by default).
+    #[serde(default = "default_parm_beta")]
+    pub parm_beta: f64,
     /// Candidates per step: the base model's top-k (0 = the whole vocabulary).
     #[serde(default = "default_k")]
     pub k: usize,
@@ -315,11 +345,22 @@ impl RunConfig {
             {
                 return bad(format!("prompted principal {:?} has an empty instruction", p.name));
             }
+            if let PrincipalKind::Parm { preference, .. } = &p.kind
+                && (preference.is_empty() || preference.iter().any(|x| !x.is_finite()))
+            {
+                return bad(format!(
+                    "parm principal {:?}: preference must be a non-empty list of finite numbers, got {preference:?}",
+                    p.name
+                ));
+            }
         }
         let names: Vec<&str> = self.principals.iter().map(|p| p.name.as_str()).collect();
         super::scorers::check_specs(&self.scorers, &names)?;
         if !crate::problem::valid_tau(self.tau) {
             return Err(CageError::BadTau(self.tau));
+        }
+        if !(self.parm_beta.is_finite() && self.parm_beta > 0.0) {
+            return bad(format!("parm_beta must be a finite number > 0, got {}", self.parm_beta));
         }
         if self.batch_size == 0 {
             return bad("batch_size must be >= 1".into());

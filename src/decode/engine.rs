@@ -12,13 +12,13 @@ use super::prompts::PromptTemplate;
 use super::resident::ResidentPlan;
 use super::stages::{
     PolicyRule, RowCandidates, RowContext, RowState, RowValues, SolveInfo, StepLogits, StepPolicy, StopReason,
-    StopRule, StreamPlan, choose, forward, kl_to_base, policy, values,
+    StopRule, StreamPlan, choose, forward, guide, kl_to_base, policy, values,
 };
 use crate::backend::Backend;
 use crate::candidates::Selection;
 use crate::error::{CageError, Result};
 use crate::gpu::device::Transfers;
-use crate::model::{Adapter, Decoder, Model, PromptFormat, Tokenizer};
+use crate::model::{Adapter, Decoder, Model, Pblora, PromptFormat, Tokenizer};
 use crate::problem::Normalize;
 use crate::sampling::Choice;
 use serde::Serialize;
@@ -55,6 +55,8 @@ pub struct DecodeOptions {
     pub diagnostics: bool,
     /// Keep decoding after EOS (benchmarks: every method then decodes the same number of steps).
     pub ignore_eos: bool,
+    /// The `parm` method's beta: pi ~ pi_base * pi_PARM^(1 / beta).
+    pub parm_beta: f64,
 }
 
 impl DecodeOptions {
@@ -74,6 +76,7 @@ impl DecodeOptions {
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,
+            parm_beta: cfg.parm_beta,
         })
     }
 }
@@ -232,6 +235,50 @@ pub struct Engine {
     eos: Vec<u32>,
     /// The decoders, kept from call to call.
     pool: DecoderPool,
+    /// The PBLoRA adapters loaded, with the preferences materialised so far.
+    pblora: Vec<PbloraOn>,
+    /// The `parm` method's guide, when every principal is a `parm` principal on one adapter.
+    parm: Option<ParmGuide>,
+}
+
+/// A PBLoRA adapter on one of the engine's models, and the adapter id of each preference materialised on it:
+/// one unmerged LoRA per distinct preference, so rows of several preferences share the backbone's batch.
+struct PbloraOn {
+    model: usize,
+    dir: PathBuf,
+    adapter: Pblora,
+    at: Vec<(Vec<f64>, usize)>,
+}
+
+/// The `parm` method's guide: the PBLoRA adapter of the `parm` principals and their preferences; a row of
+/// weights w is guided by the adapter at alpha = sum_j w_j preference_j (w itself when principal j is PARM at
+/// the unit vector e_j, as in CAGE+).
+struct ParmGuide {
+    entry: usize,
+    preferences: Vec<Vec<f64>>,
+}
+
+/// The `parm` method's guide of a run whose principals are `parm_of` (each one's PBLoRA entry and preference
+/// when it is a `parm` principal): `None` unless all are `parm` principals on one adapter.
+fn parm_guide(parm_of: Vec<Option<(usize, Vec<f64>)>>) -> Option<ParmGuide> {
+    let all: Vec<(usize, Vec<f64>)> = parm_of.into_iter().collect::<Option<_>>()?;
+    let entry = all.first()?.0;
+    if all.iter().any(|(e, _)| *e != entry) {
+        return None;
+    }
+    Some(ParmGuide { entry, preferences: all.into_iter().map(|(_, p)| p).collect() })
+}
+
+impl ParmGuide {
+    fn alpha(&self, w: &[f64]) -> Vec<f64> {
+        let mut a = vec![0.0; self.preferences[0].len()];
+        for (wj, p) in w.iter().zip(&self.preferences) {
+            for (x, pi) in a.iter_mut().zip(p) {
+                *x += wj * pi;
+            }
+        }
+        a
+    }
 }
 
 fn tokenizer_model(dir: &Path) -> Result<Option<serde_json::Value>> {
@@ -322,6 +369,8 @@ impl Engine {
             retokenized: vec![None],
             eos,
             pool: DecoderPool::default(),
+            pblora: vec![],
+            parm: None,
         })
     }
 
@@ -336,7 +385,10 @@ impl Engine {
         if e.tokenizer_mismatch != TokenizerMismatch::Allow && e.tokenizer_differs(&cfg.base)? {
             return Err(tokenizer_error(&cfg.base));
         }
+        // Per principal, its PBLoRA entry and preference when it is a `parm` principal.
+        let mut parm_of: Vec<Option<(usize, Vec<f64>)>> = vec![];
         for p in &cfg.principals {
+            parm_of.push(None);
             let src: Box<dyn ValueSource> = match &p.kind {
                 PrincipalKind::Arm { model, adapter, reference } => {
                     let m = match model {
@@ -372,10 +424,92 @@ impl Engine {
                     let v = e.models[0].1.config.vocab_size;
                     Box::new(LexiconSource::new(&p.name, words, *default, &e.tokenizer, v)?)
                 }
+                PrincipalKind::Parm { model, adapter, preference } => {
+                    let m = match model {
+                        Some(d) => e.add_model(d)?,
+                        None => 0,
+                    };
+                    let entry = e.add_pblora(m, adapter)?;
+                    *parm_of.last_mut().expect("pushed above") = Some((entry, preference.clone()));
+                    let ad = e.pblora_at(entry, preference).map_err(|err| match err {
+                        CageError::Model { model, msg } => {
+                            CageError::Model { model, msg: format!("principal {:?}: {msg}", p.name) }
+                        }
+                        err => err,
+                    })?;
+                    let arm = StreamSpec { model: m, adapter: Some(ad), instruction: None };
+                    let reference = StreamSpec { model: m, adapter: None, instruction: None };
+                    Box::new(ArmSource { name: p.name.clone(), arm, reference })
+                }
             };
             e.add_source(src);
         }
+        e.parm = parm_guide(parm_of);
         Ok(e)
+    }
+
+    /// Loads a PBLoRA adapter for model `model` (or finds it loaded) and returns its entry.
+    fn add_pblora(&mut self, model: usize, dir: &Path) -> Result<usize> {
+        let key = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if let Some(i) = self.pblora.iter().position(|b| b.model == model && key(&b.dir) == key(dir)) {
+            return Ok(i);
+        }
+        let adapter = Pblora::load(dir, &self.models[model].1)?;
+        self.pblora.push(PbloraOn { model, dir: dir.to_path_buf(), adapter, at: vec![] });
+        Ok(self.pblora.len() - 1)
+    }
+
+    /// The adapter id of PBLoRA entry `entry` at preference `alpha`, materialised and attached on first use.
+    fn pblora_at(&mut self, entry: usize, alpha: &[f64]) -> Result<usize> {
+        if let Some((_, id)) = self.pblora[entry].at.iter().find(|(x, _)| x == alpha) {
+            return Ok(*id);
+        }
+        let ad = self.pblora[entry].adapter.at(alpha)?;
+        let model = self.pblora[entry].model;
+        let id = self.attach(model, &ad)?;
+        self.pblora[entry].at.push((alpha.to_vec(), id));
+        Ok(id)
+    }
+
+    /// Readies the engine for `rows` decoded by `method`: for `parm`, materialises the PARM adapter at every
+    /// row's preference (decoding cannot: the models are shared with the decoders then). Nothing otherwise.
+    pub fn prepare(&mut self, rows: &[RowRequest], method: DecodeMethod) -> Result<()> {
+        if method != DecodeMethod::Parm {
+            return Ok(());
+        }
+        let names = self.principal_names();
+        let entry = self.parm_entry()?;
+        for r in rows {
+            check_weights(&r.weights, &names)?;
+            let alpha = self.parm.as_ref().expect("checked by parm_entry").alpha(&r.weights);
+            self.pblora_at(entry, &alpha)?;
+        }
+        Ok(())
+    }
+
+    /// The PBLoRA entry of the `parm` method, or the error saying why there is none.
+    fn parm_entry(&self) -> Result<usize> {
+        self.parm.as_ref().map(|g| g.entry).ok_or_else(|| {
+            CageError::InvalidArgument(
+                "method parm guides the base by a PARM adapter at the row's preference: every principal must be of kind \"parm\" on one PBLoRA adapter (the weights mix their preferences)".into(),
+            )
+        })
+    }
+
+    /// Per row, the adapter id of the `parm` guide at its preference (prepared by [`Engine::prepare`]).
+    fn parm_adapters(&self, rows: &[RowRequest]) -> Result<Vec<usize>> {
+        let entry = self.parm_entry()?;
+        let g = self.parm.as_ref().expect("checked by parm_entry");
+        rows.iter()
+            .map(|r| {
+                let alpha = g.alpha(&r.weights);
+                self.pblora[entry].at.iter().find(|(x, _)| *x == alpha).map(|(_, id)| *id).ok_or_else(|| {
+                    CageError::InvalidArgument(format!(
+                        "the PARM adapter at preference {alpha:?} is not materialised: call Engine::prepare with the rows before decoding them"
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Loads a model (or finds it already loaded) and returns its index. A model folder with its own
@@ -419,18 +553,22 @@ impl Engine {
 
     /// Loads a LoRA adapter onto model `model` (unmerged) and returns its adapter id.
     pub fn attach_adapter(&mut self, model: usize, dir: &Path) -> Result<usize> {
+        let (_, m) =
+            self.models.get(model).ok_or_else(|| CageError::InvalidArgument(format!("no model with index {model}")))?;
+        let ad = Adapter::load(dir, m)?;
+        self.attach(model, &ad)
+    }
+
+    /// Attaches a loaded adapter to model `model` (unmerged) and returns its adapter id.
+    fn attach(&mut self, model: usize, ad: &Adapter) -> Result<usize> {
         // Pooled decoders hold the model without the adapter (and share it): built anew at the next call.
         self.pool.clear();
-        let (path, m) = self
-            .models
-            .get_mut(model)
-            .ok_or_else(|| CageError::InvalidArgument(format!("no model with index {model}")))?;
+        let (path, m) = &mut self.models[model];
         let m = Arc::get_mut(m).ok_or_else(|| CageError::Model {
             model: path.display().to_string(),
             msg: "adapters must be attached before decoding starts".into(),
         })?;
-        let ad = Adapter::load(dir, m)?;
-        m.attach_adapter(&ad)
+        m.attach_adapter(ad)
     }
 
     /// Adds a principal.
@@ -499,6 +637,13 @@ impl Engine {
         if opts.batch_size == 0 {
             return Err(CageError::InvalidArgument("batch_size must be >= 1".into()));
         }
+        if !(opts.parm_beta.is_finite() && opts.parm_beta > 0.0) {
+            return Err(CageError::InvalidArgument(format!("parm_beta must be > 0, got {}", opts.parm_beta)));
+        }
+        let guides = match opts.method {
+            DecodeMethod::Parm => Some(self.parm_adapters(rows)?),
+            _ => None,
+        };
         let declared: Vec<Vec<StreamSpec>> = self.sources.iter().map(|s| s.streams()).collect();
         let plan = StreamPlan::new(&declared, self.models.len())?;
         let room: Vec<usize> =
@@ -507,7 +652,8 @@ impl Engine {
         let mut total = Timings::default();
         for (c, chunk) in rows.chunks(opts.batch_size).enumerate() {
             let at = c * opts.batch_size;
-            let (res, t) = self.decode_chunk(chunk, at, &room[at..at + chunk.len()], opts, sink)?;
+            let g = guides.as_ref().map(|g| &g[at..at + chunk.len()]);
+            let (res, t) = self.decode_chunk(chunk, at, &room[at..at + chunk.len()], g, opts, sink)?;
             out.extend(res);
             total.add(&t);
         }
@@ -538,19 +684,38 @@ impl Engine {
     }
 
     /// Decodes one chunk of rows together: the stages of [`super::stages`] in a loop over steps, on buffers
-    /// allocated here once. `room` holds each row's [`Engine::room`].
+    /// allocated here once. `room` holds each row's [`Engine::room`]; `guides`, for `parm`, each row's adapter
+    /// id of the PARM guide (one extra stream per distinct preference in the chunk).
     fn decode_chunk(
         &self,
         rows: &[RowRequest],
         row0: usize,
         room: &[usize],
+        guides: Option<&[usize]>,
         opts: &DecodeOptions,
         sink: &mut dyn FnMut(Event) -> Result<()>,
     ) -> Result<(Vec<RowResult>, Timings)> {
         let mut tm = Timings::default();
         let (b, nj) = (rows.len(), self.sources.len());
-        let declared: Vec<Vec<StreamSpec>> = self.sources.iter().map(|s| s.streams()).collect();
+        let mut declared: Vec<Vec<StreamSpec>> = self.sources.iter().map(|s| s.streams()).collect();
+        let guide_spec = |id: usize| StreamSpec {
+            model: self.pblora[self.parm.as_ref().map_or(0, |g| g.entry)].model,
+            adapter: Some(id),
+            instruction: None,
+        };
+        if let Some(g) = guides {
+            let mut ids = g.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            declared.push(ids.into_iter().map(guide_spec).collect());
+        }
         let plan = StreamPlan::new(&declared, self.models.len())?;
+        // Per row, the stream of its PARM guide.
+        let guide_streams: Vec<usize> = guides
+            .unwrap_or_default()
+            .iter()
+            .map(|&id| plan.streams.iter().position(|s| *s == guide_spec(id)).expect("declared above"))
+            .collect();
         // What each row feeds each stream at the next forward: its prompt, then its last token.
         let mut inputs: Vec<Vec<Vec<u32>>> = Vec::with_capacity(b);
         for r in rows {
@@ -578,6 +743,7 @@ impl Engine {
             normalize: opts.normalize,
             backend: opts.backend,
             names: &names,
+            parm_beta: opts.parm_beta,
         };
         let stop = StopRule {
             eos: &self.eos,
@@ -599,9 +765,12 @@ impl Engine {
             room.iter().map(|&n| RowState::new(nj, opts.max_new_tokens.min(n).min(1 << 16))).collect();
         let mut live: Vec<usize> = (0..b).collect();
         let vocabs: Vec<usize> = self.models.iter().map(|(_, m)| m.config.vocab_size).collect();
-        // A model with its own tokenizer reads each candidate at another id: the host stages map it.
+        // A model with its own tokenizer reads each candidate at another id, and the `parm` method's guide
+        // streams are read on the host: the host stages run those.
         let retokenized = self.retokenized.iter().any(Option::is_some);
-        let mut resident = ResidentPlan::new(&self.sources, &plan, &vocabs, opts).filter(|_| !retokenized);
+        let mut resident =
+            ResidentPlan::new(&self.sources, &plan, &vocabs, opts).filter(|_| !retokenized && guide_streams.is_empty());
+        let mut guide_live: Vec<usize> = Vec::with_capacity(b);
         // Transfers at the start of step 1, once the prefill is done.
         let mut counted = None;
         for step in 0..opts.max_new_tokens {
@@ -671,6 +840,11 @@ impl Engine {
                 let ctx: Vec<RowContext> =
                     live.iter().map(|&r| RowContext { row: row0 + r, generated: &states[r].generated }).collect();
                 values(&self.sources, &plan, &logits, &ctx, &cands[..nl], own_policies, &mut vals[..nl])?;
+                if !guide_streams.is_empty() {
+                    guide_live.clear();
+                    guide_live.extend(live.iter().map(|&r| guide_streams[r]));
+                    guide(&plan, &logits, &guide_live, &cands[..nl], &mut vals[..nl])?;
+                }
                 tm.values_s += t1.elapsed().as_secs_f64();
                 // The method's policy.
                 let t2 = Instant::now();

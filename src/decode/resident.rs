@@ -11,7 +11,9 @@
 //! [`ValueSource`] without [`ValueSource::device_form`]), `k = 0` or above [`MAX_TOP_K`], `normalize: none`
 //! with `linear`, `cage` or `cage-paper`, more than [`MAX_PRINCIPALS`] principals, principal models of another
 //! vocabulary size than the base's, and principal models with their own tokenizer (`tokenizer_mismatch:
-//! retokenize`: each candidate is read at another id there). `cage-paper` (the authors' L-BFGS-B solver, which
+//! retokenize`: each candidate is read at another id there), and the `parm` method (its guide streams, one per
+//! preference, are read by the host stages; CAGE+'s `parm` principals are ARMs and stay on the device).
+//! `cage-paper` (the authors' L-BFGS-B solver, which
 //! has no device version) keeps a smaller round trip: the device hands back the k candidates, log pi0 and the
 //! principals' values (k x (2 + J) numbers a row, not V), the host forms the policy and chooses.
 
@@ -62,6 +64,8 @@ impl ResidentPlan {
             DecodeMethod::Mod => ResidentMethod::Policy(DevicePolicy::Mod),
             DecodeMethod::Cage => ResidentMethod::Equilibrium,
             DecodeMethod::CagePaper => ResidentMethod::Host,
+            // PARM's guide streams are read by the host stages (the engine keeps this method there).
+            DecodeMethod::Parm => return None,
         };
         let uses_values = matches!(opts.method, DecodeMethod::Linear | DecodeMethod::Cage | DecodeMethod::CagePaper);
         if !on_device

@@ -238,6 +238,8 @@ pub struct RowValues {
     pub q: Vec<f64>,
     /// The principals' own policies (used by `genarm` and `mod`; empty otherwise).
     pub own: Vec<f64>,
+    /// The `parm` method's guide: log pi_PARM(a | the row's preference) (empty for other methods).
+    pub guide: Vec<f64>,
 }
 
 impl RowValues {
@@ -301,6 +303,25 @@ pub fn values(
     Ok(())
 }
 
+/// The `parm` method's guide at each live row's candidates: log pi_PARM from live row `i`'s stream
+/// `streams[i]` (the PARM adapter at its preference).
+pub fn guide(
+    plan: &StreamPlan,
+    logits: &StepLogits,
+    streams: &[usize],
+    cands: &[RowCandidates],
+    out: &mut [RowValues],
+) -> Result<()> {
+    for (i, ((&s, c), v)) in streams.iter().zip(cands).zip(out.iter_mut()).enumerate() {
+        let st = logits.stream(plan, i, s);
+        v.guide.clear();
+        for &id in &c.ids {
+            v.guide.push(st.logprob(id)?);
+        }
+    }
+    Ok(())
+}
+
 // ---- policy -----------------------------------------------------------------------------------------------
 
 /// What the equilibrium solver reports for one row (zeros and `converged` for methods without a solver).
@@ -358,6 +379,8 @@ pub struct PolicyRule<'a> {
     pub backend: Backend,
     /// The principals' names (for error messages).
     pub names: &'a [String],
+    /// The `parm` method's beta.
+    pub parm_beta: f64,
 }
 
 /// The policy stage: the method's policy of each row from its candidates, values and weights (`weights` holds
@@ -400,6 +423,20 @@ pub fn policy(
         DecodeMethod::Mod => {
             for i in 0..nl {
                 out.policy.extend(mod_policy(&own(i), w(i), ModDivergence::Reverse)?);
+            }
+        }
+        DecodeMethod::Parm => {
+            for (c, v) in cands.iter().zip(values) {
+                if v.guide.len() != n {
+                    return Err(CageError::Shape {
+                        what: "the parm guide's values".into(),
+                        expected: n,
+                        got: v.guide.len(),
+                    });
+                }
+                let at = out.policy.len();
+                out.policy.extend(c.base_logprobs.iter().zip(&v.guide).map(|(b, g)| b + g / rule.parm_beta));
+                crate::softmax::softmax_in_place(&mut out.policy[at..]);
             }
         }
         DecodeMethod::Linear | DecodeMethod::Cage | DecodeMethod::CagePaper => {
@@ -699,7 +736,7 @@ mod tests {
 
     #[test]
     fn scores_add_the_values_at_the_chosen_candidates() {
-        let v = RowValues { q: vec![1.0, 2.0, 3.0, -1.0, -2.0, -3.0], own: vec![] };
+        let v = RowValues { q: vec![1.0, 2.0, 3.0, -1.0, -2.0, -3.0], own: vec![], guide: vec![] };
         let mut st = RowState::new(2, 4);
         st.push(40, &v, 2, 3);
         st.push(41, &v, 0, 3);
@@ -712,8 +749,8 @@ mod tests {
             RowCandidates { ids: vec![1, 2, 5], base_logprobs: vec![-0.9, -0.7, -2.5] },
         ];
         let values = vec![
-            RowValues { q: vec![0.2, 1.5, -3.0, 0.0, -0.5, 2.0], own: vec![] },
-            RowValues { q: vec![1.0, 0.0, 0.25, -1.0, 0.5, 0.0], own: vec![] },
+            RowValues { q: vec![0.2, 1.5, -3.0, 0.0, -0.5, 2.0], own: vec![], guide: vec![] },
+            RowValues { q: vec![1.0, 0.0, 0.25, -1.0, 0.5, 0.0], own: vec![], guide: vec![] },
         ];
         (cands, values, vec![0.7, 0.3, 0.2, 1.1])
     }
@@ -728,7 +765,14 @@ mod tests {
     fn run_policy(method: DecodeMethod, tau: f64) -> StepPolicy {
         let (cands, values, weights) = two_rows();
         let names = vec!["a".to_string(), "b".to_string()];
-        let rule = PolicyRule { method, tau, normalize: Normalize::ShiftMin, backend: Backend::Cpu, names: &names };
+        let rule = PolicyRule {
+            method,
+            tau,
+            normalize: Normalize::ShiftMin,
+            backend: Backend::Cpu,
+            names: &names,
+            parm_beta: 1.0,
+        };
         let mut out = StepPolicy::default();
         policy(&rule, &cands, &values, &weights, &mut out).unwrap();
         out

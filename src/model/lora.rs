@@ -20,6 +20,14 @@ pub struct Adapter {
 
 const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// The decoder layer and projection a PEFT module path names (`base_model.model.model.layers.{i}.self_attn.q_proj`
+/// -> `(i, "q_proj")`), or `None` when it names something else.
+pub(crate) fn decoder_target(path: &str) -> Option<(usize, &str)> {
+    let module = path.rsplit('.').next().filter(|m| MODULES.contains(m))?;
+    let layer = path.split(".layers.").nth(1)?.split('.').next()?.parse().ok()?;
+    Some((layer, module))
+}
+
 impl Adapter {
     /// Loads a PEFT LoRA adapter folder and checks it against `model` (layer count, module names, shapes).
     pub fn load(dir: &Path, model: &Model) -> Result<Self> {
@@ -65,13 +73,7 @@ impl Adapter {
                     "tensor \"{name}\" is not a LoRA A/B matrix (only LoRA on linear layers is supported)"
                 )));
             };
-            let module = rest.rsplit('.').next().unwrap_or("");
-            let layer = rest
-                .split(".layers.")
-                .nth(1)
-                .and_then(|s| s.split('.').next())
-                .and_then(|s| s.parse::<usize>().ok())
-                .filter(|_| MODULES.contains(&module))
+            let (layer, module) = decoder_target(rest)
                 .ok_or_else(|| bad(format!("tensor \"{name}\" does not target a decoder-layer projection")))?;
             if layer >= c.num_layers {
                 return Err(bad(format!(

@@ -133,10 +133,11 @@ pub fn tiny_run_config(extra: serde_json::Value) -> cage::decode::RunConfig {
 /// Decodes `prompts` with the config's weights through the engine; the rows' results.
 pub fn decode(cfg: &cage::decode::RunConfig, prompts: &[&str]) -> cage::Result<Vec<cage::decode::RowResult>> {
     use cage::decode::{DecodeOptions, Engine, RowRequest};
-    let e = Engine::from_config(cfg)?;
+    let mut e = Engine::from_config(cfg)?;
     let opts = DecodeOptions::from_config(cfg)?;
     let rows: Vec<RowRequest> =
         prompts.iter().map(|p| RowRequest { prompt: p.to_string(), weights: cfg.weights() }).collect();
+    e.prepare(&rows, opts.method)?;
     Ok(e.decode(&rows, &opts, &mut |_| {})?.0)
 }
 
