@@ -378,6 +378,11 @@ impl Device for Cuda {
     fn max_dynamic_smem(&self) -> usize {
         self.max_smem
     }
+    fn free_memory(&mut self) -> Result<Option<usize>> {
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        let (free, _total) = cudarc::driver::result::mem_get_info().map_err(|e| gpu_err("reading free memory", e))?;
+        Ok(Some(free))
+    }
     fn begin_capture(&mut self) -> Result<()> {
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)

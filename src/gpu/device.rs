@@ -218,6 +218,9 @@ pub trait Device: Send {
     fn synchronize(&mut self) -> Result<()>;
     /// The largest dynamic shared memory a block may use.
     fn max_dynamic_smem(&self) -> usize;
+    /// Bytes of device memory free now (`None`: unknown), read before a large upload so that a model too big
+    /// for the card is an error naming both sizes rather than a failed allocation halfway through.
+    fn free_memory(&mut self) -> Result<Option<usize>>;
     /// Starts recording the stream's launches into a graph instead of running them (CUDA stream capture);
     /// an error on devices that cannot (the emulation).
     fn begin_capture(&mut self) -> Result<()>;

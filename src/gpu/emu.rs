@@ -152,6 +152,10 @@ impl Device for Emulator {
     fn max_dynamic_smem(&self) -> usize {
         EMU_MAX_DYNAMIC_SMEM
     }
+    fn free_memory(&mut self) -> Result<Option<usize>> {
+        // The emulation's device memory is the host's.
+        Ok(crate::model::memory::host_available().map(|b| b.min(usize::MAX as u128) as usize))
+    }
     fn begin_capture(&mut self) -> Result<()> {
         // Kernel parameters arrive as untyped pointers, so a recording could not copy them: run launches directly.
         Err(CageError::InvalidArgument("the host emulation does not capture CUDA graphs".into()))

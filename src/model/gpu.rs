@@ -268,6 +268,28 @@ impl GpuDecoder {
             }
         }
         let max_r = model.max_lora_rank();
+        // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the f32 KV cache and the
+        // activations against the card's free memory, so that a model that cannot fit names both sizes.
+        let lora: u128 = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .flat_map(|lin| lin.lora.iter().flatten())
+            .map(|p| (p.a.len() + p.b.len()) as u128)
+            .sum();
+        let weights = (super::memory::parameters(c) + lora) * 2;
+        let cache = 2 * (c.num_layers * slots * max_seq * kvd * 4) as u128;
+        let acts = (max_tokens * (4 * h + 2 * widest + 8 * qd.max(kvd) + 8 * ffn + 6 * max_r + 12)
+            + max_rows * (vocab * 4 + 4)) as u128;
+        let free = gpu.device().free_memory()?.map(|b| b as u128);
+        let place = format!("on {}", gpu.describe());
+        super::memory::check_fits(
+            &model.source,
+            "its weights (bf16), KV cache and buffers",
+            weights + cache + acts,
+            &place,
+            free,
+        )?;
         // Every buffer frees itself, so an error part way leaves nothing allocated.
         let dev = gpu.device();
         let mut layers = Vec::with_capacity(model.layers.len());

@@ -166,6 +166,8 @@ impl Model {
     }
 
     fn build(config: ModelConfig, st: &TensorStore, source: &str, with_lm_head: bool) -> Result<Self> {
+        // Before the first tensor is expanded: a model that cannot fit is an error naming both sizes.
+        super::memory::check_host(&config, source)?;
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {

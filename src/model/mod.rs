@@ -2,7 +2,7 @@
 //! safetensors, on the CPU in f32 or on a GPU (bf16 weights), with PEFT LoRA adapters merged or unmerged, and GGUF import.
 //!
 //! Layout: [`config`] reads `config.json`, [`weights`] memory-maps safetensors, [`llama`] holds the weights,
-//! [`lora`] loads adapters, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
+//! [`lora`] loads adapters, [`memory`] checks that a model fits before it loads, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
 //! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
 //! turn llama.cpp files into model folders, [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
@@ -18,6 +18,7 @@ pub mod import;
 pub mod linalg;
 pub mod llama;
 pub mod lora;
+pub mod memory;
 pub mod packed;
 pub mod pblora;
 pub mod score;

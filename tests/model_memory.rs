@@ -1,0 +1,96 @@
+//! A model that cannot fit is refused before it loads, naming the model and both sizes: on the host (f32
+//! weights against the free memory, capped by `CAGE_MEMORY_LIMIT` here) and on the device (bf16 weights, KV
+//! cache and buffers against its free memory; the emulation's device memory is the host's).
+
+mod common;
+
+use cage::model::memory::parameters;
+use cage::model::weights::TensorStore;
+use cage::model::{Model, ModelConfig};
+use common::fixtures::{cage, fixture, ran};
+
+#[test]
+fn the_parameter_count_is_every_stored_tensor() {
+    // Independent of the formula: the sum of the tensors' sizes in the safetensors files, for models with and
+    // without biases, tied and untied heads, sharded and bf16 files.
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-mistral-window", "tiny-llama-bf16-sharded"] {
+        let dir = fixture(name);
+        let config = ModelConfig::load(&dir).unwrap();
+        let st = TensorStore::open(&dir).unwrap();
+        let stored: u128 = st
+            .names()
+            .iter()
+            .filter(|n| !(config.tie_word_embeddings && n.starts_with("lm_head")))
+            .map(|n| st.shape(n).unwrap().iter().product::<usize>() as u128)
+            .sum();
+        assert_eq!(parameters(&config), stored, "{name}");
+        // And the loaded model holds that many f32 values.
+        let m = Model::load(&dir).unwrap();
+        let lins =
+            m.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]).chain(m.lm_head.as_ref());
+        let held: usize = m.embed.len()
+            + m.norm.len()
+            + m.layers.iter().map(|l| l.ln1.len() + l.ln2.len()).sum::<usize>()
+            + lins.map(|l| l.w.len() + l.bias.as_ref().map_or(0, Vec::len)).sum::<usize>();
+        assert_eq!(held as u128, stored, "{name}");
+    }
+}
+
+#[test]
+fn a_model_too_big_for_the_host_is_refused_before_loading() {
+    let model = fixture("tiny-llama");
+    let need = parameters(&ModelConfig::load(&model).unwrap()) * 4;
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "100000").args([
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2",
+    ]));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let want = format!("{:.1} KB", need as f64 / 1e3);
+    assert!(
+        r.stderr.contains("tiny-llama")
+            && r.stderr.contains(&want)
+            && r.stderr.contains("100.0 KB free in host memory"),
+        "{}",
+        r.stderr
+    );
+    // A run config fails the same way before any decoding.
+    let d = common::fixtures::scratch("memory");
+    let cfg = common::fixtures::write_json(&d, "run.json", &common::fixtures::tiny_config(serde_json::json!({})));
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "100000").args([
+        "generate",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--prompt",
+        "t3 t4",
+    ]));
+    assert!(r.code == Some(1) && r.stderr.contains("in host memory") && !r.stderr.contains("panicked"), "{}", r.stderr);
+    // Room enough: it loads and runs.
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "100000000").args([
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2",
+    ]));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+}
+
+#[test]
+fn a_model_too_big_for_the_device_is_refused_before_uploading() {
+    // 400 KB: the f32 weights (313 KB) fit the host, but 8 rows of KV cache and activations on top of the bf16
+    // weights do not fit the (emulated) device, whose memory is the host's.
+    let model = fixture("tiny-llama");
+    let args = ["bench", "forward", "--model", model.to_str().unwrap(), "--device", "emulation", "--batches", "8"];
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "400000").args(args).args(["--prompt-len", "32", "--steps", "2"]));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tiny-llama")
+            && r.stderr.contains("its weights (bf16), KV cache and buffers take")
+            && r.stderr.contains("400.0 KB free on"),
+        "{}",
+        r.stderr
+    );
+}
