@@ -52,6 +52,9 @@ pub struct DecodeOptions {
     pub diagnostics: bool,
     /// Keep decoding after EOS (benchmarks: every method then decodes the same number of steps).
     pub ignore_eos: bool,
+    /// The index of the first row in the whole run: rows are numbered (events, sampling keys) from here, so that
+    /// a run split into shards (cage.ray) numbers and draws each row as the whole run does.
+    pub first_row: usize,
 }
 
 impl DecodeOptions {
@@ -71,6 +74,7 @@ impl DecodeOptions {
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,
+            first_row: 0,
         })
     }
 }
@@ -437,7 +441,7 @@ impl Engine {
         let mut total = Timings::default();
         for (c, chunk) in rows.chunks(opts.batch_size).enumerate() {
             let at = c * opts.batch_size;
-            let (res, t) = self.decode_chunk(chunk, at, &room[at..at + chunk.len()], opts, sink)?;
+            let (res, t) = self.decode_chunk(chunk, opts.first_row + at, &room[at..at + chunk.len()], opts, sink)?;
             out.extend(res);
             total.add(&t);
         }
