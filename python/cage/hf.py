@@ -81,11 +81,12 @@ def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
     a stable descending sort) -- by ``topk`` (a full sort of the vocabulary costs more than the rest of a step)."""
     if n >= scores.shape[-1]:
         return torch.sort(scores, dim=-1, descending=True, stable=True)[1]
-    vals, ids = torch.topk(scores, n, dim=-1, sorted=True)
-    kth = vals[:, -1:]
-    # topk's pick among values equal to the n-th is unspecified: where such a tie crosses the cut, sort.
-    if bool(((scores == kth).sum(-1) != (vals == kth).sum(-1)).any()):
+    vals, ids = torch.topk(scores, n + 1, dim=-1, sorted=True)
+    # topk's pick among values equal to the n-th is unspecified: where the (n + 1)-th equals it (a tie crosses
+    # the cut), sort.
+    if bool((vals[:, n] == vals[:, n - 1]).any()):
         return torch.sort(scores, dim=-1, descending=True, stable=True)[1][:, :n]
+    vals, ids = vals[:, :n], ids[:, :n]
     by_id = ids.argsort(dim=-1)
     ids, vals = ids.gather(-1, by_id), vals.gather(-1, by_id)
     return ids.gather(-1, torch.sort(vals, dim=-1, descending=True, stable=True)[1])
