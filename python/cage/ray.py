@@ -1,13 +1,14 @@
 """``cage sweep`` sharded over a Ray cluster (``pip install .[ray]``; ``import cage`` does not load Ray).
 
-The sweep's work (methods x weight vectors x prompts) is cut into shards of one method and a run of rows (rows
-as ``cage sweep`` orders them: weight vector g, prompt p at row g * prompts + p), cut at multiples of the
-config's ``batch_size`` so that every batch holds the rows ``cage sweep`` decodes together. One engine per worker: an actor per GPU when the cluster has GPUs, else one per node,
-each loading the models once and decoding the shards it is handed. Each shard's rows are appended to
-``results.jsonl`` as it returns; a shard that fails is retried (``max_retries`` times, on any worker) and, if it
-still fails, named in ``failed.jsonl`` and in the ``SweepFailed`` raised after the other shards are written. The
-merged sweep.csv, summary.csv and plot come from the same Rust code as ``cage sweep`` (``cage._cage.write_sweep``),
-and rows are numbered (and sampled) as ``cage sweep`` numbers them, so the results are the same.
+The sweep's work (methods x weight vectors x prompts) is cut into shards of one method and a run of rows (rows as
+``cage sweep`` orders them: weight vector g, prompt p at row g * prompts + p), cut at multiples of the config's
+``batch_size`` so that every batch holds the rows ``cage sweep`` decodes together. One engine per worker: an
+actor per GPU when the cluster has GPUs, else one per node, each loading the models once and decoding the shards
+it is handed. Each shard's rows are appended to ``results.jsonl`` as it returns; a shard that fails is retried
+(``max_retries`` times, on any worker) and, if it still fails, named in ``failed.jsonl`` and in the
+``SweepFailed`` raised after the other shards are written. The merged sweep.csv, summary.csv and plot come from
+the same Rust code as ``cage sweep`` (``cage._cage.write_sweep``), and rows are numbered (and sampled) as ``cage
+sweep`` numbers them, so on the same backend the results are the same.
 
     python -m cage.ray -c run.json --prompts prompts.jsonl --address HEAD:6379 --out sweep-out
 """
