@@ -1,12 +1,16 @@
 """What cage.hf.CageLogitsProcessor adds to transformers' generate: the same prompts decoded greedily (a) by a
 plain generate over every stream CAGE runs (each prompt alone and with each instruction, one batch) and (b) by
 generate with the processor (the base stream in generate, the instruction streams in the processor, the game
-solved at every step), and (c) the same with encode(fused=True) (every stream in generate's batch). Both decode the same number of tokens per row; the median of --repeat runs is printed.
+solved at every step), and (c) the same with encode(fused=True) (every stream in generate's batch). All decode the
+same number of tokens per row; the median and the fastest of --repeat interleaved runs are printed.
+--compare FILE times another version of cage/hf.py beside it in the same run ((b) and (c) with that file's
+processor), e.g. an earlier commit's: git show COMMIT:python/cage/hf.py > /tmp/hf_before.py
 
-    target/pyenv/bin/python scripts/bench-hf.py [--rows 4] [--new 32] [--repeat 3]
+    target/pyenv/bin/python scripts/bench-hf.py [--rows 4] [--new 32] [--repeat 3] [--compare FILE]
 """
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import statistics
@@ -29,6 +33,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--compare", help="another cage/hf.py whose processor is timed beside this one")
     args = ap.parse_args()
     cfg = json.loads((ROOT / "examples" / "configs" / "smollm2-concise-enthusiastic.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(args.model)
@@ -52,7 +57,22 @@ def main() -> None:
         model.generate(**proc.encode(prompts, fused=True), logits_processor=[proc], **fixed)
 
     # Interleaved, so that a load that comes and goes (a shared machine) weighs on both alike.
-    variants = (("plain", plain), ("cage", with_cage), ("fused", fused))
+    variants = [("plain", plain), ("cage", with_cage), ("fused", fused)]
+    if args.compare:
+        # Loaded as a module of the installed package, so that its relative imports (cage.solve) resolve.
+        spec = importlib.util.spec_from_file_location("cage._hf_compared", args.compare)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        old = other.CageLogitsProcessor(model, tok, cfg["principals"], weights=cfg["weights"], tau=cfg["tau"],
+                                        k=cfg["k"])
+
+        def old_cage() -> None:
+            model.generate(**old.encode(prompts), logits_processor=[old], **fixed)
+
+        def old_fused() -> None:
+            model.generate(**old.encode(prompts, fused=True), logits_processor=[old], **fixed)
+
+        variants += [("compared cage", old_cage), ("compared fused", old_fused)]
     for _, fn in variants:
         fn()
     runs: dict = {name: [] for name, _ in variants}
@@ -69,6 +89,13 @@ def main() -> None:
     print(f"generate with CageLogitsProcessor: {times['cage']:.3f} s "
           f"({100 * (times['cage'] / times['plain'] - 1):+.1f}%)")
     print(f"the same, encode(fused=True): {times['fused']:.3f} s ({100 * (times['fused'] / times['plain'] - 1):+.1f}%)")
+    for name in ("compared cage", "compared fused"):
+        if name in times:
+            print(f"{name} ({args.compare}): {times[name]:.3f} s ({100 * (times[name] / times['plain'] - 1):+.1f}%)")
+    # Under a load that comes and goes the fastest run of each is the steadier figure.
+    low = {name: min(r) for name, r in runs.items()}
+    print("fastest runs: " + ", ".join(f"{k} {t:.3f} s ({100 * (t / low['plain'] - 1):+.1f}%)" for k, t in low.items()))
+    print("all runs (s): " + ", ".join(f"{k} {' '.join(f'{t:.2f}' for t in v)}" for k, v in runs.items()))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # venv, and PyPI the first time. Extra arguments go to pytest.
 # It also installs torch, transformers and peft into that venv (once, ~3.5 GB) and fetches SmolLM2-135M-Instruct,
 # so that the tests of cage.hf run against real transformers, as CI requires; CAGE_TEST_HF=0 leaves them out
-# (they then skip, saying why).
+# (they then skip, saying why). It installs ray too, for the tests of cage.ray on a local cluster (a head and two
+# workers on 127.0.0.1); CAGE_TEST_RAY=0 leaves it out (those tests then skip, saying why).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
@@ -18,6 +19,9 @@ fi
 if [ "${CAGE_TEST_HF:-1}" != "0" ]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.15.0" "transformers==5.23.0" "peft==0.21.2"
     "${CAGE_BIN:-target/release/cage}" fetch-model --models models
+fi
+if [ "${CAGE_TEST_RAY:-1}" != "0" ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "ray==2.60.0"
 fi
 # The same build as `pip install .`, against the cached venv's maturin instead of a fresh isolated one.
 export PATH="$PWD/$VENV/bin:$PATH"

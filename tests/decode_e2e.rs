@@ -214,6 +214,33 @@ fn rows_decoded_together_equal_rows_decoded_alone() {
 }
 
 #[test]
+fn a_shard_numbered_from_first_row_samples_as_the_whole_run() {
+    let tok = tokenizer_dir();
+    let cfg = config(&tok, "cage", &[0.5, 0.3, 0.2], 1.0);
+    let e = Engine::from_config(&cfg).unwrap();
+    let mut opts = DecodeOptions::from_config(&cfg).unwrap();
+    opts.choice = cage::sampling::Choice::Gumbel;
+    let rows: Vec<RowRequest> =
+        PROMPTS.iter().chain(&PROMPTS).map(|p| RowRequest { prompt: p.to_string(), weights: cfg.weights() }).collect();
+    let whole = tokens(&e.decode(&rows, &opts, &mut |_| {}).unwrap().0);
+    // Row 3 repeats row 0's prompt: only its key (the row's index) makes its draws differ.
+    assert_ne!(whole[0], whole[3], "the draws must depend on the row for this test to mean anything");
+    opts.first_row = 3;
+    let mut numbered = vec![];
+    let shard = e
+        .decode(&rows[3..], &opts, &mut |ev| {
+            if let Event::RowDone { row, .. } = ev {
+                numbered.push(row);
+            }
+        })
+        .unwrap()
+        .0;
+    assert_eq!(tokens(&shard), whole[3..]);
+    numbered.sort();
+    assert_eq!(numbered, vec![3, 4, 5]);
+}
+
+#[test]
 fn rows_with_different_weights_in_one_batch() {
     let tok = tokenizer_dir();
     let cfg = config(&tok, "cage", &[1.0, 0.0, 0.0], 0.1);

@@ -62,6 +62,20 @@ fn reference_point_and_mip_by_hand() {
 }
 
 #[test]
+fn a_curve_is_the_mean_over_the_prompts_at_each_weight_vector() {
+    let grid = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+    // Rows weight-vector-major: (w0, p0), (w0, p1), (w1, p0), (w1, p1).
+    let rows = vec![vec![1.0, 2.0], vec![3.0, 6.0], vec![-1.0, 0.5], vec![0.0, 1.5]];
+    let c = MethodCurve::from_rows("cage", &grid, &rows).unwrap();
+    assert_eq!(c.scores, vec![vec![2.0, 4.0], vec![-0.5, 1.0]]);
+    assert_eq!((c.method.as_str(), &c.weights), ("cage", &grid));
+    let short = MethodCurve::from_rows("cage", &grid, &rows[..3]).unwrap_err().to_string();
+    assert!(short.contains("3 rows of scores for 2 weight vectors"), "{short}");
+    let ragged = MethodCurve::from_rows("cage", &grid, &[vec![1.0], vec![1.0, 2.0]]).unwrap_err().to_string();
+    assert!(ragged.contains("same number"), "{ragged}");
+}
+
+#[test]
 fn simplex_grids() {
     let g = simplex_grid(2, 4).unwrap();
     assert_eq!(g.len(), 5);

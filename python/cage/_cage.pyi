@@ -74,7 +74,25 @@ class _Engine:
         tau: Optional[float] = None,
         sampling: Optional[str] = None,
         seed: Optional[int] = None,
+        first_row: int = 0,
     ) -> _Results: ...
     def sweep(
-        self, prompts: Sequence[str], grid: Sequence[Sequence[float]], methods: Sequence[str], max_new_tokens: Optional[int] = None
+        self,
+        prompts: Sequence[str],
+        grid: Sequence[Sequence[float]],
+        methods: Sequence[str],
+        max_new_tokens: Optional[int] = None,
     ) -> _Results: ...
+
+def sweep_check(
+    config_json: str, methods: Sequence[str], grid: Sequence[Sequence[float]]
+) -> tuple[list[str], int]: ...
+def read_prompts(path: str) -> list[str]: ...
+def write_sweep(
+    out: str,
+    config_json: str,
+    grid: Sequence[Sequence[float]],
+    prompts: int,
+    methods: Sequence[str],
+    scores: Sequence[Sequence[Sequence[float]]],
+) -> tuple[list[tuple[str, float, float]], list[float]]: ...

@@ -59,7 +59,43 @@ class _Group:
         self.cache: Any = None
         self.mask: Optional[torch.Tensor] = None
         self.positions: Optional[torch.Tensor] = None
-        self.logprobs: Optional[torch.Tensor] = None  # [streams, rows, V], f64
+        # The last forward's logits ([streams, rows, V], as the model gives them) and their log-normalisers
+        # ([streams, rows, 1], f64): log-probs are formed only at the candidates.
+        self.logits: Optional[torch.Tensor] = None
+        self.lse: Optional[torch.Tensor] = None
+
+
+def _log_normalizer(z: torch.Tensor) -> torch.Tensor:
+    """``log sum exp`` of each row of ``z`` ([R, V]) as [R, 1] f64: the exponentials in ``z``'s precision, their
+    sum in f64: within 1e-7 of an all-f64 sum (far below what two forwards of one model differ by), without an
+    f64 copy of the rows."""
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()  # half-precision logits: exponentials in f32
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m.double() + torch.exp(z - m).sum(-1, keepdim=True, dtype=torch.float64).log()
+
+
+def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The ids of each row's ``n`` largest scores, most likely first, ties to the lower id (as the engine selects:
+    a stable descending sort) -- by ``topk`` (a full sort of the vocabulary costs more than the rest of a step)."""
+    if n >= scores.shape[-1]:
+        return torch.sort(scores, dim=-1, descending=True, stable=True)[1]
+    vals, ids = torch.topk(scores, n + 1, dim=-1, sorted=True)
+    # topk's pick among values equal to the n-th is unspecified: where the (n + 1)-th equals it (a tie crosses
+    # the cut), sort.
+    if bool((vals[:, n] == vals[:, n - 1]).any()):
+        return torch.sort(scores, dim=-1, descending=True, stable=True)[1][:, :n]
+    vals, ids = vals[:, :n], ids[:, :n]
+    by_id = ids.argsort(dim=-1)
+    ids, vals = ids.gather(-1, by_id), vals.gather(-1, by_id)
+    return ids.gather(-1, torch.sort(vals, dim=-1, descending=True, stable=True)[1])
+
+
+def _keep(g: "_Group", logits: torch.Tensor, streams: int, rows: int) -> None:
+    """A forward's last logits ([streams * rows, V]) and their log-normalisers, kept for the step."""
+    g.logits = logits.view(streams, rows, -1)
+    g.lse = _log_normalizer(logits).view(streams, rows, 1)
 
 
 class CageLogitsProcessor:
@@ -241,19 +277,21 @@ class CageLogitsProcessor:
         out = g.model(input_ids=ids, attention_mask=g.mask, position_ids=g.positions, past_key_values=g.cache,
                       use_cache=True, logits_to_keep=1)
         g.cache = out.past_key_values
-        logits = out.logits[:, -1, :].double()
-        g.logprobs = (logits - logits.logsumexp(-1, keepdim=True)).view(len(g.streams), rows, -1)
+        _keep(g, out.logits[:, -1, :], len(g.streams), rows)
 
-    def _logprobs_at(self, s: Optional[_Stream], base: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _logprobs_at(self, s: Optional[_Stream], base: torch.Tensor, ids: torch.Tensor, top: int) -> torch.Tensor:
+        """Stream ``s``'s log-probs (f64) at the candidates ``ids`` ([rows, n]); None is the base stream, whose
+        candidates' log-probs are ``base``. ``top``: the largest candidate id."""
         if s is None:
-            lp = base
-        else:
-            g = next(g for g in self._groups if s in g.streams)
-            lp = g.logprobs[g.streams.index(s)]
-        if int(ids.max()) >= lp.shape[-1]:
-            raise ValueError(f"candidate token {int(ids.max())} is outside a principal model's vocabulary of "
-                             f"{lp.shape[-1]}")
-        return lp.gather(-1, ids.to(lp.device)).to(base.device)
+            return base
+        g = next(g for g in self._groups if s in g.streams)
+        assert g.logits is not None and g.lse is not None
+        i = g.streams.index(s)
+        if top >= g.logits.shape[-1]:
+            raise ValueError(f"candidate token {top} is outside a principal model's vocabulary of "
+                             f"{g.logits.shape[-1]}")
+        at = ids.to(g.logits.device)
+        return (g.logits[i].gather(-1, at).double() - g.lse[i]).to(base.device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._prompts is None:
@@ -266,23 +304,24 @@ class CageLogitsProcessor:
             raise ValueError(f"generate runs {scores.shape[0]} sequences where encode gave {total}: the "
                              "processor supports neither beams nor num_return_sequences > 1")
         all_scores = scores
+        # Every row's log-normaliser at once (the base rows and, fused, the other streams' rows).
+        lse = _log_normalizer(scores)
         if fused is not None:
-            z = scores[rows:].double()
-            fused.logprobs = (z - z.logsumexp(-1, keepdim=True)).view(len(fused.streams), rows, -1)
+            fused.logits = scores[rows:].view(len(fused.streams), rows, -1)
+            fused.lse = lse[rows:].view(len(fused.streams), rows, 1)
             scores = scores[:rows]
         last = None if self._step == 0 else input_ids[:rows, -1]
         for g in self._groups:
             if g is not fused:
                 self._forward(g, last)
-        # Base log-probs over the full row (f64 log-normaliser, then f32 as the engine's kernels keep them).
-        z = scores.double()
-        base = z - z.logsumexp(-1, keepdim=True)
         v = scores.shape[-1]
         n = v if self.k == 0 or self.k >= v else self.k
-        # Most likely first, ties to the lower id (a stable sort), as the engine selects.
-        ids = torch.sort(scores, dim=-1, descending=True, stable=True)[1][:, :n]
-        base_c = base.gather(-1, ids).float().double()
-        values = torch.stack([self._logprobs_at(a, base, ids) - self._logprobs_at(b, base, ids)
+        ids = _top(scores, n)
+        # Base log-probs at the candidates (f64 log-normaliser, then f32 as the engine's kernels keep them).
+        base = scores.gather(-1, ids).double() - lse[:rows]
+        base_c = base.float().double()
+        top = int(ids.max())
+        values = torch.stack([self._logprobs_at(a, base, ids, top) - self._logprobs_at(b, base, ids, top)
                               for a, b in self._pairs], dim=1)
         sol = solve(np.ascontiguousarray(base_c.cpu().numpy()), np.ascontiguousarray(values.cpu().numpy()),
                     self._weights(rows), self.tau, method=_SOLVER[self.method], normalize=self.normalize)

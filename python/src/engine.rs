@@ -169,8 +169,10 @@ impl Engine {
         self.config.weights()
     }
 
-    /// Decodes `prompts`, row i with `weights[i]`.
-    #[pyo3(signature = (prompts, weights, method=None, max_new_tokens=None, tau=None, sampling=None, seed=None))]
+    /// Decodes `prompts`, row i with `weights[i]`. `first_row`: the index of the first row within a larger run
+    /// this is a shard of (rows are numbered and sampled from it).
+    #[pyo3(signature = (prompts, weights, method=None, max_new_tokens=None, tau=None, sampling=None, seed=None,
+                        first_row=0))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -181,11 +183,13 @@ impl Engine {
         tau: Option<f64>,
         sampling: Option<&str>,
         seed: Option<u64>,
+        first_row: usize,
     ) -> PyResult<Results> {
         if prompts.len() != weights.len() {
             return Err(value_error(format!("{} prompts but {} weight vectors", prompts.len(), weights.len())));
         }
-        let opts = self.options(method, max_new_tokens, tau, sampling, seed)?;
+        let mut opts = self.options(method, max_new_tokens, tau, sampling, seed)?;
+        opts.first_row = first_row;
         let rows: Vec<RowRequest> =
             prompts.into_iter().zip(weights).map(|(prompt, weights)| RowRequest { prompt, weights }).collect();
         self.start(Job { rows, passes: vec![opts] })

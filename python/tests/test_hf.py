@@ -235,3 +235,21 @@ def test_arm_principals_as_peft_models_give_the_tokens_of_the_engine():
             print(f"arm weights {weights}: {line}")
         assert exact >= len(prompts) - 1, report
         assert all(len(t) > 0 for t in theirs)
+
+
+def test_candidates_by_topk_are_those_of_a_stable_sort():
+    from cage.hf import _log_normalizer, _top
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 500, generator=g) * 3
+    z[1, :] = torch.round(z[1, :])  # many ties, some across the cut at n
+    z[2, 100:140] = z[2].max()  # 40 equal maxima, more than fit in some n below
+    z[3, 50:] = float("-inf")  # fewer finite scores than n
+    z[4, :] = 0.0  # all tied
+    for n in (1, 7, 30, 50, 499, 500, 600):
+        want = torch.sort(z, dim=-1, descending=True, stable=True)[1][:, :n]
+        assert torch.equal(_top(z, n), want), n
+    lse = _log_normalizer(z)
+    want = torch.logsumexp(z.double(), -1, keepdim=True)
+    assert lse.dtype == torch.float64 and float((lse - want).abs().max()) < 1e-7
+    assert float(_log_normalizer(torch.full((1, 5), float("-inf")))) == float("-inf")

@@ -5,7 +5,7 @@ use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings
 use super::plot::{pareto_png, pareto_svg};
 use super::report::{MANIFEST, RunManifest};
 use super::scorers::{Scorers, with_scores};
-use super::sweep::{MethodCurve, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv};
+use super::sweep::{MethodCurve, Summary, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv};
 use crate::error::{CageError, Result};
 use crate::names::NameParser;
 use crate::progress::Progress;
@@ -467,28 +467,20 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
             writer.rewrite(&scored)?;
         }
         let per_row: Vec<Vec<f64>> = match &extra {
+            Some(e) if e.iter().any(|s| s.len() != e[0].len()) => {
+                return Err(CageError::InvalidArgument("the scorer wrote different numbers of scores per line".into()));
+            }
             Some(e) => e.clone(),
             None if !scorers.is_empty() => raw.iter().map(|s| scorers.oriented(s)).collect(),
             None => res.iter().map(|r| r.scores.clone()).collect(),
         };
-        let d = per_row[0].len();
-        if per_row.iter().any(|s| s.len() != d) {
-            return Err(CageError::InvalidArgument("the scorer wrote different numbers of scores per line".into()));
-        }
-        let np = prompts.len();
-        let scores = (0..grid.len())
-            .map(|g| {
-                (0..d).map(|k| per_row[g * np..(g + 1) * np].iter().map(|s| s[k]).sum::<f64>() / np as f64).collect()
-            })
-            .collect();
-        curves.push(MethodCurve { method: m.to_string(), weights: grid.clone(), scores });
+        curves.push(MethodCurve::from_rows(&m.to_string(), &grid, &per_row)?);
     }
     let score_names: Vec<String> = match (a.scorer.is_some(), curves.first().and_then(|c| c.scores.first())) {
         (true, Some(e)) => (1..=e.len()).map(|i| format!("external_{i}")).collect(),
         _ if !scorers.is_empty() => scorers.oriented_names(),
         _ => names.clone(),
     };
-    let (sums, reference) = summarize(&curves)?;
     let manifest = RunManifest {
         principals: names.clone(),
         scores: score_names.clone(),
@@ -499,13 +491,8 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         config: a.run.config.clone(),
     };
     write_file(&a.out.join(MANIFEST), &serde_json::to_string_pretty(&manifest)?)?;
-    write_file(&a.out.join("sweep.csv"), &points_csv(&names, &score_names, &curves))?;
-    write_file(&a.out.join("summary.csv"), &summary_csv(&sums))?;
-    let title = format!("{} prompt(s), tau {}, k {}", prompts.len(), cfg.tau, cfg.k);
-    write_file(&a.out.join("pareto.svg"), &pareto_svg(&score_names, &curves, &title))?;
-    let png = a.out.join("pareto.png");
-    std::fs::write(&png, pareto_png(&score_names, &curves, &title)?)
-        .map_err(io_err(format!("writing {}", png.display())))?;
+    let title = sweep_title(&cfg, prompts.len());
+    let (sums, reference) = write_sweep_files(&a.out, &names, &score_names, &curves, &title)?;
     crate::outln!("reference point {reference:?}")?;
     crate::outln!("{:>12} {:>12} {:>8}", "method", "HV", "MIP")?;
     for s in &sums {
@@ -513,6 +500,31 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
     }
     eprintln!("wrote {}/{{run.json, sweep.csv, summary.csv, results.jsonl, pareto.svg, pareto.png}}", a.out.display());
     Ok(())
+}
+
+/// The title of a sweep's plot.
+pub fn sweep_title(cfg: &RunConfig, prompts: usize) -> String {
+    format!("{prompts} prompt(s), tau {}, k {}", cfg.tau, cfg.k)
+}
+
+/// Writes a finished sweep's sweep.csv, summary.csv, pareto.svg and pareto.png into `out` (which exists) and
+/// returns HV and MIP per method with the shared reference point: `cage sweep` and the sharded sweep of
+/// `cage.ray` (through the Python binding) both end here, so that both write the same files.
+pub fn write_sweep_files(
+    out: &Path,
+    principals: &[String],
+    score_names: &[String],
+    curves: &[MethodCurve],
+    title: &str,
+) -> Result<(Vec<Summary>, Vec<f64>)> {
+    let (sums, reference) = summarize(curves)?;
+    write_file(&out.join("sweep.csv"), &points_csv(principals, score_names, curves))?;
+    write_file(&out.join("summary.csv"), &summary_csv(&sums))?;
+    write_file(&out.join("pareto.svg"), &pareto_svg(score_names, curves, title))?;
+    let png = out.join("pareto.png");
+    std::fs::write(&png, pareto_png(score_names, curves, title)?)
+        .map_err(io_err(format!("writing {}", png.display())))?;
+    Ok((sums, reference))
 }
 
 /// The demo's two prompted principals on one model.

@@ -57,6 +57,9 @@ pub struct DecodeOptions {
     pub ignore_eos: bool,
     /// The `parm` method's beta: pi ~ pi_base * pi_PARM^(1 / beta).
     pub parm_beta: f64,
+    /// The index of the first row in the whole run: rows are numbered (events, sampling keys) from here, so that
+    /// a run split into shards (cage.ray) numbers and draws each row as the whole run does.
+    pub first_row: usize,
 }
 
 impl DecodeOptions {
@@ -77,6 +80,7 @@ impl DecodeOptions {
             diagnostics: false,
             ignore_eos: false,
             parm_beta: cfg.parm_beta,
+            first_row: 0,
         })
     }
 }
@@ -653,7 +657,7 @@ impl Engine {
         for (c, chunk) in rows.chunks(opts.batch_size).enumerate() {
             let at = c * opts.batch_size;
             let g = guides.as_ref().map(|g| &g[at..at + chunk.len()]);
-            let (res, t) = self.decode_chunk(chunk, at, &room[at..at + chunk.len()], g, opts, sink)?;
+            let (res, t) = self.decode_chunk(chunk, opts.first_row + at, &room[at..at + chunk.len()], g, opts, sink)?;
             out.extend(res);
             total.add(&t);
         }

@@ -142,6 +142,27 @@ pub struct MethodCurve {
     pub scores: Vec<Vec<f64>>,
 }
 
+impl MethodCurve {
+    /// The curve of one method from its per-row scores, rows in the order of a sweep (weight vector g, prompt p
+    /// at row g * prompts + p): the mean over the prompts at each weight vector.
+    pub fn from_rows(method: &str, grid: &[Vec<f64>], per_row: &[Vec<f64>]) -> Result<Self> {
+        let bad = |m: String| Err(CageError::InvalidArgument(format!("method {method}: {m}")));
+        if grid.is_empty() || per_row.is_empty() || !per_row.len().is_multiple_of(grid.len()) {
+            return bad(format!("{} rows of scores for {} weight vectors", per_row.len(), grid.len()));
+        }
+        let d = per_row[0].len();
+        if d == 0 || per_row.iter().any(|s| s.len() != d) {
+            return bad("every row needs the same number (>= 1) of scores".into());
+        }
+        let np = per_row.len() / grid.len();
+        let scores = per_row
+            .chunks(np)
+            .map(|rows| (0..d).map(|k| rows.iter().map(|s| s[k]).sum::<f64>() / np as f64).collect())
+            .collect();
+        Ok(MethodCurve { method: method.to_string(), weights: grid.to_vec(), scores })
+    }
+}
+
 /// HV and MIP of one method within a sweep.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Summary {
