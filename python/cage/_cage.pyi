@@ -95,4 +95,5 @@ def write_sweep(
     prompts: int,
     methods: Sequence[str],
     scores: Sequence[Sequence[Sequence[float]]],
+    config_path: Optional[str] = None,
 ) -> tuple[list[tuple[str, float, float]], list[float]]: ...

@@ -221,7 +221,8 @@ def sweep(
             f.writelines(json.dumps(x) + "\n" for x in failed)
         raise SweepFailed(failed, out)
     table = [[scores[(m, i)] for i in range(n)] for m in methods]
-    sums, reference = _cage.write_sweep(out, config_json, grid, len(prompts), methods, table)
+    path = os.fspath(config) if isinstance(config, (str, os.PathLike)) else None
+    sums, reference = _cage.write_sweep(out, config_json, grid, len(prompts), methods, table, path)
     return SweepResult([{"method": m, "hv": hv, "mip": mip} for m, hv, mip in sums], reference, out, len(actors),
                        retried)
 

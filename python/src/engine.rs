@@ -93,6 +93,15 @@ fn spawn(engine: Arc<RustEngine>, job: Job) -> Results {
 impl Engine {
     /// Loads the models with the GIL released.
     fn build(py: Python<'_>, config: RunConfig) -> PyResult<Self> {
+        // Its results carry the principals' implicit rewards only: a config's scorers would be silently unused.
+        if !config.scorers.is_empty() {
+            return Err(value_error(
+                "scorers: the Python engine (and cage.ray) reports the principals' implicit rewards; reward-model \
+                 scorers run in `cage generate` and `cage sweep` (or score the texts with cage score / \
+                 scripts/hf_scorer.py)"
+                    .to_string(),
+            ));
+        }
         let engine = py.detach(|| RustEngine::from_config(&config)).map_err(to_py)?;
         Ok(Engine { engine: Mutex::new(Arc::new(engine)), config })
     }

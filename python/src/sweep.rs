@@ -4,11 +4,12 @@
 use crate::errors::{to_py, value_error};
 use cage::decode::cli::{sweep_title, write_sweep_files};
 use cage::decode::config::check_weights;
+use cage::decode::report::RunManifest;
 use cage::decode::sweep::MethodCurve;
 use cage::decode::{DecodeMethod, RunConfig};
 use cage::names::parse;
 use pyo3::prelude::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Checks a sharded sweep before any worker starts, as `cage sweep` would: the config (JSON text), 2 or 3
 /// principals, the methods' names and every weight vector (`grid`, empty: not given yet). Returns the
@@ -40,9 +41,12 @@ pub fn read_prompts(path: &str) -> PyResult<Vec<String>> {
 /// (method, HV, MIP) of one method.
 type MethodSummary = (String, f64, f64);
 
-/// Writes sweep.csv, summary.csv, pareto.svg and pareto.png into `out` from `scores[m][row]` (method `m`'s
-/// scores of row g * prompts + p); returns (method, HV, MIP) per method and the reference point.
+/// Writes run.json, sweep.csv, summary.csv, pareto.svg and pareto.png into `out` from `scores[m][row]`
+/// (method `m`'s scores of row g * prompts + p); returns (method, HV, MIP) per method and the reference point.
+/// `config_path` is what run.json names as the config (the file the sweep was given, when it was one).
 #[pyfunction]
+#[pyo3(signature = (out, config_json, grid, prompts, methods, scores, config_path=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn write_sweep(
     py: Python<'_>,
     out: &str,
@@ -51,6 +55,7 @@ pub fn write_sweep(
     prompts: usize,
     methods: Vec<String>,
     scores: Vec<Vec<Vec<f64>>>,
+    config_path: Option<String>,
 ) -> PyResult<(Vec<MethodSummary>, Vec<f64>)> {
     let (names, _) = sweep_check(config_json, methods.clone(), vec![])?;
     let cfg = RunConfig::parse(config_json).map_err(to_py)?;
@@ -71,7 +76,16 @@ pub fn write_sweep(
         .collect::<cage::Result<Vec<_>>>()
         .map_err(to_py)?;
     let title = sweep_title(&cfg, prompts);
+    let manifest = RunManifest {
+        principals: names.clone(),
+        scores: names,
+        methods: methods.iter().map(|m| parse::<DecodeMethod>(m)).collect::<cage::Result<_>>().map_err(to_py)?,
+        prompts,
+        tau: cfg.tau,
+        k: cfg.k,
+        config: config_path.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("(given as JSON)")),
+    };
     let (sums, reference) =
-        py.detach(|| write_sweep_files(Path::new(out), &names, &names, &curves, &title)).map_err(to_py)?;
+        py.detach(|| write_sweep_files(Path::new(out), &manifest, &curves, &title)).map_err(to_py)?;
     Ok((sums.into_iter().map(|s| (s.method, s.hv, s.mip)).collect(), reference))
 }

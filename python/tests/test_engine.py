@@ -120,6 +120,10 @@ def test_bad_configs_and_requests_are_clear_errors(tmp_path, engine):
         engine.generate("t1", method="best")
     with pytest.raises(ValueError, match="weight of principal words must be a finite number >= 0"):
         list(engine.generate("t1", weights=[0.5, -1.0]))
+    # Reward-model scorers run in the CLI only: a config naming them is refused, not silently unscored.
+    scorer = {"name": "reward", "model": str(FIX / "tiny-reward-seqcls")}
+    with pytest.raises(ValueError, match="scorers: the Python engine"):
+        cage.Engine({**config(), "scorers": [scorer]})
 
 
 def test_dropping_the_iterator_early_stops_the_decoding(engine):

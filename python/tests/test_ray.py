@@ -101,6 +101,12 @@ def assert_same_files(got, want):
     for name in ("sweep.csv", "summary.csv", "pareto.svg", "pareto.png"):
         assert (got / name).read_bytes() == (want / name).read_bytes(), name
     assert rows(got / "results.jsonl") == rows(want / "results.jsonl")
+    # run.json, what `cage report` reads, names the same axes, methods and sizes (the config differs: given
+    # here as a dict, there as a file).
+    manifest = [json.loads((d / "run.json").read_text()) for d in (got, want)]
+    for m in manifest:
+        m.pop("config")
+    assert manifest[0] == manifest[1]
 
 
 def test_a_sharded_sweep_writes_the_single_process_files(cluster, single, tmp_path):

@@ -5,7 +5,9 @@ use super::engine::{DecodeOptions, Engine, Event, RowRequest, RowResult, Timings
 use super::plot::{pareto_png, pareto_svg};
 use super::report::{MANIFEST, RunManifest};
 use super::scorers::{Scorers, with_scores};
-use super::sweep::{MethodCurve, Summary, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv};
+use super::sweep::{
+    MethodCurve, Summary, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv,
+};
 use crate::error::{CageError, Result};
 use crate::names::NameParser;
 use crate::progress::Progress;
@@ -490,9 +492,8 @@ pub fn sweep_cmd(a: &SweepArgs) -> Result<()> {
         k: cfg.k,
         config: a.run.config.clone(),
     };
-    write_file(&a.out.join(MANIFEST), &serde_json::to_string_pretty(&manifest)?)?;
     let title = sweep_title(&cfg, prompts.len());
-    let (sums, reference) = write_sweep_files(&a.out, &names, &score_names, &curves, &title)?;
+    let (sums, reference) = write_sweep_files(&a.out, &manifest, &curves, &title)?;
     crate::outln!("reference point {reference:?}")?;
     crate::outln!("{:>12} {:>12} {:>8}", "method", "HV", "MIP")?;
     for s in &sums {
@@ -507,17 +508,19 @@ pub fn sweep_title(cfg: &RunConfig, prompts: usize) -> String {
     format!("{prompts} prompt(s), tau {}, k {}", cfg.tau, cfg.k)
 }
 
-/// Writes a finished sweep's sweep.csv, summary.csv, pareto.svg and pareto.png into `out` (which exists) and
-/// returns HV and MIP per method with the shared reference point: `cage sweep` and the sharded sweep of
-/// `cage.ray` (through the Python binding) both end here, so that both write the same files.
+/// Writes a finished sweep's run.json (`manifest`, what `cage report` reads), sweep.csv, summary.csv,
+/// pareto.svg and pareto.png into `out` (which exists) and returns HV and MIP per method with the shared
+/// reference point: `cage sweep` and the sharded sweep of `cage.ray` (through the Python binding) both end
+/// here, so that both write the same files.
 pub fn write_sweep_files(
     out: &Path,
-    principals: &[String],
-    score_names: &[String],
+    manifest: &RunManifest,
     curves: &[MethodCurve],
     title: &str,
 ) -> Result<(Vec<Summary>, Vec<f64>)> {
+    let (principals, score_names) = (&manifest.principals, &manifest.scores);
     let (sums, reference) = summarize(curves)?;
+    write_file(&out.join(MANIFEST), &serde_json::to_string_pretty(manifest)?)?;
     write_file(&out.join("sweep.csv"), &points_csv(principals, score_names, curves))?;
     write_file(&out.join("summary.csv"), &summary_csv(&sums))?;
     write_file(&out.join("pareto.svg"), &pareto_svg(score_names, curves, title))?;
