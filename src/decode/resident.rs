@@ -27,7 +27,7 @@ use crate::gpu::device::DevPtr;
 use crate::gpu::{
     DevicePolicy, MAX_PRINCIPALS, MAX_TOP_K, PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep,
 };
-use crate::model::{Decoder, LogitsAt, Seq};
+use crate::model::{Decoder, LogitsAt};
 use crate::problem::Normalize;
 
 /// What a run's resident steps need besides the rows: each principal's device form, the lexicon table and
@@ -139,16 +139,7 @@ impl ResidentPlan {
             let Some(dec) = dec.as_mut() else { continue };
             let gpu_dec = dec.as_gpu().ok_or_else(|| not_on_device(m))?;
             let on = &plan.on_model[m];
-            let seqs: Vec<Seq> = live
-                .iter()
-                .flat_map(|&r| {
-                    on.iter().map(move |&s| Seq {
-                        slot: plan.position(r, s),
-                        tokens: &inputs[r][s],
-                        adapter: plan.streams[s].adapter,
-                    })
-                })
-                .collect();
+            let seqs = plan.seqs(m, live, inputs);
             let out = gpu_dec.forward_device(&seqs, LogitsAt::Last)?;
             if m != 0 {
                 // The step runs on the base model's device and stream: this decoder's forward must be done.

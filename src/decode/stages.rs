@@ -84,6 +84,21 @@ impl StreamPlan {
     pub fn position(&self, row: usize, s: usize) -> usize {
         row * self.on_model[self.model_of(s)].len() + self.local[s]
     }
+
+    /// The sequences model `m`'s forward call takes for the `live` rows: each row's input (`inputs[row][s]`)
+    /// on every stream of that model, in [`StreamPlan::position`] order, each in its KV-cache slot.
+    pub fn seqs<'a>(&self, m: usize, live: &[usize], inputs: &'a [Vec<Vec<u32>>]) -> Vec<Seq<'a>> {
+        let on = &self.on_model[m];
+        live.iter()
+            .flat_map(|&r| {
+                on.iter().map(move |&s| Seq {
+                    slot: self.position(r, s),
+                    tokens: &inputs[r][s],
+                    adapter: self.streams[s].adapter,
+                })
+            })
+            .collect()
+    }
 }
 
 // ---- forward ----------------------------------------------------------------------------------------------
@@ -177,17 +192,7 @@ pub fn forward(
         let buf = &mut out.per_model[m];
         buf.clear();
         let Some(dec) = dec.as_mut() else { continue };
-        let on = &plan.on_model[m];
-        let seqs: Vec<Seq> = live
-            .iter()
-            .flat_map(|&r| {
-                on.iter().map(move |&s| Seq {
-                    slot: plan.position(r, s),
-                    tokens: &inputs[r][s],
-                    adapter: plan.streams[s].adapter,
-                })
-            })
-            .collect();
+        let seqs = plan.seqs(m, live, inputs);
         let lens: Vec<usize> = seqs.iter().map(|q| q.tokens.len()).collect();
         for call in calls_within(&lens, prefill_cap) {
             buf.extend_from_slice(dec.forward(&seqs[call], LogitsAt::Last)?);
