@@ -225,12 +225,7 @@ impl Gpu {
             Some(_) => format!("cage_topk_{tag}"),
             None => format!("cage_logsoftmax_{tag}"),
         };
-        // A thread per 8 tokens up to 1024: small vocabularies do not pay for idle warps.
-        let mut launch = Launch::new(&name)
-            .grid(job.rows as u32)
-            .block(v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
-            .ptr(job.x)
-            .i32(v as i32);
+        let mut launch = Launch::new(&name).grid(job.rows as u32).row_block(v).ptr(job.x).i32(v as i32);
         launch = match job.k {
             Some(k) => launch.i32(k as i32).ptr(job.ids),
             None => launch,

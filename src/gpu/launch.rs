@@ -70,6 +70,13 @@ impl<'a> Launch<'a> {
     }
 
     /// `threads` threads per block (along x).
+    /// A block of a thread per 8 entries of a `width`-wide row (whole warps, 32 to 1024 threads): the
+    /// block-per-row kernels (top-k / log-softmax, values) read a row with 16-byte loads, and a small
+    /// vocabulary does not pay for idle warps.
+    pub(crate) fn row_block(self, width: usize) -> Self {
+        self.block(width.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
+    }
+
     pub(crate) fn block(mut self, threads: u32) -> Self {
         self.block = threads;
         self

@@ -171,7 +171,7 @@ impl Gpu {
         let name = format!("cage_values_{}", a.tag);
         let launch = Launch::new(&name)
             .grid((a.rows * a.j) as u32)
-            .block(a.v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
+            .row_block(a.v)
             .ptr(a.arm)
             .ptr(a.reference)
             .i32(i32::from(a.ref_per_principal))
@@ -195,7 +195,7 @@ impl Gpu {
     pub(super) unsafe fn launch_values_streams(&mut self, a: &StreamValuesArgs) -> Result<()> {
         let launch = Launch::new("cage_values_streams")
             .grid((a.rows * a.j) as u32)
-            .block(a.v.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32)
+            .row_block(a.v)
             .ptr(a.table)
             .i32(a.streams as i32)
             .ptr(a.pairs)
