@@ -268,28 +268,33 @@ impl GpuDecoder {
             }
         }
         let max_r = model.max_lora_rank();
+        let t = max_tokens;
+        // The activation buffers' bytes in the order of `Acts`' fields: summed for the check below, then allocated.
+        let act_bytes = [
+            t * h * 4,
+            t * widest * 2,
+            t * qd * 4,
+            t * kvd * 4,
+            t * kvd * 4,
+            t * h * 4,
+            t * ffn * 4,
+            t * ffn * 4,
+            t * max_r * 4,
+            t * max_r * 2,
+            max_rows * vocab * 4,
+            t * 4,
+            t * 4,
+            t * 4,
+            max_rows * 4,
+        ];
+        let cache = c.num_layers * slots * max_seq * kvd * 4;
         // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the f32 KV cache and the
         // activations against the card's free memory, so that a model that cannot fit names both sizes.
-        let lora: u128 = model
-            .layers
-            .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .flat_map(|lin| lin.lora.iter().flatten())
-            .map(|p| (p.a.len() + p.b.len()) as u128)
-            .sum();
-        let weights = (super::memory::parameters(c) + lora) * 2;
-        let cache = 2 * (c.num_layers * slots * max_seq * kvd * 4) as u128;
-        let acts = (max_tokens * (4 * h + 2 * widest + 8 * qd.max(kvd) + 8 * ffn + 6 * max_r + 12)
-            + max_rows * (vocab * 4 + 4)) as u128;
+        let weights = (super::memory::parameters(c) + model.lora_parameters() as u128) * 2;
+        let need = weights + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
         let free = gpu.device().free_memory()?.map(|b| b as u128);
         let place = format!("on {}", gpu.describe());
-        super::memory::check_fits(
-            &model.source,
-            "its weights (bf16), KV cache and buffers",
-            weights + cache + acts,
-            &place,
-            free,
-        )?;
+        super::memory::check_fits(&model.source, "its weights (bf16), KV cache and buffers", need, &place, free)?;
         // Every buffer frees itself, so an error part way leaves nothing allocated.
         let dev = gpu.device();
         let mut layers = Vec::with_capacity(model.layers.len());
@@ -306,24 +311,23 @@ impl GpuDecoder {
                 down: upload_linear(dev, &l.down)?,
             });
         }
-        let cache = c.num_layers * slots * max_seq * kvd * 4;
-        let t = max_tokens;
+        let [x, act, q, k, v, tmp, gate, up, lora_f32, lora_bf16, logits, tokens, pos, slot, rows] = act_bytes;
         let acts = Acts {
-            x: DevBuf::alloc(dev, t * h * 4)?,
-            act: DevBuf::alloc(dev, t * widest * 2)?,
-            q: DevBuf::alloc(dev, t * qd * 4)?,
-            k: DevBuf::alloc(dev, t * kvd * 4)?,
-            v: DevBuf::alloc(dev, t * kvd * 4)?,
-            tmp: DevBuf::alloc(dev, t * h * 4)?,
-            gate: DevBuf::alloc(dev, t * ffn * 4)?,
-            up: DevBuf::alloc(dev, t * ffn * 4)?,
-            lora_f32: DevBuf::alloc(dev, t * max_r * 4)?,
-            lora_bf16: DevBuf::alloc(dev, t * max_r * 2)?,
-            logits: DevBuf::alloc(dev, max_rows * vocab * 4)?,
-            tokens: DevBuf::alloc(dev, t * 4)?,
-            pos: DevBuf::alloc(dev, t * 4)?,
-            slot: DevBuf::alloc(dev, t * 4)?,
-            rows: DevBuf::alloc(dev, max_rows * 4)?,
+            x: DevBuf::alloc(dev, x)?,
+            act: DevBuf::alloc(dev, act)?,
+            q: DevBuf::alloc(dev, q)?,
+            k: DevBuf::alloc(dev, k)?,
+            v: DevBuf::alloc(dev, v)?,
+            tmp: DevBuf::alloc(dev, tmp)?,
+            gate: DevBuf::alloc(dev, gate)?,
+            up: DevBuf::alloc(dev, up)?,
+            lora_f32: DevBuf::alloc(dev, lora_f32)?,
+            lora_bf16: DevBuf::alloc(dev, lora_bf16)?,
+            logits: DevBuf::alloc(dev, logits)?,
+            tokens: DevBuf::alloc(dev, tokens)?,
+            pos: DevBuf::alloc(dev, pos)?,
+            slot: DevBuf::alloc(dev, slot)?,
+            rows: DevBuf::alloc(dev, rows)?,
         };
         Ok(GpuDecoder {
             embed: upload_bf16(dev, &model.embed)?,

@@ -60,6 +60,11 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// The layer's seven projections, in the order q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+
     /// The layer's linear module by its PEFT / transformers name.
     pub fn module(&self, name: &str) -> Option<&Linear> {
         Some(match name {

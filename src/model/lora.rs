@@ -1,7 +1,7 @@
 //! PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`): merged into the weights at load,
 //! or kept unmerged so that several adapters share one backbone and each batch row picks its own.
 
-use super::llama::{LoraPair, Model};
+use super::llama::{Layer, LoraPair, Model};
 use super::weights::TensorStore;
 use crate::error::{CageError, Result};
 use serde_json::Value;
@@ -117,13 +117,16 @@ impl Model {
     /// The largest rank of the unmerged adapters attached to any projection (0 with none): the width of the
     /// scratch buffer that holds `x A^T` in a forward pass.
     pub fn max_lora_rank(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
-            .flat_map(|m| m.lora.iter().flatten())
-            .map(|p| p.r)
-            .max()
-            .unwrap_or(0)
+        self.lora_pairs().map(|p| p.r).max().unwrap_or(0)
+    }
+
+    /// Parameters of the unmerged adapters (A and B of every pair): what they add to the weights' memory.
+    pub fn lora_parameters(&self) -> usize {
+        self.lora_pairs().map(|p| p.a.len() + p.b.len()).sum()
+    }
+
+    fn lora_pairs(&self) -> impl Iterator<Item = &LoraPair> {
+        self.layers.iter().flat_map(Layer::linears).flat_map(|m| m.lora.iter().flatten())
     }
 
     /// Adds `scale * B A` to the targeted weights: the adapter then costs nothing at inference, but applies to
