@@ -75,12 +75,8 @@ def main():
     seqs = prompts(vocab, a.prompts, a.length)
     with torch.inference_mode():
         ref = [m(torch.tensor([s], device=tdev)).logits[0, -1].double().cpu() for s in seqs]
-        ref_greedy = m.generate(torch.tensor(seqs[:1], device=tdev), max_new_tokens=a.new, do_sample=False,
-                                min_new_tokens=a.new)[0, len(seqs[0]):].tolist()
-        greedy_ref = [ref_greedy]
-        for s in seqs[1:]:
-            greedy_ref.append(m.generate(torch.tensor([s], device=tdev), max_new_tokens=a.new, do_sample=False,
-                                         min_new_tokens=a.new)[0, len(s):].tolist())
+        greedy_ref = [m.generate(torch.tensor([s], device=tdev), max_new_tokens=a.new, do_sample=False,
+                                 min_new_tokens=a.new)[0, len(s):].tolist() for s in seqs]
         # The same model in bf16 by transformers: the arithmetic difference its users accept.
         m = m.to(torch.bfloat16)
         tfb = [m(torch.tensor([s], device=tdev)).logits[0, -1].double().cpu() for s in seqs]

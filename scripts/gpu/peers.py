@@ -38,6 +38,17 @@ def ids(vocab, rows, n, seed=0):
     return torch.randint(2, vocab - 1, (rows, n), generator=g)
 
 
+def timed(dev, fn):
+    """Seconds `fn()` takes, the device's queued work drained before and after it."""
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def tf_generate(model, batches, dev, compiled):
     v = model.config.vocab_size
     res = {}
@@ -48,19 +59,9 @@ def tf_generate(model, batches, dev, compiled):
             kw["cache_implementation"] = "static"
         best = float("inf")
         for _ in range(3):  # the first run compiles / warms up
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
             # prefill + NEW steps; the prefill share is measured apart and taken out
-            model.generate(x, **kw)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            total = time.perf_counter() - t
-            t = time.perf_counter()
-            model.generate(x, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            pre = time.perf_counter() - t
+            total = timed(dev, lambda: model.generate(x, **kw))
+            pre = timed(dev, lambda: model.generate(x, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1}))
             best = min(best, max(total - pre, 1e-9))
         res[b] = {"decode_tok_s": b * (NEW - 1) / best, "decode_step_ms": best * 1e3 / (NEW - 1)}
     return res
@@ -142,16 +143,8 @@ def main():
             m = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa")
             arms.append(PeftModel.from_pretrained(m, os.path.join(a.model, f"lora-{i}")).merge_and_unload().to(dev).eval())
         x = ids(base.config.vocab_size, 1, PROMPT).to(dev)
-        best = float("inf")
         with torch.inference_mode():
-            for _ in range(3):
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                genarm_loop([base] + arms, w, x, NEW, dev)
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t)
+            best = min(timed(dev, lambda: genarm_loop([base] + arms, w, x, NEW, dev)) for _ in range(3))
         res["pytorch_genarm_3_streams"] = {"tok_s_incl_prefill": NEW / best}
         del base, arms
         cfg = {"base": a.model, "method": "genarm", "k": 50, "prompt_format": "plain", "model_device": a.device,
