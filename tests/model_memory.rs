@@ -28,10 +28,10 @@ fn the_parameter_count_is_every_stored_tensor() {
         let m = Model::load(&dir).unwrap();
         let lins =
             m.layers.iter().flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]).chain(m.lm_head.as_ref());
-        let held: usize = m.embed.len()
+        let held: usize = m.embed.numel()
             + m.norm.len()
             + m.layers.iter().map(|l| l.ln1.len() + l.ln2.len()).sum::<usize>()
-            + lins.map(|l| l.w.len() + l.bias.as_ref().map_or(0, Vec::len)).sum::<usize>();
+            + lins.map(|l| l.w.numel() + l.bias.as_ref().map_or(0, Vec::len)).sum::<usize>();
         assert_eq!(held as u128, stored, "{name}");
     }
 }
@@ -93,4 +93,40 @@ fn a_model_too_big_for_the_device_is_refused_before_uploading() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn the_host_check_counts_the_bytes_of_the_stored_format() {
+    // The bf16 fixture held as stored: its matrices take two bytes a value, its norms four (held as f32),
+    // summed here from the files' shapes. A cap between that and the f32 size loads it; one byte less than it
+    // is refused naming the bf16 size.
+    let dir = fixture("tiny-llama-bf16-sharded");
+    let config = ModelConfig::load(&dir).unwrap();
+    let st = TensorStore::open(&dir).unwrap();
+    let stored: u128 = st
+        .names()
+        .iter()
+        .filter(|n| !(config.tie_word_embeddings && n.starts_with("lm_head")))
+        .map(|n| {
+            let s = st.shape(n).unwrap();
+            s.iter().product::<usize>() as u128 * if s.len() == 2 { 2 } else { 4 }
+        })
+        .sum();
+    let f32_bytes = parameters(&config) * 4;
+    assert!(stored < f32_bytes * 6 / 10);
+    assert_eq!(Model::load(&dir).unwrap().weight_bytes() as u128, stored);
+    let logits = |cap: u128| {
+        ran(cage().env("CAGE_MEMORY_LIMIT", cap.to_string()).args([
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids",
+            "1,2",
+        ]))
+    };
+    let r = logits(stored - 1);
+    let want = format!("its weights (as stored) take {:.1} KB", stored as f64 / 1e3);
+    assert!(r.code == Some(1) && r.stderr.contains(&want) && r.stderr.contains("tiny-llama-bf16"), "{}", r.stderr);
+    let r = logits((stored + f32_bytes) / 2);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
 }

@@ -3,7 +3,6 @@
 
 use super::fetch::{fetch_default_model, models_dir};
 use super::forward::{LogitsAt, Seq};
-use super::import::import_gguf_with_progress;
 use super::llama::Model;
 use super::lora::Adapter;
 use super::score::RewardModel;
@@ -16,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// `cage import-gguf FILE --out DIR`.
-pub fn import_cmd(file: &Path, out: &Path) -> Result<()> {
+pub fn import_cmd(file: &Path, out: &Path, keep_quantized: bool) -> Result<()> {
     let mut bar = Progress::new("cage import-gguf: tensors", 0);
-    let s = import_gguf_with_progress(file, out, &mut |done, total| bar.update(done, total))?;
+    let s = super::import::import_gguf_as(file, out, keep_quantized, &mut |done, total| bar.update(done, total))?;
     bar.finish();
     eprintln!(
         "imported {} tensors ({} parameters, vocabulary {}, chat template: {}) into {}",
@@ -294,13 +293,25 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     }
     let mut variants = vec![];
     if on_cpu && packed && a.weights != ForwardWeights::F32 {
-        variants
-            .push(("packed", super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?));
+        variants.push((
+            "packed".to_string(),
+            super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?,
+        ));
     }
     m.unpack_weights();
+    // Matrices kept in their stored format (bf16, f16, GGUF blocks) are measured as loaded, then as f32.
+    let stored = m.layers.first().map(|l| l.q.w.format()).filter(|f| *f != super::gguf::GgmlType::F32);
+    if let Some(f) = stored.filter(|_| on_cpu && a.weights != ForwardWeights::Packed) {
+        let rows = super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?;
+        variants.push((format!("{f:?}").to_lowercase(), rows));
+    }
+    if stored.is_some() {
+        m = m.to_f32_weights();
+    }
     let m = Arc::new(m);
     if on_cpu && (a.weights != ForwardWeights::Packed || !packed) {
-        variants.push(("f32", super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
+        variants
+            .push(("f32".to_string(), super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
     }
     // The GPU decoder: with `auto` when a GPU is usable (no GPU is a line in the report, not a failure; a GPU
     // that is present but fails is an error); with `cuda` or `emulation` always, at the batch sizes given.

@@ -1,4 +1,4 @@
-//! CPU forward pass in f32: a batch of sequences of different lengths, each in its own KV-cache slot, prefill
+//! CPU forward pass in f32 (weights f32 or in their stored format, see [`super::weight`]): a batch of sequences of different lengths, each in its own KV-cache slot, prefill
 //! (many tokens of a sequence) and decode (one token) in the same call, every buffer allocated once.
 //!
 //! The [`Decoder`] trait is the seam for other backends: generation code only sees `Decoder`, so a CUDA
@@ -187,7 +187,7 @@ fn apply(lin: &Linear, x: &[f32], t: usize, out: &mut [f32], runs: &[Run], lora_
     let (inp, o) = (lin.inp, lin.out);
     match &lin.packed {
         Some(p) if t <= PACKED_MAX_M => p.matmul_t(x, t, inp, o, out, false, 1.0),
-        _ => matmul_t(x, t, inp, &lin.w, o, out, false, 1.0),
+        _ => lin.w.matmul_t(x, t, inp, o, out, false, 1.0),
     }
     epilogue(lin, x, t, out, runs, lora_tmp);
 }
@@ -417,7 +417,7 @@ fn prepare(model: &Model, cache: &KvCache, st: &mut ForwardState, seqs: &[Seq], 
             let j = start + i;
             st.pos[j] = cache.lens[slot] + i;
             st.slot[j] = slot;
-            st.x[j * h..(j + 1) * h].copy_from_slice(&model.embed[tok as usize * h..(tok as usize + 1) * h]);
+            model.embed.row_into(tok as usize, h, &mut st.x[j * h..(j + 1) * h]);
         }
         runs.push(Run { start, len: s.tokens.len(), adapter: s.adapter });
         start += s.tokens.len();
@@ -546,12 +546,12 @@ fn project(model: &Model, st: &mut ForwardState, rows: usize) {
     let (h, vocab) = (model.config.hidden_size, model.config.vocab_size);
     let logits = &mut st.logits[..rows * vocab];
     let (w, packed) = match &model.lm_head {
-        Some(l) => (l.w.as_slice(), l.packed.as_ref()),
-        None => (model.embed.as_slice(), model.embed_packed.as_ref()),
+        Some(l) => (&l.w, l.packed.as_ref()),
+        None => (&model.embed, model.embed_packed.as_ref()),
     };
     match packed {
         Some(p) if rows <= PACKED_MAX_M => p.matmul_t(&st.xn, rows, h, vocab, logits, false, 1.0),
-        _ => matmul_t(&st.xn, rows, h, w, vocab, logits, false, 1.0),
+        _ => w.matmul_t(&st.xn, rows, h, vocab, logits, false, 1.0),
     }
 }
 

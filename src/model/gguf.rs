@@ -388,6 +388,12 @@ impl GgufFile {
         Ok(&self.mmap[s..e])
     }
 
+    /// A tensor's data as the file holds it (whole blocks of its type), bounds-checked.
+    pub fn raw(&self, t: &TensorInfo) -> Result<&[u8]> {
+        self.tensor_type(t)?;
+        self.tensor_bytes(t)
+    }
+
     /// Dequantizes a tensor to f32, row-major in [`TensorInfo::shape`] order.
     pub fn dequantize(&self, t: &TensorInfo) -> Result<Vec<f32>> {
         let ty = self.tensor_type(t)?;
@@ -451,7 +457,8 @@ pub fn dequantize_into(ty: GgmlType, raw: &[u8], out: &mut [f32]) {
 /// Undoes llama.cpp's reordering of q_proj / k_proj rows: its converter interleaves the two rotary halves of
 /// each head (row `h*d + 2j + i` holds Hugging Face row `h*d + i*d/2 + j`) so that its rope can rotate
 /// adjacent pairs. `w` is `[n_heads * head_dim, cols]` row-major.
-pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Result<Vec<f32>> {
+/// Rows are moved whole, so the same holds for rows of raw bytes (a quantized row is whole blocks).
+pub fn unpermute_rows<T: Copy + Default>(w: &[T], n_heads: usize, cols: usize) -> Result<Vec<T>> {
     let rows = w.len().checked_div(cols).unwrap_or(0);
     // n_heads comes from file metadata: 2 * n_heads may overflow.
     if n_heads == 0 || rows * cols != w.len() || n_heads.checked_mul(2).is_none_or(|h2| !rows.is_multiple_of(h2)) {
@@ -461,7 +468,7 @@ pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Result<Vec<f32>
     }
     let d = rows / n_heads;
     let half = d / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..n_heads {
         for i in 0..2 {
             for j in 0..half {

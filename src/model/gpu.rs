@@ -22,6 +22,7 @@
 
 use super::forward::{Decoder, LogitsAt, Seq};
 use super::llama::{Linear, Model};
+use super::weight::Weight;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::gpu::Gpu;
@@ -41,16 +42,15 @@ pub fn bf16_weights(model: &Model) -> Model {
             *x = half::bf16::from_f32(*x).to_f32();
         }
     }
-    let mut m = model.clone();
-    m.unpack_weights();
-    round(&mut m.embed);
+    let mut m = model.to_f32_weights();
+    round(m.embed.make_f32());
     let lins = m
         .layers
         .iter_mut()
         .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
         .chain(m.lm_head.as_mut());
     for lin in lins {
-        round(&mut lin.w);
+        round(lin.w.make_f32());
         for p in lin.lora.iter_mut().flatten() {
             round(&mut p.a);
             round(&mut p.b);
@@ -196,8 +196,16 @@ fn upload_bf16(dev: &mut dyn Device, x: &[f32]) -> Result<DevBuf> {
     Ok(b)
 }
 
+/// A `[rows, cols]` matrix in bf16 from any format it is held in, converted row by row (no f32 copy).
+fn upload_weight(dev: &mut dyn Device, w: &Weight, cols: usize) -> Result<DevBuf> {
+    let h = w.to_bf16(cols);
+    let mut b = DevBuf::alloc(dev, h.len() * 2)?;
+    b.upload(dev, &h)?;
+    Ok(b)
+}
+
 fn upload_linear(dev: &mut dyn Device, l: &Linear) -> Result<LinW> {
-    let w = upload_bf16(dev, &l.w)?;
+    let w = upload_weight(dev, &l.w, l.inp)?;
     let bias = l.bias.as_ref().map(|b| upload_f32(dev, b)).transpose()?;
     let mut lora = Vec::with_capacity(l.lora.len());
     for p in &l.lora {
@@ -330,8 +338,8 @@ impl GpuDecoder {
             rows: DevBuf::alloc(dev, rows)?,
         };
         Ok(GpuDecoder {
-            embed: upload_bf16(dev, &model.embed)?,
-            lm_head: model.lm_head.as_ref().map(|l| upload_bf16(dev, &l.w)).transpose()?,
+            embed: upload_weight(dev, &model.embed, c.hidden_size)?,
+            lm_head: model.lm_head.as_ref().map(|l| upload_weight(dev, &l.w, l.inp)).transpose()?,
             norm: upload_f32(dev, &model.norm)?,
             inv_freq: upload_f32(dev, &c.inv_freq())?,
             layers,

@@ -1,9 +1,11 @@
 //! `cage import-gguf`: turns a llama.cpp GGUF file into a Hugging Face style folder (`config.json`,
 //! `model.safetensors` in f32, `tokenizer.json`, `tokenizer_config.json`) that the rest of cage, and
-//! transformers, load like any other model. Quantized tensors are dequantized once here, so the runtime only
-//! ever sees plain float weights.
+//! transformers, load like any other model. Quantized tensors are dequantized once here, or with
+//! `--keep-quantized` kept as their blocks (and F16 / BF16 matrices as such) for the CPU runtime to use directly
+//! (such a folder is cage's own: transformers cannot read its U8 block tensors).
 
-use super::gguf::{GgufFile, TensorInfo, Value, unpermute_rows};
+use super::gguf::{GgmlType, GgufFile, TensorInfo, Value, unpermute_rows};
+use super::weights::GGML_TYPE_KEY;
 use crate::error::{CageError, Result};
 use serde_json::{Map, Value as Json, json};
 use std::io::Write;
@@ -90,6 +92,52 @@ pub fn import_gguf_with_progress(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ImportSummary> {
+    import_gguf_as(gguf, out, false, progress)
+}
+
+/// How one tensor is written: as f32 (dequantized), or as the file holds it (`--keep-quantized`: F16 / BF16
+/// as such, quantized blocks as U8 rows of raw blocks with their ggml type in the metadata, which
+/// [`super::weights::TensorStore::weight`] reads back without dequantizing).
+#[derive(Clone, Copy)]
+enum Written {
+    F32,
+    Float(GgmlType),
+    Blocks(GgmlType),
+}
+
+impl Written {
+    fn of(ty: GgmlType, dims: usize, keep: bool) -> Self {
+        match ty {
+            // Vectors (norms, biases) are small and the runtime holds them as f32.
+            _ if !keep || dims != 2 => Written::F32,
+            GgmlType::F32 => Written::F32,
+            GgmlType::F16 | GgmlType::Bf16 => Written::Float(ty),
+            _ => Written::Blocks(ty),
+        }
+    }
+    /// safetensors dtype, shape and byte length of a tensor of `shape` written this way.
+    fn entry(self, shape: &[usize]) -> Option<(&'static str, Vec<usize>, usize)> {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        Some(match self {
+            Written::F32 => ("F32", shape.to_vec(), n.checked_mul(4)?),
+            Written::Float(GgmlType::Bf16) => ("BF16", shape.to_vec(), n.checked_mul(2)?),
+            Written::Float(_) => ("F16", shape.to_vec(), n.checked_mul(2)?),
+            Written::Blocks(ty) => {
+                let (per, bytes) = ty.block();
+                let row = shape[1] / per * bytes;
+                ("U8", vec![shape[0], row], shape[0].checked_mul(row)?)
+            }
+        })
+    }
+}
+
+/// [`import_gguf_with_progress`], keeping the tensors' stored formats with `keep_quantized` (see [`Written`]).
+pub fn import_gguf_as(
+    gguf: &Path,
+    out: &Path,
+    keep_quantized: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ImportSummary> {
     let f = GgufFile::open(gguf)?;
     let what = gguf.display().to_string();
     let arch = f.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
@@ -155,17 +203,27 @@ pub fn import_gguf_with_progress(
 
     // The safetensors header, with checked sizes (the parser bounds each tensor by the file, not their sum).
     let mut header = Map::new();
+    let mut metadata = Map::new();
+    metadata.insert("format".into(), json!("pt"));
+    metadata.insert("source".into(), json!("cage import-gguf"));
     let mut offset = 0usize;
     let mut parameters = 0usize;
+    let mut how = Vec::with_capacity(plan.len());
     for (t, name) in &plan {
         let n = t.numel();
-        let too_large = || m.bad(format!("the f32 copy of tensor {} does not fit in memory", t.name));
+        let written = Written::of(f.tensor_type(t)?, t.dims.len(), keep_quantized);
+        let too_large = || m.bad(format!("the copy of tensor {} does not fit in memory", t.name));
         parameters = parameters.checked_add(n).ok_or_else(too_large)?;
-        let end = n.checked_mul(4).and_then(|b| b.checked_add(offset)).ok_or_else(too_large)?;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, end]}));
+        let (dtype, shape, len) = written.entry(&t.shape()).ok_or_else(too_large)?;
+        let end = len.checked_add(offset).ok_or_else(too_large)?;
+        header.insert(name.clone(), json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}));
+        if let Written::Blocks(_) = written {
+            metadata.insert(format!("{GGML_TYPE_KEY}{name}"), json!(t.type_id.to_string()));
+        }
+        how.push(written);
         offset = end;
     }
-    header.insert("__metadata__".into(), json!({"format": "pt", "source": "cage import-gguf"}));
+    header.insert("__metadata__".into(), Json::Object(metadata));
     let mut hbytes = serde_json::to_vec(&Json::Object(header))?;
     while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
@@ -182,17 +240,35 @@ pub fn import_gguf_with_progress(
         w.write_all(&(hbytes.len() as u64).to_le_bytes()).map_err(|e| io(e, "safetensors header"))?;
         w.write_all(&hbytes).map_err(|e| io(e, "safetensors header"))?;
         progress(0, plan.len());
-        for (i, (t, name)) in plan.iter().enumerate() {
-            let mut data = f.dequantize(t)?;
+        for (i, ((t, name), written)) in plan.iter().zip(&how).enumerate() {
             let shape = t.shape();
             let nh = if name.contains("q_proj") { heads } else { kv_heads };
-            if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
-                let cols = shape.get(1).copied().unwrap_or(1);
-                data = unpermute_rows(&data, nh, cols)?;
-            } else if name.ends_with("q_proj.bias") || name.ends_with("k_proj.bias") {
-                data = unpermute_rows(&data, nh, 1)?;
+            let qk = name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight");
+            let write = |w: &mut std::io::BufWriter<std::fs::File>, b: &[u8]| {
+                w.write_all(b).map_err(|e| io(e, &st_path.display().to_string()))
+            };
+            match written {
+                Written::F32 => {
+                    let mut data = f.dequantize(t)?;
+                    if qk {
+                        let cols = shape.get(1).copied().unwrap_or(1);
+                        data = unpermute_rows(&data, nh, cols)?;
+                    } else if name.ends_with("q_proj.bias") || name.ends_with("k_proj.bias") {
+                        data = unpermute_rows(&data, nh, 1)?;
+                    }
+                    write(&mut w, bytemuck::cast_slice(&data))?;
+                }
+                // Raw bytes, whole rows moved by the un-permutation (a row is whole blocks).
+                Written::Float(_) | Written::Blocks(_) => {
+                    let raw = f.raw(t)?;
+                    if qk {
+                        let rows = shape.first().copied().unwrap_or(1).max(1);
+                        write(&mut w, &unpermute_rows(raw, nh, raw.len() / rows)?)?;
+                    } else {
+                        write(&mut w, raw)?;
+                    }
+                }
             }
-            w.write_all(bytemuck::cast_slice(&data)).map_err(|e| io(e, &st_path.display().to_string()))?;
             progress(i + 1, plan.len());
         }
         w.flush().map_err(|e| io(e, &st_path.display().to_string()))?;

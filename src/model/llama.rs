@@ -1,7 +1,9 @@
-//! Llama-family weights in memory (f32) and their loading from a model folder.
+//! Llama-family weights in memory (matrices as [`Weight`]s: f32 or their stored format) and their loading from
+//! a model folder.
 
 use super::config::ModelConfig;
 use super::packed::Packed;
+use super::weight::{Weight, WeightStorage};
 use super::weights::TensorStore;
 use crate::error::Result;
 use std::path::Path;
@@ -22,8 +24,8 @@ pub struct LoraPair {
 /// A linear layer `y = x W^T + b` with optional unmerged adapters (index = adapter id).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]` row-major.
-    pub w: Vec<f32>,
+    /// `[out, in]` row-major, f32 or as stored.
+    pub w: Weight,
     /// Optional bias `[out]`.
     pub bias: Option<Vec<f32>>,
     /// Input width.
@@ -32,7 +34,7 @@ pub struct Linear {
     pub out: usize,
     /// Unmerged adapters by adapter id; `None` where an adapter does not target this layer.
     pub lora: Vec<Option<LoraPair>>,
-    /// Lossless packed copy of `w` used by the decode kernels (see [`Packed`]).
+    /// Lossless packed copy of an f32 `w` used by the decode kernels (see [`Packed`]).
     pub packed: Option<Packed>,
 }
 
@@ -100,7 +102,7 @@ pub struct Model {
     /// Its configuration.
     pub config: ModelConfig,
     /// `[vocab, hidden]`; also the output projection when embeddings are tied.
-    pub embed: Vec<f32>,
+    pub embed: Weight,
     /// Decoder layers.
     pub layers: Vec<Layer>,
     /// Final RMSNorm.
@@ -116,21 +118,57 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `dir/config.json` and its safetensors weights, and packs the matrices that came from
-    /// quantized blocks (see [`Model::pack_weights`]).
+    /// Loads `dir/config.json` and its safetensors weights with the matrices in their stored format (what a
+    /// user of a 7B model expects: bf16 stays bf16), and packs the f32 matrices that came from quantized blocks
+    /// (see [`Model::pack_weights`]).
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_as(dir, WeightStorage::Stored)
+    }
+
+    /// [`Model::load`] with the matrices held as `storage` says.
+    pub fn load_as(dir: &Path, storage: WeightStorage) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let store = TensorStore::open(dir)?;
-        let mut m = Self::from_store(config, &store, &dir.display().to_string())?;
+        let mut m = Self::build(config, &store, &dir.display().to_string(), true, storage)?;
         m.pack_weights();
         Ok(m)
+    }
+
+    /// The same model with every matrix expanded to f32 (packed copies dropped): the reference the stored
+    /// formats are compared with.
+    pub fn to_f32_weights(&self) -> Model {
+        let mut m = self.clone();
+        m.unpack_weights();
+        m.embed = Weight::F32(m.embed.to_f32());
+        for l in m
+            .layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            .chain(m.lm_head.as_mut())
+        {
+            l.w = Weight::F32(l.w.to_f32());
+        }
+        m
+    }
+
+    /// Bytes the matrices, norms and biases take as held (packed copies and adapters excluded).
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &Linear| l.w.bytes() + l.bias.as_ref().map_or(0, |b| b.len() * 4);
+        self.embed.bytes()
+            + self.norm.len() * 4
+            + self
+                .layers
+                .iter()
+                .map(|l| (l.ln1.len() + l.ln2.len()) * 4 + l.linears().map(lin).iter().sum::<usize>())
+                .sum::<usize>()
+            + self.lm_head.as_ref().map_or(0, lin)
     }
 
     /// The decoder stack of an opened model folder without its output projection: reward models replace
     /// `lm_head` by a score head (see [`super::score`]), so a missing `lm_head` is not an error there. Its
     /// `lm_head` is `None`; only the final hidden states of such a model are meaningful.
     pub fn backbone_from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
-        let mut m = Self::build(config, st, source, false)?;
+        let mut m = Self::build(config, st, source, false, WeightStorage::Stored)?;
         m.pack_weights();
         Ok(m)
     }
@@ -146,9 +184,9 @@ impl Model {
             .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
             .chain(self.lm_head.as_mut())
             .collect();
-        lins.par_iter_mut().for_each(|l| l.packed = Packed::try_pack(&l.w, l.inp));
+        lins.par_iter_mut().for_each(|l| l.packed = l.w.as_f32().and_then(|w| Packed::try_pack(w, l.inp)));
         let n = lins.iter().filter(|l| l.packed.is_some()).count();
-        self.embed_packed = Packed::try_pack(&self.embed, self.config.hidden_size);
+        self.embed_packed = self.embed.as_f32().and_then(|w| Packed::try_pack(w, self.config.hidden_size));
         n + self.embed_packed.is_some() as usize
     }
 
@@ -167,16 +205,26 @@ impl Model {
 
     /// Builds the model from a config and an opened tensor store, checking every shape against the config.
     pub fn from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
-        Self::build(config, st, source, true)
+        Self::build(config, st, source, true, WeightStorage::Stored)
     }
 
-    fn build(config: ModelConfig, st: &TensorStore, source: &str, with_lm_head: bool) -> Result<Self> {
-        // Before the first tensor is expanded: a model that cannot fit is an error naming both sizes.
-        super::memory::check_host(&config, source)?;
+    fn build(
+        config: ModelConfig,
+        st: &TensorStore,
+        source: &str,
+        with_lm_head: bool,
+        storage: WeightStorage,
+    ) -> Result<Self> {
+        // Before the first tensor is read: a model that cannot fit is an error naming both sizes.
+        let mut names = st.names();
+        if config.tie_word_embeddings || !with_lm_head {
+            names.retain(|n| !n.starts_with("lm_head"));
+        }
+        super::memory::check_host(st.held_bytes(&names, storage)?, storage, source)?;
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = st.get(&format!("{name}.weight"), &[out, inp])?;
+            let w = st.weight(&format!("{name}.weight"), &[out, inp], storage)?;
             let bias = if bias { Some(st.get(&format!("{name}.bias"), &[out])?) } else { None };
             Ok(Linear { w, bias, inp, out, lora: vec![], packed: None })
         };
@@ -195,7 +243,7 @@ impl Model {
                 down: lin(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
             });
         }
-        let embed = st.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = st.weight("model.embed_tokens.weight", &[c.vocab_size, h], storage)?;
         // Some checkpoints with tied embeddings still store lm_head; the config decides, as in transformers.
         let lm_head =
             if c.tie_word_embeddings || !with_lm_head { None } else { Some(lin("lm_head", c.vocab_size, h, false)?) };

@@ -61,6 +61,9 @@ impl Adapter {
         }
         let base = cfg.get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("?").to_string();
         let st = TensorStore::open(&dir.join("adapter_model.safetensors"))?;
+        // Its matrices are held as f32: checked before any is read.
+        let need = st.held_bytes(&st.names(), super::weight::WeightStorage::F32)?;
+        super::memory::check_host_more(need, "its LoRA matrices (f32)", &what)?;
         let mut pairs = Vec::new();
         let c = &model.config;
         for name in st.names() {
@@ -145,10 +148,17 @@ impl Model {
                     msg: format!("layer {layer} {module}: adapter shapes do not fit"),
                 });
             }
-            // The packed copy no longer matches the merged weights.
+            // The packed copy no longer matches the merged weights, and a matrix held in another format is
+            // expanded to f32 (the update is not representable in bf16 or in blocks without a loss).
             lin.packed = None;
+            if lin.w.as_f32().is_none() {
+                let need = (lin.w.numel() * 4) as u128;
+                let what = format!("the f32 copy of layer {layer} {module} that adapter {} merges into", ad.name);
+                super::memory::check_host_more(need, &what, &self.source)?;
+            }
+            let w = lin.w.make_f32();
             for o in 0..out {
-                let row = &mut lin.w[o * inp..(o + 1) * inp];
+                let row = &mut w[o * inp..(o + 1) * inp];
                 for k in 0..r {
                     let bk = p.scale * p.b[o * r + k];
                     for (w, a) in row.iter_mut().zip(&p.a[k * inp..(k + 1) * inp]) {

@@ -1,8 +1,10 @@
-//! Will a model fit? The bytes its weights take where they are held (f32 on the CPU, bf16 on a GPU) against the
+//! Will a model fit? The bytes its weights take where they are held (their stored format or f32 on the CPU,
+//! bf16 on a GPU) against the
 //! memory that is free there, checked before any large allocation: a model that cannot fit is a clear error
 //! naming the model and both sizes, not an allocation failure or an out-of-memory kill halfway through loading.
 
 use super::config::ModelConfig;
+use super::weight::WeightStorage;
 use crate::error::{CageError, Result};
 
 /// Parameters of a model of this config (its matrices, norms and biases; the embedding once when tied).
@@ -65,8 +67,18 @@ pub fn check_fits(model: &str, what: &str, need: u128, place: &str, available: O
     }
 }
 
-/// The CPU runtime's check before loading: every weight as f32.
-pub fn check_host(c: &ModelConfig, model: &str) -> Result<()> {
-    let p = parameters(c);
-    check_fits(model, &format!("its weights ({p} parameters as f32)"), p * 4, "in host memory", host_available())
+/// The CPU runtime's check before loading: `need` bytes of weights as `storage` holds them (each matrix in its
+/// format, from the files' headers; see [`super::weights::TensorStore::held_bytes`]).
+pub fn check_host(need: u128, storage: WeightStorage, model: &str) -> Result<()> {
+    let how = match storage {
+        WeightStorage::F32 => "as f32",
+        WeightStorage::Stored => "as stored",
+    };
+    check_fits(model, &format!("its weights ({how})"), need, "in host memory", host_available())
+}
+
+/// The check before attaching or merging LoRA adapters: `need` more bytes (their A and B matrices as f32, or
+/// for a merge into a matrix held in another format, that matrix's f32 copy).
+pub fn check_host_more(need: u128, what: &str, model: &str) -> Result<()> {
+    check_fits(model, what, need, "in host memory", host_available())
 }

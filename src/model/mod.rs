@@ -1,7 +1,8 @@
 //! Transformer runtime: Llama-family models (Llama 1/2/3, TinyLlama, SmolLM2, Mistral, Qwen2) from
 //! safetensors, on the CPU in f32 or on a GPU (bf16 weights), with PEFT LoRA adapters merged or unmerged, and GGUF import.
 //!
-//! Layout: [`config`] reads `config.json`, [`weights`] memory-maps safetensors, [`llama`] holds the weights,
+//! Layout: [`config`] reads `config.json`, [`weights`] memory-maps safetensors, [`llama`] holds the weights ([`weight`]: f32 or their stored
+//! format, multiplied by [`weight_kernels`]),
 //! [`lora`] loads adapters, [`memory`] checks that a model fits before it loads, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
 //! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
 //! turn llama.cpp files into model folders, [`fetch`] gets the default model, [`cli`] implements the
@@ -23,6 +24,8 @@ pub mod packed;
 pub mod pblora;
 pub mod score;
 pub mod tokenizer;
+pub mod weight;
+pub mod weight_kernels;
 pub mod weights;
 
 pub use config::ModelConfig;

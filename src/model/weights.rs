@@ -1,8 +1,11 @@
-//! Memory-mapped safetensors, single-file or sharded (`model.safetensors.index.json`), read as f32.
+//! Memory-mapped safetensors, single-file or sharded (`model.safetensors.index.json`), read as f32 or as
+//! their stored format ([`TensorStore::weight`]).
 //!
 //! Tensors are converted element by element from little-endian bytes, so f16 / bf16 / f32 data at any
 //! byte offset (safetensors does not promise alignment) load the same way.
 
+use super::gguf::GgmlType;
+use super::weight::{Weight, WeightStorage};
 use crate::error::{CageError, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -100,34 +103,192 @@ impl TensorStore {
         parse(p, m).ok()?.tensor(name).ok().map(|t| t.shape().to_vec())
     }
 
-    /// Reads a tensor as f32 and checks its shape.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// A tensor's view and, for a tensor of raw GGUF blocks (`cage import-gguf --keep-quantized`), the ggml
+    /// type id its file's metadata gives it.
+    fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, Option<u32>)> {
         let &i = self.index.get(name).ok_or_else(|| CageError::Model {
             model: self.what.clone(),
             msg: format!("tensor \"{name}\" is missing"),
         })?;
         let (p, m) = &self.files[i];
+        let bad = |msg: String| CageError::Format { what: p.display().to_string(), msg };
         let st = parse(p, m)?;
-        let t = st
-            .tensor(name)
-            .map_err(|e| CageError::Format { what: p.display().to_string(), msg: format!("tensor {name}: {e}") })?;
+        let t = st.tensor(name).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        let ggml = match SafeTensors::read_metadata(m).map_err(|e| bad(e.to_string()))?.1.metadata() {
+            Some(md) => match md.get(&format!("{GGML_TYPE_KEY}{name}")) {
+                Some(v) => Some(
+                    v.parse::<u32>().map_err(|_| bad(format!("tensor {name}: ggml type \"{v}\" is not a number")))?,
+                ),
+                None => None,
+            },
+            None => None,
+        };
+        Ok((t, ggml))
+    }
+
+    fn shape_error(&self, name: &str, has: &[usize], want: &[usize]) -> CageError {
+        CageError::Model {
+            model: self.what.clone(),
+            msg: format!("tensor \"{name}\" has shape {has:?}, but config.json implies {want:?}"),
+        }
+    }
+
+    /// Reads a tensor as f32 and checks its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (t, ggml) = self.view(name)?;
+        if ggml.is_some() {
+            return match self.weight(name, shape, WeightStorage::F32)? {
+                Weight::F32(w) => Ok(w),
+                _ => unreachable!("WeightStorage::F32 gives f32"),
+            };
+        }
         if t.shape() != shape {
-            return Err(CageError::Model {
-                model: self.what.clone(),
-                msg: format!("tensor \"{name}\" has shape {:?}, but config.json implies {shape:?}", t.shape()),
-            });
+            return Err(self.shape_error(name, t.shape(), shape));
         }
         let b = t.data();
-        Ok(match t.dtype() {
+        let v = match t.dtype() {
             Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            d => {
+            d => return Err(self.dtype_error(name, d)),
+        };
+        self.release(name, b);
+        Ok(v)
+    }
+
+    /// Drops the file pages of a tensor that was just copied out from this process's mapping: mapped pages
+    /// count in its resident memory, and a model read through the mapping would otherwise take its file size
+    /// on top of its loaded weights until it is dropped. The kernel keeps them in the page cache.
+    fn release(&self, name: &str, data: &[u8]) {
+        let Some(&i) = self.index.get(name) else { return };
+        let m = &self.files[i].1;
+        let offset = data.as_ptr() as usize - m.as_ptr() as usize;
+        #[cfg(unix)]
+        // SAFETY: the mapping is a read-only, shared mapping of a file: MADV_DONTNEED only unmaps its pages from
+        // this process, and a later read faults them in again with the same contents. No reference into the
+        // range is used after the copy (`data` is not read again by the caller).
+        let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len()) };
+        #[cfg(not(unix))]
+        let _ = (m, offset);
+    }
+
+    fn dtype_error(&self, name: &str, d: Dtype) -> CageError {
+        CageError::Model {
+            model: self.what.clone(),
+            msg: format!("tensor \"{name}\" has dtype {d:?}; supported are F32, F16 and BF16"),
+        }
+    }
+
+    /// The type and byte length of a tensor as `storage` holds it, from the file's header alone (nothing is
+    /// read): what the memory check adds up before loading.
+    fn held(&self, name: &str, storage: WeightStorage) -> Result<(GgmlType, u128)> {
+        let (t, ggml) = self.view(name)?;
+        let numel = t.shape().iter().map(|&d| d as u128).product::<u128>();
+        let ty = match (ggml, t.dtype()) {
+            (Some(id), Dtype::U8) => self.ggml_type(name, id)?,
+            (Some(_), d) => {
                 return Err(CageError::Model {
                     model: self.what.clone(),
-                    msg: format!("tensor \"{name}\" has dtype {d:?}; supported are F32, F16 and BF16"),
+                    msg: format!("tensor \"{name}\" has a ggml type but dtype {d:?} (raw blocks are U8)"),
                 });
             }
+            (None, Dtype::F32) => GgmlType::F32,
+            (None, Dtype::F16) => GgmlType::F16,
+            (None, Dtype::BF16) => GgmlType::Bf16,
+            (None, d) => return Err(self.dtype_error(name, d)),
+        };
+        let elements = if ggml.is_some() {
+            let (per, bytes) = ty.block();
+            numel / bytes as u128 * per as u128
+        } else {
+            numel
+        };
+        Ok(match storage {
+            WeightStorage::F32 => (GgmlType::F32, elements * 4),
+            WeightStorage::Stored if ggml.is_some() => (ty, numel),
+            WeightStorage::Stored => (ty, elements * ty.block().1 as u128),
         })
     }
+
+    fn ggml_type(&self, name: &str, id: u32) -> Result<GgmlType> {
+        GgmlType::from_id(id).ok_or_else(|| CageError::Model {
+            model: self.what.clone(),
+            msg: format!(
+                "tensor \"{name}\" holds blocks of ggml type {id}, which this build cannot use (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+            ),
+        })
+    }
+
+    /// Bytes the named matrices take as `storage` holds them, and the other tensors (norms, biases: always
+    /// f32) as f32, from the headers alone.
+    pub fn held_bytes(&self, names: &[String], storage: WeightStorage) -> Result<u128> {
+        let mut total = 0u128;
+        for n in names {
+            // Tensors of other dtypes (buffers some checkpoints carry) are never loaded.
+            let (t, ggml) = self.view(n)?;
+            if ggml.is_none() && !matches!(t.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                continue;
+            }
+            let matrix = self.shape(n).is_some_and(|s| s.len() == 2);
+            total += self.held(n, if matrix { storage } else { WeightStorage::F32 })?.1;
+        }
+        Ok(total)
+    }
+
+    /// Reads a `[rows, cols]` matrix as `storage` says, straight into its final buffer (one allocation of the
+    /// bytes it takes), and checks its shape. Raw GGUF blocks (U8 tensors of `[rows, row bytes]` with a ggml
+    /// type in the metadata) keep their blocks; an unknown type is an error naming the tensor and the type,
+    /// before anything is allocated.
+    pub fn weight(&self, name: &str, shape: &[usize], storage: WeightStorage) -> Result<Weight> {
+        let (t, ggml) = self.view(name)?;
+        let b = t.data();
+        let Some(id) = ggml else {
+            if t.shape() != shape {
+                return Err(self.shape_error(name, t.shape(), shape));
+            }
+            let w = match (storage, t.dtype()) {
+                (WeightStorage::Stored, Dtype::F16) => {
+                    Weight::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
+                }
+                (WeightStorage::Stored, Dtype::BF16) => {
+                    Weight::Bf16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect())
+                }
+                _ => Weight::F32(self.get(name, shape)?),
+            };
+            self.release(name, b);
+            return Ok(w);
+        };
+        let ty = self.ggml_type(name, id)?;
+        let (per, bytes) = ty.block();
+        let &[rows, cols] = shape else {
+            return Err(CageError::Model {
+                model: self.what.clone(),
+                msg: format!("tensor \"{name}\" holds ggml blocks but is not a matrix ({shape:?})"),
+            });
+        };
+        let want = [rows, cols / per * bytes];
+        if !cols.is_multiple_of(per) || t.shape() != want {
+            return Err(CageError::Model {
+                model: self.what.clone(),
+                msg: format!(
+                    "tensor \"{name}\" holds {:?} bytes of {ty:?} blocks, but config.json implies {shape:?} values ({want:?} bytes)",
+                    t.shape()
+                ),
+            });
+        }
+        let w = match storage {
+            WeightStorage::Stored => Weight::from_ggml(ty, b),
+            WeightStorage::F32 => {
+                let mut out = vec![0f32; rows * cols];
+                super::gguf::dequantize_into(ty, b, &mut out);
+                Weight::F32(out)
+            }
+        };
+        self.release(name, b);
+        Ok(w)
+    }
 }
+
+/// Metadata key prefix of a safetensors file that holds raw GGUF blocks: `cage.ggml_type.<tensor>` = the
+/// ggml type id of that U8 tensor.
+pub const GGML_TYPE_KEY: &str = "cage.ggml_type.";

@@ -1,0 +1,173 @@
+//! A weight matrix as the CPU runtime holds it: f32, or the format its file stored it in (bf16, f16, llama.cpp
+//! blocks). A 7B model is 28 GB as f32 but 14 GB as bf16 and 4 to 7 GB in 4- and 8-bit blocks: keeping the
+//! stored format is what lets it load on a 24 GB machine. Every user of a matrix goes through this type: the
+//! products ([`Weight::matmul_t`], which picks the kernel), single rows ([`Weight::row_into`]: the embedding
+//! lookup), and the rare whole copies (LoRA merging, the GPU upload in bf16).
+
+use super::gguf::{GgmlType, dequantize_into};
+use super::weight_kernels::{self as wk, Stored};
+use half::{bf16, f16};
+
+/// How a model's matrices are held after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightStorage {
+    /// As the file stores them (bf16 and f16 as they are, GGUF blocks as they are; f32 stays f32).
+    #[default]
+    Stored,
+    /// Every matrix expanded to f32 (four bytes a parameter; the reference the other formats are tested
+    /// against).
+    F32,
+}
+
+/// A `[rows, cols]` row-major matrix; the shape lives with its user ([`super::llama::Linear`]).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// bfloat16 values (safetensors BF16).
+    Bf16(Vec<bf16>),
+    /// IEEE half values (safetensors F16).
+    F16(Vec<f16>),
+    /// Whole GGUF blocks of a quantized type (Q8_0, Q4_0, Q4_1), row after row, as the file holds them.
+    Quant {
+        /// The block type.
+        ty: GgmlType,
+        /// The blocks.
+        raw: Vec<u8>,
+    },
+}
+
+impl Weight {
+    /// The format, named by its ggml type.
+    pub fn format(&self) -> GgmlType {
+        match self {
+            Weight::F32(_) => GgmlType::F32,
+            Weight::Bf16(_) => GgmlType::Bf16,
+            Weight::F16(_) => GgmlType::F16,
+            Weight::Quant { ty, .. } => *ty,
+        }
+    }
+
+    /// Bytes the values take in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.len() * 4,
+            Weight::Bf16(w) => w.len() * 2,
+            Weight::F16(w) => w.len() * 2,
+            Weight::Quant { raw, .. } => raw.len(),
+        }
+    }
+
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.len(),
+            Weight::Bf16(w) => w.len(),
+            Weight::F16(w) => w.len(),
+            Weight::Quant { ty, raw } => {
+                let (per, bytes) = ty.block();
+                raw.len() / bytes * per
+            }
+        }
+    }
+
+    /// The f32 values, when held as f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Weight::F32(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// All values as f32 (a whole copy: tests and one-off conversions, not the forward pass).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Weight::F32(w) => w.clone(),
+            Weight::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+            Weight::F16(w) => w.iter().map(|v| v.to_f32()).collect(),
+            Weight::Quant { ty, raw } => {
+                let mut out = vec![0f32; self.numel()];
+                dequantize_into(*ty, raw, &mut out);
+                out
+            }
+        }
+    }
+
+    /// The values as f32 to modify in place (LoRA merging), expanding the matrix to f32 first if it is held in
+    /// another format: a merged update is not representable in the stored blocks.
+    pub fn make_f32(&mut self) -> &mut Vec<f32> {
+        if !matches!(self, Weight::F32(_)) {
+            *self = Weight::F32(self.to_f32());
+        }
+        match self {
+            Weight::F32(w) => w,
+            _ => unreachable!("converted to f32 above"),
+        }
+    }
+
+    /// The values rounded to bf16 (the GPU's weight format), converted row by row (`cols` per row) without a
+    /// whole f32 copy.
+    pub fn to_bf16(&self, cols: usize) -> Vec<bf16> {
+        match self {
+            Weight::Bf16(w) => w.clone(),
+            Weight::F32(w) => w.iter().map(|&v| bf16::from_f32(v)).collect(),
+            _ => {
+                let rows = self.numel().checked_div(cols).unwrap_or(0);
+                let mut row = vec![0f32; cols];
+                let mut out = Vec::with_capacity(rows * cols);
+                for i in 0..rows {
+                    self.row_into(i, cols, &mut row);
+                    out.extend(row.iter().map(|&v| bf16::from_f32(v)));
+                }
+                out
+            }
+        }
+    }
+
+    /// Row `i` (rows of `cols` values) as f32 into `out[..cols]`.
+    pub fn row_into(&self, i: usize, cols: usize, out: &mut [f32]) {
+        match self {
+            Weight::F32(w) => out[..cols].copy_from_slice(&w[i * cols..(i + 1) * cols]),
+            _ => wk::row_into(self.stored(), i, cols, out),
+        }
+    }
+
+    /// The kernels' view of a non-f32 matrix.
+    fn stored(&self) -> Stored<'_> {
+        match self {
+            Weight::F32(_) => unreachable!("f32 matrices use linalg"),
+            Weight::Bf16(w) => Stored::Bf16(w),
+            Weight::F16(w) => Stored::F16(w),
+            Weight::Quant { ty, raw } => match ty {
+                GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => Stored::Blocks(*ty, raw),
+                // A new block type (the K-quants) gets its arm here and in `matmul_t`.
+                GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => {
+                    unreachable!("float types are held as Weight::F32 / F16 / Bf16 (Weight::from_ggml)")
+                }
+            },
+        }
+    }
+
+    /// A matrix from GGUF tensor bytes of type `ty` (whole blocks for quantized types): float types become
+    /// their own variants, quantized ones keep their blocks.
+    pub fn from_ggml(ty: GgmlType, raw: &[u8]) -> Weight {
+        match ty {
+            GgmlType::F32 => {
+                Weight::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            GgmlType::F16 => Weight::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            GgmlType::Bf16 => Weight::Bf16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
+            _ => Weight::Quant { ty, raw: raw.to_vec() },
+        }
+    }
+
+    /// `out[m x n] (+)= alpha * x[m x k] * W^T` with this `[n x k]` matrix, by the kernel of its format.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_t(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], accumulate: bool, alpha: f32) {
+        match self {
+            Weight::F32(w) => super::linalg::matmul_t(x, m, k, w, n, out, accumulate, alpha),
+            _ => wk::matmul_t(self.stored(), x, m, k, n, out, accumulate, alpha),
+        }
+    }
+}

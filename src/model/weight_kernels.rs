@@ -1,0 +1,475 @@
+//! `y = x W^T` with `W` in the format it was stored in (bf16, f16, or llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks
+//! exactly as the GGUF file holds them) and f32 activations.
+//!
+//! Decode (`m <= 8` rows of x) is bound by reading `W` once: each weight row is expanded to f32 in registers
+//! (AVX2 + FMA + F16C: bf16 by a shift, f16 and the block scales by `vcvtph2ps`, quantized values by integer
+//! widening and one fused `q * d + m`) and accumulated in f32 against every row of x, like `linalg::small_m`.
+//! Larger `m` (prefill) is compute bound: tiles of 64 weight rows are expanded into a per-thread f32 buffer and
+//! multiplied by the f32 GEMM, so the expansion costs `1 / m` of the product.
+//!
+//! Activations stay f32, unlike llama.cpp, which quantizes them to Q8 blocks on the fly and uses integer dot
+//! products: here every expanded weight equals the dequantized f32 value bit for bit (`q * d` is exact in f32,
+//! at most 19 significant bits), so the product differs from the f32 path on the dequantized weights by the
+//! summation order only, and the quantization error is the weights' alone. The price is speed at batch 1
+//! (f32 FMAs instead of int8 dot products); the bytes read, which bound decode, are the same.
+
+use super::gguf::{GgmlType, dequantize_into};
+use gemm::{Parallelism, gemm};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A borrowed `[n, k]` row-major weight matrix in a stored format.
+#[derive(Debug, Clone, Copy)]
+pub enum Stored<'a> {
+    /// bfloat16 values.
+    Bf16(&'a [bf16]),
+    /// IEEE half values.
+    F16(&'a [f16]),
+    /// Whole GGUF blocks of Q8_0, Q4_0 or Q4_1 (32 values each), `k / 32` blocks per row.
+    Blocks(GgmlType, &'a [u8]),
+}
+
+/// Values per quantized block.
+const QK: usize = 32;
+
+/// Rows of `x` up to which the expand-in-registers kernel runs (as `linalg`'s small-m kernel).
+const SMALL_M: usize = 8;
+
+/// Weight rows per parallel task of the decode kernel.
+const ROWS: usize = 16;
+
+/// Weight rows expanded at once for the GEMM path (64 rows of a 4096-wide matrix: 1 MiB of f32).
+const TILE: usize = 64;
+
+impl Stored<'_> {
+    /// Whether the matrix holds at least `n` rows of `k` values (`k` a whole number of blocks for block types).
+    fn covers(&self, n: usize, k: usize) -> bool {
+        match *self {
+            Stored::Bf16(w) => w.len() >= n * k,
+            Stored::F16(w) => w.len() >= n * k,
+            Stored::Blocks(ty, raw) => {
+                matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+                    && k.is_multiple_of(QK)
+                    && raw.len() >= n * row_bytes(ty, k)
+            }
+        }
+    }
+}
+
+/// Bytes of one row of `k` values of block type `ty`.
+pub fn row_bytes(ty: GgmlType, k: usize) -> usize {
+    let (per, bytes) = ty.block();
+    k / per * bytes
+}
+
+/// Row `i` of `w` (rows of `k` values) as f32 into `out[..k]`: the values the kernels multiply with.
+pub fn row_into(w: Stored, i: usize, k: usize, out: &mut [f32]) {
+    let out = &mut out[..k];
+    match w {
+        Stored::Bf16(w) => {
+            for (o, v) in out.iter_mut().zip(&w[i * k..(i + 1) * k]) {
+                *o = v.to_f32();
+            }
+        }
+        Stored::F16(w) => {
+            for (o, v) in out.iter_mut().zip(&w[i * k..(i + 1) * k]) {
+                *o = v.to_f32();
+            }
+        }
+        Stored::Blocks(ty, raw) => {
+            let rb = row_bytes(ty, k);
+            dequantize_into(ty, &raw[i * rb..(i + 1) * rb], out);
+        }
+    }
+}
+
+/// `out[m x n] (+)= alpha * x[m x k] * W^T`, `W` `[n x k]` in a stored format. With `accumulate` the product
+/// is added to `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_t(w: Stored, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], accumulate: bool, alpha: f32) {
+    assert!(x.len() >= m * k && out.len() >= m * n && w.covers(n, k), "stored matmul: buffers smaller than the shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let op = SendPtr(out.as_mut_ptr());
+    if m > SMALL_M {
+        (0..n.div_ceil(TILE)).into_par_iter().for_each(|t| gemm_tile(w, x, m, k, n, t, &op, accumulate, alpha));
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let fast = std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    let work = |c: usize| {
+        let rows = c * ROWS..((c + 1) * ROWS).min(n);
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: AVX2, FMA and F16C were detected; the shapes were asserted above.
+            unsafe { avx2::chunk(w, x, m, k, rows, n, &op, accumulate, alpha) };
+            return;
+        }
+        let _ = fast;
+        portable(w, x, m, k, rows, n, &op, accumulate, alpha);
+    };
+    if n * k * m >= 1 << 15 {
+        (0..n.div_ceil(ROWS)).into_par_iter().for_each(work);
+    } else {
+        (0..n.div_ceil(ROWS)).for_each(work);
+    }
+}
+
+thread_local! {
+    /// Expanded weight rows of the current task; grows to the largest tile once per thread.
+    static BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Output columns `t * TILE ..` of a large-m product: the tile's weight rows expanded to f32, then the GEMM.
+#[allow(clippy::too_many_arguments)]
+fn gemm_tile(w: Stored, x: &[f32], m: usize, k: usize, n: usize, t: usize, out: &SendPtr, acc: bool, alpha: f32) {
+    let (lo, hi) = (t * TILE, ((t + 1) * TILE).min(n));
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < (hi - lo) * k {
+            b.resize((hi - lo) * k, 0.0);
+        }
+        for (i, o) in (lo..hi).enumerate() {
+            row_into(w, o, k, &mut b[i * k..(i + 1) * k]);
+        }
+        // SAFETY: out holds m*n floats (asserted by the caller) and this task writes only its columns lo..hi;
+        // the buffer holds (hi - lo) rows of k floats; the strides describe row-major x and out and the
+        // transpose of the row-major tile.
+        unsafe {
+            gemm(
+                m,
+                hi - lo,
+                k,
+                out.0.add(lo),
+                1,
+                n as isize,
+                acc,
+                x.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+}
+
+/// Weight rows `rows` against all of x without explicit SIMD: each row expanded once, then one dot per row
+/// of x.
+#[allow(clippy::too_many_arguments)]
+fn portable(
+    w: Stored,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    out: &SendPtr,
+    accumulate: bool,
+    alpha: f32,
+) {
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < k {
+            b.resize(k, 0.0);
+        }
+        for o in rows {
+            row_into(w, o, k, &mut b);
+            for r in 0..m {
+                let v = alpha * b[..k].iter().zip(&x[r * k..(r + 1) * k]).map(|(a, c)| a * c).sum::<f32>();
+                // SAFETY: each (r, o) is written by exactly one task; out holds m*n floats (asserted).
+                unsafe {
+                    let p = out.0.add(r * n + o);
+                    *p = if accumulate { *p + v } else { v };
+                }
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{GgmlType, QK, SendPtr, Stored};
+    use std::arch::x86_64::*;
+
+    /// Weight rows `rows` against all rows of x, four rows of x at a time (16 vector registers: four
+    /// expanded weight vectors, two accumulators per row).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn chunk(
+        w: Stored,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        rows: std::ops::Range<usize>,
+        n: usize,
+        out: &SendPtr,
+        accumulate: bool,
+        alpha: f32,
+    ) {
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = rows.clone();
+            // SAFETY (all arms): the features are enabled here; rows r0..r0 + R of x exist.
+            unsafe {
+                match m - r0 {
+                    1 => tile::<1>(w, x, r0, k, rows, n, out, accumulate, alpha),
+                    2 => tile::<2>(w, x, r0, k, rows, n, out, accumulate, alpha),
+                    3 => tile::<3>(w, x, r0, k, rows, n, out, accumulate, alpha),
+                    _ => tile::<4>(w, x, r0, k, rows, n, out, accumulate, alpha),
+                }
+            }
+            r0 += 4;
+        }
+    }
+
+    /// An f16 value (little-endian bits at `p`) as f32, with F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_at(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees two readable bytes at p.
+        let bits = unsafe { p.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Eight consecutive bf16 / f16 values at element `e` of `w` as f32 (zeros for a block type, which
+    /// `tile` never asks for).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn expand8(w: Stored, e: usize) -> __m256 {
+        // SAFETY: the caller guarantees e + 8 <= the matrix length.
+        unsafe {
+            match w {
+                Stored::Bf16(v) => {
+                    // bf16 is the top half of an f32: widen and shift into place.
+                    let h = _mm_loadu_si128(v.as_ptr().add(e).cast());
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                }
+                Stored::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(e).cast())),
+                Stored::Blocks(..) => _mm256_setzero_ps(),
+            }
+        }
+    }
+
+    /// The 32 values of block `b` of a quantized matrix (`bytes` per block), as four vectors of eight.
+    /// `q * d` is exact in f32, so one fused multiply-add rounds like `dequantize_into`'s multiply-then-add.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn expand_block(ty: GgmlType, raw: &[u8], b: usize) -> [__m256; 4] {
+        // SAFETY: the caller guarantees that block b lies inside raw; every load stays inside the block
+        // (Q8_0: 34 bytes, scale + 32; Q4_0: 18, scale + 16; Q4_1: 20, scale, min + 16).
+        unsafe {
+            let (_, bytes) = ty.block();
+            let p = raw.as_ptr().add(b * bytes);
+            let d = _mm256_set1_ps(half_at(p));
+            let nibbles = |q: __m128i, d: __m256, mn: __m256| {
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                let f = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, mn);
+                [f(lo), f(_mm_srli_si128::<8>(lo)), f(hi), f(_mm_srli_si128::<8>(hi))]
+            };
+            match ty {
+                GgmlType::Q8_0 => {
+                    let f = |i: usize| {
+                        let v = _mm_loadl_epi64(p.add(2 + i * 8).cast());
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
+                    };
+                    [f(0), f(1), f(2), f(3)]
+                }
+                // (q - 8) d = q d - 8 d exactly: both products are exact and so is their difference.
+                GgmlType::Q4_0 => nibbles(_mm_loadu_si128(p.add(2).cast()), d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0))),
+                _ => nibbles(_mm_loadu_si128(p.add(4).cast()), d, _mm256_set1_ps(half_at(p.add(2)))),
+            }
+        }
+    }
+
+    /// Rows `r0 .. r0 + R` of x against the weight rows `rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        w: Stored,
+        x: &[f32],
+        r0: usize,
+        k: usize,
+        rows: std::ops::Range<usize>,
+        n: usize,
+        out: &SendPtr,
+        accumulate: bool,
+        alpha: f32,
+    ) {
+        let nb = k / QK;
+        let xp = x.as_ptr();
+        // SAFETY: the caller asserted that w holds n rows of k values and x m rows of k; all loads below are
+        // below row o's end in w and row r0 + R - 1's end in x.
+        unsafe {
+            for o in rows {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for b in 0..nb {
+                    let v = match w {
+                        Stored::Blocks(ty, raw) => expand_block(ty, raw, o * nb + b),
+                        _ => {
+                            let e = o * k + b * QK;
+                            [expand8(w, e), expand8(w, e + 8), expand8(w, e + 16), expand8(w, e + 24)]
+                        }
+                    };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xr = xp.add((r0 + r) * k + b * QK);
+                        a[0] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xr), a[0]);
+                        a[1] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xr.add(8)), a[1]);
+                        a[0] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xr.add(16)), a[0]);
+                        a[1] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xr.add(24)), a[1]);
+                    }
+                }
+                // bf16 / f16 rows whose length is not a multiple of 32: eight at a time, then one at a time.
+                let mut c = nb * QK;
+                while c + 8 <= k {
+                    let v = expand8(w, o * k + c);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        a[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp.add((r0 + r) * k + c)), a[0]);
+                    }
+                    c += 8;
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    let s = _mm256_add_ps(a[0], a[1]);
+                    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                    let mut v = _mm_cvtss_f32(h);
+                    for i in c..k {
+                        let wi = match w {
+                            Stored::Bf16(ws) => ws[o * k + i].to_f32(),
+                            Stored::F16(ws) => ws[o * k + i].to_f32(),
+                            Stored::Blocks(..) => 0.0,
+                        };
+                        v += wi * x[(r0 + r) * k + i];
+                    }
+                    let p = out.0.add((r0 + r) * n + o);
+                    *p = if accumulate { *p + alpha * v } else { alpha * v };
+                }
+            }
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from different threads.
+unsafe impl Sync for SendPtr {}
+// SAFETY: as above.
+unsafe impl Send for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 reference: `alpha * x W^T` on the dequantized weights (`want`), plus the starting `out`.
+    fn reference(w: Stored, x: &[f32], m: usize, k: usize, n: usize, start: &[f32], alpha: f32) -> Vec<f64> {
+        let mut row = vec![0f32; k];
+        let mut o = start.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        for c in 0..n {
+            row_into(w, c, k, &mut row);
+            for r in 0..m {
+                let dot: f64 = (0..k).map(|i| x[r * k + i] as f64 * row[i] as f64).sum();
+                o[r * n + c] += alpha as f64 * dot;
+            }
+        }
+        o
+    }
+
+    /// Blocks of `ty` for `n x k` pseudo-random values, built byte by byte (scale as f16, then the quants).
+    fn blocks(ty: GgmlType, n: usize, k: usize) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for b in 0..n * k / QK {
+            let d = half::f16::from_f32(0.01 + (b % 7) as f32 * 0.003);
+            raw.extend_from_slice(&d.to_le_bytes());
+            let q = |j: usize| ((b * 31 + j * 17) % 256) as u8;
+            match ty {
+                GgmlType::Q8_0 => raw.extend((0..32).map(q)),
+                GgmlType::Q4_0 => raw.extend((0..16).map(q)),
+                _ => {
+                    raw.extend_from_slice(&half::f16::from_f32(-0.05 * (b % 3) as f32).to_le_bytes());
+                    raw.extend((0..16).map(q));
+                }
+            }
+        }
+        raw
+    }
+
+    fn check(w: Stored, m: usize, k: usize, n: usize) {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32 * 0.25).collect();
+        for (accumulate, alpha) in [(false, 1.0), (true, 0.5)] {
+            let mut got = if accumulate { start.clone() } else { vec![f32::NAN; m * n] };
+            matmul_t(w, &x, m, k, n, &mut got, accumulate, alpha);
+            let base = if accumulate { start.clone() } else { vec![0.0; m * n] };
+            let want = reference(w, &x, m, k, n, &base, alpha);
+            // f32 accumulation of k products of size <= ~2.5: a few ulp of the sum of magnitudes.
+            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + r.abs()),
+                    "{w:?}: m={m} k={k} n={n} [{i}]: {g} vs {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn half_kernels_match_an_f64_reference_at_odd_shapes() {
+        // Every tile height (1..4, then a second tile), k with and without 32- and 8-wide tails, n not a
+        // multiple of the 16-row tasks or the 64-row GEMM tiles; m = 9 takes the GEMM path.
+        for &(k, n) in &[(37, 70), (64, 5), (96, 33), (13, 130), (7, 3)] {
+            let vals: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0 + 1e-3 * i as f32).collect();
+            let b: Vec<bf16> = vals.iter().map(|&v| bf16::from_f32(v)).collect();
+            let h: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+            for m in 1..=9 {
+                check(Stored::Bf16(&b), m, k, n);
+                check(Stored::F16(&h), m, k, n);
+            }
+        }
+    }
+
+    #[test]
+    fn block_kernels_match_an_f64_reference_and_expand_like_the_dequantizer() {
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            for &(k, n) in &[(32, 70), (96, 33), (160, 5)] {
+                let raw = blocks(ty, n, k);
+                for m in 1..=9 {
+                    check(Stored::Blocks(ty, &raw), m, k, n);
+                }
+                // With x a unit vector, each output is one weight: the expansion is bit-identical to
+                // dequantize_into's values.
+                let mut all = vec![0f32; n * k];
+                dequantize_into(ty, &raw, &mut all);
+                for i in [0, 1, 15, 16, 17, 31, k - 1] {
+                    let mut x = vec![0f32; k];
+                    x[i] = 1.0;
+                    let mut got = vec![0f32; n];
+                    matmul_t(Stored::Blocks(ty, &raw), &x, 1, k, n, &mut got, false, 1.0);
+                    for c in 0..n {
+                        assert_eq!(got[c].to_bits(), all[c * k + i].to_bits(), "{ty:?} row {c} col {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "buffers smaller than the shapes")]
+    fn a_block_matrix_whose_rows_are_not_whole_blocks_is_refused() {
+        let raw = blocks(GgmlType::Q8_0, 1, 64);
+        matmul_t(Stored::Blocks(GgmlType::Q8_0, &raw), &[0.0; 48], 1, 48, 1, &mut [0.0], false, 1.0);
+    }
+}
