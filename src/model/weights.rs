@@ -147,13 +147,25 @@ impl TensorStore {
         }
         let b = t.data();
         let v = match t.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => self.convert(name, b, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Dtype::F16 => self.convert(name, b, 2, |c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            Dtype::BF16 => self.convert(name, b, 2, |c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
             d => return Err(self.dtype_error(name, d)),
         };
         self.release(name, b);
         Ok(v)
+    }
+
+    /// A tensor's bytes converted `size` at a time into one vector (allocated once), releasing the file pages
+    /// of each 16 MiB read (see [`TensorStore::release`]): loading holds at most that much of the file on top
+    /// of the weights.
+    fn convert<T>(&self, name: &str, b: &[u8], size: usize, f: impl Fn(&[u8]) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(b.len() / size);
+        for part in b.chunks(((16 << 20) / size).max(1) * size) {
+            out.extend(part.chunks_exact(size).map(&f));
+            self.release(name, part);
+        }
+        out
     }
 
     /// Drops the file pages of a tensor that was just copied out from this process's mapping: mapped pages
@@ -248,10 +260,10 @@ impl TensorStore {
             }
             let w = match (storage, t.dtype()) {
                 (WeightStorage::Stored, Dtype::F16) => {
-                    Weight::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
+                    Weight::F16(self.convert(name, b, 2, |c| f16::from_le_bytes([c[0], c[1]])))
                 }
                 (WeightStorage::Stored, Dtype::BF16) => {
-                    Weight::Bf16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect())
+                    Weight::Bf16(self.convert(name, b, 2, |c| bf16::from_le_bytes([c[0], c[1]])))
                 }
                 _ => Weight::F32(self.get(name, shape)?),
             };
@@ -277,7 +289,10 @@ impl TensorStore {
             });
         }
         let w = match storage {
-            WeightStorage::Stored => Weight::from_ggml(ty, b),
+            WeightStorage::Stored => match ty {
+                GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => Weight::from_ggml(ty, b),
+                _ => Weight::Quant { ty, raw: self.convert(name, b, 1, |c| c[0]) },
+            },
             WeightStorage::F32 => {
                 let mut out = vec![0f32; rows * cols];
                 super::gguf::dequantize_into(ty, b, &mut out);
