@@ -103,3 +103,45 @@ fn matmul_matches_an_f64_product_of_the_gguf_py_values() {
         assert!((*g as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "row {o}: {g} vs {want}");
     }
 }
+
+/// The 8-bit-activation kernel (llama.cpp's Q8_K choice) against the same f64 product: x is rounded to
+/// `dx * q` with `dx = max |x| / 127` per 256 values, so each output may be off by at most
+/// `sum over blocks of dx / 2 * sum |w|` (plus f32 rounding); the error is also printed relative to `sum |w x|`.
+#[test]
+fn q8k_matmul_error_is_bounded_by_the_rounding_of_x() {
+    let (n, k, alpha) = (37, 3 * kquant::QK_K, 0.5f32);
+    let (ty, raw, vals) = &golden()[0];
+    assert_eq!(*ty, GgmlType::Q4K);
+    let (w, wv) = matrix(raw, vals, ty.block().1, n, k);
+    let (mut worst, mut sq, mut count) = (0f64, 0f64, 0usize);
+    for m in 1..=9 {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1000) as f32 * 0.0137).sin()).collect();
+        let out0: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.31).cos()).collect();
+        let mut got = out0.clone();
+        kquant::matmul_t_q8k(*ty, &w, &x, m, k, n, &mut got, true, alpha).unwrap();
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            for o in 0..n {
+                let wr = &wv[o * k..(o + 1) * k];
+                let (mut dot, mut mag, mut bound) = (0f64, 0f64, 0f64);
+                for (wb, xb) in wr.chunks_exact(kquant::QK_K).zip(xr.chunks_exact(kquant::QK_K)) {
+                    let dx = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                    bound += dx / 2.0 * wb.iter().map(|&v| (v as f64).abs()).sum::<f64>();
+                    for (&a, &b) in wb.iter().zip(xb) {
+                        dot += a as f64 * b as f64;
+                        mag += (a as f64 * b as f64).abs();
+                    }
+                }
+                let want = out0[r * n + o] as f64 + alpha as f64 * dot;
+                let err = (got[r * n + o] as f64 - want).abs();
+                let limit = alpha as f64 * (bound * (1.0 + 1e-6) + 1e-6 * mag) + 1e-6;
+                assert!(err <= limit, "m = {m} row {r} out {o}: {} vs {want} (bound {limit})", got[r * n + o]);
+                let rel = err / (alpha as f64 * mag);
+                worst = worst.max(rel);
+                sq += rel * rel;
+                count += 1;
+            }
+        }
+    }
+    println!("Q4_K with 8-bit x: error of sum |w x|: largest {worst:.1e}, RMS {:.1e}", (sq / count as f64).sqrt());
+}

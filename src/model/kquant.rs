@@ -23,6 +23,9 @@ use crate::error::{CageError, Result};
 use crate::model::gguf::GgmlType;
 use rayon::prelude::*;
 
+mod q8k;
+pub use q8k::matmul_t_q8k;
+
 /// Weights per K-quant block.
 pub const QK_K: usize = 256;
 
@@ -142,6 +145,28 @@ fn matmul_t_on(
     accumulate: bool,
     alpha: f32,
 ) -> Result<()> {
+    let bytes = check(ty, raw, x, m, k, n, out)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let job = Job { ty, raw, bytes, x, m, k, n, out: SendPtr(out.as_mut_ptr()), accumulate, alpha };
+    (0..n.div_ceil(ROWS)).into_par_iter().for_each(|c| match isa {
+        // SAFETY: the CPU supports AVX2 and FMA (detected); the shapes were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            match ty {
+                GgmlType::Q4K => job.run_avx2::<Q4>(c),
+                GgmlType::Q5K => job.run_avx2::<Q5>(c),
+                _ => job.run_avx2::<Q6>(c),
+            }
+        },
+        Isa::Portable => job.run(c),
+    });
+    Ok(())
+}
+
+/// Checks a product's type and shapes against its buffers; the block size in bytes.
+fn check(ty: GgmlType, raw: &[u8], x: &[f32], m: usize, k: usize, n: usize, out: &[f32]) -> Result<usize> {
     let bad = |msg: String| Err(CageError::InvalidArgument(format!("K-quant matmul: {msg}")));
     let Some(bytes) = block_bytes(ty) else {
         return bad(format!("{ty:?} is not a K-quant type (Q4_K, Q5_K, Q6_K)"));
@@ -160,23 +185,7 @@ fn matmul_t_on(
             out.len()
         ));
     }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let job = Job { ty, raw, bytes, x, m, k, n, out: SendPtr(out.as_mut_ptr()), accumulate, alpha };
-    (0..n.div_ceil(ROWS)).into_par_iter().for_each(|c| match isa {
-        // SAFETY: the CPU supports AVX2 and FMA (detected); the shapes were checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe {
-            match ty {
-                GgmlType::Q4K => job.run_avx2::<Q4>(c),
-                GgmlType::Q5K => job.run_avx2::<Q5>(c),
-                _ => job.run_avx2::<Q6>(c),
-            }
-        },
-        Isa::Portable => job.run(c),
-    });
-    Ok(())
+    Ok(bytes)
 }
 
 /// Which kernel the CPU runs (the standard library caches the detection).
@@ -212,6 +221,13 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 // SAFETY: as above.
 unsafe impl Send for SendPtr {}
+
+impl SendPtr {
+    /// The pointer; through a method, a closure captures the wrapper (Sync), not its raw field.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// One checked product.
 struct Job<'a> {
