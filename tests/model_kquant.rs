@@ -28,7 +28,8 @@ fn golden() -> Vec<(GgmlType, Vec<u8>, Vec<f32>)> {
         .into_iter()
         .map(|(name, c)| {
             let ty = GgmlType::from_id(c.id).unwrap_or_else(|| panic!("{name}: ggml type {} not supported", c.id));
-            let raw = (0..c.blocks.len() / 2).map(|i| u8::from_str_radix(&c.blocks[2 * i..2 * i + 2], 16).unwrap()).collect();
+            let raw =
+                (0..c.blocks.len() / 2).map(|i| u8::from_str_radix(&c.blocks[2 * i..2 * i + 2], 16).unwrap()).collect();
             (ty, raw, c.bits.into_iter().map(f32::from_bits).collect())
         })
         .collect()

@@ -338,11 +338,8 @@ impl Job<'_> {
                     for line in 0..self.bytes.div_ceil(64) {
                         _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 64 * line).cast());
                     }
-                    let scales = if T == Q6 {
-                        [(0.0, 0.0); 8]
-                    } else {
-                        q45_scales(std::slice::from_raw_parts(blk, 16))
-                    };
+                    let scales =
+                        if T == Q6 { [(0.0, 0.0); 8] } else { q45_scales(std::slice::from_raw_parts(blk, 16)) };
                     for (j, &(dj, mj)) in scales.iter().enumerate() {
                         let w = match T {
                             Q4 => expand_q45(blk.add(16 + 32 * (j / 2)), None, j, dj, mj),
@@ -407,7 +404,7 @@ unsafe fn expand_q45(
     // SAFETY: the caller guarantees 32 readable bytes at nib and qh.
     let v = unsafe { _mm256_loadu_si256(nib.cast()) };
     // Shifting 16-bit lanes moves bits across byte boundaries; the mask keeps each byte's own nibble.
-    let mut q = _mm256_and_si256(if j % 2 == 0 { v } else { _mm256_srli_epi16::<4>(v) }, low4);
+    let mut q = _mm256_and_si256(if j.is_multiple_of(2) { v } else { _mm256_srli_epi16::<4>(v) }, low4);
     if let Some(qh) = qh {
         // SAFETY: as above.
         let h = unsafe { _mm256_loadu_si256(qh.cast()) };

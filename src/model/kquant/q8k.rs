@@ -136,7 +136,11 @@ fn dot(w: &[u8], xq: &Q8Rows, r: usize, k: usize) -> f32 {
         for j in 0..8 {
             let (sc, mn) = scale_min(&blk[4..16], j);
             let nib = &blk[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
-            let s: i32 = nib.iter().zip(&qx[32 * j..32 * j + 32]).map(|(&q, &v)| ((q >> (4 * (j % 2))) & 15) as i32 * v as i32).sum();
+            let s: i32 = nib
+                .iter()
+                .zip(&qx[32 * j..32 * j + 32])
+                .map(|(&q, &v)| ((q >> (4 * (j % 2))) & 15) as i32 * v as i32)
+                .sum();
             dots += sc as i32 * s;
             mins += mn as i32 * xq.sums[at * 8 + j];
         }
