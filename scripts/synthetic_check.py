@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks the synthetic-model generator (`make_fixtures.py synthetic`) at `--shape tiny`: llama.cpp must load the
-Q4_K and Q8_0 GGUFs, and they and the bf16 folder (run by `cage logits`) must be one model: the same next token and
+Q4_K and Q8_0 GGUFs, and they, the bf16 folder and cage's import of the Q4_K file (`cage import-gguf`, which
+dequantizes the K-quant blocks; both run by `cage logits`) must be one model: the same next token and
 next-token logits over the whole vocabulary within 0.01 RMS of the Q4_K file's (the formats differ by bf16
 rounding of the weights, Q8_0 requantization, and llama.cpp's 8-bit activations: measured 0.005 for bf16 and
 0.007 for Q8_0, against 0.33 for the logits' own spread). Random weights make the logits flat, so a wrong q/k
@@ -62,15 +63,18 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         for fmt, name in [("q4_k", "t-q4_k.gguf"), ("q8_0", "t-q8_0.gguf"), ("bf16", "t-bf16")]:
             synthetic_model.main(["--shape", "tiny", "--format", fmt, "--out", os.path.join(d, name)])
+        subprocess.run([a.cage, "import-gguf", "--out", os.path.join(d, "t-imported"), os.path.join(d, "t-q4_k.gguf")],
+                       check=True, capture_output=True)
         for ids in IDS:
             q4 = llama_cpp_logits(os.path.join(d, "t-q4_k.gguf"), ids)
             q8 = llama_cpp_logits(os.path.join(d, "t-q8_0.gguf"), ids)
             cg = cage_logits(a.cage, os.path.join(d, "t-bf16"), ids)
-            top = [int(np.argmax(x)) for x in (q4, q8, cg)]
-            print(f"{ids}: next token {top} (Q4_K, Q8_0, bf16); RMS logit difference to Q4_K: Q8_0 {rms(q8, q4):.4f}, "
-                  f"bf16 (cage) {rms(cg, q4):.4f}")
+            ci = cage_logits(a.cage, os.path.join(d, "t-imported"), ids)
+            top = [int(np.argmax(x)) for x in (q4, q8, cg, ci)]
+            print(f"{ids}: next token {top} (Q4_K, Q8_0, bf16, imported Q4_K); RMS logit difference to llama.cpp's "
+                  f"Q4_K: Q8_0 {rms(q8, q4):.4f}, bf16 (cage) {rms(cg, q4):.4f}, imported (cage) {rms(ci, q4):.4f}")
             assert len(set(top)) == 1, f"{ids}: the formats pick different next tokens {top}"
-            assert rms(q8, q4) < 0.01 and rms(cg, q4) < 0.01, f"{ids}: the formats are not one model"
+            assert max(rms(q8, q4), rms(cg, q4), rms(ci, q4)) < 0.01, f"{ids}: the formats are not one model"
     print("synthetic models agree")
 
 
