@@ -11,6 +11,8 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     /root/venv-golden/bin/python scripts/make_fixtures.py smollm2 --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
     /root/venv-golden/bin/python scripts/make_fixtures.py score
     /root/venv-golden/bin/python scripts/make_fixtures.py parm
+    /root/venv-golden/bin/python scripts/make_fixtures.py kquant
+    /root/venv-golden/bin/python scripts/make_fixtures.py synthetic --shape llama-7b --format q4_k --out F.gguf
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
 tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
@@ -22,12 +24,25 @@ own GGUF loader (independent of cage's importer); `score` writes tests/fixtures/
 tests/fixtures/tiny-pblora (a PARM PBLoRA adapter on tiny-llama in the files and tensor names PARM's peft fork
 saves) and tests/fixtures/golden-parm.json (logits at two preference vectors and greedy `parm` decoding, from the
 small PyTorch PBLoRA reference below, written from PARM's equations). The Llama 3.1 RoPE frequencies golden
-(tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch.
+(tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch. `kquant`
+writes tests/fixtures/golden-kquant.json (scripts/kquant_golden.py: random Q4_K / Q5_K / Q6_K blocks and gguf-py's
+dequantized values) and `synthetic` writes a benchmark model (scripts/synthetic_model.py: random weights in the
+shape of a 7B, 1B or tiny Llama, as bf16 safetensors or a Q4_K / Q8_0 GGUF); these two need only numpy and
+gguf==0.19.0, no torch.
 """
 import argparse
 import json
 import os
 import sys
+
+# `kquant` (tests/fixtures/golden-kquant.json) and `synthetic` (benchmark models) need only numpy and gguf.
+if __name__ == "__main__" and sys.argv[1:2] == ["kquant"]:
+    import kquant_golden
+    sys.exit(kquant_golden.main(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures",
+                                             "golden-kquant.json")))
+if __name__ == "__main__" and sys.argv[1:2] == ["synthetic"]:
+    import synthetic_model
+    sys.exit(synthetic_model.main(sys.argv[2:]))
 
 import torch
 

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert a llama.cpp GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a safetensors model folder.
+    /// Convert a llama.cpp GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K) into a safetensors model folder.
     ImportGguf {
         /// The .gguf file.
         file: PathBuf,

@@ -1,5 +1,6 @@
 //! GGUF reader: header, metadata and tensor directory, plus dequantization of the tensor types that
-//! llama.cpp-quantized small models use (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+//! llama.cpp-quantized models use (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and the K-quants Q4_K, Q5_K, Q6_K of
+//! [`super::kquant`]).
 //!
 //! Every read is bounds-checked against the file length and every size computed from the file (element
 //! counts, byte lengths, offsets) is checked arithmetic: a truncated, corrupt or hostile file gives
@@ -86,6 +87,12 @@ pub enum GgmlType {
     Q4_0,
     /// Blocks of 32: f16 scale, f16 minimum + 32 x 4-bit.
     Q4_1,
+    /// Blocks of 256 (144 bytes): 4-bit weights, 6-bit scales and minimums per 32 (see [`super::kquant`]).
+    Q4K,
+    /// Blocks of 256 (176 bytes): Q4_K plus a fifth bit per weight.
+    Q5K,
+    /// Blocks of 256 (210 bytes): 6-bit weights, an 8-bit scale per 16.
+    Q6K,
 }
 
 impl GgmlType {
@@ -97,6 +104,9 @@ impl GgmlType {
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
+            14 => GgmlType::Q6K,
             30 => GgmlType::Bf16,
             _ => return None,
         })
@@ -109,6 +119,9 @@ impl GgmlType {
             GgmlType::Q8_0 => (32, 34),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
+            GgmlType::Q6K => (256, 210),
         }
     }
 }
@@ -346,7 +359,7 @@ impl GgufFile {
     pub fn tensor_type(&self, t: &TensorInfo) -> Result<GgmlType> {
         GgmlType::from_id(t.type_id).ok_or_else(|| {
             self.bad(format!(
-                "tensor {} has ggml type {}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                "tensor {} has ggml type {}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)",
                 t.name, t.type_id
             ))
         })
@@ -451,6 +464,7 @@ pub fn dequantize_into(ty: GgmlType, raw: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => super::kquant::dequantize_row(ty, raw, out),
     }
 }
 

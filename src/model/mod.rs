@@ -5,7 +5,7 @@
 //! format, multiplied by [`weight_kernels`]),
 //! [`lora`] loads adapters, [`memory`] checks that a model fits before it loads, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
 //! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
-//! turn llama.cpp files into model folders, [`fetch`] gets the default model, [`cli`] implements the
+//! turn llama.cpp files into model folders ([`kquant`] multiplies their K-quant blocks directly), [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
 
 pub mod bench;
@@ -16,6 +16,7 @@ pub mod forward;
 pub mod gguf;
 pub mod gpu;
 pub mod import;
+pub mod kquant;
 pub mod linalg;
 pub mod llama;
 pub mod lora;
