@@ -146,3 +146,33 @@ fn q8k_matmul_error_is_bounded_by_the_rounding_of_x() {
     }
     println!("Q4_K with 8-bit x: error of sum |w x|: largest {worst:.1e}, RMS {:.1e}", (sq / count as f64).sqrt());
 }
+
+/// The runtime reaches these kernels through `Weight` (a matrix kept as its GGUF blocks): at decode row counts
+/// (the block kernel) and at prefill row counts (tiles expanded to f32, then the GEMM) the product must be the
+/// f64 product of gguf-py's values, and a row read back (the embedding lookup, the GPU upload) must be its values.
+#[test]
+fn weights_kept_as_k_blocks_multiply_and_read_like_their_values() {
+    use cage::model::weight::Weight;
+    let (n, k) = (70, 2 * kquant::QK_K);
+    for (ty, raw, vals) in golden() {
+        let (w, wv) = matrix(&raw, &vals, ty.block().1, n, k);
+        let weight = Weight::from_ggml(ty, &w);
+        assert_eq!((weight.format(), weight.bytes(), weight.numel()), (ty, w.len(), n * k));
+        let mut row = vec![0f32; k];
+        weight.row_into(5, k, &mut row);
+        assert_eq!(row, wv[5 * k..6 * k], "{ty:?}: row 5");
+        for m in [1, 4, 8, 9, 20] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 613 % 997) as f32 * 0.021).cos()).collect();
+            let mut got = vec![f32::NAN; m * n];
+            weight.matmul_t(&x, m, k, n, &mut got, false, 1.0);
+            for r in 0..m {
+                for o in 0..n {
+                    let terms = (0..k).map(|i| wv[o * k + i] as f64 * x[r * k + i] as f64);
+                    let (dot, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                    let err = (got[r * n + o] as f64 - dot).abs() / (mag + 1.0);
+                    assert!(err < 1e-6, "{ty:?} m = {m} row {r} out {o}: {} vs {dot}", got[r * n + o]);
+                }
+            }
+        }
+    }
+}

@@ -29,7 +29,7 @@ pub enum Weight {
     Bf16(Vec<bf16>),
     /// IEEE half values (safetensors F16).
     F16(Vec<f16>),
-    /// Whole GGUF blocks of a quantized type (Q8_0, Q4_0, Q4_1), row after row, as the file holds them.
+    /// Whole GGUF blocks of a quantized type (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), row after row, as the file holds them.
     Quant {
         /// The block type.
         ty: GgmlType,
@@ -140,8 +140,9 @@ impl Weight {
             Weight::Bf16(w) => Stored::Bf16(w),
             Weight::F16(w) => Stored::F16(w),
             Weight::Quant { ty, raw } => match ty {
-                GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => Stored::Blocks(*ty, raw),
-                // A new block type (the K-quants) gets its arm here and in `matmul_t`.
+                GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+                    Stored::Blocks(*ty, raw)
+                }
                 GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => {
                     unreachable!("float types are held as Weight::F32 / F16 / Bf16 (Weight::from_ggml)")
                 }

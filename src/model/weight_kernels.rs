@@ -26,7 +26,8 @@ pub enum Stored<'a> {
     Bf16(&'a [bf16]),
     /// IEEE half values.
     F16(&'a [f16]),
-    /// Whole GGUF blocks of Q8_0, Q4_0 or Q4_1 (32 values each), `k / 32` blocks per row.
+    /// Whole GGUF blocks, `k / block` blocks per row: Q8_0, Q4_0, Q4_1 (32 values each; kernels here) or the
+    /// K-quants Q4_K, Q5_K, Q6_K (256 values each; kernels in [`super::kquant`]).
     Blocks(GgmlType, &'a [u8]),
 }
 
@@ -49,9 +50,12 @@ impl Stored<'_> {
             Stored::Bf16(w) => w.len() >= n * k,
             Stored::F16(w) => w.len() >= n * k,
             Stored::Blocks(ty, raw) => {
-                matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
-                    && k.is_multiple_of(QK)
-                    && raw.len() >= n * row_bytes(ty, k)
+                let per = match ty {
+                    GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 => QK,
+                    GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => super::kquant::QK_K,
+                    _ => return false,
+                };
+                k.is_multiple_of(per) && raw.len() >= n * row_bytes(ty, k)
             }
         }
     }
@@ -90,6 +94,15 @@ pub fn row_into(w: Stored, i: usize, k: usize, out: &mut [f32]) {
 pub fn matmul_t(w: Stored, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], accumulate: bool, alpha: f32) {
     assert!(x.len() >= m * k && out.len() >= m * n && w.covers(n, k), "stored matmul: buffers smaller than the shapes");
     if m == 0 || n == 0 {
+        return;
+    }
+    if let Stored::Blocks(ty, raw) = w
+        && m <= SMALL_M
+        && super::kquant::block_bytes(ty).is_some()
+    {
+        // The K-quants' decode kernel expands each 256-value block once for all rows of `x`; the shapes were
+        // asserted above, which is all it checks.
+        super::kquant::matmul_t(ty, raw, x, m, k, n, out, accumulate, alpha).expect("shapes asserted above");
         return;
     }
     let op = SendPtr(out.as_mut_ptr());

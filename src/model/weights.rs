@@ -226,7 +226,7 @@ impl TensorStore {
         GgmlType::from_id(id).ok_or_else(|| CageError::Model {
             model: self.what.clone(),
             msg: format!(
-                "tensor \"{name}\" holds blocks of ggml type {id}, which this build cannot use (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+                "tensor \"{name}\" holds blocks of ggml type {id}, which this build cannot use (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)"
             ),
         })
     }
