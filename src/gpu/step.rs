@@ -171,6 +171,7 @@ impl Gpu {
             choice: s.choice,
             seed: s.seed,
             step: s.step,
+            step_at: 0,
             keys: 0,
             tokens,
         };
