@@ -59,6 +59,8 @@ fn the_resident_step_downloads_tokens_and_values_only() {
         let t = run(principals.clone(), "emulation", "cage", true);
         let per_step = t.step_transfers.device_to_host / t.transfer_steps as u64;
         assert_eq!(per_step, ROWS * streams * VOCAB * 4, "{ROWS} rows x {streams} streams x {VOCAB} f32 logits: {t:?}");
+        // One packed upload and one wait (the logits' download) a step there too.
+        assert_eq!((t.step_transfers.uploads, t.step_transfers.waits), (4, 4), "host stages: {t:?}");
         let cpu = run(principals, "cpu", "cage", false);
         assert_eq!(cpu.step_transfers, Default::default(), "the CPU decoder has no device traffic");
         assert_eq!(cpu.transfer_steps, 4);

@@ -72,6 +72,31 @@ pub struct StepPaths {
     pub fallback: Option<String>,
 }
 
+/// The path a run's decode steps took, for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepPath {
+    /// The resident step, replayed as a graph in the steady state.
+    Graph,
+    /// The resident step, launched kernel by kernel.
+    Plain,
+    /// The host stages (every stream's logits downloaded).
+    Host,
+}
+
+impl StepPaths {
+    /// The path of the steady state: graph when any step replayed one, else plain when any step was resident.
+    pub fn path(&self) -> StepPath {
+        if self.graph > 0 {
+            StepPath::Graph
+        } else if self.plain > 0 {
+            StepPath::Plain
+        } else {
+            StepPath::Host
+        }
+    }
+}
+
 impl ResidentPlan {
     /// The plan of a run, or None when some part of it has no device form (see the module documentation).
     pub fn new(

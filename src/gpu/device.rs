@@ -127,6 +127,14 @@ impl DevBuf {
         dev.upload(ptr, bytes)?;
         Ok(ptr)
     }
+
+    /// [`DevBuf::upload`] by a staged copy that does not wait ([`Device::upload_staged`]): for a step's inputs.
+    pub fn upload_staged<T: bytemuck::Pod>(&mut self, dev: &mut dyn Device, data: &[T]) -> Result<DevPtr> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let ptr = self.reserve(dev, bytes.len())?;
+        dev.upload_staged(ptr, bytes)?;
+        Ok(ptr)
+    }
 }
 
 impl Drop for DevBuf {

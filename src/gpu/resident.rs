@@ -5,7 +5,12 @@
 //! policy (the exact equilibrium for `cage`, kernels/policy.cu for the others), the token choice, and the
 //! report. Only the report crosses to the host: per row the token and the principals' raw values there,
 //! (1 + J) x 4 bytes. The host uploads the token ids of the next forward, and the tables below only when they
-//! change (the row table when the live rows change, the weights when the rows do, the lexicon once).
+//! change (the row table when the live rows change, the weights when the rows do, the lexicon once), all by
+//! staged copies that do not wait: the report's download is the step's one wait.
+//!
+//! The step comes in three parts so that its launches can be captured as a graph (`decode::resident` does):
+//! [`Gpu::resident_prepare`] (checks, uploads, buffers: everything the launches read, [`ResidentLaunch`]),
+//! [`Gpu::resident_launch`] (kernels and device copies only) and [`Gpu::resident_finish`] (the download).
 
 use super::choose::ChooseArgs;
 use super::device::{DevBuf, DevPtr, Device};
@@ -88,8 +93,6 @@ pub struct ResidentStep<'a> {
 struct Mirror<T> {
     buf: DevBuf,
     host: Vec<T>,
-    /// Counts the uploads: a launch that read the buffer's earlier contents on the host is out of date.
-    version: u64,
 }
 
 impl<T: bytemuck::Pod + PartialEq> Mirror<T> {
@@ -97,10 +100,7 @@ impl<T: bytemuck::Pod + PartialEq> Mirror<T> {
         if self.buf.ptr() == 0 || self.host != data {
             self.host.clear();
             self.host.extend_from_slice(data);
-            let bytes: &[u8] = bytemuck::cast_slice(data);
-            let ptr = self.buf.reserve(dev, bytes.len())?;
-            dev.upload_staged(ptr, bytes)?;
-            self.version += 1;
+            self.buf.upload_staged(dev, data)?;
         }
         Ok(self.buf.ptr())
     }
@@ -110,10 +110,7 @@ impl<T: bytemuck::Pod + PartialEq> Mirror<T> {
         if self.buf.ptr() == 0 || self.host.len() != n || self.host.iter().any(|h| *h != x) {
             self.host.clear();
             self.host.resize(n, x);
-            let bytes: &[u8] = bytemuck::cast_slice(&self.host);
-            let ptr = self.buf.reserve(dev, bytes.len())?;
-            dev.upload_staged(ptr, bytes)?;
-            self.version += 1;
+            self.buf.upload_staged(dev, &self.host)?;
         }
         Ok(self.buf.ptr())
     }

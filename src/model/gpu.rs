@@ -12,7 +12,9 @@
 //!   the memory of a bf16 cache, but no rounding of keys and values, which keeps the GPU within bf16 activation
 //!   rounding of the CPU (see tests/model_gpu.rs).
 //! - Every activation buffer is allocated at construction for `max_tokens` tokens per call: a forward call
-//!   uploads only the token ids and positions, and allocates nothing on the device.
+//!   uploads only its token ids, positions, slots and logit rows, packed in one staged copy that does not wait,
+//!   and allocates nothing on the device. [`GpuDecoder::stage_device`] and [`GpuDecoder::launch_staged`] split
+//!   a call in two, so that the launches can be captured into a graph.
 //! - [`GpuDecoder::forward_device`] leaves the logits on the device (f32, row-major `[rows, vocab]`), where
 //!   [`Gpu::prepare_candidates_device`] and the equilibrium kernels read them without a copy; the trait's
 //!   [`Decoder::forward`] downloads them.
