@@ -411,7 +411,7 @@ impl Gpu {
 
     /// Records the launch of a prepared equilibrium as a CUDA graph, so that a decoding loop replays the step
     /// with one driver call ([`Gpu::run_graph`]); inputs are re-uploaded into the same buffers between steps.
-    /// An error under the emulation (use [`Gpu::run_equilibrium`] there).
+    /// The emulation records and replays it alike.
     pub fn capture_equilibrium(&mut self, job: &EqJob) -> Result<usize> {
         // Module loading and the shared-memory opt-in are not capturable: do them with a first real launch.
         self.run_equilibrium(job)?;
