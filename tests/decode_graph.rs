@@ -4,7 +4,8 @@
 //! candidates, values, policy and Philox draws on the same forwards), the reference of tests/decode_resident.rs.
 //! Equal tokens over several steps, greedy and sampled, show that nothing that changes from step to step was
 //! frozen into the graph (a step counter, a position, a token); a row finishing early changes the shape, which
-//! must fall back to plain launches and capture again.
+//! must fall back to plain launches and capture again. `CAGE_TEST_MODEL_DEVICE=cuda` (the GPU bundle) runs the
+//! decoding bodies on a GPU, where the graph is CUDA's.
 
 use cage::decode::{DecodeOptions, Engine, RowRequest, RunConfig, Timings};
 use cage::gpu::Gpu;
@@ -14,6 +15,11 @@ use std::path::Path;
 
 fn fixture(p: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p).display().to_string()
+}
+
+/// Where the models run: the emulation, or `CAGE_TEST_MODEL_DEVICE=cuda`.
+fn model_device() -> String {
+    std::env::var("CAGE_TEST_MODEL_DEVICE").unwrap_or_else(|_| "emulation".into())
 }
 
 /// How a run's steps are made.
@@ -35,7 +41,7 @@ fn run(method: &str, choice: Choice, via: Via, prompts: &[String], max_new: usiz
         &serde_json::json!({
             "base": fixture("tiny-llama"), "tokenizer": fixture("tiny-word-tokenizer"),
             "principals": [lexicon, arm], "method": method, "tau": 0.5, "k": 16, "max_new_tokens": max_new,
-            "model_device": "emulation", "seed": 11
+            "model_device": model_device(), "seed": 11
         })
         .to_string(),
     )
