@@ -72,7 +72,7 @@ pub struct Cuda {
     /// copies the stream may not have run yet, until the next synchronisation.
     upload_pinned: Option<Pinned>,
     staged: usize,
-    /// Pinned landing area of downloads (small ones: a step's tokens).
+    /// Pinned landing area of downloads (a step's tokens; the host stages' logits), grown to the largest.
     download_pinned: Option<Pinned>,
 }
 
@@ -105,9 +105,10 @@ impl Drop for Pinned {
     }
 }
 
-/// Downloads up to this size land in pinned memory first (a step's tokens and values); larger ones (the
-/// host stages' logits) go straight to the caller's memory rather than keep a pinned copy of that size.
-const PINNED_DOWNLOAD_MAX: usize = 1 << 20;
+/// Downloads up to this size land in pinned memory first (a step's tokens and values, the host stages' logits:
+/// 49 MB at an 8B shape, 3 streams x 32 rows); larger ones go straight to the caller's memory rather than keep
+/// a pinned copy of that size.
+const PINNED_DOWNLOAD_MAX: usize = 256 << 20;
 
 /// Bytes of cuBLAS workspace (cuBLAS' own recommendation for Hopper is 32 MiB).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -362,8 +363,10 @@ impl Device for Cuda {
             self.staged = 0;
             return Ok(());
         }
-        if self.download_pinned.is_none() {
-            self.download_pinned = Some(Pinned::alloc(&self.ctx, PINNED_DOWNLOAD_MAX, false)?);
+        if self.download_pinned.as_ref().is_none_or(|p| p.bytes < n) {
+            // No copy into it is queued (downloads wait before returning): free the smaller one first.
+            self.download_pinned = None;
+            self.download_pinned = Some(Pinned::alloc(&self.ctx, n.next_power_of_two().max(1 << 16), false)?);
         }
         let p = self.download_pinned.as_ref().expect("allocated above");
         // SAFETY: n <= the pinned allocation; nothing else uses it (downloads wait before returning).
