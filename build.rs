@@ -262,12 +262,13 @@ fn main() {
         let _ = writeln!(emu, "#include \"{}\"", m.path.display());
     }
     emu.push_str("namespace {\ntemplate <auto K> void launcher(dim3 g, dim3 b, size_t s, unsigned c, void** a) { cage_emu::launch(K, g, b, s, c, a); }\n");
+    emu.push_str("template <auto K> int sizes(size_t* out, int max) { return cage_emu::param_sizes(K, out, max); }\n");
     emu.push_str(
-        "struct Entry { const char* name; void (*run)(dim3, dim3, size_t, unsigned, void**); };\nconst Entry kTable[] = {\n",
+        "struct Entry { const char* name; void (*run)(dim3, dim3, size_t, unsigned, void**); int (*sizes)(size_t*, int); };\nconst Entry kTable[] = {\n",
     );
     for m in &modules {
         for k in &m.kernels {
-            let _ = writeln!(emu, "  {{\"{k}\", &launcher<&{k}>}},");
+            let _ = writeln!(emu, "  {{\"{k}\", &launcher<&{k}>, &sizes<&{k}>}},");
         }
     }
     emu.push_str(
@@ -276,6 +277,12 @@ fn main() {
          extern \"C\" int cage_emu_launch(const char* name, const unsigned* grid, const unsigned* block, size_t smem, unsigned cluster, void** args) {\n\
          \x20 for (const Entry& e : kTable)\n\
          \x20   if (strcmp(e.name, name) == 0) { e.run(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), smem, cluster, args); return 0; }\n\
+         \x20 return -1;\n}\n\
+         // The byte size of each of kernel `name`'s parameters (what a graph capture copies), at most `max`:\n\
+         // returns their number, or -1 for an unknown kernel or more than `max` parameters.\n\
+         extern \"C\" int cage_emu_param_sizes(const char* name, size_t* out, int max) {\n\
+         \x20 for (const Entry& e : kTable)\n\
+         \x20   if (strcmp(e.name, name) == 0) return e.sizes(out, max);\n\
          \x20 return -1;\n}\n",
     );
     let emu_path = out.join("emu_all.cpp");

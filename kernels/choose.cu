@@ -27,15 +27,17 @@ __device__ __forceinline__ void warp_argmax(float& s, int& i) {
 }
 
 // pi: B x n; ids: B x n candidate token ids or null (then the token is the index); keys: B row numbers of the
-// draws' key or null (then the block's row); outputs one token per row (0xffffffff when the row has no candidate
-// of positive probability).
+// draws' key or null (then the block's row); step_at: the step read from device memory, or null (then `step`):
+// a replayed CUDA graph keeps its captured parameters, so a step that changes between replays must be read
+// there. Outputs one token per row (0xffffffff when the row has no candidate of positive probability).
 extern "C" __global__ void __launch_bounds__(1024)
     cage_choose(const float* __restrict__ pi, int n, const unsigned* __restrict__ ids, int mode,
-                unsigned long long seed, unsigned step, const unsigned* __restrict__ keys,
-                unsigned* __restrict__ token_out) {
+                unsigned long long seed, unsigned step, const unsigned* __restrict__ step_at,
+                const unsigned* __restrict__ keys, unsigned* __restrict__ token_out) {
   __shared__ float rs[32];
   __shared__ int ri[32];
   const int row = blockIdx.x;
+  if (step_at) step = *step_at;
   const unsigned key = keys ? keys[row] : (unsigned)row;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
   const float* p = pi + (size_t)row * n;

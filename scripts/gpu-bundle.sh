@@ -34,7 +34,7 @@ for line in sys.stdin:
 '
 }
 cargo test --release --no-run --test gpu_kernels --test model_gpu --test ffi_device --test ffi_options \
-  --test decode_backend --test model_score --test decode_resident --message-format=json 2>/dev/null | executables |
+  --test decode_backend --test model_score --test decode_resident --test decode_graph --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
 if [[ $dry == 0 ]]; then
   cargo bench --no-run --bench kernels --message-format=json 2>/dev/null | executables |

@@ -223,6 +223,10 @@ fn generate_and_sweep_on_the_emulated_device_decode_as_the_host_stages() {
         let (d2h, h2d) = (m["d2h_bytes_per_step"].as_f64().unwrap(), m["h2d_bytes_per_step"].as_f64().unwrap());
         assert_eq!(d2h, (2 * (1 + 2) * 4) as f64, "{}: {m}", m["method"]);
         assert!(d2h <= (2 * (4 + 64)) as f64 && h2d < (2 * 128 * 4) as f64, "{}: {m}", m["method"]);
+        // 3 tokens: the prefill and the first decode step plain, the second captured and replayed; one wait
+        // (the tokens) a step.
+        assert_eq!(m["path"], "graph", "{}: {m}", m["method"]);
+        assert_eq!(m["waits_per_step"].as_f64(), Some(1.0), "{}: {m}", m["method"]);
     }
 }
 

@@ -1,7 +1,8 @@
 //! Host-device traffic of a decoding step, counted by the device layer (the emulation counts it too). The
 //! resident step (`model_device` on a device) downloads per row the token and each principal's value there,
 //! 4 x (1 + J) bytes, within the target of rows x (4 + 64) bytes for J <= 16, and uploads only what the next
-//! forward reads (each stream's new token, its position, its KV slot and its logits row). The host stages
+//! forward reads (each stream's new token, its position, its KV slot and its logits row), packed in one staged
+//! copy that does not wait; the only wait of a step is the download of its report. The host stages
 //! (`--diagnostics`) download every stream's full-vocabulary logits. The CPU path reports no traffic.
 
 use cage::decode::{DecodeOptions, Engine, RowRequest, RunConfig};
@@ -47,6 +48,8 @@ fn the_resident_step_downloads_tokens_and_values_only() {
             assert_eq!(d2h, ROWS * (1 + j) * 4, "{method}: {ROWS} rows x (token + {j} values): {t:?}");
             assert!(d2h <= ROWS * (4 + 64), "{method}: over the target of rows x (4 + 64) bytes");
             assert_eq!(t.step_transfers.downloads / t.transfer_steps as u64, 1, "{method}: one download a step");
+            assert_eq!(t.step_transfers.uploads, t.transfer_steps as u64, "{method}: one packed upload a step: {t:?}");
+            assert_eq!(t.step_transfers.waits, t.transfer_steps as u64, "{method}: one wait a step: {t:?}");
             // Token, position, slot and logits row of each stream: nothing else (tables, weights, lexicon)
             // is uploaded again once the rows stay the same.
             let h2d = t.step_transfers.host_to_device / t.transfer_steps as u64;
@@ -56,6 +59,8 @@ fn the_resident_step_downloads_tokens_and_values_only() {
         let t = run(principals.clone(), "emulation", "cage", true);
         let per_step = t.step_transfers.device_to_host / t.transfer_steps as u64;
         assert_eq!(per_step, ROWS * streams * VOCAB * 4, "{ROWS} rows x {streams} streams x {VOCAB} f32 logits: {t:?}");
+        // One packed upload and one wait (the logits' download) a step there too.
+        assert_eq!((t.step_transfers.uploads, t.step_transfers.waits), (4, 4), "host stages: {t:?}");
         let cpu = run(principals, "cpu", "cage", false);
         assert_eq!(cpu.step_transfers, Default::default(), "the CPU decoder has no device traffic");
         assert_eq!(cpu.transfer_steps, 4);

@@ -786,21 +786,15 @@ pub fn jacobi_matches_cpu(gpu: &mut Gpu, converged_cases: usize, tol: f64) {
     }
 }
 
-/// A captured equilibrium replays with new inputs uploaded into the same buffers (the decoding-loop use); under
-/// the emulation capture is an error, not a panic. The outputs are poisoned before the replay: the buffers are
+/// A captured equilibrium replays with new inputs uploaded into the same buffers (the decoding-loop use), on a
+/// GPU and on the emulation (which records the capture as CUDA does). The outputs are poisoned before the replay: the buffers are
 /// reused, so a direct solve of the second game leaves its answer there, and a replay that did not run (or
 /// read the captured inputs) would still pass. They get the first game's answer instead, which differs.
 pub fn graph_replays_equilibrium(gpu: &mut Gpu) {
     let (_, first) = batch(Shape::new(2, 50, 3), 500);
     let (_, second) = batch(Shape::new(2, 50, 3), 501);
     let job = gpu.prepare_equilibrium(&first, &eq_opts()).unwrap();
-    let captured = gpu.capture_equilibrium(&job);
-    if gpu.is_emulated() {
-        let e = captured.expect_err("the host emulation captured a CUDA graph");
-        assert!(e.to_string().contains("does not capture CUDA graphs"), "{e}");
-        return;
-    }
-    let graph = captured.unwrap_or_else(|e| panic!("capture failed on a GPU: {e}"));
+    let graph = gpu.capture_equilibrium(&job).unwrap_or_else(|e| panic!("capture failed on {}: {e}", gpu.describe()));
     let direct = gpu.equilibrium(&second, &eq_opts()).unwrap();
     // Poison: the first game solved again in the same buffers.
     let again = gpu.prepare_equilibrium(&first, &eq_opts()).unwrap();

@@ -278,4 +278,15 @@ inline void launch(void (*k)(A...), dim3 grid, dim3 block, size_t smem, unsigned
   run_grid(grid, block, smem, cluster, [=] { call_with(k, args, std::index_sequence_for<A...>{}); });
 }
 
+// Writes the byte size of each of `k`'s parameters to `out` (at most `max`): what cuLaunchKernel reads through
+// each parameter pointer, and so what a graph capture copies. Returns their number, or -1 when over `max`.
+template <class... A>
+inline int param_sizes(void (*)(A...), size_t* out, int max) {
+  constexpr int n = sizeof...(A);
+  if (n > max) return -1;
+  const size_t s[] = {sizeof(typename std::remove_reference<A>::type)..., 0};
+  for (int i = 0; i < n; ++i) out[i] = s[i];
+  return n;
+}
+
 }  // namespace cage_emu

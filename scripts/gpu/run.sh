@@ -105,6 +105,8 @@ tests() {
   timeout --kill-after=10 120 "$here/tests/model_score" gpu_decoder || rc=1
   # The resident decoding step on the GPU against the host stages on the same GPU forwards.
   CAGE_TEST_MODEL_DEVICE=cuda timeout --kill-after=10 180 "$here/tests/decode_resident" || rc=1
+  # The steady-state step captured as a CUDA graph against plain launches and the host stages.
+  CAGE_TEST_MODEL_DEVICE=cuda timeout --kill-after=10 120 "$here/tests/decode_graph" || rc=1
   return $rc
 }
 realistic() {

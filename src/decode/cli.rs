@@ -285,6 +285,13 @@ pub fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             let sc: Vec<String> = scorer_names.iter().zip(s).map(|(n, s)| format!("{n} {s:.4}")).collect();
             eprintln!("[reward models: {}]", sc.join(", "));
         }
+        let p = &tm.paths;
+        if p.graph + p.plain > 0 {
+            eprintln!("[device steps: {} from {} CUDA graph(s), {} plain]", p.graph, p.captures, p.plain);
+        }
+    }
+    if let Some(why) = &tm.paths.fallback {
+        eprintln!("[CUDA graph capture failed, the decode steps ran plain launches: {why}]");
     }
     let Some(cmd) = &a.scorer else { return Ok(()) };
     let lines = |extra: Option<&[Vec<f64>]>| -> Vec<String> {
@@ -736,7 +743,8 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
                 serde_json::json!({"method": m, "tokens": t.tokens, "tok_s": t.tokens as f64 / busy,
                     "step_ms": 1e3 * busy / t.steps.max(1) as f64,
                     "d2h_bytes_per_step": per_step(t.step_transfers.device_to_host),
-                    "h2d_bytes_per_step": per_step(t.step_transfers.host_to_device), "timings": t})
+                    "h2d_bytes_per_step": per_step(t.step_transfers.host_to_device),
+                    "waits_per_step": per_step(t.step_transfers.waits), "path": t.paths.path(), "timings": t})
             })
             .collect();
         crate::outln!("{}", serde_json::json!({"rows": a.rows, "tokens": a.tokens, "threads": threads, "methods": v}))?;
@@ -783,12 +791,15 @@ pub fn bench_decode_cmd(a: &BenchDecodeArgs) -> Result<()> {
             let s = t.transfer_steps.max(1) as u64;
             let x = &t.step_transfers;
             crate::outln!(
-                "{:>11} device-to-host {:>10} B in {:>3} copies, host-to-device {:>10} B in {:>3} copies",
+                "{:>11} device-to-host {:>10} B in {:>3} copies, host-to-device {:>10} B in {:>3} copies, {:>3} waits \
+                 ({:?} steps)",
                 m,
                 x.device_to_host / s,
                 x.downloads / s,
                 x.host_to_device / s,
-                x.uploads / s
+                x.uploads / s,
+                x.waits / s,
+                t.paths.path()
             )?;
         }
     }

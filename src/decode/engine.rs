@@ -60,6 +60,9 @@ pub struct DecodeOptions {
     /// The index of the first row in the whole run: rows are numbered (events, sampling keys) from here, so that
     /// a run split into shards (cage.ray) numbers and draws each row as the whole run does.
     pub first_row: usize,
+    /// Whether the resident step may capture its steady state as a CUDA graph and replay it (on by default;
+    /// off, every step launches its kernels one by one: the reference the graph is tested against).
+    pub graphs: bool,
 }
 
 impl DecodeOptions {
@@ -81,6 +84,7 @@ impl DecodeOptions {
             ignore_eos: false,
             parm_beta: cfg.parm_beta,
             first_row: 0,
+            graphs: true,
         })
     }
 }
@@ -208,6 +212,8 @@ pub struct Timings {
     pub step_transfers: Transfers,
     /// The steps `step_transfers` covers.
     pub transfer_steps: usize,
+    /// How the device steps ran: replayed graphs, plain launches (see [`super::resident::StepPaths`]).
+    pub paths: super::resident::StepPaths,
 }
 
 impl Timings {
@@ -221,6 +227,12 @@ impl Timings {
         self.tokens += o.tokens;
         self.step_transfers = self.step_transfers.plus(o.step_transfers);
         self.transfer_steps += o.transfer_steps;
+        self.paths.graph += o.paths.graph;
+        self.paths.plain += o.paths.plain;
+        self.paths.captures += o.paths.captures;
+        if self.paths.fallback.is_none() {
+            self.paths.fallback.clone_from(&o.paths.fallback);
+        }
     }
 }
 
@@ -885,6 +897,10 @@ impl Engine {
         if let Some(start) = counted {
             tm.step_transfers = transfers(decoders).since(start);
             tm.transfer_steps = tm.steps - 1;
+        }
+        if let Some(rp) = resident.as_mut() {
+            rp.release(decoders);
+            tm.paths = std::mem::take(&mut rp.paths);
         }
         for &r in &live {
             states[r].stop = Some(StopReason::Length);

@@ -23,10 +23,12 @@ use super::principal::{DeviceForm, ValueSource};
 use super::stages::StreamPlan;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
+use crate::gpu::ResidentLaunch;
 use crate::gpu::device::DevPtr;
 use crate::gpu::{
     DevicePolicy, MAX_PRINCIPALS, MAX_TOP_K, PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep,
 };
+use crate::model::gpu::ForwardShape;
 use crate::model::{Decoder, LogitsAt};
 use crate::problem::Normalize;
 
@@ -45,6 +47,54 @@ pub struct ResidentPlan {
     /// The last step's tokens and the principals' raw values at them (or, for a policy of the host, the
     /// candidates and their values).
     pub report: ResidentReport,
+    /// The graph of the steady-state step and the launches it stands for.
+    graph: Option<(usize, ForwardShape, ResidentLaunch)>,
+    /// The previous step's launches: a shape seen twice in a row is captured.
+    last: Option<(ForwardShape, ResidentLaunch)>,
+    /// Which path each step took (see [`StepPaths`]).
+    pub paths: StepPaths,
+    /// Whether graphs may be captured ([`DecodeOptions::graphs`]).
+    graphs: bool,
+}
+
+/// How the device steps ran: the steady-state step (forward of the base model's streams, candidates, values,
+/// policy, choice and report) is captured as one CUDA graph per shape and replayed; a step whose shape differs
+/// from the one before (the prefill, a row finishing) runs its launches one by one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepPaths {
+    /// Steps launched as a graph (their capture included).
+    pub graph: usize,
+    /// Steps launched kernel by kernel.
+    pub plain: usize,
+    /// Graphs captured.
+    pub captures: usize,
+    /// Why graphs are off for the run (the capture's error), if they are.
+    pub fallback: Option<String>,
+}
+
+/// The path a run's decode steps took, for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepPath {
+    /// The resident step, replayed as a graph in the steady state.
+    Graph,
+    /// The resident step, launched kernel by kernel.
+    Plain,
+    /// The host stages (every stream's logits downloaded).
+    Host,
+}
+
+impl StepPaths {
+    /// The path of the steady state: graph when any step replayed one, else plain when any step was resident.
+    pub fn path(&self) -> StepPath {
+        if self.graph > 0 {
+            StepPath::Graph
+        } else if self.plain > 0 {
+            StepPath::Plain
+        } else {
+            StepPath::Host
+        }
+    }
 }
 
 impl ResidentPlan {
@@ -102,6 +152,10 @@ impl ResidentPlan {
             weights: vec![],
             keys: vec![],
             report: ResidentReport::default(),
+            graph: None,
+            last: None,
+            paths: StepPaths::default(),
+            graphs: opts.graphs,
         })
     }
 
@@ -123,7 +177,8 @@ impl ResidentPlan {
     }
 
     /// The forwards of one step, logits left on each decoder's device, and the addresses of every live row's
-    /// streams in the table.
+    /// streams in the table. The base model's forward is only staged (its inputs uploaded): [`ResidentPlan::step`]
+    /// launches it with the rest of the step, as one graph when it can.
     pub fn forward(
         &mut self,
         decoders: &mut [Option<Box<dyn Decoder + Send>>],
@@ -140,11 +195,14 @@ impl ResidentPlan {
             let gpu_dec = dec.as_gpu().ok_or_else(|| not_on_device(m))?;
             let on = &plan.on_model[m];
             let seqs = plan.seqs(m, live, inputs);
-            let out = gpu_dec.forward_device(&seqs, LogitsAt::Last)?;
-            if m != 0 {
+            let out = if m == 0 {
+                gpu_dec.stage_device(&seqs, LogitsAt::Last)?
+            } else {
+                let out = gpu_dec.forward_device(&seqs, LogitsAt::Last)?;
                 // The step runs on the base model's device and stream: this decoder's forward must be done.
                 gpu_dec.gpu().device().synchronize()?;
-            }
+                out
+            };
             for i in 0..live.len() {
                 for &s in on {
                     self.table[i * ns + s] = out.ptr + plan.position(i, s) as DevPtr * row_bytes;
@@ -171,7 +229,7 @@ impl ResidentPlan {
         self.weights.extend(live.iter().flat_map(|&r| rows[r].weights.iter().map(|&w| w as f32)));
         self.keys.clear();
         self.keys.extend(live.iter().map(|&r| (row0 + r) as u32));
-        let gpu = decoders[0].as_mut().and_then(|d| d.as_gpu()).ok_or_else(|| not_on_device(0))?.gpu();
+        let dec = decoders[0].as_mut().and_then(|d| d.as_gpu()).ok_or_else(|| not_on_device(0))?;
         let s = ResidentStep {
             rows: live.len(),
             streams: plan.streams.len(),
@@ -191,8 +249,75 @@ impl ResidentPlan {
         };
         // SAFETY: the table holds the addresses `forward` computed from this step's forwards: f32 rows of V
         // logits in the decoders' buffers, untouched until their next forward call.
-        unsafe { gpu.resident_step(&s, &mut self.report) }
+        unsafe { dec.gpu().resident_prepare(&s) }?;
+        let same = |f: &ForwardShape, l: &ResidentLaunch, dec: &mut crate::model::GpuDecoder| {
+            f == dec.staged_shape() && l == dec.gpu().resident_launches()
+        };
+        let graph = match &self.graph {
+            Some((g, f, l)) if same(f, l, dec) => Some(*g),
+            _ if self.graphs
+                && self.paths.fallback.is_none()
+                && self.last.as_ref().is_some_and(|(f, l)| same(f, l, dec)) =>
+            {
+                // The same launches twice in a row: the steady state, captured once for the steps to come.
+                if let Some((g, ..)) = self.graph.take() {
+                    dec.gpu().device().drop_graph(g);
+                }
+                match capture(dec) {
+                    Ok(g) => {
+                        self.paths.captures += 1;
+                        let (f, l) = self.last.take().expect("checked above");
+                        self.graph = Some((g, f, l));
+                        Some(g)
+                    }
+                    Err(e) => {
+                        // Plain launches for the rest of the run, and the reason in the timings.
+                        self.paths.fallback = Some(e.to_string());
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        match graph {
+            Some(g) => {
+                dec.gpu().device().launch_graph(g)?;
+                self.paths.graph += 1;
+            }
+            None => {
+                dec.launch_staged()?;
+                // SAFETY: as for resident_prepare.
+                unsafe { dec.gpu().resident_launch() }?;
+                self.paths.plain += 1;
+                if !self.last.as_ref().is_some_and(|(f, l)| same(f, l, dec)) {
+                    self.last = Some((dec.staged_shape().clone(), dec.gpu().resident_launches().clone()));
+                }
+            }
+        }
+        dec.gpu().resident_finish(&mut self.report)
     }
+}
+
+impl ResidentPlan {
+    /// Frees the run's graph on the base model's device (the plan ends with its chunk).
+    pub fn release(&mut self, decoders: &mut [Option<Box<dyn Decoder + Send>>]) {
+        if let (Some((g, ..)), Some(dec)) = (self.graph.take(), decoders[0].as_mut().and_then(|d| d.as_gpu())) {
+            dec.gpu().device().drop_graph(g);
+        }
+    }
+}
+
+/// Captures the staged forward of `dec` and its prepared resident step as one graph (recorded, not run).
+fn capture(dec: &mut crate::model::GpuDecoder) -> Result<usize> {
+    dec.gpu().device().begin_capture()?;
+    let launched = dec.launch_staged().and_then(|()| {
+        // SAFETY: the step was prepared on this step's table (see ResidentPlan::step); a graph replays it only
+        // for a step prepared with equal launches.
+        unsafe { dec.gpu().resident_launch() }
+    });
+    let graph = dec.gpu().device().end_capture();
+    launched?;
+    graph
 }
 
 fn not_on_device(m: usize) -> CageError {

@@ -109,7 +109,7 @@ impl CandBuffers {
 }
 
 /// A candidate selection prepared on the device (see [`Gpu::prepare_candidates`]).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CandJob {
     rows: usize,
     vocab: usize,
@@ -126,6 +126,11 @@ pub struct CandJob {
 }
 
 impl CandJob {
+    /// Candidates per row: k, or the whole vocabulary.
+    pub(super) fn ids_per_row(&self) -> usize {
+        self.k.unwrap_or(self.vocab)
+    }
+
     /// Bytes one launch must move at least: the logits once, the candidates out.
     pub fn bytes_moved(&self) -> usize {
         let elem = if self.tag == "f32" { 4 } else { 2 };

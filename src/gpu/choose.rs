@@ -15,7 +15,7 @@ pub(super) struct ChooseBuffers {
 }
 
 /// What `cage_choose` reads and writes: device buffers, the extents and the draw's key.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct ChooseArgs {
     /// B x n policy.
     pub(super) pi: DevPtr,
@@ -26,6 +26,9 @@ pub(super) struct ChooseArgs {
     pub(super) choice: Choice,
     pub(super) seed: u64,
     pub(super) step: u32,
+    /// Device address of the step (read when the kernel runs, so that a replayed graph sees each step's), or 0:
+    /// `step`.
+    pub(super) step_at: DevPtr,
     /// B row numbers keying the draws, or 0: the row's index in the batch.
     pub(super) keys: DevPtr,
     /// B tokens out.
@@ -88,6 +91,7 @@ impl Gpu {
             choice,
             seed,
             step,
+            step_at: 0,
             keys: 0,
             tokens: b.tokens.reserve(dev, rows * 4)?,
         };
@@ -110,6 +114,7 @@ impl Gpu {
             .i32(choice_code(a.choice))
             .u64(a.seed)
             .u32(a.step)
+            .ptr(a.step_at)
             .ptr(a.keys)
             .ptr(a.tokens);
         // SAFETY: the arguments follow cage_choose in kernels/choose.cu; the caller vouches for the buffers.

@@ -60,12 +60,58 @@ pub struct Cuda {
     max_smem: usize,
     name: String,
     timer: Option<CudaEvent>,
-    graphs: Vec<Graph>,
+    /// Captured graphs by handle (None once dropped).
+    graphs: Vec<Option<Graph>>,
     /// Modules whose image was built for sm_90 or later, so that their cluster kernels have a body.
     cluster_modules: Vec<&'static str>,
     blas: Option<cudarc::cublas::CudaBlas>,
+    /// cuBLAS' workspace, set on the handle so that GEMMs inside a graph capture allocate nothing.
+    blas_workspace: Option<super::device::DevBuf>,
     transfers: Transfers,
+    /// Pinned staging of [`Device::upload_staged`]: bytes from `staged` on are free; those before are read by
+    /// copies the stream may not have run yet, until the next synchronisation.
+    upload_pinned: Option<Pinned>,
+    staged: usize,
+    /// Pinned landing area of downloads (a step's tokens; the host stages' logits), grown to the largest.
+    download_pinned: Option<Pinned>,
 }
+
+/// Page-locked host memory (`cuMemHostAlloc`): copies from it run asynchronously, DMA straight from it.
+struct Pinned {
+    ctx: Arc<CudaContext>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: plain host memory owned by this value; the device that holds it is Send.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn alloc(ctx: &Arc<CudaContext>, bytes: usize, write_combined: bool) -> Result<Self> {
+        ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        let flags = if write_combined { cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 };
+        // SAFETY: plain allocation, freed once in Drop.
+        let ptr = unsafe { result::malloc_host(bytes, flags) }
+            .map_err(|e| gpu_err(&format!("allocating {bytes} bytes of pinned host memory"), e))?;
+        Ok(Self { ctx: ctx.clone(), ptr: ptr as *mut u8, bytes })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by malloc_host; the owner synchronised the stream before dropping (see the users).
+        let _ = unsafe { result::free_host(self.ptr as *mut c_void) };
+    }
+}
+
+/// Downloads up to this size land in pinned memory first (a step's tokens and values, the host stages' logits:
+/// 49 MB at an 8B shape, 3 streams x 32 rows); larger ones go straight to the caller's memory rather than keep
+/// a pinned copy of that size.
+const PINNED_DOWNLOAD_MAX: usize = 256 << 20;
+
+/// Bytes of cuBLAS workspace (cuBLAS' own recommendation for Hopper is 32 MiB).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// A loaded kernel and what it may use of shared memory.
 #[derive(Clone)]
@@ -114,7 +160,11 @@ impl Cuda {
             graphs: Vec::new(),
             cluster_modules: Vec::new(),
             blas: None,
+            blas_workspace: None,
             transfers: Transfers::default(),
+            upload_pinned: None,
+            staged: 0,
+            download_pinned: None,
         })
     }
 
@@ -271,15 +321,64 @@ impl Device for Cuda {
         unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
             .map_err(|e| gpu_err("copy to device", e))?;
         self.transfers.upload(src.len());
-        self.stream.synchronize().map_err(|e| gpu_err("copy to device", e))
+        self.synchronize().map_err(|e| gpu_err("copy to device", e))
+    }
+    fn upload_staged(&mut self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let need = self.staged + src.len().next_multiple_of(16);
+        if self.upload_pinned.as_ref().is_none_or(|p| p.bytes < need) {
+            // Full: wait for the copies reading the staging, then start over in one large enough.
+            self.synchronize()?;
+            let cap = self.upload_pinned.as_ref().map_or(0, |p| p.bytes);
+            if cap < src.len() {
+                self.upload_pinned = None;
+                self.upload_pinned = Some(Pinned::alloc(&self.ctx, src.len().next_power_of_two().max(1 << 16), true)?);
+            }
+        }
+        let p = self.upload_pinned.as_ref().expect("allocated above");
+        // SAFETY: bytes staged..staged + len lie inside the allocation (checked above) and no queued copy reads
+        // them (they are past every slot handed out since the last synchronisation).
+        let slot = unsafe { std::slice::from_raw_parts_mut(p.ptr.add(self.staged), src.len()) };
+        slot.copy_from_slice(src);
+        self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
+        // SAFETY: pinned source, so the copy is truly asynchronous; the slot stays reserved until the next
+        // synchronisation, after which the copy is done; `dst` is the caller's live allocation.
+        unsafe { result::memcpy_htod_async(dst, &*slot, self.stream.cu_stream()) }
+            .map_err(|e| gpu_err("copy to device", e))?;
+        self.staged += src.len().next_multiple_of(16);
+        self.transfers.upload(src.len());
+        Ok(())
     }
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;
-        // SAFETY: as in upload; the stream is synchronised before `dst` is handed back.
-        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+        let n = dst.len();
+        if n > PINNED_DOWNLOAD_MAX {
+            // SAFETY: as in upload; the stream is synchronised before `dst` is handed back.
+            unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+                .map_err(|e| gpu_err("copy to host", e))?;
+            self.transfers.download(n);
+            self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
+            self.staged = 0;
+            return Ok(());
+        }
+        if self.download_pinned.as_ref().is_none_or(|p| p.bytes < n) {
+            // No copy into it is queued (downloads wait before returning): free the smaller one first.
+            self.download_pinned = None;
+            self.download_pinned = Some(Pinned::alloc(&self.ctx, n.next_power_of_two().max(1 << 16), false)?);
+        }
+        let p = self.download_pinned.as_ref().expect("allocated above");
+        // SAFETY: n <= the pinned allocation; nothing else uses it (downloads wait before returning).
+        let landing = unsafe { std::slice::from_raw_parts_mut(p.ptr, n) };
+        // SAFETY: pinned destination of n bytes; `src` is the caller's live allocation.
+        unsafe { result::memcpy_dtoh_async(landing, src, self.stream.cu_stream()) }
             .map_err(|e| gpu_err("copy to host", e))?;
-        self.transfers.download(dst.len());
-        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))
+        self.transfers.download(n);
+        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
+        self.staged = 0;
+        dst.copy_from_slice(landing);
+        Ok(())
     }
     fn transfers(&self) -> Transfers {
         self.transfers
@@ -373,7 +472,11 @@ impl Device for Cuda {
         Ok(())
     }
     fn synchronize(&mut self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))
+        self.stream.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
+        self.transfers.wait();
+        // Every staged copy is done.
+        self.staged = 0;
+        Ok(())
     }
     fn max_dynamic_smem(&self) -> usize {
         self.max_smem
@@ -394,12 +497,21 @@ impl Device for Cuda {
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(|e| gpu_err("ending a graph capture", e))?
             .ok_or_else(|| CageError::Cuda("the graph capture recorded nothing".into()))?;
-        self.graphs.push(Graph(graph));
+        self.graphs.push(Some(Graph(graph)));
         Ok(self.graphs.len() - 1)
     }
     fn launch_graph(&mut self, graph: usize) -> Result<()> {
-        let g = self.graphs.get(graph).ok_or_else(|| CageError::InvalidArgument(format!("no CUDA graph {graph}")))?;
+        let g = self
+            .graphs
+            .get(graph)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| CageError::InvalidArgument(format!("no CUDA graph {graph}")))?;
         g.0.launch().map_err(|e| gpu_err("launching a graph", e))
+    }
+    fn drop_graph(&mut self, graph: usize) {
+        if let Some(g) = self.graphs.get_mut(graph) {
+            *g = None;
+        }
     }
     fn timer_start(&mut self) -> Result<()> {
         // Timing needs events created with the default flags (cudarc's default disables timing).
@@ -412,6 +524,7 @@ impl Device for Cuda {
             self.timer.take().ok_or_else(|| CageError::InvalidArgument("timer_stop without timer_start".into()))?;
         let end = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| gpu_err("event", e))?;
         end.synchronize().map_err(|e| gpu_err("kernel execution", e))?;
+        self.transfers.wait();
         Ok(start.elapsed_ms(&end).map_err(|e| gpu_err("event timing", e))? as f64)
     }
     unsafe fn gemm_bf16(
@@ -465,6 +578,14 @@ impl Device for Cuda {
     }
 }
 
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        // The pinned staging is freed with the device: no queued copy may still read it.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl Cuda {
     /// The cuBLAS handle on this device's stream, created on the first GEMM (most uses of the device, the
     /// equilibrium kernels, never need one); an error when libcublas is missing, never a panic.
@@ -481,6 +602,14 @@ impl Cuda {
             let blas = std::panic::catch_unwind(move || cudarc::cublas::CudaBlas::new(stream))
                 .map_err(|_| CageError::Cuda("creating the cuBLAS handle panicked".into()))?
                 .map_err(|e| gpu_err("creating the cuBLAS handle", e))?;
+            // A workspace of our own: cuBLAS would otherwise allocate one inside a graph capture.
+            let ws = super::device::DevBuf::alloc(self, BLAS_WORKSPACE)?;
+            // SAFETY: the workspace is device memory of this context of the stated size, kept as long as the
+            // handle (both are fields of this device).
+            unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ws.ptr() as *mut c_void, ws.bytes()) }
+                .result()
+                .map_err(|e| gpu_err("setting the cuBLAS workspace", e))?;
+            self.blas_workspace = Some(ws);
             self.blas = Some(blas);
         }
         self.ctx.bind_to_thread().map_err(|e| gpu_err("binding the context", e))?;

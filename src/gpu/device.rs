@@ -27,6 +27,9 @@ pub struct Transfers {
     pub uploads: u64,
     /// Number of device-to-host copies.
     pub downloads: u64,
+    /// Times the host waited for the device's stream (a synchronisation, a download, a draining upload): what
+    /// a decoding step should do once, for its tokens.
+    pub waits: u64,
 }
 
 impl Transfers {
@@ -35,10 +38,15 @@ impl Transfers {
         self.host_to_device += bytes as u64;
         self.uploads += 1;
     }
-    /// Counts one download of `bytes`.
+    /// Counts one download of `bytes` (and the wait it makes).
     pub fn download(&mut self, bytes: usize) {
         self.device_to_host += bytes as u64;
         self.downloads += 1;
+        self.waits += 1;
+    }
+    /// Counts one wait for the stream.
+    pub fn wait(&mut self) {
+        self.waits += 1;
     }
     /// What was counted between `earlier` and `self` (a later reading of the same counters).
     pub fn since(self, earlier: Transfers) -> Transfers {
@@ -47,6 +55,7 @@ impl Transfers {
             device_to_host: self.device_to_host.saturating_sub(earlier.device_to_host),
             uploads: self.uploads.saturating_sub(earlier.uploads),
             downloads: self.downloads.saturating_sub(earlier.downloads),
+            waits: self.waits.saturating_sub(earlier.waits),
         }
     }
     /// The sum of two counts.
@@ -56,6 +65,7 @@ impl Transfers {
             device_to_host: self.device_to_host + o.device_to_host,
             uploads: self.uploads + o.uploads,
             downloads: self.downloads + o.downloads,
+            waits: self.waits + o.waits,
         }
     }
 }
@@ -117,6 +127,14 @@ impl DevBuf {
         dev.upload(ptr, bytes)?;
         Ok(ptr)
     }
+
+    /// [`DevBuf::upload`] by a staged copy that does not wait ([`Device::upload_staged`]): for a step's inputs.
+    pub fn upload_staged<T: bytemuck::Pod>(&mut self, dev: &mut dyn Device, data: &[T]) -> Result<DevPtr> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let ptr = self.reserve(dev, bytes.len())?;
+        dev.upload_staged(ptr, bytes)?;
+        Ok(ptr)
+    }
 }
 
 impl Drop for DevBuf {
@@ -144,8 +162,14 @@ pub trait Device: Send {
     fn alloc(&mut self, bytes: usize) -> Result<DevPtr>;
     /// How allocations of [`Device::alloc`] are freed (each once; the stream's work is waited for first).
     fn release(&self) -> Release;
-    /// Copies host bytes to the device.
+    /// Copies host bytes to the device and waits for the copy (the caller may free `src` next).
     fn upload(&mut self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Copies host bytes to the device without waiting: `src` is copied into the device's pinned staging at
+    /// once, and the stream copies it from there in order with the launches (so the next kernels see it). A
+    /// staging slot stays reserved until the stream is known to have passed it (the next synchronising call);
+    /// only when the staging is full does a call wait. The hot path's upload: a decoding step's inputs in one
+    /// packed copy.
+    fn upload_staged(&mut self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Copies device bytes to the host (waits for the stream).
     fn download(&mut self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
     /// The bytes [`Device::upload`] and [`Device::download`] have copied since the device was opened.
@@ -221,13 +245,18 @@ pub trait Device: Send {
     /// Bytes of device memory free now (`None`: unknown), read before a large upload so that a model too big
     /// for the card is an error naming both sizes rather than a failed allocation halfway through.
     fn free_memory(&mut self) -> Result<Option<usize>>;
-    /// Starts recording the stream's launches into a graph instead of running them (CUDA stream capture);
-    /// an error on devices that cannot (the emulation).
+    /// Starts recording the stream's launches, GEMMs and device copies into a graph instead of running them
+    /// (CUDA stream capture). Kernel parameters are copied when recorded, as CUDA does: a graph replays the
+    /// values of its capture, so whatever changes between replays must live in device memory. Copies to or
+    /// from the host and waits are errors while capturing.
     fn begin_capture(&mut self) -> Result<()>;
-    /// Ends a capture and returns a handle to the instantiated graph.
+    /// Ends a capture and returns a handle to the instantiated graph (an error, and no graph, when something
+    /// in the capture failed).
     fn end_capture(&mut self) -> Result<usize>;
     /// Launches a captured graph: one driver call for the whole recorded sequence.
     fn launch_graph(&mut self, graph: usize) -> Result<()>;
+    /// Frees a captured graph (its handle is not reused).
+    fn drop_graph(&mut self, graph: usize);
     /// Starts a timer on the device's stream (a device event on a GPU, the wall clock under emulation).
     fn timer_start(&mut self) -> Result<()>;
     /// Milliseconds of stream work since [`Device::timer_start`]; waits for that work to finish.

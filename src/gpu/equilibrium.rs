@@ -51,7 +51,7 @@ impl ValueType {
 }
 
 /// Options of [`Gpu::equilibrium`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EqOptions {
     /// Tolerance on max_j |T(u)_j - u_j| relative to the row's value scale max(max v, tau).
     pub tol: f64,
@@ -141,7 +141,7 @@ pub(super) struct CallerBuffers {
 }
 
 /// Launch shape of the equilibrium kernel.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct EqShape {
     stage: bool,
     threads: u32,
@@ -152,7 +152,7 @@ pub(super) struct EqShape {
 
 /// Where a solver kernel (equilibrium.cu, jacobi.cu) writes its solution: B x N policy and aggregate incentive,
 /// B x J x N incentives (0: not written), B x J payoffs and B x 3 stats (passes, residual, converged).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct SolutionAt {
     pub(super) pi: DevPtr,
     pub(super) agg: DevPtr,
@@ -163,7 +163,7 @@ pub(super) struct SolutionAt {
 
 /// An equilibrium prepared on the device: inputs uploaded, outputs allocated. [`Gpu::run_equilibrium`]
 /// launches it (benchmarks time that), [`Gpu::fetch_equilibrium`] copies the solution back.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EqJob {
     pub(super) rows: usize,
     pub(super) n: usize,
@@ -411,7 +411,7 @@ impl Gpu {
 
     /// Records the launch of a prepared equilibrium as a CUDA graph, so that a decoding loop replays the step
     /// with one driver call ([`Gpu::run_graph`]); inputs are re-uploaded into the same buffers between steps.
-    /// An error under the emulation (use [`Gpu::run_equilibrium`] there).
+    /// The emulation records and replays it alike.
     pub fn capture_equilibrium(&mut self, job: &EqJob) -> Result<usize> {
         // Module loading and the shared-memory opt-in are not capturable: do them with a first real launch.
         self.run_equilibrium(job)?;

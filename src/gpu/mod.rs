@@ -43,7 +43,7 @@ mod values;
 pub use candidates::{CandJob, Candidates, Logits, MAX_TOP_K};
 pub use equilibrium::{DeviceEquilibrium, EqJob, EqOptions, MAX_CLUSTER_PRINCIPALS, MAX_PRINCIPALS, ValueType};
 pub use policy::DevicePolicy;
-pub use resident::{PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep};
+pub use resident::{PrincipalStreams, ResidentLaunch, ResidentMethod, ResidentReport, ResidentStep};
 pub use step::{DeviceStep, StepOutput};
 
 use crate::error::{CageError, Result};

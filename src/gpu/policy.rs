@@ -31,7 +31,7 @@ impl DevicePolicy {
 }
 
 /// What `cage_policy` reads and writes, all on the device.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct PolicyArgs {
     pub(super) policy: DevicePolicy,
     pub(super) rows: usize,
@@ -51,7 +51,7 @@ pub(super) struct PolicyArgs {
 }
 
 /// What `cage_step_report` reads and writes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct ReportArgs {
     /// B chosen tokens and B x k candidate ids.
     pub(super) tokens: DevPtr,

@@ -5,7 +5,12 @@
 //! policy (the exact equilibrium for `cage`, kernels/policy.cu for the others), the token choice, and the
 //! report. Only the report crosses to the host: per row the token and the principals' raw values there,
 //! (1 + J) x 4 bytes. The host uploads the token ids of the next forward, and the tables below only when they
-//! change (the row table when the live rows change, the weights when the rows do, the lexicon once).
+//! change (the row table when the live rows change, the weights when the rows do, the lexicon once), all by
+//! staged copies that do not wait: the report's download is the step's one wait.
+//!
+//! The step comes in three parts so that its launches can be captured as a graph (`decode::resident` does):
+//! [`Gpu::resident_prepare`] (checks, uploads, buffers: everything the launches read, [`ResidentLaunch`]),
+//! [`Gpu::resident_launch`] (kernels and device copies only) and [`Gpu::resident_finish`] (the download).
 
 use super::choose::ChooseArgs;
 use super::device::{DevBuf, DevPtr, Device};
@@ -95,7 +100,7 @@ impl<T: bytemuck::Pod + PartialEq> Mirror<T> {
         if self.buf.ptr() == 0 || self.host != data {
             self.host.clear();
             self.host.extend_from_slice(data);
-            self.buf.upload(dev, data)?;
+            self.buf.upload_staged(dev, data)?;
         }
         Ok(self.buf.ptr())
     }
@@ -105,7 +110,7 @@ impl<T: bytemuck::Pod + PartialEq> Mirror<T> {
         if self.buf.ptr() == 0 || self.host.len() != n || self.host.iter().any(|h| *h != x) {
             self.host.clear();
             self.host.resize(n, x);
-            self.buf.upload(dev, &self.host)?;
+            self.buf.upload_staged(dev, &self.host)?;
         }
         Ok(self.buf.ptr())
     }
@@ -133,9 +138,47 @@ pub(super) struct ResidentBuffers {
     stats: DevBuf,
     tokens: DevBuf,
     report: DevBuf,
+    /// The step of a sampled choice, read by the kernel (so that a graph replays each step's draws).
+    step: DevBuf,
     /// The host copy of the report.
     host_report: Vec<u32>,
     pairs_host: Vec<i32>,
+    /// The launches of the step prepared last.
+    launch: ResidentLaunch,
+}
+
+/// The method's part of a [`ResidentLaunch`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum MethodLaunch {
+    /// A policy of kernels/policy.cu.
+    Policy(super::policy::PolicyArgs),
+    /// The exact equilibrium.
+    Equilibrium(EqJob),
+    /// No policy on the device: the step ends after the values.
+    #[default]
+    Host,
+}
+
+/// Everything the launches of a resident step read: device addresses and the kernels' scalar parameters. Two
+/// steps with equal launches enqueue the same kernels with the same parameters, everything else that differs
+/// between them lives in device memory; which is what lets a captured graph stand for the step (see
+/// [`Gpu::resident_launch`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResidentLaunch {
+    rows: usize,
+    vocab: usize,
+    j: usize,
+    /// B x V gathered base rows and the rows they are copied from (empty: the base rows are contiguous and read
+    /// in place).
+    gather: DevPtr,
+    gather_from: Vec<DevPtr>,
+    cands: Option<super::CandJob>,
+    values: Option<StreamValuesArgs>,
+    method: MethodLaunch,
+    choose: Option<ChooseArgs>,
+    report: Option<ReportArgs>,
+    /// With [`ResidentMethod::Host`]: B x J x k raw values to hand back.
+    raw: DevPtr,
 }
 
 /// What [`Gpu::resident_step`] hands back, kept by the caller from step to step.
@@ -163,6 +206,21 @@ impl Gpu {
     /// Every address of `table` must point at V f32 values of device memory this device can read, unchanged
     /// until the call returns (it waits for the kernels).
     pub unsafe fn resident_step(&mut self, s: &ResidentStep<'_>, out: &mut ResidentReport) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.resident_prepare(s)?;
+            self.resident_launch()?;
+        }
+        self.resident_finish(out)
+    }
+
+    /// The first part of [`Gpu::resident_step`]: checks the step, uploads what changed (tables, weights, the
+    /// step of a sampled choice: staged copies, no wait) and sizes the buffers; the launches are then
+    /// [`Gpu::resident_launches`].
+    ///
+    /// # Safety
+    /// As for [`Gpu::resident_step`], until [`Gpu::resident_finish`] returns.
+    pub unsafe fn resident_prepare(&mut self, s: &ResidentStep<'_>) -> Result<()> {
         let (b, ns, v, k, j) = (s.rows, s.streams, s.vocab, s.k, s.principals.len());
         if b == 0 || ns == 0 || v == 0 {
             return Err(bad(format!("a resident step of {b} rows, {ns} streams, vocabulary {v}: all must be >= 1")));
@@ -205,23 +263,27 @@ impl Gpu {
             };
             bufs.pairs_host.extend(pair);
         }
+        let mut l = std::mem::take(&mut bufs.launch);
+        l.rows = b;
+        l.vocab = v;
+        l.j = j;
 
         // The base rows, contiguous for the candidates kernel: in place when they are, else gathered.
         let dev = self.dev.as_mut();
         let stride = (v * 4) as DevPtr;
         let contiguous = (0..b).all(|r| s.table[r * ns] == s.table[0] + r as DevPtr * stride);
+        l.gather_from.clear();
         let base = if contiguous {
+            l.gather = 0;
             s.table[0]
         } else {
-            let p = bufs.base.reserve(dev, b * v * 4)?;
-            for r in 0..b {
-                dev.copy(p + r as DevPtr * stride, s.table[r * ns], v * 4)?;
-            }
-            p
+            l.gather = bufs.base.reserve(dev, b * v * 4)?;
+            l.gather_from.extend((0..b).map(|r| s.table[r * ns]));
+            l.gather
         };
         // SAFETY: the caller vouches for the logits; a gathered copy is B x V here.
         let cands = unsafe { self.prepare_candidates_device(base, b, v, Some(k)) }?;
-        self.run_candidates(&cands)?;
+        l.cands = Some(cands);
 
         // The values.
         let (dev, bufs) = (self.dev.as_mut(), &mut self.resident);
@@ -235,43 +297,32 @@ impl Gpu {
             ResidentMethod::Policy(DevicePolicy::Genarm | DevicePolicy::Mod) => bufs.own.reserve(dev, jk)?,
             _ => 0,
         };
-        if j > 0 {
-            let args = StreamValuesArgs {
-                rows: b,
-                table,
-                streams: ns,
-                pairs,
-                lexicon,
-                j,
-                v,
-                ids: cands.ids,
-                k,
-                base: cands.logp,
-                weights,
-                shift_min: s.shift_min,
-                raw,
-                values,
-                own,
-            };
-            // SAFETY: the table's rows are the caller's, the pairs were checked against S and the lexicon's rows,
-            // the other buffers sized above on this device.
-            unsafe { self.launch_values_streams(&args) }?;
-        }
-
-        out.tokens.clear();
-        out.values.clear();
-        out.ids.clear();
-        out.logp.clear();
-        out.raw.clear();
+        l.values = (j > 0).then_some(StreamValuesArgs {
+            rows: b,
+            table,
+            streams: ns,
+            pairs,
+            lexicon,
+            j,
+            v,
+            ids: cands.ids,
+            k,
+            base: cands.logp,
+            weights,
+            shift_min: s.shift_min,
+            raw,
+            values,
+            own,
+        });
+        l.raw = raw;
 
         // The policy.
-        let (dev, bufs) = (self.dev.as_mut(), &mut self.resident);
         let pi = bufs.pi.reserve(dev, b * k * 4)?;
         let tokens = bufs.tokens.reserve(dev, b * 4)?;
         let report = bufs.report.reserve(dev, b * (1 + j) * 4)?;
         let stats = match s.method {
             ResidentMethod::Policy(policy) => {
-                let args = super::policy::PolicyArgs {
+                l.method = MethodLaunch::Policy(super::policy::PolicyArgs {
                     policy,
                     rows: b,
                     j,
@@ -282,19 +333,14 @@ impl Gpu {
                     weights,
                     tau: s.tau,
                     pi,
-                };
-                // SAFETY: buffers sized above on this device.
-                unsafe { self.launch_policy(&args)? };
+                });
                 0
             }
             ResidentMethod::Host => {
-                // Three downloads of k x (2 + J) numbers per row in all; the host forms the policy.
-                out.ids.resize(b * k, 0);
-                self.dev.download(cands.ids, bytemuck::cast_slice_mut(&mut out.ids))?;
-                out.logp.resize(b * k, 0.0);
-                self.dev.download(cands.logp, bytemuck::cast_slice_mut(&mut out.logp))?;
-                out.raw.resize(b * j * k, 0.0);
-                self.dev.download(raw, bytemuck::cast_slice_mut(&mut out.raw))?;
+                l.method = MethodLaunch::Host;
+                l.choose = None;
+                l.report = None;
+                self.resident.launch = l;
                 return Ok(());
             }
             ResidentMethod::Equilibrium => {
@@ -321,36 +367,117 @@ impl Gpu {
                         payoff: bufs.payoff.reserve(dev, b * j_eff * 4)?,
                         stats: bufs.stats.reserve(dev, b * 3 * 4)?,
                     },
-                    // Launched right here on the step's own buffers: nothing to check later.
+                    // Launched by this step on its own buffers: nothing to check later.
                     generation: 0,
                 };
-                self.launch_equilibrium(&job, 0)?;
+                l.method = MethodLaunch::Equilibrium(job);
                 job.out.stats
             }
         };
 
-        // The token and the report.
-        let keys = self.resident.keys.sync(self.dev.as_mut(), s.keys)?;
-        let choose = ChooseArgs {
+        // The token and the report. A sampled choice reads its step from the device (a greedy one has none).
+        let (dev, bufs) = (self.dev.as_mut(), &mut self.resident);
+        let keys = bufs.keys.sync(dev, s.keys)?;
+        let step_at = match s.choice {
+            Choice::Greedy => 0,
+            _ => {
+                let p = bufs.step.reserve(dev, 4)?;
+                dev.upload_staged(p, bytemuck::bytes_of(&s.step))?;
+                p
+            }
+        };
+        l.choose = Some(ChooseArgs {
             pi,
             rows: b,
             n: k,
             ids: cands.ids,
             choice: s.choice,
             seed: s.seed,
-            step: s.step,
+            step: 0,
+            step_at,
             keys,
             tokens,
+        });
+        l.report = Some(ReportArgs { tokens, ids: cands.ids, rows: b, k, raw, j, stats, out: report });
+        self.resident.launch = l;
+        Ok(())
+    }
+
+    /// The launches [`Gpu::resident_prepare`] prepared: equal for two steps exactly when one's launches (a
+    /// captured graph) can stand for the other's.
+    pub fn resident_launches(&self) -> &ResidentLaunch {
+        &self.resident.launch
+    }
+
+    /// Enqueues the prepared step's kernels (and the gather of the base rows), on the device's stream or into
+    /// a graph being captured: no copy to or from the host, no wait.
+    ///
+    /// # Safety
+    /// As for [`Gpu::resident_prepare`].
+    pub unsafe fn resident_launch(&mut self) -> Result<()> {
+        let l = std::mem::take(&mut self.resident.launch);
+        // SAFETY: forwarded contract.
+        let done = unsafe { self.enqueue_resident(&l) };
+        self.resident.launch = l;
+        done
+    }
+
+    /// See [`Gpu::resident_launch`].
+    unsafe fn enqueue_resident(&mut self, l: &ResidentLaunch) -> Result<()> {
+        let cands = l.cands.ok_or_else(|| bad("a resident launch before resident_prepare".into()))?;
+        let stride = (l.vocab * 4) as DevPtr;
+        for (r, &from) in l.gather_from.iter().enumerate() {
+            self.dev.copy(l.gather + r as DevPtr * stride, from, l.vocab * 4)?;
+        }
+        self.run_candidates(&cands)?;
+        if let Some(args) = &l.values {
+            // SAFETY: the table's rows are the caller's, the pairs were checked against S and the lexicon's rows,
+            // the other buffers sized by resident_prepare on this device.
+            unsafe { self.launch_values_streams(args) }?;
+        }
+        match &l.method {
+            // SAFETY: buffers sized by resident_prepare on this device.
+            MethodLaunch::Policy(args) => unsafe { self.launch_policy(args)? },
+            MethodLaunch::Equilibrium(job) => self.launch_equilibrium(job, 0)?,
+            MethodLaunch::Host => return Ok(()),
+        }
+        if let (Some(choose), Some(rep)) = (&l.choose, &l.report) {
+            // SAFETY: buffers sized by resident_prepare on this device.
+            unsafe {
+                self.launch_choose(choose)?;
+                self.launch_report(rep)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last part of [`Gpu::resident_step`], after its launches (plain or a graph): the one download, which
+    /// waits for them, and the checks of the report.
+    pub fn resident_finish(&mut self, out: &mut ResidentReport) -> Result<()> {
+        out.tokens.clear();
+        out.values.clear();
+        out.ids.clear();
+        out.logp.clear();
+        out.raw.clear();
+        let l = &self.resident.launch;
+        let (b, v, j) = (l.rows, l.vocab, l.j);
+        let cands = l.cands.ok_or_else(|| bad("resident_finish before resident_prepare".into()))?;
+        let Some(report) = l.report else {
+            // A policy of the host: three downloads of k x (2 + J) numbers per row in all.
+            let k = cands.ids_per_row();
+            let raw = l.raw;
+            out.ids.resize(b * k, 0);
+            self.dev.download(cands.ids, bytemuck::cast_slice_mut(&mut out.ids))?;
+            out.logp.resize(b * k, 0.0);
+            self.dev.download(cands.logp, bytemuck::cast_slice_mut(&mut out.logp))?;
+            out.raw.resize(b * j * k, 0.0);
+            self.dev.download(raw, bytemuck::cast_slice_mut(&mut out.raw))?;
+            return Ok(());
         };
-        // SAFETY: buffers sized above on this device.
-        unsafe { self.launch_choose(&choose)? };
-        let rep = ReportArgs { tokens, ids: cands.ids, rows: b, k, raw, j, stats, out: report };
-        // SAFETY: buffers sized above on this device.
-        unsafe { self.launch_report(&rep)? };
         let words = b * (1 + j);
         let bufs = &mut self.resident;
         bufs.host_report.resize(words, 0);
-        self.dev.download(report, bytemuck::cast_slice_mut(&mut bufs.host_report))?;
+        self.dev.download(report.out, bytemuck::cast_slice_mut(&mut bufs.host_report))?;
 
         for (r, w) in bufs.host_report.chunks_exact(1 + j).enumerate() {
             match w[0] {

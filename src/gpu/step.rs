@@ -113,7 +113,7 @@ impl Gpu {
         let j_eff = j.max(1);
         let (dev, bufs) = (self.dev.as_mut(), &mut self.step);
         let values = if j == 0 {
-            bufs.zero.upload(dev, &vec![0f32; b * k])?
+            bufs.zero.upload_staged(dev, &vec![0f32; b * k])?
         } else {
             let args = ValuesArgs {
                 tag: "f32",
@@ -126,7 +126,7 @@ impl Gpu {
                 k,
                 ids: cands.ids,
                 base: cands.logp,
-                weights: bufs.weights.upload(dev, s.weights)?,
+                weights: bufs.weights.upload_staged(dev, s.weights)?,
                 shift_min: true,
                 out: bufs.values.reserve(dev, b * j * k * 4)?,
             };
@@ -148,7 +148,7 @@ impl Gpu {
             shape,
             base: cands.logp,
             values,
-            tau: bufs.tau.upload(dev, s.tau)?,
+            tau: bufs.tau.upload_staged(dev, s.tau)?,
             out: SolutionAt {
                 pi: bufs.pi.reserve(dev, b * k * 4)?,
                 agg: bufs.agg.reserve(dev, b * k * 4)?,
@@ -171,6 +171,7 @@ impl Gpu {
             choice: s.choice,
             seed: s.seed,
             step: s.step,
+            step_at: 0,
             keys: 0,
             tokens,
         };

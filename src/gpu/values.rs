@@ -46,7 +46,7 @@ pub(super) struct ValuesArgs {
 }
 
 /// What `cage_values_streams` reads and writes (the resident step's values), all on the device.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct StreamValuesArgs {
     /// B rows.
     pub(super) rows: usize,

@@ -12,7 +12,9 @@
 //!   the memory of a bf16 cache, but no rounding of keys and values, which keeps the GPU within bf16 activation
 //!   rounding of the CPU (see tests/model_gpu.rs).
 //! - Every activation buffer is allocated at construction for `max_tokens` tokens per call: a forward call
-//!   uploads only the token ids and positions, and allocates nothing on the device.
+//!   uploads only its token ids, positions, slots and logit rows, packed in one staged copy that does not wait,
+//!   and allocates nothing on the device. [`GpuDecoder::stage_device`] and [`GpuDecoder::launch_staged`] split
+//!   a call in two, so that the launches can be captured into a graph.
 //! - [`GpuDecoder::forward_device`] leaves the logits on the device (f32, row-major `[rows, vocab]`), where
 //!   [`Gpu::prepare_candidates_device`] and the equilibrium kernels read them without a copy; the trait's
 //!   [`Decoder::forward`] downloads them.
@@ -118,7 +120,7 @@ struct LayerW {
 }
 
 /// Contiguous tokens of one sequence in a call.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Run {
     start: usize,
     len: usize,
@@ -143,10 +145,38 @@ struct Acts {
     lora_bf16: DevBuf,
     /// f32 `[max_rows, vocab]`.
     logits: DevBuf,
-    tokens: DevBuf,
-    pos: DevBuf,
-    slot: DevBuf,
-    rows: DevBuf,
+    /// The call's inputs packed for one copy: token ids, positions and KV slots (t ints each), then the logit
+    /// rows (see [`Packed`]).
+    inputs: DevBuf,
+}
+
+/// Where the packed inputs of a call of `t` tokens lie in [`Acts::inputs`] (int offsets): one upload per call.
+struct Packed;
+
+impl Packed {
+    fn tokens(base: DevPtr) -> DevPtr {
+        base
+    }
+    fn pos(base: DevPtr, t: usize) -> DevPtr {
+        base + (t * 4) as DevPtr
+    }
+    fn slot(base: DevPtr, t: usize) -> DevPtr {
+        base + (2 * t * 4) as DevPtr
+    }
+    fn rows(base: DevPtr, t: usize) -> DevPtr {
+        base + (3 * t * 4) as DevPtr
+    }
+}
+
+/// What the launches of a forward call depend on besides device memory: two calls of equal shape enqueue the
+/// same kernels with the same parameters (a captured graph of one replays the other).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForwardShape {
+    t: usize,
+    rows: usize,
+    all: bool,
+    logits: bool,
+    runs: Vec<Run>,
 }
 
 /// The GPU [`Decoder`]: the model's weights on a device, a KV cache of `slots` sequences of up to `max_seq`
@@ -172,6 +202,10 @@ pub struct GpuDecoder {
     h_pos: Vec<i32>,
     h_slot: Vec<i32>,
     h_rows: Vec<i32>,
+    /// The four above packed for the call's one upload.
+    h_inputs: Vec<i32>,
+    /// The shape of the call staged last ([`GpuDecoder::stage_device`]).
+    staged: ForwardShape,
     seen: Vec<bool>,
     runs: Vec<Run>,
     host_logits: Vec<f32>,
@@ -290,10 +324,7 @@ impl GpuDecoder {
             t * max_r * 4,
             t * max_r * 2,
             max_rows * vocab * 4,
-            t * 4,
-            t * 4,
-            t * 4,
-            max_rows * 4,
+            (3 * t + max_rows) * 4,
         ];
         let cache = c.num_layers * slots * max_seq * kvd * 4;
         // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the f32 KV cache and the
@@ -319,7 +350,7 @@ impl GpuDecoder {
                 down: upload_linear(dev, &l.down)?,
             });
         }
-        let [x, act, q, k, v, tmp, gate, up, lora_f32, lora_bf16, logits, tokens, pos, slot, rows] = act_bytes;
+        let [x, act, q, k, v, tmp, gate, up, lora_f32, lora_bf16, logits, inputs] = act_bytes;
         let acts = Acts {
             x: DevBuf::alloc(dev, x)?,
             act: DevBuf::alloc(dev, act)?,
@@ -332,10 +363,7 @@ impl GpuDecoder {
             lora_f32: DevBuf::alloc(dev, lora_f32)?,
             lora_bf16: DevBuf::alloc(dev, lora_bf16)?,
             logits: DevBuf::alloc(dev, logits)?,
-            tokens: DevBuf::alloc(dev, tokens)?,
-            pos: DevBuf::alloc(dev, pos)?,
-            slot: DevBuf::alloc(dev, slot)?,
-            rows: DevBuf::alloc(dev, rows)?,
+            inputs: DevBuf::alloc(dev, inputs)?,
         };
         Ok(GpuDecoder {
             embed: upload_weight(dev, &model.embed, c.hidden_size)?,
@@ -355,6 +383,8 @@ impl GpuDecoder {
             h_pos: Vec::with_capacity(max_tokens),
             h_slot: Vec::with_capacity(max_tokens),
             h_rows: Vec::with_capacity(max_rows),
+            h_inputs: Vec::with_capacity(3 * max_tokens + max_rows),
+            staged: ForwardShape::default(),
             seen: vec![false; slots],
             runs: Vec::with_capacity(slots),
             host_logits: vec![0.0; max_rows * vocab],
@@ -446,16 +476,30 @@ impl GpuDecoder {
     /// loops whose next kernels (top-k, equilibrium) run on the same device. The work is queued on the device's
     /// stream; kernels launched next on that stream see the logits.
     pub fn forward_device(&mut self, seqs: &[Seq], at: LogitsAt) -> Result<DeviceLogits> {
-        let rows = self.run(seqs, at, true)?;
+        let out = self.stage_device(seqs, at)?;
+        self.launch_staged()?;
+        Ok(out)
+    }
+
+    /// The first half of [`GpuDecoder::forward_device`]: checks the batch, uploads its inputs (one staged copy,
+    /// no wait) and counts its tokens into the cache; [`GpuDecoder::launch_staged`] must follow, on the stream
+    /// or into a graph ([`GpuDecoder::staged_shape`] says which graph stands for it).
+    pub fn stage_device(&mut self, seqs: &[Seq], at: LogitsAt) -> Result<DeviceLogits> {
+        let rows = self.stage(seqs, at, true)?;
         Ok(DeviceLogits { ptr: self.acts.logits.ptr(), rows, vocab: self.model.config.vocab_size })
     }
 
+    /// The shape of the call staged last: two calls of equal shape launch the same kernels.
+    pub fn staged_shape(&self) -> &ForwardShape {
+        &self.staged
+    }
     /// Runs the batch and returns the final hidden state (after the final norm) of the last new token of each
     /// sequence, `[seqs, hidden]` f32 on the host: what a score head reads (see [`super::score`]). The f32
     /// residual rows come back and are normed on the host, because the device's final norm writes the bf16
     /// input of the LM-head GEMM.
     pub fn forward_hidden(&mut self, seqs: &[Seq]) -> Result<&[f32]> {
-        let rows = self.run(seqs, LogitsAt::Last, false)?;
+        let rows = self.stage(seqs, LogitsAt::Last, false)?;
+        self.launch_staged()?;
         let h = self.model.config.hidden_size;
         let (x, dev) = (self.acts.x.ptr(), self.gpu.device());
         let (raw, normed) = self.host_hidden.split_at_mut(self.max_rows * h);
@@ -468,31 +512,49 @@ impl GpuDecoder {
         Ok(&normed[..rows * h])
     }
 
-    /// The layers of one batch, and with `logits` the final norm and the LM head; returns the rows.
-    fn run(&mut self, seqs: &[Seq], at: LogitsAt, logits: bool) -> Result<usize> {
+    /// Checks a batch, uploads its packed inputs in one staged copy and counts its tokens into the cache; with
+    /// `logits` the launches will include the final norm and the LM head. Returns the rows.
+    fn stage(&mut self, seqs: &[Seq], at: LogitsAt, logits: bool) -> Result<usize> {
         let rows = self.prepare(seqs, at)?;
-        let Self { model, gpu, layers, acts: a, runs, lens, .. } = self;
+        let t = self.h_tokens.len();
+        self.h_inputs.clear();
+        self.h_inputs.extend_from_slice(&self.h_tokens);
+        self.h_inputs.extend_from_slice(&self.h_pos);
+        self.h_inputs.extend_from_slice(&self.h_slot);
+        // Rows of the logits: every token, or the last of each sequence.
+        if at == LogitsAt::Last {
+            self.h_inputs.extend_from_slice(&self.h_rows);
+        }
+        let inputs = self.acts.inputs.ptr();
+        self.gpu.device().upload_staged(inputs, bytemuck::cast_slice(&self.h_inputs))?;
+        for r in &self.runs {
+            self.lens[self.h_slot[r.start] as usize] += r.len;
+        }
+        let s = &mut self.staged;
+        (s.t, s.rows, s.all, s.logits) = (t, rows, at == LogitsAt::All, logits);
+        s.runs.clone_from(&self.runs);
+        Ok(rows)
+    }
+
+    /// Enqueues the layers of the staged batch, and with logits the final norm and the LM head: kernels and
+    /// GEMMs only, so a graph capture can record them.
+    pub fn launch_staged(&mut self) -> Result<()> {
+        let Self { model, gpu, layers, acts: a, staged: shape, .. } = self;
         let c = &model.config;
         let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let (kvd, ffn, vocab) = (nkv * hd, c.intermediate_size, c.vocab_size);
         let heads = Heads { q: nh, kv: nkv, dim: hd };
-        let t = self.h_tokens.len();
+        let (t, rows, runs) = (shape.t, shape.rows, &shape.runs[..]);
+        if t == 0 {
+            return Err(bad("launch_staged without a staged batch".into()));
+        }
         let eps = c.rms_norm_eps;
         let dev = gpu.device();
-        let (tokens, pos, slot) = (a.tokens.ptr(), a.pos.ptr(), a.slot.ptr());
-        dev.upload(tokens, bytemuck::cast_slice(&self.h_tokens))?;
-        dev.upload(pos, bytemuck::cast_slice(&self.h_pos))?;
-        dev.upload(slot, bytemuck::cast_slice(&self.h_slot))?;
-        // Rows of the logits: every token, or the last of each sequence (listed in `rows`).
-        let rows_ptr = match at {
-            LogitsAt::All => 0,
-            LogitsAt::Last => {
-                dev.upload(a.rows.ptr(), bytemuck::cast_slice(&self.h_rows))?;
-                a.rows.ptr()
-            }
-        };
+        let inputs = a.inputs.ptr();
+        let (tokens, pos, slot) = (Packed::tokens(inputs), Packed::pos(inputs, t), Packed::slot(inputs, t));
+        let rows_ptr = if shape.all { 0 } else { Packed::rows(inputs, t) };
         let (x, act, tmp) = (a.x.ptr(), a.act.ptr(), a.tmp.ptr());
-        let layer_cache = (lens.len() * self.max_seq * kvd * 4) as DevPtr;
+        let layer_cache = (self.lens.len() * self.max_seq * kvd * 4) as DevPtr;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed).ptr();
         // SAFETY: every buffer was allocated by `new` for max_tokens tokens (max_rows logit rows) of this model,
         // and `prepare` checked the call against those sizes, the cache's slots and positions and the vocabulary.
@@ -520,16 +582,13 @@ impl GpuDecoder {
                 apply(dev, &l.down, act, t, tmp, runs, a)?;
                 tf::add(dev, x, tmp, t * h)?;
             }
-            if logits {
+            if shape.logits {
                 // Final norm only on the rows that get logits.
                 tf::rmsnorm(dev, x, rows_ptr, self.norm.ptr(), eps, h, rows, act)?;
                 dev.gemm_bf16(rows, vocab, h, act, lm_head, a.logits.ptr(), 1.0, 0.0)?;
             }
         }
-        for r in runs.iter() {
-            lens[self.h_slot[r.start] as usize] += r.len;
-        }
-        Ok(rows)
+        Ok(())
     }
 }
 
