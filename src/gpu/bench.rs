@@ -168,7 +168,11 @@ pub fn candidates(
     let job = gpu.prepare_candidates(Logits::Bf16(&x), rows, vocab, k)?;
     let micros = time_us(gpu, cache, reps, &mut |g| g.run_candidates(&job))?;
     let bytes = job.bytes_moved();
-    let name = format!("candidates B={rows} V={vocab} k={}", k.map_or("all".into(), |k| k.to_string()));
+    let split = match job.blocks_per_row() {
+        1 => String::new(),
+        p => format!(" ({p} blocks per row)"),
+    };
+    let name = format!("candidates B={rows} V={vocab} k={}{split}", k.map_or("all".into(), |k| k.to_string()));
     Ok(Measurement { name, cache, micros, bytes })
 }
 
