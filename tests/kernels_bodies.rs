@@ -37,6 +37,7 @@ macro_rules! kernel_tests {
             principal_values_match_cpu: bodies::principal_values_match_cpu,
             policy_matches_host_stage: bodies::policy_matches_host_stage,
             resident_step_reports_tokens_and_values: bodies::resident_step_reports_tokens_and_values,
+            resident_step_split_rows: bodies::resident_step_split_rows,
             jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
             graph_replays_equilibrium: bodies::graph_replays_equilibrium,
             stale_jobs_are_refused: bodies::stale_jobs_are_refused,
@@ -987,6 +988,48 @@ pub fn policy_matches_host_stage(gpu: &mut Gpu) {
         }
     }
     assert!(gpu.policy(DevicePolicy::Mod, 1, 0, k, &logp[..k], &[], &[], &[], tau).is_err());
+}
+
+/// The resident step on rows long enough for its log-sum-exps (cage_lse_streams) and its top-k to be split over
+/// several blocks: the value at the greedy token against q computed here in f64.
+pub fn resident_step_split_rows(gpu: &mut Gpu) {
+    use cage::gpu::{PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep};
+    let (rows, v, k) = (1, 2 * cage::gpu::MIN_SLICE + 13, 8);
+    assert!(cage::gpu::row_split(rows * 2, v, None).is_some(), "this shape no longer splits rows");
+    let x: Vec<f32> =
+        logits(rows * 2, v, 6).into_iter().map(|x| if x == f32::NEG_INFINITY { -30.0 } else { x }).collect();
+    let mut buf = gpu.alloc(x.len() * 4).unwrap();
+    buf.upload(gpu.device(), &x).unwrap();
+    let table: Vec<u64> = (0..rows * 2).map(|i| buf.ptr() + (i * v * 4) as u64).collect();
+    let step = ResidentStep {
+        rows,
+        streams: 2,
+        vocab: v,
+        k,
+        table: &table,
+        principals: &[PrincipalStreams::Ratio { of: 1, against: 0 }],
+        lexicon: &[],
+        weights: &[1.0],
+        tau: 0.5,
+        shift_min: false,
+        method: ResidentMethod::Policy(DevicePolicy::Base),
+        choice: Choice::Greedy,
+        keys: &[0],
+        seed: 1,
+        step: 0,
+    };
+    let mut out = ResidentReport::default();
+    // SAFETY: the table points into `buf`, 2 rows of V f32 logits.
+    unsafe { gpu.resident_step(&step, &mut out) }.unwrap();
+    let lse = |x: &[f32]| {
+        let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (b, a) = (&x[..v], &x[v..]);
+    let best = (0..v).fold(0, |i, j| if b[j] > b[i] { j } else { i });
+    assert_eq!(out.tokens[0] as usize, best, "greedy base takes the largest logit");
+    let q = (a[best] as f64 - lse(a)) - (b[best] as f64 - lse(b));
+    assert!((out.values[0] as f64 - q).abs() < 1e-4, "{} vs {q}", out.values[0]);
 }
 
 /// The resident step on streams interleaved in one buffer (row r's stream s at row 2r + s, so the base rows
