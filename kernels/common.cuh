@@ -45,8 +45,8 @@ __device__ __forceinline__ T* cage_cluster_map(T* p, unsigned) {
 // Calls f(i, x[i]) for the `count` elements of x, each thread of the block over its share, with 16-byte loads
 // for the aligned middle and scalar head and tail: rows of a batch start at any element offset, so the head
 // realigns each one. The order of the calls is unspecified (reductions, scatters and copies only).
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_vec(const T* __restrict__ x, int count, F f) {
+template <int UNROLL, typename T, typename F>
+__device__ __forceinline__ void for_each_vec_n(const T* __restrict__ x, int count, F f) {
   constexpr int PER = 16 / sizeof(T);
   const int tid = threadIdx.x, nt = blockDim.x;
   int head = (int)(((16 - ((size_t)x & 15)) & 15) / sizeof(T));
@@ -55,13 +55,33 @@ __device__ __forceinline__ void for_each_vec(const T* __restrict__ x, int count,
   for (int i = tid; i < head; i += nt) f(i, x[i]);
   const int nvec = (count - head) / PER;
   const uint4* vx = reinterpret_cast<const uint4*>(x + head);
-  for (int q = tid; q < nvec; q += nt) {
+  int q = tid;
+  // UNROLL 16-byte loads in flight per thread before the first is used: one load at a time leaves a streaming
+  // row latency-bound at small batch.
+  for (; q + (UNROLL - 1) * nt < nvec; q += UNROLL * nt) {
+    uint4 w[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) w[u] = __ldg(vx + q + u * nt);
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const T* e = reinterpret_cast<const T*>(&w[u]);
+#pragma unroll
+      for (int k = 0; k < PER; k++) f(head + (q + u * nt) * PER + k, e[k]);
+    }
+  }
+  for (; q < nvec; q += nt) {
     const uint4 w = __ldg(vx + q);
     const T* e = reinterpret_cast<const T*>(&w);
 #pragma unroll
     for (int k = 0; k < PER; k++) f(head + q * PER + k, e[k]);
   }
   for (int i = head + nvec * PER + tid; i < count; i += nt) f(i, x[i]);
+}
+
+// for_each_vec_n with four loads in flight for 4-byte elements, two for 2-byte ones (8 elements per load).
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_vec(const T* __restrict__ x, int count, F f) {
+  for_each_vec_n<sizeof(T) >= 4 ? 4 : 2>(x, count, f);
 }
 
 // Copies `count` elements from global to shared memory with 16-byte loads.
@@ -140,6 +160,17 @@ __device__ float row_lse(const T* __restrict__ x, int v, float* red) {
   float m = cage_neg_inf(), s = 0.0f;
   for_each_vec(x, v, [&](int, T e) { lse_push(m, s, to_f32(e)); });
   return lse_block(m, s, red);
+}
+
+// A row's log-sum-exp from the log-sum-exps of its `parts` slices (-inf for a slice with no finite entry),
+// merged in slice order: every block that merges the same partials gets the same bits.
+__device__ __forceinline__ float lse_merge(const float* __restrict__ part, int parts) {
+  float m = cage_neg_inf();
+  for (int i = 0; i < parts; i++) m = fmaxf(m, part[i]);
+  if (m == cage_neg_inf()) return m;
+  float s = 0.0f;
+  for (int i = 0; i < parts; i++) s += part[i] == cage_neg_inf() ? 0.0f : __expf(part[i] - m);
+  return m + logf(s);
 }
 
 // Philox4x32-10 (Salmon et al., SC 2011): a counter-based RNG, so a draw depends only on (key, counter) and is

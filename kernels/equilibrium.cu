@@ -12,13 +12,19 @@
 //
 // The row (log pi0 as f32, values as f32 or bf16) is staged in dynamic shared memory when the host finds it
 // fits (`cache` = 1), so the Newton passes after the first cost no DRAM traffic; otherwise every pass re-reads
-// it from global memory (L2 for moderate batches).
+// it from global memory (L2 for moderate batches). Where the loop structure departs from exact.rs: the staged
+// passes have their own loop (eq_pass_staged) over shared memory, each thread taking 4 consecutive elements per
+// iteration with one float4 load of log pi0 and one float4 (f32) or two bf16x2 (bf16) loads per value row, and
+// one softmax rescale per group of 4 instead of per element; the global-memory passes keep exact.rs' one
+// element per iteration. Both branch on `cache` once per pass, so each reads through pointers of a known
+// address space (no generic loads). The sums are the same; only their f32 rounding order differs.
 //
 // Full-vocabulary rows larger than one SM's shared memory (V = 128256 with J = 4 bf16 values is 1.5 MB) are
 // split across a thread-block cluster (cage_eqc_*, sm_90): each of the C blocks stages a contiguous slice, every
 // pass reduces its slice to (max, J(J + 2) + 1 sums), and the partials are exchanged through distributed shared
-// memory and merged. Every block's thread 0 merges all C partials in the same order and runs the same control,
-// so the blocks take identical decisions without another exchange. One cluster barrier per pass: the partial
+// memory and merged: lane r of warp 0 reads block r's partial, and warp shuffles merge them (the same butterfly
+// in every block, so every block gets the same bits). Every block's thread 0 then runs the same control, so the
+// blocks take identical decisions without another exchange. One cluster barrier per pass: the partial
 // slots are double-buffered by pass parity (a block can be at most one pass ahead of the slowest reader).
 #include "common.cuh"
 
@@ -143,16 +149,165 @@ __host__ __device__ constexpr int eq_exchange_floats() {
   return ((2 * (2 + J * (J + 2)) + J) + 3) & ~3;
 }
 
+// Accumulator slots of one pass: S, g_j, P_j, cross E_kj = sum e 1{v_k > c_k} (c_j - v_j)^+.
+template <int J>
+__host__ __device__ constexpr int eq_nacc() {
+  return 1 + J * (J + 2);
+}
+
+// One element of a pass (exact.rs' evaluation loop body): adds the candidate with logit z and values v, whose
+// softmax weight relative to the running max m is e, to the sums.
+template <int J>
+__device__ __forceinline__ void eq_add(float e, const float (&v)[J], const float (&c)[J],
+                                       float (&acc)[eq_nacc<J>()]) {
+  acc[0] += e;
+#pragma unroll
+  for (int p = 0; p < J; p++) {
+    // (c - v)^+ directly, not c - E[min(v, c)]: g can be far smaller than c and must keep its digits.
+    const float gap = fmaxf(c[p] - v[p], 0.0f);
+    acc[1 + p] += e * gap;
+    if (v[p] > c[p]) acc[1 + J + p] += e;
+#pragma unroll
+    for (int k = 0; k < J; k++)
+      if (k != p && v[k] > c[k]) acc[1 + 2 * J + k * J + p] += e * gap;
+  }
+}
+
+// Rescales the sums to a new running max.
+template <int J>
+__device__ __forceinline__ void eq_rescale(float& m, float z, float (&acc)[eq_nacc<J>()]) {
+  const float s = __expf(m - z);
+#pragma unroll
+  for (int k = 0; k < eq_nacc<J>(); k++) acc[k] *= s;
+  m = z;
+}
+
+// One pass over a row in global memory, one element per thread per iteration (exact.rs' loop).
+template <int J, typename V>
+__device__ __forceinline__ void eq_pass_global(const float* __restrict__ b_row, const V* __restrict__ v_row,
+                                               size_t vstride, int len, const float (&c)[J], float inv_tau,
+                                               float& m, float (&acc)[eq_nacc<J>()]) {
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    const float b = b_row[i];
+    if (b == cage_neg_inf()) continue;  // excluded candidate: probability 0
+    float v[J];
+    float z = b;
+#pragma unroll
+    for (int p = 0; p < J; p++) {
+      v[p] = to_f32(v_row[(size_t)p * vstride + i]);
+      z += fmaxf(v[p] - c[p], 0.0f) * inv_tau;
+    }
+    if (z > m) eq_rescale<J>(m, z, acc);
+    eq_add<J>(__expf(z - m), v, c, acc);
+  }
+}
+
+// 8 bytes: two bf16x2 words.
+struct __align__(8) eq_bf16x4 {
+  unsigned lo, hi;
+};
+
+// Elements 4q .. 4q + 3 of a staged value row (16-byte aligned for f32, 8-byte for bf16: see eq_row).
+__device__ __forceinline__ void eq_load4(const float* __restrict__ row, int q, float (&out)[4]) {
+  const float4 w = reinterpret_cast<const float4*>(row)[q];
+  out[0] = w.x;
+  out[1] = w.y;
+  out[2] = w.z;
+  out[3] = w.w;
+}
+__device__ __forceinline__ void eq_load4(const __nv_bfloat16* __restrict__ row, int q, float (&out)[4]) {
+  const eq_bf16x4 w = reinterpret_cast<const eq_bf16x4*>(row)[q];
+  // A bf16 is the high half of an f32: the low element of each word shifted up, the high one masked.
+  out[0] = __uint_as_float(w.lo << 16);
+  out[1] = __uint_as_float(w.lo & 0xffff0000u);
+  out[2] = __uint_as_float(w.hi << 16);
+  out[3] = __uint_as_float(w.hi & 0xffff0000u);
+}
+
+// One pass over a row staged in shared memory: `ls` (a multiple of 4) elements per row, padded with
+// log pi0 = -inf and value 0. Each thread takes 4 consecutive elements per iteration (vector loads, consecutive
+// threads on consecutive 16-byte words: no bank conflicts) and rescales its sums at most once per group.
+template <int J, typename V>
+__device__ __forceinline__ void eq_pass_staged(const float* __restrict__ sb, const V* __restrict__ sv, int ls,
+                                               const float (&c)[J], float inv_tau, float& m,
+                                               float (&acc)[eq_nacc<J>()]) {
+  for (int q = threadIdx.x; q < ls / 4; q += blockDim.x) {
+    float b[4], v[J][4];
+    eq_load4(sb, q, b);
+    if (b[0] == cage_neg_inf() && b[1] == cage_neg_inf() && b[2] == cage_neg_inf() && b[3] == cage_neg_inf())
+      continue;
+#pragma unroll
+    for (int p = 0; p < J; p++) eq_load4(sv + (size_t)p * ls, q, v[p]);
+    float z[4], zmax = m;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      z[e] = b[e];
+#pragma unroll
+      for (int p = 0; p < J; p++) z[e] += fmaxf(v[p][e] - c[p], 0.0f) * inv_tau;
+      if (b[e] != cage_neg_inf()) zmax = fmaxf(zmax, z[e]);
+    }
+    if (zmax > m) eq_rescale<J>(m, zmax, acc);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (b[e] == cage_neg_inf()) continue;
+      float ve[J];
+#pragma unroll
+      for (int p = 0; p < J; p++) ve[p] = v[p][e];
+      eq_add<J>(__expf(z[e] - m), ve, c, acc);
+    }
+  }
+}
+
+// Upper bounds u_j <= max_a v_j[a] of a row's values (into ctl.hi). A value that is NaN, infinite or negative
+// makes the bound +inf, which stops the row: the passes would ignore a NaN value (fmaxf drops it) and report a
+// wrong policy as converged.
+template <int J, typename V>
+__device__ __forceinline__ void eq_bounds(const V* __restrict__ vs, size_t vstride, int len, double* hi,
+                                          float* red) {
+  for (int p = 0; p < J; p++) {
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+      const float x = to_f32(vs[(size_t)p * vstride + i]);
+      m = fmaxf(m, x >= 0.0f && x <= EQ_FLT_MAX ? x : -cage_neg_inf());
+    }
+    m = block_max(m, red);
+    if (threadIdx.x == 0) hi[p] = m;
+  }
+}
+
+// Writes pi, Y and y_j of elements [0, len) of the slice at the accepted payoffs (c_j = u_j + tau), with the
+// softmax normaliser (m_u, 1 / s_u) of the pass that evaluated them. The slice starts at `at` in pi and Y, and
+// its y_j at yat + j ystride.
+template <int J, typename V>
+__device__ __forceinline__ void eq_emit(const float* __restrict__ bs, const V* __restrict__ vs, size_t vstride,
+                                        int len, const float (&c)[J], float inv_tau, float m_u, float inv_s,
+                                        size_t at, size_t yat, size_t ystride, float* __restrict__ pi_out,
+                                        float* __restrict__ agg_out, float* __restrict__ y_out) {
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    const float b = bs[i];
+    float agg = 0.0f, z = b;
+#pragma unroll
+    for (int p = 0; p < J; p++) {
+      const float y = b == cage_neg_inf() ? 0.0f : fmaxf(to_f32(vs[(size_t)p * vstride + i]) - c[p], 0.0f);
+      agg += y;
+      z += y * inv_tau;  // the same rounding as in the passes, so pi matches the normaliser s_u exactly
+      if (y_out) y_out[yat + (size_t)p * ystride + i] = y;
+    }
+    agg_out[at + i] = agg;
+    pi_out[at + i] = b == cage_neg_inf() ? 0.0f : __expf(z - m_u) * inv_s;
+  }
+}
+
 template <int J, typename V, bool CL>
 __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* __restrict__ values,
                                        const float* __restrict__ tau_in, int n, float tol, int max_iter, int cache,
                                        float* __restrict__ pi_out, float* __restrict__ agg_out,
                                        float* __restrict__ y_out, float* __restrict__ payoff_out,
                                        float* __restrict__ stats_out) {
-  constexpr int NACC = 1 + J * (J + 2);  // S, g_j, P_j, cross E_kj = sum e 1{v_k > c_k} (c_j - v_j)^+
+  constexpr int NACC = eq_nacc<J>();
   __shared__ EqControl<J> ctl;
   __shared__ float red[32 * NACC];
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tid = threadIdx.x;
   // With a cluster, this block owns the slice [lo, lo + len) of its row (slices a multiple of 4 long, so that
   // every block but the last starts its value rows 16-byte aligned whenever the row does).
   int row = blockIdx.x, rank = 0, lo = 0, len = n;
@@ -170,36 +325,31 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
   const float tau = tau_in[row];
   const float inv_tau = 1.0f / tau;
 
-  // Stage the slice on chip: base as f32 then J value rows in their storage type.
+  // Stage the slice on chip: base as f32 then J value rows in their storage type, each row `ls` elements (len
+  // rounded up to 4, padded with log pi0 = -inf and value 0) so that every row starts 16-byte (f32) or 8-byte
+  // (bf16) aligned for the vector loads of eq_pass_staged. src/gpu/equilibrium.rs sizes the same layout.
   CAGE_DYN_SMEM(smem);
   float* xch = reinterpret_cast<float*>(smem);  // the cluster exchange area
   unsigned char* stage = smem + (CL ? eq_exchange_floats<J>() * 4 : 0);
-  const float* bs = b_row;
-  const V* vs = v_row;
-  size_t vstride = n;  // between the J value rows
+  const int ls = (len + 3) & ~3;
+  float* sb = reinterpret_cast<float*>(stage);
+  V* sv = reinterpret_cast<V*>(stage + (size_t)ls * 4);
   if (cache) {
-    float* sb = reinterpret_cast<float*>(stage);
-    V* sv = reinterpret_cast<V*>(stage + (((size_t)len * 4 + 15) & ~(size_t)15));
     copy_to_shared(sb, b_row, len);
-    for (int p = 0; p < J; p++) copy_to_shared(sv + (size_t)p * len, v_row + (size_t)p * n, len);
-    bs = sb;
-    vs = sv;
-    vstride = len;
+    for (int p = 0; p < J; p++) copy_to_shared(sv + (size_t)p * ls, v_row + (size_t)p * n, len);
+    for (int i = len + tid; i < ls; i += blockDim.x) {
+      sb[i] = cage_neg_inf();
+      for (int p = 0; p < J; p++) {
+        if constexpr (sizeof(V) == 4) *reinterpret_cast<float*>(sv + (size_t)p * ls + i) = 0.0f;
+        else *reinterpret_cast<unsigned short*>(sv + (size_t)p * ls + i) = 0;  // bf16 +0
+      }
+    }
     __syncthreads();
   }
 
-  // Upper bounds u_j <= max_a v_j[a] (values are >= 0 and 0 at excluded candidates). A value that is NaN,
-  // infinite or negative makes the bound +inf, which stops the row below: the passes would ignore a NaN value
-  // (fmaxf drops it) and report a wrong policy as converged.
-  for (int p = 0; p < J; p++) {
-    float m = 0.0f;
-    for (int i = tid; i < len; i += nt) {
-      const float x = to_f32(vs[(size_t)p * vstride + i]);
-      m = fmaxf(m, x >= 0.0f && x <= EQ_FLT_MAX ? x : -cage_neg_inf());
-    }
-    m = block_max(m, red);
-    if (tid == 0) ctl.hi[p] = m;
-  }
+  // Upper bounds u_j <= max_a v_j[a] (values are >= 0 and 0 at excluded candidates; see eq_bounds).
+  if (cache) eq_bounds<J>(sv, (size_t)ls, len, ctl.hi, red);
+  else eq_bounds<J>(v_row, (size_t)n, len, ctl.hi, red);
   if constexpr (CL) {
     float* his = xch + 2 * (1 + NACC);
     if (tid == 0)
@@ -243,42 +393,18 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
     float acc[NACC];
 #pragma unroll
     for (int k = 0; k < NACC; k++) acc[k] = 0.0f;
-    for (int i = tid; i < len; i += nt) {
-      const float b = bs[i];
-      if (b == cage_neg_inf()) continue;  // excluded candidate: probability 0
-      float v[J];
-      float z = b;
-#pragma unroll
-      for (int p = 0; p < J; p++) {
-        v[p] = to_f32(vs[(size_t)p * vstride + i]);
-        z += fmaxf(v[p] - c[p], 0.0f) * inv_tau;
-      }
-      if (z > m) {
-        const float s = __expf(m - z);
-#pragma unroll
-        for (int k = 0; k < NACC; k++) acc[k] *= s;
-        m = z;
-      }
-      const float e = __expf(z - m);
-      acc[0] += e;
-#pragma unroll
-      for (int p = 0; p < J; p++) {
-        // (c - v)^+ directly, not c - E[min(v, c)]: g can be far smaller than c and must keep its digits.
-        const float gap = fmaxf(c[p] - v[p], 0.0f);
-        acc[1 + p] += e * gap;
-        if (v[p] > c[p]) acc[1 + J + p] += e;
-#pragma unroll
-        for (int k = 0; k < J; k++)
-          if (k != p && v[k] > c[k]) acc[1 + 2 * J + k * J + p] += e * gap;
-      }
-    }
+    // Block-uniform: the staged loop reads shared memory only, the other global memory only.
+    if (cache) eq_pass_staged<J, V>(sb, sv, ls, c, inv_tau, m, acc);
+    else eq_pass_global<J, V>(b_row, v_row, (size_t)n, len, c, inv_tau, m, acc);
     float mb = block_max(m, red);
     const float s = m == cage_neg_inf() ? 0.0f : __expf(m - mb);
 #pragma unroll
     for (int k = 0; k < NACC; k++) acc[k] *= s;
     block_sum<NACC>(acc, red);
     if constexpr (CL) {
-      // Publish this slice's partial, then merge every block's (in rank order, identically in every block).
+      // Publish this slice's partial, then merge every block's: lane r of warp 0 reads block r's through
+      // distributed shared memory (C loads in flight at once) and shuffles combine them. The xor butterfly
+      // gives every lane, and every block, the same bits, so the blocks still decide identically.
       float* slot = xch + parity * (1 + NACC);
       if (tid == 0) {
         slot[0] = mb;
@@ -286,16 +412,13 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
       }
       cage_cluster_sync();
       parity ^= 1;
-      if (tid == 0) {
-        float mm = cage_neg_inf();
-        for (unsigned r = 0; r < csize; r++) mm = fmaxf(mm, cage_cluster_map(slot, r)[0]);
-        for (int k = 0; k < NACC; k++) acc[k] = 0.0f;
-        for (unsigned r = 0; r < csize; r++) {
-          const float* o = cage_cluster_map(slot, r);
-          if (o[0] == cage_neg_inf()) continue;
-          const float w = __expf(o[0] - mm);
-          for (int k = 0; k < NACC; k++) acc[k] += o[1 + k] * w;
-        }
+      if (tid < 32) {
+        const float* o = tid < (int)csize ? cage_cluster_map(slot, (unsigned)tid) : slot;
+        const float mo = tid < (int)csize ? o[0] : cage_neg_inf();
+        const float mm = warp_max(mo);
+        const float w = mo == cage_neg_inf() ? 0.0f : __expf(mo - mm);
+#pragma unroll
+        for (int k = 0; k < NACC; k++) acc[k] = warp_sum(w == 0.0f ? 0.0f : o[1 + k] * w);
         mb = mm;
       }
     }
@@ -357,19 +480,9 @@ __device__ __forceinline__ void eq_row(const float* __restrict__ base, const V* 
 #pragma unroll
   for (int p = 0; p < J; p++) c[p] = (float)(ctl.u[p] + (double)tau);
   const float m_u = (float)ctl.m_u, inv_s = (float)(1.0 / ctl.s_u);
-  for (int i = tid; i < len; i += nt) {
-    const float b = bs[i];
-    float agg = 0.0f, z = b;
-#pragma unroll
-    for (int p = 0; p < J; p++) {
-      const float y = b == cage_neg_inf() ? 0.0f : fmaxf(to_f32(vs[(size_t)p * vstride + i]) - c[p], 0.0f);
-      agg += y;
-      z += y * inv_tau;  // the same rounding as in the passes, so pi matches the normaliser s_u exactly
-      if (y_out) y_out[((size_t)row * J + p) * n + lo + i] = y;
-    }
-    agg_out[(size_t)row * n + lo + i] = agg;
-    pi_out[(size_t)row * n + lo + i] = b == cage_neg_inf() ? 0.0f : __expf(z - m_u) * inv_s;
-  }
+  const size_t at = (size_t)row * n + lo, yat = (size_t)row * J * n + lo;
+  if (cache) eq_emit<J, V>(sb, sv, (size_t)ls, len, c, inv_tau, m_u, inv_s, at, yat, (size_t)n, pi_out, agg_out, y_out);
+  else eq_emit<J, V>(b_row, v_row, (size_t)n, len, c, inv_tau, m_u, inv_s, at, yat, (size_t)n, pi_out, agg_out, y_out);
   // No block may leave while another can still read its partial slots.
   if constexpr (CL) cage_cluster_sync();
   if (rank == 0 && tid == 0) {

@@ -10,12 +10,27 @@
 // compacts the keys of that bin into shared memory, where the remaining winners are picked by rank (key, then
 // id). Only when that bin holds more than TOPK_CAP keys (massive ties) does the select go on by radix passes
 // over the row (8, 8 and 4 bits) and an id-ordered collect: 5 reads, as a plain radix select would need.
+//
+// At small batch one block per row leaves most SMs idle, so the host (src/gpu/candidates.rs, row_split) cuts
+// each row into slices of `chunk` elements (a multiple of 8: slices stay 16-byte aligned when rows are), one
+// block each:
+//   cage_lse_part_*:         each slice's log-sum-exp (also the first step of the principal values);
+//   cage_logsoftmax_split_*: each block merges its row's slice log-sum-exps (lse_merge, in slice order) and
+//                            writes its slice of log pi0;
+//   cage_topk_part_*:        each slice's top min(k, slice) by the rule above, sorted, padded to k with
+//                            (key 0, id ~0), which ranks below every real key, plus its log-sum-exp;
+//   cage_topk_merge:         one block per row: an entry's rank in the row is its index in its slice plus, for
+//                            every other slice, how many entries there beat it (a binary search of that sorted
+//                            list); the entries ranked below k are the row's top k (the row's top k lies in the
+//                            union of the slices' top k, and ids are distinct, so ranks are too).
 #include "common.cuh"
 
 #define TOPK_MAX 1024
 #define TOPK_BITS 12
 #define TOPK_BINS (1 << TOPK_BITS)
 #define TOPK_CAP 2048
+// Entries (slices x k) the top-k merge holds on chip (TOPK_MERGE_MAX in src/gpu/candidates.rs).
+#define TOPK_MERGE_MAX 4096
 
 // Larger float -> larger key, with -0.0 < +0.0 as f64::total_cmp orders them.
 __device__ __forceinline__ unsigned order_key(float x) {
@@ -32,6 +47,13 @@ __device__ __forceinline__ void row_for_each(const T* __restrict__ x, int v, F f
   for_each_vec(x, v, [&](int i, T e) { f(i, to_f32(e)); });
 }
 
+// The same for the top-k scans, whose histogram and compaction state leave fewer registers: 2-byte rows keep
+// one load in flight (8 elements; more spills under the 32 registers ptxas gives these 1024-thread kernels).
+template <typename T, typename F>
+__device__ __forceinline__ void topk_for_each(const T* __restrict__ x, int v, F f) {
+  for_each_vec_n<sizeof(T) >= 4 ? 4 : 1>(x, v, [&](int i, T e) { f(i, to_f32(e)); });
+}
+
 template <typename T>
 __device__ __forceinline__ void logsoftmax_row(const T* __restrict__ logits, int v, float* __restrict__ out,
                                                float* __restrict__ lse_out) {
@@ -43,9 +65,12 @@ __device__ __forceinline__ void logsoftmax_row(const T* __restrict__ logits, int
   if (threadIdx.x == 0 && lse_out) lse_out[blockIdx.x] = lse;
 }
 
+// The top k of the v entries at x (ids id0 + i), sorted: ids_out[rank] and either logp_out[rank] (log pi0 over
+// these entries) or keys_out[rank] (the order key); *lse_out = their log-sum-exp when lse_out is not null.
 template <typename T>
-__device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, int k, unsigned* __restrict__ ids_out,
-                                         float* __restrict__ logp_out, float* __restrict__ lse_out) {
+__device__ __forceinline__ void topk_core(const T* __restrict__ x, int v, int k, unsigned id0,
+                                          unsigned* __restrict__ ids_out, float* __restrict__ logp_out,
+                                          unsigned* __restrict__ keys_out, float* __restrict__ lse_out) {
   __shared__ float red[32];
   __shared__ unsigned hist[TOPK_BINS];
   __shared__ unsigned warp_total[32];
@@ -55,7 +80,6 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
   __shared__ unsigned cand_key[TOPK_MAX], cand_id[TOPK_MAX];
   __shared__ unsigned buf_key[TOPK_CAP], buf_id[TOPK_CAP];
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, w = tid >> 5, nw = nt >> 5;
-  const T* x = logits + (size_t)blockIdx.x * v;
 
   // Pass 1: log-sum-exp and the histogram of the top 12 key bits.
   for (int i = tid; i < TOPK_BINS; i += nt) hist[i] = 0;
@@ -66,7 +90,7 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
   }
   __syncthreads();
   float lm = cage_neg_inf(), ls = 0.0f;
-  row_for_each(x, v, [&](int, float a) {
+  topk_for_each(x, v, [&](int, float a) {
     lse_push(lm, ls, a);
     atomicAdd(&hist[order_key(a) >> (32 - TOPK_BITS)], 1u);
   });
@@ -107,7 +131,7 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
 
   if (bin_count <= TOPK_CAP) {
     // Pass 2: the higher bins are winners; the crossing bin is compacted on chip and ranked there.
-    row_for_each(x, v, [&](int i, float a) {
+    topk_for_each(x, v, [&](int i, float a) {
       const unsigned key = order_key(a), b = key >> (32 - TOPK_BITS);
       if (b > bstar) {
         const int pos = atomicAdd(&n_gt, 1);
@@ -193,7 +217,6 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
   }
 
   // Rank sort of the k winners: larger key first, then lower id.
-  const size_t o = (size_t)blockIdx.x * k;
   for (int t = tid; t < k; t += nt) {
     const unsigned kt = cand_key[t], it = cand_id[t];
     int rank = 0;
@@ -201,10 +224,106 @@ __device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, in
       const unsigned kj = cand_key[j];
       rank += (kj > kt) || (kj == kt && cand_id[j] < it);
     }
-    ids_out[o + rank] = it;
-    logp_out[o + rank] = key_value(kt) - lse;
+    ids_out[rank] = id0 + it;
+    if (logp_out) logp_out[rank] = key_value(kt) - lse;
+    if (keys_out) keys_out[rank] = kt;
   }
-  if (tid == 0 && lse_out) lse_out[blockIdx.x] = lse;
+  if (tid == 0 && lse_out) *lse_out = lse;
+}
+
+template <typename T>
+__device__ __forceinline__ void topk_row(const T* __restrict__ logits, int v, int k, unsigned* __restrict__ ids_out,
+                                         float* __restrict__ logp_out, float* __restrict__ lse_out) {
+  const size_t o = (size_t)blockIdx.x * k;
+  topk_core(logits + (size_t)blockIdx.x * v, v, k, 0u, ids_out + o, logp_out + o, nullptr,
+            lse_out ? lse_out + blockIdx.x : nullptr);
+}
+
+// The slice of a split row this block owns: row, slice index, first element and length.
+struct RowSlice {
+  int row, slice, lo, len;
+};
+__device__ __forceinline__ RowSlice row_slice(int v, int chunk) {
+  const int parts = (v + chunk - 1) / chunk;
+  RowSlice r;
+  r.row = blockIdx.x / parts;
+  r.slice = blockIdx.x % parts;
+  r.lo = r.slice * chunk;
+  r.len = v - r.lo < chunk ? v - r.lo : chunk;
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void lse_part(const T* __restrict__ x, int v, int chunk, float* __restrict__ part) {
+  __shared__ float red[32];
+  const RowSlice r = row_slice(v, chunk);
+  const float lse = row_lse(x + (size_t)r.row * v + r.lo, r.len, red);
+  if (threadIdx.x == 0) part[blockIdx.x] = lse;
+}
+
+template <typename T>
+__device__ __forceinline__ void logsoftmax_split(const T* __restrict__ x, int v, int chunk,
+                                                 const float* __restrict__ part, float* __restrict__ out,
+                                                 float* __restrict__ lse_out) {
+  const RowSlice r = row_slice(v, chunk);
+  const int parts = (v + chunk - 1) / chunk;
+  const float lse = lse_merge(part + (size_t)r.row * parts, parts);
+  const size_t at = (size_t)r.row * v + r.lo;
+  float* o = out + at;
+  row_for_each(x + at, r.len, [&](int i, float a) { o[i] = a - lse; });
+  if (threadIdx.x == 0 && r.slice == 0 && lse_out) lse_out[r.row] = lse;
+}
+
+template <typename T>
+__device__ __forceinline__ void topk_part(const T* __restrict__ x, int v, int chunk, int k, unsigned* __restrict__ keys,
+                                          unsigned* __restrict__ ids, float* __restrict__ part) {
+  const RowSlice r = row_slice(v, chunk);
+  const int kk = k < r.len ? k : r.len;
+  const size_t o = (size_t)blockIdx.x * k;
+  topk_core(x + (size_t)r.row * v + r.lo, r.len, kk, (unsigned)r.lo, ids + o, nullptr, keys + o, part + blockIdx.x);
+  for (int t = kk + threadIdx.x; t < k; t += blockDim.x) {
+    keys[o + t] = 0u;
+    ids[o + t] = ~0u;
+  }
+}
+
+// One block per row: the top k of the row from its slices' sorted lists (see the top of the file).
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_topk_merge(const unsigned* __restrict__ keys, const unsigned* __restrict__ ids,
+                    const float* __restrict__ part, int parts, int k, unsigned* __restrict__ ids_out,
+                    float* __restrict__ logp_out, float* __restrict__ lse_out) {
+  __shared__ unsigned mk[TOPK_MERGE_MAX], mi[TOPK_MERGE_MAX];
+  const int row = blockIdx.x, n = parts * k;
+  const size_t at = (size_t)row * n;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    mk[t] = keys[at + t];
+    mi[t] = ids[at + t];
+  }
+  const float lse = lse_merge(part + (size_t)row * parts, parts);
+  __syncthreads();
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const int s = t / k;
+    const unsigned kt = mk[t], it = mi[t];
+    int rank = t - s * k;
+    for (int q = 0; q < parts && rank < k; q++) {
+      if (q == s) continue;
+      // How many entries of slice q beat (kt, it): a prefix of its sorted list.
+      const unsigned* qk = mk + q * k;
+      const unsigned* qi = mi + q * k;
+      int lo = 0, hi = k;
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (qk[mid] > kt || (qk[mid] == kt && qi[mid] < it)) lo = mid + 1;
+        else hi = mid;
+      }
+      rank += lo;
+    }
+    if (rank < k) {
+      ids_out[(size_t)row * k + rank] = it;
+      logp_out[(size_t)row * k + rank] = key_value(kt) - lse;
+    }
+  }
+  if (threadIdx.x == 0 && lse_out) lse_out[row] = lse;
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
@@ -234,4 +353,46 @@ extern "C" __global__ void __launch_bounds__(1024)
     cage_topk_f16(const __half* __restrict__ logits, int v, int k, unsigned* __restrict__ ids,
                   float* __restrict__ logp, float* __restrict__ lse) {
   topk_row(logits, v, k, ids, logp, lse);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_lse_part_f32(const float* __restrict__ x, int v, int chunk, float* __restrict__ part) {
+  lse_part(x, v, chunk, part);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_logsoftmax_split_f32(const float* __restrict__ x, int v, int chunk, const float* __restrict__ part,
+                              float* __restrict__ out, float* __restrict__ lse) {
+  logsoftmax_split(x, v, chunk, part, out, lse);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_topk_part_f32(const float* __restrict__ x, int v, int chunk, int k, unsigned* __restrict__ keys,
+                       unsigned* __restrict__ ids, float* __restrict__ part) {
+  topk_part(x, v, chunk, k, keys, ids, part);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_lse_part_bf16(const __nv_bfloat16* __restrict__ x, int v, int chunk, float* __restrict__ part) {
+  lse_part(x, v, chunk, part);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_logsoftmax_split_bf16(const __nv_bfloat16* __restrict__ x, int v, int chunk, const float* __restrict__ part,
+                              float* __restrict__ out, float* __restrict__ lse) {
+  logsoftmax_split(x, v, chunk, part, out, lse);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_topk_part_bf16(const __nv_bfloat16* __restrict__ x, int v, int chunk, int k, unsigned* __restrict__ keys,
+                       unsigned* __restrict__ ids, float* __restrict__ part) {
+  topk_part(x, v, chunk, k, keys, ids, part);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_lse_part_f16(const __half* __restrict__ x, int v, int chunk, float* __restrict__ part) {
+  lse_part(x, v, chunk, part);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_logsoftmax_split_f16(const __half* __restrict__ x, int v, int chunk, const float* __restrict__ part,
+                              float* __restrict__ out, float* __restrict__ lse) {
+  logsoftmax_split(x, v, chunk, part, out, lse);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    cage_topk_part_f16(const __half* __restrict__ x, int v, int chunk, int k, unsigned* __restrict__ keys,
+                       unsigned* __restrict__ ids, float* __restrict__ part) {
+  topk_part(x, v, chunk, k, keys, ids, part);
 }

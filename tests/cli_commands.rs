@@ -431,7 +431,7 @@ fn bench_forward_ffi_and_solver_run_or_refuse_clearly() {
     // The kernels on the host emulation: a report that says so, a positive time for every kernel and state.
     let r = run_cage(["bench", "solver", "--backend", "emulation", "--reps", "1"]).ok();
     assert!(r.stdout.contains("HOST EMULATION"), "{}", r.stdout);
-    for kernel in ["equilibrium", "candidates", "choose"] {
+    for kernel in ["equilibrium", "candidates", "values", "choose"] {
         let rows: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with(kernel)).collect();
         assert!(rows.len() >= 2, "{kernel}: {}", r.stdout);
         for row in rows {

@@ -27,6 +27,9 @@ macro_rules! kernel_tests {
             // 3001 tokens: more than the top-k limit, so `k = min(V, 1024)` and the full row take different paths.
             candidates_match_cpu: |g| bodies::candidates_match_cpu(g, 3001),
             candidates_massive_ties: bodies::candidates_massive_ties,
+            candidates_split_rows: bodies::candidates_split_rows,
+            principal_values_split_rows: bodies::principal_values_split_rows,
+            equilibrium_staged_vector_tails: bodies::equilibrium_staged_vector_tails,
             candidates_mostly_excluded: bodies::candidates_mostly_excluded,
             candidates_reject_bad_requests: bodies::candidates_reject_bad_requests,
             device_step_matches_host_chain: bodies::device_step_matches_host_chain,
@@ -34,6 +37,7 @@ macro_rules! kernel_tests {
             principal_values_match_cpu: bodies::principal_values_match_cpu,
             policy_matches_host_stage: bodies::policy_matches_host_stage,
             resident_step_reports_tokens_and_values: bodies::resident_step_reports_tokens_and_values,
+            resident_step_split_rows: bodies::resident_step_split_rows,
             jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
             graph_replays_equilibrium: bodies::graph_replays_equilibrium,
             stale_jobs_are_refused: bodies::stale_jobs_are_refused,
@@ -393,6 +397,87 @@ pub fn candidates_massive_ties(gpu: &mut Gpu) {
                 assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "k = {k}, row {r}: log pi0 {g} vs {w}");
             }
         }
+    }
+}
+
+/// Rows long enough for the launcher to split each over several blocks (partial log-sum-exps and top k per
+/// slice, then a merge): top-k for k = 1, 50, 1024 and the full log-softmax against src/candidates.rs, f32 and
+/// bf16, with ties and -inf entries across slice boundaries; then a row whose only finite logits sit in one
+/// slice (fewer than k: the -inf tokens of every slice fill the rest in id order).
+pub fn candidates_split_rows(gpu: &mut Gpu) {
+    let vocab = 2 * cage::gpu::MIN_SLICE + 1001;
+    for rows in [1, 2] {
+        let x = logits(rows, vocab, 40 + rows as u64);
+        let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        for input in [Logits::F32(&x), Logits::Bf16(&xb)] {
+            for k in [Some(1), Some(50), Some(1024), None] {
+                let job = gpu.prepare_candidates(input, rows, vocab, k).expect("prepare");
+                assert!(job.blocks_per_row() > 1, "B = {rows}, V = {vocab}, k = {k:?}: rows were not split");
+                gpu.run_candidates(&job).expect("run");
+                let got = gpu.fetch_candidates(&job).expect("fetch");
+                for r in 0..rows {
+                    let sel = k.map_or(Selection::All, Selection::TopK);
+                    let want = select(&x[r * vocab..(r + 1) * vocab], sel).expect("cpu selection");
+                    let kk = want.ids.len();
+                    assert_eq!(&got.ids[r * kk..(r + 1) * kk], &want.ids[..], "{input:?} k={k:?} row {r}: ids");
+                    for (c, (&g, &w)) in got.logp[r * kk..(r + 1) * kk].iter().zip(&want.base_logprobs).enumerate() {
+                        let ok = (g == w) || (g - w).abs() <= 2e-5 * (1.0 + w.abs());
+                        assert!(ok, "split k={k:?} row {r} candidate {c}: log pi0 {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+    let mut x = vec![f32::NEG_INFINITY; vocab];
+    for i in 0..30 {
+        x[vocab - 100 + 3 * i] = (i % 7) as f32 * 0.5;
+    }
+    let job = gpu.prepare_candidates(Logits::F32(&x), 1, vocab, Some(50)).unwrap();
+    assert!(job.blocks_per_row() > 1);
+    gpu.run_candidates(&job).unwrap();
+    let got = gpu.fetch_candidates(&job).unwrap();
+    let want = select(&x, Selection::TopK(50)).unwrap();
+    assert_eq!(got.ids, want.ids, "mostly excluded split row");
+    for (&g, &w) in got.logp.iter().zip(&want.base_logprobs) {
+        assert!(g == w || (g - w).abs() <= 2e-5 * (1.0 + w.abs()), "mostly excluded split row: {g} vs {w}");
+    }
+}
+
+/// The principal values when the launcher splits the log-sum-exp of each logit row over several blocks, with a
+/// reference shared by the principals, against the f64 computation of [`values_against_cpu`].
+pub fn principal_values_split_rows(gpu: &mut Gpu) {
+    let (rows, j, vocab) = (1, 2, 2 * cage::gpu::MIN_SLICE + 77);
+    assert!(cage::gpu::row_split(rows * j + rows, vocab, None).is_some(), "this shape no longer splits rows");
+    let finite =
+        |x: Vec<f32>| x.into_iter().map(|v| if v == f32::NEG_INFINITY { -30.0 } else { v }).collect::<Vec<_>>();
+    let arm = finite(logits(rows * j, vocab, 51));
+    let reference = finite(logits(rows, vocab, 52));
+    let cands = gpu.candidates(Logits::F32(&logits(rows, vocab, 53)), rows, vocab, Some(50)).unwrap();
+    let mut base = cands.logp.clone();
+    base[3] = f32::NEG_INFINITY;
+    let weights = [0.7f32, 1.3];
+    values_against_cpu(gpu, (&arm, &reference), (rows, j, vocab), &cands, &base, &weights, Normalize::ShiftMin);
+}
+
+/// Staged rows whose lengths leave 1, 2 and 3 elements in the last group of 4 of the staged loop (padding with
+/// log pi0 = -inf and value 0), f32 and bf16 values, -inf entries, J = 1..8 (the register-heaviest loop),
+/// against the f64 reference and the global-memory loop of the same kernel.
+pub fn equilibrium_staged_vector_tails(gpu: &mut Gpu) {
+    for (i, (n, j)) in [(5, 1), (6, 3), (7, 4), (129, 8), (258, 2)].into_iter().enumerate() {
+        let shape = Shape { excluded: 0.2, ..Shape::new(2, n, j) };
+        let (b64, b32) = batch(shape, 500 + i as u64);
+        let job = gpu.prepare_equilibrium(&b32, &EqOptions { stage: Some(true), ..eq_opts() }).unwrap();
+        assert_eq!(Gpu::equilibrium_launch(&job), (true, 1), "N = {n}, J = {j}: not staged in one block");
+        gpu.run_equilibrium(&job).unwrap();
+        let staged = gpu.fetch_equilibrium(&job).unwrap();
+        check_against_reference(&b64, &staged, &format!("staged N = {n} J = {j}"));
+        let global = gpu.equilibrium(&b32, &EqOptions { stage: Some(false), ..eq_opts() }).unwrap();
+        let d = policy_gap(&staged.policy, &global.policy);
+        assert!(d <= 2e-5, "N = {n} J = {j}: staged and global-memory policies differ by {d:e}");
+        let b32r = rounded_to_bf16(&b32);
+        let opts = EqOptions { values: ValueType::Bf16, stage: Some(true), ..eq_opts() };
+        let sol = gpu.equilibrium(&b32r, &opts).unwrap();
+        check_against_reference(&b32r.convert::<f64>().unwrap(), &sol, &format!("staged bf16 N = {n} J = {j}"));
     }
 }
 
@@ -897,6 +982,48 @@ pub fn policy_matches_host_stage(gpu: &mut Gpu) {
         }
     }
     assert!(gpu.policy(DevicePolicy::Mod, 1, 0, k, &logp[..k], &[], &[], &[], tau).is_err());
+}
+
+/// The resident step on rows long enough for its log-sum-exps (cage_lse_streams) and its top-k to be split over
+/// several blocks: the value at the greedy token against q computed here in f64.
+pub fn resident_step_split_rows(gpu: &mut Gpu) {
+    use cage::gpu::{PrincipalStreams, ResidentMethod, ResidentReport, ResidentStep};
+    let (rows, v, k) = (1, 2 * cage::gpu::MIN_SLICE + 13, 8);
+    assert!(cage::gpu::row_split(rows * 2, v, None).is_some(), "this shape no longer splits rows");
+    let x: Vec<f32> =
+        logits(rows * 2, v, 6).into_iter().map(|x| if x == f32::NEG_INFINITY { -30.0 } else { x }).collect();
+    let mut buf = gpu.alloc(x.len() * 4).unwrap();
+    buf.upload(gpu.device(), &x).unwrap();
+    let table: Vec<u64> = (0..rows * 2).map(|i| buf.ptr() + (i * v * 4) as u64).collect();
+    let step = ResidentStep {
+        rows,
+        streams: 2,
+        vocab: v,
+        k,
+        table: &table,
+        principals: &[PrincipalStreams::Ratio { of: 1, against: 0 }],
+        lexicon: &[],
+        weights: &[1.0],
+        tau: 0.5,
+        shift_min: false,
+        method: ResidentMethod::Policy(DevicePolicy::Base),
+        choice: Choice::Greedy,
+        keys: &[0],
+        seed: 1,
+        step: 0,
+    };
+    let mut out = ResidentReport::default();
+    // SAFETY: the table points into `buf`, 2 rows of V f32 logits.
+    unsafe { gpu.resident_step(&step, &mut out) }.unwrap();
+    let lse = |x: &[f32]| {
+        let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (b, a) = (&x[..v], &x[v..]);
+    let best = (0..v).fold(0, |i, j| if b[j] > b[i] { j } else { i });
+    assert_eq!(out.tokens[0] as usize, best, "greedy base takes the largest logit");
+    let q = (a[best] as f64 - lse(a)) - (b[best] as f64 - lse(b));
+    assert!((out.values[0] as f64 - q).abs() < 1e-4, "{} vs {q}", out.values[0]);
 }
 
 /// The resident step on streams interleaved in one buffer (row r's stream s at row 2r + s, so the base rows

@@ -132,8 +132,12 @@ sanitizer() {
   local rc=0
   compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/gpu_kernels" --test-threads=1 || rc=1
   compute-sanitizer --tool memcheck --error-exitcode 9 "$here/tests/model_gpu" --test-threads=1 || rc=1
-  # Substring filters over the test names of tests/gpu_kernels.rs (gpu::..., full_vocabulary::...).
-  for t in equilibrium_cluster_split equilibrium_matches_reference candidates device_step choose; do
+  # Substring filters over the test names of tests/gpu_kernels.rs (gpu::..., full_vocabulary::...): the staged
+  # equilibrium loop (staged_vector_tails, matches_reference), the cluster exchange, the split rows of top-k /
+  # log-softmax / log-sum-exp and their merges (candidates, principal_values_split_rows), the stream
+  # log-sum-exps of the resident step (resident_step).
+  for t in equilibrium_cluster_split equilibrium_matches_reference equilibrium_staged_vector_tails candidates \
+    principal_values_split_rows resident_step device_step choose; do
     compute-sanitizer --tool racecheck --error-exitcode 9 "$here/tests/gpu_kernels" --test-threads=1 "$t" || rc=1
   done
   compute-sanitizer --tool racecheck --error-exitcode 9 "$here/tests/model_gpu" --test-threads=1 \

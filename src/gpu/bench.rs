@@ -168,8 +168,55 @@ pub fn candidates(
     let job = gpu.prepare_candidates(Logits::Bf16(&x), rows, vocab, k)?;
     let micros = time_us(gpu, cache, reps, &mut |g| g.run_candidates(&job))?;
     let bytes = job.bytes_moved();
-    let name = format!("candidates B={rows} V={vocab} k={}", k.map_or("all".into(), |k| k.to_string()));
+    let split = match job.blocks_per_row() {
+        1 => String::new(),
+        p => format!(" ({p} blocks per row)"),
+    };
+    let name = format!("candidates B={rows} V={vocab} k={}{split}", k.map_or("all".into(), |k| k.to_string()));
     Ok(Measurement { name, cache, micros, bytes })
+}
+
+/// The principal values from bf16 logits: the log-sum-exps of B x J ARM rows and of B reference rows shared by
+/// the principals (each row once, split over several blocks at small batch), then the gather at k candidates.
+pub fn values(gpu: &mut Gpu, rows: usize, j: usize, vocab: usize, cache: Cache, reps: usize) -> Result<Measurement> {
+    let k = 50;
+    let mut g = StdRng::seed_from_u64(5);
+    let mut logits =
+        |n: usize| -> Vec<half::bf16> { (0..n).map(|_| half::bf16::from_f64(g.random_range(-10.0..10.0))).collect() };
+    let (arm, reference) = (logits(rows * j * vocab), logits(rows * vocab));
+    let ids: Vec<u32> = (0..rows * k).map(|i| ((i * 7919) % vocab) as u32).collect();
+    let upload = |gpu: &mut Gpu, bytes: &[u8]| -> Result<DevBuf> {
+        let mut b = gpu.alloc(bytes.len())?;
+        b.upload(gpu.device(), bytes)?;
+        Ok(b)
+    };
+    let bufs = [
+        upload(gpu, bytemuck::cast_slice(&arm))?,
+        upload(gpu, bytemuck::cast_slice(&reference))?,
+        upload(gpu, bytemuck::cast_slice(&ids))?,
+        upload(gpu, bytemuck::cast_slice(&vec![-1.0f32; rows * k]))?,
+        upload(gpu, bytemuck::cast_slice(&vec![1.0f32; rows * j]))?,
+        gpu.alloc(rows * j * k * 4)?,
+    ];
+    let args = super::values::ValuesArgs {
+        tag: "bf16",
+        arm: bufs[0].ptr(),
+        reference: bufs[1].ptr(),
+        ref_per_principal: false,
+        rows,
+        j,
+        v: vocab,
+        k,
+        ids: bufs[2].ptr(),
+        base: bufs[3].ptr(),
+        weights: bufs[4].ptr(),
+        shift_min: true,
+        out: bufs[5].ptr(),
+    };
+    // SAFETY: every buffer was allocated above with the extents ValuesArgs states.
+    let micros = time_us(gpu, cache, reps, &mut |g| unsafe { g.launch_values(&args) })?;
+    let bytes = (rows * j + rows) * vocab * 2 + rows * j * k * 4;
+    Ok(Measurement { name: format!("values B={rows} J={j} V={vocab} k={k}"), cache, micros, bytes })
 }
 
 /// Token choice by Gumbel-max over B x n probabilities.
@@ -211,6 +258,9 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
         // A row too large for one block: split across a cluster (each block on its own host thread here).
         warm_and_flushed(&mut |c| equilibrium(gpu, 1, 60_000, 2, ValueType::F32, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| candidates(gpu, 2, 8192, Some(50), c, reps), &mut rows)?;
+        // Rows split over several blocks (partials, then a merge).
+        warm_and_flushed(&mut |c| candidates(gpu, 1, 20_000, Some(50), c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| values(gpu, 1, 2, 20_000, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| choose(gpu, 2, 4096, c, reps), &mut rows)?;
     } else {
         // Targets (H100): the first within 2x one read of its inputs at copy bandwidth; the B = 1, k = 50 step
@@ -231,7 +281,13 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
         warm_and_flushed(&mut |c| equilibrium(gpu, 8, 32_000, 2, ValueType::Bf16, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| candidates(gpu, 64, 128_256, Some(50), c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| candidates(gpu, 64, 128_256, None, c, reps), &mut rows)?;
+        // Small batch: rows split over several blocks (candidates::row_split), then merged.
         warm_and_flushed(&mut |c| candidates(gpu, 1, 152_064, Some(50), c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| candidates(gpu, 1, 128_256, Some(50), c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| candidates(gpu, 1, 128_256, None, c, reps), &mut rows)?;
+        // Each row's log-sum-exp once (the shared reference too), then the gather.
+        warm_and_flushed(&mut |c| values(gpu, 1, 4, 128_256, c, reps), &mut rows)?;
+        warm_and_flushed(&mut |c| values(gpu, 64, 4, 128_256, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| choose(gpu, 64, 128_256, c, reps), &mut rows)?;
     }
     let _ = writeln!(out, "{:<58} {:>8} {:>12} {:>10} {:>8}", "kernel", "L2", "time (us)", "GB/s", "of copy");

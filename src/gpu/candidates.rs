@@ -10,6 +10,30 @@ use crate::error::{CageError, Result};
 /// Largest k of the top-k kernel (larger candidate sets use the whole vocabulary).
 pub const MAX_TOP_K: usize = 1024;
 
+/// Blocks a launch should have before rows are split over several (about two per SM of an H100 / H200).
+const TARGET_BLOCKS: usize = 256;
+/// Fewest elements a slice of a split row gets: below that the extra launch and merge cost more than the
+/// parallelism gains.
+pub const MIN_SLICE: usize = 8192;
+/// Entries (slices x k) the top-k merge holds on chip (TOPK_MERGE_MAX in kernels/softmax_topk.cu).
+const TOPK_MERGE_MAX: usize = 4096;
+
+/// How rows of `vocab` entries are read: `Some((chunk, parts))` cuts each row into `parts` slices of `chunk`
+/// elements (a multiple of 8, so slices stay 16-byte aligned), one block each, when `rows` alone would leave
+/// most of the GPU idle; `None` for one block per row. `k`: the top-k's k (its merge bounds parts x k).
+pub fn row_split(rows: usize, vocab: usize, k: Option<usize>) -> Option<(usize, usize)> {
+    let mut parts = TARGET_BLOCKS.div_ceil(rows.max(1)).min(vocab / MIN_SLICE);
+    if let Some(k) = k {
+        parts = parts.min(TOPK_MERGE_MAX / k.max(1));
+    }
+    if parts < 2 {
+        return None;
+    }
+    let chunk = vocab.div_ceil(parts).next_multiple_of(8);
+    let parts = vocab.div_ceil(chunk);
+    (parts > 1).then_some((chunk, parts))
+}
+
 /// Full-vocabulary logits of B rows in one of the types language models emit.
 #[derive(Clone, Copy, Debug)]
 pub enum Logits<'a> {
@@ -98,12 +122,20 @@ pub(super) struct CandBuffers {
     logp: DevBuf,
     lse: DevBuf,
     ids: DevBuf,
+    /// Split rows: each slice's log-sum-exp, and its sorted top-k keys and ids.
+    part: DevBuf,
+    part_keys: DevBuf,
+    part_ids: DevBuf,
 }
 
 impl CandBuffers {
     /// Changes whenever one of the buffers a job uses is reallocated.
     fn generation(&self, own_logits: bool) -> u64 {
-        let outputs = self.logp.serial().max(self.lse.serial()).max(self.ids.serial());
+        let outputs = [&self.logp, &self.lse, &self.ids, &self.part, &self.part_keys, &self.part_ids]
+            .iter()
+            .map(|b| b.serial())
+            .max()
+            .unwrap_or(0);
         if own_logits { outputs.max(self.logits.serial()) } else { outputs }
     }
 }
@@ -119,6 +151,11 @@ pub struct CandJob {
     pub(super) logp: DevPtr,
     lse: DevPtr,
     pub(super) ids: DevPtr,
+    /// Rows split into slices (see [`row_split`]): (chunk, parts) and the slices' partials.
+    split: Option<(usize, usize)>,
+    part: DevPtr,
+    part_keys: DevPtr,
+    part_ids: DevPtr,
     /// [`CandBuffers::generation`] when prepared.
     generation: u64,
     /// Whether the logits are this family's upload (else the caller's device buffer).
@@ -129,6 +166,11 @@ impl CandJob {
     /// Candidates per row: k, or the whole vocabulary.
     pub(super) fn ids_per_row(&self) -> usize {
         self.k.unwrap_or(self.vocab)
+    }
+
+    /// Blocks per row of this selection (1: one block per row; more: split rows and a merge).
+    pub fn blocks_per_row(&self) -> usize {
+        self.split.map_or(1, |(_, parts)| parts)
     }
 
     /// Bytes one launch must move at least: the logits once, the candidates out.
@@ -203,11 +245,20 @@ impl Gpu {
         own_logits: bool,
     ) -> Result<CandJob> {
         let kk = k.unwrap_or(vocab);
+        let split = row_split(rows, vocab, k);
         let (dev, b) = (self.dev.as_mut(), &mut self.cand);
         let (logp, lse, ids) =
             (b.logp.reserve(dev, rows * kk * 4)?, b.lse.reserve(dev, rows * 4)?, b.ids.reserve(dev, rows * kk * 4)?);
+        let (mut part, mut part_keys, mut part_ids) = (0, 0, 0);
+        if let Some((_, parts)) = split {
+            part = b.part.reserve(dev, rows * parts * 4)?;
+            if let Some(k) = k {
+                part_keys = b.part_keys.reserve(dev, rows * parts * k * 4)?;
+                part_ids = b.part_ids.reserve(dev, rows * parts * k * 4)?;
+            }
+        }
         let generation = b.generation(own_logits);
-        Ok(CandJob { rows, vocab, k, tag, x, logp, lse, ids, generation, own_logits })
+        Ok(CandJob { rows, vocab, k, tag, x, logp, lse, ids, split, part, part_keys, part_ids, generation, own_logits })
     }
 
     /// A job whose buffers a later, larger prepare reallocated would read and write freed memory: an error.
@@ -226,6 +277,9 @@ impl Gpu {
     pub fn run_candidates(&mut self, job: &CandJob) -> Result<()> {
         self.check_candidates_generation(job)?;
         let (tag, v) = (job.tag, job.vocab);
+        if let Some((chunk, parts)) = job.split {
+            return self.run_candidates_split(job, chunk, parts);
+        }
         let name = match job.k {
             Some(_) => format!("cage_topk_{tag}"),
             None => format!("cage_logsoftmax_{tag}"),
@@ -238,6 +292,42 @@ impl Gpu {
         // SAFETY: the arguments follow cage_topk_* (logits, v, k, ids, logp, lse) or cage_logsoftmax_* (logits,
         // v, logp, lse) in kernels/softmax_topk.cu; the buffers were sized by prepare_candidates.
         unsafe { launch.ptr(job.logp).ptr(job.lse).run(self.dev.as_mut()) }
+    }
+
+    /// Rows cut into `parts` slices of `chunk`: the slices' partials (log-sum-exp; top k), then the merge.
+    fn run_candidates_split(&mut self, job: &CandJob, chunk: usize, parts: usize) -> Result<()> {
+        let (tag, v, grid) = (job.tag, job.vocab, (job.rows * parts) as u32);
+        let dev = self.dev.as_mut();
+        match job.k {
+            Some(k) => {
+                let name = format!("cage_topk_part_{tag}");
+                let part = Launch::new(&name).grid(grid).row_block(chunk).ptr(job.x).i32(v as i32).i32(chunk as i32);
+                // SAFETY: the arguments follow cage_topk_part_* (logits, v, chunk, k, keys, ids, part); the
+                // partial buffers hold rows x parts (x k) entries (candidate_outputs).
+                unsafe { part.i32(k as i32).ptr(job.part_keys).ptr(job.part_ids).ptr(job.part).run(dev)? };
+                let merge = Launch::new("cage_topk_merge")
+                    .grid(job.rows as u32)
+                    .block((parts * k).next_multiple_of(32).min(1024) as u32)
+                    .ptr(job.part_keys)
+                    .ptr(job.part_ids)
+                    .ptr(job.part)
+                    .i32(parts as i32)
+                    .i32(k as i32);
+                // SAFETY: cage_topk_merge (keys, ids, part, parts, k, ids_out, logp_out, lse_out); outputs sized
+                // rows x k.
+                unsafe { merge.ptr(job.ids).ptr(job.logp).ptr(job.lse).run(dev) }
+            }
+            None => {
+                let name = format!("cage_lse_part_{tag}");
+                let lse = Launch::new(&name).grid(grid).row_block(chunk).ptr(job.x).i32(v as i32).i32(chunk as i32);
+                // SAFETY: cage_lse_part_* (logits, v, chunk, part); `part` holds rows x parts floats.
+                unsafe { lse.ptr(job.part).run(dev)? };
+                let name = format!("cage_logsoftmax_split_{tag}");
+                let write = Launch::new(&name).grid(grid).row_block(chunk).ptr(job.x).i32(v as i32).i32(chunk as i32);
+                // SAFETY: cage_logsoftmax_split_* (logits, v, chunk, part, out, lse); outputs rows x V and rows.
+                unsafe { write.ptr(job.part).ptr(job.logp).ptr(job.lse).run(dev) }
+            }
+        }
     }
 
     /// Copies the result of a finished candidate selection back.

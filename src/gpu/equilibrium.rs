@@ -250,7 +250,9 @@ impl Gpu {
     /// from global memory on every pass.
     pub(super) fn equilibrium_shape(&mut self, n: usize, j_eff: usize, opts: &EqOptions) -> Result<EqShape> {
         let vsize = opts.values.size();
-        let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n * vsize;
+        // The layout of eq_row: log pi0, then J value rows, each padded to a multiple of 4 elements (the
+        // staged loop's vector loads).
+        let stage_bytes = (n * 4).next_multiple_of(16) + j_eff * n.next_multiple_of(4) * vsize;
         // Dynamic plus static shared memory must fit the block's limit: keep room for the kernels' static
         // arrays (13 KB at J = 8: the reduction scratch and the Newton control).
         let max = self.dev.max_dynamic_smem().saturating_sub(STATIC_SMEM_RESERVE);

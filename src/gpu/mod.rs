@@ -40,7 +40,7 @@ mod step;
 pub(crate) mod transformer;
 mod values;
 
-pub use candidates::{CandJob, Candidates, Logits, MAX_TOP_K};
+pub use candidates::{CandJob, Candidates, Logits, MAX_TOP_K, MIN_SLICE, row_split};
 pub use equilibrium::{DeviceEquilibrium, EqJob, EqOptions, MAX_CLUSTER_PRINCIPALS, MAX_PRINCIPALS, ValueType};
 pub use policy::DevicePolicy;
 pub use resident::{PrincipalStreams, ResidentLaunch, ResidentMethod, ResidentReport, ResidentStep};

@@ -1,6 +1,7 @@
 //! Host side of kernels/values.cu: the principals' values at the candidates, q = log pi_ARM - log pi_ref (the
 //! implicit reward of an autoregressive reward model, both log-softmaxed over the full vocabulary), with the
-//! batch preprocessing (`shift_min` or `none`, then the weight) fused in. [`Gpu::principal_values`].
+//! batch preprocessing (`shift_min` or `none`, then the weight) fused in. [`Gpu::principal_values`]. Each
+//! distinct logit row's log-sum-exp is computed once, by its own launch, before the gather.
 
 use super::candidates::{Candidates, Logits};
 use super::device::{DevBuf, DevPtr};
@@ -17,6 +18,10 @@ pub(super) struct ValueBuffers {
     base: DevBuf,
     weights: DevBuf,
     out: DevBuf,
+    /// Slice log-sum-exps of the ARM and reference rows (and of the resident step's stream rows).
+    lse_arm: DevBuf,
+    lse_ref: DevBuf,
+    lse_streams: DevBuf,
 }
 
 /// What `cage_values_{tag}` reads and writes, all on the device.
@@ -163,15 +168,30 @@ impl Gpu {
         Ok(vals)
     }
 
-    /// Launches `cage_values_{tag}` (kernels/values.cu): one block per (row, principal).
+    /// Launches the log-sum-exps of the ARM rows and of the distinct reference rows (`cage_lse_part_{tag}`,
+    /// rows split over several blocks at small batch: [`super::row_split`]), then `cage_values_{tag}`
+    /// (kernels/values.cu), one block per (row, principal), which merges them and reads the candidates only.
     ///
     /// # Safety
     /// Every pointer of `a` must be device memory of this `Gpu` holding the stated number of elements.
     pub(super) unsafe fn launch_values(&mut self, a: &ValuesArgs) -> Result<()> {
+        let ref_rows = if a.ref_per_principal { a.rows * a.j } else { a.rows };
+        let (chunk, parts) = super::row_split(a.rows * a.j + ref_rows, a.v, None).unwrap_or((a.v, 1));
+        let (dev, bufs) = (self.dev.as_mut(), &mut self.values);
+        let lse_arm = bufs.lse_arm.reserve(dev, a.rows * a.j * parts * 4)?;
+        let lse_ref = bufs.lse_ref.reserve(dev, ref_rows * parts * 4)?;
+        let lse = format!("cage_lse_part_{}", a.tag);
+        for (x, rows, out) in [(a.arm, a.rows * a.j, lse_arm), (a.reference, ref_rows, lse_ref)] {
+            let launch =
+                Launch::new(&lse).grid((rows * parts) as u32).row_block(chunk).ptr(x).i32(a.v as i32).i32(chunk as i32);
+            // SAFETY: cage_lse_part_* (logits, v, chunk, part): `x` holds rows x V logits (the caller's word),
+            // `out` rows x parts floats (reserved above).
+            unsafe { launch.ptr(out).run(self.dev.as_mut())? };
+        }
         let name = format!("cage_values_{}", a.tag);
         let launch = Launch::new(&name)
             .grid((a.rows * a.j) as u32)
-            .row_block(a.v)
+            .block(a.k.next_multiple_of(32).clamp(32, 1024) as u32)
             .ptr(a.arm)
             .ptr(a.reference)
             .i32(i32::from(a.ref_per_principal))
@@ -182,7 +202,10 @@ impl Gpu {
             .ptr(a.base)
             .ptr(a.weights)
             .i32(i32::from(a.shift_min))
-            .ptr(a.out);
+            .ptr(a.out)
+            .ptr(lse_arm)
+            .ptr(lse_ref)
+            .i32(parts as i32);
         // SAFETY: the arguments follow VALUES_PARAMS in kernels/values.cu; the caller vouches for the buffers.
         unsafe { launch.run(self.dev.as_mut()) }
     }
@@ -193,9 +216,26 @@ impl Gpu {
     /// Every pointer of `a` must be device memory this `Gpu` can read or write holding the stated number of
     /// elements, the table's addresses included; the pairs must name streams below S and lexicon rows present.
     pub(super) unsafe fn launch_values_streams(&mut self, a: &StreamValuesArgs) -> Result<()> {
+        // The log-sum-exp of every stream row a principal reads as logits, once each (cage_lse_streams skips the
+        // others); the buffer only grows, so a step that repeats its shapes allocates nothing.
+        let (chunk, parts) = super::row_split(a.rows * a.streams, a.v, None).unwrap_or((a.v, 1));
+        let part = self.values.lse_streams.reserve(self.dev.as_mut(), a.rows * a.streams * parts * 4)?;
+        let lse = Launch::new("cage_lse_streams")
+            .grid((a.rows * a.streams * parts) as u32)
+            .row_block(chunk)
+            .ptr(a.table)
+            .i32(a.streams as i32)
+            .ptr(a.pairs)
+            .i32(a.j as i32)
+            .i32(a.v as i32)
+            .i32(chunk as i32)
+            .ptr(part);
+        // SAFETY: the arguments follow cage_lse_streams in kernels/values.cu; `part` holds B x S x parts floats,
+        // the caller vouches for the rest.
+        unsafe { lse.run(self.dev.as_mut())? };
         let launch = Launch::new("cage_values_streams")
             .grid((a.rows * a.j) as u32)
-            .row_block(a.v)
+            .block(a.k.next_multiple_of(32).clamp(32, 1024) as u32)
             .ptr(a.table)
             .i32(a.streams as i32)
             .ptr(a.pairs)
@@ -209,7 +249,9 @@ impl Gpu {
             .i32(i32::from(a.shift_min))
             .ptr(a.raw)
             .ptr(a.values)
-            .ptr(a.own);
+            .ptr(a.own)
+            .ptr(part)
+            .i32(parts as i32);
         // SAFETY: the arguments follow cage_values_streams in kernels/values.cu; the caller vouches for the buffers.
         unsafe { launch.run(self.dev.as_mut()) }
     }
