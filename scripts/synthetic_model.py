@@ -12,8 +12,8 @@ q/k rows un-permuted from llama.cpp's rope order. Norms are f32 ones (GGUF) or b
 
 GGUF files use llama.cpp's tensor names and copy the tokenizer metadata (gpt2 BPE, 49152 tokens) of SmolLM2's
 GGUF (models/downloads, `cage fetch-model`), so llama.cpp loads them; the vocabulary is therefore 49152 in
-every shape. Tensors are generated and written one at a time: memory stays near the largest tensor (the 7B
-embedding: ~0.8 GB as f32), never the model. Needs numpy and gguf==0.19.0; no torch.
+every shape. Tensors are generated and written one at a time, never the model: at llama-7b the peak RSS was
+0.45 GB for q4_k (30 s) and 3.4 GB for bf16 (dequantizing the 49152 x 4096 embedding; 55 s of CPU). Needs numpy and gguf==0.19.0; no torch.
 """
 import argparse
 import json
