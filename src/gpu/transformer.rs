@@ -218,8 +218,8 @@ pub fn attention_scratch_bytes(head_dim: usize) -> usize {
 
 /// Causal attention of `t` tokens: `out[t, heads.q, heads.dim]` (bf16) from the queries `q` (f32, token rows
 /// `q_ld` floats apart) over the positions 0..=pos of each token's slot in `cache` (the last `window` only, when
-/// > 0), with scores scaled by 1 / sqrt(dim). One block per (token, query head) and split: with `splits` > 1
-/// each block writes its partial softmax state to `parts` and a second kernel merges them (see
+/// `window` is not 0), with scores scaled by 1 / sqrt(dim). One block per (token, query head) and split: with
+/// `splits` > 1 each block writes its partial softmax state to `parts` and a second kernel merges them (see
 /// kernels/transformer.cu).
 ///
 /// # Safety
