@@ -364,8 +364,7 @@ impl GpuDecoder {
         let need = weights + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
         let free = gpu.device().free_memory()?.map(|b| b as u128);
         let place = format!("on {}", gpu.describe());
-        let what = format!("its weights (bf16), {kv} KV cache and buffers");
-        super::memory::check_fits(&model.source, &what, need, &place, free)?;
+        super::memory::check_fits(&model.source, "its weights (bf16), KV cache and buffers", need, &place, free)?;
         // Every buffer frees itself, so an error part way leaves nothing allocated.
         let dev = gpu.device();
         let mut layers = Vec::with_capacity(model.layers.len());
