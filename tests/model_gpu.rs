@@ -393,7 +393,10 @@ fn gpu_decoder_lora_on_slices_of_fused_projections() {
 #[test]
 fn gpu_decoder_bf16_kv_cache() {
     // The bf16 cache against the reference that rounds keys and values as it stores them: long rows (decode
-    // steps split-K at 150+ positions), GQA and biases (tiny-qwen2), and a sliding window.
+    // steps split-K at 150+ positions), GQA and biases (tiny-qwen2), and a sliding window. The tolerance is the
+    // f32 cache's (TOL, TOL_MEAN): with the cache's rounding mirrored, what is left is again summation order
+    // and the odd activation on a bf16 rounding boundary (see the module documentation). Against the f32
+    // cache the bf16 one moves these logits by up to 5.4e-2 (printed below): that is its cost, not an error.
     on_every_device("gpu_decoder_bf16_kv_cache", |gpu, dev| {
         for (name, lens) in [("tiny-qwen2", [150, 3, 37, 64]), ("tiny-mistral-window", [9, 1, 13, 5])] {
             let m = load(name);
