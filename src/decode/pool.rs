@@ -7,7 +7,7 @@
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::gpu::KvCacheType;
-use crate::model::gpu::new_decoder;
+use crate::model::gpu::new_decoder_with;
 use crate::model::{Decoder, Model};
 use std::sync::{Arc, Mutex};
 
@@ -86,8 +86,14 @@ impl DecoderPool {
             held => {
                 let room = held.map_or(need, |e| e.room.union(&need));
                 // The old decoder (and its device memory) is dropped before the new one is built.
-                let dec =
-                    new_decoder(room.device, model.clone(), room.slots, room.positions, room.tokens, room.kv_cache)?;
+                let dec = new_decoder_with(
+                    room.device,
+                    model.clone(),
+                    room.slots,
+                    room.positions,
+                    room.tokens,
+                    room.kv_cache,
+                )?;
                 *self.built.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 Ok((dec, room))
             }

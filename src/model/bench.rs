@@ -3,7 +3,7 @@
 //! [`Decoder`](super::forward::Decoder) trait, so they measure the same calls.
 
 use super::forward::{LogitsAt, Seq, argmax};
-use super::gpu::new_decoder;
+use super::gpu::new_decoder_with;
 use super::llama::Model;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
@@ -93,7 +93,7 @@ fn bench_decoder(
     let v = model.config.vocab_size;
     let mut decs = batches
         .iter()
-        .map(|&b| new_decoder(device, model.clone(), b, prompt_len + steps, b * prompt_len, kv))
+        .map(|&b| new_decoder_with(device, model.clone(), b, prompt_len + steps, b * prompt_len, kv))
         .collect::<Result<Vec<_>>>()?;
     let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
     for _ in 0..repeats {

@@ -127,7 +127,7 @@ pub fn logits_cmd(a: &LogitsArgs) -> Result<()> {
         return Err(CageError::InvalidArgument("--adapter is supported with --device cpu only".into()));
     }
     let longest = seqs.iter().map(Vec::len).max().unwrap_or(1);
-    let mut dec = super::gpu::new_decoder(a.device, model, 1, longest, longest, Default::default())?;
+    let mut dec = super::gpu::new_decoder(a.device, model, 1, longest, longest)?;
     for ids in &seqs {
         dec.reset(0);
         let logits = dec.forward(&[Seq { slot: 0, tokens: ids, adapter: None }], LogitsAt::Last)?;

@@ -67,8 +67,19 @@ pub fn bf16_weights(model: &Model) -> Model {
 }
 
 /// A decoder for `model` on `device` with `slots` KV-cache slots of `max_seq` positions and room for
-/// `max_tokens` tokens per forward call; `kv` is the GPU decoder's cache type (the CPU's is f32).
+/// `max_tokens` tokens per forward call (an f32 KV cache on a GPU).
 pub fn new_decoder(
+    device: Backend,
+    model: Arc<Model>,
+    slots: usize,
+    max_seq: usize,
+    max_tokens: usize,
+) -> Result<Box<dyn Decoder + Send>> {
+    new_decoder_with(device, model, slots, max_seq, max_tokens, KvCacheType::F32)
+}
+
+/// [`new_decoder`] with the GPU decoder's KV cache of `kv` values (the CPU's is f32 whatever `kv` says).
+pub fn new_decoder_with(
     device: Backend,
     model: Arc<Model>,
     slots: usize,
@@ -81,7 +92,7 @@ pub fn new_decoder(
         Backend::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
         Backend::Cuda => Box::new(gpu(Gpu::cuda(0)?)?),
         Backend::Emulation => Box::new(gpu(Gpu::emulated())?),
-        Backend::Auto => return new_decoder(device.resolve(), model, slots, max_seq, max_tokens, kv),
+        Backend::Auto => return new_decoder_with(device.resolve(), model, slots, max_seq, max_tokens, kv),
     })
 }
 
