@@ -3,6 +3,7 @@
 use cage::Backend;
 use cage::error::{CageError, Result};
 use cage::game_json;
+use cage::gpu::KvCacheType;
 use cage::model::cli::ForwardWeights;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
@@ -141,6 +142,9 @@ enum BenchCommand {
         /// is usable). A big model on a GPU machine is measured with `cuda` alone.
         #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
         device: Backend,
+        /// The GPU decoder's KV cache: `f32` (exact keys and values) or `bf16` (half the bytes).
+        #[arg(long, default_value_t = KvCacheType::F32, value_parser = NameParser::<KvCacheType>::new())]
+        kv_cache: KvCacheType,
         /// Prompt tokens per row.
         #[arg(long, default_value_t = 64)]
         prompt_len: usize,
@@ -211,18 +215,27 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
-        Command::Bench(BenchCommand::Forward { model, json, batches, weights, device, prompt_len, steps, repeats }) => {
-            cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
-                model,
-                batches,
-                weights,
-                device,
-                prompt_len,
-                steps,
-                repeats,
-                json,
-            })
-        }
+        Command::Bench(BenchCommand::Forward {
+            model,
+            json,
+            batches,
+            weights,
+            device,
+            kv_cache,
+            prompt_len,
+            steps,
+            repeats,
+        }) => cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
+            model,
+            batches,
+            weights,
+            device,
+            kv_cache,
+            prompt_len,
+            steps,
+            repeats,
+            json,
+        }),
         Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
         Command::Bench(BenchCommand::Ffi { calls }) => {
             cage::outln!("{}", cage::ffi::bench::overhead(calls)?)

@@ -585,3 +585,29 @@ fn decoding_runs_on_the_gpu_decoder() {
         assert!(matches!(e, cage::CageError::NoGpu(_)), "no GPU must be a NoGpu error, got {e}");
     }
 }
+
+/// `kv_cache: bf16` reaches the GPU decoder: the engine's base method reproduces the greedy loop of a decoder
+/// with a bf16 cache token for token; a misspelt type is refused by name with the accepted ones.
+#[test]
+fn decoding_with_a_bf16_kv_cache() {
+    let tok = tokenizer_dir();
+    let mut cfg = config(&tok, "base", &[0.4, 0.3, 0.3], 0.5);
+    cfg.model_device = cage::Backend::Emulation;
+    cfg.max_new_tokens = 6;
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["kv_cache"] = "bf16".into();
+    let cfg = RunConfig::parse(&json.to_string()).unwrap();
+    assert_eq!(cfg.kv_cache, cage::gpu::KvCacheType::Bf16);
+    let got = run(&cfg, &PROMPTS);
+    let m = Arc::new(Model::load(&root().join(LLAMA)).unwrap());
+    let gpu = cage::gpu::Gpu::emulated();
+    let mut dec = cage::model::gpu::GpuDecoder::with_kv_cache(gpu, m, 1, 64, 64, cage::gpu::KvCacheType::Bf16).unwrap();
+    for (r, p) in PROMPTS.iter().enumerate() {
+        let want = cage::model::greedy(&mut dec, &[&ids(p)[..]], &[None], 6, &[2]).unwrap().remove(0);
+        dec.reset(0);
+        assert_eq!(got[r].tokens, want, "row {r}: the engine with a bf16 cache differs from its greedy loop");
+    }
+    json["kv_cache"] = "f16".into();
+    let e = RunConfig::parse(&json.to_string()).unwrap_err().to_string();
+    assert!(e.contains("f16") && e.contains("f32, bf16"), "{e}");
+}

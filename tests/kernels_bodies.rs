@@ -41,6 +41,8 @@ macro_rules! kernel_tests {
             jacobi_matches_cpu: |g| bodies::jacobi_matches_cpu(g, $cases, $tol),
             graph_replays_equilibrium: bodies::graph_replays_equilibrium,
             stale_jobs_are_refused: bodies::stale_jobs_are_refused,
+            attention_matches_reference: bodies::attention_matches_reference,
+            attention_rejects_bad_requests: bodies::attention_rejects_bad_requests,
         });
     };
     (@tests $device:ident, $open:expr, { $($name:ident: $body:expr),* $(,)? }) => {
@@ -59,7 +61,9 @@ macro_rules! kernel_tests {
 }
 
 use cage::candidates::{Selection, select};
-use cage::gpu::{DevicePolicy, DeviceStep, EqOptions, Gpu, Logits, ValueType};
+use cage::gpu::{
+    AttentionShape, DevicePolicy, DeviceStep, EqOptions, Gpu, Heads, KvCacheType, Logits, ValueType, attention_splits,
+};
 use cage::sampling::Choice;
 use cage::solver::{exact, reference};
 use cage::{Batch, BatchInput, Normalize, Solution};
@@ -1091,4 +1095,107 @@ pub fn resident_step_reports_tokens_and_values(gpu: &mut Gpu) {
     let mod_alone =
         ResidentStep { principals: &[], weights: &[], method: ResidentMethod::Policy(DevicePolicy::Mod), ..step };
     refused(mod_alone, "MOD");
+}
+
+/// Causal attention in f64 of each token (its slot, position and query heads) over the cache as the kernels
+/// read it (keys and values rounded to bf16 for a bf16 cache): `[t, q * dim]`.
+pub fn attention_reference(
+    shape: &AttentionShape,
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+    slot: &[usize],
+    pos: &[usize],
+) -> Vec<f64> {
+    let Heads { q: nq, kv: nkv, dim } = shape.heads;
+    let stored = |x: f32| match shape.kv {
+        KvCacheType::F32 => x as f64,
+        KvCacheType::Bf16 => half::bf16::from_f32(x).to_f64(),
+    };
+    let kvd = nkv * dim;
+    let mut out = vec![0f64; slot.len() * nq * dim];
+    for (i, (&s, &p)) in slot.iter().zip(pos).enumerate() {
+        let first = if shape.window > 0 { (p + 1).saturating_sub(shape.window) } else { 0 };
+        for h in 0..nq {
+            let kvh = h / (nq / nkv);
+            let at = |x: &[f32], pp: usize, d: usize| stored(x[(s * shape.max_seq + pp) * kvd + kvh * dim + d]);
+            let qv = &q[(i * nq + h) * dim..(i * nq + h + 1) * dim];
+            let scores: Vec<f64> = (first..=p)
+                .map(|pp| (0..dim).map(|d| qv[d] as f64 * at(k, pp, d)).sum::<f64>() / (dim as f64).sqrt())
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..dim {
+                let o: f64 = (first..=p).map(|pp| e[pp - first] * at(v, pp, d)).sum();
+                out[(i * nq + h) * dim + d] = o / sum;
+            }
+        }
+    }
+    out
+}
+
+/// The attention kernels against [`attention_reference`]: one pass and split-K with 2, 3 (uneven runs), 7, 16
+/// and more splits than positions (empty splits), the launcher's own choice, GQA (2 query heads per KV head), a
+/// head dimension that is no multiple of the warp, a sliding window, both cache types, and contexts of 1 to 300
+/// positions in one call. The output is bf16: each element within 2^-8 of its magnitude (one bf16 rounding is
+/// 2^-9) plus 1e-5 for f32 summation; a split whose positions were lost or counted twice moves outputs by
+/// about 1e-1.
+pub fn attention_matches_reference(gpu: &mut Gpu) {
+    let mut rng = StdRng::seed_from_u64(31);
+    let heads = Heads { q: 4, kv: 2, dim: 40 };
+    let (slots, max_seq) = (3, 300);
+    let cache = slots * max_seq * heads.kv * heads.dim;
+    let k: Vec<f32> = (0..cache).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let v: Vec<f32> = (0..cache).map(|_| rng.random_range(-1.0..1.0)).collect();
+    // Contexts of 300, 1, 131 and 8 positions.
+    let (slot, pos) = ([1, 0, 2, 0], [299, 0, 130, 7]);
+    // Scaled queries: scores with a spread of several units, so that the running max matters.
+    let q: Vec<f32> = (0..slot.len() * heads.q * heads.dim).map(|_| rng.random_range(-6.0..6.0)).collect();
+    for kv in [KvCacheType::F32, KvCacheType::Bf16] {
+        for window in [0, 50] {
+            let shape = AttentionShape { heads, slots, max_seq, window, kv };
+            let want = attention_reference(&shape, &k, &v, &q, &slot, &pos);
+            let mut job = gpu.prepare_attention(shape, &k, &v, &q, &slot, &pos).unwrap();
+            for splits in [Some(1), Some(2), Some(3), Some(7), Some(16), Some(400), None] {
+                let used = gpu.run_attention(&mut job, splits).unwrap();
+                let ctx = if window > 0 { window } else { 300 };
+                assert_eq!(used, splits.unwrap_or(attention_splits(slot.len(), heads.q, ctx)));
+                let got = gpu.attention_output(&job).unwrap();
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert!(
+                        (w - *g as f64).abs() <= w.abs() / 256.0 + 1e-5,
+                        "{kv} cache, window {window}, {used} splits: element {i}: {g} vs reference {w}"
+                    );
+                }
+            }
+        }
+    }
+    // The launcher's rule: 16 (token, head) pairs at 300 positions split in 3 (128 positions at least each);
+    // batch 1 of an 8B shape (32 heads) at 8192 positions reaches 256 blocks with 8; prefill-sized calls and
+    // short contexts stay one pass.
+    assert_eq!(attention_splits(4, 4, 300), 3);
+    assert_eq!(attention_splits(1, 32, 8192), 8);
+    assert_eq!(attention_splits(64, 32, 8192), 1);
+    assert_eq!(attention_splits(1, 32, 100), 1);
+}
+
+/// Malformed attention jobs are errors that name the problem, never a panic or a launch.
+pub fn attention_rejects_bad_requests(gpu: &mut Gpu) {
+    let shape =
+        AttentionShape { heads: Heads { q: 4, kv: 2, dim: 8 }, slots: 1, max_seq: 4, window: 0, kv: KvCacheType::F32 };
+    let kv = vec![0.0f32; 4 * 2 * 8];
+    let q = vec![0.0f32; 4 * 8];
+    let err = |gpu: &mut Gpu, shape: AttentionShape, q: &[f32], slot: &[usize], pos: &[usize]| {
+        gpu.prepare_attention(shape, &kv, &kv, q, slot, pos).err().expect("a bad job").to_string()
+    };
+    let three = AttentionShape { heads: Heads { q: 3, kv: 2, dim: 8 }, ..shape };
+    assert!(err(gpu, three, &q[..24], &[0], &[0]).contains("KV heads dividing"));
+    let wide = AttentionShape { heads: Heads { q: 4, kv: 2, dim: 512 }, ..shape };
+    assert!(err(gpu, wide, &q, &[0], &[0]).contains("head_dim"));
+    assert!(err(gpu, shape, &q, &[0], &[4]).contains("outside the cache"));
+    assert!(err(gpu, shape, &q, &[1], &[0]).contains("outside the cache"));
+    assert!(err(gpu, shape, &q[..8], &[0], &[0]).contains("queries"));
+    let mut job = gpu.prepare_attention(shape, &kv, &kv, &q, &[0], &[3]).unwrap();
+    assert!(gpu.run_attention(&mut job, Some(0)).unwrap_err().to_string().contains("splits"));
 }

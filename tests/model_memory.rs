@@ -130,3 +130,25 @@ fn the_host_check_counts_the_bytes_of_the_stored_format() {
     let r = logits((stored + f32_bytes) / 2);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
 }
+
+#[test]
+fn the_device_check_counts_the_kv_cache_type() {
+    // The same refused run with an f32 and a bf16 cache: the sizes named differ by half the f32 cache, 2 layers
+    // x 8 slots x 34 positions x 32 KV dims x 2 bytes x (keys, values) = 69.632 KB (sizes print to 0.1 KB).
+    let model = fixture("tiny-llama");
+    let need_kb = |kv: &str| {
+        let args = ["bench", "forward", "--model", model.to_str().unwrap(), "--device", "emulation", "--batches", "8"];
+        let r = ran(cage()
+            .env("CAGE_MEMORY_LIMIT", "400000")
+            .args(args)
+            .args(["--prompt-len", "32", "--steps", "2"])
+            .args(["--kv-cache", kv]));
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        let after = r.stderr.split("buffers take ").nth(1).unwrap_or_else(|| panic!("no size in: {}", r.stderr));
+        after.split(" KB").next().unwrap().parse::<f64>().unwrap()
+    };
+    let (f32_kb, bf16_kb) = (need_kb("f32"), need_kb("bf16"));
+    assert!((f32_kb - bf16_kb - 69.632).abs() <= 0.11, "f32 cache {f32_kb} KB, bf16 cache {bf16_kb} KB");
+    let r = ran(cage().args(["bench", "forward", "--kv-cache", "f16"]));
+    assert!(r.code != Some(0) && r.stderr.contains("f16") && r.stderr.contains("f32, bf16"), "{}", r.stderr);
+}

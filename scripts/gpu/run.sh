@@ -8,7 +8,8 @@
 #   tests      the GPU test binaries, every skip turned into a failure (CAGE_REQUIRE_GPU=1)
 #   real1b     a Llama-3.2-1B-shape model and two LoRA adapters built by transformers (random weights):
 #              logits and greedy continuations against transformers, plain decode and GenARM throughput
-#   solver     cage bench solver (kernels at full-vocabulary sizes, roofline fractions) and the PyTorch peer
+#   solver     cage bench solver (kernels at full-vocabulary sizes, roofline fractions; decode attention at B = 1 on
+#              the 8B shape, split-K against one pass, f32 and bf16 caches) and the PyTorch peer
 #   real8b     the Llama-3.1-8B shape: logits against transformers, decode throughput, cage's per-step overhead
 #   sanitizer  compute-sanitizer memcheck (all GPU tests) and racecheck (kernels with shared-memory exchanges)
 #   criterion  the criterion kernel benches

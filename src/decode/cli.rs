@@ -565,6 +565,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         tokenizer_mismatch: Default::default(),
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
+        kv_cache: Default::default(),
         batch_size: 8,
         scorers: vec![],
     }

@@ -5,6 +5,7 @@
 use super::prompts::PromptTemplate;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
+use crate::gpu::KvCacheType;
 use crate::model::{PromptFormat, Tokenizer};
 use crate::problem::Normalize;
 use crate::sampling::Choice;
@@ -281,6 +282,11 @@ pub struct RunConfig {
     /// src/decode/resident.rs), apart from the documented host round trips.
     #[serde(default = "default_cpu")]
     pub model_device: Backend,
+    /// The GPU decoder's KV cache (`model_device` `cuda` or `emulation`): `f32` (the default, keys and values
+    /// exact) or `bf16` (half the bytes: twice the rows or context fit; logits move by about a bf16 rounding of
+    /// the attention inputs, see docs/architecture.md).
+    #[serde(default)]
+    pub kv_cache: KvCacheType,
     /// Prompts (rows) decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,

@@ -49,6 +49,8 @@ pub struct DecodeOptions {
     pub backend: Backend,
     /// Where the forward passes run.
     pub model_device: Backend,
+    /// The GPU decoder's KV-cache type.
+    pub kv_cache: crate::gpu::KvCacheType,
     /// Rows decoded together.
     pub batch_size: usize,
     /// Emit a [`StepDiag`] per row and step.
@@ -79,6 +81,7 @@ impl DecodeOptions {
             stop: cfg.stop.clone(),
             backend: cfg.backend,
             model_device: cfg.model_device,
+            kv_cache: cfg.kv_cache,
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,
@@ -958,7 +961,8 @@ impl Engine {
                 }
                 let tokens: usize = inputs.iter().map(|p| on.iter().map(|&s| p[s].len()).sum::<usize>()).sum();
                 let slots = b * on.len();
-                Some(Room { device, slots, positions, tokens: tokens.min(prefill_cap).max(slots) })
+                let tokens = tokens.min(prefill_cap).max(slots);
+                Some(Room { device, kv_cache: opts.kv_cache, slots, positions, tokens })
             })
             .collect();
         let models: Vec<&Arc<Model>> = self.models.iter().map(|(_, m)| m).collect();

@@ -6,7 +6,8 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::model::gpu::new_decoder;
+use crate::gpu::KvCacheType;
+use crate::model::gpu::new_decoder_with;
 use crate::model::{Decoder, Model};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,8 @@ pub type PooledDecoder = Box<dyn Decoder + Send>;
 pub struct Room {
     /// Where its forward passes run.
     pub device: Backend,
+    /// The GPU decoder's KV-cache type.
+    pub kv_cache: KvCacheType,
     /// KV-cache slots (rows x streams on this model).
     pub slots: usize,
     /// Positions per slot.
@@ -30,6 +33,7 @@ impl Room {
     /// Whether a decoder built with `self` serves a request for `need`.
     fn holds(&self, need: &Room) -> bool {
         self.device == need.device
+            && self.kv_cache == need.kv_cache
             && self.slots >= need.slots
             && self.positions >= need.positions
             && self.tokens >= need.tokens
@@ -37,11 +41,12 @@ impl Room {
 
     /// The smallest room that holds both (the same device as `need`).
     fn union(&self, need: &Room) -> Room {
-        if self.device != need.device {
+        if self.device != need.device || self.kv_cache != need.kv_cache {
             return *need;
         }
         Room {
             device: need.device,
+            kv_cache: need.kv_cache,
             slots: self.slots.max(need.slots),
             positions: self.positions.max(need.positions),
             tokens: self.tokens.max(need.tokens),
@@ -81,7 +86,14 @@ impl DecoderPool {
             held => {
                 let room = held.map_or(need, |e| e.room.union(&need));
                 // The old decoder (and its device memory) is dropped before the new one is built.
-                let dec = new_decoder(room.device, model.clone(), room.slots, room.positions, room.tokens)?;
+                let dec = new_decoder_with(
+                    room.device,
+                    model.clone(),
+                    room.slots,
+                    room.positions,
+                    room.tokens,
+                    room.kv_cache,
+                )?;
                 *self.built.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 Ok((dec, room))
             }

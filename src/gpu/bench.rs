@@ -3,7 +3,7 @@
 //! bandwidth measured in the same run (the roofline a memory-bound kernel is judged against).
 
 use super::device::DevBuf;
-use super::{EqOptions, Gpu, Logits, ValueType};
+use super::{AttentionShape, EqOptions, Gpu, Heads, KvCacheType, Logits, ValueType};
 use crate::error::Result;
 use crate::problem::{Batch, BatchInput, Normalize};
 use crate::sampling::Choice;
@@ -230,6 +230,31 @@ pub fn choose(gpu: &mut Gpu, rows: usize, n: usize, cache: Cache, reps: usize) -
     Ok(Measurement { name: format!("choose B={rows} N={n}"), cache, micros, bytes: rows * n * 4 })
 }
 
+/// Decode attention of one token (batch 1) at position `ctx - 1` over a random cache of `ctx` positions: one
+/// pass (`splits` = Some(1)), a forced split, or the decoder's choice (None, [`super::attention_splits`]).
+pub fn attention(
+    gpu: &mut Gpu,
+    heads: Heads,
+    ctx: usize,
+    kv: KvCacheType,
+    splits: Option<usize>,
+    cache: Cache,
+    reps: usize,
+) -> Result<Measurement> {
+    let mut g = StdRng::seed_from_u64(5);
+    let n = ctx * heads.kv * heads.dim;
+    let k: Vec<f32> = (0..n).map(|_| g.random_range(-1.0..1.0)).collect();
+    let v: Vec<f32> = (0..n).map(|_| g.random_range(-1.0..1.0)).collect();
+    let q: Vec<f32> = (0..heads.q * heads.dim).map(|_| g.random_range(-1.0..1.0)).collect();
+    let shape = AttentionShape { heads, slots: 1, max_seq: ctx, window: 0, kv };
+    let mut job = gpu.prepare_attention(shape, &k, &v, &q, &[0], &[ctx - 1])?;
+    let used = gpu.run_attention(&mut job, splits)?;
+    let micros = time_us(gpu, cache, reps, &mut |g| g.run_attention(&mut job, splits).map(|_| ()))?;
+    let how = if used == 1 { "one pass".to_string() } else { format!("split-K x{used}") };
+    let name = format!("attention B=1 ctx={ctx} H={}/{} d={} {kv} ({how})", heads.q, heads.kv, heads.dim);
+    Ok(Measurement { name, cache, micros, bytes: job.bytes_moved() })
+}
+
 /// What `cage bench solver` runs: each kernel on the target shapes on a GPU, on reduced shapes under
 /// the host emulation (whose figures say nothing about a GPU and are labelled so).
 pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
@@ -262,6 +287,10 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
         warm_and_flushed(&mut |c| candidates(gpu, 1, 20_000, Some(50), c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| values(gpu, 1, 2, 20_000, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| choose(gpu, 2, 4096, c, reps), &mut rows)?;
+        let h = Heads { q: 4, kv: 2, dim: 64 };
+        for (kv, splits) in [(KvCacheType::F32, Some(1)), (KvCacheType::F32, None), (KvCacheType::Bf16, None)] {
+            rows.push(attention(gpu, h, 1024, kv, splits, Cache::Flushed, reps)?);
+        }
     } else {
         // Targets (H100): the first within 2x one read of its inputs at copy bandwidth; the B = 1, k = 50 step
         // under 10 us including launch; top-k at >= 80% of copy bandwidth for B x V >= 8M.
@@ -289,6 +318,15 @@ pub fn solver_report(gpu: &mut Gpu, reps: usize) -> Result<String> {
         warm_and_flushed(&mut |c| values(gpu, 1, 4, 128_256, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| values(gpu, 64, 4, 128_256, c, reps), &mut rows)?;
         warm_and_flushed(&mut |c| choose(gpu, 64, 128_256, c, reps), &mut rows)?;
+        // Decode attention at batch 1 on the Llama-3.1-8B shape (32 query heads, 8 KV heads, d = 128), one layer:
+        // one pass (32 blocks) against split-K (the decoder's choice), f32 and bf16 caches. Target: split-K within
+        // 2x one read of the cache at copy bandwidth.
+        let h = Heads { q: 32, kv: 8, dim: 128 };
+        for ctx in [8192, 32_768] {
+            for (kv, splits) in [(KvCacheType::F32, Some(1)), (KvCacheType::F32, None), (KvCacheType::Bf16, None)] {
+                rows.push(attention(gpu, h, ctx, kv, splits, Cache::Flushed, reps)?);
+            }
+        }
     }
     let _ = writeln!(out, "{:<58} {:>8} {:>12} {:>10} {:>8}", "kernel", "L2", "time (us)", "GB/s", "of copy");
     for m in &rows {

@@ -69,6 +69,12 @@ impl<'a> Launch<'a> {
         self
     }
 
+    /// `x` by `y` by `z` blocks.
+    pub(crate) fn grid_xyz(mut self, x: u32, y: u32, z: u32) -> Self {
+        self.grid = [x, y, z];
+        self
+    }
+
     /// `threads` threads per block (along x).
     /// A block of a thread per 8 entries of a `width`-wide row (whole warps, 32 to 1024 threads): the
     /// block-per-row kernels (top-k / log-softmax, values) read a row with 16-byte loads, and a small

@@ -16,7 +16,7 @@
 //! - `policy.rs` (policy.cu): [`Gpu::policy`], the policies of `base`, `linear`, `genarm` and `mod`; the host
 //!   policy stage (`crate::baselines`).
 //! - `transformer.rs` (transformer.cu): the forward pass' kernels for [`crate::model::gpu::GpuDecoder`];
-//!   `model::forward`.
+//!   `model::forward`; its attention alone ([`AttentionJob`]: one pass and split-K) against an f64 reference.
 //!
 //! [`Gpu::decode_step_device`] (`step.rs`, the C ABI's) chains candidates, values, equilibrium and choice on
 //! device-resident logits; [`Gpu::resident_step`] (`resident.rs`, the engine's) does it for every method and
@@ -45,6 +45,10 @@ pub use equilibrium::{DeviceEquilibrium, EqJob, EqOptions, MAX_CLUSTER_PRINCIPAL
 pub use policy::DevicePolicy;
 pub use resident::{PrincipalStreams, ResidentLaunch, ResidentMethod, ResidentReport, ResidentStep};
 pub use step::{DeviceStep, StepOutput};
+pub use transformer::{
+    ATT_MIN_CHUNK, ATT_TARGET_BLOCKS, AttentionJob, AttentionShape, Heads, KvCacheType, attention_scratch_bytes,
+    attention_splits,
+};
 
 use crate::error::{CageError, Result};
 use device::{DevBuf, DevPtr, Device};

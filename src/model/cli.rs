@@ -256,6 +256,8 @@ pub struct BenchForwardArgs {
     /// `auto`: the CPU, and the GPU at batch 1, 8 and 32 when one is usable; otherwise that one device at
     /// `batches`.
     pub device: Backend,
+    /// The GPU decoder's KV-cache type.
+    pub kv_cache: crate::gpu::KvCacheType,
     /// Prompt tokens per row.
     pub prompt_len: usize,
     /// Decode steps per repeat.
@@ -276,7 +278,8 @@ fn print_rows(rows: &[super::bench::ForwardBench]) -> Result<()> {
 
 /// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
 pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
-    let (batches, prompt_len, steps, repeats) = (&a.batches[..], a.prompt_len, a.steps, a.repeats);
+    let (batches, prompt_len, steps, repeats, kv) = (&a.batches[..], a.prompt_len, a.steps, a.repeats, a.kv_cache);
+    use super::bench::bench_forward_on;
     let dir = match &a.model {
         Some(d) => d.clone(),
         None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
@@ -317,12 +320,12 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     // that is present but fails is an error); with `cuda` or `emulation` always, at the batch sizes given.
     let gpu = match a.device {
         Backend::Cpu => None,
-        Backend::Auto => Some(match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {
+        Backend::Auto => Some(match bench_forward_on(Backend::Cuda, m, GPU_BATCHES, prompt_len, steps, repeats, kv) {
             Ok(rows) => Ok((Backend::Cuda, rows)),
             Err(CageError::NoGpu(why)) => Err(why),
             Err(e) => return Err(e),
         }),
-        d => Some(Ok((d, super::bench::bench_forward_on(d, m, batches, prompt_len, steps, repeats)?))),
+        d => Some(Ok((d, bench_forward_on(d, m, batches, prompt_len, steps, repeats, kv)?))),
     };
     let device_name = |d: Backend| if d == Backend::Cuda { gpu_name() } else { "host emulation".to_string() };
     if a.json {

@@ -8,9 +8,16 @@
 //!   kernel of `kernels/transformer.cu` per step of the CPU forward, launched by `src/gpu/transformer.rs`.
 //!   Since cuBLAS multiplies bf16 by bf16, the activations entering each GEMM are rounded to bf16, the residual
 //!   stream and everything else stay f32.
-//! - The KV cache lives on the device in f32 with the CPU's layout (`[layer][slot][position][kv_dim]`): twice
-//!   the memory of a bf16 cache, but no rounding of keys and values, which keeps the GPU within bf16 activation
-//!   rounding of the CPU (see tests/model_gpu.rs).
+//! - The q / k / v projections are one GEMM on their weights stacked at upload (`[q + k + v, hidden]`), gate and
+//!   up another (`[2 ffn, hidden]`): one weight read and one launch instead of three and two. Unmerged LoRA
+//!   pairs of those projections add their update to their slice of the fused output (`cage_tf_add_cols`).
+//! - The KV cache lives on the device with the CPU's layout (`[layer][slot][position][kv_dim]`), in f32 by
+//!   default: no rounding of keys and values, which keeps the GPU within bf16 activation rounding of the CPU
+//!   (see tests/model_gpu.rs). [`KvCacheType::Bf16`] halves its bytes (more rows or longer contexts fit) at the
+//!   cost of one bf16 rounding of each key and value.
+//! - Attention is one pass per (token, head) for prefill and large batches, split-K for decode calls with few
+//!   (token, head) pairs and long contexts: [`crate::gpu::attention_splits`] chooses, from the call's longest
+//!   context; the partial states go to a fixed scratch buffer ([`crate::gpu::attention_scratch_bytes`]).
 //! - Every activation buffer is allocated at construction for `max_tokens` tokens per call: a forward call
 //!   uploads only its token ids, positions, slots and logit rows, packed in one staged copy that does not wait,
 //!   and allocates nothing on the device. [`GpuDecoder::stage_device`] and [`GpuDecoder::launch_staged`] split
@@ -27,9 +34,9 @@ use super::llama::{Linear, Model};
 use super::weight::Weight;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
-use crate::gpu::Gpu;
 use crate::gpu::device::{DevBuf, DevPtr, Device};
 use crate::gpu::transformer::{self as tf, Heads, KvCache};
+use crate::gpu::{Gpu, KvCacheType};
 use std::sync::Arc;
 
 pub use crate::gpu::transformer::MAX_HEAD_DIM;
@@ -62,7 +69,7 @@ pub fn bf16_weights(model: &Model) -> Model {
 }
 
 /// A decoder for `model` on `device` with `slots` KV-cache slots of `max_seq` positions and room for
-/// `max_tokens` tokens per forward call.
+/// `max_tokens` tokens per forward call (an f32 KV cache on a GPU).
 pub fn new_decoder(
     device: Backend,
     model: Arc<Model>,
@@ -70,11 +77,24 @@ pub fn new_decoder(
     max_seq: usize,
     max_tokens: usize,
 ) -> Result<Box<dyn Decoder + Send>> {
+    new_decoder_with(device, model, slots, max_seq, max_tokens, KvCacheType::F32)
+}
+
+/// [`new_decoder`] with the GPU decoder's KV cache of `kv` values (the CPU's is f32 whatever `kv` says).
+pub fn new_decoder_with(
+    device: Backend,
+    model: Arc<Model>,
+    slots: usize,
+    max_seq: usize,
+    max_tokens: usize,
+    kv: KvCacheType,
+) -> Result<Box<dyn Decoder + Send>> {
+    let gpu = |g: Gpu| GpuDecoder::with_kv_cache(g, model.clone(), slots, max_seq, max_tokens, kv);
     Ok(match device {
         Backend::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
-        Backend::Cuda => Box::new(GpuDecoder::new(Gpu::cuda(0)?, model, slots, max_seq, max_tokens)?),
-        Backend::Emulation => Box::new(GpuDecoder::new(Gpu::emulated(), model, slots, max_seq, max_tokens)?),
-        Backend::Auto => return new_decoder(device.resolve(), model, slots, max_seq, max_tokens),
+        Backend::Cuda => Box::new(gpu(Gpu::cuda(0)?)?),
+        Backend::Emulation => Box::new(gpu(Gpu::emulated())?),
+        Backend::Auto => return new_decoder_with(device.resolve(), model, slots, max_seq, max_tokens, kv),
     })
 }
 
@@ -90,32 +110,36 @@ pub struct DeviceLogits {
     pub vocab: usize,
 }
 
-/// One unmerged LoRA pair on the device.
+/// One unmerged LoRA pair on the device, updating `width` output columns from `col` on: a slice of a fused
+/// projection, or the whole output.
 struct LoraW {
     a: DevBuf,
     b: DevBuf,
     r: usize,
     scale: f32,
+    col: usize,
+    width: usize,
 }
 
-/// A linear layer on the device.
+/// A linear layer on the device: one projection, or several fused (their weights stacked row-wise, so their
+/// outputs are column slices of one output).
 struct LinW {
     w: DevBuf,
     bias: Option<DevBuf>,
     inp: usize,
     out: usize,
-    lora: Vec<Option<LoraW>>,
+    /// By adapter id, the pairs of the fused projections it targets.
+    lora: Vec<Vec<LoraW>>,
 }
 
 struct LayerW {
     ln1: DevBuf,
     ln2: DevBuf,
-    q: LinW,
-    k: LinW,
-    v: LinW,
+    /// q / k / v fused: `[q_dim + 2 kv_dim, hidden]`.
+    qkv: LinW,
     o: LinW,
-    gate: LinW,
-    up: LinW,
+    /// gate / up fused: `[2 ffn, hidden]`.
+    gate_up: LinW,
     down: LinW,
 }
 
@@ -133,16 +157,20 @@ struct Acts {
     x: DevBuf,
     /// GEMM input, bf16 `[t, max(hidden, q_dim, ffn)]`.
     act: DevBuf,
-    q: DevBuf,
-    k: DevBuf,
-    v: DevBuf,
+    /// Fused q / k / v output, f32 `[t, q_dim + 2 kv_dim]`.
+    qkv: DevBuf,
     /// Output of o / down before the residual add, f32 `[t, hidden]`.
     tmp: DevBuf,
-    gate: DevBuf,
-    up: DevBuf,
+    /// Fused gate / up output, f32 `[t, 2 ffn]`.
+    gu: DevBuf,
     /// LoRA `x A^T`, f32 and bf16 `[t, max rank]`.
     lora_f32: DevBuf,
     lora_bf16: DevBuf,
+    /// A slice's LoRA update before it is added to the fused output, f32 `[t, max(q_dim, ffn)]` (empty without
+    /// adapters).
+    lora_out: DevBuf,
+    /// Split-K attention's partial states ([`crate::gpu::attention_scratch_bytes`]).
+    parts: DevBuf,
     /// f32 `[max_rows, vocab]`.
     logits: DevBuf,
     /// The call's inputs packed for one copy: token ids, positions and KV slots (t ints each), then the logit
@@ -177,6 +205,9 @@ pub struct ForwardShape {
     all: bool,
     logits: bool,
     runs: Vec<Run>,
+    /// Each layer's split-K attention split (from the call's longest context and the layer's window): a launch
+    /// parameter, so a graph captured at one split is not replayed at another.
+    splits: Vec<usize>,
 }
 
 /// The GPU [`Decoder`]: the model's weights on a device, a KV cache of `slots` sequences of up to `max_seq`
@@ -191,6 +222,7 @@ pub struct GpuDecoder {
     inv_freq: DevBuf,
     kc: DevBuf,
     vc: DevBuf,
+    kv: KvCacheType,
     acts: Acts,
     gpu: Gpu,
     lens: Vec<usize>,
@@ -238,17 +270,40 @@ fn upload_weight(dev: &mut dyn Device, w: &Weight, cols: usize) -> Result<DevBuf
     Ok(b)
 }
 
-fn upload_linear(dev: &mut dyn Device, l: &Linear) -> Result<LinW> {
-    let w = upload_weight(dev, &l.w, l.inp)?;
-    let bias = l.bias.as_ref().map(|b| upload_f32(dev, b)).transpose()?;
-    let mut lora = Vec::with_capacity(l.lora.len());
-    for p in &l.lora {
-        lora.push(match p {
-            Some(p) => Some(LoraW { a: upload_bf16(dev, &p.a)?, b: upload_bf16(dev, &p.b)?, r: p.r, scale: p.scale }),
-            None => None,
-        });
+/// Uploads `parts` (one projection, or several of the same input to fuse) as one [`LinW`]: weights stacked
+/// row-wise, biases likewise (zeros for a part without one, none when no part has one), each part's adapters on
+/// its slice of the output.
+fn upload_linear(dev: &mut dyn Device, parts: &[&Linear]) -> Result<LinW> {
+    let inp = parts[0].inp;
+    let out: usize = parts.iter().map(|l| l.out).sum();
+    let w = match parts {
+        [l] => upload_weight(dev, &l.w, inp)?,
+        _ => {
+            let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
+            let mut b = DevBuf::alloc(dev, h.len() * 2)?;
+            b.upload(dev, &h)?;
+            b
+        }
+    };
+    let bias = if parts.iter().any(|l| l.bias.is_some()) {
+        let b: Vec<f32> = parts.iter().flat_map(|l| l.bias.clone().unwrap_or_else(|| vec![0.0; l.out])).collect();
+        Some(upload_f32(dev, &b)?)
+    } else {
+        None
+    };
+    let adapters = parts.iter().map(|l| l.lora.len()).max().unwrap_or(0);
+    let mut lora: Vec<Vec<LoraW>> = (0..adapters).map(|_| Vec::new()).collect();
+    let mut col = 0;
+    for l in parts {
+        for (id, p) in l.lora.iter().enumerate() {
+            if let Some(p) = p {
+                let (a, b) = (upload_bf16(dev, &p.a)?, upload_bf16(dev, &p.b)?);
+                lora[id].push(LoraW { a, b, r: p.r, scale: p.scale, col, width: l.out });
+            }
+        }
+        col += l.out;
     }
-    Ok(LinW { w, bias, inp: l.inp, out: l.out, lora })
+    Ok(LinW { w, bias, inp, out, lora })
 }
 
 /// `out[t, lin.out] = x[t, lin.inp] W^T (+ bias) (+ each run's LoRA)`, as `apply` does on the CPU. `x` is bf16.
@@ -262,26 +317,46 @@ fn apply(dev: &mut dyn Device, lin: &LinW, x: DevPtr, t: usize, out: DevPtr, run
             tf::bias(dev, out, b.ptr(), o, t)?;
         }
     }
-    let (lora_f32, lora_bf16) = (acts.lora_f32.ptr(), acts.lora_bf16.ptr());
+    let (lora_f32, lora_bf16, lora_out) = (acts.lora_f32.ptr(), acts.lora_bf16.ptr(), acts.lora_out.ptr());
     for run in runs {
-        let Some(Some(p)) = run.adapter.and_then(|a| lin.lora.get(a)) else { continue };
+        let Some(pairs) = run.adapter.and_then(|a| lin.lora.get(a)) else { continue };
         let xs = x + (run.start * inp * 2) as DevPtr;
         let os = out + (run.start * o * 4) as DevPtr;
-        // SAFETY: the run's rows lie inside the t rows above; the LoRA buffers hold t x max rank values; beta = 1
-        // adds the scaled update to the run's rows of `out`.
-        unsafe {
-            dev.gemm_bf16(run.len, p.r, inp, xs, p.a.ptr(), lora_f32, 1.0, 0.0)?;
-            tf::cast_bf16(dev, lora_f32, run.len * p.r, lora_bf16)?;
-            dev.gemm_bf16(run.len, o, p.r, lora_bf16, p.b.ptr(), os, p.scale, 1.0)?;
+        for p in pairs {
+            // SAFETY: the run's rows lie inside the t rows above; the LoRA buffers hold t x max rank values and
+            // lora_out t x the widest slice; beta = 1 adds the scaled update to the run's rows of `out`, and a
+            // slice's update goes through lora_out to its columns.
+            unsafe {
+                dev.gemm_bf16(run.len, p.r, inp, xs, p.a.ptr(), lora_f32, 1.0, 0.0)?;
+                tf::cast_bf16(dev, lora_f32, run.len * p.r, lora_bf16)?;
+                if p.width == o {
+                    dev.gemm_bf16(run.len, o, p.r, lora_bf16, p.b.ptr(), os, p.scale, 1.0)?;
+                } else {
+                    dev.gemm_bf16(run.len, p.width, p.r, lora_bf16, p.b.ptr(), lora_out, p.scale, 0.0)?;
+                    tf::add_cols(dev, os, o, p.col, lora_out, p.width, run.len)?;
+                }
+            }
         }
     }
     Ok(())
 }
 
 impl GpuDecoder {
-    /// Uploads `model` to `gpu` and allocates a KV cache of `slots` sequences of up to `max_seq` tokens and
+    /// Uploads `model` to `gpu` and allocates an f32 KV cache of `slots` sequences of up to `max_seq` tokens and
     /// buffers for up to `max_tokens` tokens per call (and as many logit rows, or `slots` when larger).
-    pub fn new(mut gpu: Gpu, model: Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Result<Self> {
+    pub fn new(gpu: Gpu, model: Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Result<Self> {
+        Self::with_kv_cache(gpu, model, slots, max_seq, max_tokens, KvCacheType::F32)
+    }
+
+    /// [`GpuDecoder::new`] with a KV cache of `kv` values.
+    pub fn with_kv_cache(
+        mut gpu: Gpu,
+        model: Arc<Model>,
+        slots: usize,
+        max_seq: usize,
+        max_tokens: usize,
+        kv: KvCacheType,
+    ) -> Result<Self> {
         let c = &model.config;
         if slots == 0 || max_seq == 0 || max_tokens == 0 {
             return Err(bad(format!(
@@ -311,23 +386,24 @@ impl GpuDecoder {
         }
         let max_r = model.max_lora_rank();
         let t = max_tokens;
+        // A LoRA slice of a fused projection is at most q_dim or ffn wide.
+        let slice = if max_r > 0 { qd.max(ffn) } else { 0 };
         // The activation buffers' bytes in the order of `Acts`' fields: summed for the check below, then allocated.
         let act_bytes = [
             t * h * 4,
             t * widest * 2,
-            t * qd * 4,
-            t * kvd * 4,
-            t * kvd * 4,
+            t * (qd + 2 * kvd) * 4,
             t * h * 4,
-            t * ffn * 4,
-            t * ffn * 4,
+            t * 2 * ffn * 4,
             t * max_r * 4,
             t * max_r * 2,
+            t * slice * 4,
+            crate::gpu::attention_scratch_bytes(c.head_dim),
             max_rows * vocab * 4,
             (3 * t + max_rows) * 4,
         ];
-        let cache = c.num_layers * slots * max_seq * kvd * 4;
-        // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the f32 KV cache and the
+        let cache = c.num_layers * slots * max_seq * kvd * kv.bytes();
+        // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the KV cache and the
         // activations against the card's free memory, so that a model that cannot fit names both sizes.
         let weights = (super::memory::parameters(c) + model.lora_parameters() as u128) * 2;
         let need = weights + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
@@ -341,27 +417,23 @@ impl GpuDecoder {
             layers.push(LayerW {
                 ln1: upload_f32(dev, &l.ln1)?,
                 ln2: upload_f32(dev, &l.ln2)?,
-                q: upload_linear(dev, &l.q)?,
-                k: upload_linear(dev, &l.k)?,
-                v: upload_linear(dev, &l.v)?,
-                o: upload_linear(dev, &l.o)?,
-                gate: upload_linear(dev, &l.gate)?,
-                up: upload_linear(dev, &l.up)?,
-                down: upload_linear(dev, &l.down)?,
+                qkv: upload_linear(dev, &[&l.q, &l.k, &l.v])?,
+                o: upload_linear(dev, &[&l.o])?,
+                gate_up: upload_linear(dev, &[&l.gate, &l.up])?,
+                down: upload_linear(dev, &[&l.down])?,
             });
         }
-        let [x, act, q, k, v, tmp, gate, up, lora_f32, lora_bf16, logits, inputs] = act_bytes;
+        let [x, act, qkv, tmp, gu, lora_f32, lora_bf16, lora_out, parts, logits, inputs] = act_bytes;
         let acts = Acts {
             x: DevBuf::alloc(dev, x)?,
             act: DevBuf::alloc(dev, act)?,
-            q: DevBuf::alloc(dev, q)?,
-            k: DevBuf::alloc(dev, k)?,
-            v: DevBuf::alloc(dev, v)?,
+            qkv: DevBuf::alloc(dev, qkv)?,
             tmp: DevBuf::alloc(dev, tmp)?,
-            gate: DevBuf::alloc(dev, gate)?,
-            up: DevBuf::alloc(dev, up)?,
+            gu: DevBuf::alloc(dev, gu)?,
             lora_f32: DevBuf::alloc(dev, lora_f32)?,
             lora_bf16: DevBuf::alloc(dev, lora_bf16)?,
+            lora_out: DevBuf::alloc(dev, lora_out)?,
+            parts: DevBuf::alloc(dev, parts)?,
             logits: DevBuf::alloc(dev, logits)?,
             inputs: DevBuf::alloc(dev, inputs)?,
         };
@@ -373,6 +445,7 @@ impl GpuDecoder {
             layers,
             kc: DevBuf::alloc(dev, cache)?,
             vc: DevBuf::alloc(dev, cache)?,
+            kv,
             acts,
             gpu,
             lens: vec![0; slots],
@@ -391,6 +464,11 @@ impl GpuDecoder {
             host_hidden: vec![0.0; 2 * max_rows * h],
             model,
         })
+    }
+
+    /// The element type of the KV cache.
+    pub fn kv_cache(&self) -> KvCacheType {
+        self.kv
     }
 
     /// The model the decoder was made from (its weights on the device are this model's, rounded to bf16).
@@ -530,9 +608,17 @@ impl GpuDecoder {
         for r in &self.runs {
             self.lens[self.h_slot[r.start] as usize] += r.len;
         }
+        // The longest context of the call, which (with each layer's window) sets the attention's split.
+        let max_ctx = self.h_pos.iter().max().map_or(0, |&p| p as usize + 1);
+        let c = &self.model.config;
         let s = &mut self.staged;
         (s.t, s.rows, s.all, s.logits) = (t, rows, at == LogitsAt::All, logits);
         s.runs.clone_from(&self.runs);
+        s.splits.clear();
+        s.splits.extend((0..c.num_layers).map(|li| {
+            let ctx = c.window(li).map_or(max_ctx, |w| if w > 0 { max_ctx.min(w) } else { max_ctx });
+            tf::attention_splits(t, c.num_heads, ctx)
+        }));
         Ok(rows)
     }
 
@@ -554,7 +640,12 @@ impl GpuDecoder {
         let (tokens, pos, slot) = (Packed::tokens(inputs), Packed::pos(inputs, t), Packed::slot(inputs, t));
         let rows_ptr = if shape.all { 0 } else { Packed::rows(inputs, t) };
         let (x, act, tmp) = (a.x.ptr(), a.act.ptr(), a.tmp.ptr());
-        let layer_cache = (self.lens.len() * self.max_seq * kvd * 4) as DevPtr;
+        let kv = self.kv;
+        let layer_cache = (self.lens.len() * self.max_seq * kvd * kv.bytes()) as DevPtr;
+        // The fused q / k / v output: q, k and v are column slices of rows `qkv_ld` wide.
+        let qkv_ld = nh * hd + 2 * kvd;
+        let (q, k, v) =
+            (a.qkv.ptr(), a.qkv.ptr() + (nh * hd * 4) as DevPtr, a.qkv.ptr() + ((nh * hd + kvd) * 4) as DevPtr);
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed).ptr();
         // SAFETY: every buffer was allocated by `new` for max_tokens tokens (max_rows logit rows) of this model,
         // and `prepare` checked the call against those sizes, the cache's slots and positions and the vocabulary.
@@ -562,23 +653,22 @@ impl GpuDecoder {
             tf::embed(dev, self.embed.ptr(), tokens, t, h, x)?;
             for (li, l) in layers.iter().enumerate() {
                 let offset = li as DevPtr * layer_cache;
-                let cache =
-                    KvCache { k: self.kc.ptr() + offset, v: self.vc.ptr() + offset, slot, pos, max_seq: self.max_seq };
+                let (kc, vc) = (self.kc.ptr() + offset, self.vc.ptr() + offset);
+                let cache = KvCache { k: kc, v: vc, slot, pos, max_seq: self.max_seq, ty: kv };
                 tf::rmsnorm(dev, x, 0, l.ln1.ptr(), eps, h, t, act)?;
-                apply(dev, &l.q, act, t, a.q.ptr(), runs, a)?;
-                apply(dev, &l.k, act, t, a.k.ptr(), runs, a)?;
-                apply(dev, &l.v, act, t, a.v.ptr(), runs, a)?;
-                tf::rope(dev, a.q.ptr(), pos, self.inv_freq.ptr(), t, nh, hd)?;
-                tf::rope(dev, a.k.ptr(), pos, self.inv_freq.ptr(), t, nkv, hd)?;
-                tf::kv_store(dev, &cache, a.k.ptr(), a.v.ptr(), t, kvd)?;
+                apply(dev, &l.qkv, act, t, q, runs, a)?;
+                tf::rope(dev, q, qkv_ld, pos, self.inv_freq.ptr(), t, nh, hd)?;
+                tf::rope(dev, k, qkv_ld, pos, self.inv_freq.ptr(), t, nkv, hd)?;
+                tf::kv_store(dev, &cache, k, v, qkv_ld, t, kvd)?;
                 // Sliding window of this layer (0: full causal attention), transformers' semantics.
-                tf::attention(dev, &cache, a.q.ptr(), t, heads, c.window(li).unwrap_or(0), act)?;
+                let window = c.window(li).unwrap_or(0);
+                let splits = shape.splits[li];
+                tf::attention(dev, &cache, q, qkv_ld, t, heads, window, splits, a.parts.ptr(), act)?;
                 apply(dev, &l.o, act, t, tmp, runs, a)?;
                 tf::add(dev, x, tmp, t * h)?;
                 tf::rmsnorm(dev, x, 0, l.ln2.ptr(), eps, h, t, act)?;
-                apply(dev, &l.gate, act, t, a.gate.ptr(), runs, a)?;
-                apply(dev, &l.up, act, t, a.up.ptr(), runs, a)?;
-                tf::silu_mul(dev, a.gate.ptr(), a.up.ptr(), t * ffn, act)?;
+                apply(dev, &l.gate_up, act, t, a.gu.ptr(), runs, a)?;
+                tf::silu_mul(dev, a.gu.ptr(), ffn, t, act)?;
                 apply(dev, &l.down, act, t, tmp, runs, a)?;
                 tf::add(dev, x, tmp, t * h)?;
             }
