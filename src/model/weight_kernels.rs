@@ -218,8 +218,18 @@ mod avx2 {
     use super::{GgmlType, QK, SendPtr, Stored};
     use std::arch::x86_64::*;
 
-    /// Weight rows `rows` against all rows of x, four rows of x at a time (16 vector registers: four
-    /// expanded weight vectors, two accumulators per row).
+    /// Formats as const parameters of [`tile`], so that each instantiation is straight-line code.
+    const BF16: u8 = 0;
+    const F16: u8 = 1;
+    const Q8_0: u8 = 2;
+    const Q4_0: u8 = 3;
+    const Q4_1: u8 = 4;
+
+    /// How far ahead of the block being expanded the kernel prefetches (bytes): decode is bound by waiting for
+    /// weight bytes, and the hardware prefetcher alone keeps too few loads in flight (see `packed::PREFETCH`).
+    const PREFETCH: usize = 2048;
+
+    /// Weight rows `rows` against all rows of x, up to four rows of x at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn chunk(
@@ -233,20 +243,50 @@ mod avx2 {
         accumulate: bool,
         alpha: f32,
     ) {
+        let (ptr, f) = match w {
+            Stored::Bf16(v) => (v.as_ptr().cast::<u8>(), BF16),
+            Stored::F16(v) => (v.as_ptr().cast::<u8>(), F16),
+            Stored::Blocks(GgmlType::Q8_0, raw) => (raw.as_ptr(), Q8_0),
+            Stored::Blocks(GgmlType::Q4_0, raw) => (raw.as_ptr(), Q4_0),
+            Stored::Blocks(_, raw) => (raw.as_ptr(), Q4_1),
+        };
+        let t = Tile { w: ptr, x: x.as_ptr(), k, n, out, accumulate, alpha };
         let mut r0 = 0;
         while r0 < m {
-            let rows = rows.clone();
-            // SAFETY (all arms): the features are enabled here; rows r0..r0 + R of x exist.
+            // SAFETY (all arms): the features are enabled here; rows r0..r0 + R of x exist, and `covers`
+            // checked that w holds n rows of k values of its format.
             unsafe {
+                macro_rules! run {
+                    ($r:literal) => {
+                        match f {
+                            BF16 => t.run::<$r, BF16>(r0, rows.clone()),
+                            F16 => t.run::<$r, F16>(r0, rows.clone()),
+                            Q8_0 => t.run::<$r, Q8_0>(r0, rows.clone()),
+                            Q4_0 => t.run::<$r, Q4_0>(r0, rows.clone()),
+                            _ => t.run::<$r, Q4_1>(r0, rows.clone()),
+                        }
+                    };
+                }
                 match m - r0 {
-                    1 => tile::<1>(w, x, r0, k, rows, n, out, accumulate, alpha),
-                    2 => tile::<2>(w, x, r0, k, rows, n, out, accumulate, alpha),
-                    3 => tile::<3>(w, x, r0, k, rows, n, out, accumulate, alpha),
-                    _ => tile::<4>(w, x, r0, k, rows, n, out, accumulate, alpha),
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    _ => run!(4),
                 }
             }
             r0 += 4;
         }
+    }
+
+    /// One task's product, with raw pointers (checked by the caller).
+    struct Tile<'a> {
+        w: *const u8,
+        x: *const f32,
+        k: usize,
+        n: usize,
+        out: &'a SendPtr,
+        accumulate: bool,
+        alpha: f32,
     }
 
     /// An f16 value (little-endian bits at `p`) as f32, with F16C.
@@ -258,120 +298,121 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
-    /// Eight consecutive bf16 / f16 values at element `e` of `w` as f32 (zeros for a block type, which
-    /// `tile` never asks for).
+    /// Eight bf16 (`F` = BF16) or f16 values at `p` as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn expand8(w: Stored, e: usize) -> __m256 {
-        // SAFETY: the caller guarantees e + 8 <= the matrix length.
+    unsafe fn expand8<const F: u8>(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 16 readable bytes at p.
         unsafe {
-            match w {
-                Stored::Bf16(v) => {
-                    // bf16 is the top half of an f32: widen and shift into place.
-                    let h = _mm_loadu_si128(v.as_ptr().add(e).cast());
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-                }
-                Stored::F16(v) => _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(e).cast())),
-                Stored::Blocks(..) => _mm256_setzero_ps(),
+            let h = _mm_loadu_si128(p.cast());
+            if F == BF16 {
+                // bf16 is the top half of an f32: widen and shift into place.
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            } else {
+                _mm256_cvtph_ps(h)
             }
         }
     }
 
-    /// The 32 values of block `b` of a quantized matrix (`bytes` per block), as four vectors of eight.
+    /// The 32 values of the block at `p` (or the 32 bf16 / f16 values there), as four vectors of eight.
     /// `q * d` is exact in f32, so one fused multiply-add rounds like `dequantize_into`'s multiply-then-add.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn expand_block(ty: GgmlType, raw: &[u8], b: usize) -> [__m256; 4] {
-        // SAFETY: the caller guarantees that block b lies inside raw; every load stays inside the block
-        // (Q8_0: 34 bytes, scale + 32; Q4_0: 18, scale + 16; Q4_1: 20, scale, min + 16).
+    unsafe fn expand32<const F: u8>(p: *const u8) -> [__m256; 4] {
+        // SAFETY: the caller guarantees that the block (or 64 bytes of values) at p is readable; every load
+        // stays inside it (Q8_0: 34 bytes, scale + 32; Q4_0: 18, scale + 16; Q4_1: 20, scale, min + 16).
         unsafe {
-            let (_, bytes) = ty.block();
-            let p = raw.as_ptr().add(b * bytes);
-            let d = _mm256_set1_ps(half_at(p));
-            let nibbles = |q: __m128i, d: __m256, mn: __m256| {
-                let mask = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                let f = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, mn);
-                [f(lo), f(_mm_srli_si128::<8>(lo)), f(hi), f(_mm_srli_si128::<8>(hi))]
-            };
-            match ty {
-                GgmlType::Q8_0 => {
-                    let f = |i: usize| {
-                        let v = _mm_loadl_epi64(p.add(2 + i * 8).cast());
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
-                    };
-                    [f(0), f(1), f(2), f(3)]
-                }
-                // (q - 8) d = q d - 8 d exactly: both products are exact and so is their difference.
-                GgmlType::Q4_0 => nibbles(_mm_loadu_si128(p.add(2).cast()), d, _mm256_mul_ps(d, _mm256_set1_ps(-8.0))),
-                _ => nibbles(_mm_loadu_si128(p.add(4).cast()), d, _mm256_set1_ps(half_at(p.add(2)))),
+            if F == BF16 || F == F16 {
+                return [expand8::<F>(p), expand8::<F>(p.add(16)), expand8::<F>(p.add(32)), expand8::<F>(p.add(48))];
             }
+            let d = _mm256_set1_ps(half_at(p));
+            if F == Q8_0 {
+                let f = |i: usize| {
+                    let v = _mm_loadl_epi64(p.add(2 + i * 8).cast());
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d)
+                };
+                return [f(0), f(1), f(2), f(3)];
+            }
+            // (q - 8) d = q d - 8 d exactly: both products are exact and so is their difference.
+            let (q, mn) = if F == Q4_0 {
+                (_mm_loadu_si128(p.add(2).cast()), _mm256_mul_ps(d, _mm256_set1_ps(-8.0)))
+            } else {
+                (_mm_loadu_si128(p.add(4).cast()), _mm256_set1_ps(half_at(p.add(2))))
+            };
+            let mask = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(q, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+            let f = |v: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), d, mn);
+            [f(lo), f(_mm_srli_si128::<8>(lo)), f(hi), f(_mm_srli_si128::<8>(hi))]
         }
     }
 
-    /// Rows `r0 .. r0 + R` of x against the weight rows `rows`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
-        w: Stored,
-        x: &[f32],
-        r0: usize,
-        k: usize,
-        rows: std::ops::Range<usize>,
-        n: usize,
-        out: &SendPtr,
-        accumulate: bool,
-        alpha: f32,
-    ) {
-        let nb = k / QK;
-        let xp = x.as_ptr();
-        // SAFETY: the caller asserted that w holds n rows of k values and x m rows of k; all loads below are
-        // below row o's end in w and row r0 + R - 1's end in x.
-        unsafe {
-            for o in rows {
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                for b in 0..nb {
-                    let v = match w {
-                        Stored::Blocks(ty, raw) => expand_block(ty, raw, o * nb + b),
-                        _ => {
-                            let e = o * k + b * QK;
-                            [expand8(w, e), expand8(w, e + 8), expand8(w, e + 16), expand8(w, e + 24)]
+    impl Tile<'_> {
+        /// Rows `r0 .. r0 + R` of x against the weight rows `rows`: each block is expanded once for all R rows.
+        /// Independent accumulation chains per row: four for one or two rows (the FMA latency would otherwise
+        /// bound a single row), two for three or four (16 vector registers).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn run<const R: usize, const F: u8>(&self, r0: usize, rows: std::ops::Range<usize>) {
+            let nacc = if R <= 2 { 4 } else { 2 };
+            let (k, n) = (self.k, self.n);
+            let nb = k / QK;
+            // Bytes per 32 values and per row.
+            let bb = match F {
+                Q8_0 => 34,
+                Q4_0 => 18,
+                Q4_1 => 20,
+                _ => 64,
+            };
+            let half = F == BF16 || F == F16;
+            let row_bytes = if half { k * 2 } else { nb * bb };
+            // SAFETY: the caller checked that w holds n rows of row_bytes and x m rows of k floats; all loads
+            // below stay inside row o of w and rows r0..r0 + R of x (prefetches may point anywhere).
+            unsafe {
+                for o in rows {
+                    let wr = self.w.add(o * row_bytes);
+                    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                    for b in 0..nb {
+                        let p = wr.add(b * bb);
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+                        let v = expand32::<F>(p);
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let xr = self.x.add((r0 + r) * k + b * QK);
+                            for (c, vc) in v.iter().enumerate() {
+                                let i = c % nacc;
+                                a[i] = _mm256_fmadd_ps(*vc, _mm256_loadu_ps(xr.add(c * 8)), a[i]);
+                            }
                         }
-                    };
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let xr = xp.add((r0 + r) * k + b * QK);
-                        a[0] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xr), a[0]);
-                        a[1] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xr.add(8)), a[1]);
-                        a[0] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xr.add(16)), a[0]);
-                        a[1] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xr.add(24)), a[1]);
                     }
-                }
-                // bf16 / f16 rows whose length is not a multiple of 32: eight at a time, then one at a time.
-                let mut c = nb * QK;
-                while c + 8 <= k {
-                    let v = expand8(w, o * k + c);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        a[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp.add((r0 + r) * k + c)), a[0]);
+                    // bf16 / f16 rows whose length is not a multiple of 32: eight at a time, then one at a time.
+                    let mut c = nb * QK;
+                    while half && c + 8 <= k {
+                        let v = expand8::<F>(wr.add(c * 2));
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            a[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(self.x.add((r0 + r) * k + c)), a[0]);
+                        }
+                        c += 8;
                     }
-                    c += 8;
-                }
-                for (r, a) in acc.iter().enumerate() {
-                    let s = _mm256_add_ps(a[0], a[1]);
-                    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                    let mut v = _mm_cvtss_f32(h);
-                    for i in c..k {
-                        let wi = match w {
-                            Stored::Bf16(ws) => ws[o * k + i].to_f32(),
-                            Stored::F16(ws) => ws[o * k + i].to_f32(),
-                            Stored::Blocks(..) => 0.0,
-                        };
-                        v += wi * x[(r0 + r) * k + i];
+                    for (r, a) in acc.iter().enumerate() {
+                        let mut s = a[0];
+                        for ai in a.iter().take(nacc).skip(1) {
+                            s = _mm256_add_ps(s, *ai);
+                        }
+                        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                        let mut v = _mm_cvtss_f32(h);
+                        for i in c..k {
+                            let bits = wr.add(i * 2).cast::<u16>().read_unaligned();
+                            let wi = if F == BF16 {
+                                half::bf16::from_bits(bits).to_f32()
+                            } else {
+                                half::f16::from_bits(bits).to_f32()
+                            };
+                            v += wi * *self.x.add((r0 + r) * k + i);
+                        }
+                        let p = self.out.0.add((r0 + r) * n + o);
+                        *p = if self.accumulate { *p + self.alpha * v } else { self.alpha * v };
                     }
-                    let p = out.0.add((r0 + r) * n + o);
-                    *p = if accumulate { *p + alpha * v } else { alpha * v };
                 }
             }
         }
