@@ -8,9 +8,10 @@
 #   - llama.cpp (llama-cpp-python 0.3.36, CPU, 2 threads) on the Q4_K GGUF: benches/llamacpp_peer.py, batch 1,
 #     greedy, a 64-token prompt and 32 decode steps, the best of 2;
 #   - `cage bench forward` (same prompt, steps and repeats) and `cage generate` (base method, greedy, 32 new
-#     tokens) on the Q4_K GGUF and on the bf16 folder, RAYON_NUM_THREADS=2.
+#     tokens) on the Q4_K GGUF (imported once with `cage import-gguf --keep-quantized`: DIR/SHAPE-q4_k/, the
+#     blocks as they are) and on the bf16 folder, RAYON_NUM_THREADS=2.
 # and prints one line per run: file, weight bytes (the file's size), peak RSS, RSS / weight bytes, the f32 KV cache
-# of the run's 96 positions, and decode tokens/s. A run that fails (cage without a GGUF loader, out of memory) is a
+# of the run's 96 positions, and decode tokens/s. A run that fails (out of memory, say) is a
 # line saying so; the others still run. The venv (target/bench-venv: numpy, gguf, llama-cpp-python, pinned) is made
 # on first use. CAGE_BIN picks the cage binary (default target/release/cage; build it first), CAGE_WEIGHTS its
 # `bench forward --weights` (default f32). The machine is shared: run it when the load is low and read the load
@@ -94,7 +95,10 @@ echo "shape $SHAPE, prompt $PROMPT, $STEPS decode steps, batch 1, 2 threads; log
 printf '%-22s %6s %14s %14s %8s %12s %10s\n' run load weight_bytes peak_rss_bytes rss/w kv_f32_bytes decode_tok/s
 run llama.cpp-q4_k "$gguf_bytes" "$PY" benches/llamacpp_peer.py "$GGUF" --threads 2 --batches 1 \
     --prompt "$PROMPT" --steps "$STEPS" --repeats 2
-for m in "$GGUF:q4_k:$gguf_bytes" "$BF16:bf16:$bf16_bytes"; do
+# cage reads a GGUF's blocks as they are after `cage import-gguf --keep-quantized` (a folder of raw blocks).
+Q4K="$DIR/$SHAPE-q4_k"
+[ -f "$Q4K/model.safetensors" ] || "$CAGE" import-gguf "$GGUF" --out "$Q4K" --keep-quantized >/dev/null
+for m in "$Q4K:q4_k:$gguf_bytes" "$BF16:bf16:$bf16_bytes"; do
     IFS=: read -r path fmt bytes <<<"$m"
     run "cage-forward-$fmt" "$bytes" "$CAGE" bench forward --model "$path" --json --batches 1 --device cpu \
         --weights "${CAGE_WEIGHTS:-f32}" --prompt-len "$PROMPT" --steps "$STEPS" --repeats 2
