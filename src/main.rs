@@ -4,6 +4,7 @@ use cage::Backend;
 use cage::error::{CageError, Result};
 use cage::game_json;
 use cage::model::cli::ForwardWeights;
+use cage::model::devquant::GpuWeights;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -137,6 +138,10 @@ enum BenchCommand {
         /// is usable). A big model on a GPU machine is measured with `cuda` alone.
         #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
         device: Backend,
+        /// How the GPU decoder holds the linear layers: `bf16` (the default), `int8` or `int4` (weight-only,
+        /// quantized at upload; GPU devices only).
+        #[arg(long, default_value_t = GpuWeights::Bf16, value_parser = NameParser::<GpuWeights>::new())]
+        gpu_weights: GpuWeights,
         /// Prompt tokens per row.
         #[arg(long, default_value_t = 64)]
         prompt_len: usize,
@@ -207,18 +212,27 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
-        Command::Bench(BenchCommand::Forward { model, json, batches, weights, device, prompt_len, steps, repeats }) => {
-            cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
-                model,
-                batches,
-                weights,
-                device,
-                prompt_len,
-                steps,
-                repeats,
-                json,
-            })
-        }
+        Command::Bench(BenchCommand::Forward {
+            model,
+            json,
+            batches,
+            weights,
+            device,
+            gpu_weights,
+            prompt_len,
+            steps,
+            repeats,
+        }) => cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
+            model,
+            batches,
+            weights,
+            device,
+            gpu_weights,
+            prompt_len,
+            steps,
+            repeats,
+            json,
+        }),
         Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
         Command::Bench(BenchCommand::Ffi { calls }) => {
             cage::outln!("{}", cage::ffi::bench::overhead(calls)?)

@@ -558,6 +558,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         tokenizer_mismatch: Default::default(),
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
+        gpu_weights: Default::default(),
         batch_size: 8,
         scorers: vec![],
     }

@@ -281,6 +281,11 @@ pub struct RunConfig {
     /// src/decode/resident.rs), apart from the documented host round trips.
     #[serde(default = "default_cpu")]
     pub model_device: Backend,
+    /// How a GPU `model_device` holds the models' linear layers: `bf16` (the default), or `int8` / `int4`
+    /// weight-only quantization at upload (a 65B base and its ARMs on one card; see src/model/devquant.rs).
+    /// Anything but bf16 with the forwards on the CPU is an error.
+    #[serde(default)]
+    pub gpu_weights: crate::model::devquant::GpuWeights,
     /// Prompts (rows) decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,

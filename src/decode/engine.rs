@@ -49,6 +49,8 @@ pub struct DecodeOptions {
     pub backend: Backend,
     /// Where the forward passes run.
     pub model_device: Backend,
+    /// How a GPU model device holds the linear layers.
+    pub gpu_weights: crate::model::devquant::GpuWeights,
     /// Rows decoded together.
     pub batch_size: usize,
     /// Emit a [`StepDiag`] per row and step.
@@ -76,6 +78,7 @@ impl DecodeOptions {
             stop: cfg.stop.clone(),
             backend: cfg.backend,
             model_device: cfg.model_device,
+            gpu_weights: cfg.gpu_weights,
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,
@@ -942,7 +945,8 @@ impl Engine {
                 }
                 let tokens: usize = inputs.iter().map(|p| on.iter().map(|&s| p[s].len()).sum::<usize>()).sum();
                 let slots = b * on.len();
-                Some(Room { device, slots, positions, tokens: tokens.min(prefill_cap).max(slots) })
+                let tokens = tokens.min(prefill_cap).max(slots);
+                Some(Room { device, weights: opts.gpu_weights, slots, positions, tokens })
             })
             .collect();
         let models: Vec<&Arc<Model>> = self.models.iter().map(|(_, m)| m).collect();

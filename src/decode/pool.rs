@@ -6,7 +6,8 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::model::gpu::new_decoder;
+use crate::model::devquant::GpuWeights;
+use crate::model::gpu::new_decoder_as;
 use crate::model::{Decoder, Model};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,8 @@ pub type PooledDecoder = Box<dyn Decoder + Send>;
 pub struct Room {
     /// Where its forward passes run.
     pub device: Backend,
+    /// How a GPU decoder holds the linear layers.
+    pub weights: GpuWeights,
     /// KV-cache slots (rows x streams on this model).
     pub slots: usize,
     /// Positions per slot.
@@ -30,6 +33,7 @@ impl Room {
     /// Whether a decoder built with `self` serves a request for `need`.
     fn holds(&self, need: &Room) -> bool {
         self.device == need.device
+            && self.weights == need.weights
             && self.slots >= need.slots
             && self.positions >= need.positions
             && self.tokens >= need.tokens
@@ -37,11 +41,12 @@ impl Room {
 
     /// The smallest room that holds both (the same device as `need`).
     fn union(&self, need: &Room) -> Room {
-        if self.device != need.device {
+        if self.device != need.device || self.weights != need.weights {
             return *need;
         }
         Room {
             device: need.device,
+            weights: need.weights,
             slots: self.slots.max(need.slots),
             positions: self.positions.max(need.positions),
             tokens: self.tokens.max(need.tokens),
@@ -81,7 +86,8 @@ impl DecoderPool {
             held => {
                 let room = held.map_or(need, |e| e.room.union(&need));
                 // The old decoder (and its device memory) is dropped before the new one is built.
-                let dec = new_decoder(room.device, model.clone(), room.slots, room.positions, room.tokens)?;
+                let dec =
+                    new_decoder_as(room.device, room.weights, model.clone(), room.slots, room.positions, room.tokens)?;
                 *self.built.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 Ok((dec, room))
             }
@@ -95,7 +101,7 @@ impl DecoderPool {
             entries.resize_with(m + 1, || None);
         }
         let keep = match &entries[m] {
-            Some(e) => e.room.device != room.device || room.holds(&e.room),
+            Some(e) => e.room.device != room.device || e.room.weights != room.weights || room.holds(&e.room),
             None => true,
         };
         if keep {

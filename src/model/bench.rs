@@ -2,8 +2,9 @@
 //! and, when a CUDA GPU is usable, on it ([`bench_forward_gpu`]). Both run through the
 //! [`Decoder`](super::forward::Decoder) trait, so they measure the same calls.
 
+use super::devquant::GpuWeights;
 use super::forward::{LogitsAt, Seq, argmax};
-use super::gpu::new_decoder;
+use super::gpu::new_decoder_as;
 use super::llama::Model;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
@@ -38,7 +39,7 @@ pub fn bench_forward(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    bench_decoder(Backend::Cpu, model, batches, prompt_len, steps, repeats)
+    bench_decoder(Backend::Cpu, GpuWeights::Bf16, model, batches, prompt_len, steps, repeats)
 }
 
 /// [`bench_forward`] on CUDA GPU 0 ([`super::gpu::GpuDecoder`]: bf16 weights, cuBLAS). No usable GPU is
@@ -64,11 +65,24 @@ pub fn bench_forward_on(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
+    bench_forward_as(device, GpuWeights::Bf16, model, batches, prompt_len, steps, repeats)
+}
+
+/// [`bench_forward_on`] with a GPU decoder's linear layers held as `weights` (the int8 / int4 throughput rows).
+pub fn bench_forward_as(
+    device: Backend,
+    weights: GpuWeights,
+    model: Arc<Model>,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    repeats: usize,
+) -> Result<Vec<ForwardBench>> {
     let device = device.resolve();
     if device == Backend::Cuda {
         crate::backend::cuda_usable()?;
     }
-    bench_decoder(device, model, batches, prompt_len, steps, repeats)
+    bench_decoder(device, weights, model, batches, prompt_len, steps, repeats)
 }
 
 /// The measurement loop shared by every backend: a decoder on `device` per batch size. Repeats are
@@ -76,6 +90,7 @@ pub fn bench_forward_on(
 /// every batch size alike, and the ratios between them stay meaningful.
 fn bench_decoder(
     device: Backend,
+    weights: GpuWeights,
     model: Arc<Model>,
     batches: &[usize],
     prompt_len: usize,
@@ -88,7 +103,7 @@ fn bench_decoder(
     let v = model.config.vocab_size;
     let mut decs = batches
         .iter()
-        .map(|&b| new_decoder(device, model.clone(), b, prompt_len + steps, b * prompt_len))
+        .map(|&b| new_decoder_as(device, weights, model.clone(), b, prompt_len + steps, b * prompt_len))
         .collect::<Result<Vec<_>>>()?;
     let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
     for _ in 0..repeats {

@@ -257,6 +257,8 @@ pub struct BenchForwardArgs {
     /// `auto`: the CPU, and the GPU at batch 1, 8 and 32 when one is usable; otherwise that one device at
     /// `batches`.
     pub device: Backend,
+    /// How the GPU decoder holds the linear layers.
+    pub gpu_weights: super::devquant::GpuWeights,
     /// Prompt tokens per row.
     pub prompt_len: usize,
     /// Decode steps per repeat.
@@ -306,12 +308,22 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     // that is present but fails is an error); with `cuda` or `emulation` always, at the batch sizes given.
     let gpu = match a.device {
         Backend::Cpu => None,
-        Backend::Auto => Some(match super::bench::bench_forward_gpu(m, GPU_BATCHES, prompt_len, steps, repeats) {
-            Ok(rows) => Ok((Backend::Cuda, rows)),
-            Err(CageError::NoGpu(why)) => Err(why),
-            Err(e) => return Err(e),
-        }),
-        d => Some(Ok((d, super::bench::bench_forward_on(d, m, batches, prompt_len, steps, repeats)?))),
+        Backend::Auto => Some(
+            match super::bench::bench_forward_as(
+                Backend::Cuda,
+                a.gpu_weights,
+                m,
+                GPU_BATCHES,
+                prompt_len,
+                steps,
+                repeats,
+            ) {
+                Ok(rows) => Ok((Backend::Cuda, rows)),
+                Err(CageError::NoGpu(why)) => Err(why),
+                Err(e) => return Err(e),
+            },
+        ),
+        d => Some(Ok((d, super::bench::bench_forward_as(d, a.gpu_weights, m, batches, prompt_len, steps, repeats)?))),
     };
     let device_name = |d: Backend| if d == Backend::Cuda { gpu_name() } else { "host emulation".to_string() };
     if a.json {
@@ -319,7 +331,7 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
             variants.iter().map(|(k, r)| (k.to_string(), serde_json::to_value(r).unwrap_or_default())).collect();
         let g = match &gpu {
             None => json!({"skipped": "not asked (--device cpu)"}),
-            Some(Ok((d, rows))) => json!({"device": device_name(*d), "results": rows}),
+            Some(Ok((d, rows))) => json!({"device": device_name(*d), "gpu_weights": a.gpu_weights, "results": rows}),
             Some(Err(why)) => json!({"skipped": format!("no GPU: {why}")}),
         };
         crate::outln!(

@@ -4,6 +4,8 @@
 //! - Weights are uploaded once, when the decoder is made: matrices (embedding, projections, LM head, unmerged
 //!   LoRA pairs) in bf16, norms, biases and the RoPE frequencies in f32. Merged adapters need nothing special
 //!   (merge before making the decoder); unmerged ones run per row like on the CPU.
+//! - With `gpu_weights` int8 / int4 ([`GpuDecoder::with_weights`]) the projections are quantized at upload and
+//!   multiplied by kernels/quant.cu (src/gpu/quant.rs); the embedding, LM head and LoRA pairs stay bf16.
 //! - GEMMs go through [`Device::gemm_bf16`] (cuBLAS, bf16 inputs, f32 accumulation); everything else is one
 //!   kernel of `kernels/transformer.cu` per step of the CPU forward, launched by `src/gpu/transformer.rs`.
 //!   Since cuBLAS multiplies bf16 by bf16, the activations entering each GEMM are rounded to bf16, the residual
@@ -20,12 +22,14 @@
 //! [`bf16_weights`] gives the model the GPU effectively runs (weights rounded to bf16): a CPU decoder on it
 //! differs from the GPU only by the rounding of the GEMM inputs, which tests/model_gpu.rs's reference mirrors.
 
+use super::devquant::{GpuWeights, QuantMatrix};
 use super::forward::{Decoder, LogitsAt, Seq};
 use super::llama::{Linear, Model};
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::gpu::Gpu;
 use crate::gpu::device::{DevBuf, DevPtr, Device};
+use crate::gpu::quant::{GEMV_MAX_TOKENS, QuantLinear};
 use crate::gpu::transformer::{self as tf, Heads, KvCache};
 use std::sync::Arc;
 
@@ -68,12 +72,32 @@ pub fn new_decoder(
     max_seq: usize,
     max_tokens: usize,
 ) -> Result<Box<dyn Decoder + Send>> {
-    Ok(match device {
-        Backend::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
-        Backend::Cuda => Box::new(GpuDecoder::new(Gpu::cuda(0)?, model, slots, max_seq, max_tokens)?),
-        Backend::Emulation => Box::new(GpuDecoder::new(Gpu::emulated(), model, slots, max_seq, max_tokens)?),
-        Backend::Auto => return new_decoder(device.resolve(), model, slots, max_seq, max_tokens),
-    })
+    new_decoder_as(device, GpuWeights::Bf16, model, slots, max_seq, max_tokens)
+}
+
+/// [`new_decoder`] with a GPU decoder's linear layers held as `weights`; anything but bf16 on the CPU is an
+/// error (the CPU decoder runs f32), rather than a setting silently ignored.
+pub fn new_decoder_as(
+    device: Backend,
+    weights: GpuWeights,
+    model: Arc<Model>,
+    slots: usize,
+    max_seq: usize,
+    max_tokens: usize,
+) -> Result<Box<dyn Decoder + Send>> {
+    let gpu = match device {
+        Backend::Cpu if weights != GpuWeights::Bf16 => {
+            return Err(bad(format!(
+                "gpu_weights {weights} applies to a model on a GPU (model_device cuda or emulation); the CPU \
+                 decoder runs f32"
+            )));
+        }
+        Backend::Cpu => return Ok(Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens))),
+        Backend::Cuda => Gpu::cuda(0)?,
+        Backend::Emulation => Gpu::emulated(),
+        Backend::Auto => return new_decoder_as(device.resolve(), weights, model, slots, max_seq, max_tokens),
+    };
+    Ok(Box::new(GpuDecoder::with_weights(gpu, model, slots, max_seq, max_tokens, weights)?))
 }
 
 /// Logits left on the device by [`GpuDecoder::forward_device`].
@@ -96,9 +120,15 @@ struct LoraW {
     scale: f32,
 }
 
+/// A linear layer's weight on the device: bf16 for cuBLAS, or int8 / int4 for the kernels of kernels/quant.cu.
+enum LinWeight {
+    Bf16(DevBuf),
+    Quant(QuantLinear),
+}
+
 /// A linear layer on the device.
 struct LinW {
-    w: DevBuf,
+    w: LinWeight,
     bias: Option<DevBuf>,
     inp: usize,
     out: usize,
@@ -147,6 +177,9 @@ struct Acts {
     pos: DevBuf,
     slot: DevBuf,
     rows: DevBuf,
+    /// bf16 scratch for a quantized weight dequantized before a GEMM of more than GEMV_MAX_TOKENS rows (empty
+    /// with bf16 weights or when no call is that large).
+    dequant: DevBuf,
 }
 
 /// The GPU [`Decoder`]: the model's weights on a device, a KV cache of `slots` sequences of up to `max_seq`
@@ -196,8 +229,12 @@ fn upload_bf16(dev: &mut dyn Device, x: &[f32]) -> Result<DevBuf> {
     Ok(b)
 }
 
-fn upload_linear(dev: &mut dyn Device, l: &Linear) -> Result<LinW> {
-    let w = upload_bf16(dev, &l.w)?;
+/// Uploads `l` with its weight in `weights` (quantized here, round to nearest); `name` goes into errors.
+fn upload_linear(dev: &mut dyn Device, l: &Linear, weights: GpuWeights, name: &str) -> Result<LinW> {
+    let w = match QuantMatrix::quantize(weights, &l.w, l.out, l.inp, name)? {
+        None => LinWeight::Bf16(upload_bf16(dev, &l.w)?),
+        Some(q) => LinWeight::Quant(QuantLinear::upload(dev, &q)?),
+    };
     let bias = l.bias.as_ref().map(|b| upload_f32(dev, b)).transpose()?;
     let mut lora = Vec::with_capacity(l.lora.len());
     for p in &l.lora {
@@ -213,9 +250,14 @@ fn upload_linear(dev: &mut dyn Device, l: &Linear) -> Result<LinW> {
 fn apply(dev: &mut dyn Device, lin: &LinW, x: DevPtr, t: usize, out: DevPtr, runs: &[Run], acts: &Acts) -> Result<()> {
     let (inp, o) = (lin.inp, lin.out);
     // SAFETY: `x` holds t x inp bf16 (the act buffer is sized for the widest GEMM input), `out` t x o f32, the
-    // weight o x inp bf16 and the bias o f32; the output buffers never alias the inputs.
+    // weight o x inp bf16 (or quantized, with the dequant scratch sized for the largest projection whenever
+    // max_tokens exceeds the GEMV's rows) and the bias o f32; the output buffers never alias the inputs.
     unsafe {
-        dev.gemm_bf16(t, o, inp, x, lin.w.ptr(), out, 1.0, 0.0)?;
+        match &lin.w {
+            LinWeight::Bf16(w) => dev.gemm_bf16(t, o, inp, x, w.ptr(), out, 1.0, 0.0)?,
+            // The scratch buffer holds the largest quantized weight in bf16 when calls may exceed the GEMV's rows.
+            LinWeight::Quant(q) => q.matmul(dev, x, t, out, acts.dequant.ptr())?,
+        }
         if let Some(b) = &lin.bias {
             tf::bias(dev, out, b.ptr(), o, t)?;
         }
@@ -239,7 +281,19 @@ fn apply(dev: &mut dyn Device, lin: &LinW, x: DevPtr, t: usize, out: DevPtr, run
 impl GpuDecoder {
     /// Uploads `model` to `gpu` and allocates a KV cache of `slots` sequences of up to `max_seq` tokens and
     /// buffers for up to `max_tokens` tokens per call (and as many logit rows, or `slots` when larger).
-    pub fn new(mut gpu: Gpu, model: Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Result<Self> {
+    pub fn new(gpu: Gpu, model: Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Result<Self> {
+        Self::with_weights(gpu, model, slots, max_seq, max_tokens, GpuWeights::Bf16)
+    }
+
+    /// [`GpuDecoder::new`] with the linear layers held as `weights` (see [`GpuWeights`]).
+    pub fn with_weights(
+        mut gpu: Gpu,
+        model: Arc<Model>,
+        slots: usize,
+        max_seq: usize,
+        max_tokens: usize,
+        weights: GpuWeights,
+    ) -> Result<Self> {
         let c = &model.config;
         if slots == 0 || max_seq == 0 || max_tokens == 0 {
             return Err(bad(format!(
@@ -256,6 +310,13 @@ impl GpuDecoder {
             (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.vocab_size);
         let max_rows = max_tokens.max(slots);
         let widest = h.max(qd).max(ffn);
+        if weights == GpuWeights::Int4 && [h, qd, kvd, ffn].iter().any(|d| !d.is_multiple_of(8)) {
+            return Err(bad(format!(
+                "{}: gpu_weights int4 packs 8 weights per word, so hidden_size ({h}), the q / kv widths ({qd}, \
+                 {kvd}) and intermediate_size ({ffn}) must be multiples of 8; use gpu_weights int8",
+                model.source
+            )));
+        }
         // The kernels index a call's activations and a slot's positions with int.
         for (what, n) in [
             ("max_tokens x widest activation", max_tokens * widest),
@@ -269,6 +330,9 @@ impl GpuDecoder {
         }
         let max_r = model.max_lora_rank();
         let t = max_tokens;
+        // The largest projection, dequantized to bf16 for calls above the GEMV's rows.
+        let quantized = weights != GpuWeights::Bf16;
+        let dequant = if quantized && t > GEMV_MAX_TOKENS { h * qd.max(ffn).max(kvd) * 2 } else { 0 };
         // The activation buffers' bytes in the order of `Acts`' fields: summed for the check below, then allocated.
         let act_bytes = [
             t * h * 4,
@@ -286,32 +350,47 @@ impl GpuDecoder {
             t * 4,
             t * 4,
             max_rows * 4,
+            dequant,
         ];
         let cache = c.num_layers * slots * max_seq * kvd * 4;
-        // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the f32 KV cache and the
-        // activations against the card's free memory, so that a model that cannot fit names both sizes.
-        let weights = (super::memory::parameters(c) + model.lora_parameters() as u128) * 2;
-        let need = weights + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
+        // Before the first upload: the weights (bf16, or the projections' quantized bytes; norms f32, counted as
+        // bf16: a few KB), the f32 KV cache and the activations against the card's free memory, so that a model
+        // that cannot fit names both sizes and the setting that shrinks it.
+        let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (ffn, h), (ffn, h), (h, ffn)];
+        let per_layer = |kind| shapes.iter().map(|&(o, i)| QuantMatrix::bytes_for(kind, o, i)).sum::<u128>();
+        let projections = c.num_layers as u128 * per_layer(weights);
+        let others = super::memory::parameters(c) - c.num_layers as u128 * per_layer(GpuWeights::Bf16) / 2;
+        let weight_bytes = (others + model.lora_parameters() as u128) * 2 + projections;
+        let need = weight_bytes + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
         let free = gpu.device().free_memory()?.map(|b| b as u128);
         let place = format!("on {}", gpu.describe());
-        super::memory::check_fits(&model.source, "its weights (bf16), KV cache and buffers", need, &place, free)?;
+        let what = format!("its weights ({weights}), KV cache and buffers");
+        super::memory::check_fits(&model.source, &what, need, &place, free).map_err(|e| match (e, weights) {
+            (CageError::Model { model, msg }, GpuWeights::Bf16 | GpuWeights::Int8) => {
+                CageError::Model { model, msg: format!("{msg}, or gpu_weights int8 / int4 (fewer bytes per weight)") }
+            }
+            (e, _) => e,
+        })?;
         // Every buffer frees itself, so an error part way leaves nothing allocated.
         let dev = gpu.device();
         let mut layers = Vec::with_capacity(model.layers.len());
-        for l in &model.layers {
+        for (li, l) in model.layers.iter().enumerate() {
+            let lin = |dev: &mut dyn Device, l: &Linear, name: &str| {
+                upload_linear(dev, l, weights, &format!("{}: model.layers.{li}.{name}", model.source))
+            };
             layers.push(LayerW {
                 ln1: upload_f32(dev, &l.ln1)?,
                 ln2: upload_f32(dev, &l.ln2)?,
-                q: upload_linear(dev, &l.q)?,
-                k: upload_linear(dev, &l.k)?,
-                v: upload_linear(dev, &l.v)?,
-                o: upload_linear(dev, &l.o)?,
-                gate: upload_linear(dev, &l.gate)?,
-                up: upload_linear(dev, &l.up)?,
-                down: upload_linear(dev, &l.down)?,
+                q: lin(dev, &l.q, "self_attn.q_proj")?,
+                k: lin(dev, &l.k, "self_attn.k_proj")?,
+                v: lin(dev, &l.v, "self_attn.v_proj")?,
+                o: lin(dev, &l.o, "self_attn.o_proj")?,
+                gate: lin(dev, &l.gate, "mlp.gate_proj")?,
+                up: lin(dev, &l.up, "mlp.up_proj")?,
+                down: lin(dev, &l.down, "mlp.down_proj")?,
             });
         }
-        let [x, act, q, k, v, tmp, gate, up, lora_f32, lora_bf16, logits, tokens, pos, slot, rows] = act_bytes;
+        let [x, act, q, k, v, tmp, gate, up, lora_f32, lora_bf16, logits, tokens, pos, slot, rows, dequant] = act_bytes;
         let acts = Acts {
             x: DevBuf::alloc(dev, x)?,
             act: DevBuf::alloc(dev, act)?,
@@ -328,6 +407,7 @@ impl GpuDecoder {
             pos: DevBuf::alloc(dev, pos)?,
             slot: DevBuf::alloc(dev, slot)?,
             rows: DevBuf::alloc(dev, rows)?,
+            dequant: DevBuf::alloc(dev, dequant)?,
         };
         Ok(GpuDecoder {
             embed: upload_bf16(dev, &model.embed)?,
