@@ -33,7 +33,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 '
 }
-cargo test --release --no-run --test gpu_kernels --test model_gpu --test ffi_device --test ffi_options \
+cargo test --release --no-run --test gpu_kernels --test model_gpu --test model_gpu_quant --test ffi_device --test ffi_options \
   --test decode_backend --test model_score --test decode_resident --test decode_graph --message-format=json 2>/dev/null | executables |
   while read -r name exe; do cp "$exe" "$bundle/tests/$name"; done
 if [[ $dry == 0 ]]; then

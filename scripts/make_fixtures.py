@@ -13,6 +13,7 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     /root/venv-golden/bin/python scripts/make_fixtures.py parm
     /root/venv-golden/bin/python scripts/make_fixtures.py kquant
     /root/venv-golden/bin/python scripts/make_fixtures.py synthetic --shape llama-7b --format q4_k --out F.gguf
+    /root/venv-golden/bin/python scripts/make_fixtures.py gptq
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
 tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
@@ -23,7 +24,9 @@ own GGUF loader (independent of cage's importer); `score` writes tests/fixtures/
 (reward models on tiny-llama's shapes and word tokenizer) and tests/fixtures/golden-score.json; `parm` writes
 tests/fixtures/tiny-pblora (a PARM PBLoRA adapter on tiny-llama in the files and tensor names PARM's peft fork
 saves) and tests/fixtures/golden-parm.json (logits at two preference vectors and greedy `parm` decoding, from the
-small PyTorch PBLoRA reference below, written from PARM's equations). The Llama 3.1 RoPE frequencies golden
+small PyTorch PBLoRA reference below, written from PARM's equations); `gptq` writes
+tests/fixtures/gptq-tiny-llama.safetensors (two tiny-llama projections packed in GPTQ's v1 layout by the plain
+torch reference `gptq_pack` below, with their dequantized weights). The Llama 3.1 RoPE frequencies golden
 (tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch. `kquant`
 writes tests/fixtures/golden-kquant.json (scripts/kquant_golden.py: random Q4_K / Q5_K / Q6_K blocks and gguf-py's
 dequantized values) and `synthetic` writes a benchmark model (scripts/synthetic_model.py: random weights in the
@@ -509,9 +512,66 @@ def parm():
     print("wrote parm fixtures")
 
 
+def gptq_pack(w, group, sym):
+    """The format's reference, in plain torch (written from the layout, not from a GPTQ package): round-to-nearest
+    group quantization of w [out, in] as GPTQ's quantizer does it (each group's range widened to hold 0; zero
+    point 8 when symmetric), packed as auto-gptq / gptqmodel / transformers store GPTQ v1 checkpoints:
+    qweight int32 [in / 8, out] with input 8k + j in nibble j (low first), qzeros int32 [groups, out / 8] with
+    output o in nibble o % 8 holding zero - 1 (mod 16), scales f16 [groups, out], g_idx int32 [in] = i // group.
+    Also returns the dequantized weight scale * (q - zero) computed in f32 (exact: an f16 scale times a 5-bit
+    integer)."""
+    out, inp = w.shape
+    groups = (inp + group - 1) // group
+    scales = torch.zeros(groups, out, dtype=torch.float16)
+    zeros = torch.zeros(groups, out, dtype=torch.int64)
+    q = torch.zeros(out, inp, dtype=torch.int64)
+    for g in range(groups):
+        x = w[:, g * group:(g + 1) * group].double()
+        lo = torch.clamp(x.min(dim=1).values, max=0.0)
+        hi = torch.clamp(x.max(dim=1).values, min=0.0)
+        if sym:
+            hi = torch.maximum(hi, -lo)
+            lo = -hi
+        s = ((hi - lo) / 15.0)
+        s = torch.where(s > 0, s, torch.ones_like(s)).to(torch.float16)
+        sd = s.double()
+        z = torch.full_like(lo, 8.0) if sym else torch.clamp(torch.round(-lo / sd), 0, 15)
+        scales[g] = s
+        zeros[g] = z.long()
+        q[:, g * group:(g + 1) * group] = torch.clamp(torch.round(x / sd[:, None]) + z[:, None], 0, 15).long()
+    qweight = torch.zeros(inp // 8, out, dtype=torch.int64)
+    for j in range(8):
+        qweight |= q[:, j::8].t() << (4 * j)
+    qzeros = torch.zeros(groups, out // 8, dtype=torch.int64)
+    for j in range(8):
+        qzeros |= ((zeros[:, j::8] - 1) & 15) << (4 * j)
+    as_i32 = lambda t: (t - ((t >> 31) << 32)).to(torch.int32)  # reinterpret the u32 bits
+    g_idx = torch.arange(inp, dtype=torch.int32) // group
+    deq = (scales.float().repeat_interleave(group, dim=0)[:inp].t() *
+           (q.float() - zeros.float().repeat_interleave(group, dim=0)[:inp].t()))
+    return as_i32(qweight), as_i32(qzeros), scales, g_idx, deq
+
+
+def gptq():
+    """tests/fixtures/gptq-tiny-llama.safetensors: two of tiny-llama's projections in GPTQ's v1 layout (a
+    symmetric one in groups of 32, an asymmetric one in groups of 64 over 96 inputs, whose last group is
+    partial) and the dequantized weights, for tests/model_gpu_quant.rs."""
+    from safetensors.torch import load_file, save_file
+
+    src = load_file(os.path.join(FIX, "tiny-llama", "model.safetensors"))
+    tensors = {}
+    for name, group, sym in [("model.layers.0.self_attn.q_proj", 32, True), ("model.layers.1.mlp.down_proj", 64, False)]:
+        w = src[name + ".weight"].float()
+        qweight, qzeros, scales, g_idx, deq = gptq_pack(w, group, sym)
+        tensors.update({name + ".qweight": qweight, name + ".qzeros": qzeros, name + ".scales": scales,
+                        name + ".g_idx": g_idx, name + ".dequant": deq.contiguous()})
+    save_file(tensors, os.path.join(FIX, "gptq-tiny-llama.safetensors"), metadata={"format": "pt"})
+    print("wrote gptq fixture")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score", "parm"])
+    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score", "parm", "gptq"])
     ap.add_argument("--gguf")
     a = ap.parse_args()
     if a.what == "tiny":
@@ -522,6 +582,8 @@ if __name__ == "__main__":
         score()
     elif a.what == "parm":
         parm()
+    elif a.what == "gptq":
+        gptq()
     elif a.what == "spm":
         spm()
     else:

@@ -5,6 +5,7 @@ use cage::error::{CageError, Result};
 use cage::game_json;
 use cage::gpu::KvCacheType;
 use cage::model::cli::ForwardWeights;
+use cage::model::devquant::GpuWeights;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -145,6 +146,10 @@ enum BenchCommand {
         /// The GPU decoder's KV cache: `f32` (exact keys and values) or `bf16` (half the bytes).
         #[arg(long, default_value_t = KvCacheType::F32, value_parser = NameParser::<KvCacheType>::new())]
         kv_cache: KvCacheType,
+        /// How the GPU decoder holds the linear layers: `bf16` (the default), `int8` or `int4` (weight-only,
+        /// quantized at upload; GPU devices only).
+        #[arg(long, default_value_t = GpuWeights::Bf16, value_parser = NameParser::<GpuWeights>::new())]
+        gpu_weights: GpuWeights,
         /// Prompt tokens per row.
         #[arg(long, default_value_t = 64)]
         prompt_len: usize,
@@ -222,6 +227,7 @@ fn run(cli: Cli) -> Result<()> {
             weights,
             device,
             kv_cache,
+            gpu_weights,
             prompt_len,
             steps,
             repeats,
@@ -231,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
             weights,
             device,
             kv_cache,
+            gpu_weights,
             prompt_len,
             steps,
             repeats,

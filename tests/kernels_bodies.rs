@@ -43,6 +43,8 @@ macro_rules! kernel_tests {
             stale_jobs_are_refused: bodies::stale_jobs_are_refused,
             attention_matches_reference: bodies::attention_matches_reference,
             attention_rejects_bad_requests: bodies::attention_rejects_bad_requests,
+            quant_matmul_matches_reference: bodies::quant_matmul_matches_reference,
+            quant_matmul_rejects_bad_requests: bodies::quant_matmul_rejects_bad_requests,
         });
     };
     (@tests $device:ident, $open:expr, { $($name:ident: $body:expr),* $(,)? }) => {
@@ -1198,4 +1200,100 @@ pub fn attention_rejects_bad_requests(gpu: &mut Gpu) {
     assert!(err(gpu, shape, &q[..8], &[0], &[0]).contains("queries"));
     let mut job = gpu.prepare_attention(shape, &kv, &kv, &q, &[0], &[3]).unwrap();
     assert!(gpu.run_attention(&mut job, Some(0)).unwrap_err().to_string().contains("splits"));
+}
+
+/// A random `[out, inp]` weight: mostly in [-0.5, 0.5], with a few outliers per row (which set int8's scale and
+/// widen int4's groups) and whole zero rows / groups (a zero scale).
+fn quant_weight(out: usize, inp: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut w: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+    for o in 0..out {
+        w[o * inp + rng.random_range(0..inp)] = rng.random_range(-3f32..3.0);
+    }
+    w[..inp].fill(0.0);
+    w
+}
+
+/// The quantized linear kernels (kernels/quant.cu) against an f64 product of the CPU reference's dequantized
+/// weights (src/model/devquant.rs): int8 with an input width that takes the 16-byte path and one that does not,
+/// int4 with a whole and a partial last group; m = 1..9 (the GEMV: one launch, then two) and m = 40 (more than
+/// GEMV_MAX_TOKENS: the weight dequantized to bf16, then the GEMM, whose reference rounds each dequantized value
+/// to bf16 likewise). Tolerance: f32 accumulation over `inp` terms, 2e-5 of the sum of the terms' magnitudes
+/// (the rounding bound is inp x 2^-24 ~ 1e-5 at inp = 136). The quantizers themselves: every int8 weight within
+/// half a step of the original, every int4 weight within a step (the zero point is rounded too).
+pub fn quant_matmul_matches_reference(gpu: &mut Gpu) {
+    use cage::gpu::quant::GEMV_MAX_TOKENS;
+    use cage::model::devquant::{Int4Matrix, Int8Matrix, QuantMatrix};
+    let mut cases = Vec::new();
+    for (out, inp, seed) in [(37, 80, 1), (19, 70, 2)] {
+        let w = quant_weight(out, inp, seed);
+        let q = Int8Matrix::quantize(&w, out, inp, "test").unwrap();
+        let deq = QuantMatrix::Int8(q.clone()).dequantize();
+        for o in 0..out {
+            for i in 0..inp {
+                let err = (deq[o * inp + i] - w[o * inp + i] as f64).abs();
+                assert!(err <= 0.5 * q.scale[o] as f64 * (1.0 + 1e-4), "int8 [{o}][{i}]: error {err}");
+            }
+        }
+        cases.push((QuantMatrix::Int8(q), format!("int8 {out} x {inp}")));
+    }
+    for (out, inp, group, seed) in [(40, 96, 32, 3), (24, 136, 64, 4)] {
+        let w = quant_weight(out, inp, seed);
+        let q = Int4Matrix::quantize(&w, out, inp, group, "test").unwrap();
+        let deq = QuantMatrix::Int4(q.clone()).dequantize();
+        for o in 0..out {
+            for i in 0..inp {
+                let (_, s, _) = q.code(o, i);
+                let err = (deq[o * inp + i] - w[o * inp + i] as f64).abs();
+                assert!(err <= s as f64 * (1.0 + 1e-6), "int4 [{o}][{i}]: error {err} at scale {s}");
+            }
+        }
+        cases.push((QuantMatrix::Int4(q), format!("int4 {out} x {inp} groups of {group}")));
+    }
+    let mut rng = StdRng::seed_from_u64(9);
+    for (q, what) in &cases {
+        let (out, inp) = (q.out(), q.inp());
+        let (exact, rounded) = (q.dequantize(), q.dequantize_bf16());
+        for m in (1..=9).chain([GEMV_MAX_TOKENS + 8]) {
+            let x: Vec<u16> =
+                (0..m * inp).map(|_| half::bf16::from_f32(rng.random_range(-1f32..1.0)).to_bits()).collect();
+            let y = gpu.quant_matmul(q, &x, m).unwrap();
+            assert_eq!(y.len(), m * out);
+            for r in 0..m {
+                for o in 0..out {
+                    let terms = (0..inp).map(|i| {
+                        let w = if m > GEMV_MAX_TOKENS { rounded[o * inp + i] as f64 } else { exact[o * inp + i] };
+                        w * half::bf16::from_bits(x[r * inp + i]).to_f64()
+                    });
+                    let (sum, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                    let got = y[r * out + o] as f64;
+                    assert!((got - sum).abs() <= 2e-5 * mag + 1e-7, "{what}, m = {m}, [{r}][{o}]: {got} vs {sum}");
+                }
+            }
+        }
+    }
+}
+
+/// Shapes the int4 packing cannot hold, act-order GPTQ tensors and mismatched activations are errors naming
+/// the tensor or the sizes.
+pub fn quant_matmul_rejects_bad_requests(gpu: &mut Gpu) {
+    use cage::model::devquant::{Int4Matrix, Int8Matrix, QuantMatrix};
+    let e = Int4Matrix::quantize(&vec![0.1; 12 * 16], 12, 16, 8, "layer.q").unwrap_err().to_string();
+    assert!(e.contains("layer.q") && e.contains("multiples of 8"), "{e}");
+    let e = Int8Matrix::quantize(&[0.0, f32::NAN], 1, 2, "layer.k").unwrap_err().to_string();
+    assert!(e.contains("layer.k") && e.contains("NaN"), "{e}");
+    let (out, inp, group) = (8, 16, 8);
+    let mut g_idx: Vec<i32> = (0..inp as i32).map(|i| i / group as i32).collect();
+    g_idx.swap(0, 15);
+    let e = Int4Matrix::from_gptq(&[0; 16], &[0; 2], &[0; 16], Some(&g_idx), out, inp, group, true, "layer.o")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer.o.g_idx") && e.contains("act-order"), "{e}");
+    let e = Int4Matrix::from_gptq(&[0; 15], &[0; 2], &[0; 16], None, out, inp, group, true, "layer.v")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer.v.qweight"), "{e}");
+    let q = QuantMatrix::Int8(Int8Matrix::quantize(&[0.5; 32], 2, 16, "w").unwrap());
+    let e = gpu.quant_matmul(&q, &[0; 31], 2).unwrap_err().to_string();
+    assert!(e.contains("31 activations"), "{e}");
 }

@@ -11,6 +11,8 @@
 #   solver     cage bench solver (kernels at full-vocabulary sizes, roofline fractions; decode attention at B = 1 on
 #              the 8B shape, split-K against one pass, f32 and bf16 caches) and the PyTorch peer
 #   real8b     the Llama-3.1-8B shape: logits against transformers, decode throughput, cage's per-step overhead
+#   quant      the Llama-3.1-8B shape's forward throughput with bf16, int8 and int4 weights (gpu_weights), side
+#              by side: decode tok/s at batch 1 and 8, prefill tok/s (int8 / int4 dequantize, then cuBLAS)
 #   sanitizer  compute-sanitizer memcheck (all GPU tests) and racecheck (kernels with shared-memory exchanges)
 #   criterion  the criterion kernel benches
 # What comes back ($OUT, or gpu-bundle/results): log.txt (everything, as it runs), summary.txt (one line per
@@ -23,7 +25,7 @@ mkdir -p "$out"
 dry=0 budget=420 stages="tests,real1b,solver,real8b,sanitizer,criterion"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --dry-run) dry=1; budget=900; stages="tests,real1b,real8b" ;;
+    --dry-run) dry=1; budget=900; stages="tests,real1b,real8b,quant" ;;
     --quick) stages="tests,solver" ;;
     --budget) budget="$2"; shift ;;
     --stages) stages="$2"; shift ;;
@@ -97,7 +99,7 @@ tests() {
     return 0
   fi
   local rc=0
-  for t in gpu_kernels model_gpu ffi_device; do
+  for t in gpu_kernels model_gpu model_gpu_quant ffi_device; do
     timeout --kill-after=10 240 "$here/tests/$t" --test-threads=1 || rc=1
   done
   # The C ABI's host entry points on AUTO and CUDA, and decoding with the equilibrium on backend auto and cuda.
@@ -124,6 +126,19 @@ realistic() {
   rm -rf "$dir"
   return $rc
 }
+quant() {
+  local dir rc=0 w
+  dir="$(mktemp -d)/$shape8"
+  "$py" scripts/gpu/make_models.py --shape "$shape8" --out "$dir" || return 1
+  for w in bf16 int8 int4; do
+    # shellcheck disable=SC2046
+    "$cage" bench forward --model "$dir" --device "$device" --gpu-weights "$w" --json \
+      $([[ $dry == 1 ]] && echo --batches 1,2 --prompt-len 8 --steps 4 --repeats 1 || echo --batches 1,8 --prompt-len 64 --steps 64) \
+      | tee "$res/quant-$w.json" || rc=1
+  done
+  rm -rf "$dir"
+  return $rc
+}
 solver() {
   "$cage" bench solver --backend cuda --reps 50 | tee "$res/bench_solver.txt" || return 1
   "$py" "$bundle/torch_peer.py" | tee "$res/torch_peer.txt"
@@ -147,12 +162,13 @@ sanitizer() {
 }
 criterion() { "$here/benches/kernels" --bench --noplot | tee "$res/bench_kernels.txt"; }
 # The stages run in a child bash under `timeout`: it sees these functions and variables.
-export -f tests realistic solver sanitizer criterion pack
-export here cage res py device dry bundle out
+export -f tests realistic quant solver sanitizer criterion pack
+export here cage res py device dry bundle out shape8
 stage tests 60 tests
 stage real1b 150 realistic 1b "$shape1" "--genarm"
 stage solver 40 solver
 stage real8b 200 realistic 8b "$shape8" "--overhead --no-compile"
+stage quant 120 quant
 stage sanitizer 150 sanitizer
 stage criterion 60 criterion
 note "total $((SECONDS - start))s of a ${budget}s budget; exit $status"

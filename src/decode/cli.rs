@@ -566,6 +566,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         backend: crate::Backend::Auto,
         model_device: crate::Backend::Cpu,
         kv_cache: Default::default(),
+        gpu_weights: Default::default(),
         batch_size: 8,
         scorers: vec![],
     }

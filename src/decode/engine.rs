@@ -51,6 +51,8 @@ pub struct DecodeOptions {
     pub model_device: Backend,
     /// The GPU decoder's KV-cache type.
     pub kv_cache: crate::gpu::KvCacheType,
+    /// How a GPU model device holds the linear layers.
+    pub gpu_weights: crate::model::devquant::GpuWeights,
     /// Rows decoded together.
     pub batch_size: usize,
     /// Emit a [`StepDiag`] per row and step.
@@ -82,6 +84,7 @@ impl DecodeOptions {
             backend: cfg.backend,
             model_device: cfg.model_device,
             kv_cache: cfg.kv_cache,
+            gpu_weights: cfg.gpu_weights,
             batch_size: cfg.batch_size,
             diagnostics: false,
             ignore_eos: false,
@@ -962,7 +965,8 @@ impl Engine {
                 let tokens: usize = inputs.iter().map(|p| on.iter().map(|&s| p[s].len()).sum::<usize>()).sum();
                 let slots = b * on.len();
                 let tokens = tokens.min(prefill_cap).max(slots);
-                Some(Room { device, kv_cache: opts.kv_cache, slots, positions, tokens })
+                let gpu = crate::model::gpu::GpuOptions { kv_cache: opts.kv_cache, weights: opts.gpu_weights };
+                Some(Room { device, gpu, slots, positions, tokens })
             })
             .collect();
         let models: Vec<&Arc<Model>> = self.models.iter().map(|(_, m)| m).collect();

@@ -6,8 +6,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::gpu::KvCacheType;
-use crate::model::gpu::new_decoder_with;
+use crate::model::gpu::{GpuOptions, new_decoder_with};
 use crate::model::{Decoder, Model};
 use std::sync::{Arc, Mutex};
 
@@ -19,8 +18,8 @@ pub type PooledDecoder = Box<dyn Decoder + Send>;
 pub struct Room {
     /// Where its forward passes run.
     pub device: Backend,
-    /// The GPU decoder's KV-cache type.
-    pub kv_cache: KvCacheType,
+    /// How a GPU decoder holds its KV cache and linear layers.
+    pub gpu: GpuOptions,
     /// KV-cache slots (rows x streams on this model).
     pub slots: usize,
     /// Positions per slot.
@@ -33,7 +32,7 @@ impl Room {
     /// Whether a decoder built with `self` serves a request for `need`.
     fn holds(&self, need: &Room) -> bool {
         self.device == need.device
-            && self.kv_cache == need.kv_cache
+            && self.gpu == need.gpu
             && self.slots >= need.slots
             && self.positions >= need.positions
             && self.tokens >= need.tokens
@@ -41,12 +40,12 @@ impl Room {
 
     /// The smallest room that holds both (the same device as `need`).
     fn union(&self, need: &Room) -> Room {
-        if self.device != need.device || self.kv_cache != need.kv_cache {
+        if self.device != need.device || self.gpu != need.gpu {
             return *need;
         }
         Room {
             device: need.device,
-            kv_cache: need.kv_cache,
+            gpu: need.gpu,
             slots: self.slots.max(need.slots),
             positions: self.positions.max(need.positions),
             tokens: self.tokens.max(need.tokens),
@@ -86,14 +85,8 @@ impl DecoderPool {
             held => {
                 let room = held.map_or(need, |e| e.room.union(&need));
                 // The old decoder (and its device memory) is dropped before the new one is built.
-                let dec = new_decoder_with(
-                    room.device,
-                    model.clone(),
-                    room.slots,
-                    room.positions,
-                    room.tokens,
-                    room.kv_cache,
-                )?;
+                let dec =
+                    new_decoder_with(room.device, model.clone(), room.slots, room.positions, room.tokens, room.gpu)?;
                 *self.built.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                 Ok((dec, room))
             }
@@ -107,7 +100,7 @@ impl DecoderPool {
             entries.resize_with(m + 1, || None);
         }
         let keep = match &entries[m] {
-            Some(e) => e.room.device != room.device || room.holds(&e.room),
+            Some(e) => e.room.device != room.device || e.room.gpu != room.gpu || room.holds(&e.room),
             None => true,
         };
         if keep {

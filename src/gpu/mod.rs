@@ -17,6 +17,8 @@
 //!   policy stage (`crate::baselines`).
 //! - `transformer.rs` (transformer.cu): the forward pass' kernels for [`crate::model::gpu::GpuDecoder`];
 //!   `model::forward`; its attention alone ([`AttentionJob`]: one pass and split-K) against an f64 reference.
+//! - `quant.rs` (quant.cu): [`quant::QuantLinear`], weight-only int8 / int4 (GPTQ layout) linear layers of the
+//!   GPU decoder; `model::devquant` (quantization and the f64 dequantized weights).
 //!
 //! [`Gpu::decode_step_device`] (`step.rs`, the C ABI's) chains candidates, values, equilibrium and choice on
 //! device-resident logits; [`Gpu::resident_step`] (`resident.rs`, the engine's) does it for every method and
@@ -35,6 +37,7 @@ mod equilibrium;
 mod jacobi;
 mod launch;
 mod policy;
+pub mod quant;
 mod resident;
 mod step;
 pub(crate) mod transformer;

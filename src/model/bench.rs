@@ -3,11 +3,10 @@
 //! [`Decoder`](super::forward::Decoder) trait, so they measure the same calls.
 
 use super::forward::{LogitsAt, Seq, argmax};
-use super::gpu::new_decoder_with;
+use super::gpu::{GpuOptions, new_decoder_with};
 use super::llama::Model;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
-use crate::gpu::KvCacheType;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,7 +38,7 @@ pub fn bench_forward(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    bench_decoder(Backend::Cpu, model, batches, prompt_len, steps, repeats, KvCacheType::F32)
+    bench_decoder(Backend::Cpu, model, batches, prompt_len, steps, repeats, GpuOptions::default())
 }
 
 /// [`bench_forward`] on CUDA GPU 0 ([`super::gpu::GpuDecoder`]: bf16 weights, cuBLAS). No usable GPU is
@@ -52,13 +51,14 @@ pub fn bench_forward_gpu(
     steps: usize,
     repeats: usize,
 ) -> Result<Vec<ForwardBench>> {
-    bench_forward_on(Backend::Cuda, model, batches, prompt_len, steps, repeats, KvCacheType::F32)
+    bench_forward_on(Backend::Cuda, model, batches, prompt_len, steps, repeats, GpuOptions::default())
 }
 
 /// [`bench_forward`] on `device` (`auto` resolved first): the CPU decoder, the GPU decoder on GPU 0 (no usable
 /// GPU is [`CageError::NoGpu`]) or on the host emulation (tiny models: the GPU code path's dry run), the GPU
-/// decoder with a KV cache of `kv` values. The GPU decoder runs its production paths: fused q / k / v and
-/// gate / up GEMMs, and split-K attention wherever [`crate::gpu::attention_splits`] picks it.
+/// decoder with `opts` (its KV cache type and the format of its linear layers: bf16, or int8 / int4 for the
+/// quantized throughput rows). The GPU decoder runs its production paths: fused q / k / v and gate / up GEMMs,
+/// and split-K attention wherever [`crate::gpu::attention_splits`] picks it.
 pub fn bench_forward_on(
     device: Backend,
     model: Arc<Model>,
@@ -66,13 +66,13 @@ pub fn bench_forward_on(
     prompt_len: usize,
     steps: usize,
     repeats: usize,
-    kv: KvCacheType,
+    opts: GpuOptions,
 ) -> Result<Vec<ForwardBench>> {
     let device = device.resolve();
     if device == Backend::Cuda {
         crate::backend::cuda_usable()?;
     }
-    bench_decoder(device, model, batches, prompt_len, steps, repeats, kv)
+    bench_decoder(device, model, batches, prompt_len, steps, repeats, opts)
 }
 
 /// The measurement loop shared by every backend: a decoder on `device` per batch size. Repeats are
@@ -85,7 +85,7 @@ fn bench_decoder(
     prompt_len: usize,
     steps: usize,
     repeats: usize,
-    kv: KvCacheType,
+    opts: GpuOptions,
 ) -> Result<Vec<ForwardBench>> {
     if prompt_len == 0 || steps == 0 || repeats == 0 || batches.contains(&0) {
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
@@ -93,7 +93,7 @@ fn bench_decoder(
     let v = model.config.vocab_size;
     let mut decs = batches
         .iter()
-        .map(|&b| new_decoder_with(device, model.clone(), b, prompt_len + steps, b * prompt_len, kv))
+        .map(|&b| new_decoder_with(device, model.clone(), b, prompt_len + steps, b * prompt_len, opts))
         .collect::<Result<Vec<_>>>()?;
     let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
     for _ in 0..repeats {

@@ -258,6 +258,8 @@ pub struct BenchForwardArgs {
     pub device: Backend,
     /// The GPU decoder's KV-cache type.
     pub kv_cache: crate::gpu::KvCacheType,
+    /// How the GPU decoder holds the linear layers.
+    pub gpu_weights: super::devquant::GpuWeights,
     /// Prompt tokens per row.
     pub prompt_len: usize,
     /// Decode steps per repeat.
@@ -278,7 +280,8 @@ fn print_rows(rows: &[super::bench::ForwardBench]) -> Result<()> {
 
 /// `cage bench forward`: prints a table (or JSON) of prefill / decode tokens per second.
 pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
-    let (batches, prompt_len, steps, repeats, kv) = (&a.batches[..], a.prompt_len, a.steps, a.repeats, a.kv_cache);
+    let (batches, prompt_len, steps, repeats) = (&a.batches[..], a.prompt_len, a.steps, a.repeats);
+    let opts = super::gpu::GpuOptions { kv_cache: a.kv_cache, weights: a.gpu_weights };
     use super::bench::bench_forward_on;
     let dir = match &a.model {
         Some(d) => d.clone(),
@@ -308,11 +311,22 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
         let rows = super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?;
         variants.push((format!("{f:?}").to_lowercase(), rows));
     }
-    if stored.is_some() {
-        m = m.to_f32_weights();
+    // The f32 row needs the f32 copy beside the loaded model (a 7B bf16 model: 27 GB more): measured only when
+    // that fits the host's memory, otherwise said and left out.
+    let mut f32_row = on_cpu && (a.weights != ForwardWeights::Packed || !packed);
+    if stored.is_some() && f32_row {
+        let need = super::memory::parameters(&m.config) * 6;
+        let (model, what) = (dir.display().to_string(), "its f32 copy beside the loaded one");
+        match super::memory::check_fits(&model, what, need, "host memory", super::memory::host_available()) {
+            Ok(()) => m = m.to_f32_weights(),
+            Err(e) => {
+                eprintln!("cage bench forward: no f32 row: {e}");
+                f32_row = false;
+            }
+        }
     }
     let m = Arc::new(m);
-    if on_cpu && (a.weights != ForwardWeights::Packed || !packed) {
+    if f32_row {
         variants
             .push(("f32".to_string(), super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
     }
@@ -320,12 +334,14 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     // that is present but fails is an error); with `cuda` or `emulation` always, at the batch sizes given.
     let gpu = match a.device {
         Backend::Cpu => None,
-        Backend::Auto => Some(match bench_forward_on(Backend::Cuda, m, GPU_BATCHES, prompt_len, steps, repeats, kv) {
-            Ok(rows) => Ok((Backend::Cuda, rows)),
-            Err(CageError::NoGpu(why)) => Err(why),
-            Err(e) => return Err(e),
-        }),
-        d => Some(Ok((d, bench_forward_on(d, m, batches, prompt_len, steps, repeats, kv)?))),
+        Backend::Auto => {
+            Some(match bench_forward_on(Backend::Cuda, m, GPU_BATCHES, prompt_len, steps, repeats, opts) {
+                Ok(rows) => Ok((Backend::Cuda, rows)),
+                Err(CageError::NoGpu(why)) => Err(why),
+                Err(e) => return Err(e),
+            })
+        }
+        d => Some(Ok((d, bench_forward_on(d, m, batches, prompt_len, steps, repeats, opts)?))),
     };
     let device_name = |d: Backend| if d == Backend::Cuda { gpu_name() } else { "host emulation".to_string() };
     if a.json {
@@ -333,7 +349,7 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
             variants.iter().map(|(k, r)| (k.to_string(), serde_json::to_value(r).unwrap_or_default())).collect();
         let g = match &gpu {
             None => json!({"skipped": "not asked (--device cpu)"}),
-            Some(Ok((d, rows))) => json!({"device": device_name(*d), "results": rows}),
+            Some(Ok((d, rows))) => json!({"device": device_name(*d), "gpu_weights": a.gpu_weights, "results": rows}),
             Some(Err(why)) => json!({"skipped": format!("no GPU: {why}")}),
         };
         crate::outln!(

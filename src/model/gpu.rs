@@ -4,6 +4,8 @@
 //! - Weights are uploaded once, when the decoder is made: matrices (embedding, projections, LM head, unmerged
 //!   LoRA pairs) in bf16, norms, biases and the RoPE frequencies in f32. Merged adapters need nothing special
 //!   (merge before making the decoder); unmerged ones run per row like on the CPU.
+//! - With `gpu_weights` int8 / int4 ([`GpuDecoder::with_weights`]) the projections are quantized at upload and
+//!   multiplied by kernels/quant.cu (src/gpu/quant.rs); the embedding, LM head and LoRA pairs stay bf16.
 //! - GEMMs go through [`Device::gemm_bf16`] (cuBLAS, bf16 inputs, f32 accumulation); everything else is one
 //!   kernel of `kernels/transformer.cu` per step of the CPU forward, launched by `src/gpu/transformer.rs`.
 //!   Since cuBLAS multiplies bf16 by bf16, the activations entering each GEMM are rounded to bf16, the residual
@@ -29,12 +31,14 @@
 //! [`bf16_weights`] gives the model the GPU effectively runs (weights rounded to bf16): a CPU decoder on it
 //! differs from the GPU only by the rounding of the GEMM inputs, which tests/model_gpu.rs's reference mirrors.
 
+use super::devquant::{GpuWeights, QuantMatrix};
 use super::forward::{Decoder, LogitsAt, Seq};
 use super::llama::{Linear, Model};
 use super::weight::Weight;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
 use crate::gpu::device::{DevBuf, DevPtr, Device};
+use crate::gpu::quant::{GEMV_MAX_TOKENS, QuantLinear};
 use crate::gpu::transformer::{self as tf, Heads, KvCache};
 use crate::gpu::{Gpu, KvCacheType};
 use std::sync::Arc;
@@ -77,25 +81,44 @@ pub fn new_decoder(
     max_seq: usize,
     max_tokens: usize,
 ) -> Result<Box<dyn Decoder + Send>> {
-    new_decoder_with(device, model, slots, max_seq, max_tokens, KvCacheType::F32)
+    new_decoder_with(device, model, slots, max_seq, max_tokens, GpuOptions::default())
 }
 
-/// [`new_decoder`] with the GPU decoder's KV cache of `kv` values (the CPU's is f32 whatever `kv` says).
+/// How a GPU decoder holds its KV cache and its linear layers; the defaults are the reference (f32 cache, bf16
+/// weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuOptions {
+    /// The KV cache's element type.
+    pub kv_cache: KvCacheType,
+    /// The linear layers' format.
+    pub weights: GpuWeights,
+}
+
+/// [`new_decoder`] with a GPU decoder held as `opts` says. The CPU decoder's KV cache is f32 whatever
+/// `opts.kv_cache` says; quantized `opts.weights` on the CPU is an error (the CPU decoder reads the weights as
+/// loaded), rather than a setting silently ignored.
 pub fn new_decoder_with(
     device: Backend,
     model: Arc<Model>,
     slots: usize,
     max_seq: usize,
     max_tokens: usize,
-    kv: KvCacheType,
+    opts: GpuOptions,
 ) -> Result<Box<dyn Decoder + Send>> {
-    let gpu = |g: Gpu| GpuDecoder::with_kv_cache(g, model.clone(), slots, max_seq, max_tokens, kv);
-    Ok(match device {
-        Backend::Cpu => Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens)),
-        Backend::Cuda => Box::new(gpu(Gpu::cuda(0)?)?),
-        Backend::Emulation => Box::new(gpu(Gpu::emulated())?),
-        Backend::Auto => return new_decoder_with(device.resolve(), model, slots, max_seq, max_tokens, kv),
-    })
+    let weights = opts.weights;
+    let gpu = match device {
+        Backend::Cpu if weights != GpuWeights::Bf16 => {
+            return Err(bad(format!(
+                "gpu_weights {weights} applies to a model on a GPU (model_device cuda or emulation); the CPU \
+                 decoder reads the weights as loaded"
+            )));
+        }
+        Backend::Cpu => return Ok(Box::new(super::CpuDecoder::new(model, slots, max_seq, max_tokens))),
+        Backend::Cuda => Gpu::cuda(0)?,
+        Backend::Emulation => Gpu::emulated(),
+        Backend::Auto => return new_decoder_with(device.resolve(), model, slots, max_seq, max_tokens, opts),
+    };
+    Ok(Box::new(GpuDecoder::with_options(gpu, model, slots, max_seq, max_tokens, opts)?))
 }
 
 /// Logits left on the device by [`GpuDecoder::forward_device`].
@@ -121,10 +144,16 @@ struct LoraW {
     width: usize,
 }
 
+/// A linear layer's weight on the device: bf16 for cuBLAS, or int8 / int4 for the kernels of kernels/quant.cu.
+enum LinWeight {
+    Bf16(DevBuf),
+    Quant(QuantLinear),
+}
+
 /// A linear layer on the device: one projection, or several fused (their weights stacked row-wise, so their
 /// outputs are column slices of one output).
 struct LinW {
-    w: DevBuf,
+    w: LinWeight,
     bias: Option<DevBuf>,
     inp: usize,
     out: usize,
@@ -176,6 +205,9 @@ struct Acts {
     /// The call's inputs packed for one copy: token ids, positions and KV slots (t ints each), then the logit
     /// rows (see [`Packed`]).
     inputs: DevBuf,
+    /// bf16 scratch for a quantized weight dequantized before a GEMM of more than GEMV_MAX_TOKENS rows (empty
+    /// with bf16 weights or when no call is that large).
+    dequant: DevBuf,
 }
 
 /// Where the packed inputs of a call of `t` tokens lie in [`Acts::inputs`] (int offsets): one upload per call.
@@ -271,18 +303,27 @@ fn upload_weight(dev: &mut dyn Device, w: &Weight, cols: usize) -> Result<DevBuf
 }
 
 /// Uploads `parts` (one projection, or several of the same input to fuse) as one [`LinW`]: weights stacked
-/// row-wise, biases likewise (zeros for a part without one, none when no part has one), each part's adapters on
-/// its slice of the output.
-fn upload_linear(dev: &mut dyn Device, parts: &[&Linear]) -> Result<LinW> {
+/// row-wise, in bf16 or quantized as `weights` says (round to nearest; int8's scales are per row and int4's
+/// groups lie along a row, so the stacked matrix quantizes exactly as its parts would apart), biases likewise
+/// (zeros for a part without one, none when no part has one), each part's adapters on its slice of the output.
+/// `name` goes into errors.
+fn upload_linear(dev: &mut dyn Device, parts: &[&Linear], weights: GpuWeights, name: &str) -> Result<LinW> {
     let inp = parts[0].inp;
     let out: usize = parts.iter().map(|l| l.out).sum();
-    let w = match parts {
-        [l] => upload_weight(dev, &l.w, inp)?,
-        _ => {
+    let w = match (weights, parts) {
+        (GpuWeights::Bf16, [l]) => LinWeight::Bf16(upload_weight(dev, &l.w, inp)?),
+        (GpuWeights::Bf16, _) => {
             let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
             let mut b = DevBuf::alloc(dev, h.len() * 2)?;
             b.upload(dev, &h)?;
-            b
+            LinWeight::Bf16(b)
+        }
+        _ => {
+            let f: Vec<f32> = parts.iter().flat_map(|l| l.w.to_f32()).collect();
+            match QuantMatrix::quantize(weights, &f, out, inp, name)? {
+                None => LinWeight::Bf16(upload_bf16(dev, &f)?),
+                Some(q) => LinWeight::Quant(QuantLinear::upload(dev, &q)?),
+            }
         }
     };
     let bias = if parts.iter().any(|l| l.bias.is_some()) {
@@ -310,9 +351,14 @@ fn upload_linear(dev: &mut dyn Device, parts: &[&Linear]) -> Result<LinW> {
 fn apply(dev: &mut dyn Device, lin: &LinW, x: DevPtr, t: usize, out: DevPtr, runs: &[Run], acts: &Acts) -> Result<()> {
     let (inp, o) = (lin.inp, lin.out);
     // SAFETY: `x` holds t x inp bf16 (the act buffer is sized for the widest GEMM input), `out` t x o f32, the
-    // weight o x inp bf16 and the bias o f32; the output buffers never alias the inputs.
+    // weight o x inp bf16 (or quantized, with the dequant scratch sized for the largest projection whenever
+    // max_tokens exceeds the GEMV's rows) and the bias o f32; the output buffers never alias the inputs.
     unsafe {
-        dev.gemm_bf16(t, o, inp, x, lin.w.ptr(), out, 1.0, 0.0)?;
+        match &lin.w {
+            LinWeight::Bf16(w) => dev.gemm_bf16(t, o, inp, x, w.ptr(), out, 1.0, 0.0)?,
+            // The scratch buffer holds the largest quantized weight in bf16 when calls may exceed the GEMV's rows.
+            LinWeight::Quant(q) => q.matmul(dev, x, t, out, acts.dequant.ptr())?,
+        }
         if let Some(b) = &lin.bias {
             tf::bias(dev, out, b.ptr(), o, t)?;
         }
@@ -345,18 +391,45 @@ impl GpuDecoder {
     /// Uploads `model` to `gpu` and allocates an f32 KV cache of `slots` sequences of up to `max_seq` tokens and
     /// buffers for up to `max_tokens` tokens per call (and as many logit rows, or `slots` when larger).
     pub fn new(gpu: Gpu, model: Arc<Model>, slots: usize, max_seq: usize, max_tokens: usize) -> Result<Self> {
-        Self::with_kv_cache(gpu, model, slots, max_seq, max_tokens, KvCacheType::F32)
+        Self::with_options(gpu, model, slots, max_seq, max_tokens, GpuOptions::default())
     }
 
     /// [`GpuDecoder::new`] with a KV cache of `kv` values.
     pub fn with_kv_cache(
-        mut gpu: Gpu,
+        gpu: Gpu,
         model: Arc<Model>,
         slots: usize,
         max_seq: usize,
         max_tokens: usize,
         kv: KvCacheType,
     ) -> Result<Self> {
+        let opts = GpuOptions { kv_cache: kv, ..GpuOptions::default() };
+        Self::with_options(gpu, model, slots, max_seq, max_tokens, opts)
+    }
+
+    /// [`GpuDecoder::new`] with the linear layers held as `weights` (see [`GpuWeights`]).
+    pub fn with_weights(
+        gpu: Gpu,
+        model: Arc<Model>,
+        slots: usize,
+        max_seq: usize,
+        max_tokens: usize,
+        weights: GpuWeights,
+    ) -> Result<Self> {
+        let opts = GpuOptions { weights, ..GpuOptions::default() };
+        Self::with_options(gpu, model, slots, max_seq, max_tokens, opts)
+    }
+
+    /// [`GpuDecoder::new`] with the KV cache and the linear layers held as `opts` says.
+    pub fn with_options(
+        mut gpu: Gpu,
+        model: Arc<Model>,
+        slots: usize,
+        max_seq: usize,
+        max_tokens: usize,
+        opts: GpuOptions,
+    ) -> Result<Self> {
+        let GpuOptions { kv_cache: kv, weights } = opts;
         let c = &model.config;
         if slots == 0 || max_seq == 0 || max_tokens == 0 {
             return Err(bad(format!(
@@ -373,6 +446,13 @@ impl GpuDecoder {
             (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.vocab_size);
         let max_rows = max_tokens.max(slots);
         let widest = h.max(qd).max(ffn);
+        if weights == GpuWeights::Int4 && [h, qd, kvd, ffn].iter().any(|d| !d.is_multiple_of(8)) {
+            return Err(bad(format!(
+                "{}: gpu_weights int4 packs 8 weights per word, so hidden_size ({h}), the q / kv widths ({qd}, \
+                 {kvd}) and intermediate_size ({ffn}) must be multiples of 8; use gpu_weights int8",
+                model.source
+            )));
+        }
         // The kernels index a call's activations and a slot's positions with int.
         for (what, n) in [
             ("max_tokens x widest activation", max_tokens * widest),
@@ -388,6 +468,9 @@ impl GpuDecoder {
         let t = max_tokens;
         // A LoRA slice of a fused projection is at most q_dim or ffn wide.
         let slice = if max_r > 0 { qd.max(ffn) } else { 0 };
+        // The largest projection, dequantized to bf16 for calls above the GEMV's rows.
+        let quantized = weights != GpuWeights::Bf16;
+        let dequant = if quantized && t > GEMV_MAX_TOKENS { h * qd.max(ffn).max(kvd) * 2 } else { 0 };
         // The activation buffers' bytes in the order of `Acts`' fields: summed for the check below, then allocated.
         let act_bytes = [
             t * h * 4,
@@ -401,29 +484,44 @@ impl GpuDecoder {
             crate::gpu::attention_scratch_bytes(c.head_dim),
             max_rows * vocab * 4,
             (3 * t + max_rows) * 4,
+            dequant,
         ];
         let cache = c.num_layers * slots * max_seq * kvd * kv.bytes();
-        // Before the first upload: bf16 weights (norms f32, counted as bf16: a few KB), the KV cache and the
-        // activations against the card's free memory, so that a model that cannot fit names both sizes.
-        let weights = (super::memory::parameters(c) + model.lora_parameters() as u128) * 2;
-        let need = weights + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
+        // Before the first upload: the weights (bf16, or the projections' quantized bytes; norms f32, counted as
+        // bf16: a few KB), the KV cache and the activations against the card's free memory, so that a model that
+        // cannot fit names both sizes and the setting that shrinks it.
+        let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (ffn, h), (ffn, h), (h, ffn)];
+        let per_layer = |kind| shapes.iter().map(|&(o, i)| QuantMatrix::bytes_for(kind, o, i)).sum::<u128>();
+        let projections = c.num_layers as u128 * per_layer(weights);
+        let others = super::memory::parameters(c) - c.num_layers as u128 * per_layer(GpuWeights::Bf16) / 2;
+        let weight_bytes = (others + model.lora_parameters() as u128) * 2 + projections;
+        let need = weight_bytes + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
         let free = gpu.device().free_memory()?.map(|b| b as u128);
         let place = format!("on {}", gpu.describe());
-        super::memory::check_fits(&model.source, "its weights (bf16), KV cache and buffers", need, &place, free)?;
+        let what = format!("its weights ({weights}), KV cache and buffers");
+        super::memory::check_fits(&model.source, &what, need, &place, free).map_err(|e| match (e, weights) {
+            (CageError::Model { model, msg }, GpuWeights::Bf16 | GpuWeights::Int8) => {
+                CageError::Model { model, msg: format!("{msg}, or gpu_weights int8 / int4 (fewer bytes per weight)") }
+            }
+            (e, _) => e,
+        })?;
         // Every buffer frees itself, so an error part way leaves nothing allocated.
         let dev = gpu.device();
         let mut layers = Vec::with_capacity(model.layers.len());
-        for l in &model.layers {
+        for (li, l) in model.layers.iter().enumerate() {
+            let lin = |dev: &mut dyn Device, l: &[&Linear], name: &str| {
+                upload_linear(dev, l, weights, &format!("{}: model.layers.{li}.{name}", model.source))
+            };
             layers.push(LayerW {
                 ln1: upload_f32(dev, &l.ln1)?,
                 ln2: upload_f32(dev, &l.ln2)?,
-                qkv: upload_linear(dev, &[&l.q, &l.k, &l.v])?,
-                o: upload_linear(dev, &[&l.o])?,
-                gate_up: upload_linear(dev, &[&l.gate, &l.up])?,
-                down: upload_linear(dev, &[&l.down])?,
+                qkv: lin(dev, &[&l.q, &l.k, &l.v], "self_attn.q_proj/k_proj/v_proj")?,
+                o: lin(dev, &[&l.o], "self_attn.o_proj")?,
+                gate_up: lin(dev, &[&l.gate, &l.up], "mlp.gate_proj/up_proj")?,
+                down: lin(dev, &[&l.down], "mlp.down_proj")?,
             });
         }
-        let [x, act, qkv, tmp, gu, lora_f32, lora_bf16, lora_out, parts, logits, inputs] = act_bytes;
+        let [x, act, qkv, tmp, gu, lora_f32, lora_bf16, lora_out, parts, logits, inputs, dequant] = act_bytes;
         let acts = Acts {
             x: DevBuf::alloc(dev, x)?,
             act: DevBuf::alloc(dev, act)?,
@@ -436,6 +534,7 @@ impl GpuDecoder {
             parts: DevBuf::alloc(dev, parts)?,
             logits: DevBuf::alloc(dev, logits)?,
             inputs: DevBuf::alloc(dev, inputs)?,
+            dequant: DevBuf::alloc(dev, dequant)?,
         };
         Ok(GpuDecoder {
             embed: upload_weight(dev, &model.embed, c.hidden_size)?,

@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod devquant;
 pub mod fetch;
 pub mod forward;
 pub mod gguf;

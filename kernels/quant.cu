@@ -1,0 +1,172 @@
+// Weight-only quantized linear layers: y[m, out] = x[m, inp] W^T with W stored as int8 or int4 and dequantized
+// on the fly, for models whose bf16 weights do not fit the card (a 65B base and its ARMs on one H200).
+// Launched by src/gpu/quant.rs; the CPU reference (quantization, f64 dequantization) is src/model/devquant.rs.
+//
+// Formats (both keep PyTorch's out x in orientation of the weight):
+//   int8: q[out][inp] signed, one f32 scale per output row (symmetric): W[o][i] = scale[o] * q[o][i].
+//   int4: GPTQ's safetensors layout, group-quantized along the input: qweight[inp / 8][out] (u32, input rows
+//         i = 8 k8 + j in nibble j, low nibble first), scales[groups][out] (f16 bits), qzeros[groups][out / 8]
+//         (u32, output o % 8 in nibble o % 8), group g = i / group: W[o][i] = scale[g][o] * (q - zero[g][o]).
+//         The zeros are the true zero points (GPTQ's v1 checkpoints store zero - 1; the loader adds it back).
+//
+// Two paths, chosen by the host on the number of rows m:
+//   - m <= CAGE_Q_MAX_ROWS (decoding): a GEMV that reads each weight byte once for all m rows, dequantizes in
+//     registers and accumulates in f32 (16-byte weight loads; the bf16 activations are small and stay in cache).
+//   - larger m (prefill): cage_q*_dequant writes the bf16 weight into a scratch buffer and the host calls the
+//     bf16 GEMM (cuBLAS). The scratch weight is the dequantized value rounded to bf16, so the two paths differ by
+//     that rounding (2^-9 relative per weight); the tests check each against its own reference.
+
+#include "common.cuh"
+
+#define CAGE_Q_MAX_ROWS 8
+// Warps per block of the int8 GEMV (one output row per warp).
+#define CAGE_Q8_WARPS 4
+// Warps per block of the int4 GEMV: each block owns 32 output columns, its warps split the input.
+#define CAGE_Q4_WARPS 16
+
+// f16 bits to f32 with integer operations only (one source for nvcc, NVRTC and the emulation).
+__device__ __forceinline__ float cage_f16_bits_to_f32(unsigned short h) {
+  const unsigned s = (unsigned)(h >> 15) << 31, e = (h >> 10) & 31u, m = h & 1023u;
+  if (e == 0) {
+    const float mag = (float)m * 5.9604644775390625e-8f;  // subnormal: m * 2^-24
+    return s ? -mag : mag;
+  }
+  if (e == 31) return __uint_as_float(s | 0x7f800000u | (m << 13));
+  return __uint_as_float(s | ((e + 112u) << 23) | (m << 13));
+}
+
+// int8 GEMV: one warp per output row o, lanes over the input in 16-byte chunks (scalar when inp is no multiple
+// of 16). y[r][o] = scale[o] * sum_i q[o][i] x[r][i] for r < m (m <= CAGE_Q_MAX_ROWS). Grid: ceil(out / warps).
+extern "C" __global__ void cage_q8_gemv(const signed char* __restrict__ w, const float* __restrict__ scale, int out,
+                                        int inp, const unsigned short* __restrict__ x, int m,
+                                        float* __restrict__ y) {
+  const int lane = threadIdx.x & 31;
+  const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  float acc[CAGE_Q_MAX_ROWS];
+#pragma unroll
+  for (int r = 0; r < CAGE_Q_MAX_ROWS; r++) acc[r] = 0.0f;
+  if (o < out) {
+    const signed char* wr = w + (size_t)o * inp;
+    if ((inp & 15) == 0) {
+      const uint4* wv = reinterpret_cast<const uint4*>(wr);
+      for (int c = lane; c < inp / 16; c += 32) {
+        const uint4 q = __ldg(wv + c);
+        const signed char* qb = reinterpret_cast<const signed char*>(&q);
+        float wf[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) wf[j] = (float)qb[j];
+#pragma unroll
+        for (int r = 0; r < CAGE_Q_MAX_ROWS; r++) {
+          if (r < m) {
+            const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)r * inp) + 2 * c;
+            const uint4 a = __ldg(xv), b = __ldg(xv + 1);
+            const unsigned short* ab = reinterpret_cast<const unsigned short*>(&a);
+            const unsigned short* bb = reinterpret_cast<const unsigned short*>(&b);
+            float s = acc[r];
+#pragma unroll
+            for (int j = 0; j < 8; j++) s = fmaf(wf[j], cage_bf16_bits_to_f32(ab[j]), s);
+#pragma unroll
+            for (int j = 0; j < 8; j++) s = fmaf(wf[8 + j], cage_bf16_bits_to_f32(bb[j]), s);
+            acc[r] = s;
+          }
+        }
+      }
+    } else {
+      for (int i = lane; i < inp; i += 32) {
+        const float wf = (float)wr[i];
+#pragma unroll
+        for (int r = 0; r < CAGE_Q_MAX_ROWS; r++)
+          if (r < m) acc[r] = fmaf(wf, cage_bf16_bits_to_f32(x[(size_t)r * inp + i]), acc[r]);
+      }
+    }
+  }
+  // Every lane of the warp takes part in the reductions (o is the same for the whole warp).
+#pragma unroll
+  for (int r = 0; r < CAGE_Q_MAX_ROWS; r++)
+    if (r < m) acc[r] = warp_sum(acc[r]);
+  if (lane == 0 && o < out) {
+    const float s = scale[o];
+#pragma unroll
+    for (int r = 0; r < CAGE_Q_MAX_ROWS; r++)
+      if (r < m) y[(size_t)r * out + o] = acc[r] * s;
+  }
+}
+
+// int4 GEMV on GPTQ's layout: lane l of every warp owns output o = 32 blockIdx.x + l (a warp reads 32
+// consecutive u32 of a qweight row: one 128-byte transaction), the CAGE_Q4_WARPS warps take the packed input
+// rows k8 = warp, warp + warps, ..., and the block sums their partial dot products in shared memory, in a fixed
+// order (deterministic). Needs inp % 8 == 0 (the packing) and out % 8 == 0 (the zeros' packing); the host
+// checks both. Grid: ceil(out / 32) blocks of 32 * CAGE_Q4_WARPS threads.
+extern "C" __global__ void cage_q4_gemv(const unsigned* __restrict__ qweight, const unsigned* __restrict__ qzeros,
+                                        const unsigned short* __restrict__ scales, int out, int inp, int group,
+                                        const unsigned short* __restrict__ x, int m, float* __restrict__ y) {
+  __shared__ float red[CAGE_Q4_WARPS][CAGE_Q_MAX_ROWS][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int o = blockIdx.x * 32 + lane;
+  float acc[CAGE_Q_MAX_ROWS];
+#pragma unroll
+  for (int r = 0; r < CAGE_Q_MAX_ROWS; r++) acc[r] = 0.0f;
+  if (o < out) {
+    const int rows8 = inp / 8, zcols = out / 8;
+    for (int k8 = warp; k8 < rows8; k8 += CAGE_Q4_WARPS) {
+      const unsigned q = __ldg(qweight + (size_t)k8 * out + o);
+      const int g = (k8 * 8) / group;
+      const float s = cage_f16_bits_to_f32(__ldg(scales + (size_t)g * out + o));
+      const float z = (float)((__ldg(qzeros + (size_t)g * zcols + (o >> 3)) >> (4 * (o & 7))) & 15u);
+      float wv[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) wv[j] = (float)((q >> (4 * j)) & 15u) - z;
+#pragma unroll
+      for (int r = 0; r < CAGE_Q_MAX_ROWS; r++) {
+        if (r < m) {
+          const uint4 a = __ldg(reinterpret_cast<const uint4*>(x + (size_t)r * inp) + k8);
+          const unsigned short* ab = reinterpret_cast<const unsigned short*>(&a);
+          float d = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; j++) d = fmaf(wv[j], cage_bf16_bits_to_f32(ab[j]), d);
+          acc[r] = fmaf(s, d, acc[r]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < CAGE_Q_MAX_ROWS; r++) red[warp][r][lane] = acc[r];
+  __syncthreads();
+  if (warp == 0 && o < out) {
+    for (int r = 0; r < m; r++) {
+      float s = 0.0f;
+#pragma unroll
+      for (int k = 0; k < CAGE_Q4_WARPS; k++) s += red[k][r][lane];
+      y[(size_t)r * out + o] = s;
+    }
+  }
+}
+
+// wb[o][i] = bf16(scale[o] * q[o][i]) (the product in f32, then rounded to nearest even). Grid-stride.
+extern "C" __global__ void cage_q8_dequant(const signed char* __restrict__ w, const float* __restrict__ scale,
+                                           int out, int inp, unsigned short* __restrict__ wb) {
+  const size_t total = (size_t)out * inp;
+  for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total; idx += (size_t)gridDim.x * blockDim.x)
+    wb[idx] = cage_f32_to_bf16_bits((float)w[idx] * scale[idx / inp]);
+}
+
+// wb[o][8 k8 + j] = bf16(scale * (q - zero)) (exact in f32, then rounded), one packed u32 per thread. Adjacent
+// threads read adjacent qweight words (coalesced) and write 16 bytes to rows inp apart. Grid-stride.
+extern "C" __global__ void cage_q4_dequant(const unsigned* __restrict__ qweight, const unsigned* __restrict__ qzeros,
+                                           const unsigned short* __restrict__ scales, int out, int inp, int group,
+                                           unsigned short* __restrict__ wb) {
+  const size_t total = (size_t)(inp / 8) * out;
+  const int zcols = out / 8;
+  for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (size_t)gridDim.x * blockDim.x) {
+    const int k8 = (int)(idx / out), o = (int)(idx % out);
+    const unsigned q = qweight[idx];
+    const int g = (k8 * 8) / group;
+    const float s = cage_f16_bits_to_f32(scales[(size_t)g * out + o]);
+    const float z = (float)((qzeros[(size_t)g * zcols + (o >> 3)] >> (4 * (o & 7))) & 15u);
+    __align__(16) unsigned short v[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = cage_f32_to_bf16_bits(s * ((float)((q >> (4 * j)) & 15u) - z));
+    *reinterpret_cast<uint4*>(wb + (size_t)o * inp + (size_t)k8 * 8) = *reinterpret_cast<const uint4*>(v);
+  }
+}

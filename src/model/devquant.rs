@@ -1,0 +1,319 @@
+//! Weight-only quantized matrices as the GPU holds them (kernels/quant.cu): the host side of the format, the
+//! round-to-nearest quantizers used at upload, GPTQ checkpoint tensors taken as stored, and the dequantization
+//! that is the CPU reference of the kernels.
+//!
+//! - int8: symmetric, one f32 scale per output row, `scale = max|w| / 127`, `q = round(w / scale)`.
+//! - int4: GPTQ's layout (what auto-gptq / gptqmodel / transformers store in safetensors), groups of
+//!   [`GROUP`] inputs (the last one may be shorter) with an f16 scale and a 4-bit zero point each:
+//!   `W[o][i] = scale[g][o] * (q[o][i] - zero[g][o])`, `g = i / group`. The quantizer is asymmetric
+//!   round-to-nearest over each group's range widened to hold 0 (as GPTQ's own quantizer does), no error
+//!   feedback: GPTQ's Hessian-based rounding is a calibration step outside this runtime; its checkpoints load
+//!   as stored ([`Int4Matrix::from_gptq`]).
+//!
+//! Round-to-nearest is the documented choice for quantizing at upload: it needs no calibration data, is
+//! deterministic, and its error (half a step per weight) is what the tests bound.
+
+use crate::error::{CageError, Result};
+
+/// Inputs per int4 group when quantizing at upload (GPTQ's usual group size).
+pub const GROUP: usize = 128;
+
+/// How the GPU holds a model's linear layers: `bf16` (the default and the reference), or weight-only `int8` /
+/// `int4` quantized at upload (GPTQ int4 checkpoints keep their stored quantization under `int4`). The
+/// embedding, the LM head and the LoRA pairs stay bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum GpuWeights {
+    /// bf16 weights, cuBLAS GEMMs.
+    #[default]
+    Bf16,
+    /// int8 per output row (1 byte per weight, plus a scale per row).
+    Int8,
+    /// int4 in groups of 128 inputs (half a byte per weight, plus an f16 scale and a 4-bit zero per group).
+    Int4,
+}
+
+crate::spelled!(GpuWeights, "gpu_weights");
+
+/// An int8 matrix: `q[out][inp]` and one scale per output row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Matrix {
+    /// `[out, inp]` row-major.
+    pub q: Vec<i8>,
+    /// `[out]`.
+    pub scale: Vec<f32>,
+    /// Output width.
+    pub out: usize,
+    /// Input width.
+    pub inp: usize,
+}
+
+/// An int4 matrix in GPTQ's layout, with the true zero points (not GPTQ v1's `zero - 1`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int4Matrix {
+    /// `[inp / 8, out]`: input `8 k + j` of output `o` in nibble `j` (low first) of `qweight[k][o]`.
+    pub qweight: Vec<u32>,
+    /// `[groups, out / 8]`: zero of output `o` in nibble `o % 8` of `qzeros[g][o / 8]`.
+    pub qzeros: Vec<u32>,
+    /// `[groups, out]` f16 bits.
+    pub scales: Vec<u16>,
+    /// Inputs per group.
+    pub group: usize,
+    /// Output width.
+    pub out: usize,
+    /// Input width.
+    pub inp: usize,
+}
+
+/// A quantized matrix of one of the device formats.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantMatrix {
+    /// See [`Int8Matrix`].
+    Int8(Int8Matrix),
+    /// See [`Int4Matrix`].
+    Int4(Int4Matrix),
+}
+
+fn bad(msg: String) -> CageError {
+    CageError::InvalidArgument(msg)
+}
+
+fn check_finite(w: &[f32], name: &str) -> Result<()> {
+    match w.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(bad(format!("{name}: weight {i} is {}, which cannot be quantized", w[i]))),
+        None => Ok(()),
+    }
+}
+
+impl Int8Matrix {
+    /// Round-to-nearest int8 of `w` (`[out, inp]`); `name` (the tensor) goes into errors.
+    pub fn quantize(w: &[f32], out: usize, inp: usize, name: &str) -> Result<Self> {
+        if w.len() != out * inp {
+            return Err(bad(format!("{name}: {} weights for a {out} x {inp} matrix", w.len())));
+        }
+        check_finite(w, name)?;
+        let mut q = vec![0i8; w.len()];
+        let mut scale = vec![0f32; out];
+        for ((row, qrow), s) in w.chunks_exact(inp.max(1)).zip(q.chunks_exact_mut(inp.max(1))).zip(&mut scale) {
+            let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+            *s = amax / 127.0;
+            if *s > 0.0 {
+                for (qi, &x) in qrow.iter_mut().zip(row) {
+                    *qi = (x / *s).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        Ok(Self { q, scale, out, inp })
+    }
+}
+
+/// f16 bits of the nearest f16 to a positive scale, never 0 (a scale that underflows takes the smallest
+/// subnormal, so that `w / scale` stays finite).
+fn f16_scale(s: f32) -> u16 {
+    half::f16::from_f32(s).to_bits().max(1)
+}
+
+impl Int4Matrix {
+    /// Groups along the input.
+    pub fn groups(&self) -> usize {
+        self.inp.div_ceil(self.group)
+    }
+
+    /// Round-to-nearest asymmetric int4 of `w` (`[out, inp]`) in groups of `group` inputs; `name` (the tensor)
+    /// goes into errors. `inp` and `out` must be multiples of 8 (the packing) and `group` a multiple of 8.
+    pub fn quantize(w: &[f32], out: usize, inp: usize, group: usize, name: &str) -> Result<Self> {
+        check_int4_shape(out, inp, group, name)?;
+        if w.len() != out * inp {
+            return Err(bad(format!("{name}: {} weights for a {out} x {inp} matrix", w.len())));
+        }
+        check_finite(w, name)?;
+        let groups = inp.div_ceil(group);
+        let mut scales = vec![0u16; groups * out];
+        let mut zeros = vec![0u8; groups * out];
+        let mut qweight = vec![0u32; inp / 8 * out];
+        for o in 0..out {
+            let row = &w[o * inp..(o + 1) * inp];
+            for (g, chunk) in row.chunks(group).enumerate() {
+                let lo = chunk.iter().fold(0f32, |a, &x| a.min(x));
+                let hi = chunk.iter().fold(0f32, |a, &x| a.max(x));
+                let bits = f16_scale(if hi > lo { (hi - lo) / 15.0 } else { 1.0 });
+                let s = half::f16::from_bits(bits).to_f32();
+                let z = (-lo / s).round().clamp(0.0, 15.0);
+                scales[g * out + o] = bits;
+                zeros[g * out + o] = z as u8;
+                for (j, &x) in chunk.iter().enumerate() {
+                    let i = g * group + j;
+                    let q = ((x / s).round() + z).clamp(0.0, 15.0) as u32;
+                    qweight[(i / 8) * out + o] |= q << (4 * (i % 8));
+                }
+            }
+        }
+        Ok(Self { qweight, qzeros: pack_zeros(&zeros, out), scales, group, out, inp })
+    }
+
+    /// A GPTQ checkpoint's tensors as stored (`qweight` `[inp / 8, out]` i32, `qzeros` `[groups, out / 8]` i32,
+    /// `scales` `[groups, out]` f16 bits, optional `g_idx` `[inp]`), 4 bits, groups of `group` inputs. `v1`:
+    /// GPTQ's original format (`checkpoint_format: gptq`), whose zeros are stored minus one; false for
+    /// gptqmodel's `gptq_v2`. Errors name `name` (the layer): act-order checkpoints (a `g_idx` that is not
+    /// `i / group`) and shapes that do not match are refused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_gptq(
+        qweight: &[i32],
+        qzeros: &[i32],
+        scales: &[u16],
+        g_idx: Option<&[i32]>,
+        out: usize,
+        inp: usize,
+        group: usize,
+        v1: bool,
+        name: &str,
+    ) -> Result<Self> {
+        check_int4_shape(out, inp, group, name)?;
+        let groups = inp.div_ceil(group);
+        for (what, len, want) in [
+            ("qweight", qweight.len(), inp / 8 * out),
+            ("qzeros", qzeros.len(), groups * out / 8),
+            ("scales", scales.len(), groups * out),
+        ] {
+            if len != want {
+                return Err(bad(format!(
+                    "{name}.{what}: {len} values, a {out} x {inp} layer in groups of {group} needs {want}"
+                )));
+            }
+        }
+        if let Some(g) = g_idx {
+            if g.len() != inp {
+                return Err(bad(format!("{name}.g_idx: {} entries for {inp} inputs", g.len())));
+            }
+            if let Some(i) = (0..inp).find(|&i| g[i] as i64 != (i / group) as i64) {
+                return Err(bad(format!(
+                    "{name}.g_idx: input {i} is in group {}, not {}: act-order (desc_act) GPTQ checkpoints are not \
+                     supported on the GPU",
+                    g[i],
+                    i / group
+                )));
+            }
+        }
+        let mut qzeros: Vec<u32> = qzeros.iter().map(|&z| z as u32).collect();
+        if v1 {
+            // Each nibble holds zero - 1 (mod 16): add one to every nibble without carries.
+            for z in &mut qzeros {
+                let mut fixed = 0u32;
+                for j in 0..8 {
+                    fixed |= ((((*z >> (4 * j)) & 15) + 1) & 15) << (4 * j);
+                }
+                *z = fixed;
+            }
+        }
+        Ok(Self {
+            qweight: qweight.iter().map(|&q| q as u32).collect(),
+            qzeros,
+            scales: scales.to_vec(),
+            group,
+            out,
+            inp,
+        })
+    }
+
+    /// The 4-bit code of weight `[o][i]` and its group's scale and zero.
+    pub fn code(&self, o: usize, i: usize) -> (u32, f32, u32) {
+        let g = i / self.group;
+        let q = (self.qweight[(i / 8) * self.out + o] >> (4 * (i % 8))) & 15;
+        let s = half::f16::from_bits(self.scales[g * self.out + o]).to_f32();
+        let z = (self.qzeros[g * (self.out / 8) + o / 8] >> (4 * (o % 8))) & 15;
+        (q, s, z)
+    }
+}
+
+fn check_int4_shape(out: usize, inp: usize, group: usize, name: &str) -> Result<()> {
+    if !inp.is_multiple_of(8) || !out.is_multiple_of(8) || group == 0 || !group.is_multiple_of(8) {
+        return Err(bad(format!(
+            "{name}: int4 packs 8 weights per word, so its {out} x {inp} shape and its group size {group} must be \
+             multiples of 8"
+        )));
+    }
+    Ok(())
+}
+
+fn pack_zeros(zeros: &[u8], out: usize) -> Vec<u32> {
+    zeros
+        .chunks_exact(out)
+        .flat_map(|row| row.chunks_exact(8))
+        .map(|c| c.iter().enumerate().fold(0u32, |acc, (j, &z)| acc | ((z as u32) << (4 * j))))
+        .collect()
+}
+
+impl QuantMatrix {
+    /// `w` (`[out, inp]`) quantized to the format of `kind` (None for bf16); `name` goes into errors.
+    pub fn quantize(kind: GpuWeights, w: &[f32], out: usize, inp: usize, name: &str) -> Result<Option<Self>> {
+        Ok(match kind {
+            GpuWeights::Bf16 => None,
+            GpuWeights::Int8 => Some(Self::Int8(Int8Matrix::quantize(w, out, inp, name)?)),
+            GpuWeights::Int4 => Some(Self::Int4(Int4Matrix::quantize(w, out, inp, GROUP, name)?)),
+        })
+    }
+
+    /// Output width.
+    pub fn out(&self) -> usize {
+        match self {
+            Self::Int8(m) => m.out,
+            Self::Int4(m) => m.out,
+        }
+    }
+
+    /// Input width.
+    pub fn inp(&self) -> usize {
+        match self {
+            Self::Int8(m) => m.inp,
+            Self::Int4(m) => m.inp,
+        }
+    }
+
+    /// Bytes the device holds for this matrix.
+    pub fn device_bytes(&self) -> usize {
+        match self {
+            Self::Int8(m) => m.q.len() + m.scale.len() * 4,
+            Self::Int4(m) => (m.qweight.len() + m.qzeros.len()) * 4 + m.scales.len() * 2,
+        }
+    }
+
+    /// Bytes a matrix of this shape takes in `kind` on the device (bf16: 2 per weight), before quantizing it:
+    /// what the GPU decoder's memory check sums.
+    pub fn bytes_for(kind: GpuWeights, out: usize, inp: usize) -> u128 {
+        let (o, i) = (out as u128, inp as u128);
+        match kind {
+            GpuWeights::Bf16 => o * i * 2,
+            GpuWeights::Int8 => o * i + o * 4,
+            GpuWeights::Int4 => {
+                let g = inp.div_ceil(GROUP) as u128;
+                o * i / 2 + g * o / 2 + g * o * 2
+            }
+        }
+    }
+
+    /// The dequantized weight `[out, inp]` in f64: the exact value of each stored weight (the CPU reference).
+    pub fn dequantize(&self) -> Vec<f64> {
+        match self {
+            Self::Int8(m) => (0..m.out * m.inp).map(|k| m.q[k] as f64 * m.scale[k / m.inp.max(1)] as f64).collect(),
+            Self::Int4(m) => {
+                let mut w = vec![0f64; m.out * m.inp];
+                for o in 0..m.out {
+                    for i in 0..m.inp {
+                        let (q, s, z) = m.code(o, i);
+                        w[o * m.inp + i] = s as f64 * (q as f64 - z as f64);
+                    }
+                }
+                w
+            }
+        }
+    }
+
+    /// The weight the prefill path multiplies (kernels/quant.cu's `cage_q*_dequant`): each dequantized value
+    /// computed in f32 and rounded to bf16, as f32.
+    pub fn dequantize_bf16(&self) -> Vec<f32> {
+        let r = |x: f32| half::bf16::from_f32(x).to_f32();
+        match self {
+            Self::Int8(m) => (0..m.out * m.inp).map(|k| r(m.q[k] as f32 * m.scale[k / m.inp.max(1)])).collect(),
+            Self::Int4(_) => self.dequantize().iter().map(|&x| r(x as f32)).collect(),
+        }
+    }
+}
