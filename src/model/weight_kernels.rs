@@ -248,7 +248,9 @@ mod avx2 {
             Stored::F16(v) => (v.as_ptr().cast::<u8>(), F16),
             Stored::Blocks(GgmlType::Q8_0, raw) => (raw.as_ptr(), Q8_0),
             Stored::Blocks(GgmlType::Q4_0, raw) => (raw.as_ptr(), Q4_0),
-            Stored::Blocks(_, raw) => (raw.as_ptr(), Q4_1),
+            Stored::Blocks(GgmlType::Q4_1, raw) => (raw.as_ptr(), Q4_1),
+            // Other block types do not get here (the K-quants have their own kernel, see `matmul_t`).
+            Stored::Blocks(..) => return super::portable(w, x, m, k, rows, n, out, accumulate, alpha),
         };
         let t = Tile { w: ptr, x: x.as_ptr(), k, n, out, accumulate, alpha };
         let mut r0 = 0;
