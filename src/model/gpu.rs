@@ -357,7 +357,18 @@ fn apply(dev: &mut dyn Device, lin: &LinW, x: DevPtr, t: usize, out: DevPtr, run
         match &lin.w {
             LinWeight::Bf16(w) => dev.gemm_bf16(t, o, inp, x, w.ptr(), out, 1.0, 0.0)?,
             // The scratch buffer holds the largest quantized weight in bf16 when calls may exceed the GEMV's rows.
-            LinWeight::Quant(q) => q.matmul(dev, x, t, out, acts.dequant.ptr())?,
+            LinWeight::Quant(q) => {
+                if t > GEMV_MAX_TOKENS && q.scratch_bytes() > acts.dequant.bytes() {
+                    return Err(bad(format!(
+                        "a {} x {} quantized projection needs {} bytes of dequantization scratch, the decoder has {}",
+                        lin.out,
+                        lin.inp,
+                        q.scratch_bytes(),
+                        acts.dequant.bytes()
+                    )));
+                }
+                q.matmul(dev, x, t, out, acts.dequant.ptr())?
+            }
         }
         if let Some(b) = &lin.bias {
             tf::bias(dev, out, b.ptr(), o, t)?;
@@ -468,9 +479,9 @@ impl GpuDecoder {
         let t = max_tokens;
         // A LoRA slice of a fused projection is at most q_dim or ffn wide.
         let slice = if max_r > 0 { qd.max(ffn) } else { 0 };
-        // The largest projection, dequantized to bf16 for calls above the GEMV's rows.
+        // The largest (fused) projection, dequantized to bf16 for calls above the GEMV's rows: q / k / v or gate / up.
         let quantized = weights != GpuWeights::Bf16;
-        let dequant = if quantized && t > GEMV_MAX_TOKENS { h * qd.max(ffn).max(kvd) * 2 } else { 0 };
+        let dequant = if quantized && t > GEMV_MAX_TOKENS { h * (qd + 2 * kvd).max(2 * ffn) * 2 } else { 0 };
         // The activation buffers' bytes in the order of `Acts`' fields: summed for the check below, then allocated.
         let act_bytes = [
             t * h * 4,
