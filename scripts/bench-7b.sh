@@ -106,3 +106,13 @@ for m in "$Q4K:q4_k:$gguf_bytes" "$BF16:bf16:$bf16_bytes"; do
         "$path" "$STEPS" >"$CFG"
     run "cage-generate-$fmt" "$bytes" "$CAGE" generate --config "$CFG" --prompt "The history of the printing press"
 done
+
+# Shared backbone: the bf16 base and two LoRA ARMs of it (rank 8 on q and v) decoded as one batch by the `cage`
+# method (3 streams on one copy of the weights: the adapters stay unmerged).
+for i in 1 2; do
+    [ -f "$DIR/$SHAPE-lora-$i/adapter_model.safetensors" ] ||
+        "$PY" scripts/make_fixtures.py synthetic --shape "$SHAPE" --format lora --seed "$i" --out "$DIR/$SHAPE-lora-$i" >/dev/null
+done
+printf '{"base": "%s", "principals": [{"name": "a", "kind": "arm", "adapter": "%s"}, {"name": "b", "kind": "arm", "adapter": "%s"}], "method": "cage", "k": 20, "max_new_tokens": %d, "prompt_format": "plain", "batch_size": 1, "backend": "cpu"}\n' \
+    "$BF16" "$DIR/$SHAPE-lora-1" "$DIR/$SHAPE-lora-2" "$STEPS" >"$CFG"
+run "cage-generate-bf16-2arm" "$bf16_bytes" "$CAGE" generate --config "$CFG" --prompt "The history of the printing press"

@@ -181,14 +181,47 @@ def write_bf16(shape, out):
         shutil.copy(os.path.join(SMOL_DIR, name), os.path.join(out, name))
 
 
+def write_lora(shape, out, seed, rank=8):
+    """A PEFT LoRA adapter of the shape (rank 8 on q_proj and v_proj, alpha 16, f32): the ARM of the shared-backbone
+    row of bench-7b.sh. B is random too (a trained adapter's is not zero), small enough to keep the model sane."""
+    s = SHAPES[shape]
+    kv = s["hidden"] // s["heads"] * s["kv_heads"]
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng([SEED, seed])
+    tensors_ = []
+    for i in range(s["layers"]):
+        for mod, width in (("q_proj", s["hidden"]), ("v_proj", kv)):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{mod}."
+            tensors_.append((pre + "lora_A.weight", [rank, s["hidden"]]))
+            tensors_.append((pre + "lora_B.weight", [width, rank]))
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, dims in tensors_:
+        n = int(np.prod(dims)) * 4
+        header[name] = {"dtype": "F32", "shape": dims, "data_offsets": [at, at + n]}
+        at += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(os.path.join(out, "adapter_model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        for _, dims in tensors_:
+            (rng.standard_normal(dims, dtype=np.float32) * 0.01).tofile(f)
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "task_type": "CAUSAL_LM"}
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
 def main(argv):
     ap = argparse.ArgumentParser(prog="make_fixtures.py synthetic")
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    ap.add_argument("--format", choices=["bf16", "q4_k", "q8_0"], required=True)
-    ap.add_argument("--out", required=True, help="a folder (bf16) or a .gguf file")
+    ap.add_argument("--format", choices=["bf16", "q4_k", "q8_0", "lora"], required=True)
+    ap.add_argument("--out", required=True, help="a folder (bf16, lora) or a .gguf file")
+    ap.add_argument("--seed", type=int, default=1, help="lora: which adapter")
     a = ap.parse_args(argv)
     if a.format == "bf16":
         write_bf16(a.shape, a.out)
+    elif a.format == "lora":
+        write_lora(a.shape, a.out, a.seed)
     else:
         if not os.path.exists(SMOL_GGUF):
             raise SystemExit(f"{SMOL_GGUF} is missing (its tokenizer goes into the GGUF): run `cage fetch-model`")

@@ -174,7 +174,9 @@ impl Cuda {
         }
         // The compute_80 PTX compiles the cluster kernels without a body (clusters need sm_90): only the sm_90a
         // cubin and NVRTC for this GPU's own architecture give them one.
-        let (image, clusters) = if let (Some(cubin), (9, 0)) = (m.cubin_sm90a, self.cc) {
+        let (image, clusters) = if fmad_off() {
+            (compile_nvrtc_for(m, Some(self.cc))?, self.cc.0 >= 9)
+        } else if let (Some(cubin), (9, 0)) = (m.cubin_sm90a, self.cc) {
             (cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()), true)
         } else if let Some(ptx) = m.ptx {
             (cudarc::nvrtc::Ptx::from_src(ptx), false)
@@ -263,7 +265,15 @@ impl Cuda {
     }
 }
 
-/// Compiles a module's embedded source with NVRTC for compute capability `cc` (None: NVRTC's default).
+/// `CAGE_CUDA_FMAD=0`: every module is compiled here by NVRTC with `--fmad=false` instead of loading the prebuilt
+/// cubin / PTX, so that no multiply-add is fused, as on the emulation and in the CPU references. The GPU bundle
+/// reruns a failed test this way to tell an FMA rounding that flipped an exact comparison from a bug.
+fn fmad_off() -> bool {
+    std::env::var("CAGE_CUDA_FMAD").is_ok_and(|v| v == "0")
+}
+
+/// Compiles a module's embedded source with NVRTC for compute capability `cc` (None: NVRTC's default), without
+/// fused multiply-adds under `CAGE_CUDA_FMAD=0`.
 pub fn compile_nvrtc_for(m: &KernelModule, cc: Option<(i32, i32)>) -> Result<cudarc::nvrtc::Ptx> {
     // SAFETY: only tries to dlopen libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
@@ -283,6 +293,9 @@ pub fn compile_nvrtc_for(m: &KernelModule, cc: Option<(i32, i32)>) -> Result<cud
     let mut options = vec!["-std=c++17".to_string()];
     if let Some((major, minor)) = cc {
         options.push(format!("--gpu-architecture=compute_{major}{minor}"));
+    }
+    if fmad_off() {
+        options.push("--fmad=false".to_string());
     }
     let opts = cudarc::nvrtc::CompileOptions { include_paths, options, ..Default::default() };
     std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(m.source, opts))

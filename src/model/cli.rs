@@ -305,27 +305,29 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
         ));
     }
     m.unpack_weights();
+    // Shared, not cloned, by the rows below: a copy of a 7B model's weights would double the RSS measured.
+    let mut m = Arc::new(m);
     // Matrices kept in their stored format (bf16, f16, GGUF blocks) are measured as loaded, then as f32.
     let stored = m.layers.first().map(|l| l.q.w.format()).filter(|f| *f != super::gguf::GgmlType::F32);
     if let Some(f) = stored.filter(|_| on_cpu && a.weights != ForwardWeights::Packed) {
-        let rows = super::bench::bench_forward(Arc::new(m.clone()), batches, prompt_len, steps, repeats)?;
+        let rows = super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?;
         variants.push((format!("{f:?}").to_lowercase(), rows));
     }
-    // The f32 row needs the f32 copy beside the loaded model (a 7B bf16 model: 27 GB more): measured only when
-    // that fits the host's memory, otherwise said and left out.
+    // The f32 row needs the f32 copy beside the loaded model (a 7B bf16 model: 27 GB more; to_f32_weights
+    // converts a clone, so up to 8 bytes a parameter at its peak): measured only when that fits the host's
+    // memory, otherwise said and left out.
     let mut f32_row = on_cpu && (a.weights != ForwardWeights::Packed || !packed);
     if stored.is_some() && f32_row {
-        let need = super::memory::parameters(&m.config) * 6;
+        let need = super::memory::parameters(&m.config) * 8;
         let (model, what) = (dir.display().to_string(), "its f32 copy beside the loaded one");
         match super::memory::check_fits(&model, what, need, "host memory", super::memory::host_available()) {
-            Ok(()) => m = m.to_f32_weights(),
+            Ok(()) => m = Arc::new(m.to_f32_weights()),
             Err(e) => {
                 eprintln!("cage bench forward: no f32 row: {e}");
                 f32_row = false;
             }
         }
     }
-    let m = Arc::new(m);
     if f32_row {
         variants
             .push(("f32".to_string(), super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?));
