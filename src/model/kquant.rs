@@ -20,6 +20,7 @@
 //! [`matmul_t_q8k`] does that for Q4_K, for speed; on this project's 2-core machine the f32 kernel is about as
 //! much bound by its expansion work as by reading the blocks (two threads run a 7B layer 1.6x faster than one).
 
+use super::linalg::SendPtr;
 use crate::error::{CageError, Result};
 use crate::model::gguf::GgmlType;
 use rayon::prelude::*;
@@ -216,12 +217,6 @@ const PREFETCH: usize = 1024;
 const Q4: u8 = 0;
 const Q5: u8 = 1;
 const Q6: u8 = 2;
-
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from different threads.
-unsafe impl Sync for SendPtr {}
-// SAFETY: as above.
-unsafe impl Send for SendPtr {}
 
 impl SendPtr {
     /// The pointer; through a method, a closure captures the wrapper (Sync), not its raw field.

@@ -168,7 +168,9 @@ unsafe fn tile_avx2<const R: usize>(
     }
 }
 
-struct SendPtr(*mut f32);
+/// An output pointer shared by the threads of the CPU matmul kernels (here, `packed`, `weight_kernels`,
+/// `kquant`), each of which writes its own disjoint elements.
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: used only to write disjoint elements from different threads.
 unsafe impl Sync for SendPtr {}
 // SAFETY: as above.

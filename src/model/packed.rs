@@ -6,6 +6,7 @@
 //! used: the expanded values are bit-identical to the f32 weights. Packing is verified block by block; a
 //! matrix with any block that does not round-trip exactly stays f32 only.
 
+use super::linalg::SendPtr;
 use rayon::prelude::*;
 
 const QK: usize = 32;
@@ -499,12 +500,6 @@ impl Tile<'_> {
         }
     }
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from different threads.
-unsafe impl Sync for SendPtr {}
-// SAFETY: as above.
-unsafe impl Send for SendPtr {}
 
 #[cfg(test)]
 mod tests {

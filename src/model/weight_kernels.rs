@@ -14,6 +14,7 @@
 //! (f32 FMAs instead of int8 dot products); the bytes read, which bound decode, are the same.
 
 use super::gguf::{GgmlType, dequantize_into};
+use super::linalg::SendPtr;
 use gemm::{Parallelism, gemm};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -420,12 +421,6 @@ mod avx2 {
         }
     }
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from different threads.
-unsafe impl Sync for SendPtr {}
-// SAFETY: as above.
-unsafe impl Send for SendPtr {}
 
 #[cfg(test)]
 mod tests {
