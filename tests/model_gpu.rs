@@ -47,20 +47,7 @@ fn load(name: &str) -> Model {
 
 #[path = "common/skip.rs"]
 mod support;
-use support::skip;
-
-/// Runs `body` on the emulation, then on GPU 0 when there is one.
-fn on_every_device(test: &str, body: impl Fn(&dyn Fn() -> Gpu, &str)) {
-    body(&Gpu::emulated, "emulation");
-    match Gpu::cuda(0) {
-        Ok(g) => {
-            eprintln!("{test}: running on {}", g.describe());
-            drop(g);
-            body(&|| Gpu::cuda(0).unwrap(), "cuda");
-        }
-        Err(e) => skip(&format!("{test}: no CUDA GPU ({e})")),
-    }
-}
+use support::on_every_device;
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 #[path = "common/skip.rs"]
 mod support;
-use support::skip;
+use support::on_every_device;
 
 /// Prefill logits against the bf16 decoder on the dequantized-then-rounded weights: the same GEMM on the same
 /// bf16 values, so only f32 summation order (none on the emulation) separates them.
@@ -69,19 +69,6 @@ fn tiny() -> Model {
     let mut m = Model::load(&fixtures().join("tiny-llama")).unwrap();
     m.unpack_weights();
     m
-}
-
-/// Runs `body` on the emulation, then on GPU 0 when there is one.
-fn on_every_device(test: &str, body: impl Fn(&dyn Fn() -> Gpu, &str)) {
-    body(&Gpu::emulated, "emulation");
-    match Gpu::cuda(0) {
-        Ok(g) => {
-            eprintln!("{test}: running on {}", g.describe());
-            drop(g);
-            body(&|| Gpu::cuda(0).unwrap(), "cuda");
-        }
-        Err(e) => skip(&format!("{test}: no CUDA GPU ({e})")),
-    }
 }
 
 /// `m` with every projection replaced by its `kind` quantization, dequantized and rounded to bf16.

@@ -14,3 +14,18 @@ pub fn skip(line: &str) {
 
 /// The variable that turns skips into failures.
 pub const REQUIRE_GPU: &str = "CAGE_REQUIRE_GPU";
+
+/// Runs `body` on the emulation, then on GPU 0 when there is one (a [`skip`] otherwise): one test body per
+/// backend, each given a way to open its device and the device's name.
+#[allow(dead_code)]
+pub fn on_every_device(test: &str, body: impl Fn(&dyn Fn() -> cage::gpu::Gpu, &str)) {
+    body(&cage::gpu::Gpu::emulated, "emulation");
+    match cage::gpu::Gpu::cuda(0) {
+        Ok(g) => {
+            eprintln!("{test}: running on {}", g.describe());
+            drop(g);
+            body(&|| cage::gpu::Gpu::cuda(0).unwrap(), "cuda");
+        }
+        Err(e) => skip(&format!("{test}: no CUDA GPU ({e})")),
+    }
+}
