@@ -7,6 +7,7 @@
 use super::linalg::{matmul_t, rms_norm, silu_mul};
 use super::llama::{Linear, Model};
 use super::packed::{Packed, matmul_t_many};
+use super::weight::Weight;
 use crate::error::{CageError, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -203,6 +204,19 @@ fn apply_many<const N: usize>(
     lora_tmp: &mut [f32],
 ) {
     let inp = lins[0].inp;
+    if t <= PACKED_MAX_M && lins.iter().all(|l| l.packed.is_none() && l.inp == inp) {
+        // Matrices in their stored formats (GGUF blocks, bf16): one parallel loop too.
+        let mut it = lins.iter().zip(outs.iter_mut());
+        let products: [(&Weight, usize, &mut [f32]); N] = std::array::from_fn(|_| {
+            let (l, o) = it.next().expect("N linears");
+            (&l.w, l.out, &mut **o)
+        });
+        Weight::matmul_t_many(x, t, inp, products);
+        for (lin, out) in lins.iter().zip(outs.iter_mut()) {
+            epilogue(lin, x, t, out, runs, lora_tmp);
+        }
+        return;
+    }
     if t > PACKED_MAX_M || lins.iter().any(|l| l.packed.is_none() || l.inp != inp) {
         for (lin, out) in lins.iter().zip(outs.iter_mut()) {
             apply(lin, x, t, out, runs, lora_tmp);

@@ -107,31 +107,126 @@ pub fn matmul_t(w: Stored, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f
         return;
     }
     let op = SendPtr(out.as_mut_ptr());
-    if m > SMALL_M {
+    let isa = isa();
+    if m > direct_rows(isa, w) {
         (0..n.div_ceil(TILE)).into_par_iter().for_each(|t| gemm_tile(w, x, m, k, n, t, &op, accumulate, alpha));
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    let fast = std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    let work = |c: usize| {
-        let rows = c * ROWS..((c + 1) * ROWS).min(n);
+    run_jobs(isa, x, m, k, &[Job { w, n, out: &op, accumulate, alpha }]);
+}
+
+/// Rows of x up to which the expand-in-registers kernels run: 32 for the AVX-512 block kernel (eight rows at a
+/// time: re-expanding each block four times still costs less than the GEMM path's expansion into f32, as for
+/// the packed copies, `forward::PACKED_MAX_M`), [`SMALL_M`] otherwise.
+fn direct_rows(isa: Isa, w: Stored) -> usize {
+    match (isa, w) {
         #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: AVX2, FMA and F16C were detected; the shapes were asserted above.
-            unsafe { avx2::chunk(w, x, m, k, rows, n, &op, accumulate, alpha) };
-            return;
+        (Isa::Avx512, Stored::Blocks(GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1, _)) => 32,
+        _ => SMALL_M,
+    }
+}
+
+/// `out_i[m x n_i] = x[m x k] * W_i^T` for several matrices with the same input (q, k and v; gate and up) in one
+/// parallel loop at decode sizes (`m <= 8`, or 32 for the AVX-512 block kernel; no K-quants): a batch-1 step is
+/// ~200 small products, and each parallel loop costs a fork and a join on every core. Other shapes run one
+/// product at a time.
+pub fn matmul_t_many<const N: usize>(x: &[f32], m: usize, k: usize, products: [(Stored, usize, &mut [f32]); N]) {
+    let isa = isa();
+    let one_loop = products.iter().all(|(w, _, _)| {
+        m <= direct_rows(isa, *w) && !matches!(w, Stored::Blocks(ty, _) if super::kquant::block_bytes(*ty).is_some())
+    });
+    if !one_loop {
+        for (w, n, out) in products {
+            matmul_t(w, x, m, k, n, out, false, 1.0);
         }
-        let _ = fast;
-        portable(w, x, m, k, rows, n, &op, accumulate, alpha);
+        return;
+    }
+    let ptrs = products.each_ref().map(|(w, n, out)| {
+        assert!(
+            x.len() >= m * k && out.len() >= m * n && w.covers(*n, k),
+            "stored matmul: buffers smaller than the shapes"
+        );
+        SendPtr(out.as_ptr().cast_mut())
+    });
+    let jobs: Vec<Job> = products
+        .iter()
+        .zip(&ptrs)
+        .map(|((w, n, _), out)| Job { w: *w, n: *n, out, accumulate: false, alpha: 1.0 })
+        .collect();
+    run_jobs(isa, x, m, k, &jobs);
+}
+
+/// Which explicit decode kernel the CPU runs (the standard library caches the detection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// AVX-512F for the Q8_0 / Q4_0 / Q4_1 blocks (a 16-entry table per 4-bit block), AVX2 for bf16 / f16.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// AVX2 + FMA + F16C for every format.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c");
+        if avx2 && std::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// One product of a decode loop: the matrix, its output rows and where they go.
+struct Job<'a> {
+    w: Stored<'a>,
+    n: usize,
+    out: &'a SendPtr,
+    accumulate: bool,
+    alpha: f32,
+}
+
+/// The products of `jobs` (same `x`, `m` up to [`direct_rows`], shapes checked, no K-quants) as one loop over
+/// chunks of `ROWS` output rows, parallel unless the work is too small to pay for the fork.
+fn run_jobs(isa: Isa, x: &[f32], m: usize, k: usize, jobs: &[Job]) {
+    let chunks: Vec<usize> = jobs.iter().map(|j| j.n.div_ceil(ROWS)).collect();
+    let work = |mut c: usize| {
+        let mut j = 0;
+        while c >= chunks[j] {
+            c -= chunks[j];
+            j += 1;
+        }
+        let job = &jobs[j];
+        let rows = c * ROWS..((c + 1) * ROWS).min(job.n);
+        let (w, n, out, acc, alpha) = (job.w, job.n, job.out, job.accumulate, job.alpha);
+        #[cfg(target_arch = "x86_64")]
+        match (isa, w) {
+            (Isa::Avx512, Stored::Blocks(ty @ (GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1), raw)) => {
+                // SAFETY: AVX-512F, AVX2, FMA and F16C were detected (`isa`); the shapes were checked by the caller.
+                unsafe { avx512::chunk(ty, raw, x, m, k, rows, n, out, acc, alpha) };
+                return;
+            }
+            (Isa::Avx512 | Isa::Avx2, _) => {
+                // SAFETY: AVX2, FMA and F16C were detected (`isa`); the shapes were checked by the caller.
+                unsafe { avx2::chunk(w, x, m, k, rows, n, out, acc, alpha) };
+                return;
+            }
+            (Isa::Portable, _) => {}
+        }
+        portable(w, x, m, k, rows, n, out, acc, alpha);
     };
-    if n * k * m >= 1 << 15 {
-        (0..n.div_ceil(ROWS)).into_par_iter().for_each(work);
+    let total: usize = chunks.iter().sum();
+    if jobs.iter().map(|j| j.n * k * m).sum::<usize>() >= 1 << 15 {
+        (0..total).into_par_iter().for_each(work);
     } else {
-        (0..n.div_ceil(ROWS)).for_each(work);
+        (0..total).for_each(work);
     }
 }
 
@@ -422,6 +517,167 @@ mod avx2 {
     }
 }
 
+/// The Q8_0 / Q4_0 / Q4_1 decode kernels with AVX-512: a block expands into two registers of sixteen weights,
+/// shared by up to eight rows of x. A 4-bit block's sixteen possible weights are one register (`q * d + m`, or
+/// `(q - 8) * d`) and each nibble picks its weight with one permute. The f16 scales are read through a table of
+/// every f16 value as f32 and broadcast from memory (load instructions only): converting and broadcasting them
+/// in registers took four more shuffle-port instructions per block, the port the expansion itself is bound by,
+/// and left the kernel slower than the packed copies' (f32 scales). The few scales a model uses keep their
+/// table lines in the cache.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{GgmlType, QK, SendPtr};
+    use std::arch::x86_64::*;
+
+    /// Formats as const parameters of [`Tile::run`], so that each instantiation is straight-line code.
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+
+    /// How far ahead of the block being expanded the kernel prefetches (bytes; see `packed::PREFETCH`).
+    const PREFETCH: usize = 2048;
+
+    /// Every f16 bit pattern as f32 (256 KiB, built on first use).
+    fn f16_table() -> &'static [f32] {
+        static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+        TABLE.get_or_init(|| (0..=u16::MAX).map(|b| half::f16::from_bits(b).to_f32()).collect())
+    }
+
+    /// Weight rows `rows` of the `ty` blocks in `raw` against all rows of x, up to eight rows of x at a time.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn chunk(
+        ty: GgmlType,
+        raw: &[u8],
+        x: &[f32],
+        m: usize,
+        k: usize,
+        rows: std::ops::Range<usize>,
+        n: usize,
+        out: &SendPtr,
+        accumulate: bool,
+        alpha: f32,
+    ) {
+        let f = match ty {
+            GgmlType::Q8_0 => Q8_0,
+            GgmlType::Q4_0 => Q4_0,
+            _ => Q4_1,
+        };
+        let t = Tile { w: raw.as_ptr(), x: x.as_ptr(), k, n, out, accumulate, alpha, f16: f16_table().as_ptr() };
+        let mut r0 = 0;
+        while r0 < m {
+            // SAFETY (all arms): the features are enabled here; rows r0..r0 + R of x exist, and the caller
+            // checked that raw holds n rows of k values of its type.
+            unsafe {
+                macro_rules! run {
+                    ($r:literal) => {
+                        match f {
+                            Q8_0 => t.run::<$r, Q8_0>(r0, rows.clone()),
+                            Q4_0 => t.run::<$r, Q4_0>(r0, rows.clone()),
+                            _ => t.run::<$r, Q4_1>(r0, rows.clone()),
+                        }
+                    };
+                }
+                match m - r0 {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    4 => run!(4),
+                    5 => run!(5),
+                    6 => run!(6),
+                    7 => run!(7),
+                    _ => run!(8),
+                }
+            }
+            r0 += 8;
+        }
+    }
+
+    /// One task's product, with raw pointers (checked by the caller).
+    struct Tile<'a> {
+        w: *const u8,
+        x: *const f32,
+        k: usize,
+        n: usize,
+        out: &'a SendPtr,
+        accumulate: bool,
+        alpha: f32,
+        /// [`f16_table`].
+        f16: *const f32,
+    }
+
+    /// The 32 values of the block at `p`, as two vectors of sixteen (values 0..16, 16..32), each exactly the
+    /// f32 value `dequantize_into` gives: `q * d` is exact in f32 (4- or 8-bit q, f16 d), so one fused
+    /// multiply-add rounds like its multiply-then-add. `f16`: [`f16_table`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn expand32<const F: u8>(p: *const u8, f16: *const f32) -> [__m512; 2] {
+        // SAFETY: the caller guarantees that the block at p is readable (Q8_0: 34 bytes, scale + 32; Q4_0: 18,
+        // scale + 16; Q4_1: 20, scale, minimum + 16); every load stays inside it, and the table has an entry
+        // for every u16.
+        unsafe {
+            let scale = |at: usize| *f16.add(p.add(at).cast::<u16>().read_unaligned() as usize);
+            let d = _mm512_set1_ps(scale(0));
+            if F == Q8_0 {
+                let f = |i: usize| {
+                    let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2 + i * 16).cast()));
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(v), d)
+                };
+                return [f(0), f(1)];
+            }
+            let iota =
+                _mm512_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0);
+            let (table, q) = if F == Q4_0 {
+                // (q - 8) * d: q - 8 is exact, and so is its product with d.
+                (_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0)), d), p.add(2))
+            } else {
+                (_mm512_fmadd_ps(iota, d, _mm512_set1_ps(scale(2))), p.add(4))
+            };
+            // Low nibbles are values 0..16, high nibbles 16..32; vpermps reads the low four bits of each index.
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast()));
+            [_mm512_permutexvar_ps(v, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table)]
+        }
+    }
+
+    impl Tile<'_> {
+        /// Rows `r0 .. r0 + R` of x against the weight rows `rows`: each block is expanded once for all R rows,
+        /// two accumulation chains per row.
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn run<const R: usize, const F: u8>(&self, r0: usize, rows: std::ops::Range<usize>) {
+            let (k, n) = (self.k, self.n);
+            let nb = k / QK;
+            let bb = match F {
+                Q8_0 => 34,
+                Q4_0 => 18,
+                _ => 20,
+            };
+            // SAFETY: the caller checked that w holds n rows of nb blocks and x m rows of k floats; all loads
+            // below stay inside row o of w and rows r0..r0 + R of x (prefetches may point anywhere).
+            unsafe {
+                for o in rows {
+                    let wr = self.w.add(o * nb * bb);
+                    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                    for b in 0..nb {
+                        let p = wr.add(b * bb);
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+                        let w = expand32::<F>(p, self.f16);
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            let xr = self.x.add((r0 + r) * k + b * QK);
+                            a[0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), a[0]);
+                            a[1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr.add(16)), a[1]);
+                        }
+                    }
+                    for (r, a) in acc.iter().enumerate() {
+                        let v = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+                        let p = self.out.0.add((r0 + r) * n + o);
+                        *p = if self.accumulate { *p + self.alpha * v } else { self.alpha * v };
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,20 +715,58 @@ mod tests {
         raw
     }
 
+    /// Every decode kernel this CPU can run (the detected one is what `matmul_t` picks).
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if matches!(isa(), Isa::Avx2 | Isa::Avx512) {
+                v.push(Isa::Avx2);
+            }
+            if isa() == Isa::Avx512 {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// `matmul_t` with the decode kernel `isa` at decode sizes (`m <= 8`), and `matmul_t` itself above.
+    #[allow(clippy::too_many_arguments)]
+    fn product_on(
+        isa: Isa,
+        w: Stored,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        out: &mut [f32],
+        acc: bool,
+        alpha: f32,
+    ) {
+        if m > SMALL_M {
+            return matmul_t(w, x, m, k, n, out, acc, alpha);
+        }
+        assert!(w.covers(n, k) && out.len() >= m * n);
+        let op = SendPtr(out.as_mut_ptr());
+        run_jobs(isa, x, m, k, &[Job { w, n, out: &op, accumulate: acc, alpha }]);
+    }
+
     fn check(w: Stored, m: usize, k: usize, n: usize) {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
         let start: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32 * 0.25).collect();
-        for (accumulate, alpha) in [(false, 1.0), (true, 0.5)] {
-            let mut got = if accumulate { start.clone() } else { vec![f32::NAN; m * n] };
-            matmul_t(w, &x, m, k, n, &mut got, accumulate, alpha);
-            let base = if accumulate { start.clone() } else { vec![0.0; m * n] };
-            let want = reference(w, &x, m, k, n, &base, alpha);
-            // f32 accumulation of k products of size <= ~2.5: a few ulp of the sum of magnitudes.
-            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + r.abs()),
-                    "{w:?}: m={m} k={k} n={n} [{i}]: {g} vs {r}"
-                );
+        for isa in isas() {
+            for (accumulate, alpha) in [(false, 1.0), (true, 0.5)] {
+                let mut got = if accumulate { start.clone() } else { vec![f32::NAN; m * n] };
+                product_on(isa, w, &x, m, k, n, &mut got, accumulate, alpha);
+                let base = if accumulate { start.clone() } else { vec![0.0; m * n] };
+                let want = reference(w, &x, m, k, n, &base, alpha);
+                // f32 accumulation of k products of size <= ~2.5: a few ulp of the sum of magnitudes.
+                for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - r).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + r.abs()),
+                        "{w:?} {isa:?}: m={m} k={k} n={n} [{i}]: {g} vs {r}"
+                    );
+                }
             }
         }
     }
@@ -497,22 +791,54 @@ mod tests {
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
             for &(k, n) in &[(32, 70), (96, 33), (160, 5)] {
                 let raw = blocks(ty, n, k);
-                for m in 1..=9 {
+                // 17, 32: the AVX-512 kernel in several passes of eight rows; 33: the GEMM path.
+                for m in (1..=9).chain([17, 32, 33]) {
                     check(Stored::Blocks(ty, &raw), m, k, n);
                 }
                 // With x a unit vector, each output is one weight: the expansion is bit-identical to
                 // dequantize_into's values.
                 let mut all = vec![0f32; n * k];
                 dequantize_into(ty, &raw, &mut all);
-                for i in [0, 1, 15, 16, 17, 31, k - 1] {
-                    let mut x = vec![0f32; k];
-                    x[i] = 1.0;
-                    let mut got = vec![0f32; n];
-                    matmul_t(Stored::Blocks(ty, &raw), &x, 1, k, n, &mut got, false, 1.0);
-                    for c in 0..n {
-                        assert_eq!(got[c].to_bits(), all[c * k + i].to_bits(), "{ty:?} row {c} col {i}");
+                for isa in isas() {
+                    for i in [0, 1, 15, 16, 17, 31, k - 1] {
+                        let mut x = vec![0f32; k];
+                        x[i] = 1.0;
+                        let mut got = vec![0f32; n];
+                        product_on(isa, Stored::Blocks(ty, &raw), &x, 1, k, n, &mut got, false, 1.0);
+                        for c in 0..n {
+                            assert_eq!(got[c].to_bits(), all[c * k + i].to_bits(), "{ty:?} {isa:?} row {c} col {i}");
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn several_products_in_one_loop_match_one_at_a_time() {
+        let k = 96;
+        let (a, b, c) = (blocks(GgmlType::Q4_1, 19, k), blocks(GgmlType::Q8_0, 40, k), blocks(GgmlType::Q4_0, 7, k));
+        let h: Vec<bf16> = (0..5 * k).map(|i| bf16::from_f32((i as f32 * 0.3).sin())).collect();
+        for m in [1, 3, 8, 9, 20] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let ws = [
+                (Stored::Blocks(GgmlType::Q4_1, &a), 19),
+                (Stored::Blocks(GgmlType::Q8_0, &b), 40),
+                (Stored::Blocks(GgmlType::Q4_0, &c), 7),
+                (Stored::Bf16(&h), 5),
+            ];
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|(_, n)| vec![f32::NAN; m * n]).collect();
+            let [o0, o1, o2, o3] = &mut outs[..] else { unreachable!() };
+            matmul_t_many(
+                &x,
+                m,
+                k,
+                [(ws[0].0, 19, o0.as_mut_slice()), (ws[1].0, 40, o1), (ws[2].0, 7, o2), (ws[3].0, 5, o3)],
+            );
+            for ((w, n), got) in ws.iter().zip(&outs) {
+                let mut want = vec![0f32; m * n];
+                matmul_t(*w, &x, m, k, *n, &mut want, false, 1.0);
+                assert_eq!(got, &want, "{w:?} m={m}");
             }
         }
     }
