@@ -6,6 +6,7 @@ use cage::game_json;
 use cage::gpu::KvCacheType;
 use cage::model::cli::ForwardWeights;
 use cage::model::devquant::GpuWeights;
+use cage::model::weight::WeightStorage;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -139,6 +140,10 @@ enum BenchCommand {
         /// Which weights decode reads: `packed` (the lossless Q4_1 / Q8_0 copies), `f32`, or `both`.
         #[arg(long, default_value_t = ForwardWeights::Both, value_parser = NameParser::<ForwardWeights>::new())]
         weights: ForwardWeights,
+        /// How the model's matrices are held once loaded: `stored` (as the files hold them: measured, then
+        /// the same model as f32) or `f32` (expanded at load: the f32 and packed rows only).
+        #[arg(long, default_value_t = WeightStorage::Stored, value_parser = NameParser::<WeightStorage>::new())]
+        cpu_weights: WeightStorage,
         /// Where to measure: `cpu`, `cuda`, `emulation`, or `auto` (the default: the CPU, and the GPU when one
         /// is usable). A big model on a GPU machine is measured with `cuda` alone.
         #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
@@ -225,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             batches,
             weights,
+            cpu_weights,
             device,
             kv_cache,
             gpu_weights,
@@ -235,6 +241,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             batches,
             weights,
+            cpu_weights,
             device,
             kv_cache,
             gpu_weights,

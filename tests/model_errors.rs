@@ -223,6 +223,53 @@ fn gguf_sizes_that_overflow_are_refused() {
 }
 
 #[test]
+fn gguf_types_cage_does_not_run_are_refused_by_name_from_the_header() {
+    // A 4096 x 4096 matrix whose bytes are not in the file: refused for its type from the tensor directory,
+    // before any range of the file is read, by GgufFile::open and by the importer (gguf_err checks both).
+    for (id, name) in [
+        (6, "Q5_0"),
+        (7, "Q5_1"),
+        (9, "Q8_1"),
+        (10, "Q2_K"),
+        (11, "Q3_K"),
+        (15, "Q8_K"),
+        (16, "IQ2_XXS"),
+        (19, "IQ1_S"),
+        (20, "IQ4_NL"),
+        (23, "IQ4_XS"),
+        (29, "IQ1_M"),
+        (34, "TQ1_0"),
+        (39, "MXFP4"),
+    ] {
+        let e = gguf_err(
+            &format!("type-{id}"),
+            gguf_bytes(
+                &[],
+                &[("token_embd.weight", &[16], 0, 0), ("blk.0.attn_q.weight", &[4096, 4096], id, 64)],
+                &[0; 64],
+            ),
+        );
+        let want = format!("tensor blk.0.attn_q.weight holds {name} blocks (ggml type {id}), which cage cannot run");
+        assert!(e.contains(&want) && e.contains("requantize"), "{e}");
+    }
+    let e = gguf_err("type-99", gguf_bytes(&[], &[("x", &[32], 99, 0)], &[0; 64]));
+    assert!(e.contains("tensor x holds ggml type 99, which llama.cpp does not define either"), "{e}");
+    // The command line says the same, and exits with an error, not a panic.
+    let dir = std::env::temp_dir().join(format!("cage-model-errors-{}-type-cli", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("q5.gguf");
+    std::fs::write(&p, gguf_bytes(&[], &[("blk.0.ffn_up.weight", &[64, 8], 6, 0)], &[0; 64])).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cage"))
+        .args(["import-gguf", p.to_str().unwrap(), "--out", dir.join("out").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("blk.0.ffn_up.weight holds Q5_0 blocks"), "{err}");
+    assert!(!err.contains("panicked") && !dir.join("out").exists(), "{err}");
+}
+
+#[test]
 fn gguf_tensors_may_not_share_names_or_bytes() {
     // Aliased tensors would let a small file make the importer write without bound.
     let e = gguf_err("alias", gguf_bytes(&[], &[("a", &[8], 0, 0), ("b", &[8], 0, 16)], &[0; 64]));

@@ -67,6 +67,28 @@ fn a_model_too_big_for_the_host_is_refused_before_loading() {
         "t3 t4",
     ]));
     assert!(r.code == Some(1) && r.stderr.contains("in host memory") && !r.stderr.contains("panicked"), "{}", r.stderr);
+    // The refusal names the setting that changes the bytes: stored matrices where f32 was asked for.
+    for (storage, hint) in [("f32", "--cpu-weights stored"), ("stored", "more quantized copy")] {
+        let r = ran(cage().env("CAGE_MEMORY_LIMIT", "100000").args([
+            "bench",
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--cpu-weights",
+            storage,
+        ]));
+        assert!(
+            r.code == Some(1)
+                && r.stderr.contains("tiny-llama")
+                && r.stderr.contains(&want)
+                && r.stderr.contains("100.0 KB free in host memory")
+                && r.stderr.contains(hint),
+            "{storage}: {}",
+            r.stderr
+        );
+    }
     // Room enough: it loads and runs.
     let r = ran(cage().env("CAGE_MEMORY_LIMIT", "100000000").args([
         "logits",

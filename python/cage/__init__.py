@@ -95,11 +95,13 @@ class Engine:
     generate``'s JSON lines, plus ``row`` and ``token_ids``) while Rust decodes with the GIL released.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, cpu_weights: Optional[str] = None):
+        # cpu_weights: "stored" (the default: matrices as the model files hold them) or "f32"; overrides the
+        # config's "cpu_weights".
         if isinstance(config, Mapping):
-            self._engine = _cage._Engine.from_json(json.dumps(config))
+            self._engine = _cage._Engine.from_json(json.dumps(config), cpu_weights)
         elif isinstance(config, (str, os.PathLike)):
-            self._engine = _cage._Engine.from_path(os.fspath(config))
+            self._engine = _cage._Engine.from_path(os.fspath(config), cpu_weights)
         else:
             raise ValueError(f"config must be a path or a dict, got {type(config).__name__}")
 

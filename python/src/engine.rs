@@ -90,6 +90,15 @@ fn spawn(engine: Arc<RustEngine>, job: Job) -> Results {
     Results { rx: Mutex::new(rx) }
 }
 
+/// The config with its `cpu_weights` replaced when the caller gave one (an unknown name is an error naming
+/// `cpu_weights`).
+fn with_cpu_weights(mut config: RunConfig, cpu_weights: Option<&str>) -> PyResult<RunConfig> {
+    if let Some(s) = cpu_weights {
+        config.cpu_weights = parse(s).map_err(to_py)?;
+    }
+    Ok(config)
+}
+
 impl Engine {
     /// Loads the models with the GIL released.
     fn build(py: Python<'_>, config: RunConfig) -> PyResult<Self> {
@@ -154,18 +163,20 @@ impl Engine {
 
 #[pymethods]
 impl Engine {
-    /// Loads the models of a config file.
+    /// Loads the models of a config file; `cpu_weights` (`stored` or `f32`) overrides the config's.
     #[staticmethod]
-    fn from_path(py: Python<'_>, path: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, cpu_weights=None))]
+    fn from_path(py: Python<'_>, path: &str, cpu_weights: Option<&str>) -> PyResult<Self> {
         let config = RunConfig::load(Path::new(path)).map_err(to_py)?;
-        Self::build(py, config)
+        Self::build(py, with_cpu_weights(config, cpu_weights)?)
     }
 
-    /// Loads the models of a config given as JSON text.
+    /// Loads the models of a config given as JSON text; `cpu_weights` overrides the config's.
     #[staticmethod]
-    fn from_json(py: Python<'_>, text: &str) -> PyResult<Self> {
+    #[pyo3(signature = (text, cpu_weights=None))]
+    fn from_json(py: Python<'_>, text: &str, cpu_weights: Option<&str>) -> PyResult<Self> {
         let config = RunConfig::parse(text).map_err(to_py)?;
-        Self::build(py, config)
+        Self::build(py, with_cpu_weights(config, cpu_weights)?)
     }
 
     /// The principals' names, in the config's order.

@@ -9,6 +9,7 @@ use super::sweep::{
     MethodCurve, Summary, WeightsList, parse_weights_list, points_csv, simplex_grid, summarize, summary_csv,
 };
 use crate::error::{CageError, Result};
+use crate::model::weight::WeightStorage;
 use crate::names::NameParser;
 use crate::progress::Progress;
 use crate::sampling::Choice;
@@ -38,6 +39,10 @@ pub struct RunArgs {
     /// Candidates per step, the base's top-k; 0 = the whole vocabulary (overrides the config).
     #[arg(long)]
     pub k: Option<usize>,
+    /// How the models' matrices are held in memory: `stored` (as the files hold them) or `f32` (overrides the
+    /// config's `cpu_weights`).
+    #[arg(long, value_parser = NameParser::<WeightStorage>::new())]
+    pub cpu_weights: Option<WeightStorage>,
 }
 
 impl RunArgs {
@@ -58,6 +63,9 @@ impl RunArgs {
         }
         if let Some(k) = self.k {
             cfg.k = k;
+        }
+        if let Some(s) = self.cpu_weights {
+            cfg.cpu_weights = s;
         }
         cfg.check()?;
         Ok(cfg)
@@ -567,6 +575,7 @@ pub fn demo_config(model: &Path, max_new_tokens: usize) -> RunConfig {
         model_device: crate::Backend::Cpu,
         kv_cache: Default::default(),
         gpu_weights: Default::default(),
+        cpu_weights: Default::default(),
         batch_size: 8,
         scorers: vec![],
     }

@@ -292,6 +292,11 @@ pub struct RunConfig {
     /// Anything but bf16 with the forwards on the CPU is an error.
     #[serde(default)]
     pub gpu_weights: crate::model::devquant::GpuWeights,
+    /// How the models' matrices are held in host memory once loaded: `stored` (the default: bf16, f16 and GGUF
+    /// blocks as the files hold them, multiplied directly) or `f32` (every matrix expanded: four bytes a
+    /// parameter, the reference the stored formats are tested against).
+    #[serde(default)]
+    pub cpu_weights: crate::model::weight::WeightStorage,
     /// Prompts (rows) decoded together.
     #[serde(default = "default_batch")]
     pub batch_size: usize,

@@ -18,6 +18,7 @@ use crate::backend::Backend;
 use crate::candidates::Selection;
 use crate::error::{CageError, Result};
 use crate::gpu::device::Transfers;
+use crate::model::weight::WeightStorage;
 use crate::model::{Adapter, Decoder, Model, Pblora, PromptFormat, Tokenizer};
 use crate::problem::Normalize;
 use crate::sampling::Choice;
@@ -259,6 +260,8 @@ pub struct Engine {
     pool: DecoderPool,
     /// The PBLoRA adapters loaded, with the preferences materialised so far.
     pblora: Vec<PbloraOn>,
+    /// How the models loaded after the base hold their matrices (the config's `cpu_weights`).
+    storage: WeightStorage,
     /// The `parm` method's guide, when every principal is a `parm` principal on one adapter.
     parm: Option<ParmGuide>,
 }
@@ -315,7 +318,7 @@ fn tokenizer_model(dir: &Path) -> Result<Option<serde_json::Value>> {
     Ok(v.get_mut("model").map(serde_json::Value::take))
 }
 
-fn load_model(dir: &Path) -> Result<Model> {
+fn load_model(dir: &Path, storage: WeightStorage) -> Result<Model> {
     if !dir.join("config.json").is_file() {
         return Err(CageError::Model {
             model: dir.display().to_string(),
@@ -323,7 +326,7 @@ fn load_model(dir: &Path) -> Result<Model> {
                 .into(),
         });
     }
-    Model::load(dir)
+    Model::load_as(dir, storage)
 }
 
 /// The error of a model folder whose tokenizer differs from the run's.
@@ -374,10 +377,20 @@ impl Engine {
     /// An engine with the base model in `base` (model 0) and no principals. `tokenizer` overrides the folder
     /// holding `tokenizer.json`.
     pub fn new(base: &Path, tokenizer: Option<&Path>, prompt_format: FormatSetting) -> Result<Self> {
+        Self::new_as(base, tokenizer, prompt_format, WeightStorage::Stored)
+    }
+
+    /// [`Engine::new`] with every model's matrices held as `storage` says.
+    pub fn new_as(
+        base: &Path,
+        tokenizer: Option<&Path>,
+        prompt_format: FormatSetting,
+        storage: WeightStorage,
+    ) -> Result<Self> {
         let tdir = tokenizer.unwrap_or(base);
         let tok = Tokenizer::load(tdir)?;
         let format = prompt_format.resolve(&tok);
-        let model = load_model(base)?;
+        let model = load_model(base, storage)?;
         let mut eos: Vec<u32> = model.config.eos_token_ids.clone();
         eos.extend(tok.eos_id());
         Ok(Engine {
@@ -392,6 +405,7 @@ impl Engine {
             eos,
             pool: DecoderPool::default(),
             pblora: vec![],
+            storage,
             parm: None,
         })
     }
@@ -399,7 +413,7 @@ impl Engine {
     /// Builds the engine a config describes: models (shared when paths agree), adapters, principals.
     pub fn from_config(cfg: &RunConfig) -> Result<Self> {
         cfg.check()?;
-        let mut e = Engine::new(&cfg.base, cfg.tokenizer.as_deref(), cfg.prompt_format)?;
+        let mut e = Engine::new_as(&cfg.base, cfg.tokenizer.as_deref(), cfg.prompt_format, cfg.cpu_weights)?;
         e.template = cfg.prompt_template.clone();
         e.tokenizer_mismatch = cfg.tokenizer_mismatch;
         // A `tokenizer` override is checked against the base's own tokenizer.json too; the base always reads the
@@ -534,6 +548,11 @@ impl Engine {
             .collect()
     }
 
+    /// Loaded model `i` (0: the base), if there is one.
+    pub fn model(&self, i: usize) -> Option<&Model> {
+        self.models.get(i).map(|(_, m)| &**m)
+    }
+
     /// Loads a model (or finds it already loaded) and returns its index. A model folder with its own
     /// `tokenizer.json` must use the base's tokenizer: the principals score the base's candidate ids.
     pub fn add_model(&mut self, dir: &Path) -> Result<usize> {
@@ -541,7 +560,7 @@ impl Engine {
         if let Some(i) = self.models.iter().position(|(p, _)| key(p) == key(dir)) {
             return Ok(i);
         }
-        let model = load_model(dir)?;
+        let model = load_model(dir, self.storage)?;
         let retokenized = match self.tokenizer_mismatch {
             _ if !self.tokenizer_differs(dir)? => None,
             TokenizerMismatch::Error => return Err(tokenizer_error(dir)),

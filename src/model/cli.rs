@@ -253,6 +253,8 @@ pub struct BenchForwardArgs {
     pub batches: Vec<usize>,
     /// Which CPU weights decode reads.
     pub weights: ForwardWeights,
+    /// How the model's matrices are held once loaded (`f32`: no stored-format row).
+    pub cpu_weights: super::weight::WeightStorage,
     /// `auto`: the CPU, and the GPU at batch 1, 8 and 32 when one is usable; otherwise that one device at
     /// `batches`.
     pub device: Backend,
@@ -287,7 +289,7 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
     };
-    let mut m = Model::load(&dir)?;
+    let mut m = Model::load_as(&dir, a.cpu_weights)?;
     let threads = rayon::current_num_threads();
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
     let on_cpu = matches!(a.device, Backend::Auto | Backend::Cpu);

@@ -126,6 +126,30 @@ impl GgmlType {
     }
 }
 
+/// llama.cpp's name of a ggml type id, for the types this reader runs and those it does not (`ggml.h`'s
+/// `enum ggml_type`; ids 4, 5, 31-33 and 36-38 are retired): an error then says "Q5_0", not "type 6".
+pub fn ggml_type_name(id: u32) -> Option<&'static str> {
+    const NAMES: [&str; 43] = [
+        "F32", "F16", "Q4_0", "Q4_1", "", "", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+        "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32",
+        "I64", "F64", "IQ1_M", "BF16", "", "", "", "TQ1_0", "TQ2_0", "", "", "", "MXFP4", "NVFP4", "Q1_0", "Q2_0",
+    ];
+    NAMES.get(id as usize).copied().filter(|n| !n.is_empty())
+}
+
+/// What an error says about a tensor of ggml type `id` that this build does not run: the tensor, the type by
+/// name and id, the supported types and what to do.
+pub fn unsupported_type(tensor: &str, id: u32) -> String {
+    let ty = match ggml_type_name(id) {
+        Some(name) => format!("{name} blocks (ggml type {id})"),
+        None => format!("ggml type {id}, which llama.cpp does not define either"),
+    };
+    format!(
+        "tensor {tensor} holds {ty}, which cage cannot run (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, \
+         Q5_K, Q6_K); requantize the model to one of these (llama.cpp's llama-quantize, e.g. Q4_K_M or Q8_0)"
+    )
+}
+
 /// Directory entry of one tensor.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -357,12 +381,7 @@ impl GgufFile {
 
     /// The tensor's type, or an error naming the unsupported type.
     pub fn tensor_type(&self, t: &TensorInfo) -> Result<GgmlType> {
-        GgmlType::from_id(t.type_id).ok_or_else(|| {
-            self.bad(format!(
-                "tensor {} has ggml type {}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)",
-                t.name, t.type_id
-            ))
-        })
+        GgmlType::from_id(t.type_id).ok_or_else(|| self.bad(unsupported_type(&t.name, t.type_id)))
     }
 
     /// The byte range `[start, end)` of a tensor's data in the file, with every size checked: the element

@@ -69,12 +69,24 @@ pub fn check_fits(model: &str, what: &str, need: u128, place: &str, available: O
 
 /// The CPU runtime's check before loading: `need` bytes of weights as `storage` holds them (each matrix in its
 /// format, from the files' headers; see [`super::weights::TensorStore::held_bytes`]).
+/// A refusal names the setting that changes the bytes: `cpu_weights stored` where the matrices were to be
+/// expanded to f32, a smaller format where they are already held as stored.
 pub fn check_host(need: u128, storage: WeightStorage, model: &str) -> Result<()> {
-    let how = match storage {
-        WeightStorage::F32 => "as f32",
-        WeightStorage::Stored => "as stored",
+    let (how, hint) = match storage {
+        WeightStorage::F32 => (
+            "as f32",
+            "; or set cpu_weights to stored (--cpu-weights stored) to hold the matrices as the files store them \
+             (bf16, GGUF blocks) instead of four bytes a parameter",
+        ),
+        WeightStorage::Stored => (
+            "as stored",
+            "; or a more quantized copy of it (a Q4_K or Q4_0 GGUF, imported with cage import-gguf --keep-quantized)",
+        ),
     };
-    check_fits(model, &format!("its weights ({how})"), need, "in host memory", host_available())
+    check_fits(model, &format!("its weights ({how})"), need, "in host memory", host_available()).map_err(|e| match e {
+        CageError::Model { model, msg } => CageError::Model { model, msg: format!("{msg}{hint}") },
+        e => e,
+    })
 }
 
 /// The check before attaching or merging LoRA adapters: `need` more bytes (their A and B matrices as f32, or

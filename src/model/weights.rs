@@ -223,12 +223,8 @@ impl TensorStore {
     }
 
     fn ggml_type(&self, name: &str, id: u32) -> Result<GgmlType> {
-        GgmlType::from_id(id).ok_or_else(|| CageError::Model {
-            model: self.what.clone(),
-            msg: format!(
-                "tensor \"{name}\" holds blocks of ggml type {id}, which this build cannot use (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)"
-            ),
-        })
+        GgmlType::from_id(id)
+            .ok_or_else(|| CageError::Model { model: self.what.clone(), msg: super::gguf::unsupported_type(name, id) })
     }
 
     /// Bytes the named matrices take as `storage` holds them, and the other tensors (norms, biases: always
