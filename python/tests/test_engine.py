@@ -64,6 +64,13 @@ def test_generate_gives_the_rows_of_the_command_line(cli, tmp_path, engine, weig
         assert o["scores"] == pytest.approx(t["scores"], abs=1e-9)
 
 
+def test_cpu_weights_f32_decodes_the_rows_of_the_stored_model(engine):
+    # The tiny model is f32 in its file: both settings hold the same values and decode the same rows.
+    f32 = cage.Engine(config(), cpu_weights="f32")
+    rows = [sorted(e.generate(PROMPTS), key=lambda r: r["row"]) for e in (f32, engine)]
+    assert [r["token_ids"] for r in rows[0]] == [r["token_ids"] for r in rows[1]]
+
+
 def test_rows_may_weigh_the_principals_differently(engine):
     rows = list(engine.generate(["t7 t8 t9"] * 2, weights=[[1.0, 0.0], [0.0, 1.0]]))
     alone = [next(iter(engine.generate("t7 t8 t9", weights=w))) for w in ([1.0, 0.0], [0.0, 1.0])]
@@ -120,6 +127,10 @@ def test_bad_configs_and_requests_are_clear_errors(tmp_path, engine):
         engine.generate("t1", method="best")
     with pytest.raises(ValueError, match="weight of principal words must be a finite number >= 0"):
         list(engine.generate("t1", weights=[0.5, -1.0]))
+    with pytest.raises(ValueError, match=r'cpu_weights: unknown cpu_weights "f16" \(expected one of stored, f32\)'):
+        cage.Engine({**config(), "cpu_weights": "f16"})
+    with pytest.raises(ValueError, match=r'unknown cpu_weights "bf16" \(expected one of stored, f32\)'):
+        cage.Engine(config(), cpu_weights="bf16")
     # Reward-model scorers run in the CLI only: a config naming them is refused, not silently unscored.
     scorer = {"name": "reward", "model": str(FIX / "tiny-reward-seqcls")}
     with pytest.raises(ValueError, match="scorers: the Python engine"):

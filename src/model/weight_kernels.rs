@@ -148,11 +148,13 @@ pub fn matmul_t_many<const N: usize>(x: &[f32], m: usize, k: usize, products: [(
         );
         SendPtr(out.as_ptr().cast_mut())
     });
-    let jobs: Vec<Job> = products
-        .iter()
-        .zip(&ptrs)
-        .map(|((w, n, _), out)| Job { w: *w, n: *n, out, accumulate: false, alpha: 1.0 })
-        .collect();
+    let jobs: [Job; N] = std::array::from_fn(|i| Job {
+        w: products[i].0,
+        n: products[i].1,
+        out: &ptrs[i],
+        accumulate: false,
+        alpha: 1.0,
+    });
     run_jobs(isa, x, m, k, &jobs);
 }
 
@@ -196,11 +198,10 @@ struct Job<'a> {
 /// The products of `jobs` (same `x`, `m` up to [`direct_rows`], shapes checked, no K-quants) as one loop over
 /// chunks of `ROWS` output rows, parallel unless the work is too small to pay for the fork.
 fn run_jobs(isa: Isa, x: &[f32], m: usize, k: usize, jobs: &[Job]) {
-    let chunks: Vec<usize> = jobs.iter().map(|j| j.n.div_ceil(ROWS)).collect();
     let work = |mut c: usize| {
         let mut j = 0;
-        while c >= chunks[j] {
-            c -= chunks[j];
+        while c >= jobs[j].n.div_ceil(ROWS) {
+            c -= jobs[j].n.div_ceil(ROWS);
             j += 1;
         }
         let job = &jobs[j];
@@ -222,7 +223,7 @@ fn run_jobs(isa: Isa, x: &[f32], m: usize, k: usize, jobs: &[Job]) {
         }
         portable(w, x, m, k, rows, n, out, acc, alpha);
     };
-    let total: usize = chunks.iter().sum();
+    let total: usize = jobs.iter().map(|j| j.n.div_ceil(ROWS)).sum();
     if jobs.iter().map(|j| j.n * k * m).sum::<usize>() >= 1 << 15 {
         (0..total).into_par_iter().for_each(work);
     } else {
