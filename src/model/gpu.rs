@@ -306,13 +306,19 @@ fn upload_weight(dev: &mut dyn Device, w: &Weight, cols: usize) -> Result<DevBuf
 /// row-wise, in bf16 or quantized as `weights` says (round to nearest; int8's scales are per row and int4's
 /// groups lie along a row, so the stacked matrix quantizes exactly as its parts would apart), biases likewise
 /// (zeros for a part without one, none when no part has one), each part's adapters on its slice of the output.
-/// `name` goes into errors.
+/// GPTQ / AWQ int4 parts go to the int4 kernels as stored under `int4` (stacked losslessly, see
+/// [`super::gptq::stack`]); under `bf16` they are dequantized. `name` goes into errors.
 fn upload_linear(dev: &mut dyn Device, parts: &[&Linear], weights: GpuWeights, name: &str) -> Result<LinW> {
     let inp = parts[0].inp;
     let out: usize = parts.iter().map(|l| l.out).sum();
-    let w = match (weights, parts) {
-        (GpuWeights::Bf16, [l]) => LinWeight::Bf16(upload_weight(dev, &l.w, inp)?),
-        (GpuWeights::Bf16, _) => {
+    let stored = match weights {
+        GpuWeights::Int4 => super::gptq::stack(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), name)?,
+        _ => None,
+    };
+    let w = match (weights, parts, stored) {
+        (_, _, Some(m)) => LinWeight::Quant(QuantLinear::upload(dev, &QuantMatrix::Int4(m))?),
+        (GpuWeights::Bf16, [l], _) => LinWeight::Bf16(upload_weight(dev, &l.w, inp)?),
+        (GpuWeights::Bf16, _, _) => {
             let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
             let mut b = DevBuf::alloc(dev, h.len() * 2)?;
             b.upload(dev, &h)?;

@@ -13,6 +13,7 @@
 //! summation order only, and the quantization error is the weights' alone. The price is speed at batch 1
 //! (f32 FMAs instead of int8 dot products); the bytes read, which bound decode, are the same.
 
+use super::devquant::Int4Matrix;
 use super::gguf::{GgmlType, dequantize_into};
 use super::linalg::SendPtr;
 use gemm::{Parallelism, gemm};
@@ -420,6 +421,190 @@ mod avx2 {
             }
         }
     }
+}
+
+/// Output columns per task of the int4 kernels: whole packed words of zeros (a multiple of 8), and a tile of
+/// accumulators (`SMALL_M x INT4_COLS` f32) that stays in registers and L1.
+const INT4_COLS: usize = 64;
+
+/// Row `o` of a GPTQ-layout int4 matrix (see [`Int4Matrix`]) dequantized into `out[..inp]`:
+/// `scale * (q - zero)` of each input's group (`g_idx[i]`, act-order checkpoints, or `i / group`), exact in f32
+/// (an f16 scale times an integer of at most 5 bits).
+pub fn int4_row_into(w: &Int4Matrix, g_idx: Option<&[u32]>, o: usize, out: &mut [f32]) {
+    let (n, zw) = (w.out, w.out / 8);
+    for (i, v) in out[..w.inp].iter_mut().enumerate() {
+        let g = g_idx.map_or(i / w.group, |g| g[i] as usize);
+        let q = (w.qweight[(i / 8) * n + o] >> (4 * (i % 8))) & 15;
+        let s = f16::from_bits(w.scales[g * n + o]).to_f32();
+        let z = (w.qzeros[g * zw + o / 8] >> (4 * (o % 8))) & 15;
+        *v = s * (q as f32 - z as f32);
+    }
+}
+
+/// `out[m x n] (+)= alpha * x[m x k] * W^T` with `W` `[n x k]` a GPTQ-layout int4 matrix and `g_idx` its
+/// act-order groups, if any. Decode (`m <= 8`) expands each packed word row (8 inputs of 64 outputs) in
+/// registers and accumulates in f32 (compiled for AVX2 + FMA where the CPU has them, a portable loop
+/// otherwise); larger `m` expands tiles of weight rows and runs the f32 GEMM, as [`matmul_t`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn int4_matmul_t(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+) {
+    assert!(
+        k == w.inp && n == w.out && x.len() >= m * k && out.len() >= m * n && g_idx.is_none_or(|g| g.len() == k),
+        "int4 matmul: buffers or shapes do not match the matrix"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let op = SendPtr(out.as_mut_ptr());
+    let work = |t: usize| {
+        let cols = t * INT4_COLS..((t + 1) * INT4_COLS).min(n);
+        if m > SMALL_M {
+            int4_gemm_tile(w, g_idx, x, m, cols, &op, accumulate, alpha);
+        } else {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: AVX2 and FMA were detected; the shapes were asserted above.
+                unsafe { int4_decode_avx2(w, g_idx, x, m, cols, &op, accumulate, alpha) };
+                return;
+            }
+            int4_decode(w, g_idx, x, m, cols, &op, accumulate, alpha);
+        }
+    };
+    if n * k * m >= 1 << 15 {
+        (0..n.div_ceil(INT4_COLS)).into_par_iter().for_each(work);
+    } else {
+        (0..n.div_ceil(INT4_COLS)).for_each(work);
+    }
+}
+
+/// [`int4_decode`] compiled with AVX2 and FMA: the loops over a tile's 64 columns vectorize 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn int4_decode_avx2(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+) {
+    int4_decode(w, g_idx, x, m, cols, out, acc, alpha)
+}
+
+/// Columns `cols` of a decode product: for each input, the tile's 64 weights expanded from their nibbles
+/// (`scale * (q - zero)`, the group's scales and zeros reloaded when the group changes) and added, times the
+/// input's value in each row of x, into f32 accumulators.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn int4_decode(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+) {
+    let (n, k, lo, width) = (w.out, w.inp, cols.start, cols.len());
+    let mut sums = [0f32; SMALL_M * INT4_COLS];
+    let (mut s, mut z, mut wv) = ([0f32; INT4_COLS], [0f32; INT4_COLS], [0f32; INT4_COLS]);
+    let mut group = usize::MAX;
+    for kk in 0..k / 8 {
+        let words = &w.qweight[kk * n + lo..kk * n + lo + width];
+        for j in 0..8 {
+            let i = 8 * kk + j;
+            let g = g_idx.map_or(i / w.group, |g| g[i] as usize);
+            if g != group {
+                group = g;
+                for t in 0..width {
+                    let o = lo + t;
+                    s[t] = f16::from_bits(w.scales[g * n + o]).to_f32();
+                    z[t] = ((w.qzeros[g * (n / 8) + o / 8] >> (4 * (o % 8))) & 15) as f32;
+                }
+            }
+            let shift = 4 * j as u32;
+            for ((v, &word), (&s, &z)) in wv[..width].iter_mut().zip(words).zip(s.iter().zip(&z)) {
+                *v = s * (((word >> shift) & 15) as f32 - z);
+            }
+            for r in 0..m {
+                let xv = x[r * k + i];
+                for (a, &v) in sums[r * INT4_COLS..r * INT4_COLS + width].iter_mut().zip(&wv[..width]) {
+                    *a += xv * v;
+                }
+            }
+        }
+    }
+    for r in 0..m {
+        for (t, &a) in sums[r * INT4_COLS..r * INT4_COLS + width].iter().enumerate() {
+            // SAFETY: out holds m x n floats (asserted by the caller) and this task writes only columns `cols`.
+            unsafe {
+                let p = out.0.add(r * n + lo + t);
+                *p = if acc { *p + alpha * a } else { alpha * a };
+            }
+        }
+    }
+}
+
+/// Columns `cols` of a large-m int4 product: the tile's weight rows dequantized, then the f32 GEMM.
+#[allow(clippy::too_many_arguments)]
+fn int4_gemm_tile(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+) {
+    let (n, k, lo, hi) = (w.out, w.inp, cols.start, cols.end);
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < (hi - lo) * k {
+            b.resize((hi - lo) * k, 0.0);
+        }
+        for (t, o) in (lo..hi).enumerate() {
+            int4_row_into(w, g_idx, o, &mut b[t * k..(t + 1) * k]);
+        }
+        // SAFETY: as in `gemm_tile`: out holds m x n floats and this task writes only columns lo..hi; the
+        // buffer holds (hi - lo) rows of k floats.
+        unsafe {
+            gemm(
+                m,
+                hi - lo,
+                k,
+                out.0.add(lo),
+                1,
+                n as isize,
+                acc,
+                x.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
 }
 
 #[cfg(test)]
