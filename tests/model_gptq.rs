@@ -277,7 +277,7 @@ fn patched(name: &str, tag: usize, with_weights: bool, patch: impl Fn(&mut Value
 }
 
 fn load_err(dir: &Path) -> String {
-    Model::load(dir).err().expect("an error").to_string()
+    Model::load(dir).expect_err("an error").to_string()
 }
 
 #[test]
