@@ -317,6 +317,33 @@ fn unsupported_quantization_settings_are_errors_before_any_tensor_is_read() {
 }
 
 #[test]
+fn the_packers_own_config_files_stand_in_for_quantization_config() {
+    // auto-gptq and autoawq save quantize_config.json / quant_config.json (their own key names) beside a
+    // config.json without quantization_config.
+    for (name, file, cfg) in [
+        ("tiny-gptq", "quantize_config.json", json!({"bits": 4, "group_size": 32, "desc_act": false, "sym": true})),
+        (
+            "tiny-awq",
+            "quant_config.json",
+            json!({"zero_point": true, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}),
+        ),
+    ] {
+        let dir = patched(name, 200, true, |_| {});
+        let mut c: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        c.as_object_mut().unwrap().remove("quantization_config");
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        // Without any of them, the packed tensors are an error naming the first.
+        let e = load_err(&dir);
+        assert!(e.contains("model.layers.0.self_attn.q_proj.qweight") && e.contains("quantization_config"), "{e}");
+        std::fs::write(dir.join(file), cfg.to_string()).unwrap();
+        let got = Model::load(&dir).unwrap();
+        let want = load(name);
+        assert_eq!(got.layers[1].down.w.to_f32(), want.layers[1].down.w.to_f32(), "{name} via {file}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
 fn gpu_int4_runs_the_stored_codes() {
     on_every_device("gpu_int4_runs_the_stored_codes", |gpu, dev| {
         for name in ["tiny-gptq", "tiny-awq"] {

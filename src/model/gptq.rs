@@ -125,14 +125,32 @@ fn model_err(model: &str, msg: String) -> CageError {
 }
 
 impl Int4Config {
-    /// The `quantization_config` of `dir/config.json`, `None` when there is none.
+    /// The `quantization_config` of `dir/config.json`, or for folders saved by auto-gptq and autoawq
+    /// themselves (which leave it out of config.json) their `quantize_config.json` (GPTQ) or
+    /// `quant_config.json` (AWQ); `None` when there is none.
     pub fn load(dir: &Path) -> Result<Option<Self>> {
-        let p = dir.join("config.json");
-        let text = std::fs::read_to_string(&p)
-            .map_err(|source| CageError::Io { context: format!("reading {}", p.display()), source })?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| CageError::Format { what: p.display().to_string(), msg: e.to_string() })?;
-        Self::from_json(&v, &dir.display().to_string())
+        let read = |name: &str| -> Result<Value> {
+            let p = dir.join(name);
+            let text = std::fs::read_to_string(&p)
+                .map_err(|source| CageError::Io { context: format!("reading {}", p.display()), source })?;
+            serde_json::from_str(&text)
+                .map_err(|e| CageError::Format { what: p.display().to_string(), msg: e.to_string() })
+        };
+        let model = dir.display().to_string();
+        let v = read("config.json")?;
+        if v.get("quantization_config").is_some() {
+            return Self::from_json(&v, &model);
+        }
+        for (file, method) in [("quantize_config.json", "gptq"), ("quant_config.json", "awq")] {
+            if dir.join(file).is_file() {
+                let mut q = read(file)?;
+                if let Some(o) = q.as_object_mut() {
+                    o.entry("quant_method").or_insert_with(|| Value::from(method));
+                }
+                return Self::from_json(&serde_json::json!({ "quantization_config": q }), &model);
+            }
+        }
+        Ok(None)
     }
 
     /// The `quantization_config` of a parsed config.json (`model` names the folder in errors). Unsupported
@@ -290,19 +308,29 @@ pub fn held_bytes(
 
 /// The linear layer `layer` (`[out, inp]` by config.json) read from its packed tensors, or `None` when the
 /// folder stores it unpacked (no `<layer>.qweight`). As stored it becomes [`Weight::Int4`]; as f32 it is
-/// dequantized. Shapes are checked against the config before anything is read; errors name the tensor.
+/// dequantized. Shapes are checked against the config before anything is read; errors name the tensor. Packed
+/// tensors in a folder without a quantization config (`q` None) are an error: their layout is unknown.
 pub fn load_linear(
     st: &TensorStore,
     layer: &str,
     out: usize,
     inp: usize,
-    q: &Int4Config,
+    q: Option<&Int4Config>,
     storage: WeightStorage,
     model: &str,
 ) -> Result<Option<Weight>> {
     if !st.contains(&format!("{layer}.qweight")) {
         return Ok(None);
     }
+    let Some(q) = q else {
+        return Err(model_err(
+            model,
+            format!(
+                "tensor \"{layer}.qweight\" is a packed quantized layer, but config.json has no quantization_config \
+                 (nor is there a quantize_config.json or quant_config.json) to say its layout"
+            ),
+        ));
+    };
     let group = q.group(inp);
     let groups = inp.div_ceil(group);
     if !inp.is_multiple_of(8) || !out.is_multiple_of(8) {

@@ -232,11 +232,7 @@ impl Model {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let packed = match quant {
-                Some(q) => super::gptq::load_linear(st, name, out, inp, q, storage, source)?,
-                None => None,
-            };
-            let w = match packed {
+            let w = match super::gptq::load_linear(st, name, out, inp, quant, storage, source)? {
                 Some(w) => w,
                 None => st.weight(&format!("{name}.weight"), &[out, inp], storage)?,
             };
