@@ -509,7 +509,23 @@ impl GpuDecoder {
         // cannot fit names both sizes and the setting that shrinks it.
         let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (ffn, h), (ffn, h), (h, ffn)];
         let per_layer = |kind| shapes.iter().map(|&(o, i)| QuantMatrix::bytes_for(kind, o, i)).sum::<u128>();
-        let projections = c.num_layers as u128 * per_layer(weights);
+        // A GPTQ / AWQ model under int4 uploads its stored codes: their exact bytes (its group size may not be
+        // the 128 that `bytes_for` assumes).
+        let stored_int4 = match weights {
+            GpuWeights::Int4 => model
+                .layers
+                .iter()
+                .flat_map(|l| l.linears())
+                .map(|l| match &l.w {
+                    Weight::Int4(w) => {
+                        Some(((w.m.qweight.len() + w.m.qzeros.len()) * 4 + w.m.scales.len() * 2) as u128)
+                    }
+                    _ => None,
+                })
+                .sum::<Option<u128>>(),
+            _ => None,
+        };
+        let projections = stored_int4.unwrap_or(c.num_layers as u128 * per_layer(weights));
         let others = super::memory::parameters(c) - c.num_layers as u128 * per_layer(GpuWeights::Bf16) / 2;
         let weight_bytes = (others + model.lora_parameters() as u128) * 2 + projections;
         let need = weight_bytes + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
