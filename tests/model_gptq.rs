@@ -309,6 +309,9 @@ fn unsupported_quantization_settings_are_errors_before_any_tensor_is_read() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    // group_size -1 (one group over each layer's whole input) is a setting, not an error.
+    let q = json!({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": -1}});
+    assert_eq!(Int4Config::from_json(&q, "m").unwrap().unwrap().group, None);
     // A group size the tensors do not have: the error names the tensor and both shapes.
     let dir = patched("tiny-gptq", 100, true, |q| q["group_size"] = json!(64));
     let e = load_err(&dir);
