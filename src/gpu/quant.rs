@@ -1,8 +1,8 @@
 //! Host side of kernels/quant.cu: a weight-only quantized linear layer on the device ([`QuantLinear`], int8,
-//! GPTQ-layout int4 or GGUF blocks as stored, see [`crate::model::devquant`]) and its product with bf16 activations. Up to
-//! [`GEMV_MAX_TOKENS`] rows run the dequantizing GEMV ([`MAX_GEMV_ROWS`] rows per launch, each launch reading
-//! the weight once); more rows dequantize the weight to bf16 in a caller's scratch buffer and run the bf16 GEMM
-//! (cuBLAS), whose throughput the GEMV cannot match once the weight is read several times.
+//! GPTQ-layout int4 or GGUF blocks as stored, see [`crate::model::devquant`]) and its product with bf16
+//! activations. Up to [`GEMV_MAX_TOKENS`] rows run the dequantizing GEMV ([`MAX_GEMV_ROWS`] rows per launch, each
+//! launch reading the weight once); more rows dequantize the weight to bf16 in a caller's scratch buffer and run
+//! the bf16 GEMM (cuBLAS), whose throughput the GEMV cannot match once the weight is read several times.
 
 use super::Gpu;
 use super::Launch;
