@@ -248,13 +248,24 @@ __device__ __forceinline__ void cage_gguf_unit(int ty, const unsigned char* b, i
       unsigned sc, mn;
       cage_gguf_scale_min(b + 4, j, &sc, &mn);
       const float dj = __fmul_rn(cage_gguf_f16(b), (float)sc), mj = __fmul_rn(cage_gguf_f16(b + 2), (float)mn);
-      const unsigned char* qh = b + 16;
-      const unsigned char* nib = b + (ty == 13 ? 48 : 16) + 32 * (j >> 1);
+      // 144- and 176-byte blocks keep rows 16-byte aligned, and the nibbles (offset 16 or 48, then 32 per pair
+      // of sub-blocks) and Q5_K's fifth bits (offset 16) are 16-byte aligned in a block: two 16-byte loads each.
+      const uint4* nv = reinterpret_cast<const uint4*>(b + (ty == 13 ? 48 : 16) + 32 * (j >> 1));
+      const uint4 n0 = __ldg(nv), n1 = __ldg(nv + 1);
+      uint4 h0 = {0u, 0u, 0u, 0u}, h1 = h0;
+      if (ty == 13) {
+        h0 = __ldg(reinterpret_cast<const uint4*>(b + 16));
+        h1 = __ldg(reinterpret_cast<const uint4*>(b + 16) + 1);
+      }
+      const unsigned char* nb0 = reinterpret_cast<const unsigned char*>(&n0);
+      const unsigned char* nb1 = reinterpret_cast<const unsigned char*>(&n1);
+      const unsigned char* hb0 = reinterpret_cast<const unsigned char*>(&h0);
+      const unsigned char* hb1 = reinterpret_cast<const unsigned char*>(&h1);
       const int shift = 4 * (j & 1);
 #pragma unroll
       for (int l = 0; l < 32; l++) {
-        unsigned q = (__ldg(nib + l) >> shift) & 15u;
-        if (ty == 13) q |= ((__ldg(qh + l) >> j) & 1u) << 4;
+        const unsigned nbyte = l < 16 ? nb0[l] : nb1[l - 16], hbyte = l < 16 ? hb0[l] : hb1[l - 16];
+        const unsigned q = ((nbyte >> shift) & 15u) | (((hbyte >> j) & 1u) << 4);
         w[l] = __fsub_rn(__fmul_rn(dj, (float)q), mj);
       }
       break;
