@@ -7,8 +7,10 @@
 //   GGUF blocks (gpu_weights stored): llama.cpp's Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K blocks exactly as the file
 //         holds them, row after row (a row is inp / 32 or inp / 256 whole blocks), in one byte buffer: the host
 //         uploads the blocks unchanged. Blocks of 34, 18, 20 and 210 bytes are only 2-byte aligned, so the kernels
-//         read them bytewise, the f16 scales as u16 (block sizes are even). Layouts: src/model/gguf.rs (32-weight
-//         types) and src/model/kquant.rs (K-quants); the CPU reference is their dequantize_into.
+//         read them bytewise, the f16 scales as u16 (block sizes are even); Q4_K / Q5_K (144, 176 bytes) keep
+//         16-byte alignment and load their nibbles 16 bytes at a time. One buffer per block type: a fused
+//         projection whose parts differ in type is several buffers (src/gpu/quant.rs). Layouts: src/model/gguf.rs
+//         (32-weight types) and src/model/kquant.rs (K-quants); the CPU reference is their dequantize_into.
 //   int4: GPTQ's safetensors layout, group-quantized along the input: qweight[inp / 8][out] (u32, input rows
 //         i = 8 k8 + j in nibble j, low nibble first), scales[groups][out] (f16 bits), qzeros[groups][out / 8]
 //         (u32, output o % 8 in nibble o % 8), group g = i / group: W[o][i] = scale[g][o] * (q - zero[g][o]).
