@@ -358,12 +358,18 @@ fn gpu_int4_runs_the_stored_codes() {
             eprintln!("{dev} {name}: int4 against bf16 of the same codes: prefill {prefill:.2e}, steps {steps:.2e}");
             assert!(prefill <= PREFILL_TOL, "{dev} {name}: prefill logits differ by {prefill}");
             assert!(steps <= STEP_TOL, "{dev} {name}: decoding-step logits differ by {steps}");
+            // `stored` keeps the same codes as `int4`: the same kernels on the same bytes.
+            let mut s = GpuDecoder::with_weights(gpu(), m.clone(), 3, 64, 48, GpuWeights::Stored).unwrap();
+            let mut q = GpuDecoder::with_weights(gpu(), m.clone(), 3, 64, 48, GpuWeights::Int4).unwrap();
+            assert_eq!(run_pair(&mut s, &mut q, v), (0.0, 0.0), "{dev} {name}: stored against int4");
         }
-        // Act-order groups: refused under int4 naming the layer, dequantized under bf16.
+        // Act-order groups: refused under int4 and stored naming the layer, dequantized under bf16.
         let m = Arc::new(load("tiny-gptq-actorder"));
-        let e = GpuDecoder::with_weights(gpu(), m.clone(), 1, 16, 16, GpuWeights::Int4).err().expect("act-order");
-        let e = e.to_string();
-        assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("act-order"), "{dev}: {e}");
+        for w in [GpuWeights::Int4, GpuWeights::Stored] {
+            let e = GpuDecoder::with_weights(gpu(), m.clone(), 1, 16, 16, w).err().expect("act-order");
+            let e = e.to_string();
+            assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("act-order"), "{dev} {w:?}: {e}");
+        }
         GpuDecoder::new(gpu(), m, 1, 16, 16).unwrap();
     });
 }

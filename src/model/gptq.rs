@@ -442,7 +442,7 @@ pub fn stack(parts: &[&Weight], name: &str) -> Result<Option<Int4Matrix>> {
     for w in &ws {
         if w.g_idx.is_some() {
             return Err(CageError::InvalidArgument(format!(
-                "{name}: act-order (desc_act) GPTQ groups are not supported on the GPU with gpu_weights int4; use \
+                "{name}: act-order (desc_act) GPTQ groups are not supported on the GPU with gpu_weights int4 or stored; use \
                  gpu_weights bf16 (dequantized at upload) or the CPU"
             )));
         }
