@@ -14,6 +14,7 @@ Run once, by hand, in a venv outside the repo (CI never runs this; it only reads
     /root/venv-golden/bin/python scripts/make_fixtures.py kquant
     /root/venv-golden/bin/python scripts/make_fixtures.py synthetic --shape llama-7b --format q4_k --out F.gguf
     /root/venv-golden/bin/python scripts/make_fixtures.py gptq
+    PYTHONPATH=DIR/autoawq /root/venv-golden/bin/python scripts/make_fixtures.py int4
 
 `tiny` writes tests/fixtures/{tiny-llama,tiny-llama-bf16-sharded,tiny-qwen2,tiny-lora-a,tiny-lora-b} and
 tests/fixtures/golden-tiny.json; `window` writes tests/fixtures/{tiny-mistral-window,tiny-qwen2-window} and
@@ -26,7 +27,12 @@ tests/fixtures/tiny-pblora (a PARM PBLoRA adapter on tiny-llama in the files and
 saves) and tests/fixtures/golden-parm.json (logits at two preference vectors and greedy `parm` decoding, from the
 small PyTorch PBLoRA reference below, written from PARM's equations); `gptq` writes
 tests/fixtures/gptq-tiny-llama.safetensors (two tiny-llama projections packed in GPTQ's v1 layout by the plain
-torch reference `gptq_pack` below, with their dequantized weights). The Llama 3.1 RoPE frequencies golden
+torch reference `gptq_pack` below, with their dequantized weights); `int4` writes the int4 model folders
+tests/fixtures/{tiny-gptq,tiny-gptq-actorder,tiny-awq} (tiny-llama's projections quantized and packed, GPTQ by
+`gptq_pack`, AWQ by autoawq's own `WQLinear_GEMM.from_linear`; `pip install --no-deps --target DIR/autoawq
+autoawq==0.2.9`) and tests/fixtures/golden-int4.safetensors + golden-int4.json (each projection's unpacked
+codes and scales, AWQ's unpacked by autoawq's `unpack_awq` / `reverse_awq_order`, and transformers' logits of
+the dequantized models). The Llama 3.1 RoPE frequencies golden
 (tests/fixtures/golden-rope-llama3.json) comes from scripts/make_rope_golden.py, which needs no torch. `kquant`
 writes tests/fixtures/golden-kquant.json (scripts/kquant_golden.py: random Q4_K / Q5_K / Q6_K blocks and gguf-py's
 dequantized values) and `synthetic` writes a benchmark model (scripts/synthetic_model.py: random weights in the
@@ -512,21 +518,26 @@ def parm():
     print("wrote parm fixtures")
 
 
-def gptq_pack(w, group, sym):
+def gptq_pack(w, group, sym, g_idx=None, v1=True):
     """The format's reference, in plain torch (written from the layout, not from a GPTQ package): round-to-nearest
     group quantization of w [out, in] as GPTQ's quantizer does it (each group's range widened to hold 0; zero
     point 8 when symmetric), packed as auto-gptq / gptqmodel / transformers store GPTQ v1 checkpoints:
     qweight int32 [in / 8, out] with input 8k + j in nibble j (low first), qzeros int32 [groups, out / 8] with
     output o in nibble o % 8 holding zero - 1 (mod 16), scales f16 [groups, out], g_idx int32 [in] = i // group.
     Also returns the dequantized weight scale * (q - zero) computed in f32 (exact: an f16 scale times a 5-bit
-    integer)."""
+    integer). `g_idx` (act-order) gives each input's group instead of i // group; `v1=False` stores the zeros
+    as they are (gptqmodel's gptq_v2)."""
     out, inp = w.shape
     groups = (inp + group - 1) // group
+    given = g_idx is not None
+    if not given:
+        g_idx = torch.arange(inp) // group
     scales = torch.zeros(groups, out, dtype=torch.float16)
     zeros = torch.zeros(groups, out, dtype=torch.int64)
     q = torch.zeros(out, inp, dtype=torch.int64)
     for g in range(groups):
-        x = w[:, g * group:(g + 1) * group].double()
+        cols = (g_idx == g).nonzero().flatten()
+        x = w[:, cols].double()
         lo = torch.clamp(x.min(dim=1).values, max=0.0)
         hi = torch.clamp(x.max(dim=1).values, min=0.0)
         if sym:
@@ -538,17 +549,21 @@ def gptq_pack(w, group, sym):
         z = torch.full_like(lo, 8.0) if sym else torch.clamp(torch.round(-lo / sd), 0, 15)
         scales[g] = s
         zeros[g] = z.long()
-        q[:, g * group:(g + 1) * group] = torch.clamp(torch.round(x / sd[:, None]) + z[:, None], 0, 15).long()
+        q[:, cols] = torch.clamp(torch.round(x / sd[:, None]) + z[:, None], 0, 15).long()
     qweight = torch.zeros(inp // 8, out, dtype=torch.int64)
     for j in range(8):
         qweight |= q[:, j::8].t() << (4 * j)
     qzeros = torch.zeros(groups, out // 8, dtype=torch.int64)
     for j in range(8):
-        qzeros |= ((zeros[:, j::8] - 1) & 15) << (4 * j)
+        qzeros |= ((zeros[:, j::8] - (1 if v1 else 0)) & 15) << (4 * j)
     as_i32 = lambda t: (t - ((t >> 31) << 32)).to(torch.int32)  # reinterpret the u32 bits
-    g_idx = torch.arange(inp, dtype=torch.int32) // group
-    deq = (scales.float().repeat_interleave(group, dim=0)[:inp].t() *
-           (q.float() - zeros.float().repeat_interleave(group, dim=0)[:inp].t()))
+    if not given:
+        g_idx = torch.arange(inp, dtype=torch.int32) // group
+        deq = (scales.float().repeat_interleave(group, dim=0)[:inp].t() *
+               (q.float() - zeros.float().repeat_interleave(group, dim=0)[:inp].t()))
+        return as_i32(qweight), as_i32(qzeros), scales, g_idx, deq
+    g_idx = g_idx.to(torch.int32)
+    deq = scales.float()[g_idx.long()].t() * (q.float() - zeros[g_idx.long()].t().float())
     return as_i32(qweight), as_i32(qzeros), scales, g_idx, deq
 
 
@@ -569,9 +584,117 @@ def gptq():
     print("wrote gptq fixture")
 
 
+INT4_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj"]
+
+
+def int4():
+    """Int4 model folders from tiny-llama: its projections quantized round-to-nearest and packed as GPTQ
+    (`gptq_pack`: v1 zeros, symmetric, groups of 32), GPTQ act-order (a random input permutation per layer as
+    g_idx, gptq_v2 zeros, asymmetric, groups of 32) and AWQ GEMM (asymmetric, groups of 32, packed by
+    autoawq's `WQLinear_GEMM.from_linear` from weights already on its grid, so its own rounding reproduces the
+    codes); embeddings, norms and the LM head f16 as quantized checkpoints store them. Goldens: for each
+    projection the integer `q - zero` [out, in] and the f16 scales [groups, out] (and g_idx) as the references
+    unpack them (AWQ: autoawq's `unpack_awq` + `reverse_awq_order`), and transformers' f32 logits of each
+    dequantized model."""
+    import importlib.util
+    import types
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # autoawq's package __init__ pulls in its calibration stack (datasets, ...); its packing modules need only
+    # torch, so they are imported without it.
+    spec = importlib.util.find_spec("awq")
+    if spec is None:
+        sys.exit("int4 needs autoawq on PYTHONPATH (pip install --no-deps --target DIR autoawq==0.2.9)")
+    pkg = types.ModuleType("awq")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["awq"] = pkg
+    from awq.modules.linear.gemm import WQLinear_GEMM
+    from awq.utils.packing_utils import reverse_awq_order, unpack_awq
+
+    src_dir = os.path.join(FIX, "tiny-llama")
+    src = load_file(os.path.join(src_dir, "model.safetensors"))
+    base_cfg = json.load(open(os.path.join(src_dir, "config.json")))
+    group = 32
+    g = torch.Generator().manual_seed(15)
+    goldens_t = {}
+    result = {"generator": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, "
+                           "autoawq 0.2.9, f32 eager attention on CPU", "models": {}}
+    for name, qcfg in [
+        ("tiny-gptq", {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True,
+                       "checkpoint_format": "gptq"}),
+        ("tiny-gptq-actorder", {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True,
+                                "sym": False, "checkpoint_format": "gptq_v2"}),
+        ("tiny-awq", {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}),
+    ]:
+        tensors, deq_all = {}, {}
+        for k, v in src.items():
+            if not any(k.startswith(f"model.layers.{l}.{p}.") for l in range(base_cfg["num_hidden_layers"])
+                       for p in INT4_LINEARS):
+                tensors[k] = v.half()
+        for l in range(base_cfg["num_hidden_layers"]):
+            for p in INT4_LINEARS:
+                layer = f"model.layers.{l}.{p}"
+                w = src[layer + ".weight"].float()
+                out, inp = w.shape
+                if name == "tiny-awq":
+                    _, _, scales, _, deq = gptq_pack(w, group, sym=False)
+                    lin = torch.nn.Linear(inp, out, bias=False)
+                    lin.weight.data = deq.clone()
+                    # gptq_pack's zeros [groups, out], unpacked from its gptq_v2 qzeros (stored as they are).
+                    _, zq, _, _, _ = gptq_pack(w, group, sym=False, v1=False)
+                    zeros = torch.stack([(zq.long()[:, o // 8] >> (4 * (o % 8))) & 15 for o in range(out)], dim=1)
+                    awq = WQLinear_GEMM.from_linear(lin, 4, group, scales=scales.float(), zeros=zeros.float())
+                    tensors[layer + ".qweight"] = awq.qweight.contiguous()
+                    tensors[layer + ".qzeros"] = awq.qzeros.contiguous()
+                    tensors[layer + ".scales"] = awq.scales.contiguous()
+                    iw, iz = unpack_awq(awq.qweight, awq.qzeros, 4)
+                    iw, iz = reverse_awq_order(iw, iz, 4)
+                    iw, iz = iw & 15, iz & 15
+                    diff = (iw.long() - iz.long().repeat_interleave(group, dim=0)[:inp]).t()
+                    assert torch.equal(awq.scales.float()[torch.arange(inp) // group].t() * diff.float(), deq)
+                    gi = None
+                else:
+                    act = name == "tiny-gptq-actorder"
+                    gi = (torch.randperm(inp, generator=g) // group) if act else None
+                    qweight, qzeros, scales, g_idx, deq = gptq_pack(w, group, sym=not act, g_idx=gi, v1=not act)
+                    tensors.update({layer + ".qweight": qweight, layer + ".qzeros": qzeros,
+                                    layer + ".scales": scales, layer + ".g_idx": g_idx})
+                    # q - zero unpacked from the reference's own values: deq / scale is an exact small integer.
+                    diff = torch.round(deq.double() / scales.double()[g_idx.long()].t()).long()
+                    gi = g_idx
+                goldens_t[f"{name}.{layer}.diff"] = diff.to(torch.int8).contiguous()
+                goldens_t[f"{name}.{layer}.scales"] = (tensors[layer + ".scales"]).contiguous()
+                if gi is not None:
+                    goldens_t[f"{name}.{layer}.g_idx"] = gi.to(torch.int32).contiguous()
+                deq_all[layer + ".weight"] = deq
+        d = os.path.join(FIX, name)
+        os.makedirs(d, exist_ok=True)
+        save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        cfg = dict(base_cfg, torch_dtype="float16", quantization_config=qcfg)
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=2)
+        # transformers on the dequantized weights (f32), with the f16 embeddings, norms and head upcast.
+        lc = LlamaConfig(**{k: v for k, v in base_cfg.items() if k not in ("architectures", "torch_dtype",
+                                                                           "transformers_version")})
+        model = LlamaForCausalLM(lc).float().eval()
+        model.config._attn_implementation = "eager"
+        sd = {k: v.float() for k, v in tensors.items() if k.endswith(".weight")}
+        sd.update(deq_all)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+        p = PROMPTS[0]
+        lg = logits_all(model, p)
+        result["models"][name] = {"input_ids": p, "logits": [[round(float(x), 6) for x in row] for row in lg],
+                                  "greedy": greedy(model, p, NEW)}
+    save_file(goldens_t, os.path.join(FIX, "golden-int4.safetensors"), metadata={"format": "pt"})
+    json.dump(result, open(os.path.join(FIX, "golden-int4.json"), "w"), separators=(",", ":"))
+    print("wrote int4 fixtures")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score", "parm", "gptq"])
+    ap.add_argument("what", choices=["tiny", "window", "spm", "smollm2", "score", "parm", "gptq", "int4"])
     ap.add_argument("--gguf")
     a = ap.parse_args()
     if a.what == "tiny":
@@ -584,6 +707,8 @@ if __name__ == "__main__":
         parm()
     elif a.what == "gptq":
         gptq()
+    elif a.what == "int4":
+        int4()
     elif a.what == "spm":
         spm()
     else:

@@ -152,7 +152,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = KvCacheType::F32, value_parser = NameParser::<KvCacheType>::new())]
         kv_cache: KvCacheType,
         /// How the GPU decoder holds the linear layers: `bf16` (the default), `int8` or `int4` (weight-only,
-        /// quantized at upload; GPU devices only).
+        /// quantized at upload), or `stored` (GGUF blocks as loaded, other formats bf16); GPU devices only.
         #[arg(long, default_value_t = GpuWeights::Bf16, value_parser = NameParser::<GpuWeights>::new())]
         gpu_weights: GpuWeights,
         /// Prompt tokens per row.

@@ -45,6 +45,7 @@ macro_rules! kernel_tests {
             attention_rejects_bad_requests: bodies::attention_rejects_bad_requests,
             quant_matmul_matches_reference: bodies::quant_matmul_matches_reference,
             quant_matmul_rejects_bad_requests: bodies::quant_matmul_rejects_bad_requests,
+            gguf_matmul_matches_reference: bodies::gguf_matmul_matches_reference,
         });
     };
     (@tests $device:ident, $open:expr, { $($name:ident: $body:expr),* $(,)? }) => {
@@ -1296,4 +1297,126 @@ pub fn quant_matmul_rejects_bad_requests(gpu: &mut Gpu) {
     let q = QuantMatrix::Int8(Int8Matrix::quantize(&[0.5; 32], 2, 16, "w").unwrap());
     let e = gpu.quant_matmul(&q, &[0; 31], 2).unwrap_err().to_string();
     assert!(e.contains("31 activations"), "{e}");
+    // GGUF blocks: a byte count that is not the shape's, a row that is not whole blocks, a float type.
+    use cage::model::devquant::GgufMatrix;
+    use cage::model::gguf::GgmlType;
+    let e = GgufMatrix::new(GgmlType::Q8_0, vec![0; 67], 2, 32, "blk.0.attn_q").unwrap_err().to_string();
+    assert!(e.contains("blk.0.attn_q") && e.contains("67 bytes") && e.contains("needs 68"), "{e}");
+    let e = GgufMatrix::new(GgmlType::Q4K, vec![0; 144], 1, 128, "blk.1.ffn_down").unwrap_err().to_string();
+    assert!(e.contains("blk.1.ffn_down") && e.contains("whole Q4K blocks of 256"), "{e}");
+    let e = GgufMatrix::new(GgmlType::F16, vec![0; 64], 1, 32, "blk.2.attn_v").unwrap_err().to_string();
+    assert!(e.contains("blk.2.attn_v") && e.contains("F16"), "{e}");
+}
+
+/// gguf-py's K-quant goldens (tests/fixtures/golden-kquant.json, `scripts/make_fixtures.py kquant`): per type,
+/// the raw blocks and the f32 values gguf-py 0.19.0 dequantizes them to.
+fn kquant_golden() -> Vec<(cage::model::gguf::GgmlType, Vec<u8>, Vec<f32>)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden-kquant.json");
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let types = g["types"].as_object().unwrap();
+    types
+        .values()
+        .map(|c| {
+            let ty = cage::model::gguf::GgmlType::from_id(c["id"].as_u64().unwrap() as u32).unwrap();
+            let hex = c["blocks"].as_str().unwrap();
+            let raw = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+            let bits = c["bits"].as_array().unwrap().iter().map(|b| f32::from_bits(b.as_u64().unwrap() as u32));
+            (ty, raw, bits.collect())
+        })
+        .collect()
+}
+
+/// A `[rows, inp]` GGUF matrix of golden blocks (row `o`, block `b` is golden block `(3 o + 5 b + seed) mod
+/// count`) and gguf-py's values of it.
+fn golden_matrix(
+    ty: cage::model::gguf::GgmlType,
+    raw: &[u8],
+    vals: &[f32],
+    rows: usize,
+    inp: usize,
+    seed: usize,
+) -> (cage::model::devquant::GgufMatrix, Vec<f32>) {
+    let (per, bytes) = ty.block();
+    let count = raw.len() / bytes;
+    let (mut w, mut v) = (Vec::new(), Vec::new());
+    for o in 0..rows {
+        for b in 0..inp / per {
+            let g = (3 * o + 5 * b + seed) % count;
+            w.extend_from_slice(&raw[g * bytes..(g + 1) * bytes]);
+            v.extend_from_slice(&vals[g * per..(g + 1) * per]);
+        }
+    }
+    (cage::model::devquant::GgufMatrix::new(ty, w, rows, inp, "golden").unwrap(), v)
+}
+
+/// GGUF blocks as stored (`gpu_weights stored`, kernels/quant.cu `cage_gguf_*`) against an f64 product of the
+/// reference values: gguf-py's own dequantization of its K-quant goldens (Q4_K, Q5_K, Q6_K), and for Q8_0 /
+/// Q4_0 / Q4_1 random blocks dequantized by the CPU's dequantize_into (llama.cpp's layouts, tests/model_gguf.rs).
+/// One matrix stacks Q4_K, Q6_K and Q4_K parts (a fused projection of a Q4_K_M file: each part writes its own
+/// rows). m = 1..9 runs the GEMV (a second launch from 9), m = 40 the bf16 dequantization and the GEMM against the
+/// reference values rounded to bf16. The CPU's dequantization of the goldens is gguf-py's bit for bit. Tolerance:
+/// f32 accumulation over up to 512 terms, 2e-5 of the terms' magnitude sum (the rounding bound is 512 x 2^-24 ~
+/// 3e-5 worst case, ~1e-6 typical); a wrong nibble, scale or block offset moves a sum by a whole term.
+pub fn gguf_matmul_matches_reference(gpu: &mut Gpu) {
+    use cage::gpu::quant::GEMV_MAX_TOKENS;
+    use cage::model::devquant::{GgufMatrix, QuantMatrix};
+    use cage::model::gguf::GgmlType;
+    let golden = kquant_golden();
+    let mut cases: Vec<(QuantMatrix, Vec<f32>, String)> = Vec::new();
+    for (k, (ty, raw, vals)) in golden.iter().enumerate() {
+        let (m, v) = golden_matrix(*ty, raw, vals, 5, 512, k);
+        cases.push((QuantMatrix::Gguf(m), v, format!("{ty:?} 5 x 512")));
+    }
+    let part = |ty: GgmlType, rows: usize, seed: usize| {
+        let (_, raw, vals) = golden.iter().find(|g| g.0 == ty).unwrap();
+        golden_matrix(ty, raw, vals, rows, 256, seed)
+    };
+    let parts = [part(GgmlType::Q4K, 3, 0), part(GgmlType::Q6K, 2, 1), part(GgmlType::Q4K, 4, 2)];
+    let want: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
+    let stacked = GgufMatrix::stack(parts.into_iter().map(|p| p.0).collect(), "qkv").unwrap();
+    assert_eq!(stacked.parts.len(), 3, "Q4_K, Q6_K, Q4_K stay three parts");
+    cases.push((QuantMatrix::Gguf(stacked), want, "Q4_K + Q6_K + Q4_K stacked, 9 x 256".into()));
+    let mut rng = StdRng::seed_from_u64(21);
+    for (ty, out, inp) in [(GgmlType::Q8_0, 7, 96), (GgmlType::Q4_0, 6, 64), (GgmlType::Q4_1, 3, 160)] {
+        let (per, bytes) = ty.block();
+        let mut raw = Vec::new();
+        for _ in 0..out * inp / per {
+            let mut b: Vec<u8> = (0..bytes).map(|_| rng.random()).collect();
+            b[..2].copy_from_slice(&half::f16::from_f32(rng.random_range(0.002f32..0.05)).to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                b[2..4].copy_from_slice(&half::f16::from_f32(rng.random_range(-0.4f32..0.0)).to_le_bytes());
+            }
+            raw.extend(b);
+        }
+        let mut v = vec![0f32; out * inp];
+        cage::model::gguf::dequantize_into(ty, &raw, &mut v);
+        let m = GgufMatrix::new(ty, raw, out, inp, "random").unwrap();
+        cases.push((QuantMatrix::Gguf(m), v, format!("{ty:?} {out} x {inp}")));
+    }
+    for (q, want, what) in &cases {
+        let (out, inp) = (q.out(), q.inp());
+        let cpu = q.dequantize();
+        assert_eq!(cpu.len(), want.len());
+        for (k, (a, b)) in cpu.iter().zip(want).enumerate() {
+            assert_eq!((*a as f32).to_bits(), b.to_bits(), "{what}: CPU dequantization of weight {k}");
+        }
+        for m in (1..=9).chain([GEMV_MAX_TOKENS + 8]) {
+            let x: Vec<u16> =
+                (0..m * inp).map(|_| half::bf16::from_f32(rng.random_range(-1f32..1.0)).to_bits()).collect();
+            let y = gpu.quant_matmul(q, &x, m).unwrap();
+            assert_eq!(y.len(), m * out);
+            for r in 0..m {
+                for o in 0..out {
+                    let terms = (0..inp).map(|i| {
+                        let w = want[o * inp + i];
+                        let w = if m > GEMV_MAX_TOKENS { half::bf16::from_f32(w).to_f32() } else { w };
+                        w as f64 * half::bf16::from_bits(x[r * inp + i]).to_f64()
+                    });
+                    let (sum, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                    let got = y[r * out + o] as f64;
+                    assert!((got - sum).abs() <= 2e-5 * mag + 1e-7, "{what}, m = {m}, [{r}][{o}]: {got} vs {sum}");
+                }
+            }
+        }
+    }
 }

@@ -18,7 +18,12 @@ use cage::gpu::quant::GEMV_MAX_TOKENS;
 use cage::model::Model;
 use cage::model::devquant::{GpuWeights, QuantMatrix};
 use cage::model::forward::{Decoder, LogitsAt, Seq, argmax};
+use cage::model::gguf::GgmlType;
 use cage::model::gpu::GpuDecoder;
+use cage::model::llama::Linear;
+use cage::model::weight::Weight;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -35,6 +40,12 @@ const PREFILL_TOL: f32 = 1e-4;
 /// steps: it fails the exact prefill check above first.
 const STEP_TOL: f32 = 0.1;
 
+/// `gpu_weights stored` against the CPU runtime on the same GGUF blocks: twice the largest logit difference
+/// measured on the two models of [`gguf_models`] (0.073 on tiny-llama in Q8_0, 0.027 on the 256-wide Q4_K /
+/// Q6_K model, emulation), which comes from the bf16 rounding of the activations entering each GPU GEMM (and, in
+/// prefill, of the dequantized weights). A wrong block, scale or part offset moves logits by whole weights.
+const STORED_CPU_TOL: f32 = 0.15;
+
 /// Logit tolerance of each format against the bf16 decoder on the original weights: the quantization error,
 /// about twice the maxima measured on this fixture (int8 0.18, int4 2.6). Their ratio is that of the step
 /// sizes: tiny-llama's random weights span about +-2.5 sigma per row, so int8's step is ~0.02 sigma and int4's
@@ -44,7 +55,7 @@ fn quant_tol(kind: GpuWeights) -> f32 {
     match kind {
         GpuWeights::Int8 => 0.4,
         GpuWeights::Int4 => 5.0,
-        GpuWeights::Bf16 => 0.0,
+        GpuWeights::Bf16 | GpuWeights::Stored => 0.0,
     }
 }
 
@@ -56,7 +67,7 @@ fn near_tie(kind: GpuWeights) -> f32 {
     match kind {
         GpuWeights::Int8 => 0.2,
         GpuWeights::Int4 => 2.6,
-        GpuWeights::Bf16 => 0.0,
+        GpuWeights::Bf16 | GpuWeights::Stored => 0.0,
     }
 }
 
@@ -203,6 +214,17 @@ fn quantized_settings_that_cannot_run_are_errors() {
         .expect("a model larger than host memory")
         .to_string();
     assert!(e.contains("(int8)") && e.contains("gpu_weights int8 / int4"), "{e}");
+    // A GGUF model that does not fit: under bf16 the error names `stored`, under `stored` it names int4.
+    let mut big = gguf_models().swap_remove(0).1;
+    big.config.num_layers = 1 << 20;
+    let big = Arc::new(big);
+    for (w, want) in [(GpuWeights::Bf16, "gpu_weights stored"), (GpuWeights::Stored, "gpu_weights int4")] {
+        let e = GpuDecoder::with_weights(Gpu::emulated(), big.clone(), 1, 1 << 12, 8, w)
+            .err()
+            .expect("a KV cache larger than host memory")
+            .to_string();
+        assert!(e.contains(&format!("({w})")) && e.contains(want), "{e}");
+    }
 }
 
 /// A run config's `gpu_weights` reaches the engine's decoders: `cage` decoding with int8 and int4 on the
@@ -234,7 +256,7 @@ fn run_config_gpu_weights_decodes_on_the_emulation() {
         Ok(e.decode(&rows, &opts, &mut |_| {})?.0.into_iter().map(|r| r.tokens).collect())
     };
     let bf16 = decode(&config("emulation", "bf16").unwrap()).unwrap();
-    for w in ["int8", "int4"] {
+    for w in ["int8", "int4", "stored"] {
         let got = decode(&config("emulation", w).unwrap()).unwrap();
         eprintln!("{w}: {got:?}, bf16 {bf16:?}");
         assert_eq!(got.len(), bf16.len());
@@ -321,4 +343,167 @@ fn gptq_tensors_match_the_python_packer() {
             }
         });
     }
+}
+
+/// Q8_0 blocks of `w` (`[rows, cols]`, cols a multiple of 32) as llama.cpp's reference quantizer writes them:
+/// `d = max|x| / 127` in f16, `q = round(x / d)`.
+fn q8_0(w: &[f32]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(w.len() / 32 * 34);
+    for blk in w.chunks_exact(32) {
+        let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        raw.extend_from_slice(&half::f16::from_f32(amax / 127.0).to_le_bytes());
+        raw.extend(blk.iter().map(|&x| (x * id).round() as i8 as u8));
+    }
+    raw
+}
+
+/// Random K-quant blocks for a `[rows, cols]` matrix of weights with standard deviation ~`std`, as
+/// scripts/synthetic_model.py draws them: Q4_K with d = dmin, scales 4..8 and minimums round(7.5 sc) (centred),
+/// random nibbles; Q6_K with scales 4..8 and random 6-bit codes (centred on 32).
+fn kquant_blocks(ty: GgmlType, rows: usize, cols: usize, std: f32, rng: &mut StdRng) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for _ in 0..rows * cols / 256 {
+        match ty {
+            GgmlType::Q4K => {
+                let d = half::f16::from_f32(rng.random_range(0.8f32..1.2) * std / (6.0 * 4.6)).to_le_bytes();
+                let sc: [u8; 8] = std::array::from_fn(|_| rng.random_range(4..9));
+                let mn: [u8; 8] = std::array::from_fn(|j| (7.5 * sc[j] as f32).round() as u8);
+                raw.extend_from_slice(&d);
+                raw.extend_from_slice(&d);
+                raw.extend((0..4).map(|j| sc[j] | ((sc[j + 4] >> 4) << 6)));
+                raw.extend((0..4).map(|j| mn[j] | ((mn[j + 4] >> 4) << 6)));
+                raw.extend((0..4).map(|j| (sc[j + 4] & 15) | ((mn[j + 4] & 15) << 4)));
+                raw.extend((0..128).map(|_| rng.random::<u8>()));
+            }
+            GgmlType::Q6K => {
+                raw.extend((0..192).map(|_| rng.random::<u8>()));
+                raw.extend((0..16).map(|_| rng.random_range(4u8..9)));
+                raw.extend_from_slice(
+                    &half::f16::from_f32(rng.random_range(0.8f32..1.2) * std / (6.0 * 18.5)).to_le_bytes(),
+                );
+            }
+            _ => unreachable!("only Q4_K and Q6_K are drawn"),
+        }
+    }
+    raw
+}
+
+fn blocks(ty: GgmlType, raw: Vec<u8>, out: usize, inp: usize) -> Linear {
+    Linear { w: Weight::Quant { ty, raw }, bias: None, inp, out, lora: Vec::new(), packed: None }
+}
+
+/// The two GGUF models of the `stored` tests, their projections held as GGUF blocks (what `cage import-gguf
+/// --keep-quantized` loads): tiny-llama with every projection in Q8_0, and a 256-wide, 2-layer model (16 heads
+/// of 16, 2 KV heads, FFN 512: whole Q4_K blocks along every row) of random blocks mixed as llama.cpp's Q4_K_M
+/// files mix them: Q4_K for q, k, o, gate and up, Q6_K for v and down (so q / k / v fuse into a Q4_K part and a
+/// Q6_K part). Its embedding, LM head and norms are random f32.
+fn gguf_models() -> Vec<(&'static str, Model)> {
+    let mut q8 = tiny();
+    for l in &mut q8.layers {
+        for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down] {
+            *lin = blocks(GgmlType::Q8_0, q8_0(&lin.w.to_f32()), lin.out, lin.inp);
+        }
+    }
+    let mut km = tiny();
+    let (h, ffn, kvd, v) = (256, 512, 32, km.config.vocab_size);
+    km.config.hidden_size = h;
+    km.config.intermediate_size = ffn;
+    km.config.num_heads = 16;
+    km.config.num_kv_heads = 2;
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut normal = |n: usize, std: f32| -> Vec<f32> {
+        (0..n).map(|_| (0..4).map(|_| rng.random_range(-1f32..1.0)).sum::<f32>() * std * 0.866).collect()
+    };
+    km.embed = Weight::F32(normal(v * h, 1.0));
+    let w = Weight::F32(normal(v * h, 0.1));
+    km.lm_head = Some(Linear { w, bias: None, inp: h, out: v, lora: Vec::new(), packed: None });
+    km.norm = normal(h, 0.1).iter().map(|x| 1.0 + x).collect();
+    km.embed_packed = None;
+    let mut rng = StdRng::seed_from_u64(6);
+    // Weights of standard deviation 1 / sqrt(inputs): activations keep their scale through the layers.
+    let mut lin = |ty, out, inp| blocks(ty, kquant_blocks(ty, out, inp, 1.0 / (inp as f32).sqrt(), &mut rng), out, inp);
+    for l in &mut km.layers {
+        l.ln1 = vec![1.0; h];
+        l.ln2 = vec![1.0; h];
+        l.q = lin(GgmlType::Q4K, h, h);
+        l.k = lin(GgmlType::Q4K, kvd, h);
+        l.v = lin(GgmlType::Q6K, kvd, h);
+        l.o = lin(GgmlType::Q4K, h, h);
+        l.gate = lin(GgmlType::Q4K, ffn, h);
+        l.up = lin(GgmlType::Q4K, ffn, h);
+        l.down = lin(GgmlType::Q6K, h, ffn);
+    }
+    vec![("tiny-llama Q8_0", q8), ("Q4_K_M-like 256-wide", km)]
+}
+
+/// `m` with every projection's GGUF blocks dequantized (the CPU's values, bit for bit those of the kernels) and
+/// rounded to bf16: what a `stored` decoder's prefill multiplies.
+fn blocks_bf16(m: &Model) -> Model {
+    let mut d = m.clone();
+    for l in &mut d.layers {
+        for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down] {
+            lin.w = Weight::F32(lin.w.to_f32().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect());
+        }
+    }
+    d
+}
+
+/// `gpu_weights stored` keeps the GGUF blocks: against a bf16 decoder on the blocks' values rounded to bf16 the
+/// prefill (dequantize-then-GEMM) agrees to f32 summation order and the decoding steps (the GEMV on the unrounded
+/// values) to the bf16 rounding of the weights, the tolerances of the int8 / int4 check above. Then against the
+/// CPU runtime on the same blocks (its block kernels, f32 activations): the GPU rounds every GEMM input to bf16
+/// (2^-9 relative), see [`STORED_CPU_TOL`]; greedy choices must agree except where the CPU's top two logits are
+/// closer than that tolerance.
+#[test]
+fn stored_gguf_blocks_match_the_cpu_runtime() {
+    on_every_device("stored_gguf_blocks_match_the_cpu_runtime", |gpu, dev| {
+        for (what, m) in gguf_models() {
+            let v = m.config.vocab_size;
+            let m = Arc::new(m);
+            let reference = Arc::new(blocks_bf16(&m));
+            let mut s = GpuDecoder::with_weights(gpu(), m.clone(), 3, 64, 48, GpuWeights::Stored).unwrap();
+            let mut r = GpuDecoder::new(gpu(), reference, 3, 64, 48).unwrap();
+            let (prefill, steps) = run_pair(&mut s, &mut r, v);
+            eprintln!(
+                "{dev} {what}: vs bf16 of the blocks: prefill max diff {prefill:.2e}, decoding steps {steps:.2e}"
+            );
+            assert!(prefill <= PREFILL_TOL, "{dev} {what}: prefill logits differ by {prefill}");
+            assert!(steps <= STEP_TOL, "{dev} {what}: decoding-step logits differ by {steps}");
+
+            let mut s = GpuDecoder::with_weights(gpu(), m.clone(), 3, 64, 48, GpuWeights::Stored).unwrap();
+            let mut cpu = cage::model::CpuDecoder::new(m.clone(), 3, 64, 48);
+            let (prefill, steps) = run_pair(&mut s, &mut cpu, v);
+            eprintln!("{dev} {what}: vs the CPU runtime: prefill max diff {prefill:.3}, decoding steps {steps:.3}");
+            assert!(
+                prefill.max(steps) <= STORED_CPU_TOL,
+                "{dev} {what}: logits differ by {} from the CPU",
+                prefill.max(steps)
+            );
+            let mut s = GpuDecoder::with_weights(gpu(), m.clone(), 3, 64, 48, GpuWeights::Stored).unwrap();
+            let mut cpu = cage::model::CpuDecoder::new(m.clone(), 3, 64, 48);
+            let (mut min_margin, mut flips) = (f32::INFINITY, 0);
+            for (slot, p) in prompts(&[9, 14], v).iter().enumerate() {
+                let mut feed = p.clone();
+                for _ in 0..8 {
+                    let seq = [Seq { slot, tokens: &feed, adapter: None }];
+                    let lc = cpu.forward(&seq, LogitsAt::Last).unwrap().to_vec();
+                    let lg = s.forward(&seq, LogitsAt::Last).unwrap().to_vec();
+                    let want = argmax(&lc);
+                    let mut sorted = lc.clone();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    let margin = sorted[0] - sorted[1];
+                    min_margin = min_margin.min(margin);
+                    let got = argmax(&lg);
+                    flips += usize::from(got != want);
+                    assert!(
+                        got == want || margin < STORED_CPU_TOL,
+                        "{dev} {what}: slot {slot} chose {got}, the CPU chose {want} by a margin of {margin}"
+                    );
+                    feed = vec![want];
+                }
+            }
+            eprintln!("{dev} {what}: {flips} of 16 greedy tokens differ; smallest CPU top-two margin {min_margin:.3}");
+        }
+    });
 }

@@ -157,7 +157,7 @@ fn weights_kept_as_k_blocks_multiply_and_read_like_their_values() {
     for (ty, raw, vals) in golden() {
         let (w, wv) = matrix(&raw, &vals, ty.block().1, n, k);
         let weight = Weight::from_ggml(ty, &w);
-        assert_eq!((weight.format(), weight.bytes(), weight.numel()), (ty, w.len(), n * k));
+        assert_eq!((weight.format(), weight.bytes(), weight.numel()), (Some(ty), w.len(), n * k));
         let mut row = vec![0f32; k];
         weight.row_into(5, k, &mut row);
         assert_eq!(row, wv[5 * k..6 * k], "{ty:?}: row 5");

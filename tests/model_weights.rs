@@ -70,10 +70,12 @@ fn assert_same_model(stored: Model, reference: Model, what: &str) {
     assert_eq!(ta, tb, "{what}: greedy tokens");
 }
 
+/// The ggml formats of a model's matrices (these fixtures hold no GPTQ / AWQ int4, which has none).
 fn formats(m: &Model) -> Vec<GgmlType> {
-    let mut f: Vec<GgmlType> = m.layers.iter().flat_map(|l| l.linears().map(|x| x.w.format())).collect();
-    f.extend(m.lm_head.as_ref().map(|l| l.w.format()));
-    f.push(m.embed.format());
+    let ggml = |w: &Weight| w.format().expect("a ggml format");
+    let mut f: Vec<GgmlType> = m.layers.iter().flat_map(|l| l.linears().map(|x| ggml(&x.w))).collect();
+    f.extend(m.lm_head.as_ref().map(|l| ggml(&l.w)));
+    f.push(ggml(&m.embed));
     f.sort_by_key(|t| format!("{t:?}"));
     f.dedup();
     f
@@ -118,11 +120,11 @@ fn gguf_blocks_kept_quantized_match_the_f32_import() {
     cage::model::import::import_gguf(&d.join("m.gguf"), &d.join("f")).unwrap();
     let q = Model::load(&d.join("q")).unwrap();
     let f = Model::load(&d.join("f")).unwrap().to_f32_weights();
-    assert_eq!(q.layers[0].q.w.format(), GgmlType::Q8_0);
-    assert_eq!(q.layers[1].up.w.format(), GgmlType::Q4_0);
-    assert_eq!(q.layers[1].down.w.format(), GgmlType::Q4_1);
-    assert_eq!(q.lm_head.as_ref().unwrap().w.format(), GgmlType::Q4_1);
-    assert_eq!(q.embed.format(), GgmlType::F16);
+    assert_eq!(q.layers[0].q.w.format(), Some(GgmlType::Q8_0));
+    assert_eq!(q.layers[1].up.w.format(), Some(GgmlType::Q4_0));
+    assert_eq!(q.layers[1].down.w.format(), Some(GgmlType::Q4_1));
+    assert_eq!(q.lm_head.as_ref().unwrap().w.format(), Some(GgmlType::Q4_1));
+    assert_eq!(q.embed.format(), Some(GgmlType::F16));
     // The blocks as the GGUF file holds them (34 / 18 / 20 bytes per 32 values), q/k rows un-permuted whole.
     let (hq, hf) = (&q.layers[1].q, &f.layers[1].q);
     assert_eq!(hq.w.bytes(), hq.out * hq.inp / 32 * 34);
@@ -210,8 +212,8 @@ fn the_run_config_says_how_the_matrices_are_held() {
         assert_eq!(cfg.cpu_weights.to_string(), v);
         let e = Engine::from_config(&cfg).unwrap();
         let m = e.model(0).unwrap();
-        let f: Vec<GgmlType> = m.layers.iter().flat_map(|l| l.linears().map(|x| x.w.format())).collect();
-        assert!(!f.is_empty() && f.iter().all(|t| *t == want), "cpu_weights {v}: {f:?}");
+        let f: Vec<Option<GgmlType>> = m.layers.iter().flat_map(|l| l.linears().map(|x| x.w.format())).collect();
+        assert!(!f.is_empty() && f.iter().all(|t| *t == Some(want)), "cpu_weights {v}: {f:?}");
     }
     // The default is stored.
     let cfg = RunConfig::parse(&config("stored").replace(r#""cpu_weights":"stored","#, "")).unwrap();

@@ -243,6 +243,10 @@ inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
+// Products and differences rounded on their own (never fused into an fma), as on the GPU.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 
 // Half-precision storage types: only the conversions the kernels use.
 struct __nv_bfloat16 {

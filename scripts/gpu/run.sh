@@ -12,7 +12,9 @@
 #              the 8B shape, split-K against one pass, f32 and bf16 caches) and the PyTorch peer
 #   real8b     the Llama-3.1-8B shape: logits against transformers, decode throughput, cage's per-step overhead
 #   quant      the Llama-3.1-8B shape's forward throughput with bf16, int8 and int4 weights (gpu_weights), side
-#              by side: decode tok/s at batch 1 and 8, prefill tok/s (int8 / int4 dequantize, then cuBLAS)
+#              by side: decode tok/s at batch 1 and 8, prefill tok/s (int8 / int4 dequantize, then cuBLAS); then
+#              `stored` rows: the same model's projections as GGUF Q4_K and Q8_0 blocks (scripts/gpu/gguf_blocks.py;
+#              the dry run's tiny shape takes Q8_0 only), or the folder of GGUF blocks $CAGE_STORED_MODEL names
 #   sanitizer  compute-sanitizer memcheck (all GPU tests) and racecheck (kernels with shared-memory exchanges)
 #   criterion  the criterion kernel benches
 # What comes back ($OUT, or gpu-bundle/results): log.txt (everything, as it runs), summary.txt (one line per
@@ -163,7 +165,25 @@ quant() {
       $([[ $dry == 1 ]] && echo --batches 1,2 --prompt-len 8 --steps 4 --repeats 1 || echo --batches 1,8 --prompt-len 64 --steps 64) \
       | tee "$res/quant-$w.json" || rc=1
   done
+  # gpu_weights stored on GGUF blocks. stored_models: "label=folder" pairs. CAGE_STORED_MODEL (a folder of GGUF
+  # blocks: `cage import-gguf --keep-quantized`, or a synthetic model built in-process) replaces the conversions.
+  local stored_models="" f
+  if [[ -n "${CAGE_STORED_MODEL:-}" ]]; then
+    stored_models="given=$CAGE_STORED_MODEL"
+  else
+    for f in $([[ $dry == 1 ]] && echo q8_0 || echo q4_k q8_0); do
+      cp -r "$dir" "$dir-$f" && "$py" scripts/gpu/gguf_blocks.py --model "$dir-$f" --format "$f" || { rc=1; continue; }
+      stored_models+=" $f=$dir-$f"
+    done
+  fi
   rm -rf "$dir"
+  for f in $stored_models; do
+    # shellcheck disable=SC2046
+    "$cage" bench forward --model "${f#*=}" --device "$device" --gpu-weights stored --json \
+      $([[ $dry == 1 ]] && echo --batches 1,2 --prompt-len 8 --steps 4 --repeats 1 || echo --batches 1,8 --prompt-len 64 --steps 64) \
+      | tee "$res/quant-stored-${f%%=*}.json" || rc=1
+    [[ -n "${CAGE_STORED_MODEL:-}" ]] || rm -rf "${f#*=}"
+  done
   return $rc
 }
 solver() {
@@ -195,7 +215,7 @@ stage tests 60 tests
 stage real1b 150 realistic 1b "$shape1" "--genarm"
 stage solver 40 solver
 stage real8b 200 realistic 8b "$shape8" "--overhead --no-compile"
-stage quant 120 quant
+stage quant 240 quant
 stage sanitizer 150 sanitizer
 stage criterion 60 criterion
 note "total $((SECONDS - start))s of a ${budget}s budget; exit $status"

@@ -287,8 +287,9 @@ pub struct RunConfig {
     /// the attention inputs, see docs/architecture.md).
     #[serde(default)]
     pub kv_cache: KvCacheType,
-    /// How a GPU `model_device` holds the models' linear layers: `bf16` (the default), or `int8` / `int4`
-    /// weight-only quantization at upload (a 65B base and its ARMs on one card; see src/model/devquant.rs).
+    /// How a GPU `model_device` holds the models' linear layers: `bf16` (the default), `int8` / `int4`
+    /// weight-only quantization at upload (a 65B base and its ARMs on one card; see src/model/devquant.rs), or
+    /// `stored` (GGUF blocks as the model holds them, other formats bf16).
     /// Anything but bf16 with the forwards on the CPU is an error.
     #[serde(default)]
     pub gpu_weights: crate::model::devquant::GpuWeights,

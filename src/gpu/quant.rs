@@ -1,14 +1,15 @@
-//! Host side of kernels/quant.cu: a weight-only quantized linear layer on the device ([`QuantLinear`], int8 or
-//! GPTQ-layout int4, see [`crate::model::devquant`]) and its product with bf16 activations. Up to
-//! [`GEMV_MAX_TOKENS`] rows run the dequantizing GEMV ([`MAX_GEMV_ROWS`] rows per launch, each launch reading
-//! the weight once); more rows dequantize the weight to bf16 in a caller's scratch buffer and run the bf16 GEMM
-//! (cuBLAS), whose throughput the GEMV cannot match once the weight is read several times.
+//! Host side of kernels/quant.cu: a weight-only quantized linear layer on the device ([`QuantLinear`], int8,
+//! GPTQ-layout int4 or GGUF blocks as stored, see [`crate::model::devquant`]) and its product with bf16
+//! activations. Up to [`GEMV_MAX_TOKENS`] rows run the dequantizing GEMV ([`MAX_GEMV_ROWS`] rows per launch, each
+//! launch reading the weight once); more rows dequantize the weight to bf16 in a caller's scratch buffer and run
+//! the bf16 GEMM (cuBLAS), whose throughput the GEMV cannot match once the weight is read several times.
 
 use super::Gpu;
 use super::Launch;
 use super::device::{DevBuf, DevPtr, Device};
 use crate::error::{CageError, Result};
 use crate::model::devquant::QuantMatrix;
+use crate::model::gguf::GgmlType;
 
 /// Rows one GEMV launch takes (`CAGE_Q_MAX_ROWS`).
 pub const MAX_GEMV_ROWS: usize = 8;
@@ -35,6 +36,30 @@ enum Kind {
     Int8 { q: DevBuf, scale: DevBuf },
     /// GPTQ layout: `qweight` `[inp / 8, out]`, `qzeros` `[groups, out / 8]` u32, `scales` `[groups, out]` f16.
     Int4 { qweight: DevBuf, qzeros: DevBuf, scales: DevBuf, group: usize },
+    /// GGUF blocks as stored, one buffer per part of one block type (see [`crate::model::devquant::GgufMatrix`]).
+    Gguf(Vec<GgufSeg>),
+}
+
+/// Rows `row0..row0 + rows` of a GGUF matrix, in blocks of the ggml type `ty` (the kernels' type code).
+struct GgufSeg {
+    ty: i32,
+    raw: DevBuf,
+    rows: usize,
+    row0: usize,
+}
+
+/// The ggml type id kernels/quant.cu's `cage_gguf_*` take.
+fn gguf_code(ty: GgmlType) -> i32 {
+    match ty {
+        GgmlType::Q8_0 => 8,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q4K => 12,
+        GgmlType::Q5K => 13,
+        GgmlType::Q6K => 14,
+        // GgufMatrix::new admits only the types above.
+        GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => unreachable!("not a GGUF block type"),
+    }
 }
 
 fn upload<T: bytemuck::Pod>(dev: &mut dyn Device, x: &[T]) -> Result<DevBuf> {
@@ -61,6 +86,15 @@ impl QuantLinear {
                 scales: upload(dev, &w.scales)?,
                 group: w.group,
             },
+            QuantMatrix::Gguf(w) => {
+                let mut segs = Vec::with_capacity(w.parts.len());
+                let mut row0 = 0;
+                for p in &w.parts {
+                    segs.push(GgufSeg { ty: gguf_code(p.ty), raw: upload(dev, &p.raw)?, rows: p.rows, row0 });
+                    row0 += p.rows;
+                }
+                Kind::Gguf(segs)
+            }
         };
         Ok(Self { kind, out: m.out(), inp: m.inp() })
     }
@@ -87,6 +121,27 @@ impl QuantLinear {
     unsafe fn gemv(&self, dev: &mut dyn Device, x: DevPtr, m: usize, y: DevPtr) -> Result<()> {
         let (out, inp) = (self.out as i32, self.inp as i32);
         let launch = match &self.kind {
+            Kind::Gguf(segs) => {
+                for s in segs {
+                    // SAFETY: cage_gguf_gemv's parameter list; the segment's rows write columns row0..row0 + rows
+                    // of y's rows (stride out), inside the caller's m x out.
+                    unsafe {
+                        Launch::new("cage_gguf_gemv")
+                            .grid(s.rows.div_ceil(Q8_WARPS as usize) as u32)
+                            .block(32 * Q8_WARPS)
+                            .i32(s.ty)
+                            .ptr(s.raw.ptr())
+                            .i32(s.rows as i32)
+                            .i32(inp)
+                            .ptr(x)
+                            .i32(m as i32)
+                            .ptr(y + (s.row0 * 4) as DevPtr)
+                            .i32(out)
+                            .run(dev)?
+                    };
+                }
+                return Ok(());
+            }
             Kind::Int8 { q, scale } => Launch::new("cage_q8_gemv")
                 .grid(self.out.div_ceil(Q8_WARPS as usize) as u32)
                 .block(32 * Q8_WARPS)
@@ -115,9 +170,31 @@ impl QuantLinear {
     /// `wb` must hold [`QuantLinear::scratch_bytes`] of device memory of `dev`, 16-byte aligned.
     unsafe fn dequantize(&self, dev: &mut dyn Device, wb: DevPtr) -> Result<()> {
         let (out, inp) = (self.out as i32, self.inp as i32);
-        let per_thread = if matches!(self.kind, Kind::Int4 { .. }) { 8 } else { 1 };
+        let per_thread = match self.kind {
+            Kind::Int8 { .. } => 1,
+            Kind::Int4 { .. } => 8,
+            Kind::Gguf(_) => 32,
+        };
         let blocks = (self.out * self.inp / per_thread).div_ceil(DQ_THREADS as usize).clamp(1, DQ_MAX_BLOCKS) as u32;
         let launch = match &self.kind {
+            Kind::Gguf(segs) => {
+                for s in segs {
+                    let blocks = (s.rows * self.inp / 32).div_ceil(DQ_THREADS as usize).clamp(1, DQ_MAX_BLOCKS);
+                    // SAFETY: cage_gguf_dequant's parameter list; the segment writes rows row0..row0 + rows of wb.
+                    unsafe {
+                        Launch::new("cage_gguf_dequant")
+                            .grid(blocks as u32)
+                            .block(DQ_THREADS)
+                            .i32(s.ty)
+                            .ptr(s.raw.ptr())
+                            .i32(s.rows as i32)
+                            .i32(inp)
+                            .ptr(wb + (s.row0 * self.inp * 2) as DevPtr)
+                            .run(dev)?
+                    };
+                }
+                return Ok(());
+            }
             Kind::Int8 { q, scale } => Launch::new("cage_q8_dequant").ptr(q.ptr()).ptr(scale.ptr()).i32(out).i32(inp),
             Kind::Int4 { qweight, qzeros, scales, group } => Launch::new("cage_q4_dequant")
                 .ptr(qweight.ptr())

@@ -310,10 +310,11 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     // Shared, not cloned, by the rows below: a copy of a 7B model's weights would double the RSS measured.
     let mut m = Arc::new(m);
     // Matrices kept in their stored format (bf16, f16, GGUF blocks) are measured as loaded, then as f32.
-    let stored = m.layers.first().map(|l| l.q.w.format()).filter(|f| *f != super::gguf::GgmlType::F32);
-    if let Some(f) = stored.filter(|_| on_cpu && a.weights != ForwardWeights::Packed) {
+    let stored =
+        m.layers.first().map(|l| &l.q.w).filter(|w| w.format() != Some(super::gguf::GgmlType::F32)).map(|w| w.label());
+    if let Some(f) = stored.as_ref().filter(|_| on_cpu && a.weights != ForwardWeights::Packed) {
         let rows = super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?;
-        variants.push((format!("{f:?}").to_lowercase(), rows));
+        variants.push((f.clone(), rows));
     }
     // The f32 row needs the f32 copy beside the loaded model (a 7B bf16 model: 27 GB more; to_f32_weights
     // converts a clone, so up to 8 bytes a parameter at its peak): measured only when that fits the host's

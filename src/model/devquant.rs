@@ -10,17 +10,23 @@
 //!   feedback: GPTQ's Hessian-based rounding is a calibration step outside this runtime; its checkpoints load
 //!   as stored ([`Int4Matrix::from_gptq`]).
 //!
+//! - GGUF blocks ([`GgufMatrix`], `gpu_weights stored`): llama.cpp's Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K
+//!   blocks uploaded as the file holds them (no second quantization, no f32 copy on the host), dequantized by
+//!   the kernels to the same f32 values as [`crate::model::gguf::dequantize_into`].
+//!
 //! Round-to-nearest is the documented choice for quantizing at upload: it needs no calibration data, is
 //! deterministic, and its error (half a step per weight) is what the tests bound.
 
 use crate::error::{CageError, Result};
+use crate::model::gguf::{GgmlType, dequantize_into};
+use crate::model::weight::Weight;
 
 /// Inputs per int4 group when quantizing at upload (GPTQ's usual group size).
 pub const GROUP: usize = 128;
 
-/// How the GPU holds a model's linear layers: `bf16` (the default and the reference), or weight-only `int8` /
-/// `int4` quantized at upload (GPTQ int4 checkpoints keep their stored quantization under `int4`). The
-/// embedding, the LM head and the LoRA pairs stay bf16.
+/// How the GPU holds a model's linear layers: `bf16` (the default and the reference), weight-only `int8` /
+/// `int4` quantized at upload (GPTQ int4 checkpoints keep their stored quantization under `int4`), or `stored`:
+/// quantized formats as the model holds them. The embedding, the LM head and the LoRA pairs stay bf16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum GpuWeights {
     /// bf16 weights, cuBLAS GEMMs.
@@ -30,6 +36,9 @@ pub enum GpuWeights {
     Int8,
     /// int4 in groups of 128 inputs (half a byte per weight, plus an f16 scale and a 4-bit zero per group).
     Int4,
+    /// Keep quantized formats as stored: GGUF blocks as they are (`cage import-gguf --keep-quantized`, see
+    /// [`GgufMatrix`]), GPTQ / AWQ int4 codes as they are; other formats bf16.
+    Stored,
 }
 
 crate::spelled!(GpuWeights, "gpu_weights");
@@ -64,6 +73,31 @@ pub struct Int4Matrix {
     pub inp: usize,
 }
 
+/// Rows of a matrix in one GGUF block type: `raw` is `rows` rows of `inp / 32` or `inp / 256` whole blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufPart {
+    /// The block type.
+    pub ty: GgmlType,
+    /// The blocks, row after row, as the file stores them.
+    pub raw: Vec<u8>,
+    /// Rows.
+    pub rows: usize,
+}
+
+/// A matrix of GGUF blocks as stored, in parts stacked row-wise. GGUF blocks lie along a row, so a fused
+/// projection (q / k / v, gate / up) whose parts share a type stacks their rows into one part, losslessly; parts
+/// of different types (llama.cpp's Q4_K_M files mix Q4_K and Q6_K) stay apart, each multiplied into its slice
+/// of the output, so that nothing is converted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufMatrix {
+    /// Row-wise parts, adjacent parts of different types.
+    pub parts: Vec<GgufPart>,
+    /// Output width (the parts' rows).
+    pub out: usize,
+    /// Input width.
+    pub inp: usize,
+}
+
 /// A quantized matrix of one of the device formats.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QuantMatrix {
@@ -71,6 +105,8 @@ pub enum QuantMatrix {
     Int8(Int8Matrix),
     /// See [`Int4Matrix`].
     Int4(Int4Matrix),
+    /// See [`GgufMatrix`].
+    Gguf(GgufMatrix),
 }
 
 fn bad(msg: String) -> CageError {
@@ -224,6 +260,94 @@ impl Int4Matrix {
     }
 }
 
+/// Whether the GPU kernels take GGUF blocks of type `ty` (kernels/quant.cu `cage_gguf_*`).
+pub fn gguf_on_gpu(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+}
+
+impl GgufMatrix {
+    /// `out` rows of `inp` weights in blocks of `ty`; `name` (the tensor) goes into errors, which name a type the
+    /// kernels do not take, an input width that is not whole blocks, and a byte count that does not match.
+    pub fn new(ty: GgmlType, raw: Vec<u8>, out: usize, inp: usize, name: &str) -> Result<Self> {
+        let (per, bytes) = ty.block();
+        if !gguf_on_gpu(ty) {
+            return Err(bad(format!("{name}: {ty:?} is not a GGUF block type the GPU kernels take")));
+        }
+        if inp == 0 || !inp.is_multiple_of(per) {
+            return Err(bad(format!("{name}: {inp} inputs are not whole {ty:?} blocks of {per}")));
+        }
+        let want = out.checked_mul(inp / per * bytes);
+        if want != Some(raw.len()) {
+            return Err(bad(format!(
+                "{name}: {} bytes of {ty:?} blocks, a {out} x {inp} matrix needs {}",
+                raw.len(),
+                out as u128 * (inp / per * bytes) as u128
+            )));
+        }
+        Ok(Self { parts: vec![GgufPart { ty, raw, rows: out }], out, inp })
+    }
+
+    /// The matrices stacked row-wise (same input width): adjacent parts of one type merge (a copy of their
+    /// bytes), others stay apart.
+    pub fn stack(mats: Vec<GgufMatrix>, name: &str) -> Result<Self> {
+        let inp = mats.first().map_or(0, |m| m.inp);
+        if let Some(m) = mats.iter().find(|m| m.inp != inp) {
+            return Err(bad(format!("{name}: cannot stack a {}-input matrix on {inp}-input ones", m.inp)));
+        }
+        let mut parts: Vec<GgufPart> = Vec::new();
+        for p in mats.into_iter().flat_map(|m| m.parts) {
+            match parts.last_mut() {
+                Some(last) if last.ty == p.ty => {
+                    last.raw.extend_from_slice(&p.raw);
+                    last.rows += p.rows;
+                }
+                _ => parts.push(p),
+            }
+        }
+        let out = parts.iter().map(|p| p.rows).sum();
+        Ok(Self { parts, out, inp })
+    }
+
+    /// The f32 values, row-major (the CPU's dequantization of the same blocks).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out * self.inp];
+        let mut at = 0;
+        for p in &self.parts {
+            dequantize_into(p.ty, &p.raw, &mut w[at..at + p.rows * self.inp]);
+            at += p.rows * self.inp;
+        }
+        w
+    }
+}
+
+/// The matrix `parts` (one projection, or several to fuse, each `[rows, inp]`) as the GPU keeps it under
+/// `gpu_weights stored`: GGUF blocks of types the kernels take, stacked (see [`GgufMatrix::stack`]); `None` (the
+/// caller uploads bf16) when a part is held in another format. `name` goes into errors.
+pub fn stored(parts: &[(&Weight, usize)], inp: usize, name: &str) -> Result<Option<QuantMatrix>> {
+    let mut mats = Vec::with_capacity(parts.len());
+    for &(w, rows) in parts {
+        match w {
+            Weight::Quant { ty, raw } if gguf_on_gpu(*ty) => {
+                mats.push(GgufMatrix::new(*ty, raw.clone(), rows, inp, name)?)
+            }
+            // GPTQ / AWQ int4 parts are stacked before this (`gptq::stack`); every other format goes to the GPU
+            // in bf16.
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(QuantMatrix::Gguf(GgufMatrix::stack(mats, name)?)))
+}
+
+/// Bytes `w` (`[out, inp]`) takes on the device under `gpu_weights stored`: its blocks, or bf16. What the GPU
+/// decoder's memory check sums.
+pub fn stored_bytes(w: &Weight, out: usize, inp: usize) -> u128 {
+    match w {
+        Weight::Quant { ty, raw } if gguf_on_gpu(*ty) => raw.len() as u128,
+        Weight::Int4(w) => ((w.m.qweight.len() + w.m.qzeros.len()) * 4 + w.m.scales.len() * 2) as u128,
+        _ => QuantMatrix::bytes_for(GpuWeights::Bf16, out, inp),
+    }
+}
+
 fn check_int4_shape(out: usize, inp: usize, group: usize, name: &str) -> Result<()> {
     if !inp.is_multiple_of(8) || !out.is_multiple_of(8) || group == 0 || !group.is_multiple_of(8) {
         return Err(bad(format!(
@@ -246,7 +370,8 @@ impl QuantMatrix {
     /// `w` (`[out, inp]`) quantized to the format of `kind` (None for bf16); `name` goes into errors.
     pub fn quantize(kind: GpuWeights, w: &[f32], out: usize, inp: usize, name: &str) -> Result<Option<Self>> {
         Ok(match kind {
-            GpuWeights::Bf16 => None,
+            // `stored` keeps a format the model already holds (see [`stored`]); nothing is quantized at upload.
+            GpuWeights::Bf16 | GpuWeights::Stored => None,
             GpuWeights::Int8 => Some(Self::Int8(Int8Matrix::quantize(w, out, inp, name)?)),
             GpuWeights::Int4 => Some(Self::Int4(Int4Matrix::quantize(w, out, inp, GROUP, name)?)),
         })
@@ -257,6 +382,7 @@ impl QuantMatrix {
         match self {
             Self::Int8(m) => m.out,
             Self::Int4(m) => m.out,
+            Self::Gguf(m) => m.out,
         }
     }
 
@@ -265,6 +391,7 @@ impl QuantMatrix {
         match self {
             Self::Int8(m) => m.inp,
             Self::Int4(m) => m.inp,
+            Self::Gguf(m) => m.inp,
         }
     }
 
@@ -273,15 +400,17 @@ impl QuantMatrix {
         match self {
             Self::Int8(m) => m.q.len() + m.scale.len() * 4,
             Self::Int4(m) => (m.qweight.len() + m.qzeros.len()) * 4 + m.scales.len() * 2,
+            Self::Gguf(m) => m.parts.iter().map(|p| p.raw.len()).sum(),
         }
     }
 
     /// Bytes a matrix of this shape takes in `kind` on the device (bf16: 2 per weight), before quantizing it:
-    /// what the GPU decoder's memory check sums.
+    /// what the GPU decoder's memory check sums. `stored` depends on the weight's format: [`stored_bytes`]; here
+    /// it counts bf16, its most.
     pub fn bytes_for(kind: GpuWeights, out: usize, inp: usize) -> u128 {
         let (o, i) = (out as u128, inp as u128);
         match kind {
-            GpuWeights::Bf16 => o * i * 2,
+            GpuWeights::Bf16 | GpuWeights::Stored => o * i * 2,
             GpuWeights::Int8 => o * i + o * 4,
             GpuWeights::Int4 => {
                 let g = inp.div_ceil(GROUP) as u128;
@@ -304,6 +433,7 @@ impl QuantMatrix {
                 }
                 w
             }
+            Self::Gguf(m) => m.to_f32().into_iter().map(f64::from).collect(),
         }
     }
 
@@ -313,7 +443,7 @@ impl QuantMatrix {
         let r = |x: f32| half::bf16::from_f32(x).to_f32();
         match self {
             Self::Int8(m) => (0..m.out * m.inp).map(|k| r(m.q[k] as f32 * m.scale[k / m.inp.max(1)])).collect(),
-            Self::Int4(_) => self.dequantize().iter().map(|&x| r(x as f32)).collect(),
+            Self::Int4(_) | Self::Gguf(_) => self.dequantize().iter().map(|&x| r(x as f32)).collect(),
         }
     }
 }

@@ -5,7 +5,8 @@
 //!   LoRA pairs) in bf16, norms, biases and the RoPE frequencies in f32. Merged adapters need nothing special
 //!   (merge before making the decoder); unmerged ones run per row like on the CPU.
 //! - With `gpu_weights` int8 / int4 ([`GpuDecoder::with_weights`]) the projections are quantized at upload and
-//!   multiplied by kernels/quant.cu (src/gpu/quant.rs); the embedding, LM head and LoRA pairs stay bf16.
+//!   multiplied by kernels/quant.cu (src/gpu/quant.rs); the embedding, LM head and LoRA pairs stay bf16. With
+//!   `stored`, GGUF blocks (`import-gguf --keep-quantized`) go up as they are, other projections in bf16.
 //! - GEMMs go through [`Device::gemm_bf16`] (cuBLAS, bf16 inputs, f32 accumulation); everything else is one
 //!   kernel of `kernels/transformer.cu` per step of the CPU forward, launched by `src/gpu/transformer.rs`.
 //!   Since cuBLAS multiplies bf16 by bf16, the activations entering each GEMM are rounded to bf16, the residual
@@ -31,7 +32,7 @@
 //! [`bf16_weights`] gives the model the GPU effectively runs (weights rounded to bf16): a CPU decoder on it
 //! differs from the GPU only by the rounding of the GEMM inputs, which tests/model_gpu.rs's reference mirrors.
 
-use super::devquant::{GpuWeights, QuantMatrix};
+use super::devquant::{self, GpuWeights, QuantMatrix};
 use super::forward::{Decoder, LogitsAt, Seq};
 use super::llama::{Linear, Model};
 use super::weight::Weight;
@@ -306,17 +307,39 @@ fn upload_weight(dev: &mut dyn Device, w: &Weight, cols: usize) -> Result<DevBuf
 /// row-wise, in bf16 or quantized as `weights` says (round to nearest; int8's scales are per row and int4's
 /// groups lie along a row, so the stacked matrix quantizes exactly as its parts would apart), biases likewise
 /// (zeros for a part without one, none when no part has one), each part's adapters on its slice of the output.
-/// `name` goes into errors.
+/// GPTQ / AWQ int4 parts go to the int4 kernels as stored under `int4` and `stored` (stacked losslessly, see
+/// [`super::gptq::stack`]); under `bf16` they are dequantized. `stored` also keeps GGUF blocks as they are (parts
+/// of one type stacked, of different types kept apart, see [`devquant::GgufMatrix`]) and uploads the projections
+/// held in any other format in bf16. `name` goes into errors.
 fn upload_linear(dev: &mut dyn Device, parts: &[&Linear], weights: GpuWeights, name: &str) -> Result<LinW> {
     let inp = parts[0].inp;
     let out: usize = parts.iter().map(|l| l.out).sum();
-    let w = match (weights, parts) {
-        (GpuWeights::Bf16, [l]) => LinWeight::Bf16(upload_weight(dev, &l.w, inp)?),
-        (GpuWeights::Bf16, _) => {
+    let stored = match weights {
+        GpuWeights::Int4 | GpuWeights::Stored => {
+            super::gptq::stack(&parts.iter().map(|l| &l.w).collect::<Vec<_>>(), name)?
+        }
+        _ => None,
+    };
+    let w = match (weights, parts, stored) {
+        (_, _, Some(m)) => LinWeight::Quant(QuantLinear::upload(dev, &QuantMatrix::Int4(m))?),
+        (GpuWeights::Bf16, [l], _) => LinWeight::Bf16(upload_weight(dev, &l.w, inp)?),
+        (GpuWeights::Bf16, _, _) => {
             let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
             let mut b = DevBuf::alloc(dev, h.len() * 2)?;
             b.upload(dev, &h)?;
             LinWeight::Bf16(b)
+        }
+        (GpuWeights::Stored, _, None) => {
+            let ws: Vec<(&Weight, usize)> = parts.iter().map(|l| (&l.w, l.out)).collect();
+            match devquant::stored(&ws, inp, name)? {
+                Some(q) => LinWeight::Quant(QuantLinear::upload(dev, &q)?),
+                None => {
+                    let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
+                    let mut b = DevBuf::alloc(dev, h.len() * 2)?;
+                    b.upload(dev, &h)?;
+                    LinWeight::Bf16(b)
+                }
+            }
         }
         _ => {
             let f: Vec<f32> = parts.iter().flat_map(|l| l.w.to_f32()).collect();
@@ -480,7 +503,17 @@ impl GpuDecoder {
         // A LoRA slice of a fused projection is at most q_dim or ffn wide.
         let slice = if max_r > 0 { qd.max(ffn) } else { 0 };
         // The largest (fused) projection, dequantized to bf16 for calls above the GEMV's rows: q / k / v or gate / up.
-        let quantized = weights != GpuWeights::Bf16;
+        // Whether `stored` keeps any projection quantized (GGUF blocks the kernels take).
+        let has_blocks = model.layers.iter().any(|l| {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .any(|lin| matches!(&lin.w, Weight::Quant { ty, .. } if devquant::gguf_on_gpu(*ty)))
+        });
+        let quantized = match weights {
+            GpuWeights::Bf16 => false,
+            GpuWeights::Int8 | GpuWeights::Int4 => true,
+            GpuWeights::Stored => has_blocks,
+        };
         let dequant = if quantized && t > GEMV_MAX_TOKENS { h * (qd + 2 * kvd).max(2 * ffn) * 2 } else { 0 };
         // The activation buffers' bytes in the order of `Acts`' fields: summed for the check below, then allocated.
         let act_bytes = [
@@ -503,7 +536,25 @@ impl GpuDecoder {
         // cannot fit names both sizes and the setting that shrinks it.
         let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (ffn, h), (ffn, h), (h, ffn)];
         let per_layer = |kind| shapes.iter().map(|&(o, i)| QuantMatrix::bytes_for(kind, o, i)).sum::<u128>();
-        let projections = c.num_layers as u128 * per_layer(weights);
+        let projections = match weights {
+            // The real bytes of each projection as stored: GGUF blocks, GPTQ / AWQ codes (whose group size may not
+            // be the 128 that `bytes_for` assumes), bf16 for any other format.
+            GpuWeights::Stored => model
+                .layers
+                .iter()
+                .flat_map(|l| l.linears())
+                .map(|lin| devquant::stored_bytes(&lin.w, lin.out, lin.inp))
+                .sum(),
+            // A GPTQ / AWQ model under int4 uploads its stored codes.
+            GpuWeights::Int4 => model
+                .layers
+                .iter()
+                .flat_map(|l| l.linears())
+                .map(|lin| matches!(lin.w, Weight::Int4(_)).then(|| devquant::stored_bytes(&lin.w, lin.out, lin.inp)))
+                .sum::<Option<u128>>()
+                .unwrap_or(c.num_layers as u128 * per_layer(weights)),
+            _ => c.num_layers as u128 * per_layer(weights),
+        };
         let others = super::memory::parameters(c) - c.num_layers as u128 * per_layer(GpuWeights::Bf16) / 2;
         let weight_bytes = (others + model.lora_parameters() as u128) * 2 + projections;
         let need = weight_bytes + 2 * cache as u128 + act_bytes.iter().sum::<usize>() as u128;
@@ -512,8 +563,18 @@ impl GpuDecoder {
         let what = format!("its weights ({weights}), KV cache and buffers");
         super::memory::check_fits(&model.source, &what, need, &place, free).map_err(|e| match (e, weights) {
             (CageError::Model { model, msg }, GpuWeights::Bf16 | GpuWeights::Int8) => {
-                CageError::Model { model, msg: format!("{msg}, or gpu_weights int8 / int4 (fewer bytes per weight)") }
+                let blocks = if has_blocks { "gpu_weights stored (its GGUF blocks as they are), or " } else { "" };
+                CageError::Model {
+                    model,
+                    msg: format!("{msg}, or {blocks}gpu_weights int8 / int4 (fewer bytes per weight)"),
+                }
             }
+            (CageError::Model { model, msg }, GpuWeights::Stored) => CageError::Model {
+                model,
+                msg: format!(
+                    "{msg}, or gpu_weights int4 (half a byte per weight, re-quantized from the stored values)"
+                ),
+            },
             (e, _) => e,
         })?;
         // Every buffer frees itself, so an error part way leaves nothing allocated.

@@ -2,6 +2,7 @@
 //! a model folder.
 
 use super::config::ModelConfig;
+use super::gptq::Int4Config;
 use super::packed::Packed;
 use super::weight::{Weight, WeightStorage};
 use super::weights::TensorStore;
@@ -125,11 +126,13 @@ impl Model {
         Self::load_as(dir, WeightStorage::Stored)
     }
 
-    /// [`Model::load`] with the matrices held as `storage` says.
+    /// [`Model::load`] with the matrices held as `storage` says. A GPTQ / AWQ int4 folder (a
+    /// `quantization_config` in config.json) keeps its packed layers as [`Weight::Int4`] when stored.
     pub fn load_as(dir: &Path, storage: WeightStorage) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
+        let quant = Int4Config::load(dir)?;
         let store = TensorStore::open(dir)?;
-        let mut m = Self::build(config, &store, &dir.display().to_string(), true, storage)?;
+        let mut m = Self::build(config, &store, &dir.display().to_string(), true, storage, quant.as_ref())?;
         m.pack_weights();
         Ok(m)
     }
@@ -168,7 +171,7 @@ impl Model {
     /// `lm_head` by a score head (see [`super::score`]), so a missing `lm_head` is not an error there. Its
     /// `lm_head` is `None`; only the final hidden states of such a model are meaningful.
     pub fn backbone_from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
-        let mut m = Self::build(config, st, source, false, WeightStorage::Stored)?;
+        let mut m = Self::build(config, st, source, false, WeightStorage::Stored, None)?;
         m.pack_weights();
         Ok(m)
     }
@@ -205,7 +208,7 @@ impl Model {
 
     /// Builds the model from a config and an opened tensor store, checking every shape against the config.
     pub fn from_store(config: ModelConfig, st: &TensorStore, source: &str) -> Result<Self> {
-        Self::build(config, st, source, true, WeightStorage::Stored)
+        Self::build(config, st, source, true, WeightStorage::Stored, None)
     }
 
     fn build(
@@ -214,17 +217,25 @@ impl Model {
         source: &str,
         with_lm_head: bool,
         storage: WeightStorage,
+        quant: Option<&Int4Config>,
     ) -> Result<Self> {
         // Before the first tensor is read: a model that cannot fit is an error naming both sizes.
         let mut names = st.names();
         if config.tie_word_embeddings || !with_lm_head {
             names.retain(|n| !n.starts_with("lm_head"));
         }
-        super::memory::check_host(st.held_bytes(&names, storage)?, storage, source)?;
+        let need = match quant {
+            Some(q) => super::gptq::held_bytes(st, &names, storage, q, source)?,
+            None => st.held_bytes(&names, storage)?,
+        };
+        super::memory::check_host(need, storage, source)?;
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let w = st.weight(&format!("{name}.weight"), &[out, inp], storage)?;
+            let w = match super::gptq::load_linear(st, name, out, inp, quant, storage, source)? {
+                Some(w) => w,
+                None => st.weight(&format!("{name}.weight"), &[out, inp], storage)?,
+            };
             let bias = if bias { Some(st.get(&format!("{name}.bias"), &[out])?) } else { None };
             Ok(Linear { w, bias, inp, out, lora: vec![], packed: None })
         };

@@ -4,7 +4,7 @@
 //! Layout: [`config`] reads `config.json`, [`weights`] memory-maps safetensors, [`llama`] holds the weights ([`weight`]: f32 or their stored
 //! format, multiplied by [`weight_kernels`]),
 //! [`lora`] loads adapters, [`memory`] checks that a model fits before it loads, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
-//! (the seam for other backends), [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
+//! (the seam for other backends), [`gptq`] loads GPTQ / AWQ int4 folders as stored, [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
 //! turn llama.cpp files into model folders ([`kquant`] multiplies their K-quant blocks directly), [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
 
@@ -15,6 +15,7 @@ pub mod devquant;
 pub mod fetch;
 pub mod forward;
 pub mod gguf;
+pub mod gptq;
 pub mod gpu;
 pub mod import;
 pub mod kquant;

@@ -2,9 +2,11 @@
 //! blocks). A 7B model is 28 GB as f32 but 14 GB as bf16 and 4 to 7 GB in 4- and 8-bit blocks: keeping the
 //! stored format is what lets it load on a 24 GB machine. Every user of a matrix goes through this type: the
 //! products ([`Weight::matmul_t`], which picks the kernel), single rows ([`Weight::row_into`]: the embedding
-//! lookup), and the rare whole copies (LoRA merging, the GPU upload in bf16).
+//! lookup), and the rare whole copies (LoRA merging, the GPU upload in bf16). GPTQ / AWQ int4 checkpoints keep
+//! their packed codes ([`Weight::Int4`], loaded by [`super::gptq`]).
 
 use super::gguf::{GgmlType, dequantize_into};
+use super::gptq::Int4Weight;
 use super::weight_kernels::{self as wk, Stored};
 use half::{bf16, f16};
 
@@ -38,17 +40,25 @@ pub enum Weight {
         /// The blocks.
         raw: Vec<u8>,
     },
+    /// A GPTQ / AWQ checkpoint's int4 codes, zeros and f16 scales in GPTQ's layout (boxed: the largest variant).
+    Int4(Box<Int4Weight>),
 }
 
 impl Weight {
-    /// The format, named by its ggml type.
-    pub fn format(&self) -> GgmlType {
+    /// The format, named by its ggml type; `None` for GPTQ / AWQ int4, which ggml has no type for.
+    pub fn format(&self) -> Option<GgmlType> {
         match self {
-            Weight::F32(_) => GgmlType::F32,
-            Weight::Bf16(_) => GgmlType::Bf16,
-            Weight::F16(_) => GgmlType::F16,
-            Weight::Quant { ty, .. } => *ty,
+            Weight::F32(_) => Some(GgmlType::F32),
+            Weight::Bf16(_) => Some(GgmlType::Bf16),
+            Weight::F16(_) => Some(GgmlType::F16),
+            Weight::Quant { ty, .. } => Some(*ty),
+            Weight::Int4(_) => None,
         }
+    }
+
+    /// The format's name in reports: the ggml type in lower case, or `int4`.
+    pub fn label(&self) -> String {
+        self.format().map_or_else(|| "int4".to_string(), |f| format!("{f:?}").to_lowercase())
     }
 
     /// Bytes the values take in memory.
@@ -58,6 +68,7 @@ impl Weight {
             Weight::Bf16(w) => w.len() * 2,
             Weight::F16(w) => w.len() * 2,
             Weight::Quant { raw, .. } => raw.len(),
+            Weight::Int4(w) => w.bytes(),
         }
     }
 
@@ -71,6 +82,7 @@ impl Weight {
                 let (per, bytes) = ty.block();
                 raw.len() / bytes * per
             }
+            Weight::Int4(w) => w.m.out * w.m.inp,
         }
     }
 
@@ -93,6 +105,7 @@ impl Weight {
                 dequantize_into(*ty, raw, &mut out);
                 out
             }
+            Weight::Int4(w) => w.to_f32(),
         }
     }
 
@@ -131,6 +144,7 @@ impl Weight {
     pub fn row_into(&self, i: usize, cols: usize, out: &mut [f32]) {
         match self {
             Weight::F32(w) => out[..cols].copy_from_slice(&w[i * cols..(i + 1) * cols]),
+            Weight::Int4(w) => w.row_into(i, out),
             _ => wk::row_into(self.stored(), i, cols, out),
         }
     }
@@ -139,6 +153,7 @@ impl Weight {
     fn stored(&self) -> Stored<'_> {
         match self {
             Weight::F32(_) => unreachable!("f32 matrices use linalg"),
+            Weight::Int4(_) => unreachable!("int4 matrices use their own kernel (wk::int4_matmul_t)"),
             Weight::Bf16(w) => Stored::Bf16(w),
             Weight::F16(w) => Stored::F16(w),
             Weight::Quant { ty, raw } => match ty {
@@ -182,6 +197,7 @@ impl Weight {
     pub fn matmul_t(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], accumulate: bool, alpha: f32) {
         match self {
             Weight::F32(w) => super::linalg::matmul_t(x, m, k, w, n, out, accumulate, alpha),
+            Weight::Int4(w) => wk::int4_matmul_t(&w.m, w.g_idx.as_deref(), x, m, k, n, out, accumulate, alpha),
             _ => wk::matmul_t(self.stored(), x, m, k, n, out, accumulate, alpha),
         }
     }

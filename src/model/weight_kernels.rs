@@ -13,6 +13,7 @@
 //! summation order only, and the quantization error is the weights' alone. The price is speed at batch 1
 //! (f32 FMAs instead of int8 dot products); the bytes read, which bound decode, are the same.
 
+use super::devquant::Int4Matrix;
 use super::gguf::{GgmlType, dequantize_into};
 use super::linalg::SendPtr;
 use gemm::{Parallelism, gemm};
@@ -677,6 +678,305 @@ mod avx512 {
             }
         }
     }
+}
+
+/// Output columns per task of the portable int4 kernels: whole packed words of zeros (a multiple of 8), and a
+/// tile of accumulators (`SMALL_M x INT4_COLS` f32) that stays in L1.
+const INT4_COLS: usize = 64;
+
+/// Output columns per task of the AVX2 int4 decode kernel: 1 KiB of each word row, so that each page of the
+/// GPTQ layout (whose rows lie `out` words apart) is read a quarter at a time rather than a line.
+const INT4_SPAN: usize = 256;
+
+/// Row `o` of a GPTQ-layout int4 matrix (see [`Int4Matrix`]) dequantized into `out[..inp]`:
+/// `scale * (q - zero)` of each input's group (`g_idx[i]`, act-order checkpoints, or `i / group`), exact in f32
+/// (an f16 scale times an integer of at most 5 bits).
+pub fn int4_row_into(w: &Int4Matrix, g_idx: Option<&[u32]>, o: usize, out: &mut [f32]) {
+    let (n, zw) = (w.out, w.out / 8);
+    for (i, v) in out[..w.inp].iter_mut().enumerate() {
+        let g = g_idx.map_or(i / w.group, |g| g[i] as usize);
+        let q = (w.qweight[(i / 8) * n + o] >> (4 * (i % 8))) & 15;
+        let s = f16::from_bits(w.scales[g * n + o]).to_f32();
+        let z = (w.qzeros[g * zw + o / 8] >> (4 * (o % 8))) & 15;
+        *v = s * (q as f32 - z as f32);
+    }
+}
+
+/// `out[m x n] (+)= alpha * x[m x k] * W^T` with `W` `[n x k]` a GPTQ-layout int4 matrix and `g_idx` its
+/// act-order groups, if any. Decode (`m <= 8`) expands each packed word row (8 inputs of 64 outputs) in
+/// registers and accumulates in f32 (AVX2 + FMA + F16C intrinsics where the CPU has them, a portable loop
+/// otherwise); larger `m` expands tiles of weight rows and runs the f32 GEMM, as [`matmul_t`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn int4_matmul_t(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+) {
+    assert!(
+        k == w.inp && n == w.out && x.len() >= m * k && out.len() >= m * n && g_idx.is_none_or(|g| g.len() == k),
+        "int4 matmul: buffers or shapes do not match the matrix"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let op = SendPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let fast = g_idx.is_none()
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    // The AVX2 decode kernel reads INT4_SPAN outputs of each word row; the others work in tiles of INT4_COLS.
+    let width = if fast { INT4_SPAN } else { INT4_COLS };
+    let work = |t: usize| {
+        let cols = t * width..((t + 1) * width).min(n);
+        if fast {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2, FMA and F16C were detected; the shapes were asserted above.
+            unsafe {
+                int4_decode_avx2(w, x, m, cols, &op, accumulate, alpha)
+            };
+        } else if m > SMALL_M {
+            int4_gemm_tile(w, g_idx, x, m, cols, &op, accumulate, alpha);
+        } else {
+            int4_decode(w, g_idx, x, m, cols, &op, accumulate, alpha);
+        }
+    };
+    if n * k * m >= 1 << 15 {
+        (0..n.div_ceil(width)).into_par_iter().for_each(work);
+    } else {
+        (0..n.div_ceil(width)).for_each(work);
+    }
+}
+
+/// Columns `cols` (at most [`INT4_SPAN`], a multiple of 8) of a decode product with AVX2, FMA and F16C, up to 4
+/// rows of x at a time (see [`int4_avx2::span`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn int4_decode_avx2(
+    w: &Int4Matrix,
+    x: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+) {
+    use int4_avx2::span;
+    for r0 in (0..m).step_by(4) {
+        let a = (w, x, r0, cols.clone(), out, acc, alpha);
+        // SAFETY: the caller detected AVX2, FMA and F16C and asserted the shapes.
+        unsafe {
+            match (m - r0).min(4) {
+                1 => span::<1>(a),
+                2 => span::<2>(a),
+                3 => span::<3>(a),
+                _ => span::<4>(a),
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod int4_avx2 {
+    use super::{INT4_SPAN, Int4Matrix, SendPtr};
+    use std::arch::x86_64::*;
+
+    /// Packed word rows read ahead of the one being expanded.
+    const PREFETCH_ROWS: usize = 4;
+
+    /// The arguments of [`span`]: matrix, x, first row, outputs, out, accumulate, alpha.
+    pub(super) type Args<'a> = (&'a Int4Matrix, &'a [f32], usize, std::ops::Range<usize>, &'a SendPtr, bool, f32);
+
+    /// Outputs `cols` against rows `r0 .. r0 + R` of x, for groups `i / group` (a multiple of 8, so a packed word
+    /// row lies in one group). Word row by word row (its `cols` words contiguous: whole cache lines, where the
+    /// GPTQ layout puts the next row `out` words away), each word of 8 outputs is expanded in registers to its 8
+    /// inputs' `(q - zero) * scale` (exact) and accumulated by FMA into the R rows' sums of those outputs; the
+    /// group's scales (F16C) and zeros (one word per 8 outputs, shifted per lane) are reloaded at each new group.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn span<const R: usize>(args: Args) {
+        const U: usize = INT4_SPAN / 8;
+        let (w, x, r0, cols, out, acc, alpha) = args;
+        let (n, k, o, units) = (w.out, w.inp, cols.start, cols.len() / 8);
+        // SAFETY: the caller asserted the shapes: every word, scale and zero read lies in the matrix (cols within
+        // 0 .. n, o a multiple of 8), x holds rows r0 .. r0 + R of k values, and out's rows hold n values of which
+        // this task alone writes columns `cols`.
+        unsafe {
+            let mut sums = [[_mm256_setzero_ps(); U]; R];
+            let (mut s, mut z) = ([_mm256_setzero_ps(); U], [_mm256_setzero_ps(); U]);
+            let lanes = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            let nib = _mm256_set1_epi32(15);
+            let mut group = usize::MAX;
+            let (qw, sc, qz, xp) = (w.qweight.as_ptr(), w.scales.as_ptr(), w.qzeros.as_ptr(), x.as_ptr().add(r0 * k));
+            for kk in 0..k / 8 {
+                if kk + PREFETCH_ROWS < k / 8 {
+                    let ahead = qw.add((kk + PREFETCH_ROWS) * n + o);
+                    for line in (0..units * 8).step_by(16) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(line).cast());
+                    }
+                }
+                let g = 8 * kk / w.group;
+                if g != group {
+                    group = g;
+                    for u in 0..units {
+                        s[u] = _mm256_cvtph_ps(_mm_loadu_si128(sc.add(g * n + o + 8 * u).cast()));
+                        let zw = _mm256_set1_epi32(*qz.add(g * (n / 8) + o / 8 + u) as i32);
+                        z[u] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(zw, lanes), nib));
+                    }
+                }
+                let xs = xp.add(8 * kk);
+                for u in 0..units {
+                    let word = _mm256_loadu_si256(qw.add(kk * n + o + 8 * u).cast());
+                    let mut a: [__m256; R] = std::array::from_fn(|r| sums[r][u]);
+                    for j in 0..8 {
+                        let q = _mm256_cvtepi32_ps(_mm256_and_si256(
+                            _mm256_srl_epi32(word, _mm_cvtsi32_si128(4 * j as i32)),
+                            nib,
+                        ));
+                        let wv = _mm256_mul_ps(_mm256_sub_ps(q, z[u]), s[u]);
+                        for (r, ar) in a.iter_mut().enumerate() {
+                            *ar = _mm256_fmadd_ps(_mm256_broadcast_ss(&*xs.add(r * k + j)), wv, *ar);
+                        }
+                    }
+                    for (r, ar) in a.iter().enumerate() {
+                        sums[r][u] = *ar;
+                    }
+                }
+            }
+            for (r, row) in sums.iter().enumerate() {
+                for (u, &v) in row.iter().take(units).enumerate() {
+                    let mut lane = [0f32; 8];
+                    _mm256_storeu_ps(lane.as_mut_ptr(), v);
+                    for (t, &a) in lane.iter().enumerate() {
+                        let p = out.0.add((r0 + r) * n + o + 8 * u + t);
+                        *p = if acc { *p + alpha * a } else { alpha * a };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Columns `cols` of a decode product: for each input, the tile's 64 weights expanded from their nibbles
+/// (`scale * (q - zero)`, the group's scales and zeros reloaded when the group changes) and added, times the
+/// input's value in each row of x, into f32 accumulators. Every loop runs over the whole tile (a partial tile
+/// is padded with zero words and scales), so the compiler unrolls and vectorizes them.
+#[allow(clippy::too_many_arguments)]
+fn int4_decode(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+) {
+    let (n, k, lo, width) = (w.out, w.inp, cols.start, cols.len());
+    let mut sums = [[0f32; INT4_COLS]; SMALL_M];
+    let (mut s, mut z, mut wv) = ([0f32; INT4_COLS], [0f32; INT4_COLS], [0f32; INT4_COLS]);
+    let mut words = [0u32; INT4_COLS];
+    let mut group = usize::MAX;
+    for kk in 0..k / 8 {
+        words[..width].copy_from_slice(&w.qweight[kk * n + lo..kk * n + lo + width]);
+        for j in 0..8 {
+            let i = 8 * kk + j;
+            let g = g_idx.map_or(i / w.group, |g| g[i] as usize);
+            if g != group {
+                group = g;
+                for t in 0..width {
+                    let o = lo + t;
+                    s[t] = f16::from_bits(w.scales[g * n + o]).to_f32();
+                    z[t] = ((w.qzeros[g * (n / 8) + o / 8] >> (4 * (o % 8))) & 15) as f32;
+                }
+            }
+            let shift = 4 * j as u32;
+            for t in 0..INT4_COLS {
+                wv[t] = s[t] * ((((words[t] >> shift) & 15) as i32) as f32 - z[t]);
+            }
+            for (row, sum) in sums.iter_mut().enumerate().take(m) {
+                let xv = x[row * k + i];
+                for t in 0..INT4_COLS {
+                    sum[t] += xv * wv[t];
+                }
+            }
+        }
+    }
+    for (r, sum) in sums.iter().enumerate().take(m) {
+        for (t, &a) in sum[..width].iter().enumerate() {
+            // SAFETY: out holds m x n floats (asserted by the caller) and this task writes only columns `cols`.
+            unsafe {
+                let p = out.0.add(r * n + lo + t);
+                *p = if acc { *p + alpha * a } else { alpha * a };
+            }
+        }
+    }
+}
+
+/// Columns `cols` of a large-m int4 product: the tile's weight rows dequantized, then the f32 GEMM.
+#[allow(clippy::too_many_arguments)]
+fn int4_gemm_tile(
+    w: &Int4Matrix,
+    g_idx: Option<&[u32]>,
+    x: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+) {
+    let (n, k, lo, hi) = (w.out, w.inp, cols.start, cols.end);
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < (hi - lo) * k {
+            b.resize((hi - lo) * k, 0.0);
+        }
+        // Word rows in order (contiguous along the output), each word's 8 inputs written together.
+        for kk in 0..k / 8 {
+            for (t, &word) in w.qweight[kk * n + lo..kk * n + hi].iter().enumerate() {
+                let o = lo + t;
+                for j in 0..8 {
+                    let i = 8 * kk + j;
+                    let g = g_idx.map_or(i / w.group, |g| g[i] as usize);
+                    let s = f16::from_bits(w.scales[g * n + o]).to_f32();
+                    let z = (w.qzeros[g * (n / 8) + o / 8] >> (4 * (o % 8))) & 15;
+                    b[t * k + i] = s * (((word >> (4 * j)) & 15) as f32 - z as f32);
+                }
+            }
+        }
+        // SAFETY: as in `gemm_tile`: out holds m x n floats and this task writes only columns lo..hi; the
+        // buffer holds (hi - lo) rows of k floats.
+        unsafe {
+            gemm(
+                m,
+                hi - lo,
+                k,
+                out.0.add(lo),
+                1,
+                n as isize,
+                acc,
+                x.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
 }
 
 #[cfg(test)]

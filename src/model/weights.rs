@@ -243,6 +243,23 @@ impl TensorStore {
         Ok(total)
     }
 
+    /// A tensor's dtype and shape from its file's header (nothing is read): what the GPTQ / AWQ loader checks
+    /// before it reads a packed layer ([`super::gptq`]).
+    pub(crate) fn header(&self, name: &str) -> Result<(Dtype, Vec<usize>)> {
+        let (t, _) = self.view(name)?;
+        Ok((t.dtype(), t.shape().to_vec()))
+    }
+
+    /// A tensor's little-endian words of `size` bytes converted by `f` (GPTQ / AWQ's packed int32 and f16
+    /// tensors, read as stored), releasing its file pages as [`TensorStore::get`] does.
+    pub(crate) fn words<T>(&self, name: &str, size: usize, f: impl Fn(&[u8]) -> T) -> Result<Vec<T>> {
+        let (t, _) = self.view(name)?;
+        let b = t.data();
+        let v = self.convert(name, b, size, f);
+        self.release(name, b);
+        Ok(v)
+    }
+
     /// Reads a `[rows, cols]` matrix as `storage` says, straight into its final buffer (one allocation of the
     /// bytes it takes), and checks its shape. Raw GGUF blocks (U8 tensors of `[rows, row bytes]` with a ggml
     /// type in the metadata) keep their blocks; an unknown type is an error naming the tensor and the type,
