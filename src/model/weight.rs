@@ -181,9 +181,10 @@ impl Weight {
     }
 
     /// `out_i[m x n_i] = x[m x k] * W_i^T` for several matrices of the same input (q, k and v; gate and up): the
-    /// stored formats in one parallel loop at decode sizes ([`wk::matmul_t_many`]), f32 one at a time.
+    /// stored formats in one parallel loop at decode sizes ([`wk::matmul_t_many`]), f32 and int4 (their own
+    /// kernels) one at a time.
     pub fn matmul_t_many<const N: usize>(x: &[f32], m: usize, k: usize, products: [(&Weight, usize, &mut [f32]); N]) {
-        if products.iter().any(|(w, _, _)| matches!(w, Weight::F32(_))) {
+        if products.iter().any(|(w, _, _)| matches!(w, Weight::F32(_) | Weight::Int4(_))) {
             for (w, n, out) in products {
                 w.matmul_t(x, m, k, n, out, false, 1.0);
             }
