@@ -17,6 +17,7 @@
 //! Round-to-nearest is the documented choice for quantizing at upload: it needs no calibration data, is
 //! deterministic, and its error (half a step per weight) is what the tests bound.
 
+use rayon::prelude::*;
 use crate::error::{CageError, Result};
 use crate::model::gguf::{GgmlType, dequantize_into};
 use crate::model::weight::Weight;
@@ -129,15 +130,18 @@ impl Int8Matrix {
         check_finite(w, name)?;
         let mut q = vec![0i8; w.len()];
         let mut scale = vec![0f32; out];
-        for ((row, qrow), s) in w.chunks_exact(inp.max(1)).zip(q.chunks_exact_mut(inp.max(1))).zip(&mut scale) {
-            let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
-            *s = amax / 127.0;
-            if *s > 0.0 {
-                for (qi, &x) in qrow.iter_mut().zip(row) {
-                    *qi = (x / *s).round().clamp(-127.0, 127.0) as i8;
+        // Rows in parallel: a big model's upload quantizes billions of weights.
+        w.par_chunks_exact(inp.max(1)).zip(q.par_chunks_exact_mut(inp.max(1))).zip(&mut scale).for_each(
+            |((row, qrow), s)| {
+                let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+                *s = amax / 127.0;
+                if *s > 0.0 {
+                    for (qi, &x) in qrow.iter_mut().zip(row) {
+                        *qi = (x / *s).round().clamp(-127.0, 127.0) as i8;
+                    }
                 }
-            }
-        }
+            },
+        );
         Ok(Self { q, scale, out, inp })
     }
 }
@@ -163,24 +167,46 @@ impl Int4Matrix {
         }
         check_finite(w, name)?;
         let groups = inp.div_ceil(group);
+        // Rows in parallel (a big model's upload quantizes billions of weights), each into its own row of
+        // words, scales and zeros; then transposed into the input-major layouts the kernels read.
+        let words = inp / 8;
+        let mut row_words = vec![0u32; words * out];
+        let mut row_scales = vec![0u16; groups * out];
+        let mut row_zeros = vec![0u8; groups * out];
+        // (`max(1)`: an empty matrix has no rows, and chunks of 0 are not allowed.)
+        w.par_chunks_exact(inp.max(1))
+            .zip(row_words.par_chunks_exact_mut(words.max(1)))
+            .zip(row_scales.par_chunks_exact_mut(groups.max(1)).zip(row_zeros.par_chunks_exact_mut(groups.max(1))))
+            .for_each(|((row, qw), (sc, zr))| {
+                for (g, chunk) in row.chunks(group).enumerate() {
+                    let lo = chunk.iter().fold(0f32, |a, &x| a.min(x));
+                    let hi = chunk.iter().fold(0f32, |a, &x| a.max(x));
+                    let bits = f16_scale(if hi > lo { (hi - lo) / 15.0 } else { 1.0 });
+                    let s = half::f16::from_bits(bits).to_f32();
+                    let z = (-lo / s).round().clamp(0.0, 15.0);
+                    sc[g] = bits;
+                    zr[g] = z as u8;
+                    for (j, &x) in chunk.iter().enumerate() {
+                        let i = g * group + j;
+                        let q = ((x / s).round() + z).clamp(0.0, 15.0) as u32;
+                        qw[i / 8] |= q << (4 * (i % 8));
+                    }
+                }
+            });
+        let transpose = |src: &[u32], n: usize| -> Vec<u32> {
+            let mut t = vec![0u32; n * out];
+            t.par_chunks_exact_mut(out.max(1)).enumerate().for_each(|(k, dst)| {
+                dst.iter_mut().enumerate().for_each(|(o, d)| *d = src[o * n + k]);
+            });
+            t
+        };
+        let qweight = transpose(&row_words, words);
         let mut scales = vec![0u16; groups * out];
         let mut zeros = vec![0u8; groups * out];
-        let mut qweight = vec![0u32; inp / 8 * out];
         for o in 0..out {
-            let row = &w[o * inp..(o + 1) * inp];
-            for (g, chunk) in row.chunks(group).enumerate() {
-                let lo = chunk.iter().fold(0f32, |a, &x| a.min(x));
-                let hi = chunk.iter().fold(0f32, |a, &x| a.max(x));
-                let bits = f16_scale(if hi > lo { (hi - lo) / 15.0 } else { 1.0 });
-                let s = half::f16::from_bits(bits).to_f32();
-                let z = (-lo / s).round().clamp(0.0, 15.0);
-                scales[g * out + o] = bits;
-                zeros[g * out + o] = z as u8;
-                for (j, &x) in chunk.iter().enumerate() {
-                    let i = g * group + j;
-                    let q = ((x / s).round() + z).clamp(0.0, 15.0) as u32;
-                    qweight[(i / 8) * out + o] |= q << (4 * (i % 8));
-                }
+            for g in 0..groups {
+                scales[g * out + o] = row_scales[o * groups + g];
+                zeros[g * out + o] = row_zeros[o * groups + g];
             }
         }
         Ok(Self { qweight, qzeros: pack_zeros(&zeros, out), scales, group, out, inp })

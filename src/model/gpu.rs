@@ -342,7 +342,13 @@ fn upload_linear(dev: &mut dyn Device, parts: &[&Linear], weights: GpuWeights, n
             }
         }
         _ => {
-            let f: Vec<f32> = parts.iter().flat_map(|l| l.w.to_f32()).collect();
+            // Each part dequantized in parallel straight into its rows of the stacked matrix.
+            let mut f = vec![0f32; out * inp];
+            let mut at = 0;
+            for l in parts {
+                l.w.to_f32_into(&mut f[at..at + l.out * inp]);
+                at += l.out * inp;
+            }
             match QuantMatrix::quantize(weights, &f, out, inp, name)? {
                 None => LinWeight::Bf16(upload_bf16(dev, &f)?),
                 Some(q) => LinWeight::Quant(QuantLinear::upload(dev, &q)?),
