@@ -106,7 +106,8 @@ fn bench_decoder(
         Backend::Emulation => Some(crate::gpu::Gpu::emulated()),
         _ => None,
     };
-    let mut free = || -> Result<Option<usize>> { Ok(probe.as_mut().map(|g| g.device().free_memory()).transpose()?.flatten()) };
+    let mut free =
+        || -> Result<Option<usize>> { Ok(probe.as_mut().map(|g| g.device().free_memory()).transpose()?.flatten()) };
     let before = free()?;
     let t_load = Instant::now();
     let mut dec = new_decoder_with(device, model.clone(), slots, prompt_len + steps, slots * prompt_len, opts)?;

@@ -115,7 +115,9 @@ impl Weight {
         const CHUNK: usize = 1 << 18;
         assert_eq!(out.len(), self.numel(), "to_f32_into: the output holds {} values, not {}", out.len(), self.numel());
         match self {
-            Weight::F32(w) => out.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK)).for_each(|(o, w)| o.copy_from_slice(w)),
+            Weight::F32(w) => {
+                out.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK)).for_each(|(o, w)| o.copy_from_slice(w))
+            }
             Weight::Bf16(w) => out.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK)).for_each(|(o, w)| {
                 o.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32());
             }),
