@@ -314,7 +314,7 @@ impl Mix {
 fn q4k_min(sc: u8) -> u8 {
     let t = 15 * sc;
     let lo = t / 2;
-    if t % 2 == 0 || lo % 2 == 0 { lo } else { lo + 1 }
+    if t.is_multiple_of(2) || lo.is_multiple_of(2) { lo } else { lo + 1 }
 }
 
 /// Fills `out` (whole 144-byte blocks) with random Q4_K blocks drawn as the script draws them.
