@@ -203,6 +203,8 @@ impl Int4Matrix {
                     zr[g] = z as u8;
                     // Eight codes packed in a register per word (the group and the row are whole words).
                     for (k, eight) in chunk.chunks_exact(8).enumerate() {
+                        // A fixed-size array: the compiler unrolls and vectorizes the eight codes.
+                        let eight: &[f32; 8] = eight.try_into().expect("chunks of 8");
                         let mut word = 0u32;
                         for (j, &x) in eight.iter().enumerate() {
                             // x / s lies within about [-15, 15]; clamping it to +-32 first changes no code (a
