@@ -265,6 +265,11 @@ fn synthetic_flags_are_checked() {
     assert!(r.stderr.contains("--model and --synthetic"), "{}", r.stderr);
     let r = ran(cage().args(["bench", "forward", "--synthetic-arms", "2"]));
     assert_eq!(r.code, Some(2), "{}", r.stderr);
+    // Refused before a 65B model is generated: no packed copies exist.
+    let r =
+        ran(cage().args(["bench", "forward", "--synthetic", "llama-65b", "--weights", "packed", "--device", "cpu"]));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("--weights f32"), "{}", r.stderr);
 }
 
 #[test]
@@ -415,4 +420,25 @@ fn upload_conversion_throughput() {
         n as f64 / int4 / 1e6,
         e.len() as f64 / bf16 / 1e6
     );
+}
+
+#[test]
+fn shapes_have_their_published_parameter_counts() {
+    // The published counts (vocabulary 32000, except Llama-3.1's 128256), plus the embedding and head rows of
+    // the script's 49152-token vocabulary.
+    let more = |hidden: u128| 2 * (49_152 - 32_000) * hidden;
+    for (shape, published) in [
+        (SyntheticShape::Llama1b, 1_100_048_384 + more(2048)),
+        (SyntheticShape::Llama7b, 6_738_415_616 + more(4096)),
+        (SyntheticShape::Llama13b, 13_015_864_320 + more(5120)),
+        (SyntheticShape::Llama31_8b, 8_030_261_248),
+    ] {
+        assert_eq!(parameters(&shape.config()), published, "{shape}");
+    }
+    // Every width is whole Q4_K blocks and every head fits the GPU attention kernel.
+    for shape in [SyntheticShape::Tiny, SyntheticShape::Llama65b, SyntheticShape::Llama31_8b] {
+        let c = shape.config();
+        assert!([c.hidden_size, c.intermediate_size].iter().all(|d| d % 256 == 0), "{shape}");
+        assert!(c.head_dim <= 256 && c.head_dim % 2 == 0, "{shape}");
+    }
 }

@@ -412,6 +412,15 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
 /// that it fits the host's memory and (on a GPU device) that its weights and KV cache fit the device's free
 /// memory as `a.gpu_weights` holds them. Returns the model and its description for the report.
 fn synthetic_model(spec: &super::synthetic::SyntheticSpec, a: &BenchForwardArgs) -> Result<(Model, serde_json::Value)> {
+    // Before generating: a synthetic model holds its stored format, never the packed copies.
+    if matches!(a.device, Backend::Auto | Backend::Cpu) && a.weights == ForwardWeights::Packed {
+        return Err(CageError::InvalidArgument(format!(
+            "--weights packed: {} holds {} matrices, no packed (Q4_1 / Q8_0) copies; use --weights f32 (its \
+             stored format, then f32 where that fits)",
+            spec.name(),
+            spec.format
+        )));
+    }
     spec.check_host()?;
     if matches!(a.device, Backend::Cuda | Backend::Emulation) {
         let slots = a.batches.iter().copied().max().unwrap_or(1);
