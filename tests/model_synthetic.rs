@@ -200,7 +200,7 @@ fn a_shape_too_big_for_the_host_is_refused_before_it_is_generated() {
     );
     let need = llama65b_q4k_bytes();
     let t0 = std::time::Instant::now();
-    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "10000000000").args([
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "2000000000").args([
         "bench",
         "forward",
         "--synthetic",
@@ -215,7 +215,7 @@ fn a_shape_too_big_for_the_host_is_refused_before_it_is_generated() {
     assert!(
         r.stderr.contains("synthetic llama-65b q4_k")
             && r.stderr.contains(&want)
-            && r.stderr.contains("10.00 GB free in host memory")
+            && r.stderr.contains("2.00 GB free in host memory")
             && r.stderr.contains("smaller --synthetic shape"),
         "want {want}: {}",
         r.stderr
@@ -223,11 +223,11 @@ fn a_shape_too_big_for_the_host_is_refused_before_it_is_generated() {
     // Refused before generating 37 GB (which would take minutes here, or fail).
     assert!(t0.elapsed().as_secs() < 20);
     // bf16 points at the smaller format.
-    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "10000000000").args([
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "2000000000").args([
         "bench",
         "forward",
         "--synthetic",
-        "llama-7b",
+        "llama-1b",
         "--synthetic-format",
         "bf16",
         "--device",
@@ -239,13 +239,13 @@ fn a_shape_too_big_for_the_host_is_refused_before_it_is_generated() {
 
 #[test]
 fn a_shape_too_big_for_the_device_is_refused_before_it_is_generated() {
-    // The emulation's device memory is the host's: 7B in Q4_K (3.9 GB) fits a 6 GB host, but not its bf16
-    // weights on the device (13.8 GB).
-    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "6000000000").args([
+    // The emulation's device memory is the host's: llama-1b in Q4_K (0.66 GB) fits a 1.5 GB host, but not its
+    // bf16 weights on the device (2.3 GB).
+    let r = ran(cage().env("CAGE_MEMORY_LIMIT", "1500000000").args([
         "bench",
         "forward",
         "--synthetic",
-        "llama-7b",
+        "llama-1b",
         "--device",
         "emulation",
         "--batches",
