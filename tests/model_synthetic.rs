@@ -74,7 +74,7 @@ fn q4_k_blocks_follow_the_scripts_recipe_and_dequantize_in_range() {
     let mut seen = [0usize; 9];
     let (mut sum, mut sq, mut n) = (0f64, 0f64, 0usize);
     for w in matrices(&m) {
-        assert_eq!(w.format(), GgmlType::Q4K);
+        assert_eq!(w.format(), Some(GgmlType::Q4K));
         for b in raw(w).chunks_exact(144) {
             let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
             assert_eq!(b[0..2], b[2..4], "d = dmin");
@@ -110,7 +110,7 @@ fn q8_0_and_bf16_round_the_q4_k_values() {
     let q8 = spec(SyntheticFormat::Q8_0, 7).generate().unwrap();
     let b16 = spec(SyntheticFormat::Bf16, 7).generate().unwrap();
     for ((a, b), c) in matrices(&q4).into_iter().zip(matrices(&q8)).zip(matrices(&b16)) {
-        assert_eq!((b.format(), c.format()), (GgmlType::Q8_0, GgmlType::Bf16));
+        assert_eq!((b.format(), c.format()), (Some(GgmlType::Q8_0), Some(GgmlType::Bf16)));
         let (x, y, z) = (a.to_f32(), b.to_f32(), c.to_f32());
         for (blk, (xs, ys)) in x.chunks_exact(32).zip(y.chunks_exact(32)).enumerate() {
             // Q8_0: d = max |x| / 127 (stored as f16), so each value within half a step (and d's rounding).

@@ -131,6 +131,8 @@ impl Weight {
                     .zip(raw.par_chunks(CHUNK / per * bytes))
                     .for_each(|(o, r)| dequantize_into(*ty, r, o));
             }
+            // GPTQ / AWQ codes reach the GPU as stored (gptq::stack); this copy is the rare fallback.
+            Weight::Int4(_) => out.copy_from_slice(&self.to_f32()),
         }
     }
 
