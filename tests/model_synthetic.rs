@@ -253,6 +253,15 @@ fn a_shape_too_big_for_the_device_is_refused_before_it_is_generated() {
     ]));
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(r.stderr.contains("gpu_weights bf16") && r.stderr.contains("--gpu-weights int4"), "{}", r.stderr);
+    // Its Q4_K blocks uploaded as stored are counted as blocks (0.56 bytes a weight), not bf16: they fit.
+    let s = SyntheticSpec { shape: SyntheticShape::Llama1b, format: SyntheticFormat::Q4K, arms: 0, seed: 7 };
+    let kv = cage::gpu::KvCacheType::F32;
+    let stored = cage::model::synthetic::device_bytes(&s, cage::model::devquant::GpuWeights::Stored, kv, 1, 8);
+    let bf16 = cage::model::synthetic::device_bytes(&s, cage::model::devquant::GpuWeights::Bf16, kv, 1, 8);
+    let d = SyntheticShape::Llama1b.dims();
+    let (h, f, kvd) = (d.hidden as u128, d.ffn as u128, (d.hidden / d.heads * d.kv_heads) as u128);
+    let projections = d.layers as u128 * (2 * h * h + 2 * kvd * h + 3 * f * h);
+    assert_eq!(bf16 - stored, projections * 2 - projections / 256 * 144);
 }
 
 #[test]

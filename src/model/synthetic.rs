@@ -412,8 +412,8 @@ fn attach_arm(m: &mut Model, seed: u64, arm: usize) {
     m.adapters.push(format!("arm-{arm}"));
 }
 
-/// Bytes the GPU decoder's weights (projections as `weights` holds them; embedding, output projection and
-/// ARMs bf16) and KV cache (`slots` of `max_seq` positions) of `spec` take on the device: a lower bound of
+/// Bytes the GPU decoder's weights (projections as `weights` holds them, `stored` as generated; embedding,
+/// output projection and ARMs bf16) and KV cache (`slots` of `max_seq` positions) of `spec` take on the device: a lower bound of
 /// what [`super::GpuDecoder`] checks (it adds its activation buffers), known before the model is generated.
 pub fn device_bytes(
     spec: &SyntheticSpec,
@@ -427,7 +427,12 @@ pub fn device_bytes(
     let kvd = d.hidden / d.heads * d.kv_heads;
     let shapes = [(d.hidden, d.hidden), (kvd, d.hidden), (kvd, d.hidden), (d.hidden, d.hidden)];
     let mlp = [(d.ffn, d.hidden), (d.ffn, d.hidden), (d.hidden, d.ffn)];
-    let per_layer: u128 = shapes.iter().chain(&mlp).map(|&(o, i)| QuantMatrix::bytes_for(weights, o, i)).sum();
+    // `stored` uploads the Q4_K / Q8_0 blocks as they are (bf16 stays bf16).
+    let bytes = |o, i| match weights {
+        super::devquant::GpuWeights::Stored => spec.format.matrix_bytes(o, i),
+        w => QuantMatrix::bytes_for(w, o, i),
+    };
+    let per_layer: u128 = shapes.iter().chain(&mlp).map(|&(o, i)| bytes(o, i)).sum();
     let (h, v, layers) = (d.hidden as u128, d.vocab as u128, d.layers as u128);
     let cache = 2 * layers * slots as u128 * max_seq as u128 * kvd as u128 * kv.bytes() as u128;
     layers * per_layer + 2 * v * h * 2 + spec.arm_parameters() * 2 + cache
