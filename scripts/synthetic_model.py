@@ -14,6 +14,8 @@ GGUF files use llama.cpp's tensor names and copy the tokenizer metadata (gpt2 BP
 GGUF (models/downloads, `cage fetch-model`), so llama.cpp loads them; the vocabulary is therefore 49152 in
 every shape. Tensors are generated and written one at a time, never the model: at llama-7b the peak RSS was
 0.45 GB for q4_k (30 s) and 3.4 GB for bf16 (dequantizing the 49152 x 4096 embedding; 55 s of CPU). Needs numpy and gguf==0.19.0; no torch.
+`cage bench forward --synthetic SHAPE` draws models by the same recipe in memory, in seconds and up to 65B
+(src/model/synthetic.rs); its random stream differs, so its weights are not these files'.
 """
 import argparse
 import json

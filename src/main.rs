@@ -6,6 +6,7 @@ use cage::game_json;
 use cage::gpu::KvCacheType;
 use cage::model::cli::ForwardWeights;
 use cage::model::devquant::GpuWeights;
+use cage::model::synthetic::{SyntheticFormat, SyntheticShape};
 use cage::model::weight::WeightStorage;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
@@ -131,6 +132,19 @@ enum BenchCommand {
         /// Model folder (default: the fetched SmolLM2-135M-Instruct).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Instead of --model: a model of this shape with random weights, generated in memory (`tiny`,
+        /// `llama-1b`, `llama-7b`, `llama-13b`, `llama-65b`, `llama-3.1-8b`; no tokenizer, no file).
+        #[arg(long, value_parser = NameParser::<SyntheticShape>::new())]
+        synthetic: Option<SyntheticShape>,
+        /// How the synthetic model holds its matrices: `q4_k`, `q8_0` or `bf16`.
+        #[arg(long, default_value_t = SyntheticFormat::Q4K, value_parser = NameParser::<SyntheticFormat>::new())]
+        synthetic_format: SyntheticFormat,
+        /// LoRA ARMs attached to the synthetic model, decoded in the same batch as the backbone's rows.
+        #[arg(long, default_value_t = 0, requires = "synthetic")]
+        synthetic_arms: usize,
+        /// Seed of the synthetic model's weights.
+        #[arg(long, default_value_t = cage::model::synthetic::SEED)]
+        synthetic_seed: u64,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -227,6 +241,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
         Command::Bench(BenchCommand::Forward {
             model,
+            synthetic,
+            synthetic_format,
+            synthetic_arms,
+            synthetic_seed,
             json,
             batches,
             weights,
@@ -239,6 +257,12 @@ fn run(cli: Cli) -> Result<()> {
             repeats,
         }) => cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
             model,
+            synthetic: synthetic.map(|shape| cage::model::synthetic::SyntheticSpec {
+                shape,
+                format: synthetic_format,
+                arms: synthetic_arms,
+                seed: synthetic_seed,
+            }),
             batches,
             weights,
             cpu_weights,

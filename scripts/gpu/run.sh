@@ -15,6 +15,11 @@
 #              by side: decode tok/s at batch 1 and 8, prefill tok/s (int8 / int4 dequantize, then cuBLAS); then
 #              `stored` rows: the same model's projections as GGUF Q4_K and Q8_0 blocks (scripts/gpu/gguf_blocks.py;
 #              the dry run's tiny shape takes Q8_0 only), or the folder of GGUF blocks $CAGE_STORED_MODEL names
+#   big        the largest synthetic shape the budget left allows (llama-65b, else llama-13b, else llama-7b;
+#              tiny in the dry run), generated in memory in Q4_K (no file: 65B is 37 GB even so) and held on the
+#              GPU as $big_weights: decode tok/s at batch 1 and 8, prefill tok/s, generation and upload time,
+#              device memory taken. The base alone: bench forward decodes ARMs only on their own backbone
+#              (--synthetic-arms), not 7B-shape ARMs beside a 65B base.
 #   sanitizer  compute-sanitizer memcheck (all GPU tests) and racecheck (kernels with shared-memory exchanges)
 #   criterion  the criterion kernel benches
 # What comes back ($OUT, or gpu-bundle/results): log.txt (everything, as it runs), summary.txt (one line per
@@ -24,10 +29,14 @@ set -uo pipefail
 bundle="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-$bundle/results}"
 mkdir -p "$out"
-dry=0 budget=420 stages="tests,real1b,solver,real8b,sanitizer,criterion"
+dry=0 budget=420 stages="tests,real1b,solver,real8b,big,sanitizer,criterion"
+# How the big stage holds the 65B model's projections on the GPU: stored (the Q4_K blocks as they are: no
+# conversion, the GGUF kernels; 37 GB at 65B) or int4 (quantized at upload from the Q4_K values: about 30 to 60 s
+# of host conversion at 65B). Both pass the dry run.
+big_weights=stored
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --dry-run) dry=1; budget=900; stages="tests,real1b,real8b,quant" ;;
+    --dry-run) dry=1; budget=900; stages="tests,real1b,real8b,quant,big" ;;
     --quick) stages="tests,solver" ;;
     --budget) budget="$2"; shift ;;
     --stages) stages="$2"; shift ;;
@@ -97,7 +106,7 @@ stage() {
   fi
   say "=== $name (about ${est}s; ${left}s left) ==="
   local t0=$SECONDS
-  if timeout --kill-after=10 "$left" bash -c '"$@"' stage "$@" >>"$log" 2>&1; then
+  if STAGE_LEFT=$left timeout --kill-after=10 "$left" bash -c '"$@"' stage "$@" >>"$log" 2>&1; then
     note "passed $name in $((SECONDS - t0))s"
   else
     local rc=$?
@@ -186,6 +195,24 @@ quant() {
   done
   return $rc
 }
+big() {
+  set -o pipefail
+  # Seconds each shape needs here (generation, conversion and upload, two batch sizes), from the largest down.
+  local shape="" est
+  if [[ $dry == 1 ]]; then
+    shape=tiny
+  else
+    for est in llama-65b:240 llama-13b:120 llama-7b:90; do
+      if ((STAGE_LEFT >= ${est#*:})); then shape=${est%:*}; break; fi
+    done
+  fi
+  [[ -n $shape ]] || { echo "big: ${STAGE_LEFT}s left, not enough for llama-7b"; return 1; }
+  echo "big: $shape (q4_k, gpu_weights $big_weights) with ${STAGE_LEFT}s left"
+  # shellcheck disable=SC2046
+  "$cage" bench forward --synthetic "$shape" --synthetic-format q4_k --device "$device" --gpu-weights "$big_weights" \
+    --json $([[ $dry == 1 ]] && echo --batches 1,2 --prompt-len 8 --steps 4 --repeats 1 ||
+      echo --batches 1,8 --prompt-len 64 --steps 32 --repeats 1) | tee "$res/big-$shape.json"
+}
 solver() {
   "$cage" bench solver --backend cuda --reps 50 | tee "$res/bench_solver.txt" || return 1
   "$py" "$bundle/torch_peer.py" | tee "$res/torch_peer.txt"
@@ -209,13 +236,14 @@ sanitizer() {
 }
 criterion() { "$here/benches/kernels" --bench --noplot | tee "$res/bench_kernels.txt"; }
 # The stages run in a child bash under `timeout`: it sees these functions and variables.
-export -f tests realistic quant solver sanitizer criterion pack
-export here cage res py device dry bundle out shape8
+export -f tests realistic quant big solver sanitizer criterion pack
+export here cage res py device dry bundle out shape8 big_weights
 stage tests 60 tests
 stage real1b 150 realistic 1b "$shape1" "--genarm"
 stage solver 40 solver
 stage real8b 200 realistic 8b "$shape8" "--overhead --no-compile"
 stage quant 240 quant
+stage big 90 big
 stage sanitizer 150 sanitizer
 stage criterion 60 criterion
 note "total $((SECONDS - start))s of a ${budget}s budget; exit $status"

@@ -26,6 +26,11 @@ pub struct ForwardBench {
     pub decode_tok_s: f64,
     /// Milliseconds per decode step (one token for every row).
     pub decode_step_ms: f64,
+    /// Seconds to build the decoder (a GPU decoder: converting and uploading the weights).
+    pub load_s: f64,
+    /// Device memory the decoder took (free memory before it minus after; the host's for the emulation, so
+    /// only indicative there); `None` on the CPU or where the device does not say.
+    pub device_bytes: Option<u64>,
 }
 
 /// Runs the benchmark: for each batch size, prefill `prompt_len` tokens per row, then `steps` greedy decode
@@ -75,9 +80,12 @@ pub fn bench_forward_on(
     bench_decoder(device, model, batches, prompt_len, steps, repeats, opts)
 }
 
-/// The measurement loop shared by every backend: a decoder on `device` per batch size. Repeats are
-/// outermost and the batch sizes interleaved within each: a change of machine load during the run then hits
-/// every batch size alike, and the ratios between them stay meaningful.
+/// The measurement loop shared by every backend: one decoder on `device` with a slot per row of the largest
+/// batch serves every batch size (a big model is uploaded once; a call's work depends on its rows, not on
+/// the slots). Repeats are outermost and the batch sizes interleaved within each: a change of machine load
+/// during the run then hits every batch size alike, and the ratios between them stay meaningful. A model with
+/// unmerged adapters (ARMs) decodes them in the same batch: row `r` takes the backbone when `r % (n + 1)` is 0,
+/// else adapter `r % (n + 1) - 1`.
 fn bench_decoder(
     device: Backend,
     model: Arc<Model>,
@@ -87,18 +95,28 @@ fn bench_decoder(
     repeats: usize,
     opts: GpuOptions,
 ) -> Result<Vec<ForwardBench>> {
-    if prompt_len == 0 || steps == 0 || repeats == 0 || batches.contains(&0) {
+    if prompt_len == 0 || steps == 0 || repeats == 0 || batches.is_empty() || batches.contains(&0) {
         return Err(CageError::InvalidArgument("batch sizes, prompt length, steps and repeats must be >= 1".into()));
     }
     let v = model.config.vocab_size;
-    let mut decs = batches
-        .iter()
-        .map(|&b| new_decoder_with(device, model.clone(), b, prompt_len + steps, b * prompt_len, opts))
-        .collect::<Result<Vec<_>>>()?;
+    let arms = model.adapters.len();
+    let slots = batches.iter().copied().max().unwrap_or(1);
+    let mut probe = match device {
+        Backend::Cuda => Some(crate::gpu::Gpu::cuda(0)?),
+        Backend::Emulation => Some(crate::gpu::Gpu::emulated()),
+        _ => None,
+    };
+    let mut free =
+        || -> Result<Option<usize>> { Ok(probe.as_mut().map(|g| g.device().free_memory()).transpose()?.flatten()) };
+    let before = free()?;
+    let t_load = Instant::now();
+    let mut dec = new_decoder_with(device, model.clone(), slots, prompt_len + steps, slots * prompt_len, opts)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let device_bytes = before.zip(free()?).map(|(b, a)| b.saturating_sub(a) as u64);
+    let adapter = |r: usize| (r % (arms + 1)).checked_sub(1);
     let (mut best_pre, mut best_dec) = (vec![f64::INFINITY; batches.len()], vec![f64::INFINITY; batches.len()]);
     for _ in 0..repeats {
         for (bi, &b) in batches.iter().enumerate() {
-            let dec = &mut decs[bi];
             // Deterministic pseudo-text: different ids per row so rows do not share work by accident.
             let prompts: Vec<Vec<u32>> =
                 (0..b).map(|r| (0..prompt_len).map(|i| ((r * 7919 + i * 104_729 + 17) % v) as u32).collect()).collect();
@@ -106,7 +124,7 @@ fn bench_decoder(
                 dec.reset(s);
             }
             let seqs: Vec<Seq> =
-                prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: None }).collect();
+                prompts.iter().enumerate().map(|(i, p)| Seq { slot: i, tokens: p, adapter: adapter(i) }).collect();
             let t0 = Instant::now();
             let mut next: Vec<u32> = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
             best_pre[bi] = best_pre[bi].min(t0.elapsed().as_secs_f64());
@@ -114,7 +132,7 @@ fn bench_decoder(
             for _ in 0..steps {
                 let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
                 let seqs: Vec<Seq> =
-                    toks.iter().enumerate().map(|(i, t)| Seq { slot: i, tokens: t, adapter: None }).collect();
+                    toks.iter().enumerate().map(|(i, t)| Seq { slot: i, tokens: t, adapter: adapter(i) }).collect();
                 next = dec.forward(&seqs, LogitsAt::Last)?.chunks_exact(v).map(argmax).collect();
             }
             best_dec[bi] = best_dec[bi].min(t1.elapsed().as_secs_f64());
@@ -130,6 +148,8 @@ fn bench_decoder(
             prefill_tok_s: (b * prompt_len) as f64 / best_pre[bi],
             decode_tok_s: (b * steps) as f64 / best_dec[bi],
             decode_step_ms: best_dec[bi] * 1e3 / steps as f64,
+            load_s,
+            device_bytes,
         })
         .collect())
 }

@@ -249,6 +249,8 @@ crate::spelled!(ForwardWeights, "weights");
 pub struct BenchForwardArgs {
     /// Model folder (default: the fetched SmolLM2-135M-Instruct).
     pub model: Option<PathBuf>,
+    /// A synthetic model generated in memory instead of a folder (see [`super::synthetic`]).
+    pub synthetic: Option<super::synthetic::SyntheticSpec>,
     /// Batch sizes.
     pub batches: Vec<usize>,
     /// Which CPU weights decode reads.
@@ -285,11 +287,23 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     let (batches, prompt_len, steps, repeats) = (&a.batches[..], a.prompt_len, a.steps, a.repeats);
     let opts = super::gpu::GpuOptions { kv_cache: a.kv_cache, weights: a.gpu_weights };
     use super::bench::bench_forward_on;
-    let dir = match &a.model {
-        Some(d) => d.clone(),
-        None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
+    let (dir, mut m, synthetic) = match (&a.synthetic, &a.model) {
+        (Some(_), Some(_)) => {
+            return Err(CageError::InvalidArgument("--model and --synthetic exclude each other".into()));
+        }
+        (Some(spec), None) => {
+            let (m, info) = synthetic_model(spec, a)?;
+            (PathBuf::from(spec.name()), m, Some(info))
+        }
+        (None, d) => {
+            let dir = match d {
+                Some(d) => d.clone(),
+                None => fetch_default_model(&models_dir(), &mut |line| eprintln!("cage fetch-model: {line}"))?,
+            };
+            let m = Model::load_as(&dir, a.cpu_weights)?;
+            (dir, m, None)
+        }
     };
-    let mut m = Model::load_as(&dir, a.cpu_weights)?;
     let threads = rayon::current_num_threads();
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
     let on_cpu = matches!(a.device, Backend::Auto | Backend::Cpu);
@@ -359,11 +373,19 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
         };
         crate::outln!(
             "{}",
-            json!({"model": dir.display().to_string(), "threads": threads, "prompt_len": prompt_len, "decode_steps": steps, "weights": v, "gpu": g})
+            json!({"model": dir.display().to_string(), "synthetic": synthetic, "threads": threads, "prompt_len": prompt_len, "decode_steps": steps, "weights": v, "gpu": g})
         )?;
         return Ok(());
     }
     crate::outln!("model {}, prompt {prompt_len} tokens per row, {steps} decode steps", dir.display())?;
+    if let Some(s) = &synthetic {
+        crate::outln!(
+            "{} parameters, {:.2} GB of weights in host memory, generated in {:.1} s",
+            s["parameters"],
+            s["weight_bytes"].as_f64().unwrap_or(0.0) / 1e9,
+            s["generate_s"].as_f64().unwrap_or(0.0)
+        )?;
+    }
     for (name, rows) in &variants {
         crate::outln!("CPU decoder ({threads} threads, f32 compute), weights read by decode: {name}")?;
         print_rows(rows)?;
@@ -372,14 +394,50 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
         None => {}
         Some(Ok((d, rows))) => {
             crate::outln!(
-                "GPU decoder on {} (bf16 weights, cuBLAS, f32 KV cache; logits copied back)",
-                device_name(*d)
+                "GPU decoder on {} ({} weights, cuBLAS, {} KV cache; logits copied back)",
+                device_name(*d),
+                a.gpu_weights,
+                a.kv_cache
             )?;
             print_rows(rows)?;
+            if let Some(r) = rows.first() {
+                let mem = r.device_bytes.map_or("unknown".to_string(), |b| format!("{:.2} GB", b as f64 / 1e9));
+                crate::outln!("decoder built in {:.1} s; device memory it took: {mem}", r.load_s)?;
+            }
         }
         Some(Err(why)) => crate::outln!("GPU decoder: not measured, no GPU ({why})")?,
     }
     Ok(())
+}
+
+/// Generates the synthetic model of `bench forward --synthetic` after checking, before any large allocation,
+/// that it fits the host's memory and (on a GPU device) that its weights and KV cache fit the device's free
+/// memory as `a.gpu_weights` holds them. Returns the model and its description for the report.
+fn synthetic_model(spec: &super::synthetic::SyntheticSpec, a: &BenchForwardArgs) -> Result<(Model, serde_json::Value)> {
+    // Before generating: a synthetic model holds its stored format, never the packed copies.
+    if matches!(a.device, Backend::Auto | Backend::Cpu) && a.weights == ForwardWeights::Packed {
+        return Err(CageError::InvalidArgument(format!(
+            "--weights packed: {} holds {} matrices, no packed (Q4_1 / Q8_0) copies; use --weights f32 (its \
+             stored format, then f32 where that fits)",
+            spec.name(),
+            spec.format
+        )));
+    }
+    spec.check_host()?;
+    if matches!(a.device, Backend::Cuda | Backend::Emulation) {
+        let slots = a.batches.iter().copied().max().unwrap_or(1);
+        super::synthetic::check_device(spec, a.device, a.gpu_weights, a.kv_cache, slots, a.prompt_len + a.steps)?;
+    }
+    let t0 = std::time::Instant::now();
+    let m = spec.generate()?;
+    let generate_s = t0.elapsed().as_secs_f64();
+    let info = json!({
+        "shape": spec.shape, "format": spec.format, "arms": spec.arms, "seed": spec.seed,
+        "dims": spec.shape.dims(), "parameters": super::memory::parameters(&m.config) as u64,
+        "weight_bytes": m.weight_bytes() as u64, "arm_parameters": m.lora_parameters() as u64,
+        "generate_s": generate_s,
+    });
+    Ok((m, info))
 }
 
 /// Batch sizes of the GPU forward benchmark.

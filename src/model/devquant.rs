@@ -20,6 +20,7 @@
 use crate::error::{CageError, Result};
 use crate::model::gguf::{GgmlType, dequantize_into};
 use crate::model::weight::Weight;
+use rayon::prelude::*;
 
 /// Inputs per int4 group when quantizing at upload (GPTQ's usual group size).
 pub const GROUP: usize = 128;
@@ -114,7 +115,11 @@ fn bad(msg: String) -> CageError {
 }
 
 fn check_finite(w: &[f32], name: &str) -> Result<()> {
-    match w.iter().position(|x| !x.is_finite()) {
+    // In parallel over chunks (a 65B model's upload checks 65 billion weights; rayon's per-element
+    // `position_first` costs more than the test), then the first bad weight of the first bad chunk.
+    const CHUNK: usize = 1 << 16;
+    let chunk = w.par_chunks(CHUNK).position_first(|c| c.iter().any(|x| !x.is_finite()));
+    match chunk.and_then(|c| w[c * CHUNK..].iter().position(|x| !x.is_finite()).map(|i| c * CHUNK + i)) {
         Some(i) => Err(bad(format!("{name}: weight {i} is {}, which cannot be quantized", w[i]))),
         None => Ok(()),
     }
@@ -129,17 +134,31 @@ impl Int8Matrix {
         check_finite(w, name)?;
         let mut q = vec![0i8; w.len()];
         let mut scale = vec![0f32; out];
-        for ((row, qrow), s) in w.chunks_exact(inp.max(1)).zip(q.chunks_exact_mut(inp.max(1))).zip(&mut scale) {
-            let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
-            *s = amax / 127.0;
-            if *s > 0.0 {
-                for (qi, &x) in qrow.iter_mut().zip(row) {
-                    *qi = (x / *s).round().clamp(-127.0, 127.0) as i8;
+        // Rows in parallel: a big model's upload quantizes billions of weights.
+        w.par_chunks_exact(inp.max(1)).zip(q.par_chunks_exact_mut(inp.max(1))).zip(&mut scale).for_each(
+            |((row, qrow), s)| {
+                let amax = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+                *s = amax / 127.0;
+                if *s > 0.0 {
+                    for (qi, &x) in qrow.iter_mut().zip(row) {
+                        // |x / s| <= 127 (s = max |x| / 127).
+                        *qi = round_small((x / *s).clamp(-128.0, 128.0)).clamp(-127.0, 127.0) as i8;
+                    }
                 }
-            }
-        }
+            },
+        );
         Ok(Self { q, scale, out, inp })
     }
+}
+
+/// `x.round()` (half away from zero) for `|x| < 2^22`, inline and branch-free: without SSE4.1 `f32::round`
+/// is a libm call, which was the largest cost of quantizing a big model at upload.
+#[inline(always)]
+fn round_small(x: f32) -> f32 {
+    let a = x.abs();
+    // Truncation, then the exact fraction (a and its integer part are both f32 below 2^23).
+    let i = a as i32 as f32;
+    (i + ((a - i >= 0.5) as i32 as f32)).copysign(x)
 }
 
 /// f16 bits of the nearest f16 to a positive scale, never 0 (a scale that underflows takes the smallest
@@ -163,24 +182,55 @@ impl Int4Matrix {
         }
         check_finite(w, name)?;
         let groups = inp.div_ceil(group);
+        // Rows in parallel (a big model's upload quantizes billions of weights), each into its own row of
+        // words, scales and zeros; then transposed into the input-major layouts the kernels read.
+        let words = inp / 8;
+        let mut row_words = vec![0u32; words * out];
+        let mut row_scales = vec![0u16; groups * out];
+        let mut row_zeros = vec![0u8; groups * out];
+        // (`max(1)`: an empty matrix has no rows, and chunks of 0 are not allowed.)
+        w.par_chunks_exact(inp.max(1))
+            .zip(row_words.par_chunks_exact_mut(words.max(1)))
+            .zip(row_scales.par_chunks_exact_mut(groups.max(1)).zip(row_zeros.par_chunks_exact_mut(groups.max(1))))
+            .for_each(|((row, qw), (sc, zr))| {
+                for (g, chunk) in row.chunks(group).enumerate() {
+                    let lo = chunk.iter().fold(0f32, |a, &x| a.min(x));
+                    let hi = chunk.iter().fold(0f32, |a, &x| a.max(x));
+                    let bits = f16_scale(if hi > lo { (hi - lo) / 15.0 } else { 1.0 });
+                    let s = half::f16::from_bits(bits).to_f32();
+                    let z = (-lo / s).round().clamp(0.0, 15.0);
+                    sc[g] = bits;
+                    zr[g] = z as u8;
+                    // Eight codes packed in a register per word (the group and the row are whole words).
+                    for (k, eight) in chunk.chunks_exact(8).enumerate() {
+                        // A fixed-size array: the compiler unrolls and vectorizes the eight codes.
+                        let eight: &[f32; 8] = eight.try_into().expect("chunks of 8");
+                        let mut word = 0u32;
+                        for (j, &x) in eight.iter().enumerate() {
+                            // x / s lies within about [-15, 15]; clamping it to +-32 first changes no code (a
+                            // value beyond rounds out of 0..=15 with any zero either way) and keeps the
+                            // rounding exact.
+                            let q = (round_small((x / s).clamp(-32.0, 32.0)) + z).clamp(0.0, 15.0) as i32;
+                            word |= (q as u32) << (4 * j);
+                        }
+                        qw[g * group / 8 + k] = word;
+                    }
+                }
+            });
+        let transpose = |src: &[u32], n: usize| -> Vec<u32> {
+            let mut t = vec![0u32; n * out];
+            t.par_chunks_exact_mut(out.max(1)).enumerate().for_each(|(k, dst)| {
+                dst.iter_mut().enumerate().for_each(|(o, d)| *d = src[o * n + k]);
+            });
+            t
+        };
+        let qweight = transpose(&row_words, words);
         let mut scales = vec![0u16; groups * out];
         let mut zeros = vec![0u8; groups * out];
-        let mut qweight = vec![0u32; inp / 8 * out];
         for o in 0..out {
-            let row = &w[o * inp..(o + 1) * inp];
-            for (g, chunk) in row.chunks(group).enumerate() {
-                let lo = chunk.iter().fold(0f32, |a, &x| a.min(x));
-                let hi = chunk.iter().fold(0f32, |a, &x| a.max(x));
-                let bits = f16_scale(if hi > lo { (hi - lo) / 15.0 } else { 1.0 });
-                let s = half::f16::from_bits(bits).to_f32();
-                let z = (-lo / s).round().clamp(0.0, 15.0);
-                scales[g * out + o] = bits;
-                zeros[g * out + o] = z as u8;
-                for (j, &x) in chunk.iter().enumerate() {
-                    let i = g * group + j;
-                    let q = ((x / s).round() + z).clamp(0.0, 15.0) as u32;
-                    qweight[(i / 8) * out + o] |= q << (4 * (i % 8));
-                }
+            for g in 0..groups {
+                scales[g * out + o] = row_scales[o * groups + g];
+                zeros[g * out + o] = row_zeros[o * groups + g];
             }
         }
         Ok(Self { qweight, qzeros: pack_zeros(&zeros, out), scales, group, out, inp })

@@ -342,7 +342,13 @@ fn upload_linear(dev: &mut dyn Device, parts: &[&Linear], weights: GpuWeights, n
             }
         }
         _ => {
-            let f: Vec<f32> = parts.iter().flat_map(|l| l.w.to_f32()).collect();
+            // Each part dequantized in parallel straight into its rows of the stacked matrix.
+            let mut f = vec![0f32; out * inp];
+            let mut at = 0;
+            for l in parts {
+                l.w.to_f32_into(&mut f[at..at + l.out * inp]);
+                at += l.out * inp;
+            }
             match QuantMatrix::quantize(weights, &f, out, inp, name)? {
                 None => LinWeight::Bf16(upload_bf16(dev, &f)?),
                 Some(q) => LinWeight::Quant(QuantLinear::upload(dev, &q)?),
@@ -503,11 +509,11 @@ impl GpuDecoder {
         // A LoRA slice of a fused projection is at most q_dim or ffn wide.
         let slice = if max_r > 0 { qd.max(ffn) } else { 0 };
         // The largest (fused) projection, dequantized to bf16 for calls above the GEMV's rows: q / k / v or gate / up.
-        // Whether `stored` keeps any projection quantized (GGUF blocks the kernels take).
-        let has_blocks = model.layers.iter().any(|l| {
-            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .iter()
-                .any(|lin| matches!(&lin.w, Weight::Quant { ty, .. } if devquant::gguf_on_gpu(*ty)))
+        // Whether `stored` keeps any projection quantized (GGUF blocks the kernels take, GPTQ / AWQ int4 codes).
+        let has_blocks = model.layers.iter().flat_map(|l| l.linears()).any(|lin| match &lin.w {
+            Weight::Quant { ty, .. } => devquant::gguf_on_gpu(*ty),
+            Weight::Int4(_) => true,
+            _ => false,
         });
         let quantized = match weights {
             GpuWeights::Bf16 => false,

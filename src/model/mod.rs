@@ -5,7 +5,7 @@
 //! format, multiplied by [`weight_kernels`]),
 //! [`lora`] loads adapters, [`memory`] checks that a model fits before it loads, [`forward`] runs batches with a KV cache behind the [`forward::Decoder`] trait
 //! (the seam for other backends), [`gptq`] loads GPTQ / AWQ int4 folders as stored, [`gpu`] runs the same batches on a CUDA device ([`GpuDecoder`]), [`score`] reads reward models' score heads, [`tokenizer`] tokenizes and renders chat templates, [`gguf`] and [`import`]
-//! turn llama.cpp files into model folders ([`kquant`] multiplies their K-quant blocks directly), [`fetch`] gets the default model, [`cli`] implements the
+//! turn llama.cpp files into model folders ([`kquant`] multiplies their K-quant blocks directly), [`synthetic`] draws random models of real shapes in memory (benchmarks), [`fetch`] gets the default model, [`cli`] implements the
 //! `cage` subcommands.
 
 pub mod bench;
@@ -26,6 +26,7 @@ pub mod memory;
 pub mod packed;
 pub mod pblora;
 pub mod score;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weight;
 pub mod weight_kernels;

@@ -109,6 +109,35 @@ impl Weight {
         }
     }
 
+    /// All values as f32 into `out` (`numel` long), converted in parallel over chunks of whole blocks: the GPU
+    /// upload of a 65B model converts 65 billion weights, minutes on one core.
+    pub fn to_f32_into(&self, out: &mut [f32]) {
+        use rayon::prelude::*;
+        // Whole blocks of every format (256 weights: a Q4_K block, eight Q8_0 blocks), 1 MiB of f32 a task.
+        const CHUNK: usize = 1 << 18;
+        assert_eq!(out.len(), self.numel(), "to_f32_into: the output holds {} values, not {}", out.len(), self.numel());
+        match self {
+            Weight::F32(w) => {
+                out.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK)).for_each(|(o, w)| o.copy_from_slice(w))
+            }
+            Weight::Bf16(w) => out.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK)).for_each(|(o, w)| {
+                o.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32());
+            }),
+            Weight::F16(w) => out.par_chunks_mut(CHUNK).zip(w.par_chunks(CHUNK)).for_each(|(o, w)| {
+                o.iter_mut().zip(w).for_each(|(o, v)| *o = v.to_f32());
+            }),
+            Weight::Quant { ty, raw } => {
+                let (per, bytes) = ty.block();
+                // CHUNK is a multiple of every block's weights (32 or 256).
+                out.par_chunks_mut(CHUNK)
+                    .zip(raw.par_chunks(CHUNK / per * bytes))
+                    .for_each(|(o, r)| dequantize_into(*ty, r, o));
+            }
+            // GPTQ / AWQ codes reach the GPU as stored (gptq::stack); this copy is the rare fallback.
+            Weight::Int4(_) => out.copy_from_slice(&self.to_f32()),
+        }
+    }
+
     /// The values as f32 to modify in place (LoRA merging), expanding the matrix to f32 first if it is held in
     /// another format: a merged update is not representable in the stored blocks.
     pub fn make_f32(&mut self) -> &mut Vec<f32> {
@@ -124,17 +153,21 @@ impl Weight {
     /// The values rounded to bf16 (the GPU's weight format), converted row by row (`cols` per row) without a
     /// whole f32 copy.
     pub fn to_bf16(&self, cols: usize) -> Vec<bf16> {
+        use rayon::prelude::*;
         match self {
             Weight::Bf16(w) => w.clone(),
-            Weight::F32(w) => w.iter().map(|&v| bf16::from_f32(v)).collect(),
+            Weight::F32(w) => w.par_iter().map(|&v| bf16::from_f32(v)).collect(),
+            _ if cols == 0 => vec![],
+            // In parallel over rows (the GPU upload of a big model), with one row of f32 scratch per thread.
             _ => {
-                let rows = self.numel().checked_div(cols).unwrap_or(0);
-                let mut row = vec![0f32; cols];
-                let mut out = Vec::with_capacity(rows * cols);
-                for i in 0..rows {
-                    self.row_into(i, cols, &mut row);
-                    out.extend(row.iter().map(|&v| bf16::from_f32(v)));
-                }
+                let mut out = vec![bf16::ZERO; self.numel() / cols * cols];
+                out.par_chunks_mut(cols).enumerate().for_each_init(
+                    || vec![0f32; cols],
+                    |row, (i, o)| {
+                        self.row_into(i, cols, row);
+                        o.iter_mut().zip(row.iter()).for_each(|(o, &v)| *o = bf16::from_f32(v));
+                    },
+                );
                 out
             }
         }
