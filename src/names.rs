@@ -40,7 +40,9 @@ pub fn parse<T: Named>(s: &str) -> Result<T> {
     T::from_str(s.trim(), false).map_err(|_| CageError::InvalidArgument(unknown::<T>(s)))
 }
 
-fn unknown<T: Named>(s: &str) -> String {
+/// The message for a bad value `s` of `T`: the value and the accepted names. Configs wrap it in the field's path
+/// (`cpu_weights: unknown cpu_weights "f16" (expected one of stored, f32)`), so it carries no error kind.
+pub fn unknown<T: Named>(s: &str) -> String {
     format!("unknown {} {s:?} (expected one of {})", T::WHAT, accepted::<T>())
 }
 
@@ -115,7 +117,8 @@ macro_rules! spelled {
         impl<'de> ::serde::Deserialize<'de> for $t {
             fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> ::std::result::Result<Self, D::Error> {
                 let s = <::std::borrow::Cow<'de, str> as ::serde::Deserialize>::deserialize(d)?;
-                $crate::names::parse(&s).map_err(::serde::de::Error::custom)
+                <$t as ::clap::ValueEnum>::from_str(s.trim(), false)
+                    .map_err(|_| ::serde::de::Error::custom($crate::names::unknown::<$t>(&s)))
             }
         }
     };
@@ -148,8 +151,9 @@ mod tests {
         }
         let e = parse::<T>("nonsense").unwrap_err().to_string();
         assert!(e.contains(&format!("unknown {} \"nonsense\"", T::WHAT)) && e.contains(names[0]), "{e}");
+        // A config's error is the field's path, then this message: no second error kind inside it.
         let e = serde_json::from_str::<T>("\"nonsense\"").unwrap_err().to_string();
-        assert!(e.contains("nonsense") && e.contains(&accepted::<T>()), "{e}");
+        assert!(e.starts_with(&format!("unknown {} \"nonsense\"", T::WHAT)) && e.contains(&accepted::<T>()), "{e}");
     }
 
     #[test]
