@@ -347,6 +347,29 @@ fn the_packers_own_config_files_stand_in_for_quantization_config() {
 }
 
 #[test]
+fn auto_gptq_weights_under_their_own_file_name_load() {
+    // auto-gptq saves `<model_file_base_name>.safetensors` instead of model.safetensors.
+    let dir = patched("tiny-gptq", 201, true, |_| {});
+    let cfg = |base: &str| {
+        let q = json!({"bits": 4, "group_size": 32, "desc_act": false, "sym": true, "model_file_base_name": base});
+        std::fs::write(dir.join("quantize_config.json"), q.to_string()).unwrap();
+    };
+    std::fs::rename(dir.join("model.safetensors"), dir.join("gptq_model-4bit-32g.safetensors")).unwrap();
+    // Without the setting, the folder has no weights file cage knows.
+    let e = load_err(&dir);
+    assert!(e.contains("no model.safetensors"), "{e}");
+    cfg("gptq_model-4bit-32g");
+    let got = Model::load(&dir).unwrap();
+    assert_eq!(got.layers[1].down.w.to_f32(), load("tiny-gptq").layers[1].down.w.to_f32());
+    for (base, words) in [("other", "no other.safetensors"), ("../x", "is not a file name")] {
+        cfg(base);
+        let e = load_err(&dir);
+        assert!(e.contains(words) && e.contains("model_file_base_name"), "{base}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn gpu_int4_runs_the_stored_codes() {
     on_every_device("gpu_int4_runs_the_stored_codes", |gpu, dev| {
         for name in ["tiny-gptq", "tiny-awq"] {

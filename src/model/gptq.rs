@@ -120,6 +120,39 @@ pub struct Int4Config {
     pub group: Option<usize>,
 }
 
+/// The weights file auto-gptq saved under its own name (`model_file_base_name` in `quantize_config.json`, e.g.
+/// `gptq_model-4bit-128g`, + `.safetensors`), for folders without `model.safetensors`; `None` when the folder has
+/// no such setting. A name that leaves the folder, or a file that is not there, is an error naming both.
+pub fn model_file(dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    let p = dir.join("quantize_config.json");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p)
+        .map_err(|source| CageError::Io { context: format!("reading {}", p.display()), source })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| CageError::Format { what: p.display().to_string(), msg: e.to_string() })?;
+    let Some(base) = v.get("model_file_base_name").and_then(Value::as_str) else { return Ok(None) };
+    let model = dir.display().to_string();
+    if base.is_empty() || base.contains('/') || base.contains('\\') || base.contains("..") {
+        return Err(model_err(
+            &model,
+            format!("quantize_config.json: model_file_base_name {base:?} is not a file name"),
+        ));
+    }
+    let file = dir.join(format!("{base}.safetensors"));
+    if !file.is_file() {
+        return Err(model_err(
+            &model,
+            format!(
+                "quantize_config.json names model_file_base_name {base:?}, but there is no {base}.safetensors (nor \
+                 model.safetensors) in this folder"
+            ),
+        ));
+    }
+    Ok(Some(file))
+}
+
 fn model_err(model: &str, msg: String) -> CageError {
     CageError::Model { model: model.to_string(), msg }
 }

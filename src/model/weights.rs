@@ -35,8 +35,8 @@ fn parse<'a>(path: &Path, m: &'a [u8]) -> Result<SafeTensors<'a>> {
 }
 
 impl TensorStore {
-    /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`, or a single
-    /// file given directly (adapters).
+    /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`, or the file
+    /// auto-gptq's `quantize_config.json` names, or a single file given directly (adapters).
     pub fn open(path: &Path) -> Result<Self> {
         let what = path.display().to_string();
         let mut paths = Vec::new();
@@ -66,6 +66,8 @@ impl TensorStore {
                 }
                 paths.push(path.join(s));
             }
+        } else if let Some(file) = super::gptq::model_file(path)? {
+            paths.push(file);
         } else {
             return Err(CageError::Model {
                 model: what,
