@@ -420,7 +420,13 @@ fn bench_forward_ffi_and_solver_run_or_refuse_clearly() {
     // A model with f32 weights only: packed is refused, not measured as f32 under its name.
     let f32_only = fixture("tiny-llama");
     let e = run_cage(["bench", "forward", "--model", f32_only.to_str().unwrap(), "--weights", "packed"]).failed();
-    assert!(e.contains("--weights packed") && e.contains("tiny-llama") && e.contains("no packed"), "{e}");
+    assert!(
+        e.contains("--weights packed")
+            && e.contains("tiny-llama")
+            && e.contains("no packed")
+            && e.contains("held as f32"),
+        "{e}"
+    );
     // At least 5 batches of 100 calls each way, as documented, and a time for each.
     let r = run_cage(["bench", "ffi", "--calls", "120"]).ok();
     assert!(r.stdout.contains("(500 calls each)"), "{}", r.stdout);

@@ -308,8 +308,11 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     let packed = m.embed_packed.is_some() || m.layers.iter().any(|l| l.q.packed.is_some());
     let on_cpu = matches!(a.device, Backend::Auto | Backend::Cpu);
     if on_cpu && a.weights == ForwardWeights::Packed && !packed {
+        // The packed copies are built only for f32 imports; a model kept as stored holds its own format.
+        let held = m.layers.first().map_or_else(|| "f32".to_string(), |l| l.q.w.label());
         return Err(CageError::InvalidArgument(format!(
-            "--weights packed: model {} has no packed (Q4_1 / Q8_0) copies, only f32 weights; use --weights f32",
+            "--weights packed: model {} has no packed (Q4_1 / Q8_0) copies, its matrices are held as {held}; use \
+             --weights f32 (which measures them as held, then as f32)",
             dir.display()
         )));
     }
