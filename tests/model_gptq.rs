@@ -13,10 +13,9 @@
 //!   the same model, whose upload dequantizes and rounds to bf16 exactly what the int4 prefill path multiplies
 //!   (tests/model_gpu_quant.rs explains its two tolerances, reused here).
 
-use cage::gpu::quant::GEMV_MAX_TOKENS;
 use cage::model::Model;
 use cage::model::devquant::{GpuWeights, Int4Matrix, QuantMatrix};
-use cage::model::forward::{CpuDecoder, Decoder, LogitsAt, Seq, argmax, greedy};
+use cage::model::forward::{CpuDecoder, Decoder, LogitsAt, Seq, greedy};
 use cage::model::gptq::{Int4Config, held_bytes, stack};
 use cage::model::gpu::GpuDecoder;
 use cage::model::weight::{Weight, WeightStorage};
@@ -30,6 +29,9 @@ use std::sync::Arc;
 #[path = "common/skip.rs"]
 mod support;
 use support::on_every_device;
+#[path = "common/decode_pair.rs"]
+mod pair;
+use pair::{max_diff, run_pair};
 
 /// Logits against transformers on the dequantized weights: f32 summation order only (as tests/model_tiny.rs).
 const TOL: f32 = 1e-4;
@@ -148,11 +150,6 @@ fn int4_cpu_logits_match_transformers_on_the_dequantized_weights() {
             g["greedy"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(out[0], want_greedy, "{name}: greedy continuation");
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// A deterministic pseudo-random stream in [-1, 1).
@@ -395,31 +392,4 @@ fn gpu_int4_runs_the_stored_codes() {
         }
         GpuDecoder::new(gpu(), m, 1, 16, 16).unwrap();
     });
-}
-
-/// Deterministic prompts of the given lengths.
-fn prompts(lens: &[usize], v: usize) -> Vec<Vec<u32>> {
-    lens.iter().enumerate().map(|(r, &n)| (0..n).map(|i| ((r * 31 + i * 17 + 3) % v) as u32).collect()).collect()
-}
-
-/// A prefill of 41 tokens (the dequantize-then-GEMM path) and 4 decoding steps (the GEMV) on `a` and `b`, both
-/// fed `a`'s greedy tokens; the largest logit difference of each.
-fn run_pair(a: &mut dyn Decoder, b: &mut dyn Decoder, v: usize) -> (f32, f32) {
-    let ps = prompts(&[13, 17, 11], v);
-    assert!(ps.iter().map(Vec::len).sum::<usize>() > GEMV_MAX_TOKENS);
-    let seqs: Vec<Seq> = ps.iter().enumerate().map(|(slot, p)| Seq { slot, tokens: p, adapter: None }).collect();
-    let la = a.forward(&seqs, LogitsAt::Last).unwrap().to_vec();
-    let lb = b.forward(&seqs, LogitsAt::Last).unwrap().to_vec();
-    let prefill = max_diff(&la, &lb);
-    let mut ends: Vec<u32> = la.chunks_exact(v).map(argmax).collect();
-    let mut steps = 0f32;
-    for _ in 0..4 {
-        let toks: Vec<[u32; 1]> = ends.iter().map(|&t| [t]).collect();
-        let seqs: Vec<Seq> = toks.iter().enumerate().map(|(slot, t)| Seq { slot, tokens: t, adapter: None }).collect();
-        let la = a.forward(&seqs, LogitsAt::Last).unwrap().to_vec();
-        let lb = b.forward(&seqs, LogitsAt::Last).unwrap().to_vec();
-        steps = steps.max(max_diff(&la, &lb));
-        ends = la.chunks_exact(v).map(argmax).collect();
-    }
-    (prefill, steps)
 }

@@ -241,15 +241,35 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 fn gemm_tile(w: Stored, x: &[f32], m: usize, k: usize, n: usize, t: usize, out: &SendPtr, acc: bool, alpha: f32) {
     let (lo, hi) = (t * TILE, ((t + 1) * TILE).min(n));
+    expanded_gemm(x, m, k, n, lo..hi, out, acc, alpha, |b| {
+        for (i, o) in (lo..hi).enumerate() {
+            row_into(w, o, k, &mut b[i * k..(i + 1) * k]);
+        }
+    });
+}
+
+/// `out[:, cols] (+)= alpha x W[cols]^T` with the weight rows `cols` expanded to f32 by `fill` (row `o - cols.start`
+/// of its `[cols.len(), k]` buffer for output `o`), in a per-thread buffer that grows to the largest tile once.
+#[allow(clippy::too_many_arguments)]
+fn expanded_gemm(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    cols: std::ops::Range<usize>,
+    out: &SendPtr,
+    acc: bool,
+    alpha: f32,
+    fill: impl FnOnce(&mut [f32]),
+) {
+    let (lo, hi) = (cols.start, cols.end);
     BUF.with(|b| {
         let mut b = b.borrow_mut();
         if b.len() < (hi - lo) * k {
             b.resize((hi - lo) * k, 0.0);
         }
-        for (i, o) in (lo..hi).enumerate() {
-            row_into(w, o, k, &mut b[i * k..(i + 1) * k]);
-        }
-        // SAFETY: out holds m*n floats (asserted by the caller) and this task writes only its columns lo..hi;
+        fill(&mut b[..(hi - lo) * k]);
+        // SAFETY: out holds m*n floats (asserted by the callers) and this task writes only its columns lo..hi;
         // the buffer holds (hi - lo) rows of k floats; the strides describe row-major x and out and the
         // transpose of the row-major tile.
         unsafe {
@@ -933,11 +953,7 @@ fn int4_gemm_tile(
     alpha: f32,
 ) {
     let (n, k, lo, hi) = (w.out, w.inp, cols.start, cols.end);
-    BUF.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < (hi - lo) * k {
-            b.resize((hi - lo) * k, 0.0);
-        }
+    expanded_gemm(x, m, k, n, cols, out, acc, alpha, |b| {
         // Word rows in order (contiguous along the output), each word's 8 inputs written together.
         for kk in 0..k / 8 {
             for (t, &word) in w.qweight[kk * n + lo..kk * n + hi].iter().enumerate() {
@@ -950,31 +966,6 @@ fn int4_gemm_tile(
                     b[t * k + i] = s * (((word >> (4 * j)) & 15) as f32 - z as f32);
                 }
             }
-        }
-        // SAFETY: as in `gemm_tile`: out holds m x n floats and this task writes only columns lo..hi; the
-        // buffer holds (hi - lo) rows of k floats.
-        unsafe {
-            gemm(
-                m,
-                hi - lo,
-                k,
-                out.0.add(lo),
-                1,
-                n as isize,
-                acc,
-                x.as_ptr(),
-                1,
-                k as isize,
-                b.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                alpha,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
         }
     });
 }
