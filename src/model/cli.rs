@@ -333,12 +333,12 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
         let rows = super::bench::bench_forward(m.clone(), batches, prompt_len, steps, repeats)?;
         variants.push((f.clone(), rows));
     }
-    // The f32 row needs the f32 copy beside the loaded model (a 7B bf16 model: 27 GB more; to_f32_weights
-    // converts a clone, so up to 8 bytes a parameter at its peak): measured only when that fits the host's
-    // memory, otherwise said and left out.
+    // The f32 row needs the f32 copy beside the loaded model (a 7B bf16 model: 27 GB more, 4 bytes a parameter:
+    // to_f32_weights converts from the loaded matrices without cloning them): measured only when that fits the
+    // host's memory, otherwise said and left out.
     let mut f32_row = on_cpu && (a.weights != ForwardWeights::Packed || !packed);
     if stored.is_some() && f32_row {
-        let need = super::memory::parameters(&m.config) * 8;
+        let need = super::memory::parameters(&m.config) * 4;
         let (model, what) = (dir.display().to_string(), "its f32 copy beside the loaded one");
         match super::memory::check_fits(&model, what, need, "host memory", super::memory::host_available()) {
             Ok(()) => m = Arc::new(m.to_f32_weights()),

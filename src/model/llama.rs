@@ -138,20 +138,41 @@ impl Model {
     }
 
     /// The same model with every matrix expanded to f32 (packed copies dropped): the reference the stored
-    /// formats are compared with.
+    /// formats are compared with. Each matrix is converted from this model's, never from a clone of it, so the
+    /// peak is this model plus its f32 copy (a 7B bf16 model: 14 + 28 GB, not 14 + 14 + 28).
     pub fn to_f32_weights(&self) -> Model {
-        let mut m = self.clone();
-        m.unpack_weights();
-        m.embed = Weight::F32(m.embed.to_f32());
-        for l in m
-            .layers
-            .iter_mut()
-            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
-            .chain(m.lm_head.as_mut())
-        {
-            l.w = Weight::F32(l.w.to_f32());
+        let lin = |l: &Linear| Linear {
+            w: Weight::F32(l.w.to_f32()),
+            bias: l.bias.clone(),
+            inp: l.inp,
+            out: l.out,
+            lora: l.lora.clone(),
+            packed: None,
+        };
+        Model {
+            config: self.config.clone(),
+            embed: Weight::F32(self.embed.to_f32()),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    ln1: l.ln1.clone(),
+                    q: lin(&l.q),
+                    k: lin(&l.k),
+                    v: lin(&l.v),
+                    o: lin(&l.o),
+                    ln2: l.ln2.clone(),
+                    gate: lin(&l.gate),
+                    up: lin(&l.up),
+                    down: lin(&l.down),
+                })
+                .collect(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.as_ref().map(lin),
+            adapters: self.adapters.clone(),
+            source: self.source.clone(),
+            embed_packed: None,
         }
-        m
     }
 
     /// Bytes the matrices, norms and biases take as held (packed copies and adapters excluded).
