@@ -45,7 +45,7 @@ pub struct DeviceStep<'a> {
 /// The buffers of [`Gpu::decode_step_device`] besides the candidates' (those of [`Gpu::candidates`]).
 #[derive(Default)]
 pub(super) struct StepBuffers {
-    /// B x k zeros: the one principal of value 0 when J = 0.
+    /// At least B x k zeros: the one principal of value 0 when J = 0 (uploaded when it grows, not each step).
     zero: DevBuf,
     values: DevBuf,
     weights: DevBuf,
@@ -113,7 +113,12 @@ impl Gpu {
         let j_eff = j.max(1);
         let (dev, bufs) = (self.dev.as_mut(), &mut self.step);
         let values = if j == 0 {
-            bufs.zero.upload_staged(dev, &vec![0f32; b * k])?
+            // Uploaded only when it grows: nothing writes it, so a larger earlier shape's zeros serve.
+            if bufs.zero.ptr() == 0 || bufs.zero.bytes() < b * k * 4 {
+                bufs.zero.upload_staged(dev, &vec![0f32; b * k])?
+            } else {
+                bufs.zero.ptr()
+            }
         } else {
             let args = ValuesArgs {
                 tag: "f32",
