@@ -3,11 +3,6 @@
 use cage::Backend;
 use cage::error::{CageError, Result};
 use cage::game_json;
-use cage::gpu::KvCacheType;
-use cage::model::cli::ForwardWeights;
-use cage::model::devquant::GpuWeights;
-use cage::model::synthetic::{SyntheticFormat, SyntheticShape};
-use cage::model::weight::WeightStorage;
 use cage::names::NameParser;
 use cage::solver::{Method, SolveOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -128,57 +123,7 @@ enum BenchCommand {
         reps: usize,
     },
     /// Prefill and decode tokens per second of a model at several batch sizes (CPU; the GPU decoder when usable).
-    Forward {
-        /// Model folder (default: the fetched SmolLM2-135M-Instruct).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Instead of --model: a model of this shape with random weights, generated in memory (`tiny`,
-        /// `llama-1b`, `llama-7b`, `llama-13b`, `llama-65b`, `llama-3.1-8b`; no tokenizer, no file).
-        #[arg(long, value_parser = NameParser::<SyntheticShape>::new())]
-        synthetic: Option<SyntheticShape>,
-        /// How the synthetic model holds its matrices: `q4_k`, `q8_0` or `bf16`.
-        #[arg(long, default_value_t = SyntheticFormat::Q4K, value_parser = NameParser::<SyntheticFormat>::new())]
-        synthetic_format: SyntheticFormat,
-        /// LoRA ARMs attached to the synthetic model, decoded in the same batch as the backbone's rows.
-        #[arg(long, default_value_t = 0, requires = "synthetic")]
-        synthetic_arms: usize,
-        /// Seed of the synthetic model's weights.
-        #[arg(long, default_value_t = cage::model::synthetic::SEED)]
-        synthetic_seed: u64,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-        /// Batch sizes, comma-separated.
-        #[arg(long, default_value = "1,4,8,32", value_delimiter = ',')]
-        batches: Vec<usize>,
-        /// Which weights decode reads: `packed` (the lossless Q4_1 / Q8_0 copies), `f32`, or `both`.
-        #[arg(long, default_value_t = ForwardWeights::Both, value_parser = NameParser::<ForwardWeights>::new())]
-        weights: ForwardWeights,
-        /// How the model's matrices are held once loaded: `stored` (as the files hold them: measured, then
-        /// the same model as f32) or `f32` (expanded at load: the f32 and packed rows only).
-        #[arg(long, default_value_t = WeightStorage::Stored, value_parser = NameParser::<WeightStorage>::new())]
-        cpu_weights: WeightStorage,
-        /// Where to measure: `cpu`, `cuda`, `emulation`, or `auto` (the default: the CPU, and the GPU when one
-        /// is usable). A big model on a GPU machine is measured with `cuda` alone.
-        #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
-        device: Backend,
-        /// The GPU decoder's KV cache: `f32` (exact keys and values) or `bf16` (half the bytes).
-        #[arg(long, default_value_t = KvCacheType::F32, value_parser = NameParser::<KvCacheType>::new())]
-        kv_cache: KvCacheType,
-        /// How the GPU decoder holds the linear layers: `bf16` (the default), `int8` or `int4` (weight-only,
-        /// quantized at upload), or `stored` (GGUF blocks as loaded, other formats bf16); GPU devices only.
-        #[arg(long, default_value_t = GpuWeights::Bf16, value_parser = NameParser::<GpuWeights>::new())]
-        gpu_weights: GpuWeights,
-        /// Prompt tokens per row.
-        #[arg(long, default_value_t = 64)]
-        prompt_len: usize,
-        /// Decode steps per repeat.
-        #[arg(long, default_value_t = 32)]
-        steps: usize,
-        /// Repeats (the best counts; the first warms caches).
-        #[arg(long, default_value_t = 2)]
-        repeats: usize,
-    },
+    Forward(cage::model::cli::BenchForwardArgs),
     /// Tokens per second of every decoding method with the same forwards, and a decode step split into
     /// forwards, values, equilibrium and sampling.
     Decode(cage::decode::cli::BenchDecodeArgs),
@@ -239,41 +184,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench(BenchCommand::Solver { backend, reps }) => cage::gpu::bench::cli(backend, reps),
-        Command::Bench(BenchCommand::Forward {
-            model,
-            synthetic,
-            synthetic_format,
-            synthetic_arms,
-            synthetic_seed,
-            json,
-            batches,
-            weights,
-            cpu_weights,
-            device,
-            kv_cache,
-            gpu_weights,
-            prompt_len,
-            steps,
-            repeats,
-        }) => cage::model::cli::bench_forward_cmd(&cage::model::cli::BenchForwardArgs {
-            model,
-            synthetic: synthetic.map(|shape| cage::model::synthetic::SyntheticSpec {
-                shape,
-                format: synthetic_format,
-                arms: synthetic_arms,
-                seed: synthetic_seed,
-            }),
-            batches,
-            weights,
-            cpu_weights,
-            device,
-            kv_cache,
-            gpu_weights,
-            prompt_len,
-            steps,
-            repeats,
-            json,
-        }),
+        Command::Bench(BenchCommand::Forward(a)) => cage::model::cli::bench_forward_cmd(&a),
         Command::Bench(BenchCommand::Decode(a)) => cage::decode::cli::bench_decode_cmd(&a),
         Command::Bench(BenchCommand::Ffi { calls }) => {
             cage::outln!("{}", cage::ffi::bench::overhead(calls)?)

@@ -1,14 +1,19 @@
 //! Bodies of the model subcommands of the `cage` binary (`import-gguf`, `fetch-model`, `logits`, `score`), kept here
 //! so that `main.rs` only parses arguments.
 
+use super::devquant::GpuWeights;
 use super::fetch::{fetch_default_model, models_dir};
 use super::forward::{LogitsAt, Seq};
 use super::llama::Model;
 use super::lora::Adapter;
 use super::score::RewardModel;
+use super::synthetic::{SyntheticFormat, SyntheticShape, SyntheticSpec};
 use super::tokenizer::{PromptFormat, Tokenizer};
+use super::weight::WeightStorage;
 use crate::backend::Backend;
 use crate::error::{CageError, Result};
+use crate::gpu::KvCacheType;
+use crate::names::NameParser;
 use crate::progress::Progress;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -246,32 +251,70 @@ pub enum ForwardWeights {
 crate::spelled!(ForwardWeights, "weights");
 
 /// Options of `cage bench forward`.
+#[derive(clap::Args, Debug, Clone)]
 pub struct BenchForwardArgs {
     /// Model folder (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A synthetic model generated in memory instead of a folder (see [`super::synthetic`]).
-    pub synthetic: Option<super::synthetic::SyntheticSpec>,
-    /// Batch sizes.
+    /// Instead of --model: a model of this shape with random weights, generated in memory (`tiny`,
+    /// `llama-1b`, `llama-7b`, `llama-13b`, `llama-65b`, `llama-3.1-8b`; no tokenizer, no file).
+    #[arg(long, value_parser = NameParser::<SyntheticShape>::new())]
+    pub synthetic: Option<SyntheticShape>,
+    /// How the synthetic model holds its matrices: `q4_k`, `q8_0` or `bf16`.
+    #[arg(long, default_value_t = SyntheticFormat::Q4K, value_parser = NameParser::<SyntheticFormat>::new())]
+    pub synthetic_format: SyntheticFormat,
+    /// LoRA ARMs attached to the synthetic model, decoded in the same batch as the backbone's rows.
+    #[arg(long, default_value_t = 0, requires = "synthetic")]
+    pub synthetic_arms: usize,
+    /// Seed of the synthetic model's weights.
+    #[arg(long, default_value_t = super::synthetic::SEED)]
+    pub synthetic_seed: u64,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    /// Batch sizes, comma-separated.
+    #[arg(long, default_value = "1,4,8,32", value_delimiter = ',')]
     pub batches: Vec<usize>,
-    /// Which CPU weights decode reads.
+    /// Which weights decode reads: `packed` (the lossless Q4_1 / Q8_0 copies), `f32`, or `both`.
+    #[arg(long, default_value_t = ForwardWeights::Both, value_parser = NameParser::<ForwardWeights>::new())]
     pub weights: ForwardWeights,
-    /// How the model's matrices are held once loaded (`f32`: no stored-format row).
-    pub cpu_weights: super::weight::WeightStorage,
-    /// `auto`: the CPU, and the GPU at batch 1, 8 and 32 when one is usable; otherwise that one device at
-    /// `batches`.
+    /// How the model's matrices are held once loaded: `stored` (as the files hold them: measured, then
+    /// the same model as f32) or `f32` (expanded at load: the f32 and packed rows only).
+    #[arg(long, default_value_t = WeightStorage::Stored, value_parser = NameParser::<WeightStorage>::new())]
+    pub cpu_weights: WeightStorage,
+    /// Where to measure: `cpu`, `cuda`, `emulation`, or `auto` (the default: the CPU, and the GPU when one
+    /// is usable). A big model on a GPU machine is measured with `cuda` alone.
+    #[arg(long, default_value_t = Backend::Auto, value_parser = NameParser::<Backend>::new())]
     pub device: Backend,
-    /// The GPU decoder's KV-cache type.
-    pub kv_cache: crate::gpu::KvCacheType,
-    /// How the GPU decoder holds the linear layers.
-    pub gpu_weights: super::devquant::GpuWeights,
+    /// The GPU decoder's KV cache: `f32` (exact keys and values) or `bf16` (half the bytes).
+    #[arg(long, default_value_t = KvCacheType::F32, value_parser = NameParser::<KvCacheType>::new())]
+    pub kv_cache: KvCacheType,
+    /// How the GPU decoder holds the linear layers: `bf16` (the default), `int8` or `int4` (weight-only,
+    /// quantized at upload), or `stored` (GGUF blocks and GPTQ / AWQ codes as loaded, other formats bf16); GPU
+    /// devices only.
+    #[arg(long, default_value_t = GpuWeights::Bf16, value_parser = NameParser::<GpuWeights>::new())]
+    pub gpu_weights: GpuWeights,
     /// Prompt tokens per row.
+    #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,
     /// Decode steps per repeat.
+    #[arg(long, default_value_t = 32)]
     pub steps: usize,
-    /// Repeats; the best counts.
+    /// Repeats (the best counts; the first warms caches).
+    #[arg(long, default_value_t = 2)]
     pub repeats: usize,
-    /// JSON output.
-    pub json: bool,
+}
+
+impl BenchForwardArgs {
+    /// The synthetic model `--synthetic` asks for, if any.
+    pub fn synthetic_spec(&self) -> Option<SyntheticSpec> {
+        self.synthetic.map(|shape| SyntheticSpec {
+            shape,
+            format: self.synthetic_format,
+            arms: self.synthetic_arms,
+            seed: self.synthetic_seed,
+        })
+    }
 }
 
 fn print_rows(rows: &[super::bench::ForwardBench]) -> Result<()> {
@@ -287,7 +330,7 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
     let (batches, prompt_len, steps, repeats) = (&a.batches[..], a.prompt_len, a.steps, a.repeats);
     let opts = super::gpu::GpuOptions { kv_cache: a.kv_cache, weights: a.gpu_weights };
     use super::bench::bench_forward_on;
-    let (dir, mut m, synthetic) = match (&a.synthetic, &a.model) {
+    let (dir, mut m, synthetic) = match (&a.synthetic_spec(), &a.model) {
         (Some(_), Some(_)) => {
             return Err(CageError::InvalidArgument("--model and --synthetic exclude each other".into()));
         }
@@ -416,7 +459,7 @@ pub fn bench_forward_cmd(a: &BenchForwardArgs) -> Result<()> {
 /// Generates the synthetic model of `bench forward --synthetic` after checking, before any large allocation,
 /// that it fits the host's memory and (on a GPU device) that its weights and KV cache fit the device's free
 /// memory as `a.gpu_weights` holds them. Returns the model and its description for the report.
-fn synthetic_model(spec: &super::synthetic::SyntheticSpec, a: &BenchForwardArgs) -> Result<(Model, serde_json::Value)> {
+fn synthetic_model(spec: &SyntheticSpec, a: &BenchForwardArgs) -> Result<(Model, serde_json::Value)> {
     // Before generating: a synthetic model holds its stored format, never the packed copies.
     if matches!(a.device, Backend::Auto | Backend::Cpu) && a.weights == ForwardWeights::Packed {
         return Err(CageError::InvalidArgument(format!(
