@@ -356,10 +356,7 @@ impl Job<'_> {
                     for ai in a.iter().take(nacc).skip(1) {
                         s = _mm256_add_ps(s, *ai);
                     }
-                    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                    self.store(r0 + r, o, _mm_cvtss_f32(h));
+                    self.store(r0 + r, o, crate::model::linalg::hsum8(s));
                 }
             }
         }

@@ -122,6 +122,19 @@ fn small_m(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], 
     }
 }
 
+/// The sum of the eight lanes of `v` (halves, then pairs, then the last two): the one horizontal sum of the
+/// AVX2 matmul kernels (here, packed, weight_kernels, kquant), so that they all round alike.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    _mm_cvtss_f32(h)
+}
+
 /// Rows `r0 .. r0 + R` of x against weight rows `rows`, with AVX2 and FMA: each 8-wide slice of a weight row is
 /// loaded once and multiplied into every row of x, so extra rows cost fused multiply-adds, not weight reads.
 #[cfg(target_arch = "x86_64")]
@@ -154,13 +167,10 @@ unsafe fn tile_avx2<const R: usize>(
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                let s = _mm256_add_ps(a[0], a[1]);
-                let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                let h = hsum8(_mm256_add_ps(a[0], a[1]));
                 let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
                 let tail: f32 = xr[k8..].iter().zip(&w[o * k + k8..(o + 1) * k]).map(|(a, b)| a * b).sum();
-                let v = alpha * (_mm_cvtss_f32(h) + tail);
+                let v = alpha * (h + tail);
                 let p = out.0.add((r0 + r) * n + o);
                 *p = if accumulate { *p + v } else { v };
             }

@@ -517,10 +517,7 @@ mod avx2 {
                         for ai in a.iter().take(nacc).skip(1) {
                             s = _mm256_add_ps(s, *ai);
                         }
-                        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                        let mut v = _mm_cvtss_f32(h);
+                        let mut v = crate::model::linalg::hsum8(s);
                         for i in c..k {
                             let bits = wr.add(i * 2).cast::<u16>().read_unaligned();
                             let wi = if F == BF16 {

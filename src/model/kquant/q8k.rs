@@ -191,10 +191,7 @@ unsafe fn dot_avx2(w: &[u8], xq: &Q8Rows, r: usize, k: usize) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(d * xq.d[at]), acc);
         mins_f += dmin * xq.d[at] * mins as f32;
     }
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    _mm_cvtss_f32(h) - mins_f
+    crate::model::linalg::hsum8(acc) - mins_f
 }
 
 #[cfg(test)]
