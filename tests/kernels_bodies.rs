@@ -1223,7 +1223,6 @@ fn quant_weight(out: usize, inp: usize, seed: u64) -> Vec<f32> {
 /// (the rounding bound is inp x 2^-24 ~ 1e-5 at inp = 136). The quantizers themselves: every int8 weight within
 /// half a step of the original, every int4 weight within a step (the zero point is rounded too).
 pub fn quant_matmul_matches_reference(gpu: &mut Gpu) {
-    use cage::gpu::quant::GEMV_MAX_TOKENS;
     use cage::model::devquant::{Int4Matrix, Int8Matrix, QuantMatrix};
     let mut cases = Vec::new();
     for (out, inp, seed) in [(37, 80, 1), (19, 70, 2)] {
@@ -1253,23 +1252,36 @@ pub fn quant_matmul_matches_reference(gpu: &mut Gpu) {
     }
     let mut rng = StdRng::seed_from_u64(9);
     for (q, what) in &cases {
-        let (out, inp) = (q.out(), q.inp());
-        let (exact, rounded) = (q.dequantize(), q.dequantize_bf16());
-        for m in (1..=9).chain([GEMV_MAX_TOKENS + 8]) {
-            let x: Vec<u16> =
-                (0..m * inp).map(|_| half::bf16::from_f32(rng.random_range(-1f32..1.0)).to_bits()).collect();
-            let y = gpu.quant_matmul(q, &x, m).unwrap();
-            assert_eq!(y.len(), m * out);
-            for r in 0..m {
-                for o in 0..out {
-                    let terms = (0..inp).map(|i| {
-                        let w = if m > GEMV_MAX_TOKENS { rounded[o * inp + i] as f64 } else { exact[o * inp + i] };
-                        w * half::bf16::from_bits(x[r * inp + i]).to_f64()
-                    });
-                    let (sum, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
-                    let got = y[r * out + o] as f64;
-                    assert!((got - sum).abs() <= 2e-5 * mag + 1e-7, "{what}, m = {m}, [{r}][{o}]: {got} vs {sum}");
-                }
+        check_quant_matmul(gpu, q, &q.dequantize(), &q.dequantize_bf16(), &mut rng, what);
+    }
+}
+
+/// `gpu.quant_matmul` of `q` at m = 1..=9 (the GEMV, which multiplies the `exact` weights) and at one prefill m
+/// (dequantized to bf16, `rounded`, then the GEMM), each against an f64 product, within 2e-5 of the terms'
+/// magnitude.
+fn check_quant_matmul(
+    gpu: &mut Gpu,
+    q: &cage::model::devquant::QuantMatrix,
+    exact: &[f64],
+    rounded: &[f32],
+    rng: &mut StdRng,
+    what: &str,
+) {
+    use cage::gpu::quant::GEMV_MAX_TOKENS;
+    let (out, inp) = (q.out(), q.inp());
+    for m in (1..=9).chain([GEMV_MAX_TOKENS + 8]) {
+        let x: Vec<u16> = (0..m * inp).map(|_| half::bf16::from_f32(rng.random_range(-1f32..1.0)).to_bits()).collect();
+        let y = gpu.quant_matmul(q, &x, m).unwrap();
+        assert_eq!(y.len(), m * out);
+        for r in 0..m {
+            for o in 0..out {
+                let terms = (0..inp).map(|i| {
+                    let w = if m > GEMV_MAX_TOKENS { rounded[o * inp + i] as f64 } else { exact[o * inp + i] };
+                    w * half::bf16::from_bits(x[r * inp + i]).to_f64()
+                });
+                let (sum, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
+                let got = y[r * out + o] as f64;
+                assert!((got - sum).abs() <= 2e-5 * mag + 1e-7, "{what}, m = {m}, [{r}][{o}]: {got} vs {sum}");
             }
         }
     }
@@ -1358,7 +1370,6 @@ fn golden_matrix(
 /// f32 accumulation over up to 512 terms, 2e-5 of the terms' magnitude sum (the rounding bound is 512 x 2^-24 ~
 /// 3e-5 worst case, ~1e-6 typical); a wrong nibble, scale or block offset moves a sum by a whole term.
 pub fn gguf_matmul_matches_reference(gpu: &mut Gpu) {
-    use cage::gpu::quant::GEMV_MAX_TOKENS;
     use cage::model::devquant::{GgufMatrix, QuantMatrix};
     use cage::model::gguf::GgmlType;
     let golden = kquant_golden();
@@ -1394,29 +1405,13 @@ pub fn gguf_matmul_matches_reference(gpu: &mut Gpu) {
         cases.push((QuantMatrix::Gguf(m), v, format!("{ty:?} {out} x {inp}")));
     }
     for (q, want, what) in &cases {
-        let (out, inp) = (q.out(), q.inp());
         let cpu = q.dequantize();
         assert_eq!(cpu.len(), want.len());
         for (k, (a, b)) in cpu.iter().zip(want).enumerate() {
             assert_eq!((*a as f32).to_bits(), b.to_bits(), "{what}: CPU dequantization of weight {k}");
         }
-        for m in (1..=9).chain([GEMV_MAX_TOKENS + 8]) {
-            let x: Vec<u16> =
-                (0..m * inp).map(|_| half::bf16::from_f32(rng.random_range(-1f32..1.0)).to_bits()).collect();
-            let y = gpu.quant_matmul(q, &x, m).unwrap();
-            assert_eq!(y.len(), m * out);
-            for r in 0..m {
-                for o in 0..out {
-                    let terms = (0..inp).map(|i| {
-                        let w = want[o * inp + i];
-                        let w = if m > GEMV_MAX_TOKENS { half::bf16::from_f32(w).to_f32() } else { w };
-                        w as f64 * half::bf16::from_bits(x[r * inp + i]).to_f64()
-                    });
-                    let (sum, mag) = terms.fold((0f64, 0f64), |(s, a), t| (s + t, a + t.abs()));
-                    let got = y[r * out + o] as f64;
-                    assert!((got - sum).abs() <= 2e-5 * mag + 1e-7, "{what}, m = {m}, [{r}][{o}]: {got} vs {sum}");
-                }
-            }
-        }
+        let exact: Vec<f64> = want.iter().map(|&w| w as f64).collect();
+        let rounded: Vec<f32> = want.iter().map(|&w| half::bf16::from_f32(w).to_f32()).collect();
+        check_quant_matmul(gpu, q, &exact, &rounded, &mut rng, what);
     }
 }
