@@ -147,21 +147,27 @@ def write_gguf(shape, fmt, path):
     w.close()
 
 
+def safetensors_header(tensors_, dtype, itemsize):
+    """The length-prefixed safetensors header of `tensors_` ((name, dims) in file order, all of `dtype`), padded
+    to 8 bytes: written first, then the tensors' data streamed in the same order."""
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, dims in tensors_:
+        n = int(np.prod(dims)) * itemsize
+        header[name] = {"dtype": dtype, "shape": dims, "data_offsets": [at, at + n]}
+        at += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    return struct.pack("<Q", len(hb)) + hb
+
+
 def write_bf16(shape, out):
     import gguf
 
     s = SHAPES[shape]
     os.makedirs(out, exist_ok=True)
     items = list(tensors(s))
-    header, at = {"__metadata__": {"format": "pt"}}, 0
-    for _, hf, dims in items:
-        n = int(np.prod(dims)) * 2
-        header[hf] = {"dtype": "BF16", "shape": dims, "data_offsets": [at, at + n]}
-        at += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
     with open(os.path.join(out, "model.safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(hb)) + hb)
+        f.write(safetensors_header([(hf, dims) for _, hf, dims in items], "BF16", 2))
         for gg, _, dims, blocks in matrices(shape):
             if blocks is None:
                 vals = np.ones(dims, np.float32)
@@ -196,15 +202,8 @@ def write_lora(shape, out, seed, rank=8):
             pre = f"base_model.model.model.layers.{i}.self_attn.{mod}."
             tensors_.append((pre + "lora_A.weight", [rank, s["hidden"]]))
             tensors_.append((pre + "lora_B.weight", [width, rank]))
-    header, at = {"__metadata__": {"format": "pt"}}, 0
-    for name, dims in tensors_:
-        n = int(np.prod(dims)) * 4
-        header[name] = {"dtype": "F32", "shape": dims, "data_offsets": [at, at + n]}
-        at += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
     with open(os.path.join(out, "adapter_model.safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(hb)) + hb)
+        f.write(safetensors_header(tensors_, "F32", 4))
         for _, dims in tensors_:
             (rng.standard_normal(dims, dtype=np.float32) * 0.01).tofile(f)
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
