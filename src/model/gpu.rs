@@ -303,6 +303,14 @@ fn upload_weight(dev: &mut dyn Device, w: &Weight, cols: usize) -> Result<DevBuf
     Ok(b)
 }
 
+/// The weights of `parts` (`inp` columns each) stacked row-wise in bf16, converted row by row from any format.
+fn upload_stacked_bf16(dev: &mut dyn Device, parts: &[&Linear], inp: usize) -> Result<DevBuf> {
+    let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
+    let mut b = DevBuf::alloc(dev, h.len() * 2)?;
+    b.upload(dev, &h)?;
+    Ok(b)
+}
+
 /// Uploads `parts` (one projection, or several of the same input to fuse) as one [`LinW`]: weights stacked
 /// row-wise, in bf16 or quantized as `weights` says (round to nearest; int8's scales are per row and int4's
 /// groups lie along a row, so the stacked matrix quantizes exactly as its parts would apart), biases likewise
@@ -322,23 +330,12 @@ fn upload_linear(dev: &mut dyn Device, parts: &[&Linear], weights: GpuWeights, n
     };
     let w = match (weights, parts, stored) {
         (_, _, Some(m)) => LinWeight::Quant(QuantLinear::upload(dev, &QuantMatrix::Int4(m))?),
-        (GpuWeights::Bf16, [l], _) => LinWeight::Bf16(upload_weight(dev, &l.w, inp)?),
-        (GpuWeights::Bf16, _, _) => {
-            let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
-            let mut b = DevBuf::alloc(dev, h.len() * 2)?;
-            b.upload(dev, &h)?;
-            LinWeight::Bf16(b)
-        }
+        (GpuWeights::Bf16, _, _) => LinWeight::Bf16(upload_stacked_bf16(dev, parts, inp)?),
         (GpuWeights::Stored, _, None) => {
             let ws: Vec<(&Weight, usize)> = parts.iter().map(|l| (&l.w, l.out)).collect();
             match devquant::stored(&ws, inp, name)? {
                 Some(q) => LinWeight::Quant(QuantLinear::upload(dev, &q)?),
-                None => {
-                    let h: Vec<half::bf16> = parts.iter().flat_map(|l| l.w.to_bf16(inp)).collect();
-                    let mut b = DevBuf::alloc(dev, h.len() * 2)?;
-                    b.upload(dev, &h)?;
-                    LinWeight::Bf16(b)
-                }
+                None => LinWeight::Bf16(upload_stacked_bf16(dev, parts, inp)?),
             }
         }
         _ => {
